@@ -1,0 +1,217 @@
+//! GGUF files: hyper-parameters from the metadata, tensors by role, and the tokenizer
+//! embedded in the metadata.
+
+use crate::config::{Architecture, ModelConfig, RopeStyle};
+use crate::error::{EngineError, Result};
+use crate::weights::{RawWeight, Role, TensorSource, needs_requant, requant_q8_0};
+use candle_core::Device;
+use candle_core::quantized::GgmlDType;
+use candle_core::quantized::gguf_file::{Content, Value};
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub struct GgufFile {
+    path: PathBuf,
+    content: Content,
+    reader: BufReader<File>,
+    device: Device,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> EngineError + '_ {
+    move |source| EngineError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl GgufFile {
+    pub fn open(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        let path = path.as_ref();
+        let file = File::open(path).map_err(io_err(path))?;
+        let mut reader = BufReader::new(file);
+        let content = Content::read(&mut reader).map_err(|e| EngineError::BadFile {
+            path: path.to_path_buf(),
+            format: "GGUF",
+            reason: e.to_string(),
+        })?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            content,
+            reader,
+            device: device.clone(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn content(&self) -> &Content {
+        &self.content
+    }
+
+    fn meta(&self, key: &str) -> Option<&Value> {
+        self.content.metadata.get(key)
+    }
+
+    fn meta_usize(&self, key: &str) -> Result<Option<usize>> {
+        self.meta(key).map(|v| value_usize(v, key)).transpose()
+    }
+
+    fn required_usize(&self, key: &str) -> Result<usize> {
+        self.meta_usize(key)?
+            .ok_or_else(|| EngineError::BadMetadata {
+                key: key.into(),
+                reason: "missing".into(),
+            })
+    }
+
+    fn meta_f64(&self, key: &str) -> Result<Option<f64>> {
+        self.meta(key)
+            .map(|v| match v {
+                Value::F32(x) => Ok(*x as f64),
+                Value::F64(x) => Ok(*x),
+                other => Err(EngineError::BadMetadata {
+                    key: key.into(),
+                    reason: format!("expected a float, found {:?}", other.value_type()),
+                }),
+            })
+            .transpose()
+    }
+
+    pub fn meta_str(&self, key: &str) -> Option<&str> {
+        match self.meta(key) {
+            Some(Value::String(s)) => Some(s.as_str()),
+            _ => None,
+        }
+    }
+
+    /// Hyper-parameters from `general.architecture` and `<arch>.*` keys.
+    pub fn config(&self) -> Result<ModelConfig> {
+        let arch_name =
+            self.meta_str("general.architecture")
+                .ok_or_else(|| EngineError::BadMetadata {
+                    key: "general.architecture".into(),
+                    reason: "missing".into(),
+                })?;
+        let arch = Architecture::parse(arch_name)?;
+        let a = arch_name;
+        if self.content.tensor_infos.contains_key("rope_freqs.weight") {
+            return Err(EngineError::BadMetadata {
+                key: "rope_freqs.weight".into(),
+                reason: "per-dimension rope frequency scaling is not supported".into(),
+            });
+        }
+        let hidden = self.required_usize(&format!("{a}.embedding_length"))?;
+        let heads = self.required_usize(&format!("{a}.attention.head_count"))?;
+        let embed = self
+            .content
+            .tensor_infos
+            .get(&Role::Embed.gguf_name())
+            .ok_or_else(|| EngineError::MissingTensor(Role::Embed.gguf_name()))?;
+        let cfg = ModelConfig {
+            arch,
+            vocab_size: embed.shape.dims()[0],
+            hidden_size: hidden,
+            intermediate_size: self.required_usize(&format!("{a}.feed_forward_length"))?,
+            num_layers: self.required_usize(&format!("{a}.block_count"))?,
+            num_heads: heads,
+            num_kv_heads: self
+                .meta_usize(&format!("{a}.attention.head_count_kv"))?
+                .unwrap_or(heads),
+            head_dim: self
+                .meta_usize(&format!("{a}.attention.key_length"))?
+                .unwrap_or(hidden / heads.max(1)),
+            rope_theta: self
+                .meta_f64(&format!("{a}.rope.freq_base"))?
+                .unwrap_or(10_000.0) as f32,
+            rope_style: match arch {
+                Architecture::Qwen2 => RopeStyle::Neox,
+                Architecture::Llama | Architecture::Mistral => RopeStyle::Interleaved,
+            },
+            rms_norm_eps: self
+                .meta_f64(&format!("{a}.attention.layer_norm_rms_epsilon"))?
+                .unwrap_or(1e-6),
+            max_position: self
+                .meta_usize(&format!("{a}.context_length"))?
+                .unwrap_or(4096),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Stop ids named by the metadata (eos, and eot where present).
+    pub fn eos_ids(&self) -> Vec<u32> {
+        let mut ids = Vec::new();
+        for key in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"] {
+            if let Ok(Some(id)) = self.meta_usize(key)
+                && !ids.contains(&(id as u32))
+            {
+                ids.push(id as u32);
+            }
+        }
+        ids
+    }
+}
+
+fn value_usize(v: &Value, key: &str) -> Result<usize> {
+    let n: i128 = match v {
+        Value::U8(x) => *x as i128,
+        Value::I8(x) => *x as i128,
+        Value::U16(x) => *x as i128,
+        Value::I16(x) => *x as i128,
+        Value::U32(x) => *x as i128,
+        Value::I32(x) => *x as i128,
+        Value::U64(x) => *x as i128,
+        Value::I64(x) => *x as i128,
+        other => {
+            return Err(EngineError::BadMetadata {
+                key: key.into(),
+                reason: format!("expected an integer, found {:?}", other.value_type()),
+            });
+        }
+    };
+    usize::try_from(n).map_err(|_| EngineError::BadMetadata {
+        key: key.into(),
+        reason: format!("{n} is not a valid size"),
+    })
+}
+
+impl TensorSource for GgufFile {
+    fn get(&mut self, role: Role) -> Result<Option<RawWeight>> {
+        let name = role.gguf_name();
+        let Some(info) = self.content.tensor_infos.get(&name) else {
+            return Ok(None);
+        };
+        let dtype = info.ggml_dtype;
+        if matches!(dtype, GgmlDType::Q8_1 | GgmlDType::Q8K) {
+            return Err(EngineError::UnsupportedDType {
+                tensor: name,
+                dtype: format!("{dtype:?}"),
+            });
+        }
+        let q = info
+            .read(
+                &mut self.reader,
+                self.content.tensor_data_offset,
+                &self.device,
+            )
+            .map_err(|e| EngineError::BadFile {
+                path: self.path.clone(),
+                format: "GGUF",
+                reason: format!("tensor '{name}': {e}"),
+            })?;
+        let q = if needs_requant(dtype) {
+            requant_q8_0(q)?
+        } else {
+            q
+        };
+        Ok(Some(RawWeight::Quant(Arc::new(q))))
+    }
+
+    fn describe(&self, role: Role) -> String {
+        role.gguf_name()
+    }
+}

@@ -1,0 +1,240 @@
+//! Tensor parallelism on one machine: each rank is an OS thread that owns one shard of the
+//! weights and one shard of every session's KV cache (its key/value heads). A forward is
+//! broadcast to all ranks; row-parallel layers meet in an all-reduce; rank 0 produces the
+//! outputs. All ranks sum partials in the same order, so they stay bit-identical.
+
+use crate::api::{ForwardOutput, KvState, LanguageModel, ModelInfo, OutputSpec, SeqInput};
+use crate::error::{EngineError, Result};
+use crate::kv::KvCache;
+use crate::mask::Visibility;
+use crate::transformer::{AllReduce, LoadOptions, Shard, Transformer};
+use candle_core::{Device, Tensor};
+use std::path::Path;
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Barrier, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A rank that panicked has already failed its forward; the data is still usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// All-reduce between threads: every rank posts its partial, then sums all partials in
+/// rank order.
+struct ThreadAllReduce {
+    slots: Vec<Mutex<Vec<f32>>>,
+    barrier: Barrier,
+}
+
+impl AllReduce for ThreadAllReduce {
+    fn sum(&self, rank: usize, t: &Tensor) -> Result<Tensor> {
+        let data: Vec<f32> = t.flatten_all()?.to_vec1()?;
+        *lock(&self.slots[rank]) = data;
+        self.barrier.wait();
+        let mut acc = lock(&self.slots[0]).clone();
+        for slot in &self.slots[1..] {
+            for (a, b) in acc.iter_mut().zip(lock(slot).iter()) {
+                *a += b;
+            }
+        }
+        // Nobody may post the next partial before everyone has read this one.
+        self.barrier.wait();
+        Ok(Tensor::from_vec(acc, t.shape(), t.device())?)
+    }
+}
+
+/// A session's cache: one shard per rank.
+pub struct TpCache {
+    shards: Vec<Arc<Mutex<KvCache>>>,
+}
+
+impl KvState for TpCache {
+    fn len(&self) -> usize {
+        lock(&self.shards[0]).len()
+    }
+
+    fn truncate(&mut self, n: usize) -> Result<()> {
+        self.shards.iter().try_for_each(|s| lock(s).truncate(n))
+    }
+
+    fn keep(&mut self, base: usize, rows: &[usize]) -> Result<()> {
+        self.shards
+            .iter()
+            .try_for_each(|s| lock(s).keep(base, rows))
+    }
+
+    fn memory_bytes(&self) -> usize {
+        self.shards.iter().map(|s| lock(s).memory_bytes()).sum()
+    }
+}
+
+struct OwnedSeq {
+    tokens: Vec<u32>,
+    positions: Vec<u32>,
+    visibility: Visibility,
+    outputs: OutputSpec,
+}
+
+impl OwnedSeq {
+    fn view(&self) -> SeqInput<'_> {
+        SeqInput {
+            tokens: &self.tokens,
+            positions: &self.positions,
+            visibility: &self.visibility,
+            outputs: self.outputs.clone(),
+        }
+    }
+}
+
+struct Job {
+    seqs: Arc<Vec<OwnedSeq>>,
+    caches: Vec<Arc<Mutex<KvCache>>>,
+    done: Sender<Result<()>>,
+}
+
+fn run_shard(
+    model: &Transformer,
+    seqs: &[OwnedSeq],
+    caches: &[Arc<Mutex<KvCache>>],
+) -> Result<Tensor> {
+    let mut guards: Vec<MutexGuard<'_, KvCache>> = caches.iter().map(|c| lock(c)).collect();
+    let mut batch: Vec<(&mut KvCache, SeqInput<'_>)> = guards
+        .iter_mut()
+        .zip(seqs)
+        .map(|(g, s)| (&mut **g, s.view()))
+        .collect();
+    model.forward_hidden(&mut batch)
+}
+
+pub struct TpModel {
+    leader: Transformer,
+    workers: Vec<(Sender<Job>, JoinHandle<()>)>,
+    /// One forward at a time: the all-reduce pairs up ranks by call order.
+    running: Mutex<()>,
+    world: usize,
+}
+
+impl TpModel {
+    /// Loads `world` shards of the model at `path` and starts one thread per extra rank.
+    pub fn load(
+        path: impl AsRef<Path>,
+        world: usize,
+        opts: &LoadOptions,
+        device: &Device,
+    ) -> Result<Self> {
+        if world == 0 {
+            return Err(EngineError::invalid(
+                "tensor-parallel size must be at least 1",
+            ));
+        }
+        let path = path.as_ref();
+        let ar = Arc::new(ThreadAllReduce {
+            slots: (0..world).map(|_| Mutex::new(Vec::new())).collect(),
+            barrier: Barrier::new(world),
+        });
+        let mut shards = Vec::with_capacity(world);
+        for rank in 0..world {
+            let mut m = crate::load_shard(path, Shard { rank, world }, opts, device)?;
+            m.set_all_reduce(ar.clone());
+            shards.push(m);
+        }
+        let mut shards = shards.into_iter();
+        let leader = shards
+            .next()
+            .ok_or_else(|| EngineError::invalid("no shards"))?;
+        let mut workers = Vec::new();
+        for (i, model) in shards.enumerate() {
+            let (tx, rx): (Sender<Job>, Receiver<Job>) = channel();
+            let handle = std::thread::Builder::new()
+                .name(format!("tp-rank-{}", i + 1))
+                .spawn(move || {
+                    for job in rx {
+                        let res = run_shard(&model, &job.seqs, &job.caches).map(|_| ());
+                        let _ = job.done.send(res);
+                    }
+                })
+                .map_err(|e| EngineError::Rank(format!("cannot start rank thread: {e}")))?;
+            workers.push((tx, handle));
+        }
+        Ok(Self {
+            leader,
+            workers,
+            running: Mutex::new(()),
+            world,
+        })
+    }
+
+    pub fn world(&self) -> usize {
+        self.world
+    }
+}
+
+impl LanguageModel for TpModel {
+    type Cache = TpCache;
+
+    fn info(&self) -> &ModelInfo {
+        self.leader.info()
+    }
+
+    fn new_cache(&self) -> TpCache {
+        let shards = (0..self.world)
+            .map(|rank| Arc::new(Mutex::new(self.leader.new_cache_for_rank(rank))))
+            .collect();
+        TpCache { shards }
+    }
+
+    fn forward_batch(
+        &self,
+        batch: &mut [(&mut TpCache, SeqInput<'_>)],
+    ) -> Result<Vec<ForwardOutput>> {
+        let cfg = self.leader.config();
+        // Validate here so that no rank can fail on input and leave the others waiting
+        // in the all-reduce.
+        for (cache, input) in batch.iter() {
+            input.validate(cfg.vocab_size, cfg.max_position)?;
+            let needed = cache.len() + input.tokens.len();
+            if needed > cfg.max_position {
+                return Err(EngineError::ContextOverflow {
+                    needed,
+                    limit: cfg.max_position,
+                });
+            }
+        }
+        let _one_at_a_time = lock(&self.running);
+        let seqs: Arc<Vec<OwnedSeq>> = Arc::new(
+            batch
+                .iter()
+                .map(|(_, i)| OwnedSeq {
+                    tokens: i.tokens.to_vec(),
+                    positions: i.positions.to_vec(),
+                    visibility: i.visibility.clone(),
+                    outputs: i.outputs.clone(),
+                })
+                .collect(),
+        );
+        let mut replies = Vec::with_capacity(self.workers.len());
+        for (rank, (tx, _)) in self.workers.iter().enumerate() {
+            let (done, rx) = channel();
+            let caches = batch
+                .iter()
+                .map(|(c, _)| c.shards[rank + 1].clone())
+                .collect();
+            tx.send(Job {
+                seqs: seqs.clone(),
+                caches,
+                done,
+            })
+            .map_err(|_| EngineError::Rank(format!("rank {} has stopped", rank + 1)))?;
+            replies.push(rx);
+        }
+        let leader_caches: Vec<_> = batch.iter().map(|(c, _)| c.shards[0].clone()).collect();
+        let hidden = run_shard(&self.leader, &seqs, &leader_caches);
+        for (rank, rx) in replies.into_iter().enumerate() {
+            rx.recv()
+                .map_err(|_| EngineError::Rank(format!("rank {} died mid-forward", rank + 1)))??;
+        }
+        let hidden = hidden?;
+        let inputs: Vec<SeqInput<'_>> = seqs.iter().map(|s| s.view()).collect();
+        self.leader.outputs(&hidden, &inputs)
+    }
+}

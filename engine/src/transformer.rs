@@ -1,0 +1,518 @@
+//! The Llama-family decoder (llama, qwen2, mistral) with explicit positions, arbitrary
+//! visibility among the new tokens, many sequences per forward, and optional
+//! tensor-parallel sharding (column-parallel q/k/v/gate/up, row-parallel o/down).
+
+use crate::api::{ForwardOutput, KvState, LanguageModel, ModelInfo, SeqInput};
+use crate::config::{ModelConfig, RopeStyle};
+use crate::error::{EngineError, Result};
+use crate::kv::KvCache;
+use crate::weights::{RawWeight, Role, TensorSource, split_range};
+use candle_core::quantized::QMatMul;
+use candle_core::{D, DType, Device, Module, Tensor};
+use std::sync::Arc;
+
+/// Which slice of the model this instance holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub rank: usize,
+    pub world: usize,
+}
+
+impl Shard {
+    pub const WHOLE: Shard = Shard { rank: 0, world: 1 };
+}
+
+/// Sums partial outputs of row-parallel layers across ranks.
+pub trait AllReduce: Send + Sync {
+    fn sum(&self, rank: usize, t: &Tensor) -> Result<Tensor>;
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Keep float weights in f16 instead of widening them to f32.
+    pub f16_weights: bool,
+    /// Cap the context below what the model file allows (saves RoPE-table memory).
+    pub max_context: Option<usize>,
+}
+
+struct Linear {
+    w: QMatMul,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.w.forward(x)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+
+    /// Several projections of the same input; quantized ones share one pass over it.
+    fn forward_many(x: &Tensor, lins: &[&Linear]) -> Result<Vec<Tensor>> {
+        let quants: Option<Vec<_>> = lins
+            .iter()
+            .map(|l| match &l.w {
+                QMatMul::QTensor(q) => Some(q.as_ref()),
+                _ => None,
+            })
+            .collect();
+        if let Some(qs) = quants
+            && let Some(outs) = candle_core::quantized::QTensor::gemv_fused_shared_lhs(&qs, x)?
+        {
+            return outs
+                .into_iter()
+                .zip(lins)
+                .map(|(y, l)| {
+                    Ok(match &l.bias {
+                        Some(b) => y.broadcast_add(b)?,
+                        None => y,
+                    })
+                })
+                .collect();
+        }
+        lins.iter().map(|l| l.forward(x)).collect()
+    }
+}
+
+struct Layer {
+    attn_norm: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    ffn_norm: Tensor,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+/// Per-rank sizes after sharding.
+#[derive(Debug, Clone, Copy)]
+struct LocalDims {
+    heads: usize,
+    kv_heads: usize,
+}
+
+pub struct Transformer {
+    cfg: ModelConfig,
+    shard: Shard,
+    local: LocalDims,
+    embed: QMatMul,
+    layers: Vec<Layer>,
+    final_norm: Tensor,
+    /// Only the rank that produces outputs holds the head.
+    lm_head: Option<QMatMul>,
+    cos: Tensor,
+    sin: Tensor,
+    info: ModelInfo,
+    device: Device,
+    all_reduce: Option<Arc<dyn AllReduce>>,
+}
+
+impl Transformer {
+    pub fn load(
+        source: &mut dyn TensorSource,
+        cfg: &ModelConfig,
+        name: &str,
+        shard: Shard,
+        opts: &LoadOptions,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut cfg = cfg.clone();
+        if let Some(cap) = opts.max_context {
+            cfg.max_position = cfg.max_position.min(cap.max(1));
+        }
+        if shard.world == 0 || shard.rank >= shard.world {
+            return Err(EngineError::invalid(format!("bad shard {shard:?}")));
+        }
+        if shard.world > cfg.num_kv_heads {
+            return Err(EngineError::invalid(format!(
+                "tensor-parallel size {} exceeds the {} key/value heads",
+                shard.world, cfg.num_kv_heads
+            )));
+        }
+        let h = cfg.hidden_size;
+        let d = cfg.head_dim;
+        let group = cfg.num_heads / cfg.num_kv_heads;
+        let (kv0, kv_n) = split_range(cfg.num_kv_heads, shard.world, shard.rank);
+        // The MLP is split in units that keep quantized blocks of down_proj whole.
+        let unit = [256, 32, 1]
+            .into_iter()
+            .find(|u| cfg.intermediate_size.is_multiple_of(*u))
+            .unwrap_or(1);
+        let (f0, f_n) = split_range(cfg.intermediate_size / unit, shard.world, shard.rank);
+        let (f0, f_n) = (f0 * unit, f_n * unit);
+        let sharded = shard.world > 1;
+
+        let get =
+            |source: &mut dyn TensorSource, role: Role, dims: &[usize]| -> Result<RawWeight> {
+                let name = source.describe(role);
+                source
+                    .get(role)?
+                    .ok_or(EngineError::MissingTensor(name.clone()))?
+                    .expect_dims(&name, dims)
+            };
+        // Column-parallel layers keep a slice of output rows, row-parallel ones a slice
+        // of input columns.
+        let col = |w: RawWeight, start: usize, len: usize| -> Result<RawWeight> {
+            if sharded { w.rows(start, len) } else { Ok(w) }
+        };
+        let row = |w: RawWeight, start: usize, len: usize| -> Result<RawWeight> {
+            if sharded { w.cols(start, len) } else { Ok(w) }
+        };
+        let matmul = |w: RawWeight| w.into_matmul(opts.f16_weights);
+        let embed_raw = get(source, Role::Embed, &[cfg.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
+            let (q0, qn) = (kv0 * group * d, kv_n * group * d);
+            let (k0, kn) = (kv0 * d, kv_n * d);
+            let mut proj =
+                |w: Role, b: Role, out: usize, start: usize, len: usize| -> Result<Linear> {
+                    let weight = col(get(source, w, &[out, h])?, start, len)?;
+                    let bias_name = source.describe(b);
+                    let bias = match source.get(b)? {
+                        Some(raw) => Some(
+                            col(raw.expect_dims(&bias_name, &[out])?, start, len)?
+                                .to_f32(device)?,
+                        ),
+                        None => None,
+                    };
+                    Ok(Linear {
+                        w: matmul(weight)?,
+                        bias,
+                    })
+                };
+            let q = proj(Role::Q(i), Role::QBias(i), qd, q0, qn)?;
+            let k = proj(Role::K(i), Role::KBias(i), kvd, k0, kn)?;
+            let v = proj(Role::V(i), Role::VBias(i), kvd, k0, kn)?;
+            let inter = cfg.intermediate_size;
+            let plain = |w: RawWeight| -> Result<Linear> {
+                Ok(Linear {
+                    w: matmul(w)?,
+                    bias: None,
+                })
+            };
+            layers.push(Layer {
+                attn_norm: get(source, Role::AttnNorm(i), &[h])?.to_f32(device)?,
+                q,
+                k,
+                v,
+                o: plain(row(get(source, Role::O(i), &[h, qd])?, q0, qn)?)?,
+                ffn_norm: get(source, Role::FfnNorm(i), &[h])?.to_f32(device)?,
+                gate: plain(col(get(source, Role::Gate(i), &[inter, h])?, f0, f_n)?)?,
+                up: plain(col(get(source, Role::Up(i), &[inter, h])?, f0, f_n)?)?,
+                down: plain(row(get(source, Role::Down(i), &[h, inter])?, f0, f_n)?)?,
+            });
+        }
+        let final_norm = get(source, Role::FinalNorm, &[h])?.to_f32(device)?;
+        let lm_head = if shard.rank == 0 {
+            let head = match source.get(Role::LmHead)? {
+                Some(w) => w.expect_dims(&source.describe(Role::LmHead), &[cfg.vocab_size, h])?,
+                None => embed_raw.clone(), // tied embeddings
+            };
+            Some(matmul(head)?)
+        } else {
+            None
+        };
+        let embed = match embed_raw {
+            RawWeight::Quant(q) => QMatMul::QTensor(q),
+            RawWeight::Dense(t) => QMatMul::Tensor(t.to_dtype(DType::F32)?),
+        };
+        let (cos, sin) = rope_tables(cfg.rope_theta, d, cfg.max_position, device)?;
+        let info = ModelInfo {
+            name: name.to_string(),
+            vocab_size: cfg.vocab_size,
+            max_position: cfg.max_position,
+            num_layers: cfg.num_layers,
+        };
+        Ok(Self {
+            local: LocalDims {
+                heads: kv_n * group,
+                kv_heads: kv_n,
+            },
+            cfg,
+            shard,
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+            cos,
+            sin,
+            info,
+            device: device.clone(),
+            all_reduce: None,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn shard(&self) -> Shard {
+        self.shard
+    }
+
+    pub fn set_all_reduce(&mut self, ar: Arc<dyn AllReduce>) {
+        self.all_reduce = Some(ar);
+    }
+
+    /// A cache sized for the key/value heads that `rank` of this model's group holds.
+    pub fn new_cache_for_rank(&self, rank: usize) -> KvCache {
+        let (_, kv_heads) = split_range(self.cfg.num_kv_heads, self.shard.world, rank);
+        KvCache::new(
+            self.cfg.num_layers,
+            kv_heads,
+            self.cfg.head_dim,
+            self.cfg.max_position,
+            DType::F32,
+            &self.device,
+        )
+    }
+
+    /// Bytes of KV cache one token costs on this shard.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        2 * self.cfg.num_layers * self.local.kv_heads * self.cfg.head_dim * 4
+    }
+
+    fn reduce(&self, t: Tensor) -> Result<Tensor> {
+        match &self.all_reduce {
+            Some(ar) if self.shard.world > 1 => ar.sum(self.shard.rank, &t),
+            _ => Ok(t),
+        }
+    }
+
+    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        Ok(match self.cfg.rope_style {
+            RopeStyle::Neox => candle_nn::rotary_emb::rope(x, cos, sin)?,
+            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(x, cos, sin)?,
+        })
+    }
+
+    /// The shared part of every forward: runs the layers over all sequences' rows and
+    /// returns the final hidden states `(total_rows, hidden)`. Caches are written but
+    /// their cursors not moved; the caller commits.
+    fn run_layers(&self, batch: &mut [(&mut KvCache, SeqInput<'_>)]) -> Result<Tensor> {
+        let (d, hq, hkv) = (self.cfg.head_dim, self.local.heads, self.local.kv_heads);
+        let eps = self.cfg.rms_norm_eps as f32;
+        let mut tokens = Vec::new();
+        let mut positions = Vec::new();
+        let mut masks = Vec::with_capacity(batch.len());
+        for (cache, input) in batch.iter() {
+            tokens.extend_from_slice(input.tokens);
+            positions.extend_from_slice(input.positions);
+            let n = input.tokens.len();
+            let mask = if input.visibility.is_causal(n) && n == 1 {
+                None
+            } else {
+                input
+                    .visibility
+                    .additive_mask(n, cache.len())
+                    .map(|m| Tensor::from_vec(m, (n, cache.len() + n), &self.device))
+                    .transpose()?
+            };
+            masks.push(mask);
+        }
+        let total = tokens.len();
+        let ids = Tensor::new(tokens.as_slice(), &self.device)?;
+        let pos = Tensor::new(positions.as_slice(), &self.device)?;
+        let cos = self.cos.index_select(&pos, 0)?;
+        let sin = self.sin.index_select(&pos, 0)?;
+        let mut x = self.embed.embedding(&ids)?;
+        let scale = 1.0 / (d as f64).sqrt();
+
+        for (li, layer) in self.layers.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
+            let qkv = Linear::forward_many(&h, &[&layer.q, &layer.k, &layer.v])?;
+            let heads = |t: &Tensor, n: usize| -> Result<Tensor> {
+                Ok(t.reshape((1, total, n, d))?.transpose(1, 2)?.contiguous()?)
+            };
+            let q = self.rope(&heads(&qkv[0], hq)?, &cos, &sin)?;
+            let k = self.rope(&heads(&qkv[1], hkv)?, &cos, &sin)?;
+            let v = heads(&qkv[2], hkv)?;
+            let mut outs = Vec::with_capacity(batch.len());
+            let mut off = 0;
+            for ((cache, input), mask) in batch.iter().zip(&masks) {
+                let n = input.tokens.len();
+                let part =
+                    |t: &Tensor| -> Result<Tensor> { Ok(t.narrow(2, off, n)?.contiguous()?) };
+                let (k_all, v_all) = cache.write(li, &part(&k)?, &part(&v)?)?;
+                outs.push(attention(&part(&q)?, &k_all, &v_all, mask.as_ref(), scale)?);
+                off += n;
+            }
+            let attn = if outs.len() == 1 {
+                outs.remove(0)
+            } else {
+                Tensor::cat(&outs, 0)?
+            };
+            let o = self.reduce(layer.o.forward(&attn)?)?;
+            x = (x + o)?;
+            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
+            let gu = Linear::forward_many(&h, &[&layer.gate, &layer.up])?;
+            let m = (gu[0].silu()? * &gu[1])?;
+            let down = self.reduce(layer.down.forward(&m)?)?;
+            x = (x + down)?;
+        }
+        Ok(x)
+    }
+
+    /// Runs the layers for a batch on this shard (every rank of a tensor-parallel group
+    /// calls this in lock-step) and commits the caches. Returns hidden states.
+    pub(crate) fn forward_hidden(
+        &self,
+        batch: &mut [(&mut KvCache, SeqInput<'_>)],
+    ) -> Result<Tensor> {
+        for (cache, input) in batch.iter_mut() {
+            input.validate(self.cfg.vocab_size, self.cfg.max_position)?;
+            cache.reserve(input.tokens.len())?;
+        }
+        let x = self.run_layers(batch)?;
+        for (cache, input) in batch.iter_mut() {
+            cache.commit(input.tokens.len());
+        }
+        Ok(x)
+    }
+
+    /// Final norm, head and argmax for the requested rows of each sequence.
+    pub(crate) fn outputs(
+        &self,
+        hidden: &Tensor,
+        inputs: &[SeqInput<'_>],
+    ) -> Result<Vec<ForwardOutput>> {
+        let head = self
+            .lm_head
+            .as_ref()
+            .ok_or_else(|| EngineError::invalid("this shard holds no output head"))?;
+        let mut global = Vec::new();
+        let mut per_seq = Vec::with_capacity(inputs.len());
+        let mut off = 0;
+        for input in inputs {
+            let rows = input.outputs.resolve(input.tokens.len())?;
+            global.extend(rows.iter().map(|&r| (off + r) as u32));
+            off += input.tokens.len();
+            per_seq.push(rows);
+        }
+        let mut results = Vec::with_capacity(inputs.len());
+        if global.is_empty() {
+            return Ok(per_seq
+                .into_iter()
+                .map(|rows| ForwardOutput {
+                    rows,
+                    argmax: vec![],
+                    logits: None,
+                })
+                .collect());
+        }
+        let idx = Tensor::new(global.as_slice(), &self.device)?;
+        let h = hidden.index_select(&idx, 0)?;
+        let h = candle_nn::ops::rms_norm(&h, &self.final_norm, self.cfg.rms_norm_eps as f32)?;
+        let logits = head.forward(&h)?.to_dtype(DType::F32)?;
+        let argmax: Vec<u32> = logits.argmax_keepdim(D::Minus1)?.flatten_all()?.to_vec1()?;
+        let want_logits = inputs.iter().any(|i| i.outputs.logits);
+        let all_logits: Option<Vec<Vec<f32>>> = if want_logits {
+            Some(logits.to_vec2()?)
+        } else {
+            None
+        };
+        let mut at = 0;
+        for (input, rows) in inputs.iter().zip(per_seq) {
+            let m = rows.len();
+            results.push(ForwardOutput {
+                argmax: argmax[at..at + m].to_vec(),
+                logits: match (&all_logits, input.outputs.logits) {
+                    (Some(all), true) => Some(all[at..at + m].to_vec()),
+                    _ => None,
+                },
+                rows,
+            });
+            at += m;
+        }
+        Ok(results)
+    }
+}
+
+/// Masked attention of `n` new queries against a sequence's keys. Query heads are grouped
+/// under their key/value head (no copy of the cache for grouped-query attention).
+fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    let (_, hq, n, d) = q.dims4()?;
+    let (_, hkv, t, _) = k.dims4()?;
+    let g = hq / hkv;
+    let q = q.reshape((1, hkv, g * n, d))?;
+    let scores = (q.matmul(&k.t()?)? * scale)?;
+    let scores = match mask {
+        Some(m) => scores
+            .reshape((1, hkv, g, n, t))?
+            .broadcast_add(m)?
+            .reshape((1, hkv, g * n, t))?,
+        None => scores,
+    };
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    let out = probs.matmul(v)?; // (1, hkv, g*n, d)
+    Ok(out
+        .reshape((1, hq, n, d))?
+        .transpose(1, 2)?
+        .reshape((n, hq * d))?)
+}
+
+fn rope_tables(
+    theta: f32,
+    head_dim: usize,
+    max_pos: usize,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let half = head_dim / 2;
+    let inv: Vec<f64> = (0..half)
+        .map(|i| 1.0 / (theta as f64).powf(2.0 * i as f64 / head_dim as f64))
+        .collect();
+    let mut cos = Vec::with_capacity(max_pos * half);
+    let mut sin = Vec::with_capacity(max_pos * half);
+    for p in 0..max_pos {
+        for f in &inv {
+            let a = p as f64 * f;
+            cos.push(a.cos() as f32);
+            sin.push(a.sin() as f32);
+        }
+    }
+    Ok((
+        Tensor::from_vec(cos, (max_pos, half), device)?,
+        Tensor::from_vec(sin, (max_pos, half), device)?,
+    ))
+}
+
+impl LanguageModel for Transformer {
+    type Cache = KvCache;
+
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn new_cache(&self) -> KvCache {
+        self.new_cache_for_rank(self.shard.rank)
+    }
+
+    fn forward_batch(
+        &self,
+        batch: &mut [(&mut KvCache, SeqInput<'_>)],
+    ) -> Result<Vec<ForwardOutput>> {
+        if self.shard.world > 1 {
+            return Err(EngineError::invalid(
+                "a tensor-parallel shard must run inside its group (see tp::TpModel)",
+            ));
+        }
+        let hidden = self.forward_hidden(batch)?;
+        let inputs: Vec<SeqInput<'_>> = batch.iter().map(|(_, i)| i.clone()).collect();
+        self.outputs(&hidden, &inputs)
+    }
+}

@@ -1,0 +1,206 @@
+//! Weight tensors as they come out of a file, named by their role in the model, and the
+//! slicing that tensor parallelism needs (rows for column-parallel layers, columns for
+//! row-parallel ones). Quantized tensors stay quantized wherever the cut falls on block
+//! boundaries.
+
+use crate::error::{EngineError, Result};
+use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
+use candle_core::{DType, Device, Tensor};
+use std::borrow::Cow;
+use std::sync::Arc;
+
+/// What a weight does in the model; each file format maps roles to its own names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Embed,
+    FinalNorm,
+    LmHead,
+    AttnNorm(usize),
+    Q(usize),
+    K(usize),
+    V(usize),
+    QBias(usize),
+    KBias(usize),
+    VBias(usize),
+    O(usize),
+    FfnNorm(usize),
+    Gate(usize),
+    Up(usize),
+    Down(usize),
+}
+
+impl Role {
+    pub fn gguf_name(&self) -> String {
+        match *self {
+            Role::Embed => "token_embd.weight".into(),
+            Role::FinalNorm => "output_norm.weight".into(),
+            Role::LmHead => "output.weight".into(),
+            Role::AttnNorm(i) => format!("blk.{i}.attn_norm.weight"),
+            Role::Q(i) => format!("blk.{i}.attn_q.weight"),
+            Role::K(i) => format!("blk.{i}.attn_k.weight"),
+            Role::V(i) => format!("blk.{i}.attn_v.weight"),
+            Role::QBias(i) => format!("blk.{i}.attn_q.bias"),
+            Role::KBias(i) => format!("blk.{i}.attn_k.bias"),
+            Role::VBias(i) => format!("blk.{i}.attn_v.bias"),
+            Role::O(i) => format!("blk.{i}.attn_output.weight"),
+            Role::FfnNorm(i) => format!("blk.{i}.ffn_norm.weight"),
+            Role::Gate(i) => format!("blk.{i}.ffn_gate.weight"),
+            Role::Up(i) => format!("blk.{i}.ffn_up.weight"),
+            Role::Down(i) => format!("blk.{i}.ffn_down.weight"),
+        }
+    }
+
+    pub fn hf_name(&self) -> String {
+        match *self {
+            Role::Embed => "model.embed_tokens.weight".into(),
+            Role::FinalNorm => "model.norm.weight".into(),
+            Role::LmHead => "lm_head.weight".into(),
+            Role::AttnNorm(i) => format!("model.layers.{i}.input_layernorm.weight"),
+            Role::Q(i) => format!("model.layers.{i}.self_attn.q_proj.weight"),
+            Role::K(i) => format!("model.layers.{i}.self_attn.k_proj.weight"),
+            Role::V(i) => format!("model.layers.{i}.self_attn.v_proj.weight"),
+            Role::QBias(i) => format!("model.layers.{i}.self_attn.q_proj.bias"),
+            Role::KBias(i) => format!("model.layers.{i}.self_attn.k_proj.bias"),
+            Role::VBias(i) => format!("model.layers.{i}.self_attn.v_proj.bias"),
+            Role::O(i) => format!("model.layers.{i}.self_attn.o_proj.weight"),
+            Role::FfnNorm(i) => format!("model.layers.{i}.post_attention_layernorm.weight"),
+            Role::Gate(i) => format!("model.layers.{i}.mlp.gate_proj.weight"),
+            Role::Up(i) => format!("model.layers.{i}.mlp.up_proj.weight"),
+            Role::Down(i) => format!("model.layers.{i}.mlp.down_proj.weight"),
+        }
+    }
+}
+
+/// A weight as loaded: quantized blocks, or a dense float tensor.
+#[derive(Debug, Clone)]
+pub enum RawWeight {
+    Quant(Arc<QTensor>),
+    Dense(Tensor),
+}
+
+/// Anything that can hand out weights by role (a GGUF file, a safetensors folder).
+pub trait TensorSource {
+    /// The weight for `role`, or `None` when the file does not have it.
+    fn get(&mut self, role: Role) -> Result<Option<RawWeight>>;
+    fn describe(&self, role: Role) -> String;
+}
+
+impl RawWeight {
+    pub fn dims(&self) -> Vec<usize> {
+        match self {
+            RawWeight::Quant(q) => q.shape().dims().to_vec(),
+            RawWeight::Dense(t) => t.dims().to_vec(),
+        }
+    }
+
+    pub fn expect_dims(self, name: &str, expected: &[usize]) -> Result<Self> {
+        let got = self.dims();
+        if got != expected {
+            return Err(EngineError::ShapeMismatch {
+                tensor: name.to_string(),
+                expected: expected.to_vec(),
+                got,
+            });
+        }
+        Ok(self)
+    }
+
+    /// A dense f32 tensor (norms, biases).
+    pub fn to_f32(&self, device: &Device) -> Result<Tensor> {
+        Ok(match self {
+            RawWeight::Quant(q) => q.dequantize(device)?,
+            RawWeight::Dense(t) => t.to_dtype(DType::F32)?,
+        })
+    }
+
+    /// The matmul operand for a `(out, in)` weight. Quantized weights keep their blocks;
+    /// float weights become dense f32 (or stay f16 when asked, to halve their memory).
+    pub fn into_matmul(self, keep_f16: bool) -> Result<QMatMul> {
+        Ok(match self {
+            RawWeight::Quant(q) => QMatMul::from_arc(q)?,
+            RawWeight::Dense(t) if keep_f16 => QMatMul::TensorF16(t.to_dtype(DType::F16)?),
+            RawWeight::Dense(t) => QMatMul::Tensor(t.to_dtype(DType::F32)?),
+        })
+    }
+
+    /// Rows `start..start + len` of a `(rows, cols)` weight (or elements of a vector).
+    pub fn rows(&self, start: usize, len: usize) -> Result<Self> {
+        match self {
+            RawWeight::Dense(t) => Ok(RawWeight::Dense(t.narrow(0, start, len)?.contiguous()?)),
+            RawWeight::Quant(q) => {
+                let dims = q.shape().dims();
+                let cols: usize = dims[1..].iter().product();
+                let dtype = q.dtype();
+                let row_bytes = cols / dtype.block_size() * dtype.type_size();
+                let data = q.data()?;
+                let bytes = data[start * row_bytes..(start + len) * row_bytes].to_vec();
+                let mut shape = dims.to_vec();
+                shape[0] = len;
+                let storage = QStorage::from_data(Cow::Owned(bytes), &q.device(), dtype)?;
+                Ok(RawWeight::Quant(Arc::new(QTensor::new(storage, shape)?)))
+            }
+        }
+    }
+
+    /// Columns `start..start + len` of a `(rows, cols)` weight. A cut inside a quantized
+    /// block falls back to Q8_0 (or f32 when even 32-wide blocks do not fit).
+    pub fn cols(&self, start: usize, len: usize) -> Result<Self> {
+        match self {
+            RawWeight::Dense(t) => Ok(RawWeight::Dense(t.narrow(1, start, len)?.contiguous()?)),
+            RawWeight::Quant(q) => {
+                let (rows, cols) = q.shape().dims2()?;
+                let dtype = q.dtype();
+                let bs = dtype.block_size();
+                if start.is_multiple_of(bs) && len.is_multiple_of(bs) {
+                    let row_bytes = cols / bs * dtype.type_size();
+                    let (from, take) =
+                        (start / bs * dtype.type_size(), len / bs * dtype.type_size());
+                    let data = q.data()?;
+                    let mut bytes = Vec::with_capacity(rows * take);
+                    for r in 0..rows {
+                        bytes.extend_from_slice(
+                            &data[r * row_bytes + from..r * row_bytes + from + take],
+                        );
+                    }
+                    let storage = QStorage::from_data(Cow::Owned(bytes), &q.device(), dtype)?;
+                    return Ok(RawWeight::Quant(Arc::new(QTensor::new(
+                        storage,
+                        (rows, len),
+                    )?)));
+                }
+                let dense = q
+                    .dequantize(&q.device())?
+                    .narrow(1, start, len)?
+                    .contiguous()?;
+                if len.is_multiple_of(GgmlDType::Q8_0.block_size()) {
+                    Ok(RawWeight::Quant(Arc::new(QTensor::quantize(
+                        &dense,
+                        GgmlDType::Q8_0,
+                    )?)))
+                } else {
+                    Ok(RawWeight::Dense(dense))
+                }
+            }
+        }
+    }
+}
+
+/// candle has no fast CPU kernels for these block types; Q8_0 gives the same greedy
+/// output at several times the speed (see shared/design/models.md).
+pub(crate) fn needs_requant(dtype: GgmlDType) -> bool {
+    matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1)
+}
+
+pub(crate) fn requant_q8_0(q: QTensor) -> Result<QTensor> {
+    let dense = q.dequantize(&q.device())?;
+    Ok(QTensor::quantize(&dense, GgmlDType::Q8_0)?)
+}
+
+/// Splits `total` items into `world` nearly equal consecutive parts; part `rank`'s range.
+pub fn split_range(total: usize, world: usize, rank: usize) -> (usize, usize) {
+    let base = total / world;
+    let extra = total % world;
+    let start = rank * base + rank.min(extra);
+    let len = base + usize::from(rank < extra);
+    (start, len)
+}
