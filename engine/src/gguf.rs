@@ -17,6 +17,7 @@ pub struct GgufFile {
     content: Content,
     reader: BufReader<File>,
     device: Device,
+    requantize: bool,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> EngineError + '_ {
@@ -41,7 +42,13 @@ impl GgufFile {
             content,
             reader,
             device: device.clone(),
+            requantize: true,
         })
+    }
+
+    /// Whether Q4_1/Q5_0/Q5_1 tensors are turned into Q8_0 at load (the default).
+    pub fn set_requantize(&mut self, on: bool) {
+        self.requantize = on;
     }
 
     pub fn path(&self) -> &Path {
@@ -156,6 +163,47 @@ impl GgufFile {
     }
 }
 
+/// Writes a copy of a GGUF file with its Q4_1/Q5_0/Q5_1 tensors requantized to Q8_0,
+/// the form candle runs fast on CPU. Metadata is carried over unchanged.
+pub fn write_requantized(src: &Path, dst: &Path) -> Result<usize> {
+    let mut file = GgufFile::open(src, &Device::Cpu)?;
+    let names: Vec<String> = file.content.tensor_infos.keys().cloned().collect();
+    let mut tensors = Vec::with_capacity(names.len());
+    let mut changed = 0;
+    for name in names {
+        let info = &file.content.tensor_infos[&name];
+        let q = info
+            .read(
+                &mut file.reader,
+                file.content.tensor_data_offset,
+                &Device::Cpu,
+            )
+            .map_err(|e| EngineError::BadFile {
+                path: src.to_path_buf(),
+                format: "GGUF",
+                reason: format!("tensor '{name}': {e}"),
+            })?;
+        let q = if needs_requant(q.dtype()) {
+            changed += 1;
+            requant_q8_0(q)?
+        } else {
+            q
+        };
+        tensors.push((name, q));
+    }
+    let meta: Vec<(&str, &Value)> = file
+        .content
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.as_str(), v))
+        .collect();
+    let refs: Vec<(&str, &candle_core::quantized::QTensor)> =
+        tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut out = std::io::BufWriter::new(File::create(dst).map_err(io_err(dst))?);
+    candle_core::quantized::gguf_file::write(&mut out, &meta, &refs)?;
+    Ok(changed)
+}
+
 fn value_usize(v: &Value, key: &str) -> Result<usize> {
     let n: i128 = match v {
         Value::U8(x) => *x as i128,
@@ -203,7 +251,7 @@ impl TensorSource for GgufFile {
                 format: "GGUF",
                 reason: format!("tensor '{name}': {e}"),
             })?;
-        let q = if needs_requant(dtype) {
+        let q = if self.requantize && needs_requant(dtype) {
             requant_q8_0(q)?
         } else {
             q

@@ -58,6 +58,7 @@ pub fn load_shard(
         Transformer::load(&mut folder, &cfg, &name, shard, opts, device)
     } else {
         let mut file = gguf::GgufFile::open(path, device)?;
+        file.set_requantize(!opts.keep_slow_quants);
         let cfg = file.config()?;
         Transformer::load(&mut file, &cfg, &name, shard, opts, device)
     }

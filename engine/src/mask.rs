@@ -190,8 +190,8 @@ mod tests {
         #[test]
         fn tree_positions_are_depths(parents in random_tree(), base in 0u32..100) {
             let pos = tree_positions(base, &parents);
-            for i in 0..parents.len() {
-                prop_assert_eq!(pos[i], base + ancestors(&parents, i).len() as u32 - 1);
+            for (i, &p) in pos.iter().enumerate() {
+                prop_assert_eq!(p, base + ancestors(&parents, i).len() as u32 - 1);
             }
         }
     }

@@ -33,6 +33,9 @@ pub struct LoadOptions {
     pub f16_weights: bool,
     /// Cap the context below what the model file allows (saves RoPE-table memory).
     pub max_context: Option<usize>,
+    /// Keep Q4_1/Q5_0/Q5_1 blocks as they are instead of requantizing them to Q8_0
+    /// (slow on CPU; for comparing against other runtimes bit for bit).
+    pub keep_slow_quants: bool,
 }
 
 struct Linear {

@@ -143,7 +143,8 @@ impl RawWeight {
     }
 
     /// Columns `start..start + len` of a `(rows, cols)` weight. A cut inside a quantized
-    /// block falls back to Q8_0 (or f32 when even 32-wide blocks do not fit).
+    /// block falls back to the exact dequantized values (dense f32): slower and bigger,
+    /// but requantizing would change the weights.
     pub fn cols(&self, start: usize, len: usize) -> Result<Self> {
         match self {
             RawWeight::Dense(t) => Ok(RawWeight::Dense(t.narrow(1, start, len)?.contiguous()?)),

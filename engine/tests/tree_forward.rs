@@ -76,12 +76,12 @@ fn tree_rows_match_sequential_decoding_and_cache_edits_match_recompute() {
                 .unwrap();
             assert_eq!(cache.len(), plen + n);
             let logits = out.logits.unwrap();
-            for i in 0..n {
+            for (i, row) in logits.iter().enumerate() {
                 let mut seq = prompt.clone();
                 seq.extend(path_to(&parents, i).iter().map(|&j| tokens[j]));
                 let want = sequential_last_logits(m, &seq);
-                assert_close(&what(&format!("tree row {i}")), &logits[i], &want, TOL);
-                assert_eq!(out.argmax[i], argmax(&logits[i]));
+                assert_close(&what(&format!("tree row {i}")), row, &want, TOL);
+                assert_eq!(out.argmax[i], argmax(row));
             }
 
             // Accept the path to a random node, then decode one more token on top of it.
