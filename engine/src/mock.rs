@@ -201,7 +201,10 @@ mod tests {
         let mut last = 0;
         for (i, &t) in path.iter().enumerate() {
             last = m
-                .forward(&mut c, SeqInput::chain(&[t], &[i as u32], OutputSpec::all()))
+                .forward(
+                    &mut c,
+                    SeqInput::chain(&[t], &[i as u32], OutputSpec::all()),
+                )
                 .unwrap()
                 .argmax[0];
         }
@@ -213,8 +216,11 @@ mod tests {
         let m = MockModel::new(50, 256, 0.5, 3);
         let prompt = [1u32, 2, 3];
         let mut c = m.new_cache();
-        m.forward(&mut c, SeqInput::chain(&prompt, &[0, 1, 2], OutputSpec::all()))
-            .unwrap();
+        m.forward(
+            &mut c,
+            SeqInput::chain(&prompt, &[0, 1, 2], OutputSpec::all()),
+        )
+        .unwrap();
         let parents = vec![-1, 0, 0, 1, 3];
         let tokens = [7u32, 8, 9, 10, 11];
         let pos = tree_positions(3, &parents);
@@ -222,7 +228,12 @@ mod tests {
         let out = m
             .forward(
                 &mut c,
-                SeqInput { tokens: &tokens, positions: &pos, visibility: &vis, outputs: OutputSpec::all() },
+                SeqInput {
+                    tokens: &tokens,
+                    positions: &pos,
+                    visibility: &vis,
+                    outputs: OutputSpec::all(),
+                },
             )
             .unwrap();
         let paths: [&[u32]; 5] = [&[7], &[7, 8], &[7, 9], &[7, 8, 10], &[7, 8, 10, 11]];
@@ -232,7 +243,9 @@ mod tests {
         }
         // Keep 7, 8, 10 and decode on: must equal sequential decoding of that path.
         c.keep(3, &[3, 4, 6]).unwrap();
-        let next = m.forward(&mut c, SeqInput::chain(&[20], &[6], OutputSpec::all())).unwrap();
+        let next = m
+            .forward(&mut c, SeqInput::chain(&[20], &[6], OutputSpec::all()))
+            .unwrap();
         assert_eq!(next.argmax[0], sequential(&m, &[1, 2, 3, 7, 8, 10, 20]));
     }
 
@@ -240,7 +253,8 @@ mod tests {
     fn a_wrong_mask_or_position_changes_the_output() {
         let m = MockModel::new(1000, 256, 0.0, 1);
         let mut c = m.new_cache();
-        m.forward(&mut c, SeqInput::chain(&[4, 5], &[0, 1], OutputSpec::all())).unwrap();
+        m.forward(&mut c, SeqInput::chain(&[4, 5], &[0, 1], OutputSpec::all()))
+            .unwrap();
         let tokens = [6u32, 7];
         let siblings = Visibility::Tree(vec![-1, -1]);
         let chain = Visibility::Causal;
@@ -248,14 +262,27 @@ mod tests {
             let mut c = c.clone();
             m.forward(
                 &mut c,
-                SeqInput { tokens: &tokens, positions: pos, visibility: vis, outputs: OutputSpec::all() },
+                SeqInput {
+                    tokens: &tokens,
+                    positions: pos,
+                    visibility: vis,
+                    outputs: OutputSpec::all(),
+                },
             )
             .unwrap()
             .argmax[1]
         };
         let right = run(&siblings, &[2, 2]);
         assert_eq!(right, sequential(&m, &[4, 5, 7]));
-        assert_ne!(right, run(&chain, &[2, 2]), "a sibling leaked into the mask");
-        assert_ne!(right, run(&siblings, &[2, 3]), "a wrong position went unnoticed");
+        assert_ne!(
+            right,
+            run(&chain, &[2, 2]),
+            "a sibling leaked into the mask"
+        );
+        assert_ne!(
+            right,
+            run(&siblings, &[2, 3]),
+            "a wrong position went unnoticed"
+        );
     }
 }
