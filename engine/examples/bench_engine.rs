@@ -49,31 +49,23 @@ fn candle_decode_ms(path: &std::path::Path, steps: usize) -> f64 {
     let mut f = std::fs::File::open(path).expect("open");
     let ct = Content::read(&mut f).expect("gguf");
     let mut m = quantized_qwen2::ModelWeights::from_gguf(ct, &mut f, &dev).expect("load");
-    let prompt: Vec<u32> = (0..32).map(|i| 1000 + i * 13).collect();
-    let x = Tensor::new(prompt.as_slice(), &dev)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let logits = m.forward(&x, 0).unwrap();
-    let mut t = logits
-        .squeeze(0)
-        .unwrap()
-        .argmax(0)
-        .unwrap()
-        .to_scalar::<u32>()
-        .unwrap();
-    let mut times = Vec::new();
-    for i in 0..steps {
-        let start = Instant::now();
-        let x = Tensor::new(&[t], &dev).unwrap().unsqueeze(0).unwrap();
-        let logits = m.forward(&x, 32 + i).unwrap();
-        t = logits
+    let mut step = |ids: &[u32], pos: usize| -> u32 {
+        let x = Tensor::new(ids, &dev).unwrap().unsqueeze(0).unwrap();
+        let logits = m.forward(&x, pos).unwrap();
+        logits
             .squeeze(0)
             .unwrap()
             .argmax(0)
             .unwrap()
             .to_scalar::<u32>()
-            .unwrap();
+            .unwrap()
+    };
+    let prompt: Vec<u32> = (0..32).map(|i| 1000 + i * 13).collect();
+    let mut t = step(&prompt, 0);
+    let mut times = Vec::new();
+    for i in 0..steps {
+        let start = Instant::now();
+        t = step(&[t], 32 + i);
         times.push(start.elapsed().as_secs_f64() * 1e3);
     }
     median(times)
@@ -123,13 +115,7 @@ fn main() {
         }
     }
     let path = path.unwrap_or_else(|| {
-        let dir = std::env::var_os("OURO_MODELS_DIR")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(|| {
-                std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default())
-                    .join(".cache/ouroboros/models")
-            });
-        dir.join("qwen2.5-coder-1.5b-instruct-q4_k_m.gguf")
+        engine::testing::models_dir().join("qwen2.5-coder-1.5b-instruct-q4_k_m.gguf")
     });
     if !path.exists() {
         eprintln!(

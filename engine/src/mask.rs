@@ -95,17 +95,6 @@ impl Visibility {
         }
     }
 
-    /// True when the pattern is the plain causal chain (lets the forward skip the mask).
-    pub fn is_causal(&self, n: usize) -> bool {
-        match self {
-            Visibility::Causal => true,
-            Visibility::Tree(parents) => {
-                parents.iter().enumerate().all(|(i, &p)| p == i as i32 - 1)
-            }
-            Visibility::Matrix { .. } => self.dense(n) == Visibility::Causal.dense(n),
-        }
-    }
-
     /// Additive attention mask of shape `(n, past + n)`: 0 where visible, -inf elsewhere.
     /// `None` when no masking is needed (a causal chain of one token).
     pub fn additive_mask(&self, n: usize, past: usize) -> Option<Vec<f32>> {
@@ -199,9 +188,11 @@ mod tests {
     #[test]
     fn chain_tree_is_causal() {
         let vis = Visibility::Tree(vec![-1, 0, 1, 2]);
-        assert!(vis.is_causal(4));
         assert_eq!(vis.dense(4), Visibility::Causal.dense(4));
-        assert!(!Visibility::Tree(vec![-1, 0, 0]).is_causal(3));
+        assert_ne!(
+            Visibility::Tree(vec![-1, 0, 0]).dense(3),
+            Visibility::Causal.dense(3)
+        );
     }
 
     #[test]

@@ -208,6 +208,17 @@ pub fn hf_equivalent(cfg: &ModelConfig) -> ModelConfig {
     }
 }
 
+/// Where scripts/fetch-models.sh puts the real models: `$OURO_MODELS_DIR`, else
+/// `~/.cache/ouroboros/models` (the script's default).
+pub fn models_dir() -> std::path::PathBuf {
+    std::env::var_os("OURO_MODELS_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default())
+                .join(".cache/ouroboros/models")
+        })
+}
+
 /// Values as f32 regardless of storage dtype (for comparing outputs).
 pub fn to_f32_vec(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)

@@ -311,15 +311,11 @@ impl Transformer {
             tokens.extend_from_slice(input.tokens);
             positions.extend_from_slice(input.positions);
             let n = input.tokens.len();
-            let mask = if input.visibility.is_causal(n) && n == 1 {
-                None
-            } else {
-                input
-                    .visibility
-                    .additive_mask(n, cache.len())
-                    .map(|m| Tensor::from_vec(m, (n, cache.len() + n), &self.device))
-                    .transpose()?
-            };
+            let mask = input
+                .visibility
+                .additive_mask(n, cache.len())
+                .map(|m| Tensor::from_vec(m, (n, cache.len() + n), &self.device))
+                .transpose()?;
             masks.push(mask);
         }
         let total = tokens.len();

@@ -9,9 +9,9 @@ use candle_core::quantized::gguf_file::Content;
 use candle_core::{Device, Tensor};
 use candle_transformers::models::{quantized_llama, quantized_qwen2};
 use common::argmax;
-use engine::testing::{random_weights, tiny_config, write_gguf};
+use engine::testing::{models_dir, random_weights, tiny_config, write_gguf};
 use engine::{Architecture, LanguageModel, LoadOptions, OutputSpec, SeqInput};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Greedy continuation with a candle-transformers model: prefill, then one token a step.
 fn candle_greedy(path: &Path, prompt: &[u32], steps: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
@@ -146,14 +146,6 @@ fn tiny_random_gguf_models_decode_like_candle_transformers() {
             assert_same_greedy(&what, &ours, &theirs, 1e-3);
         }
     }
-}
-
-fn models_dir() -> PathBuf {
-    std::env::var_os("OURO_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/ouroboros/models")
-        })
 }
 
 fn real_model_parity(file: &str, tokenizer: Option<&str>, prompts: &[&str], steps: usize) {

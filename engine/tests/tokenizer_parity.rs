@@ -1,15 +1,7 @@
 //! The tokenizer built from GGUF metadata gives the same ids as the model's tokenizer.json.
 
 use candle_core::Device;
-use std::path::PathBuf;
-
-fn models_dir() -> PathBuf {
-    std::env::var_os("OURO_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/ouroboros/models")
-        })
-}
+use engine::testing::models_dir;
 
 const TEXTS: &[&str] = &[
     "The quick brown fox jumps over the lazy dog. It's 2026, isn't it?",
