@@ -5,8 +5,8 @@ use crate::config::{Architecture, ModelConfig, RopeStyle};
 use crate::error::{EngineError, Result};
 use crate::weights::{RawWeight, Role, TensorSource, needs_requant, requant_q8_0};
 use candle_core::Device;
-use candle_core::quantized::GgmlDType;
 use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
 use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
@@ -166,6 +166,21 @@ impl GgufFile {
 /// Writes a copy of a GGUF file with its Q4_1/Q5_0/Q5_1 tensors requantized to Q8_0,
 /// the form candle runs fast on CPU. Metadata is carried over unchanged.
 pub fn write_requantized(src: &Path, dst: &Path) -> Result<usize> {
+    write_converted(src, dst, Conversion::SlowQuantsToQ8_0)
+}
+
+/// What [`write_converted`] does to each tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Conversion {
+    /// Q4_1/Q5_0/Q5_1 become Q8_0, as the engine does at load; the rest is copied.
+    SlowQuantsToQ8_0,
+    /// Every tensor becomes F32: the same weights without activation quantization, so two
+    /// runtimes can be compared to float precision.
+    DequantizeToF32,
+}
+
+/// Copies a GGUF file with its tensors converted; returns how many tensors changed.
+pub fn write_converted(src: &Path, dst: &Path, conversion: Conversion) -> Result<usize> {
     let mut file = GgufFile::open(src, &Device::Cpu)?;
     let names: Vec<String> = file.content.tensor_infos.keys().cloned().collect();
     let mut tensors = Vec::with_capacity(names.len());
@@ -183,12 +198,18 @@ pub fn write_requantized(src: &Path, dst: &Path) -> Result<usize> {
                 format: "GGUF",
                 reason: format!("tensor '{name}': {e}"),
             })?;
-        let q = if needs_requant(q.dtype()) {
-            changed += 1;
-            requant_q8_0(q)?
-        } else {
-            q
+        let q = match conversion {
+            Conversion::SlowQuantsToQ8_0 if needs_requant(q.dtype()) => requant_q8_0(q)?,
+            Conversion::DequantizeToF32 if q.dtype() != GgmlDType::F32 => {
+                let dense = q.dequantize(&Device::Cpu)?;
+                QTensor::quantize(&dense, GgmlDType::F32)?
+            }
+            _ => {
+                tensors.push((name, q));
+                continue;
+            }
         };
+        changed += 1;
         tensors.push((name, q));
     }
     let meta: Vec<(&str, &Value)> = file
