@@ -1,1 +1,26 @@
-//! placeholder
+//! Speculative decoding algorithms, free of I/O: the phrase pool, verify trees, acceptance
+//! and sampling, the lookahead window, and the decoding loops (greedy, speculative,
+//! lookahead, Ouroboros) over draft/target backend traits.
+
+pub mod backend;
+pub mod decode;
+pub mod error;
+pub mod local;
+pub mod lookahead;
+pub mod pool;
+pub mod sampling;
+pub mod stats;
+pub mod tree;
+
+pub use backend::{
+    BackendInfo, DraftBackend, DraftOutcome, DraftRequest, ServerTiming, SessionId, TargetBackend,
+    VerifyOutcome,
+};
+pub use decode::{DecodeParams, FinishReason, Flow, Generation, Strategy, generate};
+pub use error::{Result, SpecError};
+pub use local::{DraftSession, LocalDraft, LocalTarget, TargetSession};
+pub use lookahead::LookaheadParams;
+pub use pool::{Ngram, PhrasePool, PoolConfig};
+pub use sampling::SamplingParams;
+pub use stats::SpecStats;
+pub use tree::DraftTree;

@@ -1,0 +1,103 @@
+//! The seams between the decoding loops and the models: a target that verifies trees and a
+//! draft that proposes tokens. In-process implementations live in [`crate::local`]; the
+//! orchestrator provides gRPC ones. The loops are written once against these traits.
+
+use crate::error::Result;
+use crate::lookahead::LookaheadParams;
+use crate::pool::Ngram;
+use crate::sampling::SamplingParams;
+use crate::tree::DraftTree;
+use std::future::Future;
+
+pub type SessionId = u64;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendInfo {
+    pub model: String,
+    pub vocab_size: usize,
+    pub max_position: usize,
+}
+
+/// Server-side time of one call, in seconds; the caller's wall time minus `total` is what
+/// the network and (de)serialisation cost.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ServerTiming {
+    pub queue: f64,
+    pub forward: f64,
+    pub total: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct VerifyOutcome {
+    /// Accepted tree nodes after the root, root to leaf.
+    pub path: Vec<usize>,
+    /// Their tokens.
+    pub accepted: Vec<u32>,
+    /// The target's token after the accepted path.
+    pub bonus: u32,
+    /// The target's token at every node (what it would emit after that node's path).
+    pub outputs: Vec<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DraftRequest {
+    /// Committed tokens appended since the previous call (or since `open`).
+    pub new_committed: Vec<u32>,
+    /// Least number of draft tokens wanted; the draft may return more.
+    pub gamma: usize,
+    /// Lookahead decoding inside the draft model; `None` decodes one token per forward.
+    pub lookahead: Option<LookaheadParams>,
+    /// Phrases the caller learnt since the previous call, for the draft's pool replica.
+    pub pool_delta: Vec<Ngram>,
+    /// Drafting stops after any of these.
+    pub eos: Vec<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DraftOutcome {
+    /// The draft model's greedy continuation of the committed tokens.
+    pub tokens: Vec<u32>,
+    /// n-grams the lookahead window produced.
+    pub harvested: Vec<Ngram>,
+    /// Model forwards spent.
+    pub forwards: u32,
+    /// Tokens that came from pool phrases the model agreed with.
+    pub phrase_hits: u32,
+}
+
+pub trait TargetBackend: Send + Sync {
+    fn info(&self) -> BackendInfo;
+
+    /// Starts a session on `committed` (at least one token); all but the last are
+    /// prefilled, the last becomes the root of the first tree.
+    fn open(&self, committed: &[u32]) -> impl Future<Output = Result<SessionId>> + Send;
+
+    /// Scores every node of `tree` (root = the last committed token), accepts the longest
+    /// path whose tokens equal the target's choices, and keeps only that path's KV.
+    fn verify(
+        &self,
+        session: SessionId,
+        tree: &DraftTree,
+        sampling: &SamplingParams,
+    ) -> impl Future<Output = Result<(VerifyOutcome, ServerTiming)>> + Send;
+
+    fn close(&self, session: SessionId) -> impl Future<Output = Result<()>> + Send;
+}
+
+pub trait DraftBackend: Send + Sync {
+    fn info(&self) -> BackendInfo;
+
+    /// Whether the backend keeps its own pool replica that needs `pool_delta` (a remote
+    /// draft), as opposed to sharing the caller's pool.
+    fn wants_pool_delta(&self) -> bool;
+
+    fn open(&self, committed: &[u32]) -> impl Future<Output = Result<SessionId>> + Send;
+
+    fn draft(
+        &self,
+        session: SessionId,
+        request: DraftRequest,
+    ) -> impl Future<Output = Result<(DraftOutcome, ServerTiming)>> + Send;
+
+    fn close(&self, session: SessionId) -> impl Future<Output = Result<()>> + Send;
+}

@@ -1,0 +1,383 @@
+//! The phrase pool: for each key token, the newest fixed-length phrases seen after it.
+//!
+//! Shared by every request (warm start) and by both drafting paths: the draft's lookahead
+//! window writes n-grams into it, the target's verification output refines it, and the
+//! verify tree reads candidate suffixes from it. Contents never affect correctness, only
+//! how often drafts hit.
+
+use dashmap::DashMap;
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+/// Sizing of a pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolConfig {
+    /// Tokens per phrase (`g = N - 1` for lookahead level `N`).
+    pub phrase_len: usize,
+    /// Most phrases kept per key (`G`); the oldest goes first.
+    pub per_key: usize,
+    /// Most phrases kept in all; the least recently touched keys go first.
+    pub max_phrases: usize,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            phrase_len: 6,
+            per_key: 20,
+            max_phrases: 2_000_000,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct KeyList {
+    phrases: VecDeque<Box<[u32]>>,
+    touched: u64,
+}
+
+/// A phrase and the key it follows: the unit of pool deltas and harvests.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Ngram {
+    pub key: u32,
+    pub phrase: Vec<u32>,
+}
+
+/// Concurrent phrase pool with per-key LRU lists and a global cap.
+#[derive(Debug)]
+pub struct PhrasePool {
+    config: PoolConfig,
+    map: DashMap<u32, KeyList>,
+    total: AtomicUsize,
+    clock: AtomicU64,
+}
+
+const SNAPSHOT_MAGIC: &[u8; 8] = b"OUROPOOL";
+const SNAPSHOT_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("pool snapshot I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("not a pool snapshot (bad magic or version {0})")]
+    Format(u32),
+    #[error("snapshot has phrases of {found} tokens, this pool keeps {expected}")]
+    PhraseLen { found: usize, expected: usize },
+}
+
+impl PhrasePool {
+    pub fn new(config: PoolConfig) -> Self {
+        let config = PoolConfig {
+            phrase_len: config.phrase_len.max(1),
+            per_key: config.per_key.max(1),
+            max_phrases: config.max_phrases.max(config.per_key.max(1)),
+        };
+        Self {
+            config,
+            map: DashMap::new(),
+            total: AtomicUsize::new(0),
+            clock: AtomicU64::new(0),
+        }
+    }
+
+    pub fn config(&self) -> PoolConfig {
+        self.config
+    }
+
+    pub fn phrase_len(&self) -> usize {
+        self.config.phrase_len
+    }
+
+    /// Number of phrases held.
+    pub fn len(&self) -> usize {
+        self.total.load(Ordering::Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn num_keys(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Approximate heap use in bytes.
+    pub fn memory_bytes(&self) -> usize {
+        let per_phrase = self.config.phrase_len * 4 + std::mem::size_of::<Box<[u32]>>();
+        self.len() * per_phrase + self.num_keys() * (std::mem::size_of::<KeyList>() + 8)
+    }
+
+    fn tick(&self) -> u64 {
+        self.clock.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Adds a phrase after `key`, or makes it the newest if present. Phrases of the wrong
+    /// length are ignored; returns whether the phrase was stored.
+    pub fn insert(&self, key: u32, phrase: &[u32]) -> bool {
+        if phrase.len() != self.config.phrase_len {
+            return false;
+        }
+        let now = self.tick();
+        let added = {
+            let mut list = self.map.entry(key).or_default();
+            list.touched = now;
+            if let Some(i) = list.phrases.iter().position(|p| &p[..] == phrase) {
+                let p = list.phrases.remove(i).expect("index from position");
+                list.phrases.push_back(p);
+                false
+            } else {
+                if list.phrases.len() >= self.config.per_key {
+                    list.phrases.pop_front();
+                } else {
+                    self.total.fetch_add(1, Ordering::Relaxed);
+                }
+                list.phrases.push_back(phrase.into());
+                true
+            }
+        };
+        if added && self.len() > self.config.max_phrases {
+            self.evict();
+        }
+        true
+    }
+
+    pub fn insert_all(&self, ngrams: &[Ngram]) {
+        for n in ngrams {
+            self.insert(n.key, &n.phrase);
+        }
+    }
+
+    /// Drops the least recently touched keys until the pool is at 90% of its cap, so the
+    /// scan over all keys runs once per many inserts.
+    fn evict(&self) {
+        let target = self.config.max_phrases - self.config.max_phrases / 10;
+        let mut keys: Vec<(u64, u32)> = self
+            .map
+            .iter()
+            .map(|e| (e.value().touched, *e.key()))
+            .collect();
+        keys.sort_unstable();
+        for (_, key) in keys {
+            if self.len() <= target {
+                break;
+            }
+            if let Some((_, list)) = self.map.remove(&key) {
+                self.total.fetch_sub(list.phrases.len(), Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Every phrase after `key`, oldest first.
+    pub fn all(&self, key: u32) -> Vec<Vec<u32>> {
+        self.newest(key, usize::MAX)
+    }
+
+    /// The `k` newest phrases after `key`, oldest of them first.
+    pub fn newest(&self, key: u32, k: usize) -> Vec<Vec<u32>> {
+        match self.map.get(&key) {
+            Some(list) => {
+                let skip = list.phrases.len().saturating_sub(k);
+                list.phrases.iter().skip(skip).map(|p| p.to_vec()).collect()
+            }
+            None => Vec::new(),
+        }
+    }
+
+    /// Overwrites the newest `phrases.len()` entries of `key` in place (refinement of the
+    /// candidates the target has just scored). Wrong-length phrases are skipped.
+    pub fn replace_newest(&self, key: u32, phrases: &[Vec<u32>]) {
+        let Some(mut list) = self.map.get_mut(&key) else {
+            return;
+        };
+        let n = list.phrases.len();
+        let start = n.saturating_sub(phrases.len());
+        for (slot, p) in (start..n).zip(phrases) {
+            if p.len() == self.config.phrase_len {
+                list.phrases[slot] = p.as_slice().into();
+            }
+        }
+    }
+
+    pub fn clear(&self) {
+        self.map.clear();
+        self.total.store(0, Ordering::Relaxed);
+    }
+
+    /// Writes every phrase, least recently touched keys first, so that a restore followed
+    /// by eviction keeps the most recent ones.
+    pub fn snapshot(&self, out: &mut impl Write) -> Result<usize, SnapshotError> {
+        type Entry = (u64, u32, Vec<Box<[u32]>>);
+        let mut keys: Vec<Entry> = self
+            .map
+            .iter()
+            .map(|e| {
+                (
+                    e.value().touched,
+                    *e.key(),
+                    e.value().phrases.iter().cloned().collect(),
+                )
+            })
+            .collect();
+        keys.sort_unstable_by_key(|k| (k.0, k.1));
+        out.write_all(SNAPSHOT_MAGIC)?;
+        out.write_all(&SNAPSHOT_VERSION.to_le_bytes())?;
+        out.write_all(&(self.config.phrase_len as u32).to_le_bytes())?;
+        out.write_all(&(keys.len() as u64).to_le_bytes())?;
+        let mut written = 0;
+        for (_, key, phrases) in keys {
+            out.write_all(&key.to_le_bytes())?;
+            out.write_all(&(phrases.len() as u32).to_le_bytes())?;
+            for p in phrases {
+                for t in p.iter() {
+                    out.write_all(&t.to_le_bytes())?;
+                }
+                written += 1;
+            }
+        }
+        out.flush()?;
+        Ok(written)
+    }
+
+    /// Inserts every phrase of a snapshot; returns how many were read.
+    pub fn restore(&self, input: &mut impl Read) -> Result<usize, SnapshotError> {
+        let mut magic = [0u8; 8];
+        input.read_exact(&mut magic)?;
+        let version = read_u32(input)?;
+        if &magic != SNAPSHOT_MAGIC || version != SNAPSHOT_VERSION {
+            return Err(SnapshotError::Format(version));
+        }
+        let g = read_u32(input)? as usize;
+        if g != self.config.phrase_len {
+            return Err(SnapshotError::PhraseLen {
+                found: g,
+                expected: self.config.phrase_len,
+            });
+        }
+        let mut buf = [0u8; 8];
+        input.read_exact(&mut buf)?;
+        let keys = u64::from_le_bytes(buf);
+        let mut read = 0;
+        let mut phrase = vec![0u32; g];
+        for _ in 0..keys {
+            let key = read_u32(input)?;
+            let n = read_u32(input)?;
+            for _ in 0..n {
+                for t in phrase.iter_mut() {
+                    *t = read_u32(input)?;
+                }
+                self.insert(key, &phrase);
+                read += 1;
+            }
+        }
+        Ok(read)
+    }
+}
+
+fn read_u32(input: &mut impl Read) -> std::io::Result<u32> {
+    let mut b = [0u8; 4];
+    input.read_exact(&mut b)?;
+    Ok(u32::from_le_bytes(b))
+}
+
+/// The n-grams of a token run: every position with `g` tokens after it.
+pub fn ngrams_of(tokens: &[u32], g: usize) -> impl Iterator<Item = Ngram> + '_ {
+    tokens.windows(g + 1).map(|w| Ngram {
+        key: w[0],
+        phrase: w[1..].to_vec(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(per_key: usize, max: usize) -> PhrasePool {
+        PhrasePool::new(PoolConfig {
+            phrase_len: 2,
+            per_key,
+            max_phrases: max,
+        })
+    }
+
+    #[test]
+    fn lists_are_lru_per_key() {
+        let p = pool(3, 100);
+        for ph in [[1, 2], [3, 4], [5, 6]] {
+            assert!(p.insert(7, &ph));
+        }
+        assert!(p.insert(7, &[1, 2])); // present: moves to the newest end
+        assert_eq!(p.all(7), vec![vec![3, 4], vec![5, 6], vec![1, 2]]);
+        p.insert(7, &[8, 9]); // full: the oldest goes
+        assert_eq!(p.all(7), vec![vec![5, 6], vec![1, 2], vec![8, 9]]);
+        assert_eq!(p.newest(7, 2), vec![vec![1, 2], vec![8, 9]]);
+        assert_eq!(p.len(), 3);
+        assert!(!p.insert(7, &[1, 2, 3]), "wrong length is refused");
+        assert!(p.all(8).is_empty());
+    }
+
+    #[test]
+    fn replace_newest_overwrites_in_place() {
+        let p = pool(4, 100);
+        for ph in [[1, 1], [2, 2], [3, 3]] {
+            p.insert(0, &ph);
+        }
+        p.replace_newest(0, &[vec![8, 8], vec![9, 9]]);
+        assert_eq!(p.all(0), vec![vec![1, 1], vec![8, 8], vec![9, 9]]);
+        p.replace_newest(5, &[vec![1, 1]]); // unknown key: nothing happens
+        assert_eq!(p.num_keys(), 1);
+    }
+
+    #[test]
+    fn global_cap_evicts_least_recently_touched_keys() {
+        let p = pool(2, 10);
+        for key in 0..10u32 {
+            p.insert(key, &[key, key]);
+        }
+        p.insert(0, &[0, 0]); // touch key 0 again
+        p.insert(10, &[1, 1]); // over the cap
+        assert!(p.len() <= 10);
+        assert!(!p.all(0).is_empty(), "recently touched key survives");
+        assert!(p.all(1).is_empty(), "the oldest key went first");
+        assert_eq!(p.all(10), vec![vec![1, 1]]);
+    }
+
+    #[test]
+    fn snapshot_round_trip() {
+        let p = pool(3, 100);
+        for (k, ph) in [(1, [2, 3]), (1, [4, 5]), (9, [9, 9])] {
+            p.insert(k, &ph);
+        }
+        let mut bytes = Vec::new();
+        assert_eq!(p.snapshot(&mut bytes).unwrap(), 3);
+        let q = pool(3, 100);
+        assert_eq!(q.restore(&mut bytes.as_slice()).unwrap(), 3);
+        assert_eq!(q.all(1), p.all(1));
+        assert_eq!(q.all(9), p.all(9));
+        let other = PhrasePool::new(PoolConfig {
+            phrase_len: 3,
+            ..PoolConfig::default()
+        });
+        assert!(matches!(
+            other.restore(&mut bytes.as_slice()),
+            Err(SnapshotError::PhraseLen {
+                found: 2,
+                expected: 3
+            })
+        ));
+        assert!(q.restore(&mut &b"garbage!...."[..]).is_err());
+    }
+
+    #[test]
+    fn ngrams_cover_every_full_window() {
+        let grams: Vec<Ngram> = ngrams_of(&[1, 2, 3, 4], 2).collect();
+        assert_eq!(grams.len(), 2);
+        assert_eq!(
+            grams[1],
+            Ngram {
+                key: 2,
+                phrase: vec![3, 4]
+            }
+        );
+    }
+}

@@ -1,0 +1,126 @@
+//! Per-request speculation statistics, counted the way vLLM reports them: mean accepted
+//! length includes the bonus token, so plain decoding scores exactly 1.
+
+use crate::backend::{DraftOutcome, ServerTiming};
+use crate::decode::Strategy;
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SpecStats {
+    pub strategy: Option<Strategy>,
+    /// Tokens returned to the caller.
+    pub committed: u64,
+    /// Verify rounds (target forwards after the prefill).
+    pub target_forwards: u64,
+    pub draft_forwards: u64,
+    pub draft_calls: u64,
+    /// Draft tokens sent for verification and how many the target accepted.
+    pub drafted: u64,
+    pub accepted: u64,
+    /// `accepted_at[i]`: rounds whose draft token `i` was accepted.
+    pub accepted_at: Vec<u64>,
+    /// `offered_at[i]`: rounds that drafted a token `i`.
+    pub offered_at: Vec<u64>,
+    /// Tokens accepted from pool candidate suffixes, and rounds where any was.
+    pub candidate_tokens: u64,
+    pub candidate_rounds: u64,
+    /// Candidate look-ups in the pool and those that found phrases.
+    pub pool_lookups: u64,
+    pub pool_hits: u64,
+    /// Draft tokens that came from pool phrases inside the draft's lookahead.
+    pub draft_phrase_hits: u64,
+    /// Tree nodes verified in all.
+    pub tree_nodes: u64,
+    /// Set when the draft was missing or failed and the request went on target-only.
+    pub draft_fallback: Option<String>,
+    pub prefill_s: f64,
+    pub draft_s: f64,
+    pub verify_s: f64,
+    /// Caller wall time minus the servers' own time, over all calls.
+    pub network_s: f64,
+    pub total_s: f64,
+}
+
+impl SpecStats {
+    pub fn new(strategy: Strategy) -> Self {
+        Self {
+            strategy: Some(strategy),
+            ..Self::default()
+        }
+    }
+
+    /// Committed tokens per target forward (bonus included).
+    pub fn mean_accepted_length(&self) -> f64 {
+        if self.target_forwards == 0 {
+            return 0.0;
+        }
+        self.committed as f64 / self.target_forwards as f64
+    }
+
+    pub fn acceptance_rate(&self) -> f64 {
+        if self.drafted == 0 {
+            return 0.0;
+        }
+        self.accepted as f64 / self.drafted as f64
+    }
+
+    /// Acceptance by draft position: accepted / offered at each index.
+    pub fn acceptance_by_position(&self) -> Vec<f64> {
+        self.accepted_at
+            .iter()
+            .zip(&self.offered_at)
+            .map(|(&a, &o)| if o == 0 { 0.0 } else { a as f64 / o as f64 })
+            .collect()
+    }
+
+    pub fn fall_back(&mut self, why: String) {
+        tracing::warn!("continuing target-only: {why}");
+        self.draft_fallback.get_or_insert(why);
+    }
+
+    pub(crate) fn add_draft(&mut self, o: &DraftOutcome, server: ServerTiming, wall: f64) {
+        self.draft_calls += 1;
+        self.draft_forwards += o.forwards as u64;
+        self.draft_phrase_hits += o.phrase_hits as u64;
+        self.draft_s += wall;
+        self.network_s += (wall - server.total).max(0.0);
+    }
+
+    pub(crate) fn add_verify(&mut self, server: ServerTiming, wall: f64, nodes: usize) {
+        self.target_forwards += 1;
+        self.tree_nodes += nodes as u64;
+        self.verify_s += wall;
+        self.network_s += (wall - server.total).max(0.0);
+    }
+
+    pub(crate) fn add_acceptance(
+        &mut self,
+        drafted: usize,
+        on_chain: usize,
+        from_candidates: usize,
+    ) {
+        self.drafted += drafted as u64;
+        self.accepted += on_chain as u64;
+        if self.offered_at.len() < drafted {
+            self.offered_at.resize(drafted, 0);
+            self.accepted_at.resize(drafted, 0);
+        }
+        for i in 0..drafted {
+            self.offered_at[i] += 1;
+            if i < on_chain {
+                self.accepted_at[i] += 1;
+            }
+        }
+        if from_candidates > 0 {
+            self.candidate_tokens += from_candidates as u64;
+            self.candidate_rounds += 1;
+        }
+    }
+
+    /// Target-only lookahead: every host forward is a target forward.
+    pub(crate) fn add_lookahead(&mut self, o: &DraftOutcome, server: ServerTiming, wall: f64) {
+        self.target_forwards += o.forwards as u64;
+        self.draft_phrase_hits += o.phrase_hits as u64;
+        self.verify_s += wall;
+        self.network_s += (wall - server.total).max(0.0);
+    }
+}

@@ -1,0 +1,182 @@
+//! Verify trees: a root (the last committed token, not yet in the target's KV cache) with
+//! draft paths hanging off it, de-duplicated into a trie so that shared prefixes are scored
+//! once. The target computes one output token per node; walking the tree along matching
+//! children gives the accepted path and the bonus token.
+
+use crate::error::{Result, SpecError};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DraftTree {
+    /// `tokens[0]` is the root.
+    pub tokens: Vec<u32>,
+    /// `parents[0] == -1`; every other parent is an earlier node.
+    pub parents: Vec<i32>,
+    children: Vec<Vec<usize>>,
+}
+
+/// The result of walking a scored tree.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Walk {
+    /// Accepted nodes after the root, root to leaf.
+    pub path: Vec<usize>,
+    /// Their tokens.
+    pub accepted: Vec<u32>,
+    /// The target's token after the accepted path (correction or bonus).
+    pub bonus: u32,
+}
+
+impl DraftTree {
+    pub fn new(root: u32) -> Self {
+        Self {
+            tokens: vec![root],
+            parents: vec![-1],
+            children: vec![Vec::new()],
+        }
+    }
+
+    /// Rebuilds a tree received from outside, checking its shape.
+    pub fn from_parts(tokens: Vec<u32>, parents: Vec<i32>) -> Result<Self> {
+        if tokens.is_empty() {
+            return Err(SpecError::InvalidTree(
+                "a tree needs at least its root".into(),
+            ));
+        }
+        if tokens.len() != parents.len() {
+            return Err(SpecError::InvalidTree(format!(
+                "{} tokens but {} parents",
+                tokens.len(),
+                parents.len()
+            )));
+        }
+        if parents[0] != -1 {
+            return Err(SpecError::InvalidTree(
+                "parents[0] must be -1 (the root continues the committed text)".into(),
+            ));
+        }
+        let mut children = vec![Vec::new(); tokens.len()];
+        for (i, &p) in parents.iter().enumerate().skip(1) {
+            if p < 0 || p as usize >= i {
+                return Err(SpecError::InvalidTree(format!(
+                    "parents[{i}] = {p}: must be the index of an earlier node"
+                )));
+            }
+            children[p as usize].push(i);
+        }
+        Ok(Self {
+            tokens,
+            parents,
+            children,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    pub fn child(&self, node: usize, token: u32) -> Option<usize> {
+        self.children[node]
+            .iter()
+            .copied()
+            .find(|&c| self.tokens[c] == token)
+    }
+
+    /// Adds `path` below `from`, reusing nodes that already spell a prefix of it; returns
+    /// the node of every token of `path`.
+    pub fn add_path(&mut self, from: usize, path: &[u32]) -> Vec<usize> {
+        let mut at = from;
+        let mut nodes = Vec::with_capacity(path.len());
+        for &t in path {
+            at = match self.child(at, t) {
+                Some(c) => c,
+                None => {
+                    self.tokens.push(t);
+                    self.parents.push(at as i32);
+                    self.children.push(Vec::new());
+                    self.children[at].push(self.tokens.len() - 1);
+                    self.tokens.len() - 1
+                }
+            };
+            nodes.push(at);
+        }
+        nodes
+    }
+
+    /// Distance from the root: node `i` sits at position `root_position + depth(i)`.
+    pub fn depths(&self) -> Vec<u32> {
+        let mut d = vec![0u32; self.len()];
+        for i in 1..self.len() {
+            d[i] = d[self.parents[i] as usize] + 1;
+        }
+        d
+    }
+
+    /// Follows, from the root, the child whose token equals the parent's output.
+    pub fn walk(&self, outputs: &[u32]) -> Result<Walk> {
+        if outputs.len() != self.len() {
+            return Err(SpecError::InvalidTree(format!(
+                "{} outputs for {} nodes",
+                outputs.len(),
+                self.len()
+            )));
+        }
+        let mut walk = Walk::default();
+        let mut at = 0;
+        while let Some(c) = self.child(at, outputs[at]) {
+            walk.path.push(c);
+            walk.accepted.push(self.tokens[c]);
+            at = c;
+        }
+        walk.bonus = outputs[at];
+        Ok(walk)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_share_prefixes() {
+        let mut t = DraftTree::new(5);
+        let a = t.add_path(0, &[1, 2, 3]);
+        let b = t.add_path(0, &[1, 2, 4]);
+        let c = t.add_path(a[2], &[9]);
+        assert_eq!(a, vec![1, 2, 3]);
+        assert_eq!(b, vec![1, 2, 4]);
+        assert_eq!(c, vec![5]);
+        assert_eq!(t.parents, vec![-1, 0, 1, 2, 2, 3]);
+        assert_eq!(t.depths(), vec![0, 1, 2, 3, 3, 4]);
+        let rebuilt = DraftTree::from_parts(t.tokens.clone(), t.parents.clone()).unwrap();
+        assert_eq!(rebuilt, t);
+    }
+
+    #[test]
+    fn walk_follows_matching_children() {
+        let mut t = DraftTree::new(5);
+        t.add_path(0, &[1, 2, 3]);
+        t.add_path(0, &[1, 2, 4]);
+        // root -> 1, node1 -> 2, node2 -> 4 (second branch), node4 -> 7 (bonus)
+        let outputs = [1, 2, 4, 0, 7];
+        let w = t.walk(&outputs).unwrap();
+        assert_eq!(w.accepted, vec![1, 2, 4]);
+        assert_eq!(w.path, vec![1, 2, 4]);
+        assert_eq!(w.bonus, 7);
+        let w = t.walk(&[8, 0, 0, 0, 0]).unwrap();
+        assert!(w.accepted.is_empty());
+        assert_eq!(w.bonus, 8);
+    }
+
+    #[test]
+    fn malformed_trees_are_refused() {
+        assert!(DraftTree::from_parts(vec![], vec![]).is_err());
+        assert!(DraftTree::from_parts(vec![1, 2], vec![-1]).is_err());
+        assert!(DraftTree::from_parts(vec![1, 2], vec![0, 0]).is_err());
+        assert!(DraftTree::from_parts(vec![1, 2], vec![-1, 1]).is_err());
+        assert!(DraftTree::from_parts(vec![1, 2], vec![-1, -1]).is_err());
+        assert!(DraftTree::new(1).walk(&[1, 2]).is_err());
+    }
+}

@@ -1,0 +1,383 @@
+//! Exact losslessness on the hash mock model: every strategy, with any draft (perfect,
+//! adversarial) and any parameters, commits exactly the tokens plain decoding commits,
+//! greedy and seeded sampling alike. The mock's outputs hash the visible token path, so any
+//! mask, position or KV bookkeeping error changes the output.
+
+use engine::{LanguageModel, MockModel, OutputSpec, SeqInput};
+use futures::executor::block_on;
+use spec::{
+    DecodeParams, FinishReason, Flow, LocalDraft, LocalTarget, LookaheadParams, PhrasePool,
+    PoolConfig, SamplingParams, Strategy, generate,
+};
+use std::sync::Arc;
+
+const VOCAB: usize = 40;
+
+fn target_model() -> Arc<MockModel> {
+    Arc::new(MockModel::new(VOCAB, 2048, 0.7, 1))
+}
+
+/// Reference: the model alone, one token per forward, no tree, no pool.
+fn plain_decode(m: &MockModel, prompt: &[u32], n: usize, sampling: &SamplingParams) -> Vec<u32> {
+    let mut cache = m.new_cache();
+    let mut text = prompt.to_vec();
+    let mut fed = 0;
+    let mut out = Vec::new();
+    while out.len() < n {
+        let positions: Vec<u32> = (fed as u32..text.len() as u32).collect();
+        let o = m
+            .forward(
+                &mut cache,
+                SeqInput::chain(
+                    &text[fed..],
+                    &positions,
+                    OutputSpec::last(text.len() - fed).with_logits(),
+                ),
+            )
+            .unwrap();
+        fed = text.len();
+        let logits = &o.logits.unwrap()[0];
+        let t = sampling.choose(logits, text.len() as u32);
+        text.push(t);
+        out.push(t);
+    }
+    out
+}
+
+fn pool(g: usize) -> Arc<PhrasePool> {
+    Arc::new(PhrasePool::new(PoolConfig {
+        phrase_len: g,
+        per_key: 8,
+        max_phrases: 10_000,
+    }))
+}
+
+fn run(
+    target: &Arc<MockModel>,
+    draft_model: &Arc<MockModel>,
+    pool: &Arc<PhrasePool>,
+    prompt: &[u32],
+    params: &DecodeParams,
+) -> spec::Generation {
+    let t = LocalTarget::new(target.clone());
+    let g = params.lookahead.phrase_len();
+    let host_pool = if params.strategy == Strategy::Lookahead {
+        self::pool(g)
+    } else {
+        pool.clone()
+    };
+    let draft_on = if params.strategy == Strategy::Lookahead {
+        target.clone()
+    } else {
+        draft_model.clone()
+    };
+    let d = LocalDraft::new(draft_on, host_pool);
+    let mut streamed = Vec::new();
+    let out = block_on(generate(
+        &t,
+        Some(&d),
+        pool,
+        prompt,
+        params,
+        &mut |toks: &[u32]| {
+            streamed.extend_from_slice(toks);
+            Flow::Continue
+        },
+    ))
+    .unwrap_or_else(|e| panic!("{:?}: {e}", params.strategy));
+    assert_eq!(
+        streamed, out.tokens,
+        "the stream carries exactly the output"
+    );
+    out
+}
+
+fn prompts() -> Vec<Vec<u32>> {
+    vec![
+        vec![3],
+        vec![1, 2, 3, 4, 5, 6, 7, 8],
+        (0..30).map(|i| (i * 7 % VOCAB) as u32).collect(),
+        vec![9, 9, 9, 9, 2, 9, 9, 9, 9, 2],
+    ]
+}
+
+#[test]
+fn every_strategy_equals_plain_greedy() {
+    let target = target_model();
+    let drafts = [
+        ("perfect draft", target.clone()),
+        (
+            "adversarial draft",
+            Arc::new(MockModel::new(VOCAB, 2048, 0.7, 99)),
+        ),
+    ];
+    let mut checked = 0;
+    let mut candidate_tokens = 0;
+    let mut multi = 0;
+    for (name, draft) in &drafts {
+        for (level, window, gamma, topk) in [
+            (3, 1, 1, 0),
+            (4, 3, 4, 2),
+            (5, 5, 7, 3),
+            (7, 8, 12, 3),
+            (3, 2, 2, 16),
+        ] {
+            let la = LookaheadParams {
+                level,
+                window,
+                guess: window,
+            };
+            let pool = pool(la.phrase_len());
+            // garbage the pool so candidates are often wrong
+            for k in 0..VOCAB as u32 {
+                pool.insert(k, &vec![(k * 3) % VOCAB as u32; la.phrase_len()]);
+            }
+            for strategy in [
+                Strategy::Greedy,
+                Strategy::Speculative,
+                Strategy::Lookahead,
+                Strategy::Ouroboros,
+            ] {
+                for prompt in prompts() {
+                    let n = 60;
+                    let params = DecodeParams {
+                        strategy,
+                        max_new_tokens: n,
+                        gamma,
+                        lookahead: la,
+                        topk,
+                        ..DecodeParams::default()
+                    };
+                    let want = plain_decode(&target, &prompt, n, &SamplingParams::greedy());
+                    let out = run(&target, draft, &pool, &prompt, &params);
+                    assert_eq!(
+                        out.tokens, want,
+                        "{name} {strategy:?} N={level} W={window} gamma={gamma} k={topk} prompt {prompt:?}"
+                    );
+                    assert_eq!(out.finish, FinishReason::Length);
+                    assert_eq!(out.stats.committed, n as u64);
+                    candidate_tokens += out.stats.candidate_tokens;
+                    if out.stats.mean_accepted_length() > 1.5 {
+                        multi += 1;
+                    }
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(checked, 2 * 5 * 4 * 4);
+    // the comparison is not vacuous: drafts and candidates were really accepted
+    assert!(
+        candidate_tokens > 0,
+        "no candidate suffix was ever accepted"
+    );
+    assert!(
+        multi > 20,
+        "only {multi} runs committed >1.5 tokens per forward"
+    );
+}
+
+#[test]
+fn seeded_sampling_is_lossless() {
+    let target = target_model();
+    let draft = target.clone();
+    for (temperature, top_k, top_p) in [(0.7, 0, 1.0), (1.0, 5, 1.0), (1.3, 0, 0.9)] {
+        for seed in [1u64, 2, 3] {
+            let sampling = SamplingParams {
+                temperature,
+                top_k,
+                top_p,
+                seed,
+            };
+            for strategy in [Strategy::Greedy, Strategy::Speculative, Strategy::Ouroboros] {
+                let la = LookaheadParams {
+                    level: 4,
+                    window: 4,
+                    guess: 4,
+                };
+                let pool = pool(la.phrase_len());
+                for prompt in prompts() {
+                    let params = DecodeParams {
+                        strategy,
+                        max_new_tokens: 40,
+                        sampling,
+                        gamma: 5,
+                        lookahead: la,
+                        topk: 2,
+                        ..DecodeParams::default()
+                    };
+                    let want = plain_decode(&target, &prompt, 40, &sampling);
+                    let out = run(&target, &draft, &pool, &prompt, &params);
+                    assert_eq!(
+                        out.tokens, want,
+                        "{strategy:?} {sampling:?} prompt {prompt:?}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn generation_ends_after_the_first_eos() {
+    let target = target_model();
+    let prompt = vec![1, 2, 3, 4, 5];
+    let want = plain_decode(&target, &prompt, 80, &SamplingParams::greedy());
+    let eos = want[17];
+    let end = want.iter().position(|&t| t == eos).unwrap() + 1;
+    for strategy in [
+        Strategy::Greedy,
+        Strategy::Speculative,
+        Strategy::Lookahead,
+        Strategy::Ouroboros,
+    ] {
+        let la = LookaheadParams {
+            level: 4,
+            window: 4,
+            guess: 4,
+        };
+        let params = DecodeParams {
+            strategy,
+            max_new_tokens: 80,
+            eos: vec![eos],
+            gamma: 6,
+            lookahead: la,
+            ..DecodeParams::default()
+        };
+        let out = run(&target, &target, &pool(3), &prompt, &params);
+        assert_eq!(out.tokens, want[..end], "{strategy:?}");
+        assert_eq!(out.finish, FinishReason::Eos);
+    }
+}
+
+#[test]
+fn the_sink_can_stop_generation() {
+    let target = target_model();
+    let t = LocalTarget::new(target.clone());
+    let pool = pool(3);
+    let d = LocalDraft::new(target.clone(), pool.clone());
+    let params = DecodeParams {
+        strategy: Strategy::Ouroboros,
+        lookahead: LookaheadParams {
+            level: 4,
+            window: 3,
+            guess: 3,
+        },
+        ..DecodeParams::default()
+    };
+    let mut seen = 0;
+    let out = block_on(generate(
+        &t,
+        Some(&d),
+        &pool,
+        &[1, 2],
+        &params,
+        &mut |toks: &[u32]| {
+            seen += toks.len();
+            if seen >= 10 {
+                Flow::Stop
+            } else {
+                Flow::Continue
+            }
+        },
+    ))
+    .unwrap();
+    assert_eq!(out.finish, FinishReason::Stop);
+    assert!(out.tokens.len() >= 10);
+}
+
+#[test]
+fn context_limit_ends_generation_cleanly() {
+    let target = Arc::new(MockModel::new(VOCAB, 48, 0.7, 1));
+    let prompt: Vec<u32> = (0..30).map(|i| i % VOCAB as u32).collect();
+    for strategy in [
+        Strategy::Greedy,
+        Strategy::Speculative,
+        Strategy::Lookahead,
+        Strategy::Ouroboros,
+    ] {
+        let params = DecodeParams {
+            strategy,
+            max_new_tokens: 100,
+            lookahead: LookaheadParams {
+                level: 4,
+                window: 4,
+                guess: 4,
+            },
+            ..DecodeParams::default()
+        };
+        let out = run(&target, &target, &pool(3), &prompt, &params);
+        assert_eq!(out.finish, FinishReason::ContextFull, "{strategy:?}");
+        assert_eq!(out.tokens.len(), 48 - 30, "{strategy:?}");
+        let want = plain_decode(&target, &prompt, 48 - 30, &SamplingParams::greedy());
+        assert_eq!(out.tokens, want, "{strategy:?}");
+    }
+}
+
+#[test]
+fn a_missing_draft_falls_back_to_target_only() {
+    let target = target_model();
+    let t = LocalTarget::new(target.clone());
+    let pool = pool(6);
+    let params = DecodeParams {
+        max_new_tokens: 20,
+        ..DecodeParams::default()
+    };
+    let out = block_on(generate::<_, LocalDraft<MockModel>>(
+        &t,
+        None,
+        &pool,
+        &[5, 6],
+        &params,
+        &mut |_: &[u32]| Flow::Continue,
+    ))
+    .unwrap();
+    assert_eq!(
+        out.tokens,
+        plain_decode(&target, &[5, 6], 20, &SamplingParams::greedy())
+    );
+    assert!(out.stats.draft_fallback.is_some());
+}
+
+#[test]
+fn bad_requests_are_refused() {
+    let target = target_model();
+    let t = LocalTarget::new(target.clone());
+    let pool = pool(6);
+    let d = LocalDraft::new(target.clone(), pool.clone());
+    let go = |prompt: &[u32], params: &DecodeParams| {
+        block_on(generate(
+            &t,
+            Some(&d),
+            &pool,
+            prompt,
+            params,
+            &mut |_: &[u32]| Flow::Continue,
+        ))
+    };
+    assert!(go(&[], &DecodeParams::default()).is_err());
+    assert!(go(&[VOCAB as u32 + 5], &DecodeParams::default()).is_err());
+    let zero = DecodeParams {
+        max_new_tokens: 0,
+        ..DecodeParams::default()
+    };
+    assert!(go(&[1], &zero).is_err());
+    let hot_lookahead = DecodeParams {
+        strategy: Strategy::Lookahead,
+        sampling: SamplingParams {
+            temperature: 1.0,
+            ..SamplingParams::greedy()
+        },
+        ..DecodeParams::default()
+    };
+    assert!(go(&[1], &hot_lookahead).is_err());
+    let bad_level = DecodeParams {
+        lookahead: LookaheadParams {
+            level: 2,
+            window: 4,
+            guess: 4,
+        },
+        ..DecodeParams::default()
+    };
+    assert!(go(&[1], &bad_level).is_err());
+}
