@@ -1,1 +1,233 @@
-fn main() {}
+//! `ouro`: the command-line entry to Ouroboros serving. `generate` runs one request in
+//! this process; `bench` compares the strategies on a prompt set in one run.
+
+mod bench;
+mod embedded;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use embedded::{DEFAULT_DRAFT, DEFAULT_TARGET, DEFAULT_TOKENIZER, ModelPaths, models_dir};
+use spec::{DecodeParams, Flow, LookaheadParams, SamplingParams, Strategy};
+use std::io::Write;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "ouro",
+    version,
+    about = "Ouroboros speculative decoding, in process or distributed"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a continuation of one prompt with the models in this process.
+    Generate(GenerateArgs),
+    /// Run every strategy over a prompt set, interleaved, and report speed and agreement.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// Target model (GGUF file or Hugging Face folder); default: the fetched 1.5B target.
+    #[arg(long, env = "OURO_TARGET")]
+    target: Option<PathBuf>,
+    /// Draft model; default: the fetched 0.5B draft. "none" runs target-only.
+    #[arg(long, env = "OURO_DRAFT")]
+    draft: Option<String>,
+    /// tokenizer.json; default: the fetched Qwen tokenizer, else built from the GGUF.
+    #[arg(long, env = "OURO_TOKENIZER")]
+    tokenizer: Option<PathBuf>,
+    /// Tensor-parallel ranks for the target (threads).
+    #[arg(long, default_value_t = 1)]
+    tp: usize,
+}
+
+impl ModelArgs {
+    fn paths(&self) -> ModelPaths {
+        let dir = models_dir();
+        ModelPaths {
+            target: self
+                .target
+                .clone()
+                .unwrap_or_else(|| dir.join(DEFAULT_TARGET)),
+            draft: match self.draft.as_deref() {
+                Some("none") => None,
+                Some(p) => Some(PathBuf::from(p)),
+                None => Some(dir.join(DEFAULT_DRAFT)),
+            },
+            tokenizer: Some(
+                self.tokenizer
+                    .clone()
+                    .unwrap_or_else(|| dir.join(DEFAULT_TOKENIZER)),
+            ),
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+pub enum StrategyArg {
+    Greedy,
+    Speculative,
+    Lookahead,
+    Ouroboros,
+}
+
+impl From<StrategyArg> for Strategy {
+    fn from(s: StrategyArg) -> Self {
+        match s {
+            StrategyArg::Greedy => Strategy::Greedy,
+            StrategyArg::Speculative => Strategy::Speculative,
+            StrategyArg::Lookahead => Strategy::Lookahead,
+            StrategyArg::Ouroboros => Strategy::Ouroboros,
+        }
+    }
+}
+
+#[derive(Args, Clone)]
+pub struct DecodeArgs {
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: usize,
+    /// Least draft tokens per round.
+    #[arg(long, default_value_t = 8)]
+    gamma: usize,
+    /// Lookahead n-gram size N (phrases of N-1 tokens).
+    #[arg(long, default_value_t = 5)]
+    level: usize,
+    /// Lookahead window width W.
+    #[arg(long, default_value_t = 8)]
+    window: usize,
+    /// Pool phrases verified per lookahead step (G).
+    #[arg(long, default_value_t = 8)]
+    guess: usize,
+    /// Pool phrases appended as candidate suffixes (Ouroboros).
+    #[arg(long, default_value_t = 3)]
+    topk: usize,
+    /// 0 decodes greedily.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+impl DecodeArgs {
+    pub fn params(&self, strategy: Strategy, eos: &[u32]) -> DecodeParams {
+        DecodeParams {
+            strategy,
+            max_new_tokens: self.max_new_tokens,
+            eos: eos.to_vec(),
+            sampling: SamplingParams {
+                temperature: self.temperature,
+                top_p: self.top_p,
+                top_k: self.top_k,
+                seed: self.seed,
+            },
+            gamma: self.gamma,
+            lookahead: LookaheadParams {
+                level: self.level,
+                window: self.window,
+                guess: self.guess,
+            },
+            topk: self.topk,
+            harvest_committed: true,
+        }
+    }
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// The prompt text.
+    prompt: String,
+    #[arg(long, value_enum, default_value_t = StrategyArg::Ouroboros)]
+    strategy: StrategyArg,
+    /// Wrap the prompt in the chat template (ChatML) as a user message.
+    #[arg(long)]
+    chat: bool,
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    decode: DecodeArgs,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Generate(a) => generate(a),
+        Command::Bench(a) => bench::run(a),
+    }
+}
+
+fn generate(a: GenerateArgs) -> Result<()> {
+    let paths = a.model.paths();
+    let phrase_len = a.decode.level.saturating_sub(1).max(1);
+    if a.model.tp > 1 {
+        let e = embedded::load_tp(&paths, a.model.tp, phrase_len)?;
+        generate_with(&e, &a)
+    } else {
+        let e = embedded::load_single(&paths, phrase_len)?;
+        generate_with(&e, &a)
+    }
+}
+
+fn generate_with<T: engine::LanguageModel>(
+    e: &embedded::Embedded<T>,
+    a: &GenerateArgs,
+) -> Result<()> {
+    let text = if a.chat {
+        embedded::chat_prompt(&a.prompt)
+    } else {
+        a.prompt.clone()
+    };
+    let prompt = e.encode(&text)?;
+    let params = a.decode.params(a.strategy.into(), &e.eos);
+    let mut all = Vec::new();
+    let mut shown = 0;
+    let mut out = std::io::stdout();
+    let g = e.run(&prompt, &params, &mut |toks: &[u32]| {
+        all.extend_from_slice(toks);
+        if let Ok(s) = e.decode(&all)
+            && s.len() > shown
+            && s.is_char_boundary(shown)
+        {
+            let _ = out.write_all(&s.as_bytes()[shown..]);
+            let _ = out.flush();
+            shown = s.len();
+        }
+        Flow::Continue
+    })?;
+    println!();
+    let s = &g.stats;
+    eprintln!(
+        "{} tokens in {:.2} s ({:.2} tok/s), finish: {}; target forwards {}, mean accepted \
+         length {:.2}, draft forwards {}, acceptance {:.0}%, candidate tokens {}; draft {:.2} s, \
+         verify {:.2} s{}",
+        g.tokens.len(),
+        s.total_s,
+        g.tokens.len() as f64 / s.total_s.max(1e-9),
+        g.finish.name(),
+        s.target_forwards,
+        s.mean_accepted_length(),
+        s.draft_forwards,
+        100.0 * s.acceptance_rate(),
+        s.candidate_tokens,
+        s.draft_s,
+        s.verify_s,
+        s.draft_fallback
+            .as_deref()
+            .map(|w| format!(" (target-only: {w})"))
+            .unwrap_or_default(),
+    );
+    Ok(())
+}

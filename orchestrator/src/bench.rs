@@ -1,0 +1,209 @@
+//! `ouro bench`: every strategy over the same prompts in one run, interleaved prompt by
+//! prompt so machine drift cancels, with a check that greedy strategies agree token for
+//! token with plain greedy decoding.
+
+use crate::embedded::{self, Embedded};
+use crate::{DecodeArgs, ModelArgs, StrategyArg};
+use anyhow::{Context, Result};
+use clap::Args;
+use engine::LanguageModel;
+use spec::{Flow, SpecStats, Strategy};
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Prompt file: one JSON string per line. Default: a few built-in code prompts.
+    #[arg(long)]
+    prompts: Option<PathBuf>,
+    /// At most this many prompts.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Strategies to compare (greedy always runs: it is the reference).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [StrategyArg::Speculative, StrategyArg::Lookahead, StrategyArg::Ouroboros])]
+    strategies: Vec<StrategyArg>,
+    /// Also run Ouroboros with an empty pool for every prompt (cold start).
+    #[arg(long)]
+    cold: bool,
+    /// Wrap prompts in the chat template.
+    #[arg(long)]
+    chat: bool,
+    /// Write the per-strategy figures as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    decode: DecodeArgs,
+}
+
+const BUILTIN_PROMPTS: &[&str] = &[
+    "def is_palindrome(s: str) -> bool:\n    \"\"\"Return True if s reads the same forwards and backwards, ignoring case and spaces.\"\"\"\n",
+    "def merge_sorted(a: list, b: list) -> list:\n    \"\"\"Merge two sorted lists into one sorted list.\"\"\"\n",
+    "class Stack:\n    \"\"\"A last-in first-out stack with push, pop, peek and len.\"\"\"\n",
+    "def word_counts(text: str) -> dict:\n    \"\"\"Count how often each lower-cased word occurs in text.\"\"\"\n",
+];
+
+#[derive(Default, serde::Serialize)]
+struct Row {
+    name: String,
+    tokens: u64,
+    seconds: f64,
+    target_forwards: u64,
+    draft_forwards: u64,
+    drafted: u64,
+    accepted: u64,
+    candidate_tokens: u64,
+    pool_lookups: u64,
+    pool_hits: u64,
+    draft_s: f64,
+    verify_s: f64,
+    mismatched_prompts: u64,
+}
+
+impl Row {
+    fn add(&mut self, s: &SpecStats, n: usize) {
+        self.tokens += n as u64;
+        self.seconds += s.total_s;
+        self.target_forwards += s.target_forwards;
+        self.draft_forwards += s.draft_forwards;
+        self.drafted += s.drafted;
+        self.accepted += s.accepted;
+        self.candidate_tokens += s.candidate_tokens;
+        self.pool_lookups += s.pool_lookups;
+        self.pool_hits += s.pool_hits;
+        self.draft_s += s.draft_s;
+        self.verify_s += s.verify_s;
+    }
+
+    fn tok_s(&self) -> f64 {
+        self.tokens as f64 / self.seconds.max(1e-9)
+    }
+}
+
+fn load_prompts(a: &BenchArgs) -> Result<Vec<String>> {
+    let mut prompts: Vec<String> = match &a.prompts {
+        None => BUILTIN_PROMPTS.iter().map(|s| s.to_string()).collect(),
+        Some(p) => std::fs::read_to_string(p)
+            .with_context(|| format!("reading {}", p.display()))?
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .enumerate()
+            .map(|(i, l)| {
+                serde_json::from_str::<String>(l)
+                    .with_context(|| format!("{} line {}: not a JSON string", p.display(), i + 1))
+            })
+            .collect::<Result<_>>()?,
+    };
+    if let Some(n) = a.limit {
+        prompts.truncate(n);
+    }
+    Ok(prompts)
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    let paths = a.model.paths();
+    let phrase_len = a.decode.level.saturating_sub(1).max(1);
+    if a.model.tp > 1 {
+        run_with(&embedded::load_tp(&paths, a.model.tp, phrase_len)?, &a)
+    } else {
+        run_with(&embedded::load_single(&paths, phrase_len)?, &a)
+    }
+}
+
+fn run_with<T: LanguageModel>(e: &Embedded<T>, a: &BenchArgs) -> Result<()> {
+    let prompts = load_prompts(a)?;
+    let mut plan: Vec<(String, Strategy, bool)> = vec![("greedy".into(), Strategy::Greedy, false)];
+    for s in &a.strategies {
+        let s: Strategy = (*s).into();
+        if s != Strategy::Greedy {
+            plan.push((s.name().into(), s, false));
+        }
+    }
+    if a.cold {
+        plan.push(("ouroboros (cold)".into(), Strategy::Ouroboros, true));
+    }
+    let mut rows: Vec<Row> = plan
+        .iter()
+        .map(|(n, _, _)| Row {
+            name: n.clone(),
+            ..Row::default()
+        })
+        .collect();
+    let started = Instant::now();
+    for (i, text) in prompts.iter().enumerate() {
+        let text = if a.chat {
+            embedded::chat_prompt(text)
+        } else {
+            text.clone()
+        };
+        let prompt = e.encode(&text)?;
+        let mut reference: Option<Vec<u32>> = None;
+        for ((_, strategy, cold), row) in plan.iter().zip(rows.iter_mut()) {
+            if *cold {
+                e.pool.clear();
+            }
+            let params = a.decode.params(*strategy, &e.eos);
+            let g = e.run(&prompt, &params, &mut |_: &[u32]| Flow::Continue)?;
+            row.add(&g.stats, g.tokens.len());
+            match &reference {
+                None => reference = Some(g.tokens.clone()),
+                Some(r) if params.sampling.is_greedy() && *r != g.tokens => {
+                    let at = r
+                        .iter()
+                        .zip(&g.tokens)
+                        .position(|(x, y)| x != y)
+                        .unwrap_or(r.len().min(g.tokens.len()));
+                    eprintln!(
+                        "prompt {i}: {} differs from greedy at generated token {at}",
+                        row.name
+                    );
+                    row.mismatched_prompts += 1;
+                }
+                _ => {}
+            }
+            eprintln!(
+                "prompt {}/{} {:<18} {:>4} tokens {:>7.2} tok/s  accepted length {:.2}",
+                i + 1,
+                prompts.len(),
+                row.name,
+                g.tokens.len(),
+                g.tokens.len() as f64 / g.stats.total_s.max(1e-9),
+                g.stats.mean_accepted_length()
+            );
+        }
+    }
+    let base = rows[0].tok_s();
+    println!(
+        "| strategy | tokens | tok/s | speedup vs greedy | tokens per target forward | draft forwards per round | draft acceptance | candidate tokens | pool hit rate | draft s | verify s | mismatched prompts |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for r in &rows {
+        let per = |x: u64, y: u64| if y == 0 { 0.0 } else { x as f64 / y as f64 };
+        println!(
+            "| {} | {} | {:.2} | {:.2}x | {:.2} | {:.2} | {:.0}% | {} | {:.0}% | {:.1} | {:.1} | {} |",
+            r.name,
+            r.tokens,
+            r.tok_s(),
+            r.tok_s() / base,
+            per(r.tokens, r.target_forwards),
+            per(r.draft_forwards, r.target_forwards),
+            100.0 * per(r.accepted, r.drafted),
+            r.candidate_tokens,
+            100.0 * per(r.pool_hits, r.pool_lookups),
+            r.draft_s,
+            r.verify_s,
+            r.mismatched_prompts
+        );
+    }
+    eprintln!(
+        "{} prompts in {:.0} s",
+        prompts.len(),
+        started.elapsed().as_secs_f64()
+    );
+    if let Some(p) = &a.json {
+        std::fs::write(p, serde_json::to_string_pretty(&rows)?)
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}

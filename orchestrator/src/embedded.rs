@@ -1,0 +1,204 @@
+//! The all-in-one mode: target, draft and tokenizer in this process, behind the same
+//! backend traits the distributed mode uses.
+
+use anyhow::{Context, Result, bail};
+use candle_core::Device;
+use engine::tp::TpModel;
+use engine::{LanguageModel, LoadOptions, Transformer};
+use spec::{
+    DecodeParams, Flow, Generation, LocalDraft, LocalTarget, PhrasePool, PoolConfig, Strategy,
+    generate,
+};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokenizers::Tokenizer;
+
+/// Default model files, as `scripts/fetch-models.sh` names them.
+pub const DEFAULT_TARGET: &str = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf";
+pub const DEFAULT_DRAFT: &str = "qwen2.5-coder-0.5b-instruct.gguf";
+pub const DEFAULT_TOKENIZER: &str = "qwen-tokenizer.json";
+
+pub fn models_dir() -> PathBuf {
+    engine::testing::models_dir()
+}
+
+/// Loaded models and the pools they share across requests.
+pub struct Embedded<T: LanguageModel> {
+    pub target: Arc<LocalTarget<T>>,
+    /// Lookahead decoding hosted on the target model (the target-only baseline).
+    pub target_lookahead: Arc<LocalDraft<T>>,
+    pub draft: Option<Arc<LocalDraft<Transformer>>>,
+    pub tokenizer: Tokenizer,
+    pub eos: Vec<u32>,
+    /// Shared by every Ouroboros request (warm start).
+    pub pool: Arc<PhrasePool>,
+    /// The lookahead baseline's own pool, so the baselines do not warm each other.
+    pub lookahead_pool: Arc<PhrasePool>,
+}
+
+pub struct ModelPaths {
+    pub target: PathBuf,
+    pub draft: Option<PathBuf>,
+    pub tokenizer: Option<PathBuf>,
+}
+
+pub fn pool_for(phrase_len: usize) -> Arc<PhrasePool> {
+    Arc::new(PhrasePool::new(PoolConfig {
+        phrase_len,
+        ..PoolConfig::default()
+    }))
+}
+
+fn check_file(p: &Path, what: &str) -> Result<()> {
+    if !p.exists() {
+        bail!(
+            "{what} {} does not exist (scripts/fetch-models.sh fetches the default pair)",
+            p.display()
+        );
+    }
+    Ok(())
+}
+
+/// Stop ids: the file's own plus the chat end markers the tokenizer knows.
+fn stop_ids(target: &Path, tok: &Tokenizer) -> Result<Vec<u32>> {
+    let mut eos = Vec::new();
+    if target.is_file() {
+        let f = engine::gguf::GgufFile::open(target, &Device::Cpu)?;
+        eos = f.eos_ids();
+    }
+    for marker in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>"] {
+        if let Some(id) = tok.token_to_id(marker)
+            && !eos.contains(&id)
+        {
+            eos.push(id);
+        }
+    }
+    Ok(eos)
+}
+
+fn load_tokenizer(paths: &ModelPaths) -> Result<Tokenizer> {
+    match &paths.tokenizer {
+        Some(t) if t.exists() => Ok(engine::tokenizer::from_file(t)?),
+        _ if paths.target.is_dir() => Ok(engine::tokenizer::from_file(
+            paths.target.join("tokenizer.json"),
+        )?),
+        _ => {
+            let f = engine::gguf::GgufFile::open(&paths.target, &Device::Cpu)?;
+            Ok(engine::tokenizer::from_gguf(&f)?)
+        }
+    }
+}
+
+pub fn load_draft(
+    paths: &ModelPaths,
+    pool: &Arc<PhrasePool>,
+) -> Result<Option<Arc<LocalDraft<Transformer>>>> {
+    let Some(d) = &paths.draft else {
+        return Ok(None);
+    };
+    check_file(d, "draft model")?;
+    let m = engine::load_model(d, &LoadOptions::default(), &Device::Cpu)
+        .with_context(|| format!("loading draft {}", d.display()))?;
+    Ok(Some(Arc::new(LocalDraft::new(Arc::new(m), pool.clone()))))
+}
+
+pub fn load_single(paths: &ModelPaths, phrase_len: usize) -> Result<Embedded<Transformer>> {
+    check_file(&paths.target, "target model")?;
+    let m = engine::load_model(&paths.target, &LoadOptions::default(), &Device::Cpu)
+        .with_context(|| format!("loading target {}", paths.target.display()))?;
+    assemble(Arc::new(m), paths, phrase_len)
+}
+
+pub fn load_tp(paths: &ModelPaths, world: usize, phrase_len: usize) -> Result<Embedded<TpModel>> {
+    check_file(&paths.target, "target model")?;
+    let m = TpModel::load(&paths.target, world, &LoadOptions::default(), &Device::Cpu)
+        .with_context(|| {
+            format!(
+                "loading target {} over {world} ranks",
+                paths.target.display()
+            )
+        })?;
+    assemble(Arc::new(m), paths, phrase_len)
+}
+
+fn assemble<T: LanguageModel>(
+    target: Arc<T>,
+    paths: &ModelPaths,
+    phrase_len: usize,
+) -> Result<Embedded<T>> {
+    let tokenizer = load_tokenizer(paths)?;
+    let eos = stop_ids(&paths.target, &tokenizer)?;
+    let pool = pool_for(phrase_len);
+    let lookahead_pool = pool_for(phrase_len);
+    let draft = load_draft(paths, &pool)?;
+    if let Some(d) = &draft {
+        use spec::DraftBackend;
+        let (dv, tv) = (d.info().vocab_size, target.info().vocab_size);
+        // Qwen pairs pad their embedding tables differently; ids below both are shared.
+        if dv.min(tv) < tokenizer.get_vocab_size(true) {
+            bail!(
+                "draft vocabulary ({dv}) and target vocabulary ({tv}) do not cover the tokenizer"
+            );
+        }
+    }
+    Ok(Embedded {
+        target: Arc::new(LocalTarget::new(target.clone())),
+        target_lookahead: Arc::new(LocalDraft::new(target, lookahead_pool.clone())),
+        draft,
+        tokenizer,
+        eos,
+        pool,
+        lookahead_pool,
+    })
+}
+
+impl<T: LanguageModel> Embedded<T> {
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(engine::tokenizer::encode(&self.tokenizer, text)?)
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        Ok(engine::tokenizer::decode(&self.tokenizer, ids, true)?)
+    }
+
+    /// Runs one request with the strategy in `params`.
+    pub fn run(
+        &self,
+        prompt: &[u32],
+        params: &DecodeParams,
+        on_tokens: &mut (dyn FnMut(&[u32]) -> Flow + Send),
+    ) -> Result<Generation> {
+        let fut = async {
+            match params.strategy {
+                Strategy::Lookahead => {
+                    generate(
+                        &*self.target,
+                        Some(&*self.target_lookahead),
+                        &self.lookahead_pool,
+                        prompt,
+                        params,
+                        on_tokens,
+                    )
+                    .await
+                }
+                _ => {
+                    generate(
+                        &*self.target,
+                        self.draft.as_deref(),
+                        &self.pool,
+                        prompt,
+                        params,
+                        on_tokens,
+                    )
+                    .await
+                }
+            }
+        };
+        Ok(futures::executor::block_on(fut)?)
+    }
+}
+
+/// ChatML, the template of the Qwen and SmolLM2 instruct models.
+pub fn chat_prompt(user: &str) -> String {
+    format!("<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n")
+}
