@@ -17,10 +17,17 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Milliseconds per decode step over `steps` greedy tokens after a 32-token prompt.
-fn decode_ms<M: LanguageModel>(m: &M, steps: usize) -> f64 {
-    let prompt: Vec<u32> = (0..32).map(|i| 1000 + i * 13).collect();
-    let pos: Vec<u32> = (0..32).collect();
+const PROMPT_LEN: u32 = 32;
+
+fn prompt() -> Vec<u32> {
+    (0..PROMPT_LEN).map(|i| 1000 + i * 13).collect()
+}
+
+/// A greedy decoder on the engine after a 32-token prompt: each call runs one step and
+/// returns its milliseconds.
+fn engine_stepper<M: LanguageModel>(m: &M) -> impl FnMut() -> f64 + '_ {
+    let prompt = prompt();
+    let pos: Vec<u32> = (0..PROMPT_LEN).collect();
     let mut cache = m.new_cache();
     let mut t = m
         .forward(
@@ -29,27 +36,25 @@ fn decode_ms<M: LanguageModel>(m: &M, steps: usize) -> f64 {
         )
         .expect("prefill")
         .argmax[0];
-    let mut times = Vec::new();
-    for i in 0..steps {
+    let mut at = PROMPT_LEN;
+    move || {
         let start = Instant::now();
         t = m
-            .forward(
-                &mut cache,
-                SeqInput::chain(&[t], &[32 + i as u32], OutputSpec::all()),
-            )
+            .forward(&mut cache, SeqInput::chain(&[t], &[at], OutputSpec::all()))
             .expect("decode")
             .argmax[0];
-        times.push(start.elapsed().as_secs_f64() * 1e3);
+        at += 1;
+        start.elapsed().as_secs_f64() * 1e3
     }
-    median(times)
 }
 
-fn candle_decode_ms(path: &std::path::Path, steps: usize) -> f64 {
+/// The same with candle-transformers' quantized_qwen2 on the same file.
+fn candle_stepper(path: &std::path::Path) -> impl FnMut() -> f64 {
     let dev = Device::Cpu;
     let mut f = std::fs::File::open(path).expect("open");
     let ct = Content::read(&mut f).expect("gguf");
     let mut m = quantized_qwen2::ModelWeights::from_gguf(ct, &mut f, &dev).expect("load");
-    let mut step = |ids: &[u32], pos: usize| -> u32 {
+    let mut step = move |ids: &[u32], pos: usize| -> u32 {
         let x = Tensor::new(ids, &dev).unwrap().unsqueeze(0).unwrap();
         let logits = m.forward(&x, pos).unwrap();
         logits
@@ -60,19 +65,31 @@ fn candle_decode_ms(path: &std::path::Path, steps: usize) -> f64 {
             .to_scalar::<u32>()
             .unwrap()
     };
-    let prompt: Vec<u32> = (0..32).map(|i| 1000 + i * 13).collect();
-    let mut t = step(&prompt, 0);
-    let mut times = Vec::new();
-    for i in 0..steps {
+    let mut t = step(&prompt(), 0);
+    let mut at = PROMPT_LEN as usize;
+    move || {
         let start = Instant::now();
-        t = step(&[t], 32 + i);
-        times.push(start.elapsed().as_secs_f64() * 1e3);
+        t = step(&[t], at);
+        at += 1;
+        start.elapsed().as_secs_f64() * 1e3
     }
-    median(times)
 }
 
-/// Median ms of a k-token chain forward at offset 64 (the verify step), cache rolled back.
-fn verify_ms<M: LanguageModel>(m: &M, k: usize, reps: usize) -> f64 {
+/// Median ms per step of several decoders run step by step in turn, so that machine
+/// drift (this is a shared 2-core VM) hits all of them alike.
+fn interleaved_ms(steppers: &mut [&mut dyn FnMut() -> f64], steps: usize) -> Vec<f64> {
+    let mut times = vec![Vec::with_capacity(steps); steppers.len()];
+    for _ in 0..steps {
+        for (s, t) in steppers.iter_mut().zip(times.iter_mut()) {
+            t.push(s());
+        }
+    }
+    times.into_iter().map(median).collect()
+}
+
+/// Median ms of k-token chain forwards at offset 64 (the verify step, cache rolled back
+/// after each), for every k, interleaved rep by rep so drift hits every k alike.
+fn verify_ms<M: LanguageModel>(m: &M, ks: &[usize], reps: usize) -> Vec<f64> {
     let prompt: Vec<u32> = (0..64).map(|i| 2000 + i * 7).collect();
     let pos: Vec<u32> = (0..64).collect();
     let mut cache = m.new_cache();
@@ -81,26 +98,28 @@ fn verify_ms<M: LanguageModel>(m: &M, k: usize, reps: usize) -> f64 {
         SeqInput::chain(&prompt, &pos, OutputSpec::last(64)),
     )
     .expect("prefill");
-    let tokens: Vec<u32> = (0..k as u32).map(|i| 3000 + i).collect();
-    let kpos: Vec<u32> = (64..64 + k as u32).collect();
     let vis = Visibility::Causal;
-    let mut times = Vec::new();
+    let mut times = vec![Vec::new(); ks.len()];
     for _ in 0..reps {
-        let start = Instant::now();
-        m.forward(
-            &mut cache,
-            SeqInput {
-                tokens: &tokens,
-                positions: &kpos,
-                visibility: &vis,
-                outputs: OutputSpec::all(),
-            },
-        )
-        .expect("verify");
-        times.push(start.elapsed().as_secs_f64() * 1e3);
-        cache.truncate(64).expect("truncate");
+        for (&k, t) in ks.iter().zip(times.iter_mut()) {
+            let tokens: Vec<u32> = (0..k as u32).map(|i| 3000 + i).collect();
+            let kpos: Vec<u32> = (64..64 + k as u32).collect();
+            let start = Instant::now();
+            m.forward(
+                &mut cache,
+                SeqInput {
+                    tokens: &tokens,
+                    positions: &kpos,
+                    visibility: &vis,
+                    outputs: OutputSpec::all(),
+                },
+            )
+            .expect("verify");
+            t.push(start.elapsed().as_secs_f64() * 1e3);
+            cache.truncate(64).expect("truncate");
+        }
     }
-    median(times)
+    times.into_iter().map(median).collect()
 }
 
 fn main() {
@@ -129,9 +148,15 @@ fn main() {
     let opts = LoadOptions::default();
     let m = engine::load_model(&path, &opts, &dev).expect("load");
 
-    println!("\n## one-token decode ({steps} steps after a 32-token prompt, median)");
-    let ours = decode_ms(&m, steps);
-    let theirs = candle_decode_ms(&path, steps);
+    println!(
+        "\n## one-token decode ({steps} steps after a 32-token prompt, interleaved step by step, median)"
+    );
+    let (ours, theirs) = {
+        let mut a = engine_stepper(&m);
+        let mut b = candle_stepper(&path);
+        let r = interleaved_ms(&mut [&mut a, &mut b], steps);
+        (r[0], r[1])
+    };
     println!(
         "engine:               {ours:7.1} ms/token  {:6.1} tok/s",
         1e3 / ours
@@ -141,22 +166,31 @@ fn main() {
         1e3 / theirs
     );
     println!("ratio (engine speed / candle speed): {:.2}", theirs / ours);
-
-    println!("\n## k-token verify forward at offset 64, relative to k=1 (median of 7)");
-    let base = verify_ms(&m, 1, 7);
-    for k in [1, 2, 4, 8, 16] {
-        let t = if k == 1 { base } else { verify_ms(&m, k, 7) };
-        println!("k={k:2}: {t:7.1} ms  {:.2}x", t / base);
+    if std::env::var_os("OURO_BENCH_DECODE_ONLY").is_some() {
+        return;
     }
 
-    println!("\n## tensor parallelism, one-token decode");
-    drop(m);
+    println!(
+        "\n## k-token verify forward at offset 64, relative to k=1 (median of 9, interleaved)"
+    );
+    let ks = [1, 2, 4, 8, 16];
+    let t = verify_ms(&m, &ks, 9);
+    for (k, ms) in ks.iter().zip(&t) {
+        println!("k={k:2}: {ms:7.1} ms  {:.2}x", ms / t[0]);
+    }
+
+    println!("\n## tensor parallelism, one-token decode (interleaved)");
     let tp2 = TpModel::load(&path, 2, &opts, &dev).expect("load tp=2");
-    let t2 = decode_ms(&tp2, steps);
-    println!("TP=1: {ours:7.1} ms/token  {:6.1} tok/s", 1e3 / ours);
+    let (t1, t2) = {
+        let mut a = engine_stepper(&m);
+        let mut b = engine_stepper(&tp2);
+        let r = interleaved_ms(&mut [&mut a, &mut b], steps);
+        (r[0], r[1])
+    };
+    println!("TP=1: {t1:7.1} ms/token  {:6.1} tok/s", 1e3 / t1);
     println!(
         "TP=2: {t2:7.1} ms/token  {:6.1} tok/s  ({:.2}x)",
         1e3 / t2,
-        ours / t2
+        t1 / t2
     );
 }

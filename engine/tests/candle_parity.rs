@@ -59,8 +59,26 @@ fn candle_greedy(path: &Path, prompt: &[u32], steps: usize) -> (Vec<u32>, Vec<Ve
     (out, rows)
 }
 
+/// Greedy continuation with the engine: the prompt in one multi-row forward, then one
+/// token a step.
 fn engine_greedy(path: &Path, prompt: &[u32], steps: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
     let m = engine::load_model(path, &LoadOptions::default(), &Device::Cpu).unwrap();
+    let mut chosen = Vec::new();
+    let rows = engine_decode(&m, prompt, steps, |row, _| {
+        chosen.push(argmax(row));
+        *chosen.last().unwrap()
+    });
+    (chosen, rows)
+}
+
+/// Runs the engine along a path: prefill `prompt`, then `steps - 1` single-token steps
+/// feeding `next(logits, step)`. Returns the logits row of every step.
+fn engine_decode(
+    m: &engine::Transformer,
+    prompt: &[u32],
+    steps: usize,
+    mut next: impl FnMut(&[f32], usize) -> u32,
+) -> Vec<Vec<f32>> {
     let mut cache = m.new_cache();
     let pos: Vec<u32> = (0..prompt.len() as u32).collect();
     let first = m
@@ -69,20 +87,22 @@ fn engine_greedy(path: &Path, prompt: &[u32], steps: usize) -> (Vec<u32>, Vec<Ve
             SeqInput::chain(prompt, &pos, OutputSpec::last(prompt.len()).with_logits()),
         )
         .unwrap();
-    let mut out = vec![first.argmax[0]];
     let mut rows = first.logits.unwrap();
     for i in 1..steps {
+        let t = next(&rows[i - 1], i - 1);
         let at = [(prompt.len() + i - 1) as u32];
         let o = m
             .forward(
                 &mut cache,
-                SeqInput::chain(&[out[i - 1]], &at, OutputSpec::all().with_logits()),
+                SeqInput::chain(&[t], &at, OutputSpec::all().with_logits()),
             )
             .unwrap();
-        out.push(o.argmax[0]);
         rows.extend(o.logits.unwrap());
     }
-    (out, rows)
+    if steps > 0 {
+        next(&rows[steps - 1], steps - 1);
+    }
+    rows
 }
 
 /// Both runtimes must pick the same tokens. Where they part, it must be a floating-point
@@ -153,26 +173,7 @@ fn tiny_random_gguf_models_decode_like_candle_transformers() {
 /// the services prefill), then the forced tokens one at a time.
 fn engine_forced(path: &Path, prompt: &[u32], forced: &[u32]) -> Vec<Vec<f32>> {
     let m = engine::load_model(path, &LoadOptions::default(), &Device::Cpu).unwrap();
-    let mut cache = m.new_cache();
-    let pos: Vec<u32> = (0..prompt.len() as u32).collect();
-    let first = m
-        .forward(
-            &mut cache,
-            SeqInput::chain(prompt, &pos, OutputSpec::last(prompt.len()).with_logits()),
-        )
-        .unwrap();
-    let mut rows = first.logits.unwrap();
-    for (i, &t) in forced[..forced.len() - 1].iter().enumerate() {
-        let at = [(prompt.len() + i) as u32];
-        let o = m
-            .forward(
-                &mut cache,
-                SeqInput::chain(&[t], &at, OutputSpec::all().with_logits()),
-            )
-            .unwrap();
-        rows.extend(o.logits.unwrap());
-    }
-    rows
+    engine_decode(&m, prompt, forced.len(), |_, i| forced[i])
 }
 
 /// Teacher-forced comparison on real quantized weights: both runtimes read the same token

@@ -335,15 +335,7 @@ async fn run_rounds<T: TargetBackend, D: DraftBackend>(
 
         let mut new = v.accepted;
         new.push(v.bonus);
-        let mut finish = None;
-        if let Some(i) = new.iter().position(|t| params.eos.contains(t)) {
-            new.truncate(i + 1);
-            finish = Some(FinishReason::Eos);
-        }
-        if new.len() >= remaining {
-            new.truncate(remaining);
-            finish = finish.or(Some(FinishReason::Length));
-        }
+        let finish = cut_at_end(&mut new, &params.eos, remaining);
         let before = text.len();
         text.extend_from_slice(&new);
         out.extend_from_slice(&new);
@@ -364,6 +356,20 @@ async fn run_rounds<T: TargetBackend, D: DraftBackend>(
             return Ok((out, f));
         }
     }
+}
+
+/// Cuts newly committed tokens after the first stop id, and at the token budget.
+fn cut_at_end(new: &mut Vec<u32>, eos: &[u32], remaining: usize) -> Option<FinishReason> {
+    let mut finish = None;
+    if let Some(i) = new.iter().position(|t| eos.contains(t)) {
+        new.truncate(i + 1);
+        finish = Some(FinishReason::Eos);
+    }
+    if new.len() >= remaining {
+        new.truncate(remaining);
+        finish = finish.or(Some(FinishReason::Length));
+    }
+    finish
 }
 
 /// Published-package "inspiration": after a rejection, the target's outputs over the
@@ -437,15 +443,7 @@ async fn lookahead_only<D: DraftBackend>(
         if new.is_empty() {
             break Ok(FinishReason::ContextFull);
         }
-        let mut finish = None;
-        if let Some(i) = new.iter().position(|t| params.eos.contains(t)) {
-            new.truncate(i + 1);
-            finish = Some(FinishReason::Eos);
-        }
-        if new.len() >= remaining {
-            new.truncate(remaining);
-            finish = finish.or(Some(FinishReason::Length));
-        }
+        let finish = cut_at_end(&mut new, &params.eos, remaining);
         out.extend_from_slice(&new);
         new_committed.extend_from_slice(&new);
         if on_tokens(&new) == Flow::Stop {

@@ -334,6 +334,21 @@ impl<S> Sessions<S> {
     }
 }
 
+/// Runs an in-process call; all of its time is forward time (no queue, no network).
+fn timed<R>(f: impl FnOnce() -> Result<R>) -> Result<(R, ServerTiming)> {
+    let start = Instant::now();
+    let out = f()?;
+    let t = start.elapsed().as_secs_f64();
+    Ok((
+        out,
+        ServerTiming {
+            queue: 0.0,
+            forward: t,
+            total: t,
+        },
+    ))
+}
+
 /// A target model in this process.
 pub struct LocalTarget<M: LanguageModel> {
     model: Arc<M>,
@@ -370,19 +385,10 @@ impl<M: LanguageModel> TargetBackend for LocalTarget<M> {
         sampling: &SamplingParams,
     ) -> Result<(VerifyOutcome, ServerTiming)> {
         sampling.validate()?;
-        let start = Instant::now();
-        let out = self
-            .sessions
-            .with(session, |s| s.verify(&*self.model, tree, sampling))?;
-        let t = start.elapsed().as_secs_f64();
-        Ok((
-            out,
-            ServerTiming {
-                queue: 0.0,
-                forward: t,
-                total: t,
-            },
-        ))
+        timed(|| {
+            self.sessions
+                .with(session, |s| s.verify(&*self.model, tree, sampling))
+        })
     }
 
     async fn close(&self, session: SessionId) -> Result<()> {
@@ -426,19 +432,10 @@ impl<M: LanguageModel> DraftBackend for LocalDraft<M> {
         session: SessionId,
         request: DraftRequest,
     ) -> Result<(DraftOutcome, ServerTiming)> {
-        let start = Instant::now();
-        let out = self
-            .sessions
-            .with(session, |s| s.draft(&*self.model, &self.pool, &request))?;
-        let t = start.elapsed().as_secs_f64();
-        Ok((
-            out,
-            ServerTiming {
-                queue: 0.0,
-                forward: t,
-                total: t,
-            },
-        ))
+        timed(|| {
+            self.sessions
+                .with(session, |s| s.draft(&*self.model, &self.pool, &request))
+        })
     }
 
     async fn close(&self, session: SessionId) -> Result<()> {
