@@ -26,16 +26,12 @@ fn info_of<M: LanguageModel>(model: &M) -> BackendInfo {
     }
 }
 
+/// Tokens that open a session: at least one, all inside the vocabulary.
 fn check_tokens(tokens: &[u32], vocab: usize) -> Result<()> {
     if tokens.is_empty() {
         return Err(SpecError::invalid("a session needs at least one token"));
     }
-    if let Some(t) = tokens.iter().find(|&&t| t as usize >= vocab) {
-        return Err(SpecError::invalid(format!(
-            "token {t} is outside the vocabulary of {vocab}"
-        )));
-    }
-    Ok(())
+    check_vocab(tokens, vocab)
 }
 
 /// Prefills all but the last token: the invariant between rounds is that every committed
@@ -209,7 +205,7 @@ impl<C: KvState> DraftSession<C> {
                 )));
             }
         }
-        check_new_tokens(&request.new_committed, model.info().vocab_size)?;
+        check_vocab(&request.new_committed, model.info().vocab_size)?;
         pool.insert_all(&request.pool_delta);
         self.sync(&request.new_committed)?;
         if let (Some(la), None) = (request.lookahead, &self.window) {
@@ -282,7 +278,7 @@ impl<C: KvState> DraftSession<C> {
     }
 }
 
-fn check_new_tokens(tokens: &[u32], vocab: usize) -> Result<()> {
+fn check_vocab(tokens: &[u32], vocab: usize) -> Result<()> {
     match tokens.iter().find(|&&t| t as usize >= vocab) {
         Some(t) => Err(SpecError::invalid(format!(
             "token {t} is outside the vocabulary of {vocab}"
