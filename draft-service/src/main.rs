@@ -1,1 +1,69 @@
-fn main() {}
+//! `draft-service`: serves the draft model over gRPC.
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+use clap::Parser;
+use draft_service::{DraftConfig, DraftGrpc, serve};
+use engine::LoadOptions;
+use spec::PoolConfig;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "draft-service",
+    version,
+    about = "Ouroboros draft model service"
+)]
+struct Args {
+    /// Draft model: a GGUF file or a Hugging Face folder.
+    #[arg(long, env = "OURO_DRAFT_MODEL")]
+    model: PathBuf,
+    #[arg(long, env = "OURO_DRAFT_LISTEN", default_value = "0.0.0.0:50053")]
+    listen: String,
+    #[arg(long, env = "OURO_DRAFT_MAX_SESSIONS", default_value_t = 64)]
+    max_sessions: usize,
+    /// KV memory budget in MiB; new sessions are refused while it is full.
+    #[arg(long, env = "OURO_DRAFT_KV_BUDGET_MB", default_value_t = 2048)]
+    kv_budget_mb: usize,
+    /// Sessions idle this long are evicted.
+    #[arg(long, env = "OURO_DRAFT_SESSION_TTL_S", default_value_t = 300)]
+    session_ttl_s: u64,
+    /// Pool replica: most phrases kept per key and in all.
+    #[arg(long, env = "OURO_DRAFT_POOL_PER_KEY", default_value_t = PoolConfig::default().per_key)]
+    pool_per_key: usize,
+    #[arg(long, env = "OURO_DRAFT_POOL_MAX_PHRASES", default_value_t = PoolConfig::default().max_phrases)]
+    pool_max_phrases: usize,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let a = Args::parse();
+    let config = DraftConfig {
+        max_sessions: a.max_sessions,
+        kv_budget_bytes: a.kv_budget_mb << 20,
+        session_ttl: Duration::from_secs(a.session_ttl_s),
+        pool: PoolConfig {
+            per_key: a.pool_per_key,
+            max_phrases: a.pool_max_phrases,
+            ..PoolConfig::default()
+        },
+    };
+    let listener = tokio::net::TcpListener::bind(&a.listen)
+        .await
+        .with_context(|| format!("binding {}", a.listen))?;
+    tracing::info!(model = %a.model.display(), "loading draft model");
+    let m = engine::load_model(&a.model, &LoadOptions::default(), &Device::Cpu)
+        .with_context(|| format!("loading {}", a.model.display()))?;
+    tracing::info!(listen = %a.listen, "draft service ready");
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    serve(DraftGrpc::new(Arc::new(m), config), listener, shutdown).await
+}

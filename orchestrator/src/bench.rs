@@ -2,11 +2,11 @@
 //! prompt so machine drift cancels, with a check that greedy strategies agree token for
 //! token with plain greedy decoding.
 
-use crate::embedded::{self, Embedded};
 use crate::{DecodeArgs, ModelArgs, StrategyArg};
 use anyhow::{Context, Result};
 use clap::Args;
 use engine::LanguageModel;
+use orchestrator::embedded::{self, Embedded};
 use spec::{Flow, SpecStats, Strategy};
 use std::path::PathBuf;
 use std::time::Instant;

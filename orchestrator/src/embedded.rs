@@ -60,7 +60,7 @@ fn check_file(p: &Path, what: &str) -> Result<()> {
 }
 
 /// Stop ids: the file's own plus the chat end markers the tokenizer knows.
-fn stop_ids(target: &Path, tok: &Tokenizer) -> Result<Vec<u32>> {
+pub fn stop_ids(target: &Path, tok: &Tokenizer) -> Result<Vec<u32>> {
     let mut eos = Vec::new();
     if target.is_file() {
         let f = engine::gguf::GgufFile::open(target, &Device::Cpu)?;
@@ -76,7 +76,7 @@ fn stop_ids(target: &Path, tok: &Tokenizer) -> Result<Vec<u32>> {
     Ok(eos)
 }
 
-fn load_tokenizer(paths: &ModelPaths) -> Result<Tokenizer> {
+pub fn load_tokenizer(paths: &ModelPaths) -> Result<Tokenizer> {
     match &paths.tokenizer {
         Some(t) if t.exists() => Ok(engine::tokenizer::from_file(t)?),
         _ if paths.target.is_dir() => Ok(engine::tokenizer::from_file(

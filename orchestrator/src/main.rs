@@ -2,11 +2,13 @@
 //! this process; `bench` compares the strategies on a prompt set in one run.
 
 mod bench;
-mod embedded;
+mod serve_cmd;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use embedded::{DEFAULT_DRAFT, DEFAULT_TARGET, DEFAULT_TOKENIZER, ModelPaths, models_dir};
+use orchestrator::embedded::{
+    DEFAULT_DRAFT, DEFAULT_TARGET, DEFAULT_TOKENIZER, ModelPaths, models_dir,
+};
 use spec::{DecodeParams, Flow, LookaheadParams, SamplingParams, Strategy};
 use std::io::Write;
 use std::path::PathBuf;
@@ -28,6 +30,8 @@ enum Command {
     Generate(GenerateArgs),
     /// Run every strategy over a prompt set, interleaved, and report speed and agreement.
     Bench(bench::BenchArgs),
+    /// Serve the public gRPC API, with the models in this process or on remote services.
+    Serve(serve_cmd::ServeArgs),
 }
 
 #[derive(Args, Clone)]
@@ -166,6 +170,7 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Generate(a) => generate(a),
         Command::Bench(a) => bench::run(a),
+        Command::Serve(a) => serve_cmd::run(a),
     }
 }
 
@@ -173,20 +178,20 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let paths = a.model.paths();
     let phrase_len = a.decode.level.saturating_sub(1).max(1);
     if a.model.tp > 1 {
-        let e = embedded::load_tp(&paths, a.model.tp, phrase_len)?;
+        let e = orchestrator::embedded::load_tp(&paths, a.model.tp, phrase_len)?;
         generate_with(&e, &a)
     } else {
-        let e = embedded::load_single(&paths, phrase_len)?;
+        let e = orchestrator::embedded::load_single(&paths, phrase_len)?;
         generate_with(&e, &a)
     }
 }
 
 fn generate_with<T: engine::LanguageModel>(
-    e: &embedded::Embedded<T>,
+    e: &orchestrator::embedded::Embedded<T>,
     a: &GenerateArgs,
 ) -> Result<()> {
     let text = if a.chat {
-        embedded::chat_prompt(&a.prompt)
+        orchestrator::embedded::chat_prompt(&a.prompt)
     } else {
         a.prompt.clone()
     };

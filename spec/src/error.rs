@@ -10,6 +10,15 @@ pub enum SpecError {
     InvalidArgument(String),
     #[error("unknown session {0} (closed, expired or never opened)")]
     UnknownSession(u64),
+    /// The context would overflow (a remote backend's OUT_OF_RANGE).
+    #[error("context overflow: {0}")]
+    ContextOverflow(String),
+    /// A backend is full (sessions or KV memory) and turned the request away.
+    #[error("resource exhausted: {0}")]
+    Exhausted(String),
+    /// A backend could not be reached or answered in time.
+    #[error("backend unavailable: {0}")]
+    Unavailable(String),
     #[error("{0}")]
     Backend(String),
 }

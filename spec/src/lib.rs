@@ -9,6 +9,7 @@ pub mod local;
 pub mod lookahead;
 pub mod pool;
 pub mod sampling;
+pub mod sessions;
 pub mod stats;
 pub mod tree;
 
@@ -22,5 +23,6 @@ pub use local::{DraftSession, LocalDraft, LocalTarget, TargetSession};
 pub use lookahead::LookaheadParams;
 pub use pool::{Ngram, PhrasePool, PoolConfig};
 pub use sampling::SamplingParams;
+pub use sessions::{SessionLimits, SessionTable};
 pub use stats::SpecStats;
 pub use tree::DraftTree;

@@ -10,11 +10,10 @@ use crate::error::{Result, SpecError};
 use crate::lookahead::{Window, finish_step, plan_step};
 use crate::pool::PhrasePool;
 use crate::sampling::SamplingParams;
+use crate::sessions::{SessionLimits, SessionTable};
 use crate::tree::DraftTree;
 use engine::{ForwardOutput, KvState, LanguageModel, OutputSpec, SeqInput, Visibility};
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 fn info_of<M: LanguageModel>(model: &M) -> BackendInfo {
@@ -278,55 +277,12 @@ impl<C: KvState> DraftSession<C> {
     }
 }
 
-fn check_vocab(tokens: &[u32], vocab: usize) -> Result<()> {
+pub fn check_vocab(tokens: &[u32], vocab: usize) -> Result<()> {
     match tokens.iter().find(|&&t| t as usize >= vocab) {
         Some(t) => Err(SpecError::invalid(format!(
             "token {t} is outside the vocabulary of {vocab}"
         ))),
         None => Ok(()),
-    }
-}
-
-/// Sessions in a map; a session is taken out while a call works on it, so calls on
-/// different sessions do not wait for each other.
-struct Sessions<S> {
-    map: Mutex<HashMap<SessionId, S>>,
-    next: AtomicU64,
-}
-
-impl<S> Sessions<S> {
-    fn new() -> Self {
-        Self {
-            map: Mutex::new(HashMap::new()),
-            next: AtomicU64::new(1),
-        }
-    }
-
-    fn insert(&self, s: S) -> SessionId {
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        self.lock().insert(id, s);
-        id
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, S>> {
-        self.map.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn with<R>(&self, id: SessionId, f: impl FnOnce(&mut S) -> Result<R>) -> Result<R> {
-        let mut s = self
-            .lock()
-            .remove(&id)
-            .ok_or(SpecError::UnknownSession(id))?;
-        let r = f(&mut s);
-        self.lock().insert(id, s);
-        r
-    }
-
-    fn remove(&self, id: SessionId) -> Result<()> {
-        self.lock()
-            .remove(&id)
-            .map(|_| ())
-            .ok_or(SpecError::UnknownSession(id))
     }
 }
 
@@ -348,14 +304,14 @@ fn timed<R>(f: impl FnOnce() -> Result<R>) -> Result<(R, ServerTiming)> {
 /// A target model in this process.
 pub struct LocalTarget<M: LanguageModel> {
     model: Arc<M>,
-    sessions: Sessions<TargetSession<M::Cache>>,
+    sessions: SessionTable<TargetSession<M::Cache>>,
 }
 
 impl<M: LanguageModel> LocalTarget<M> {
     pub fn new(model: Arc<M>) -> Self {
         Self {
             model,
-            sessions: Sessions::new(),
+            sessions: SessionTable::new(SessionLimits::default()),
         }
     }
 
@@ -371,7 +327,8 @@ impl<M: LanguageModel> TargetBackend for LocalTarget<M> {
 
     async fn open(&self, committed: &[u32]) -> Result<SessionId> {
         let s = TargetSession::open(&*self.model, committed)?;
-        Ok(self.sessions.insert(s))
+        let bytes = s.cache.memory_bytes();
+        Ok(self.sessions.insert(s, bytes))
     }
 
     async fn verify(
@@ -382,13 +339,16 @@ impl<M: LanguageModel> TargetBackend for LocalTarget<M> {
     ) -> Result<(VerifyOutcome, ServerTiming)> {
         sampling.validate()?;
         timed(|| {
-            self.sessions
-                .with(session, |s| s.verify(&*self.model, tree, sampling))
+            self.sessions.with(
+                session,
+                |s| s.verify(&*self.model, tree, sampling),
+                |s| s.cache.memory_bytes(),
+            )
         })
     }
 
     async fn close(&self, session: SessionId) -> Result<()> {
-        self.sessions.remove(session)
+        self.sessions.close(session)
     }
 }
 
@@ -396,7 +356,7 @@ impl<M: LanguageModel> TargetBackend for LocalTarget<M> {
 pub struct LocalDraft<M: LanguageModel> {
     model: Arc<M>,
     pool: Arc<PhrasePool>,
-    sessions: Sessions<DraftSession<M::Cache>>,
+    sessions: SessionTable<DraftSession<M::Cache>>,
 }
 
 impl<M: LanguageModel> LocalDraft<M> {
@@ -404,7 +364,7 @@ impl<M: LanguageModel> LocalDraft<M> {
         Self {
             model,
             pool,
-            sessions: Sessions::new(),
+            sessions: SessionTable::new(SessionLimits::default()),
         }
     }
 }
@@ -420,7 +380,8 @@ impl<M: LanguageModel> DraftBackend for LocalDraft<M> {
 
     async fn open(&self, committed: &[u32]) -> Result<SessionId> {
         let s = DraftSession::open(&*self.model, committed)?;
-        Ok(self.sessions.insert(s))
+        let bytes = s.cache.memory_bytes();
+        Ok(self.sessions.insert(s, bytes))
     }
 
     async fn draft(
@@ -429,12 +390,15 @@ impl<M: LanguageModel> DraftBackend for LocalDraft<M> {
         request: DraftRequest,
     ) -> Result<(DraftOutcome, ServerTiming)> {
         timed(|| {
-            self.sessions
-                .with(session, |s| s.draft(&*self.model, &self.pool, &request))
+            self.sessions.with(
+                session,
+                |s| s.draft(&*self.model, &self.pool, &request),
+                |s| s.cache.memory_bytes(),
+            )
         })
     }
 
     async fn close(&self, session: SessionId) -> Result<()> {
-        self.sessions.remove(session)
+        self.sessions.close(session)
     }
 }

@@ -1,1 +1,84 @@
-fn main() {}
+//! `target-service`: serves the target model over gRPC.
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+use clap::Parser;
+use engine::LoadOptions;
+use engine::tp::TpModel;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use target_service::{TargetConfig, TargetGrpc, serve};
+
+#[derive(Parser)]
+#[command(
+    name = "target-service",
+    version,
+    about = "Ouroboros target model service"
+)]
+struct Args {
+    /// Target model: a GGUF file or a Hugging Face folder.
+    #[arg(long, env = "OURO_TARGET_MODEL")]
+    model: PathBuf,
+    /// Tensor-parallel ranks (threads on this host).
+    #[arg(long, env = "OURO_TARGET_TP", default_value_t = 1)]
+    tp: usize,
+    #[arg(long, env = "OURO_TARGET_LISTEN", default_value = "0.0.0.0:50052")]
+    listen: String,
+    #[arg(long, env = "OURO_TARGET_MAX_SESSIONS", default_value_t = 64)]
+    max_sessions: usize,
+    /// Most tree nodes in one Verify.
+    #[arg(long, env = "OURO_TARGET_MAX_TREE_NODES", default_value_t = 128)]
+    max_tree_nodes: usize,
+    /// Most rows in one batched forward.
+    #[arg(long, env = "OURO_TARGET_MAX_BATCH_TOKENS", default_value_t = 512)]
+    max_batch_tokens: usize,
+    /// KV memory budget in MiB; new sessions are refused while it is full.
+    #[arg(long, env = "OURO_TARGET_KV_BUDGET_MB", default_value_t = 4096)]
+    kv_budget_mb: usize,
+    /// Sessions idle this long are evicted.
+    #[arg(long, env = "OURO_TARGET_SESSION_TTL_S", default_value_t = 300)]
+    session_ttl_s: u64,
+    /// Wait up to this long for trees of other sessions before a forward (0: batch only
+    /// what is already queued).
+    #[arg(long, env = "OURO_TARGET_BATCH_WAIT_US", default_value_t = 0)]
+    batch_wait_us: u64,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let a = Args::parse();
+    let config = TargetConfig {
+        tp_size: a.tp,
+        max_sessions: a.max_sessions,
+        max_tree_nodes: a.max_tree_nodes,
+        max_batch_tokens: a.max_batch_tokens,
+        kv_budget_bytes: a.kv_budget_mb << 20,
+        session_ttl: Duration::from_secs(a.session_ttl_s),
+        batch_wait: Duration::from_micros(a.batch_wait_us),
+    };
+    let listener = tokio::net::TcpListener::bind(&a.listen)
+        .await
+        .with_context(|| format!("binding {}", a.listen))?;
+    tracing::info!(model = %a.model.display(), tp = a.tp, "loading target model");
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let opts = LoadOptions::default();
+    if a.tp > 1 {
+        let m = TpModel::load(&a.model, a.tp, &opts, &Device::Cpu)
+            .with_context(|| format!("loading {}", a.model.display()))?;
+        tracing::info!(listen = %a.listen, "target service ready");
+        serve(TargetGrpc::new(Arc::new(m), config), listener, shutdown).await
+    } else {
+        let m = engine::load_model(&a.model, &opts, &Device::Cpu)
+            .with_context(|| format!("loading {}", a.model.display()))?;
+        tracing::info!(listen = %a.listen, "target service ready");
+        serve(TargetGrpc::new(Arc::new(m), config), listener, shutdown).await
+    }
+}

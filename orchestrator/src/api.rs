@@ -1,0 +1,299 @@
+//! The public API, `ouroboros.v1.Ouroboros`: validates a request, tokenizes it, runs it on
+//! the pipeline and answers with text, tokens, finish reason, usage and statistics, whole
+//! or as a stream.
+
+use crate::pipeline::{Runner, TokenSink};
+use crate::text::{StopScan, chat_template};
+use proto::convert::{sampling_from_pb, status_of};
+use proto::v1 as pb;
+use proto::v1::ouroboros_server::Ouroboros;
+use spec::{
+    DecodeParams, FinishReason, Flow, Generation, LookaheadParams, SpecError, SpecStats, Strategy,
+};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use tokenizers::Tokenizer;
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::{Request, Response, Status};
+
+#[derive(Clone)]
+pub struct GenerateService {
+    runner: Arc<dyn Runner>,
+    tokenizer: Arc<Tokenizer>,
+    eos: Vec<u32>,
+    /// Server defaults for what a request leaves out.
+    defaults: DecodeParams,
+}
+
+impl GenerateService {
+    pub fn new(
+        runner: Arc<dyn Runner>,
+        tokenizer: Arc<Tokenizer>,
+        eos: Vec<u32>,
+        defaults: DecodeParams,
+    ) -> Self {
+        Self {
+            runner,
+            tokenizer,
+            eos,
+            defaults,
+        }
+    }
+
+    /// A request's token ids and decoding parameters, or INVALID_ARGUMENT naming the field.
+    fn prepare(&self, r: &pb::GenerateRequest) -> Result<(Vec<u32>, DecodeParams), Status> {
+        let info = self.runner.target_info();
+        let encode = |text: &str| {
+            engine::tokenizer::encode(&self.tokenizer, text)
+                .map_err(|e| Status::invalid_argument(format!("prompt: {e}")))
+        };
+        let prompt = match &r.input {
+            None => {
+                return Err(Status::invalid_argument(
+                    "input: give prompt, token_ids or chat",
+                ));
+            }
+            Some(pb::generate_request::Input::Prompt(p)) => encode(p)?,
+            Some(pb::generate_request::Input::TokenIds(t)) => {
+                if let Some(t) = t.ids.iter().find(|&&t| t as usize >= info.vocab_size) {
+                    return Err(Status::invalid_argument(format!(
+                        "token_ids: {t} is outside the vocabulary of {}",
+                        info.vocab_size
+                    )));
+                }
+                t.ids.clone()
+            }
+            Some(pb::generate_request::Input::Chat(c)) => {
+                let text = chat_template(&c.messages).map_err(Status::invalid_argument)?;
+                encode(&text)?
+            }
+        };
+        if prompt.is_empty() {
+            return Err(Status::invalid_argument("prompt: empty"));
+        }
+        if prompt.len() >= info.max_position {
+            return Err(Status::invalid_argument(format!(
+                "prompt: {} tokens, the model's context is {}",
+                prompt.len(),
+                info.max_position
+            )));
+        }
+        let d = &self.defaults;
+        let max_new_tokens = match r.max_new_tokens {
+            None => d.max_new_tokens,
+            Some(0) => {
+                return Err(Status::invalid_argument(
+                    "max_new_tokens: must be at least 1",
+                ));
+            }
+            Some(n) if n as usize > info.max_position => {
+                return Err(Status::invalid_argument(format!(
+                    "max_new_tokens: {n} exceeds the model's context of {}",
+                    info.max_position
+                )));
+            }
+            Some(n) => n as usize,
+        };
+        if r.stop.iter().any(String::is_empty) {
+            return Err(Status::invalid_argument("stop: empty stop string"));
+        }
+        let sampling = match &r.sampling {
+            None => d.sampling,
+            Some(s) => sampling_from_pb(Some(s)),
+        };
+        let strategy = self.strategy(r.strategy, sampling.is_greedy())?;
+        let p = r.params.unwrap_or_default();
+        let params = DecodeParams {
+            strategy,
+            max_new_tokens,
+            eos: self.eos.clone(),
+            sampling,
+            gamma: p.gamma.map_or(d.gamma, |g| g as usize),
+            lookahead: p
+                .lookahead
+                .as_ref()
+                .map_or(d.lookahead, LookaheadParams::from),
+            topk: p.topk.map_or(d.topk, |k| k as usize),
+            harvest_committed: d.harvest_committed,
+        };
+        params.validate().map_err(|e| field_status(e, "params"))?;
+        Ok((prompt, params))
+    }
+
+    fn strategy(&self, code: i32, greedy: bool) -> Result<Strategy, Status> {
+        let s = pb::Strategy::try_from(code)
+            .map_err(|_| Status::invalid_argument(format!("strategy: unknown value {code}")))?;
+        let need = |ok: bool, what: &str| {
+            if ok {
+                Ok(())
+            } else {
+                Err(Status::failed_precondition(format!(
+                    "strategy: this server has no {what}"
+                )))
+            }
+        };
+        Ok(match s {
+            pb::Strategy::Auto if self.runner.has_draft() => Strategy::Ouroboros,
+            pb::Strategy::Auto if greedy && self.runner.has_lookahead() => Strategy::Lookahead,
+            pb::Strategy::Auto | pb::Strategy::Greedy => Strategy::Greedy,
+            pb::Strategy::Speculative => Strategy::Speculative,
+            pb::Strategy::Ouroboros => Strategy::Ouroboros,
+            pb::Strategy::Lookahead => {
+                need(self.runner.has_lookahead(), "lookahead host")?;
+                Strategy::Lookahead
+            }
+        })
+    }
+
+    /// Runs a request; `chunks` receives text deltas and tokens as they are committed.
+    async fn run(
+        &self,
+        r: pb::GenerateRequest,
+        chunks: Option<mpsc::UnboundedSender<Result<pb::GenerateStreamResponse, Status>>>,
+    ) -> Result<Finished, Status> {
+        let (prompt, params) = self.prepare(&r)?;
+        let scan = Arc::new(Mutex::new(StopScan::new(self.tokenizer.clone(), r.stop)));
+        let sink_scan = scan.clone();
+        let sink: TokenSink = Box::new(move |tokens: &[u32]| {
+            let mut s = spec::sessions::lock(&sink_scan);
+            let delta = s.push(tokens);
+            if let Some(tx) = &chunks
+                && !delta.tokens.is_empty()
+            {
+                let msg = pb::GenerateStreamResponse {
+                    text: delta.text,
+                    token_ids: delta.tokens,
+                    ..Default::default()
+                };
+                if tx.send(Ok(msg)).is_err() {
+                    // The client went away.
+                    return Flow::Stop;
+                }
+            }
+            if s.stopped() {
+                Flow::Stop
+            } else {
+                Flow::Continue
+            }
+        });
+        let prompt_tokens = prompt.len();
+        let g = self
+            .runner
+            .run(prompt, params, sink)
+            .await
+            .map_err(|e| status_of(&e))?;
+        let s = spec::sessions::lock(&scan);
+        Ok(Finished {
+            text: s.text().to_string(),
+            tail: s.tail(),
+            tokens: s.tokens().to_vec(),
+            finish: if s.stopped() {
+                pb::FinishReason::Stop
+            } else {
+                finish_of(&g)
+            },
+            usage: pb::Usage {
+                prompt_tokens: prompt_tokens as u32,
+                completion_tokens: s.tokens().len() as u32,
+            },
+            stats: stats_of(&g.stats),
+        })
+    }
+}
+
+struct Finished {
+    text: String,
+    /// Text not yet streamed (held back as a possible stop-string start).
+    tail: String,
+    tokens: Vec<u32>,
+    finish: pb::FinishReason,
+    usage: pb::Usage,
+    stats: pb::SpecStats,
+}
+
+fn field_status(e: SpecError, name: &str) -> Status {
+    let s = status_of(&e);
+    Status::new(s.code(), format!("{name}: {}", s.message()))
+}
+
+fn finish_of(g: &Generation) -> pb::FinishReason {
+    match g.finish {
+        FinishReason::Length => pb::FinishReason::Length,
+        FinishReason::Eos => pb::FinishReason::Eos,
+        FinishReason::Stop => pb::FinishReason::Stop,
+        FinishReason::ContextFull => pb::FinishReason::ContextFull,
+    }
+}
+
+pub fn stats_of(s: &SpecStats) -> pb::SpecStats {
+    pb::SpecStats {
+        strategy: s.strategy.map(|s| s.name().to_string()).unwrap_or_default(),
+        target_forwards: s.target_forwards,
+        draft_forwards: s.draft_forwards,
+        draft_calls: s.draft_calls,
+        drafted_tokens: s.drafted,
+        accepted_tokens: s.accepted,
+        mean_accepted_length: s.mean_accepted_length(),
+        acceptance_by_position: s.acceptance_by_position(),
+        candidate_tokens: s.candidate_tokens,
+        candidate_rounds: s.candidate_rounds,
+        pool_lookups: s.pool_lookups,
+        pool_hits: s.pool_hits,
+        draft_phrase_hits: s.draft_phrase_hits,
+        tree_nodes: s.tree_nodes,
+        draft_fallback: s.draft_fallback.clone().unwrap_or_default(),
+        prefill_s: s.prefill_s,
+        draft_s: s.draft_s,
+        verify_s: s.verify_s,
+        network_s: s.network_s,
+        total_s: s.total_s,
+    }
+}
+
+type StreamOf<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Ouroboros for GenerateService {
+    async fn generate(
+        &self,
+        request: Request<pb::GenerateRequest>,
+    ) -> Result<Response<pb::GenerateResponse>, Status> {
+        let f = GenerateService::run(self, request.into_inner(), None).await?;
+        Ok(Response::new(pb::GenerateResponse {
+            text: f.text,
+            token_ids: f.tokens,
+            finish_reason: f.finish as i32,
+            usage: Some(f.usage),
+            stats: Some(f.stats),
+        }))
+    }
+
+    type GenerateStreamStream = StreamOf<pb::GenerateStreamResponse>;
+
+    async fn generate_stream(
+        &self,
+        request: Request<pb::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStreamStream>, Status> {
+        let r = request.into_inner();
+        // Bad requests fail the call itself rather than the stream.
+        self.prepare(&r)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let service = self.clone();
+        tokio::spawn(async move {
+            let last = match service.run(r, Some(tx.clone())).await {
+                Ok(f) => Ok(pb::GenerateStreamResponse {
+                    text: f.tail,
+                    token_ids: Vec::new(),
+                    finish_reason: f.finish as i32,
+                    usage: Some(f.usage),
+                    stats: Some(f.stats),
+                }),
+                Err(status) => Err(status),
+            };
+            let _ = tx.send(last);
+        });
+        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
+    }
+}

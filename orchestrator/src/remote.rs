@@ -1,0 +1,216 @@
+//! gRPC implementations of the backend traits: the same decoding loops drive draft and
+//! target services on other hosts. A status from a service becomes the `SpecError` the
+//! in-process backend would have given.
+
+use anyhow::Context;
+use proto::common::v1 as common;
+use proto::convert::{error_of, sampling_to_pb};
+use proto::draft::v1 as dpb;
+use proto::draft::v1::draft_service_client::DraftServiceClient;
+use proto::target::v1 as tpb;
+use proto::target::v1::target_service_client::TargetServiceClient;
+use spec::{
+    BackendInfo, DraftBackend, DraftOutcome, DraftRequest, DraftTree, Result, SamplingParams,
+    ServerTiming, SessionId, SpecError, TargetBackend, VerifyOutcome,
+};
+use std::time::Duration;
+use tonic::transport::{Channel, Endpoint};
+
+/// Connects lazily-reconnecting channel to `url` ("http://host:port"), failing fast when
+/// nothing answers.
+pub async fn channel(url: &str) -> anyhow::Result<Channel> {
+    let endpoint = Endpoint::from_shared(url.to_string())
+        .with_context(|| format!("bad endpoint {url}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true);
+    endpoint
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {url}"))
+}
+
+fn info_of(m: Option<common::ModelInfo>, url: &str) -> anyhow::Result<BackendInfo> {
+    let m = m.with_context(|| format!("{url} sent no model info"))?;
+    Ok(BackendInfo {
+        model: m.model,
+        vocab_size: m.vocab_size as usize,
+        max_position: m.context_length as usize,
+    })
+}
+
+fn timing_of(t: Option<common::ServerTiming>) -> ServerTiming {
+    t.map(ServerTiming::from).unwrap_or_default()
+}
+
+#[derive(Clone)]
+pub struct RemoteTarget {
+    client: TargetServiceClient<Channel>,
+    info: BackendInfo,
+    url: String,
+}
+
+impl RemoteTarget {
+    pub async fn connect(url: &str) -> anyhow::Result<Self> {
+        let mut client = TargetServiceClient::new(channel(url).await?);
+        let info = client
+            .info(tpb::InfoRequest {})
+            .await
+            .with_context(|| format!("Info from target {url}"))?
+            .into_inner();
+        Ok(Self {
+            client,
+            info: info_of(info.model, url)?,
+            url: url.to_string(),
+        })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+}
+
+impl TargetBackend for RemoteTarget {
+    fn info(&self) -> BackendInfo {
+        self.info.clone()
+    }
+
+    async fn open(&self, committed: &[u32]) -> Result<SessionId> {
+        let r = self
+            .client
+            .clone()
+            .open_session(tpb::OpenSessionRequest {
+                tokens: committed.to_vec(),
+            })
+            .await
+            .map_err(|s| error_of(&s, None))?;
+        Ok(r.into_inner().session_id)
+    }
+
+    async fn verify(
+        &self,
+        session: SessionId,
+        tree: &DraftTree,
+        sampling: &SamplingParams,
+    ) -> Result<(VerifyOutcome, ServerTiming)> {
+        let r = self
+            .client
+            .clone()
+            .verify(tpb::VerifyRequest {
+                session_id: session,
+                tokens: tree.tokens.clone(),
+                parents: tree.parents.clone(),
+                sampling: sampling_to_pb(sampling),
+            })
+            .await
+            .map_err(|s| error_of(&s, Some(session)))?
+            .into_inner();
+        if r.outputs.len() != tree.len() || r.accepted.len() != r.path.len() {
+            return Err(SpecError::Backend(format!(
+                "target {} answered {} outputs for {} nodes",
+                self.url,
+                r.outputs.len(),
+                tree.len()
+            )));
+        }
+        let outcome = VerifyOutcome {
+            path: r.path.iter().map(|&n| n as usize).collect(),
+            accepted: r.accepted,
+            bonus: r.bonus,
+            outputs: r.outputs,
+        };
+        Ok((outcome, timing_of(r.timing)))
+    }
+
+    async fn close(&self, session: SessionId) -> Result<()> {
+        self.client
+            .clone()
+            .close_session(tpb::CloseSessionRequest {
+                session_id: session,
+            })
+            .await
+            .map_err(|s| error_of(&s, Some(session)))?;
+        Ok(())
+    }
+}
+
+#[derive(Clone)]
+pub struct RemoteDraft {
+    client: DraftServiceClient<Channel>,
+    info: BackendInfo,
+}
+
+impl RemoteDraft {
+    pub async fn connect(url: &str) -> anyhow::Result<Self> {
+        let mut client = DraftServiceClient::new(channel(url).await?);
+        let info = client
+            .info(dpb::InfoRequest {})
+            .await
+            .with_context(|| format!("Info from draft {url}"))?
+            .into_inner();
+        Ok(Self {
+            client,
+            info: info_of(info.model, url)?,
+        })
+    }
+}
+
+impl DraftBackend for RemoteDraft {
+    fn info(&self) -> BackendInfo {
+        self.info.clone()
+    }
+
+    fn wants_pool_delta(&self) -> bool {
+        true
+    }
+
+    async fn open(&self, committed: &[u32]) -> Result<SessionId> {
+        let r = self
+            .client
+            .clone()
+            .open_session(dpb::OpenSessionRequest {
+                tokens: committed.to_vec(),
+            })
+            .await
+            .map_err(|s| error_of(&s, None))?;
+        Ok(r.into_inner().session_id)
+    }
+
+    async fn draft(
+        &self,
+        session: SessionId,
+        request: DraftRequest,
+    ) -> Result<(DraftOutcome, ServerTiming)> {
+        let r = self
+            .client
+            .clone()
+            .draft(dpb::DraftRequest {
+                session_id: session,
+                new_committed: request.new_committed,
+                gamma: request.gamma as u32,
+                lookahead: request.lookahead.as_ref().map(Into::into),
+                pool_delta: request.pool_delta.iter().map(Into::into).collect(),
+                eos: request.eos,
+            })
+            .await
+            .map_err(|s| error_of(&s, Some(session)))?
+            .into_inner();
+        let outcome = DraftOutcome {
+            tokens: r.tokens,
+            harvested: r.harvested.into_iter().map(Into::into).collect(),
+            forwards: r.forwards,
+            phrase_hits: r.phrase_hits,
+        };
+        Ok((outcome, timing_of(r.timing)))
+    }
+
+    async fn close(&self, session: SessionId) -> Result<()> {
+        self.client
+            .clone()
+            .close_session(dpb::CloseSessionRequest {
+                session_id: session,
+            })
+            .await
+            .map_err(|s| error_of(&s, Some(session)))?;
+        Ok(())
+    }
+}

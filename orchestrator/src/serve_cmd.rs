@@ -1,0 +1,148 @@
+//! `ouro serve`: the public API over models in this process (the embedded default) or
+//! over remote draft and target services.
+
+use crate::{DecodeArgs, ModelArgs};
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use orchestrator::api::GenerateService;
+use orchestrator::embedded::{self, Embedded};
+use orchestrator::pipeline::{Pipeline, Runner};
+use orchestrator::remote::{RemoteDraft, RemoteTarget};
+use spec::{PhrasePool, Strategy};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+#[derive(Args)]
+pub struct ServeArgs {
+    #[arg(long, env = "OURO_LISTEN", default_value = "0.0.0.0:50051")]
+    listen: String,
+    /// Target service URL (http://host:port); without it the models run in this process.
+    #[arg(long, env = "OURO_TARGET_ENDPOINT")]
+    target_endpoint: Option<String>,
+    /// Draft service URL (remote mode).
+    #[arg(long, env = "OURO_DRAFT_ENDPOINT")]
+    draft_endpoint: Option<String>,
+    /// A draft service hosting the target model, for the lookahead strategy (remote mode).
+    #[arg(long, env = "OURO_LOOKAHEAD_ENDPOINT")]
+    lookahead_endpoint: Option<String>,
+    /// Pool snapshot: restored at start when present, written at shutdown.
+    #[arg(long, env = "OURO_POOL_SNAPSHOT")]
+    pool_snapshot: Option<PathBuf>,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Defaults for what a request leaves out.
+    #[command(flatten)]
+    decode: DecodeArgs,
+}
+
+pub fn run(a: ServeArgs) -> Result<()> {
+    tokio::runtime::Runtime::new()?.block_on(serve(a))
+}
+
+async fn serve(a: ServeArgs) -> Result<()> {
+    let phrase_len = a.decode.level.saturating_sub(1).max(1);
+    let listener = tokio::net::TcpListener::bind(&a.listen)
+        .await
+        .with_context(|| format!("binding {}", a.listen))?;
+    let (service, pool) = match &a.target_endpoint {
+        Some(url) => remote(&a, url, phrase_len).await?,
+        None => {
+            let paths = a.model.paths();
+            if a.model.tp > 1 {
+                local(&a, embedded::load_tp(&paths, a.model.tp, phrase_len)?)
+            } else {
+                local(&a, embedded::load_single(&paths, phrase_len)?)
+            }
+        }
+    };
+    if let Some(p) = &a.pool_snapshot {
+        restore(&pool, p)?;
+    }
+    tracing::info!(listen = %a.listen, "ouroboros API ready");
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    orchestrator::serve(service, listener, shutdown).await?;
+    if let Some(p) = &a.pool_snapshot {
+        let mut f = std::fs::File::create(p).with_context(|| format!("writing {}", p.display()))?;
+        let n = pool.snapshot(&mut f)?;
+        tracing::info!(phrases = n, path = %p.display(), "pool snapshot written");
+    }
+    Ok(())
+}
+
+fn restore(pool: &PhrasePool, p: &Path) -> Result<()> {
+    if !p.exists() {
+        return Ok(());
+    }
+    let mut f = std::fs::File::open(p).with_context(|| format!("reading {}", p.display()))?;
+    let n = pool
+        .restore(&mut f)
+        .with_context(|| format!("restoring the pool from {}", p.display()))?;
+    tracing::info!(phrases = n, "pool restored (warm start)");
+    Ok(())
+}
+
+fn local<T: engine::LanguageModel + 'static>(
+    a: &ServeArgs,
+    e: Embedded<T>,
+) -> (GenerateService, Arc<PhrasePool>) {
+    let pipeline = Pipeline {
+        target: e.target.clone(),
+        draft: e.draft.clone(),
+        lookahead: Some(e.target_lookahead.clone()),
+        pool: e.pool.clone(),
+        lookahead_pool: e.lookahead_pool.clone(),
+        blocking: true,
+    };
+    let defaults = a.decode.params(Strategy::Ouroboros, &e.eos);
+    let service = GenerateService::new(
+        Arc::new(pipeline),
+        Arc::new(e.tokenizer.clone()),
+        e.eos.clone(),
+        defaults,
+    );
+    (service, e.pool)
+}
+
+async fn remote(
+    a: &ServeArgs,
+    url: &str,
+    phrase_len: usize,
+) -> Result<(GenerateService, Arc<PhrasePool>)> {
+    let paths = a.model.paths();
+    let tokenizer = match &paths.tokenizer {
+        Some(t) if t.exists() => engine::tokenizer::from_file(t)?,
+        _ => bail!("remote mode needs --tokenizer (a tokenizer.json for the target's vocabulary)"),
+    };
+    let eos = embedded::stop_ids(Path::new(""), &tokenizer)?;
+    let target = RemoteTarget::connect(url).await?;
+    let draft = match &a.draft_endpoint {
+        Some(u) => Some(Arc::new(RemoteDraft::connect(u).await?)),
+        None => None,
+    };
+    let lookahead = match &a.lookahead_endpoint {
+        Some(u) => Some(Arc::new(RemoteDraft::connect(u).await?)),
+        None => None,
+    };
+    let pool = embedded::pool_for(phrase_len);
+    let pipeline = Pipeline {
+        target: Arc::new(target),
+        draft,
+        lookahead,
+        pool: pool.clone(),
+        lookahead_pool: embedded::pool_for(phrase_len),
+        blocking: false,
+    };
+    tracing::info!(
+        target = url,
+        draft = a.draft_endpoint.as_deref().unwrap_or("none"),
+        "remote backends connected"
+    );
+    let runner: Arc<dyn Runner> = Arc::new(pipeline);
+    let defaults = a.decode.params(Strategy::Ouroboros, &eos);
+    Ok((
+        GenerateService::new(runner, Arc::new(tokenizer), eos, defaults),
+        pool,
+    ))
+}

@@ -1,0 +1,121 @@
+//! Mapping between the wire messages and the `spec` types, and between `SpecError` and
+//! gRPC status codes in both directions (services answer with a status; remote backends
+//! turn it back into the error the decoding loops understand).
+
+use crate::common::v1 as pb;
+use engine::EngineError;
+use spec::{LookaheadParams, Ngram, SamplingParams, ServerTiming, SpecError};
+use tonic::{Code, Status};
+
+impl From<ServerTiming> for pb::ServerTiming {
+    fn from(t: ServerTiming) -> Self {
+        Self {
+            queue_s: t.queue,
+            forward_s: t.forward,
+            total_s: t.total,
+        }
+    }
+}
+
+impl From<pb::ServerTiming> for ServerTiming {
+    fn from(t: pb::ServerTiming) -> Self {
+        Self {
+            queue: t.queue_s,
+            forward: t.forward_s,
+            total: t.total_s,
+        }
+    }
+}
+
+/// Absent sampling is greedy; `top_p` 0 (the proto default) keeps everything.
+pub fn sampling_from_pb(s: Option<&pb::Sampling>) -> SamplingParams {
+    match s {
+        None => SamplingParams::greedy(),
+        Some(s) => SamplingParams {
+            temperature: s.temperature,
+            top_p: if s.top_p == 0.0 { 1.0 } else { s.top_p },
+            top_k: s.top_k as usize,
+            seed: s.seed,
+        },
+    }
+}
+
+pub fn sampling_to_pb(s: &SamplingParams) -> Option<pb::Sampling> {
+    if s.is_greedy() {
+        return None;
+    }
+    Some(pb::Sampling {
+        temperature: s.temperature,
+        top_p: s.top_p,
+        top_k: s.top_k as u32,
+        seed: s.seed,
+    })
+}
+
+impl From<&pb::Lookahead> for LookaheadParams {
+    fn from(l: &pb::Lookahead) -> Self {
+        Self {
+            level: l.level as usize,
+            window: l.window as usize,
+            guess: l.guess as usize,
+        }
+    }
+}
+
+impl From<&LookaheadParams> for pb::Lookahead {
+    fn from(l: &LookaheadParams) -> Self {
+        Self {
+            level: l.level as u32,
+            window: l.window as u32,
+            guess: l.guess as u32,
+        }
+    }
+}
+
+impl From<&Ngram> for pb::Phrase {
+    fn from(n: &Ngram) -> Self {
+        Self {
+            key: n.key,
+            tokens: n.phrase.clone(),
+        }
+    }
+}
+
+impl From<pb::Phrase> for Ngram {
+    fn from(p: pb::Phrase) -> Self {
+        Self {
+            key: p.key,
+            phrase: p.tokens,
+        }
+    }
+}
+
+/// The status a service answers with for an error.
+pub fn status_of(e: &SpecError) -> Status {
+    let code = match e {
+        SpecError::UnknownSession(_) => Code::NotFound,
+        SpecError::InvalidTree(_) | SpecError::InvalidArgument(_) => Code::InvalidArgument,
+        SpecError::ContextOverflow(_) => Code::OutOfRange,
+        SpecError::Exhausted(_) => Code::ResourceExhausted,
+        SpecError::Unavailable(_) => Code::Unavailable,
+        SpecError::Engine(EngineError::ContextOverflow { .. }) => Code::OutOfRange,
+        SpecError::Engine(EngineError::InvalidInput(_)) => Code::InvalidArgument,
+        SpecError::Engine(_) | SpecError::Backend(_) => Code::Internal,
+    };
+    Status::new(code, e.to_string())
+}
+
+/// The error a remote backend reports for a status it received about `session`.
+pub fn error_of(s: &Status, session: Option<u64>) -> SpecError {
+    let msg = s.message().to_string();
+    match (s.code(), session) {
+        (Code::NotFound, Some(id)) => SpecError::UnknownSession(id),
+        (Code::InvalidArgument, _) => SpecError::InvalidArgument(msg),
+        (Code::OutOfRange, _) => SpecError::ContextOverflow(msg),
+        (Code::ResourceExhausted, _) => SpecError::Exhausted(msg),
+        (Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled, _) => {
+            SpecError::Unavailable(msg)
+        }
+        (code, _) => SpecError::Backend(format!("{code:?}: {msg}")),
+    }
+}

@@ -1,0 +1,205 @@
+//! A table of sessions shared by the in-process backends and the services: ids, per-entry
+//! locks (calls on different sessions never wait for each other), admission limits on the
+//! number of sessions and their memory, and idle-time eviction.
+
+use crate::backend::SessionId;
+use crate::error::{Result, SpecError};
+use dashmap::DashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionLimits {
+    pub max_sessions: usize,
+    /// New sessions are refused while the sessions' memory is at or above this.
+    pub max_bytes: usize,
+    /// Sessions idle for longer are evicted by [`SessionTable::evict_idle`].
+    pub ttl: Option<Duration>,
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        Self {
+            max_sessions: usize::MAX,
+            max_bytes: usize::MAX,
+            ttl: None,
+        }
+    }
+}
+
+/// One session's state with its bookkeeping.
+pub struct Slot<S> {
+    pub state: S,
+    last_used: Instant,
+    bytes: usize,
+    /// Set on close or eviction; work queued before that finds it and gives up.
+    closed: bool,
+}
+
+pub type SlotRef<S> = Arc<Mutex<Slot<S>>>;
+
+pub struct SessionTable<S> {
+    map: DashMap<SessionId, SlotRef<S>>,
+    next: AtomicU64,
+    bytes: AtomicUsize,
+    limits: SessionLimits,
+}
+
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl<S> SessionTable<S> {
+    pub fn new(limits: SessionLimits) -> Self {
+        // Ids start at a time-derived offset so a restarted server does not accept a
+        // stale id from before the restart as one of its own.
+        let start = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(1)
+            << 16;
+        Self {
+            map: DashMap::new(),
+            next: AtomicU64::new(start.max(1)),
+            bytes: AtomicUsize::new(0),
+            limits,
+        }
+    }
+
+    pub fn limits(&self) -> SessionLimits {
+        self.limits
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Memory the sessions reported, in bytes.
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Whether a new session may open now.
+    pub fn admit(&self) -> Result<()> {
+        let l = &self.limits;
+        if self.map.len() >= l.max_sessions {
+            return Err(SpecError::Exhausted(format!(
+                "all {} sessions are in use; retry later or on another replica",
+                l.max_sessions
+            )));
+        }
+        let used = self.bytes();
+        if used >= l.max_bytes {
+            return Err(SpecError::Exhausted(format!(
+                "KV memory budget is full ({used} of {} bytes); retry later or on another \
+                 replica",
+                l.max_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn insert(&self, state: S, bytes: usize) -> SessionId {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        let slot = Slot {
+            state,
+            last_used: Instant::now(),
+            bytes,
+            closed: false,
+        };
+        self.map.insert(id, Arc::new(Mutex::new(slot)));
+        id
+    }
+
+    pub fn get(&self, id: SessionId) -> Result<SlotRef<S>> {
+        self.map
+            .get(&id)
+            .map(|e| e.value().clone())
+            .ok_or(SpecError::UnknownSession(id))
+    }
+
+    /// Runs `f` on the session's state under its lock, then records its memory.
+    pub fn with<R>(
+        &self,
+        id: SessionId,
+        f: impl FnOnce(&mut S) -> Result<R>,
+        bytes_of: impl Fn(&S) -> usize,
+    ) -> Result<R> {
+        let slot = self.get(id)?;
+        let mut g = lock(&slot);
+        self.work_on(id, &mut g, f, bytes_of)
+    }
+
+    /// As [`Self::with`], for a caller that already holds the lock (a batch of sessions).
+    pub fn work_on<R>(
+        &self,
+        id: SessionId,
+        slot: &mut Slot<S>,
+        f: impl FnOnce(&mut S) -> Result<R>,
+        bytes_of: impl Fn(&S) -> usize,
+    ) -> Result<R> {
+        self.check_open(id, slot)?;
+        let r = f(&mut slot.state);
+        self.finish_work(slot, bytes_of(&slot.state));
+        r
+    }
+
+    pub fn check_open(&self, id: SessionId, slot: &Slot<S>) -> Result<()> {
+        if slot.closed {
+            return Err(SpecError::UnknownSession(id));
+        }
+        Ok(())
+    }
+
+    /// Records that work on a locked session ended and what memory it now holds.
+    pub fn finish_work(&self, slot: &mut Slot<S>, bytes: usize) {
+        slot.last_used = Instant::now();
+        if !slot.closed {
+            self.bytes.fetch_add(bytes, Ordering::Relaxed);
+            self.bytes.fetch_sub(slot.bytes, Ordering::Relaxed);
+            slot.bytes = bytes;
+        }
+    }
+
+    fn release(&self, slot: &mut Slot<S>) {
+        if !slot.closed {
+            slot.closed = true;
+            self.bytes.fetch_sub(slot.bytes, Ordering::Relaxed);
+            slot.bytes = 0;
+        }
+    }
+
+    /// Closes a session; waits for a call that is working on it.
+    pub fn close(&self, id: SessionId) -> Result<()> {
+        let (_, slot) = self.map.remove(&id).ok_or(SpecError::UnknownSession(id))?;
+        self.release(&mut lock(&slot));
+        Ok(())
+    }
+
+    /// Evicts sessions idle for longer than the TTL; busy sessions are not idle. Returns
+    /// how many went.
+    pub fn evict_idle(&self) -> usize {
+        let Some(ttl) = self.limits.ttl else {
+            return 0;
+        };
+        let mut evicted = 0;
+        self.map.retain(|_, slot| {
+            let Ok(mut g) = slot.try_lock() else {
+                return true;
+            };
+            if g.last_used.elapsed() <= ttl {
+                return true;
+            }
+            self.release(&mut g);
+            evicted += 1;
+            false
+        });
+        evicted
+    }
+}

@@ -1,0 +1,305 @@
+//! The verify scheduler: one worker thread owns the model's forwards. Verify calls from
+//! different sessions that are waiting when the worker comes free run as one batched
+//! forward (linear layers over all rows, attention per session), so batching costs a lone
+//! request nothing; an optional short wait gathers more when other sessions are active.
+
+use engine::{ForwardOutput, KvState, LanguageModel, OutputSpec, SeqInput, Visibility};
+use spec::sessions::{SessionTable, Slot, SlotRef, lock};
+use spec::{DraftTree, Result, SamplingParams, ServerTiming, SessionId, SpecError};
+use spec::{TargetSession, VerifyOutcome};
+use std::collections::{HashSet, VecDeque};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
+use std::sync::{Arc, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+pub type Sessions<M> = SessionTable<TargetSession<<M as LanguageModel>::Cache>>;
+
+#[derive(Debug, Clone, Copy)]
+pub struct SchedulerConfig {
+    /// Most tree nodes (rows) in one batched forward; a larger single tree runs alone.
+    pub max_batch_tokens: usize,
+    /// How long to wait for more trees when fewer are queued than sessions are open.
+    pub batch_wait: Duration,
+}
+
+/// What a verify job gets back: the outcome, and its queue and forward time.
+pub type VerifyReply = Result<(VerifyOutcome, ServerTiming)>;
+
+enum Job<M: LanguageModel> {
+    Open {
+        tokens: Vec<u32>,
+        reply: oneshot::Sender<Result<SessionId>>,
+    },
+    Verify(VerifyJob<M>),
+}
+
+struct VerifyJob<M: LanguageModel> {
+    id: SessionId,
+    slot: SlotRef<TargetSession<M::Cache>>,
+    tree: DraftTree,
+    sampling: SamplingParams,
+    enqueued: Instant,
+    reply: oneshot::Sender<VerifyReply>,
+}
+
+/// Handle to the worker; dropping it stops the worker after the queued jobs.
+pub struct Scheduler<M: LanguageModel> {
+    jobs: Sender<Job<M>>,
+    worker: Option<JoinHandle<()>>,
+}
+
+impl<M: LanguageModel + 'static> Scheduler<M> {
+    pub fn start(model: Arc<M>, sessions: Arc<Sessions<M>>, config: SchedulerConfig) -> Self {
+        let (tx, rx) = channel();
+        let worker = std::thread::Builder::new()
+            .name("verify-scheduler".into())
+            .spawn(move || Worker::new(model, sessions, config).run(rx))
+            .expect("spawning the scheduler thread");
+        Self {
+            jobs: tx,
+            worker: Some(worker),
+        }
+    }
+
+    /// Prefills a new session on the worker (one forward at a time on this model).
+    pub async fn open(&self, tokens: Vec<u32>) -> Result<SessionId> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Job::Open { tokens, reply })?;
+        rx.await.map_err(|_| stopped())?
+    }
+
+    pub async fn verify(
+        &self,
+        id: SessionId,
+        slot: SlotRef<TargetSession<M::Cache>>,
+        tree: DraftTree,
+        sampling: SamplingParams,
+    ) -> VerifyReply {
+        let (reply, rx) = oneshot::channel();
+        self.send(Job::Verify(VerifyJob {
+            id,
+            slot,
+            tree,
+            sampling,
+            enqueued: Instant::now(),
+            reply,
+        }))?;
+        rx.await.map_err(|_| stopped())?
+    }
+
+    fn send(&self, job: Job<M>) -> Result<()> {
+        self.jobs.send(job).map_err(|_| stopped())
+    }
+}
+
+impl<M: LanguageModel> Drop for Scheduler<M> {
+    fn drop(&mut self) {
+        // Closing the channel ends the worker's loop.
+        let (tx, _) = channel();
+        drop(std::mem::replace(&mut self.jobs, tx));
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+fn stopped() -> SpecError {
+    SpecError::Unavailable("the verify scheduler has stopped".into())
+}
+
+struct Worker<M: LanguageModel> {
+    model: Arc<M>,
+    sessions: Arc<Sessions<M>>,
+    config: SchedulerConfig,
+    queue: VecDeque<VerifyJob<M>>,
+}
+
+impl<M: LanguageModel> Worker<M> {
+    fn new(model: Arc<M>, sessions: Arc<Sessions<M>>, config: SchedulerConfig) -> Self {
+        Self {
+            model,
+            sessions,
+            config,
+            queue: VecDeque::new(),
+        }
+    }
+
+    fn run(mut self, rx: Receiver<Job<M>>) {
+        loop {
+            if self.queue.is_empty() {
+                match rx.recv() {
+                    Ok(job) => self.accept(job),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(job) = rx.try_recv() {
+                self.accept(job);
+            }
+            self.gather(&rx);
+            let batch = self.next_batch();
+            if !batch.is_empty() {
+                self.verify_batch(batch);
+            }
+        }
+    }
+
+    /// Opens run at once (their prefill is one forward); verifies queue for batching.
+    fn accept(&mut self, job: Job<M>) {
+        match job {
+            Job::Open { tokens, reply } => {
+                let r = self.open(&tokens);
+                let _ = reply.send(r);
+            }
+            Job::Verify(v) => self.queue.push_back(v),
+        }
+    }
+
+    fn open(&self, tokens: &[u32]) -> Result<SessionId> {
+        self.sessions.admit()?;
+        let s = TargetSession::open(&*self.model, tokens)?;
+        let bytes = s.cache.memory_bytes();
+        Ok(self.sessions.insert(s, bytes))
+    }
+
+    /// Waits up to `batch_wait` for trees of other open sessions.
+    fn gather(&mut self, rx: &Receiver<Job<M>>) {
+        if self.config.batch_wait.is_zero() {
+            return;
+        }
+        let deadline = Instant::now() + self.config.batch_wait;
+        while self.queue.len() < self.sessions.len() && self.rows() < self.config.max_batch_tokens {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(job) => self.accept(job),
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => return,
+            }
+        }
+    }
+
+    fn rows(&self) -> usize {
+        self.queue.iter().map(|j| j.tree.len()).sum()
+    }
+
+    /// Jobs in arrival order up to the row budget, one per session (a second tree for the
+    /// same session must see the first one's result).
+    fn next_batch(&mut self) -> Vec<VerifyJob<M>> {
+        let mut batch = Vec::new();
+        let mut rest = VecDeque::new();
+        let mut seen = HashSet::new();
+        let mut rows = 0;
+        while let Some(job) = self.queue.pop_front() {
+            let fits = batch.is_empty() || rows + job.tree.len() <= self.config.max_batch_tokens;
+            if fits && seen.insert(job.id) {
+                rows += job.tree.len();
+                batch.push(job);
+            } else {
+                rest.push_back(job);
+            }
+        }
+        self.queue = rest;
+        batch
+    }
+
+    fn verify_batch(&self, jobs: Vec<VerifyJob<M>>) {
+        let started = Instant::now();
+        let max_pos = self.model.info().max_position;
+        let slots: Vec<_> = jobs.iter().map(|j| j.slot.clone()).collect();
+        let mut ready = Vec::new();
+        let mut guards = Vec::new();
+        for (job, slot) in jobs.into_iter().zip(&slots) {
+            let guard = lock(slot);
+            let prepared = self
+                .sessions
+                .check_open(job.id, &guard)
+                .and_then(|_| guard.state.verify_input(&job.tree, max_pos));
+            match prepared {
+                Ok((positions, visibility)) => {
+                    let base = guard.state.cache.len();
+                    ready.push(Ready {
+                        job,
+                        positions,
+                        visibility,
+                        base,
+                    });
+                    guards.push(guard);
+                }
+                Err(e) => {
+                    let _ = job.reply.send(Err(e));
+                }
+            }
+        }
+        if ready.is_empty() {
+            return;
+        }
+        let outs = self.forward(&mut guards, &ready);
+        let forward_s = started.elapsed().as_secs_f64();
+        for (r, (out, guard)) in ready
+            .into_iter()
+            .zip(outs.into_iter().zip(guards.iter_mut()))
+        {
+            let job = r.job;
+            let result = out.and_then(|out| {
+                self.sessions.work_on(
+                    job.id,
+                    guard,
+                    |s| s.verify_finish(&job.tree, &r.positions, r.base, &out, &job.sampling),
+                    |s| s.cache.memory_bytes(),
+                )
+            });
+            let timing = ServerTiming {
+                queue: started
+                    .saturating_duration_since(job.enqueued)
+                    .as_secs_f64(),
+                forward: forward_s,
+                total: job.enqueued.elapsed().as_secs_f64(),
+            };
+            let _ = job.reply.send(result.map(|o| (o, timing)));
+        }
+    }
+
+    /// One batched forward; if it fails, each tree alone, so one bad tree cannot fail the
+    /// others.
+    fn forward(
+        &self,
+        guards: &mut [MutexGuard<'_, Slot<TargetSession<M::Cache>>>],
+        ready: &[Ready<M>],
+    ) -> Vec<Result<ForwardOutput>> {
+        let mut batch: Vec<_> = guards
+            .iter_mut()
+            .zip(ready)
+            .map(|(g, r)| (&mut g.state.cache, r.input()))
+            .collect();
+        match self.model.forward_batch(&mut batch) {
+            Ok(outs) => outs.into_iter().map(Ok).collect(),
+            Err(e) if batch.len() == 1 => vec![Err(e.into())],
+            Err(_) => batch
+                .into_iter()
+                .map(|(cache, input)| Ok(self.model.forward(cache, input)?))
+                .collect(),
+        }
+    }
+}
+
+/// A verify job whose tree passed the session's checks.
+struct Ready<M: LanguageModel> {
+    job: VerifyJob<M>,
+    positions: Vec<u32>,
+    visibility: Visibility,
+    base: usize,
+}
+
+impl<M: LanguageModel> Ready<M> {
+    fn input(&self) -> SeqInput<'_> {
+        SeqInput {
+            tokens: &self.job.tree.tokens,
+            positions: &self.positions,
+            visibility: &self.visibility,
+            outputs: OutputSpec {
+                rows: None,
+                logits: !self.job.sampling.is_greedy(),
+            },
+        }
+    }
+}
