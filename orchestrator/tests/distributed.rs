@@ -1,0 +1,376 @@
+//! Orchestrator, draft service and target service on loopback gRPC, with tiny random
+//! models: every strategy's output equals plain greedy (or plain sampling with the same
+//! seed), streaming equals unary, bad requests get INVALID_ARGUMENT, and a lost draft
+//! service degrades to target-only decoding that is still exact.
+
+use candle_core::Device;
+use candle_core::quantized::GgmlDType;
+use draft_service::{DraftConfig, DraftGrpc};
+use engine::testing::{random_weights, tiny_config, write_gguf};
+use engine::{Architecture, LoadOptions};
+use orchestrator::api::GenerateService;
+use orchestrator::pipeline::Pipeline;
+use orchestrator::remote::{RemoteDraft, RemoteTarget};
+use proto::common::v1::{Lookahead, Sampling};
+use proto::v1 as pb;
+use proto::v1::ouroboros_client::OuroborosClient;
+use spec::{DecodeParams, LookaheadParams, PhrasePool, PoolConfig, Strategy};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use target_service::{TargetConfig, TargetGrpc};
+use tokenizers::Tokenizer;
+use tokenizers::models::wordlevel::WordLevel;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tonic::Code;
+use tonic::transport::Channel;
+
+const VOCAB: usize = 96;
+
+async fn listener() -> (TcpListener, SocketAddr) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    (l, a)
+}
+
+/// One word per id ("w0" .. "w95"), enough to turn ids into text and back.
+fn word_tokenizer() -> Tokenizer {
+    let vocab: HashMap<String, u32> = (0..VOCAB as u32).map(|i| (format!("w{i}"), i)).collect();
+    let model = WordLevel::builder()
+        .vocab(vocab.into_iter().collect())
+        .unk_token("w0".into())
+        .build()
+        .unwrap();
+    let mut t = Tokenizer::new(model);
+    t.with_pre_tokenizer(Some(tokenizers::pre_tokenizers::whitespace::Whitespace {}));
+    t
+}
+
+struct Cluster {
+    _dir: tempfile::TempDir,
+    client: OuroborosClient<Channel>,
+    stop_draft: Option<oneshot::Sender<()>>,
+}
+
+async fn model(path: &std::path::Path) -> Arc<engine::Transformer> {
+    Arc::new(engine::load_model(path, &LoadOptions::default(), &Device::Cpu).unwrap())
+}
+
+async fn cluster() -> Cluster {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(Architecture::Qwen2);
+    let w = random_weights(&cfg, 17, true, false).unwrap();
+    let (tp, dp) = (dir.path().join("t.gguf"), dir.path().join("d.gguf"));
+    write_gguf(&tp, &cfg, &w, GgmlDType::F32).unwrap();
+    // The draft: the same weights in 8 bits, so it mostly agrees and sometimes does not.
+    write_gguf(&dp, &cfg, &w, GgmlDType::Q8_0).unwrap();
+    let (tl, ta) = listener().await;
+    tokio::spawn(target_service::serve(
+        TargetGrpc::new(model(&tp).await, TargetConfig::default()),
+        tl,
+        std::future::pending(),
+    ));
+    let (dl, da) = listener().await;
+    let (stop_draft, stopped) = oneshot::channel::<()>();
+    tokio::spawn(draft_service::serve(
+        DraftGrpc::new(model(&dp).await, DraftConfig::default()),
+        dl,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    // The lookahead baseline runs the target model in a draft service.
+    let (ll, la) = listener().await;
+    tokio::spawn(draft_service::serve(
+        DraftGrpc::new(model(&tp).await, DraftConfig::default()),
+        ll,
+        std::future::pending(),
+    ));
+    let url = |a: SocketAddr| format!("http://{a}");
+    let lookahead = LookaheadParams {
+        level: 4,
+        window: 3,
+        guess: 3,
+    };
+    let pool = |_| {
+        Arc::new(PhrasePool::new(PoolConfig {
+            phrase_len: lookahead.phrase_len(),
+            ..PoolConfig::default()
+        }))
+    };
+    let pipeline = Pipeline {
+        target: Arc::new(RemoteTarget::connect(&url(ta)).await.unwrap()),
+        draft: Some(Arc::new(RemoteDraft::connect(&url(da)).await.unwrap())),
+        lookahead: Some(Arc::new(RemoteDraft::connect(&url(la)).await.unwrap())),
+        pool: pool(()),
+        lookahead_pool: pool(()),
+        blocking: false,
+    };
+    let defaults = DecodeParams {
+        strategy: Strategy::Ouroboros,
+        max_new_tokens: 32,
+        gamma: 4,
+        lookahead,
+        topk: 2,
+        ..DecodeParams::default()
+    };
+    let service = GenerateService::new(
+        Arc::new(pipeline),
+        Arc::new(word_tokenizer()),
+        vec![],
+        defaults,
+    );
+    let (ol, oa) = listener().await;
+    tokio::spawn(orchestrator::serve(service, ol, std::future::pending()));
+    let client = OuroborosClient::connect(url(oa)).await.unwrap();
+    Cluster {
+        _dir: dir,
+        client,
+        stop_draft: Some(stop_draft),
+    }
+}
+
+fn request(
+    prompt: &[u32],
+    strategy: pb::Strategy,
+    sampling: Option<Sampling>,
+) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        input: Some(pb::generate_request::Input::TokenIds(pb::TokenIds {
+            ids: prompt.to_vec(),
+        })),
+        max_new_tokens: Some(32),
+        stop: vec![],
+        sampling,
+        strategy: strategy as i32,
+        params: None,
+    }
+}
+
+async fn generate(
+    c: &mut OuroborosClient<Channel>,
+    r: pb::GenerateRequest,
+) -> pb::GenerateResponse {
+    c.generate(r).await.unwrap().into_inner()
+}
+
+fn prompts() -> Vec<Vec<u32>> {
+    vec![
+        (0..12).map(|i| [5u32, 9, 14, 22][i % 4]).collect(),
+        (0..7).map(|i| (i * 13 + 1) % VOCAB as u32).collect(),
+        vec![3, 3, 3, 3, 8, 8, 8, 8, 3, 3],
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_strategy_equals_plain_decoding_over_grpc() {
+    let mut cl = cluster().await;
+    let c = &mut cl.client;
+    use pb::Strategy as S;
+    let mut accepted = HashMap::new();
+    for prompt in prompts() {
+        let plain = generate(c, request(&prompt, S::Greedy, None)).await;
+        assert_eq!(plain.token_ids.len(), 32);
+        assert_eq!(plain.finish_reason, pb::FinishReason::Length as i32);
+        // twice each, so the second run meets a warm pool
+        for s in [
+            S::Speculative,
+            S::Lookahead,
+            S::Ouroboros,
+            S::Auto,
+            S::Ouroboros,
+        ] {
+            let g = generate(c, request(&prompt, s, None)).await;
+            assert_eq!(g.token_ids, plain.token_ids, "{s:?} on {prompt:?}");
+            assert_eq!(g.text, plain.text);
+            let stats = g.stats.unwrap();
+            assert!(stats.draft_fallback.is_empty(), "{}", stats.draft_fallback);
+            assert!(stats.mean_accepted_length >= 1.0);
+            *accepted.entry(stats.strategy).or_insert(0) += stats.accepted_tokens;
+        }
+        let sampling = Sampling {
+            temperature: 0.9,
+            top_p: 0.95,
+            top_k: 0,
+            seed: 42,
+        };
+        let plain = generate(c, request(&prompt, S::Greedy, Some(sampling))).await;
+        for s in [S::Speculative, S::Ouroboros] {
+            let g = generate(c, request(&prompt, s, Some(sampling))).await;
+            assert_eq!(g.token_ids, plain.token_ids, "sampling {s:?}");
+        }
+    }
+    // The runs really speculated: drafts were accepted, not only corrected.
+    for s in ["speculative", "ouroboros"] {
+        assert!(accepted[s] > 0, "{accepted:?}");
+    }
+    eprintln!("accepted draft tokens by strategy: {accepted:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stream_equals_unary_and_stop_strings_cut() {
+    let mut cl = cluster().await;
+    let c = &mut cl.client;
+    let prompt = &prompts()[0];
+    let whole = generate(c, request(prompt, pb::Strategy::Ouroboros, None)).await;
+    let mut stream = c
+        .generate_stream(request(prompt, pb::Strategy::Ouroboros, None))
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut text, mut ids, mut last) = (String::new(), Vec::new(), None);
+    while let Some(m) = stream.message().await.unwrap() {
+        text.push_str(&m.text);
+        ids.extend(m.token_ids.iter().copied());
+        if m.finish_reason != 0 {
+            last = Some(m);
+        }
+    }
+    assert_eq!(ids, whole.token_ids);
+    assert_eq!(text, whole.text);
+    let last = last.expect("a final message");
+    assert_eq!(last.usage.unwrap().completion_tokens, 32);
+    assert!(last.stats.unwrap().target_forwards > 0);
+    // Stop at the text of the 5th generated token: the answer ends right before it.
+    let words: Vec<&str> = whole.text.split(' ').collect();
+    let stop = format!(" {}", words[4]);
+    let cut = whole.text.find(&stop).unwrap();
+    let mut r = request(prompt, pb::Strategy::Ouroboros, None);
+    r.stop = vec![stop];
+    let g = generate(c, r).await;
+    assert_eq!(g.finish_reason, pb::FinishReason::Stop as i32);
+    assert_eq!(g.text, whole.text[..cut]);
+    assert_eq!(g.token_ids[..], whole.token_ids[..g.token_ids.len()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_requests_get_invalid_argument() {
+    let mut cl = cluster().await;
+    let c = &mut cl.client;
+    let ok = request(&[1, 2, 3], pb::Strategy::Greedy, None);
+    let with = |f: &dyn Fn(&mut pb::GenerateRequest)| {
+        let mut r = ok.clone();
+        f(&mut r);
+        r
+    };
+    let cases: Vec<(&str, pb::GenerateRequest, &str)> = vec![
+        ("no input", with(&|r| r.input = None), "input"),
+        (
+            "empty prompt",
+            with(&|r| r.input = Some(pb::generate_request::Input::Prompt(String::new()))),
+            "prompt",
+        ),
+        (
+            "empty token ids",
+            with(&|r| {
+                r.input = Some(pb::generate_request::Input::TokenIds(pb::TokenIds {
+                    ids: vec![],
+                }))
+            }),
+            "prompt",
+        ),
+        (
+            "prompt longer than the context",
+            with(&|r| {
+                r.input = Some(pb::generate_request::Input::TokenIds(pb::TokenIds {
+                    ids: vec![1; 600],
+                }))
+            }),
+            "context",
+        ),
+        (
+            "token outside vocab",
+            with(&|r| {
+                r.input = Some(pb::generate_request::Input::TokenIds(pb::TokenIds {
+                    ids: vec![1, 500],
+                }))
+            }),
+            "token_ids",
+        ),
+        (
+            "max_new_tokens 0",
+            with(&|r| r.max_new_tokens = Some(0)),
+            "max_new_tokens",
+        ),
+        (
+            "max_new_tokens huge",
+            with(&|r| r.max_new_tokens = Some(1 << 30)),
+            "max_new_tokens",
+        ),
+        (
+            "temperature < 0",
+            with(&|r| {
+                r.sampling = Some(Sampling {
+                    temperature: -0.5,
+                    ..Default::default()
+                })
+            }),
+            "temperature",
+        ),
+        ("unknown strategy", with(&|r| r.strategy = 99), "strategy"),
+        (
+            "bad lookahead",
+            with(&|r| {
+                r.strategy = pb::Strategy::Ouroboros as i32;
+                r.params = Some(pb::StrategyParams {
+                    lookahead: Some(Lookahead {
+                        level: 99,
+                        window: 1,
+                        guess: 1,
+                    }),
+                    ..Default::default()
+                })
+            }),
+            "level",
+        ),
+        (
+            "bad chat role",
+            with(&|r| {
+                r.input = Some(pb::generate_request::Input::Chat(pb::ChatMessages {
+                    messages: vec![pb::ChatMessage {
+                        role: "robot".into(),
+                        content: "hi".into(),
+                    }],
+                }))
+            }),
+            "role",
+        ),
+    ];
+    for (what, r, needle) in cases {
+        let s = c.generate(r.clone()).await.expect_err(what);
+        assert_eq!(s.code(), Code::InvalidArgument, "{what}: {}", s.message());
+        assert!(
+            s.message().contains(needle),
+            "{what}: '{}' should name {needle}",
+            s.message()
+        );
+        let s = c.generate_stream(r).await.expect_err(what);
+        assert_eq!(
+            s.code(),
+            Code::InvalidArgument,
+            "stream {what}: {}",
+            s.message()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lost_draft_service_falls_back_to_exact_target_only() {
+    let mut cl = cluster().await;
+    let prompt = &prompts()[1];
+    let plain = generate(&mut cl.client, request(prompt, pb::Strategy::Greedy, None)).await;
+    cl.stop_draft.take().unwrap().send(()).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let g = generate(
+        &mut cl.client,
+        request(prompt, pb::Strategy::Ouroboros, None),
+    )
+    .await;
+    assert_eq!(g.token_ids, plain.token_ids);
+    let stats = g.stats.unwrap();
+    assert!(
+        !stats.draft_fallback.is_empty(),
+        "the statistics say the draft was missing"
+    );
+}
