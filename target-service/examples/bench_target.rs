@@ -55,11 +55,15 @@ async fn main() -> anyhow::Result<()> {
     );
     println!("|---|---|---|---|---|---|---|");
     let mut base = None;
-    for &n in &counts {
+    // The first count runs twice; its first run only warms up.
+    let runs = counts.first().into_iter().chain(&counts).enumerate();
+    for (run, &n) in runs {
         let mut tasks = Vec::new();
-        let started = Instant::now();
+        // Clocks start once every session is open: prefill is not verify throughput.
+        let opened = Arc::new(tokio::sync::Barrier::new(n + 1));
         for s in 0..n {
             let mut c = client.clone();
+            let opened = opened.clone();
             tasks.push(tokio::spawn(async move {
                 let prompt: Vec<u32> = (0..32)
                     .map(|i| 100 + ((i * 37 + s * 11) % 5000) as u32)
@@ -71,6 +75,7 @@ async fn main() -> anyhow::Result<()> {
                     .await?
                     .into_inner()
                     .session_id;
+                opened.wait().await;
                 let mut last = *prompt.last().unwrap_or(&0);
                 let mut overhead = Vec::new();
                 for r in 0..rounds {
@@ -97,11 +102,16 @@ async fn main() -> anyhow::Result<()> {
                 anyhow::Ok(overhead)
             }));
         }
+        opened.wait().await;
+        let started = Instant::now();
         let mut overhead = Vec::new();
         for t in tasks {
             overhead.extend(t.await??);
         }
         let wall = started.elapsed().as_secs_f64();
+        if run == 0 {
+            continue;
+        }
         let rate = (n * rounds * nodes) as f64 / wall;
         let ratio = rate / *base.get_or_insert(rate);
         println!(
