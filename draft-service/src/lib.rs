@@ -4,7 +4,7 @@
 
 use dashmap::DashMap;
 use engine::{KvState, LanguageModel};
-use proto::convert::status_of;
+use proto::convert::field_status as field;
 use proto::draft::v1 as pb;
 use proto::draft::v1::draft_service_server::{DraftService, DraftServiceServer};
 use proto::serving::{reflection_service, spawn_evictor};
@@ -84,11 +84,6 @@ impl<M: LanguageModel + 'static> DraftGrpc<M> {
     }
 }
 
-fn field(e: SpecError, name: &str) -> Status {
-    let s = status_of(&e);
-    Status::new(s.code(), format!("{name}: {}", s.message()))
-}
-
 fn request_of(r: pb::DraftRequest) -> Result<DraftRequest, Status> {
     if !(1..=MAX_GAMMA).contains(&r.gamma) {
         return Err(Status::invalid_argument(format!(
@@ -98,7 +93,7 @@ fn request_of(r: pb::DraftRequest) -> Result<DraftRequest, Status> {
     }
     let lookahead = r.lookahead.as_ref().map(LookaheadParams::from);
     if let Some(la) = &lookahead {
-        la.validate().map_err(|e| field(e, "lookahead"))?;
+        la.validate().map_err(|e| field(&e, "lookahead"))?;
     }
     Ok(DraftRequest {
         new_committed: r.new_committed,
@@ -142,9 +137,9 @@ impl<M: LanguageModel + 'static> DraftService for DraftGrpc<M> {
     ) -> Result<Response<pb::OpenSessionResponse>, Status> {
         let started = Instant::now();
         let tokens = request.into_inner().tokens;
-        self.sessions.admit().map_err(|e| field(e, "tokens"))?;
+        self.sessions.admit().map_err(|e| field(&e, "tokens"))?;
         // Opening only records the tokens; the prefill happens with the first draft.
-        let s = DraftSession::open(&*self.model, &tokens).map_err(|e| field(e, "tokens"))?;
+        let s = DraftSession::open(&*self.model, &tokens).map_err(|e| field(&e, "tokens"))?;
         let bytes = s.cache.memory_bytes();
         let id = self.sessions.insert(s, bytes);
         Ok(Response::new(pb::OpenSessionResponse {
@@ -178,8 +173,8 @@ impl<M: LanguageModel + 'static> DraftService for DraftGrpc<M> {
         .await
         .map_err(|e| Status::internal(format!("draft task failed: {e}")))?
         .map_err(|e| match e {
-            SpecError::UnknownSession(_) => field(e, "session_id"),
-            e => field(e, "new_committed"),
+            SpecError::UnknownSession(_) => field(&e, "session_id"),
+            e => field(&e, "new_committed"),
         })?;
         let forward = started.elapsed().as_secs_f64();
         Ok(Response::new(pb::DraftResponse {
@@ -200,7 +195,7 @@ impl<M: LanguageModel + 'static> DraftService for DraftGrpc<M> {
         tokio::task::spawn_blocking(move || sessions.close(id))
             .await
             .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| field(e, "session_id"))?;
+            .map_err(|e| field(&e, "session_id"))?;
         Ok(Response::new(pb::CloseSessionResponse {}))
     }
 }

@@ -4,12 +4,10 @@
 
 use crate::pipeline::{Runner, TokenSink};
 use crate::text::{StopScan, chat_template};
-use proto::convert::{sampling_from_pb, status_of};
+use proto::convert::{field_status, sampling_from_pb, status_of};
 use proto::v1 as pb;
 use proto::v1::ouroboros_server::Ouroboros;
-use spec::{
-    DecodeParams, FinishReason, Flow, Generation, LookaheadParams, SpecError, SpecStats, Strategy,
-};
+use spec::{DecodeParams, FinishReason, Flow, Generation, LookaheadParams, SpecStats, Strategy};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use tokenizers::Tokenizer;
@@ -118,7 +116,7 @@ impl GenerateService {
             topk: p.topk.map_or(d.topk, |k| k as usize),
             harvest_committed: d.harvest_committed,
         };
-        params.validate().map_err(|e| field_status(e, "params"))?;
+        params.validate().map_err(|e| field_status(&e, "params"))?;
         Ok((prompt, params))
     }
 
@@ -211,11 +209,6 @@ struct Finished {
     finish: pb::FinishReason,
     usage: pb::Usage,
     stats: pb::SpecStats,
-}
-
-fn field_status(e: SpecError, name: &str) -> Status {
-    let s = status_of(&e);
-    Status::new(s.code(), format!("{name}: {}", s.message()))
 }
 
 fn finish_of(g: &Generation) -> pb::FinishReason {

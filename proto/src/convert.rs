@@ -119,3 +119,9 @@ pub fn error_of(s: &Status, session: Option<u64>) -> SpecError {
         (code, _) => SpecError::Backend(format!("{code:?}: {msg}")),
     }
 }
+
+/// As [`status_of`], with the message prefixed by the request field at fault.
+pub fn field_status(e: &SpecError, field: &str) -> Status {
+    let s = status_of(e);
+    Status::new(s.code(), format!("{field}: {}", s.message()))
+}

@@ -2,7 +2,7 @@
 
 use crate::scheduler::{Scheduler, SchedulerConfig, Sessions};
 use engine::LanguageModel;
-use proto::convert::{sampling_from_pb, status_of};
+use proto::convert::{field_status as field, sampling_from_pb};
 use proto::serving::{reflection_service, spawn_evictor};
 use proto::target::v1 as pb;
 use proto::target::v1::target_service_server::{TargetService, TargetServiceServer};
@@ -79,11 +79,6 @@ impl<M: LanguageModel + 'static> TargetGrpc<M> {
     }
 }
 
-fn field(e: SpecError, name: &str) -> Status {
-    let s = status_of(&e);
-    Status::new(s.code(), format!("{name}: {}", s.message()))
-}
-
 fn timing(started: Instant, forward: f64, queue: f64) -> Option<proto::common::v1::ServerTiming> {
     Some(proto::common::v1::ServerTiming {
         queue_s: queue,
@@ -122,7 +117,7 @@ impl<M: LanguageModel + 'static> TargetService for TargetGrpc<M> {
     ) -> Result<Response<pb::OpenSessionResponse>, Status> {
         let started = Instant::now();
         let tokens = request.into_inner().tokens;
-        check_vocab(&tokens, self.vocab()).map_err(|e| field(e, "tokens"))?;
+        check_vocab(&tokens, self.vocab()).map_err(|e| field(&e, "tokens"))?;
         let max = self.model.info().max_position;
         if tokens.len() >= max {
             return Err(Status::out_of_range(format!(
@@ -134,7 +129,7 @@ impl<M: LanguageModel + 'static> TargetService for TargetGrpc<M> {
             .scheduler
             .open(tokens)
             .await
-            .map_err(|e| field(e, "tokens"))?;
+            .map_err(|e| field(&e, "tokens"))?;
         let forward = started.elapsed().as_secs_f64();
         Ok(Response::new(pb::OpenSessionResponse {
             session_id: id,
@@ -155,21 +150,21 @@ impl<M: LanguageModel + 'static> TargetService for TargetGrpc<M> {
                 self.config.max_tree_nodes
             )));
         }
-        check_vocab(&r.tokens, self.vocab()).map_err(|e| field(e, "tokens"))?;
+        check_vocab(&r.tokens, self.vocab()).map_err(|e| field(&e, "tokens"))?;
         let sampling = sampling_from_pb(r.sampling.as_ref());
-        sampling.validate().map_err(|e| field(e, "sampling"))?;
-        let tree = DraftTree::from_parts(r.tokens, r.parents).map_err(|e| field(e, "parents"))?;
+        sampling.validate().map_err(|e| field(&e, "sampling"))?;
+        let tree = DraftTree::from_parts(r.tokens, r.parents).map_err(|e| field(&e, "parents"))?;
         let slot = self
             .sessions
             .get(r.session_id)
-            .map_err(|e| field(e, "session_id"))?;
+            .map_err(|e| field(&e, "session_id"))?;
         let (outcome, t) = self
             .scheduler
             .verify(r.session_id, slot, tree, sampling)
             .await
             .map_err(|e| match e {
-                SpecError::UnknownSession(_) => field(e, "session_id"),
-                e => field(e, "tokens"),
+                SpecError::UnknownSession(_) => field(&e, "session_id"),
+                e => field(&e, "tokens"),
             })?;
         Ok(Response::new(pb::VerifyResponse {
             path: outcome.path.iter().map(|&n| n as u32).collect(),
@@ -190,7 +185,7 @@ impl<M: LanguageModel + 'static> TargetService for TargetGrpc<M> {
         tokio::task::spawn_blocking(move || sessions.close(id))
             .await
             .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| field(e, "session_id"))?;
+            .map_err(|e| field(&e, "session_id"))?;
         Ok(Response::new(pb::CloseSessionResponse {}))
     }
 }
