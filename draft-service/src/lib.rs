@@ -3,7 +3,7 @@
 //! and fed by the draft's own lookahead window.
 
 use dashmap::DashMap;
-use engine::{KvState, LanguageModel};
+use engine::LanguageModel;
 use proto::convert::field_status as field;
 use proto::draft::v1 as pb;
 use proto::draft::v1::draft_service_server::{DraftService, DraftServiceServer};
@@ -140,8 +140,7 @@ impl<M: LanguageModel + 'static> DraftService for DraftGrpc<M> {
         self.sessions.admit().map_err(|e| field(&e, "tokens"))?;
         // Opening only records the tokens; the prefill happens with the first draft.
         let s = DraftSession::open(&*self.model, &tokens).map_err(|e| field(&e, "tokens"))?;
-        let bytes = s.cache.memory_bytes();
-        let id = self.sessions.insert(s, bytes);
+        let id = self.sessions.insert(s);
         Ok(Response::new(pb::OpenSessionResponse {
             session_id: id,
             timing: timing(started, 0.0),
@@ -164,11 +163,7 @@ impl<M: LanguageModel + 'static> DraftService for DraftGrpc<M> {
         let pool = self.pool(len);
         let (model, sessions) = (self.model.clone(), self.sessions.clone());
         let outcome = tokio::task::spawn_blocking(move || {
-            sessions.with(
-                id,
-                |s| s.draft(&*model, &pool, &req),
-                |s| s.cache.memory_bytes(),
-            )
+            sessions.with(id, |s| s.draft(&*model, &pool, &req))
         })
         .await
         .map_err(|e| Status::internal(format!("draft task failed: {e}")))?

@@ -10,7 +10,7 @@ use crate::error::{Result, SpecError};
 use crate::lookahead::{Window, finish_step, plan_step};
 use crate::pool::PhrasePool;
 use crate::sampling::SamplingParams;
-use crate::sessions::{SessionLimits, SessionTable};
+use crate::sessions::{SessionLimits, SessionState, SessionTable};
 use crate::tree::DraftTree;
 use engine::{ForwardOutput, KvState, LanguageModel, OutputSpec, SeqInput, Visibility};
 use std::sync::Arc;
@@ -142,6 +142,12 @@ impl<C: KvState> TargetSession<C> {
         };
         let out = model.forward(&mut self.cache, input)?;
         self.verify_finish(tree, &positions, base, &out, sampling)
+    }
+}
+
+impl<C: KvState> SessionState for TargetSession<C> {
+    fn memory_bytes(&self) -> usize {
+        self.cache.memory_bytes()
     }
 }
 
@@ -277,6 +283,12 @@ impl<C: KvState> DraftSession<C> {
     }
 }
 
+impl<C: KvState> SessionState for DraftSession<C> {
+    fn memory_bytes(&self) -> usize {
+        self.cache.memory_bytes()
+    }
+}
+
 pub fn check_vocab(tokens: &[u32], vocab: usize) -> Result<()> {
     match tokens.iter().find(|&&t| t as usize >= vocab) {
         Some(t) => Err(SpecError::invalid(format!(
@@ -327,8 +339,7 @@ impl<M: LanguageModel> TargetBackend for LocalTarget<M> {
 
     async fn open(&self, committed: &[u32]) -> Result<SessionId> {
         let s = TargetSession::open(&*self.model, committed)?;
-        let bytes = s.cache.memory_bytes();
-        Ok(self.sessions.insert(s, bytes))
+        Ok(self.sessions.insert(s))
     }
 
     async fn verify(
@@ -339,11 +350,8 @@ impl<M: LanguageModel> TargetBackend for LocalTarget<M> {
     ) -> Result<(VerifyOutcome, ServerTiming)> {
         sampling.validate()?;
         timed(|| {
-            self.sessions.with(
-                session,
-                |s| s.verify(&*self.model, tree, sampling),
-                |s| s.cache.memory_bytes(),
-            )
+            self.sessions
+                .with(session, |s| s.verify(&*self.model, tree, sampling))
         })
     }
 
@@ -380,8 +388,7 @@ impl<M: LanguageModel> DraftBackend for LocalDraft<M> {
 
     async fn open(&self, committed: &[u32]) -> Result<SessionId> {
         let s = DraftSession::open(&*self.model, committed)?;
-        let bytes = s.cache.memory_bytes();
-        Ok(self.sessions.insert(s, bytes))
+        Ok(self.sessions.insert(s))
     }
 
     async fn draft(
@@ -390,11 +397,8 @@ impl<M: LanguageModel> DraftBackend for LocalDraft<M> {
         request: DraftRequest,
     ) -> Result<(DraftOutcome, ServerTiming)> {
         timed(|| {
-            self.sessions.with(
-                session,
-                |s| s.draft(&*self.model, &self.pool, &request),
-                |s| s.cache.memory_bytes(),
-            )
+            self.sessions
+                .with(session, |s| s.draft(&*self.model, &self.pool, &request))
         })
     }
 

@@ -39,6 +39,11 @@ pub struct Slot<S> {
 
 pub type SlotRef<S> = Arc<Mutex<Slot<S>>>;
 
+/// What the table keeps per session; its memory counts against the budget.
+pub trait SessionState {
+    fn memory_bytes(&self) -> usize;
+}
+
 pub struct SessionTable<S> {
     map: DashMap<SessionId, SlotRef<S>>,
     next: AtomicU64,
@@ -50,7 +55,7 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-impl<S> SessionTable<S> {
+impl<S: SessionState> SessionTable<S> {
     pub fn new(limits: SessionLimits) -> Self {
         // Ids start at a time-derived offset so a restarted server does not accept a
         // stale id from before the restart as one of its own.
@@ -104,7 +109,8 @@ impl<S> SessionTable<S> {
         Ok(())
     }
 
-    pub fn insert(&self, state: S, bytes: usize) -> SessionId {
+    pub fn insert(&self, state: S) -> SessionId {
+        let bytes = state.memory_bytes();
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         self.bytes.fetch_add(bytes, Ordering::Relaxed);
         let slot = Slot {
@@ -125,15 +131,10 @@ impl<S> SessionTable<S> {
     }
 
     /// Runs `f` on the session's state under its lock, then records its memory.
-    pub fn with<R>(
-        &self,
-        id: SessionId,
-        f: impl FnOnce(&mut S) -> Result<R>,
-        bytes_of: impl Fn(&S) -> usize,
-    ) -> Result<R> {
+    pub fn with<R>(&self, id: SessionId, f: impl FnOnce(&mut S) -> Result<R>) -> Result<R> {
         let slot = self.get(id)?;
         let mut g = lock(&slot);
-        self.work_on(id, &mut g, f, bytes_of)
+        self.work_on(id, &mut g, f)
     }
 
     /// As [`Self::with`], for a caller that already holds the lock (a batch of sessions).
@@ -142,11 +143,10 @@ impl<S> SessionTable<S> {
         id: SessionId,
         slot: &mut Slot<S>,
         f: impl FnOnce(&mut S) -> Result<R>,
-        bytes_of: impl Fn(&S) -> usize,
     ) -> Result<R> {
         self.check_open(id, slot)?;
         let r = f(&mut slot.state);
-        self.finish_work(slot, bytes_of(&slot.state));
+        self.finish_work(slot);
         r
     }
 
@@ -158,9 +158,10 @@ impl<S> SessionTable<S> {
     }
 
     /// Records that work on a locked session ended and what memory it now holds.
-    pub fn finish_work(&self, slot: &mut Slot<S>, bytes: usize) {
+    fn finish_work(&self, slot: &mut Slot<S>) {
         slot.last_used = Instant::now();
         if !slot.closed {
+            let bytes = slot.state.memory_bytes();
             self.bytes.fetch_add(bytes, Ordering::Relaxed);
             self.bytes.fetch_sub(slot.bytes, Ordering::Relaxed);
             slot.bytes = bytes;

@@ -159,8 +159,7 @@ impl<M: LanguageModel> Worker<M> {
     fn open(&self, tokens: &[u32]) -> Result<SessionId> {
         self.sessions.admit()?;
         let s = TargetSession::open(&*self.model, tokens)?;
-        let bytes = s.cache.memory_bytes();
-        Ok(self.sessions.insert(s, bytes))
+        Ok(self.sessions.insert(s))
     }
 
     /// Waits up to `batch_wait` for trees of other open sessions.
@@ -241,12 +240,9 @@ impl<M: LanguageModel> Worker<M> {
         {
             let job = r.job;
             let result = out.and_then(|out| {
-                self.sessions.work_on(
-                    job.id,
-                    guard,
-                    |s| s.verify_finish(&job.tree, &r.positions, r.base, &out, &job.sampling),
-                    |s| s.cache.memory_bytes(),
-                )
+                self.sessions.work_on(job.id, guard, |s| {
+                    s.verify_finish(&job.tree, &r.positions, r.base, &out, &job.sampling)
+                })
             });
             let timing = ServerTiming {
                 queue: started
