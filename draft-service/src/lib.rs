@@ -7,7 +7,7 @@ use engine::LanguageModel;
 use proto::convert::field_status as field;
 use proto::draft::v1 as pb;
 use proto::draft::v1::draft_service_server::{DraftService, DraftServiceServer};
-use proto::serving::{reflection_service, spawn_evictor};
+use proto::serving::{close_session, serve as serve_with_health, spawn_evictor};
 use spec::{
     DraftRequest, DraftSession, LookaheadParams, Ngram, PhrasePool, PoolConfig, SessionLimits,
     SessionTable, SpecError,
@@ -16,7 +16,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 
 /// Most draft tokens one call may ask for.
@@ -185,12 +184,7 @@ impl<M: LanguageModel + 'static> DraftService for DraftGrpc<M> {
         &self,
         request: Request<pb::CloseSessionRequest>,
     ) -> Result<Response<pb::CloseSessionResponse>, Status> {
-        let id = request.into_inner().session_id;
-        let sessions = self.sessions.clone();
-        tokio::task::spawn_blocking(move || sessions.close(id))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| field(&e, "session_id"))?;
+        close_session(self.sessions.clone(), request.into_inner().session_id).await?;
         Ok(Response::new(pb::CloseSessionResponse {}))
     }
 }
@@ -205,16 +199,7 @@ pub async fn serve<M: LanguageModel + 'static>(
     let evictor = spawn_evictor(service.config.session_ttl, "draft", move || {
         sessions.evict_idle()
     });
-    let (reporter, health) = tonic_health::server::health_reporter();
-    reporter
-        .set_serving::<DraftServiceServer<DraftGrpc<M>>>()
-        .await;
-    let r = tonic::transport::Server::builder()
-        .add_service(health)
-        .add_service(reflection_service()?)
-        .add_service(DraftServiceServer::new(service))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await;
+    let r = serve_with_health(DraftServiceServer::new(service), listener, shutdown).await;
     evictor.abort();
-    Ok(r?)
+    r
 }

@@ -1,14 +1,48 @@
-//! Pieces every server here mounts: gRPC reflection over our descriptor set, and the
-//! background task that evicts idle sessions.
+//! What every server here shares: gRPC health and reflection beside the service, the
+//! background task that evicts idle sessions, and closing a session off the async threads.
 
+use crate::convert::field_status;
+use spec::SessionId;
+use spec::sessions::{SessionState, SessionTable};
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
-use tonic_reflection::server::v1::{ServerReflection, ServerReflectionServer};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::Status;
+use tonic::body::Body;
+use tonic::codegen::{Service, http};
+use tonic::server::NamedService;
 
-pub fn reflection_service()
--> Result<ServerReflectionServer<impl ServerReflection>, tonic_reflection::server::Error> {
-    tonic_reflection::server::Builder::configure()
+/// Serves `service` on `listener`, with gRPC health (reporting it serving) and reflection
+/// over our descriptor set, until `shutdown` completes.
+pub async fn serve<S>(
+    service: S,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+        + NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_serving::<S>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
-        .build_v1()
+        .build_v1()?;
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
 }
 
 /// Calls `evict` (which returns how many sessions it evicted) every quarter of `ttl`.
@@ -27,4 +61,15 @@ pub fn spawn_evictor(
             }
         }
     })
+}
+
+/// Closes a session on the blocking pool: closing waits for a call that holds it.
+pub async fn close_session<S: SessionState + Send + 'static>(
+    sessions: Arc<SessionTable<S>>,
+    id: SessionId,
+) -> Result<(), Status> {
+    tokio::task::spawn_blocking(move || sessions.close(id))
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| field_status(&e, "session_id"))
 }

@@ -3,7 +3,7 @@
 use crate::scheduler::{Scheduler, SchedulerConfig, Sessions};
 use engine::LanguageModel;
 use proto::convert::{field_status as field, sampling_from_pb};
-use proto::serving::{reflection_service, spawn_evictor};
+use proto::serving::{close_session, serve as serve_with_health, spawn_evictor};
 use proto::target::v1 as pb;
 use proto::target::v1::target_service_server::{TargetService, TargetServiceServer};
 use spec::local::check_vocab;
@@ -12,7 +12,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 
 #[derive(Debug, Clone, Copy)]
@@ -179,13 +178,7 @@ impl<M: LanguageModel + 'static> TargetService for TargetGrpc<M> {
         &self,
         request: Request<pb::CloseSessionRequest>,
     ) -> Result<Response<pb::CloseSessionResponse>, Status> {
-        let id = request.into_inner().session_id;
-        let sessions = self.sessions.clone();
-        // Closing waits for a verify that holds the session.
-        tokio::task::spawn_blocking(move || sessions.close(id))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| field(&e, "session_id"))?;
+        close_session(self.sessions.clone(), request.into_inner().session_id).await?;
         Ok(Response::new(pb::CloseSessionResponse {}))
     }
 }
@@ -201,17 +194,7 @@ pub async fn serve<M: LanguageModel + 'static>(
     let evictor = spawn_evictor(service.config.session_ttl, "target", move || {
         sessions.evict_idle()
     });
-    let (reporter, health) = tonic_health::server::health_reporter();
-    reporter
-        .set_serving::<TargetServiceServer<TargetGrpc<M>>>()
-        .await;
-    let reflection = reflection_service()?;
-    let r = tonic::transport::Server::builder()
-        .add_service(health)
-        .add_service(reflection)
-        .add_service(TargetServiceServer::new(service))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await;
+    let r = serve_with_health(TargetServiceServer::new(service), listener, shutdown).await;
     evictor.abort();
-    Ok(r?)
+    r
 }
