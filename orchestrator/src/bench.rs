@@ -141,7 +141,7 @@ fn run_with<T: LanguageModel>(e: &Embedded<T>, a: &BenchArgs) -> Result<()> {
         let mut reference: Option<Vec<u32>> = None;
         for ((_, strategy, cold), row) in plan.iter().zip(rows.iter_mut()) {
             if *cold {
-                e.pool.clear();
+                e.pipeline.pool.clear();
             }
             let params = a.decode.params(*strategy, &e.eos);
             let g = e.run(&prompt, &params, &mut |_: &[u32]| Flow::Continue)?;

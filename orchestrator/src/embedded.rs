@@ -1,14 +1,12 @@
 //! The all-in-one mode: target, draft and tokenizer in this process, behind the same
 //! backend traits the distributed mode uses.
 
+use crate::pipeline::Pipeline;
 use anyhow::{Context, Result, bail};
 use candle_core::Device;
 use engine::tp::TpModel;
 use engine::{LanguageModel, LoadOptions, Transformer};
-use spec::{
-    DecodeParams, Flow, Generation, LocalDraft, LocalTarget, PhrasePool, PoolConfig, Strategy,
-    generate,
-};
+use spec::{DecodeParams, Flow, Generation, LocalDraft, LocalTarget, PhrasePool, PoolConfig};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokenizers::Tokenizer;
@@ -22,18 +20,14 @@ pub fn models_dir() -> PathBuf {
     engine::testing::models_dir()
 }
 
+/// The in-process pipeline: target, its lookahead host, the draft and the pools.
+pub type LocalPipeline<T> = Pipeline<LocalTarget<T>, LocalDraft<Transformer>, LocalDraft<T>>;
+
 /// Loaded models and the pools they share across requests.
 pub struct Embedded<T: LanguageModel> {
-    pub target: Arc<LocalTarget<T>>,
-    /// Lookahead decoding hosted on the target model (the target-only baseline).
-    pub target_lookahead: Arc<LocalDraft<T>>,
-    pub draft: Option<Arc<LocalDraft<Transformer>>>,
+    pub pipeline: Arc<LocalPipeline<T>>,
     pub tokenizer: Tokenizer,
     pub eos: Vec<u32>,
-    /// Shared by every Ouroboros request (warm start).
-    pub pool: Arc<PhrasePool>,
-    /// The lookahead baseline's own pool, so the baselines do not warm each other.
-    pub lookahead_pool: Arc<PhrasePool>,
 }
 
 pub struct ModelPaths {
@@ -141,14 +135,19 @@ fn assemble<T: LanguageModel>(
             );
         }
     }
-    Ok(Embedded {
+    let pipeline = Pipeline {
         target: Arc::new(LocalTarget::new(target.clone())),
-        target_lookahead: Arc::new(LocalDraft::new(target, lookahead_pool.clone())),
         draft,
-        tokenizer,
-        eos,
+        lookahead: Some(Arc::new(LocalDraft::new(target, lookahead_pool.clone()))),
         pool,
         lookahead_pool,
+        // In-process backends compute inside their futures.
+        blocking: true,
+    };
+    Ok(Embedded {
+        pipeline: Arc::new(pipeline),
+        tokenizer,
+        eos,
     })
 }
 
@@ -168,32 +167,7 @@ impl<T: LanguageModel> Embedded<T> {
         params: &DecodeParams,
         on_tokens: &mut (dyn FnMut(&[u32]) -> Flow + Send),
     ) -> Result<Generation> {
-        let fut = async {
-            match params.strategy {
-                Strategy::Lookahead => {
-                    generate(
-                        &*self.target,
-                        Some(&*self.target_lookahead),
-                        &self.lookahead_pool,
-                        prompt,
-                        params,
-                        on_tokens,
-                    )
-                    .await
-                }
-                _ => {
-                    generate(
-                        &*self.target,
-                        self.draft.as_deref(),
-                        &self.pool,
-                        prompt,
-                        params,
-                        on_tokens,
-                    )
-                    .await
-                }
-            }
-        };
+        let fut = self.pipeline.generate(prompt, params, on_tokens);
         Ok(futures::executor::block_on(fut)?)
     }
 }

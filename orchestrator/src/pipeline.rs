@@ -37,6 +37,51 @@ pub struct Pipeline<T, D, L> {
     pub blocking: bool,
 }
 
+impl<T, D, L> Clone for Pipeline<T, D, L> {
+    fn clone(&self) -> Self {
+        Self {
+            target: self.target.clone(),
+            draft: self.draft.clone(),
+            lookahead: self.lookahead.clone(),
+            pool: self.pool.clone(),
+            lookahead_pool: self.lookahead_pool.clone(),
+            blocking: self.blocking,
+        }
+    }
+}
+
+impl<T, D, L> Pipeline<T, D, L>
+where
+    T: TargetBackend,
+    D: DraftBackend,
+    L: DraftBackend,
+{
+    /// Runs one request on the calling task: the lookahead baseline on its host and pool,
+    /// every other strategy on the draft and the shared pool.
+    pub async fn generate(
+        &self,
+        prompt: &[u32],
+        params: &DecodeParams,
+        sink: &mut (dyn FnMut(&[u32]) -> Flow + Send),
+    ) -> spec::Result<Generation> {
+        if params.strategy == Strategy::Lookahead {
+            let host = self.lookahead.as_deref();
+            generate(
+                &*self.target,
+                host,
+                &self.lookahead_pool,
+                prompt,
+                params,
+                sink,
+            )
+            .await
+        } else {
+            let draft = self.draft.as_deref();
+            generate(&*self.target, draft, &self.pool, prompt, params, sink).await
+        }
+    }
+}
+
 impl<T, D, L> Runner for Pipeline<T, D, L>
 where
     T: TargetBackend + 'static,
@@ -61,33 +106,8 @@ where
         params: DecodeParams,
         mut sink: TokenSink,
     ) -> BoxFuture<'static, spec::Result<Generation>> {
-        let target = self.target.clone();
-        let draft = self.draft.clone();
-        let lookahead = self.lookahead.clone();
-        let (pool, lookahead_pool) = (self.pool.clone(), self.lookahead_pool.clone());
-        let work = async move {
-            if params.strategy == Strategy::Lookahead {
-                generate(
-                    &*target,
-                    lookahead.as_deref(),
-                    &lookahead_pool,
-                    &prompt,
-                    &params,
-                    &mut *sink,
-                )
-                .await
-            } else {
-                generate(
-                    &*target,
-                    draft.as_deref(),
-                    &pool,
-                    &prompt,
-                    &params,
-                    &mut *sink,
-                )
-                .await
-            }
-        };
+        let pipeline = self.clone();
+        let work = async move { pipeline.generate(&prompt, &params, &mut *sink).await };
         let blocking = self.blocking;
         Box::pin(async move {
             let joined = if blocking {

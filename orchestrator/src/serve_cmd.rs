@@ -87,22 +87,9 @@ fn local<T: engine::LanguageModel + 'static>(
     a: &ServeArgs,
     e: Embedded<T>,
 ) -> (GenerateService, Arc<PhrasePool>) {
-    let pipeline = Pipeline {
-        target: e.target.clone(),
-        draft: e.draft.clone(),
-        lookahead: Some(e.target_lookahead.clone()),
-        pool: e.pool.clone(),
-        lookahead_pool: e.lookahead_pool.clone(),
-        blocking: true,
-    };
     let defaults = a.decode.params(Strategy::Ouroboros, &e.eos);
-    let service = GenerateService::new(
-        Arc::new(pipeline),
-        Arc::new(e.tokenizer.clone()),
-        e.eos.clone(),
-        defaults,
-    );
-    (service, e.pool)
+    let service = GenerateService::new(e.pipeline.clone(), Arc::new(e.tokenizer), e.eos, defaults);
+    (service, e.pipeline.pool.clone())
 }
 
 async fn remote(
