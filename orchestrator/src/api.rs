@@ -148,11 +148,11 @@ impl GenerateService {
     /// Runs a request; `chunks` receives text deltas and tokens as they are committed.
     async fn run(
         &self,
-        r: pb::GenerateRequest,
+        (prompt, params): (Vec<u32>, DecodeParams),
+        stop: Vec<String>,
         chunks: Option<mpsc::UnboundedSender<Result<pb::GenerateStreamResponse, Status>>>,
     ) -> Result<Finished, Status> {
-        let (prompt, params) = self.prepare(&r)?;
-        let scan = Arc::new(Mutex::new(StopScan::new(self.tokenizer.clone(), r.stop)));
+        let scan = Arc::new(Mutex::new(StopScan::new(self.tokenizer.clone(), stop)));
         let sink_scan = scan.clone();
         let sink: TokenSink = Box::new(move |tokens: &[u32]| {
             let mut s = spec::sessions::lock(&sink_scan);
@@ -253,7 +253,9 @@ impl Ouroboros for GenerateService {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<pb::GenerateResponse>, Status> {
-        let f = GenerateService::run(self, request.into_inner(), None).await?;
+        let r = request.into_inner();
+        let prepared = self.prepare(&r)?;
+        let f = GenerateService::run(self, prepared, r.stop, None).await?;
         Ok(Response::new(pb::GenerateResponse {
             text: f.text,
             token_ids: f.tokens,
@@ -271,11 +273,11 @@ impl Ouroboros for GenerateService {
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
         let r = request.into_inner();
         // Bad requests fail the call itself rather than the stream.
-        self.prepare(&r)?;
+        let prepared = self.prepare(&r)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let service = self.clone();
         tokio::spawn(async move {
-            let last = match service.run(r, Some(tx.clone())).await {
+            let last = match service.run(prepared, r.stop, Some(tx.clone())).await {
                 Ok(f) => Ok(pb::GenerateStreamResponse {
                     text: f.tail,
                     token_ids: Vec::new(),
