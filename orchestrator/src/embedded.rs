@@ -174,5 +174,5 @@ impl<T: LanguageModel> Embedded<T> {
 
 /// ChatML, the template of the Qwen and SmolLM2 instruct models.
 pub fn chat_prompt(user: &str) -> String {
-    format!("<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n")
+    crate::text::chatml([("user", user)])
 }

@@ -12,7 +12,6 @@ pub fn chat_template(messages: &[ChatMessage]) -> Result<String, String> {
     if messages.is_empty() {
         return Err("chat: no messages".into());
     }
-    let mut out = String::new();
     for (i, m) in messages.iter().enumerate() {
         if !matches!(m.role.as_str(), "system" | "user" | "assistant") {
             return Err(format!(
@@ -20,13 +19,22 @@ pub fn chat_template(messages: &[ChatMessage]) -> Result<String, String> {
                 m.role
             ));
         }
-        out.push_str(&format!(
-            "<|im_start|>{}\n{}<|im_end|>\n",
-            m.role, m.content
-        ));
+    }
+    Ok(chatml(
+        messages
+            .iter()
+            .map(|m| (m.role.as_str(), m.content.as_str())),
+    ))
+}
+
+/// ChatML text of `(role, content)` turns, ending with the assistant's turn.
+pub fn chatml<'a>(turns: impl IntoIterator<Item = (&'a str, &'a str)>) -> String {
+    let mut out = String::new();
+    for (role, content) in turns {
+        out.push_str(&format!("<|im_start|>{role}\n{content}<|im_end|>\n"));
     }
     out.push_str("<|im_start|>assistant\n");
-    Ok(out)
+    out
 }
 
 /// New text and tokens since the previous push.

@@ -46,7 +46,8 @@ struct VerifyJob<M: LanguageModel> {
 
 /// Handle to the worker; dropping it stops the worker after the queued jobs.
 pub struct Scheduler<M: LanguageModel> {
-    jobs: Sender<Job<M>>,
+    /// `None` once dropping began: closing the channel ends the worker's loop.
+    jobs: Option<Sender<Job<M>>>,
     worker: Option<JoinHandle<()>>,
 }
 
@@ -58,7 +59,7 @@ impl<M: LanguageModel + 'static> Scheduler<M> {
             .spawn(move || Worker::new(model, sessions, config).run(rx))
             .expect("spawning the scheduler thread");
         Self {
-            jobs: tx,
+            jobs: Some(tx),
             worker: Some(worker),
         }
     }
@@ -90,15 +91,14 @@ impl<M: LanguageModel + 'static> Scheduler<M> {
     }
 
     fn send(&self, job: Job<M>) -> Result<()> {
-        self.jobs.send(job).map_err(|_| stopped())
+        let jobs = self.jobs.as_ref().ok_or_else(stopped)?;
+        jobs.send(job).map_err(|_| stopped())
     }
 }
 
 impl<M: LanguageModel> Drop for Scheduler<M> {
     fn drop(&mut self) {
-        // Closing the channel ends the worker's loop.
-        let (tx, _) = channel();
-        drop(std::mem::replace(&mut self.jobs, tx));
+        self.jobs = None;
         if let Some(w) = self.worker.take() {
             let _ = w.join();
         }
