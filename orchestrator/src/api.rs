@@ -115,6 +115,7 @@ impl GenerateService {
                 .map_or(d.lookahead, LookaheadParams::from),
             topk: p.topk.map_or(d.topk, |k| k as usize),
             harvest_committed: d.harvest_committed,
+            trie_budget: p.trie_budget.map_or(d.trie_budget, |k| k as usize),
         };
         params.validate().map_err(|e| field_status(&e, "params"))?;
         Ok((prompt, params))
@@ -138,6 +139,7 @@ impl GenerateService {
             pb::Strategy::Auto | pb::Strategy::Greedy => Strategy::Greedy,
             pb::Strategy::Speculative => Strategy::Speculative,
             pb::Strategy::Ouroboros => Strategy::Ouroboros,
+            pb::Strategy::Trie => Strategy::Trie,
             pb::Strategy::Lookahead => {
                 need(self.runner.has_lookahead(), "lookahead host")?;
                 Strategy::Lookahead
@@ -242,6 +244,12 @@ pub fn stats_of(s: &SpecStats) -> pb::SpecStats {
         verify_s: s.verify_s,
         network_s: s.network_s,
         total_s: s.total_s,
+        trie_lookups: s.trie_lookups,
+        trie_hits: s.trie_hits,
+        trie_nodes: s.trie_nodes,
+        trie_accepted: s.trie_accepted,
+        trie_prompt_nodes: s.trie_prompt_nodes,
+        trie_cache_nodes: s.trie_cache_nodes,
     }
 }
 

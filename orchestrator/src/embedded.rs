@@ -141,6 +141,7 @@ fn assemble<T: LanguageModel>(
         lookahead: Some(Arc::new(LocalDraft::new(target, lookahead_pool.clone()))),
         pool,
         lookahead_pool,
+        trie: Default::default(),
         // In-process backends compute inside their futures.
         blocking: true,
     };

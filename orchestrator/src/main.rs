@@ -78,6 +78,7 @@ pub enum StrategyArg {
     Speculative,
     Lookahead,
     Ouroboros,
+    Trie,
 }
 
 impl From<StrategyArg> for Strategy {
@@ -87,6 +88,7 @@ impl From<StrategyArg> for Strategy {
             StrategyArg::Speculative => Strategy::Speculative,
             StrategyArg::Lookahead => Strategy::Lookahead,
             StrategyArg::Ouroboros => Strategy::Ouroboros,
+            StrategyArg::Trie => Strategy::Trie,
         }
     }
 }
@@ -110,6 +112,10 @@ pub struct DecodeArgs {
     /// Pool phrases appended as candidate suffixes (Ouroboros).
     #[arg(long, default_value_t = 3)]
     topk: usize,
+    /// Most trie nodes per verify tree (trie strategy; Ouroboros adds them beside its
+    /// draft, 0 turns that off).
+    #[arg(long, default_value_t = DecodeParams::default().trie_budget)]
+    trie_budget: usize,
     /// 0 decodes greedily.
     #[arg(long, default_value_t = 0.0)]
     temperature: f32,
@@ -141,6 +147,7 @@ impl DecodeArgs {
             },
             topk: self.topk,
             harvest_committed: true,
+            trie_budget: self.trie_budget,
         }
     }
 }

@@ -5,7 +5,7 @@
 use futures::future::BoxFuture;
 use spec::{
     BackendInfo, DecodeParams, DraftBackend, Flow, Generation, PhrasePool, SpecError, Strategy,
-    TargetBackend, generate,
+    TargetBackend, TrieCache, generate,
 };
 use std::sync::Arc;
 
@@ -32,6 +32,8 @@ pub struct Pipeline<T, D, L> {
     pub pool: Arc<PhrasePool>,
     /// The lookahead baseline's own pool, so the baselines do not warm each other.
     pub lookahead_pool: Arc<PhrasePool>,
+    /// Output continuations shared by every trie and Ouroboros request (warm start).
+    pub trie: Arc<TrieCache>,
     /// In-process backends compute inside their futures, so requests run on the blocking
     /// pool instead of the async workers.
     pub blocking: bool,
@@ -45,6 +47,7 @@ impl<T, D, L> Clone for Pipeline<T, D, L> {
             lookahead: self.lookahead.clone(),
             pool: self.pool.clone(),
             lookahead_pool: self.lookahead_pool.clone(),
+            trie: self.trie.clone(),
             blocking: self.blocking,
         }
     }
@@ -70,6 +73,7 @@ where
                 &*self.target,
                 host,
                 &self.lookahead_pool,
+                &self.trie,
                 prompt,
                 params,
                 sink,
@@ -77,7 +81,8 @@ where
             .await
         } else {
             let draft = self.draft.as_deref();
-            generate(&*self.target, draft, &self.pool, prompt, params, sink).await
+            let (pool, trie) = (&*self.pool, &*self.trie);
+            generate(&*self.target, draft, pool, trie, prompt, params, sink).await
         }
     }
 }

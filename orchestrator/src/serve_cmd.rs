@@ -119,6 +119,7 @@ async fn remote(
         lookahead,
         pool: pool.clone(),
         lookahead_pool: embedded::pool_for(phrase_len),
+        trie: Default::default(),
         blocking: false,
     };
     tracing::info!(

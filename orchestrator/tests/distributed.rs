@@ -105,6 +105,7 @@ async fn cluster() -> Cluster {
         lookahead: Some(Arc::new(RemoteDraft::connect(&url(la)).await.unwrap())),
         pool: pool(()),
         lookahead_pool: pool(()),
+        trie: Default::default(),
         blocking: false,
     };
     let defaults = DecodeParams {
@@ -169,6 +170,7 @@ async fn every_strategy_equals_plain_decoding_over_grpc() {
     let c = &mut cl.client;
     use pb::Strategy as S;
     let mut accepted = HashMap::new();
+    let mut trie_accepted = 0;
     for prompt in prompts() {
         let plain = generate(c, request(&prompt, S::Greedy, None)).await;
         assert_eq!(plain.token_ids.len(), 32);
@@ -177,9 +179,11 @@ async fn every_strategy_equals_plain_decoding_over_grpc() {
         for s in [
             S::Speculative,
             S::Lookahead,
+            S::Trie,
             S::Ouroboros,
             S::Auto,
             S::Ouroboros,
+            S::Trie,
         ] {
             let g = generate(c, request(&prompt, s, None)).await;
             assert_eq!(g.token_ids, plain.token_ids, "{s:?} on {prompt:?}");
@@ -188,6 +192,7 @@ async fn every_strategy_equals_plain_decoding_over_grpc() {
             assert!(stats.draft_fallback.is_empty(), "{}", stats.draft_fallback);
             assert!(stats.mean_accepted_length >= 1.0);
             *accepted.entry(stats.strategy).or_insert(0) += stats.accepted_tokens;
+            trie_accepted += stats.trie_accepted;
         }
         let sampling = Sampling {
             temperature: 0.9,
@@ -196,7 +201,7 @@ async fn every_strategy_equals_plain_decoding_over_grpc() {
             seed: 42,
         };
         let plain = generate(c, request(&prompt, S::Greedy, Some(sampling))).await;
-        for s in [S::Speculative, S::Ouroboros] {
+        for s in [S::Speculative, S::Trie, S::Ouroboros] {
             let g = generate(c, request(&prompt, s, Some(sampling))).await;
             assert_eq!(g.token_ids, plain.token_ids, "sampling {s:?}");
         }
@@ -205,7 +210,9 @@ async fn every_strategy_equals_plain_decoding_over_grpc() {
     for s in ["speculative", "ouroboros"] {
         assert!(accepted[s] > 0, "{accepted:?}");
     }
-    eprintln!("accepted draft tokens by strategy: {accepted:?}");
+    // The second trie run of a prompt meets the first one's output in the shared trie.
+    assert!(trie_accepted > 0);
+    eprintln!("accepted draft tokens by strategy: {accepted:?}, trie tokens {trie_accepted}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -323,6 +330,17 @@ async fn bad_requests_get_invalid_argument() {
                 })
             }),
             "level",
+        ),
+        (
+            "trie budget over the cap",
+            with(&|r| {
+                r.strategy = pb::Strategy::Trie as i32;
+                r.params = Some(pb::StrategyParams {
+                    trie_budget: Some(1000),
+                    ..Default::default()
+                })
+            }),
+            "trie_budget",
         ),
         (
             "bad chat role",

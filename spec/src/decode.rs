@@ -1,6 +1,6 @@
 //! The decoding loops, written once over [`TargetBackend`] and [`DraftBackend`]: plain
-//! greedy (or plain sampling), classic speculative decoding, lookahead decoding and
-//! Ouroboros. Every committed token is the target's own choice for its exact prefix, so
+//! greedy (or plain sampling), classic speculative decoding, lookahead decoding, trie-cache
+//! drafting and Ouroboros. Every committed token is the target's own choice for its exact prefix, so
 //! all strategies give the tokens plain decoding gives.
 
 use crate::backend::{DraftBackend, DraftRequest, SessionId, TargetBackend};
@@ -10,6 +10,7 @@ use crate::pool::{Ngram, PhrasePool};
 use crate::sampling::SamplingParams;
 use crate::stats::SpecStats;
 use crate::tree::DraftTree;
+use crate::trie::{PromptTrie, TrieCache};
 use std::time::Instant;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,8 +21,12 @@ pub enum Strategy {
     Speculative,
     /// Target only: lookahead (Jacobi) decoding inside the target model. Greedy only.
     Lookahead,
-    /// Draft lookahead plus pool candidate suffixes in one verify tree.
+    /// Draft lookahead plus pool candidate suffixes (and trie continuations) in one
+    /// verify tree.
     Ouroboros,
+    /// Target only: continuations from the prompt and output tries (PIA), verified as a
+    /// tree.
+    Trie,
 }
 
 impl Strategy {
@@ -31,12 +36,22 @@ impl Strategy {
             Strategy::Speculative => "speculative",
             Strategy::Lookahead => "lookahead",
             Strategy::Ouroboros => "ouroboros",
+            Strategy::Trie => "trie",
         }
     }
 
     pub fn needs_draft(&self) -> bool {
         matches!(self, Strategy::Speculative | Strategy::Ouroboros)
     }
+
+    /// Every strategy there is, in the order tables list them.
+    pub const ALL: [Strategy; 5] = [
+        Strategy::Greedy,
+        Strategy::Speculative,
+        Strategy::Lookahead,
+        Strategy::Trie,
+        Strategy::Ouroboros,
+    ];
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -53,6 +68,9 @@ pub struct DecodeParams {
     pub topk: usize,
     /// Also feed the pool with the n-grams of the prompt and of committed text.
     pub harvest_committed: bool,
+    /// Most trie nodes per verify tree (trie strategy; Ouroboros adds them to its tree,
+    /// 0 turns that off).
+    pub trie_budget: usize,
 }
 
 impl Default for DecodeParams {
@@ -66,6 +84,7 @@ impl Default for DecodeParams {
             lookahead: LookaheadParams::default(),
             topk: 3,
             harvest_committed: true,
+            trie_budget: 8,
         }
     }
 }
@@ -87,6 +106,17 @@ impl DecodeParams {
                 "topk must be at most 16, got {}",
                 self.topk
             )));
+        }
+        if self.trie_budget > 256 {
+            return Err(SpecError::invalid(format!(
+                "trie_budget must be at most 256, got {}",
+                self.trie_budget
+            )));
+        }
+        if self.strategy == Strategy::Trie && self.trie_budget == 0 {
+            return Err(SpecError::invalid(
+                "the trie strategy needs a trie_budget of at least 1",
+            ));
         }
         if matches!(self.strategy, Strategy::Lookahead | Strategy::Ouroboros) {
             self.lookahead.validate()?;
@@ -159,11 +189,13 @@ impl<T: TargetBackend, D: DraftBackend> Sessions<'_, T, D> {
 /// Runs one request. `draft` is the draft model for speculative/Ouroboros, or the target
 /// model's own lookahead host for [`Strategy::Lookahead`]; when it is missing or fails,
 /// the loop carries on target-only (still exact) and says so in the statistics.
-/// `on_tokens` sees every batch of committed tokens as soon as it is known.
+/// `on_tokens` sees every batch of committed tokens as soon as it is known. `pool` and
+/// `trie` are the caches shared across requests; only their hit rates depend on them.
 pub async fn generate<T: TargetBackend, D: DraftBackend>(
     target: &T,
     draft: Option<&D>,
     pool: &PhrasePool,
+    trie: &TrieCache,
     prompt: &[u32],
     params: &DecodeParams,
     on_tokens: &mut (dyn FnMut(&[u32]) -> Flow + Send),
@@ -201,9 +233,13 @@ pub async fn generate<T: TargetBackend, D: DraftBackend>(
             None => stats.fall_back("no draft backend".to_string()),
         }
     }
-    let r = run_rounds(&mut sessions, &mut stats, pool, prompt, params, on_tokens).await;
+    let caches = Caches { pool, trie };
+    let r = run_rounds(&mut sessions, &mut stats, caches, prompt, params, on_tokens).await;
     sessions.close().await;
     stats.total_s = started.elapsed().as_secs_f64();
+    if stats.trie_lookups > 0 {
+        stats.trie_cache_nodes = trie.len() as u64;
+    }
     let (tokens, finish) = r?;
     stats.committed = tokens.len() as u64;
     Ok(Generation {
@@ -213,16 +249,28 @@ pub async fn generate<T: TargetBackend, D: DraftBackend>(
     })
 }
 
+#[derive(Clone, Copy)]
+struct Caches<'a> {
+    pool: &'a PhrasePool,
+    trie: &'a TrieCache,
+}
+
 async fn run_rounds<T: TargetBackend, D: DraftBackend>(
     sessions: &mut Sessions<'_, T, D>,
     stats: &mut SpecStats,
-    pool: &PhrasePool,
+    Caches { pool, trie }: Caches<'_>,
     prompt: &[u32],
     params: &DecodeParams,
     on_tokens: &mut (dyn FnMut(&[u32]) -> Flow + Send),
 ) -> Result<(Vec<u32>, FinishReason)> {
     let max_pos = sessions.target.info().max_position;
     let ouroboros = params.strategy == Strategy::Ouroboros;
+    let use_trie =
+        params.trie_budget > 0 && matches!(params.strategy, Strategy::Trie | Strategy::Ouroboros);
+    let prompt_trie = use_trie.then(|| PromptTrie::new(prompt, trie.config()));
+    if let Some(p) = &prompt_trie {
+        stats.trie_prompt_nodes = p.len() as u64;
+    }
     let g = pool.phrase_len();
     let learn = ouroboros && params.lookahead.phrase_len() == g;
     let mut text = prompt.to_vec();
@@ -297,14 +345,43 @@ async fn run_rounds<T: TargetBackend, D: DraftBackend>(
                 }
             }
         }
+        let mut from_trie = Vec::new();
+        if use_trie && budget > 0 {
+            // Continuations of the committed text, beside (and, where they agree, through)
+            // the draft chain.
+            let nodes = params.trie_budget.min(room.saturating_sub(tree.len()));
+            let found = trie.draft(prompt_trie.as_ref(), &text, nodes, budget);
+            stats.trie_lookups += 1;
+            if !found.is_empty() {
+                stats.trie_hits += 1;
+            }
+            from_trie = vec![false; tree.len()];
+            let before = tree.len();
+            for n in found.attach(&mut tree) {
+                from_trie.resize(tree.len(), false);
+                from_trie[n] = true;
+            }
+            stats.trie_nodes += (tree.len() - before) as u64;
+        }
         let t0 = Instant::now();
         let (v, timing) = sessions
             .target
             .verify(sessions.target_id, &tree, &params.sampling)
             .await?;
         stats.add_verify(timing, t0.elapsed().as_secs_f64(), tree.len());
-        let on_chain = v.path.len().min(drafted.len());
+        // The walk may leave the chain at any node when other paths hang off the root.
+        let on_chain = v
+            .path
+            .iter()
+            .zip(&chain)
+            .take_while(|(a, b)| a == b)
+            .count();
         stats.add_acceptance(drafted.len(), on_chain, v.path.len() - on_chain);
+        stats.trie_accepted += v
+            .path
+            .iter()
+            .filter(|&&n| from_trie.get(n) == Some(&true))
+            .count() as u64;
 
         if learn {
             learnt.clear();
@@ -338,7 +415,11 @@ async fn run_rounds<T: TargetBackend, D: DraftBackend>(
         let finish = cut_at_end(&mut new, &params.eos, remaining);
         let before = text.len();
         text.extend_from_slice(&new);
+        let recorded = out.len();
         out.extend_from_slice(&new);
+        if use_trie {
+            trie.record(&out, recorded);
+        }
         for_draft.extend_from_slice(&new);
         if learn && params.harvest_committed {
             let from = before.saturating_sub(g);

@@ -1,6 +1,6 @@
 //! Speculative decoding algorithms, free of I/O: the phrase pool, verify trees, acceptance
 //! and sampling, the lookahead window, and the decoding loops (greedy, speculative,
-//! lookahead, Ouroboros) over draft/target backend traits.
+//! lookahead, trie, Ouroboros) over draft/target backend traits.
 
 pub mod backend;
 pub mod decode;
@@ -12,6 +12,7 @@ pub mod sampling;
 pub mod sessions;
 pub mod stats;
 pub mod tree;
+pub mod trie;
 
 pub use backend::{
     BackendInfo, DraftBackend, DraftOutcome, DraftRequest, ServerTiming, SessionId, TargetBackend,
@@ -26,3 +27,4 @@ pub use sampling::SamplingParams;
 pub use sessions::{SessionLimits, SessionTable};
 pub use stats::SpecStats;
 pub use tree::DraftTree;
+pub use trie::{PromptTrie, TrieCache, TrieConfig, TrieDraft};

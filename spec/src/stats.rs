@@ -30,6 +30,16 @@ pub struct SpecStats {
     pub draft_phrase_hits: u64,
     /// Tree nodes verified in all.
     pub tree_nodes: u64,
+    /// Trie look-ups, those that found a sub-tree, the nodes the trie added to verify
+    /// trees, and the accepted tokens the trie had proposed (also those it shared with the
+    /// draft chain).
+    pub trie_lookups: u64,
+    pub trie_hits: u64,
+    pub trie_nodes: u64,
+    pub trie_accepted: u64,
+    /// Nodes of this request's prompt trie, and of the shared output trie at the end.
+    pub trie_prompt_nodes: u64,
+    pub trie_cache_nodes: u64,
     /// Set when the draft was missing or failed and the request went on target-only.
     pub draft_fallback: Option<String>,
     pub prefill_s: f64,

@@ -7,7 +7,7 @@ use engine::{LanguageModel, MockModel, OutputSpec, SeqInput};
 use futures::executor::block_on;
 use spec::{
     DecodeParams, FinishReason, Flow, LocalDraft, LocalTarget, LookaheadParams, PhrasePool,
-    PoolConfig, SamplingParams, Strategy, generate,
+    PoolConfig, SamplingParams, Strategy, TrieCache, TrieConfig, generate,
 };
 use std::sync::Arc;
 
@@ -52,10 +52,40 @@ fn pool(g: usize) -> Arc<PhrasePool> {
     }))
 }
 
+/// A shared trie filled with `junk` sequences, so its continuations are mostly wrong.
+fn junk_trie(junk: impl IntoIterator<Item = Vec<u32>>) -> TrieCache {
+    let trie = TrieCache::new(TrieConfig {
+        branch_len: 8,
+        ..TrieConfig::default()
+    });
+    for seq in junk {
+        trie.record(&seq, 0);
+    }
+    trie
+}
+
 fn run(
     target: &Arc<MockModel>,
     draft_model: &Arc<MockModel>,
     pool: &Arc<PhrasePool>,
+    prompt: &[u32],
+    params: &DecodeParams,
+) -> spec::Generation {
+    run_with_trie(
+        target,
+        draft_model,
+        pool,
+        &TrieCache::default(),
+        prompt,
+        params,
+    )
+}
+
+fn run_with_trie(
+    target: &Arc<MockModel>,
+    draft_model: &Arc<MockModel>,
+    pool: &Arc<PhrasePool>,
+    trie: &TrieCache,
     prompt: &[u32],
     params: &DecodeParams,
 ) -> spec::Generation {
@@ -77,6 +107,7 @@ fn run(
         &t,
         Some(&d),
         pool,
+        trie,
         prompt,
         params,
         &mut |toks: &[u32]| {
@@ -114,13 +145,14 @@ fn every_strategy_equals_plain_greedy() {
     let mut checked = 0;
     let mut candidate_tokens = 0;
     let mut multi = 0;
+    let mut trie_tokens = 0;
     for (name, draft) in &drafts {
-        for (level, window, gamma, topk) in [
-            (3, 1, 1, 0),
-            (4, 3, 4, 2),
-            (5, 5, 7, 3),
-            (7, 8, 12, 3),
-            (3, 2, 2, 16),
+        for (level, window, gamma, topk, trie_budget) in [
+            (3, 1, 1, 0, 1),
+            (4, 3, 4, 2, 4),
+            (5, 5, 7, 3, 8),
+            (7, 8, 12, 3, 64),
+            (3, 2, 2, 16, 0),
         ] {
             let la = LookaheadParams {
                 level,
@@ -132,12 +164,12 @@ fn every_strategy_equals_plain_greedy() {
             for k in 0..VOCAB as u32 {
                 pool.insert(k, &vec![(k * 3) % VOCAB as u32; la.phrase_len()]);
             }
-            for strategy in [
-                Strategy::Greedy,
-                Strategy::Speculative,
-                Strategy::Lookahead,
-                Strategy::Ouroboros,
-            ] {
+            // ... and the trie: every key followed by wrong runs
+            let trie = junk_trie((0..VOCAB as u32).map(|k| vec![k, (k * 3) % 40, k, 7, 7, 7]));
+            for strategy in Strategy::ALL {
+                if strategy == Strategy::Trie && trie_budget == 0 {
+                    continue;
+                }
                 for prompt in prompts() {
                     let n = 60;
                     let params = DecodeParams {
@@ -146,14 +178,16 @@ fn every_strategy_equals_plain_greedy() {
                         gamma,
                         lookahead: la,
                         topk,
+                        trie_budget,
                         ..DecodeParams::default()
                     };
                     let want = plain_decode(&target, &prompt, n, &SamplingParams::greedy());
-                    let out = run(&target, draft, &pool, &prompt, &params);
+                    let out = run_with_trie(&target, draft, &pool, &trie, &prompt, &params);
                     assert_eq!(
                         out.tokens, want,
-                        "{name} {strategy:?} N={level} W={window} gamma={gamma} k={topk} prompt {prompt:?}"
+                        "{name} {strategy:?} N={level} W={window} gamma={gamma} k={topk} trie={trie_budget} prompt {prompt:?}"
                     );
+                    trie_tokens += out.stats.trie_accepted;
                     assert_eq!(out.finish, FinishReason::Length);
                     assert_eq!(out.stats.committed, n as u64);
                     candidate_tokens += out.stats.candidate_tokens;
@@ -165,7 +199,7 @@ fn every_strategy_equals_plain_greedy() {
             }
         }
     }
-    assert_eq!(checked, 2 * 5 * 4 * 4);
+    assert_eq!(checked, 2 * (5 * 5 - 1) * 4);
     // the comparison is not vacuous: drafts and candidates were really accepted
     assert!(
         candidate_tokens > 0,
@@ -175,6 +209,60 @@ fn every_strategy_equals_plain_greedy() {
         multi > 20,
         "only {multi} runs committed >1.5 tokens per forward"
     );
+    assert!(trie_tokens > 0, "no trie token was ever accepted");
+}
+
+/// The trie strategy against tries that are wrong on purpose (the exact output with one
+/// token in three changed, seen many times so it ranks first) and tries that are right
+/// (the output of an earlier request): always the plain greedy tokens, and a warm trie
+/// commits many tokens per forward.
+#[test]
+fn the_trie_strategy_is_exact_for_any_trie_contents() {
+    let target = target_model();
+    for prompt in prompts() {
+        let n = 48;
+        let want = plain_decode(&target, &prompt, n, &SamplingParams::greedy());
+        let mut wrong: Vec<u32> = prompt.iter().chain(&want).copied().collect();
+        for (i, t) in wrong.iter_mut().enumerate() {
+            if i % 3 == 1 {
+                *t = (*t + 1) % VOCAB as u32;
+            }
+        }
+        let adversarial = junk_trie(std::iter::repeat_n(wrong, 5));
+        for budget in [1, 3, 12, 40] {
+            let params = DecodeParams {
+                strategy: Strategy::Trie,
+                max_new_tokens: n,
+                trie_budget: budget,
+                ..DecodeParams::default()
+            };
+            let out = run_with_trie(&target, &target, &pool(3), &adversarial, &prompt, &params);
+            assert_eq!(out.tokens, want, "adversarial trie, budget {budget}");
+            assert!(
+                out.stats.trie_hits > 0,
+                "the adversarial trie was consulted"
+            );
+        }
+        // Warm start: the second run of the same prompt finds the first run's output.
+        let trie = TrieCache::default();
+        let params = DecodeParams {
+            strategy: Strategy::Trie,
+            max_new_tokens: n,
+            trie_budget: 16,
+            ..DecodeParams::default()
+        };
+        let cold = run_with_trie(&target, &target, &pool(3), &trie, &prompt, &params);
+        let warm = run_with_trie(&target, &target, &pool(3), &trie, &prompt, &params);
+        assert_eq!(cold.tokens, want);
+        assert_eq!(warm.tokens, want);
+        assert!(
+            warm.stats.mean_accepted_length() > 4.0,
+            "warm trie: {:.2} tokens per forward",
+            warm.stats.mean_accepted_length()
+        );
+        assert!(warm.stats.trie_accepted as usize >= n / 2);
+        assert!(warm.stats.trie_cache_nodes > 0);
+    }
 }
 
 #[test]
@@ -189,7 +277,12 @@ fn seeded_sampling_is_lossless() {
                 top_p,
                 seed,
             };
-            for strategy in [Strategy::Greedy, Strategy::Speculative, Strategy::Ouroboros] {
+            for strategy in [
+                Strategy::Greedy,
+                Strategy::Speculative,
+                Strategy::Trie,
+                Strategy::Ouroboros,
+            ] {
                 let la = LookaheadParams {
                     level: 4,
                     window: 4,
@@ -225,12 +318,7 @@ fn generation_ends_after_the_first_eos() {
     let want = plain_decode(&target, &prompt, 80, &SamplingParams::greedy());
     let eos = want[17];
     let end = want.iter().position(|&t| t == eos).unwrap() + 1;
-    for strategy in [
-        Strategy::Greedy,
-        Strategy::Speculative,
-        Strategy::Lookahead,
-        Strategy::Ouroboros,
-    ] {
+    for strategy in Strategy::ALL {
         let la = LookaheadParams {
             level: 4,
             window: 4,
@@ -270,6 +358,7 @@ fn the_sink_can_stop_generation() {
         &t,
         Some(&d),
         &pool,
+        &TrieCache::default(),
         &[1, 2],
         &params,
         &mut |toks: &[u32]| {
@@ -290,12 +379,7 @@ fn the_sink_can_stop_generation() {
 fn context_limit_ends_generation_cleanly() {
     let target = Arc::new(MockModel::new(VOCAB, 48, 0.7, 1));
     let prompt: Vec<u32> = (0..30).map(|i| i % VOCAB as u32).collect();
-    for strategy in [
-        Strategy::Greedy,
-        Strategy::Speculative,
-        Strategy::Lookahead,
-        Strategy::Ouroboros,
-    ] {
+    for strategy in Strategy::ALL {
         let params = DecodeParams {
             strategy,
             max_new_tokens: 100,
@@ -327,6 +411,7 @@ fn a_missing_draft_falls_back_to_target_only() {
         &t,
         None,
         &pool,
+        &TrieCache::default(),
         &[5, 6],
         &params,
         &mut |_: &[u32]| Flow::Continue,
@@ -350,6 +435,7 @@ fn bad_requests_are_refused() {
             &t,
             Some(&d),
             &pool,
+            &TrieCache::default(),
             prompt,
             params,
             &mut |_: &[u32]| Flow::Continue,
@@ -380,4 +466,12 @@ fn bad_requests_are_refused() {
         ..DecodeParams::default()
     };
     assert!(go(&[1], &bad_level).is_err());
+    for trie_budget in [0, 257] {
+        let bad_trie = DecodeParams {
+            strategy: Strategy::Trie,
+            trie_budget,
+            ..DecodeParams::default()
+        };
+        assert!(go(&[1], &bad_trie).is_err());
+    }
 }
