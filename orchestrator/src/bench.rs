@@ -1,11 +1,13 @@
 //! `ouro bench`: every strategy over the same prompts in one run, interleaved prompt by
 //! prompt so machine drift cancels, with a check that greedy strategies agree token for
-//! token with plain greedy decoding.
+//! token with plain greedy decoding. Every strategy keeps pools and trie of its own, warmed
+//! only by its own earlier prompts.
 
 use crate::{DecodeArgs, ModelArgs, StrategyArg};
 use anyhow::{Context, Result};
 use clap::Args;
 use engine::LanguageModel;
+use futures::executor::block_on;
 use orchestrator::embedded::{self, Embedded};
 use spec::{Flow, SpecStats, Strategy};
 use std::path::PathBuf;
@@ -20,9 +22,9 @@ pub struct BenchArgs {
     #[arg(long)]
     limit: Option<usize>,
     /// Strategies to compare (greedy always runs: it is the reference).
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [StrategyArg::Speculative, StrategyArg::Lookahead, StrategyArg::Ouroboros])]
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [StrategyArg::Speculative, StrategyArg::Lookahead, StrategyArg::Trie, StrategyArg::Ouroboros])]
     strategies: Vec<StrategyArg>,
-    /// Also run Ouroboros with an empty pool for every prompt (cold start).
+    /// Also run Ouroboros with an empty pool and trie for every prompt (cold start).
     #[arg(long)]
     cold: bool,
     /// Wrap prompts in the chat template.
@@ -56,6 +58,9 @@ struct Row {
     candidate_tokens: u64,
     pool_lookups: u64,
     pool_hits: u64,
+    trie_lookups: u64,
+    trie_hits: u64,
+    trie_accepted: u64,
     draft_s: f64,
     verify_s: f64,
     mismatched_prompts: u64,
@@ -72,6 +77,9 @@ impl Row {
         self.candidate_tokens += s.candidate_tokens;
         self.pool_lookups += s.pool_lookups;
         self.pool_hits += s.pool_hits;
+        self.trie_lookups += s.trie_lookups;
+        self.trie_hits += s.trie_hits;
+        self.trie_accepted += s.trie_accepted;
         self.draft_s += s.draft_s;
         self.verify_s += s.verify_s;
     }
@@ -130,6 +138,7 @@ fn run_with<T: LanguageModel>(e: &Embedded<T>, a: &BenchArgs) -> Result<()> {
             ..Row::default()
         })
         .collect();
+    let pipelines: Vec<_> = plan.iter().map(|_| e.isolated_pipeline()).collect();
     let started = Instant::now();
     for (i, text) in prompts.iter().enumerate() {
         let text = if a.chat {
@@ -139,12 +148,13 @@ fn run_with<T: LanguageModel>(e: &Embedded<T>, a: &BenchArgs) -> Result<()> {
         };
         let prompt = e.encode(&text)?;
         let mut reference: Option<Vec<u32>> = None;
-        for ((_, strategy, cold), row) in plan.iter().zip(rows.iter_mut()) {
+        for (((_, strategy, cold), row), pipeline) in plan.iter().zip(&mut rows).zip(&pipelines) {
             if *cold {
-                e.pipeline.pool.clear();
+                pipeline.pool.clear();
+                pipeline.trie.clear();
             }
             let params = a.decode.params(*strategy, &e.eos);
-            let g = e.run(&prompt, &params, &mut |_: &[u32]| Flow::Continue)?;
+            let g = block_on(pipeline.generate(&prompt, &params, &mut |_: &[u32]| Flow::Continue))?;
             row.add(&g.stats, g.tokens.len());
             match &reference {
                 None => reference = Some(g.tokens.clone()),
@@ -154,8 +164,20 @@ fn run_with<T: LanguageModel>(e: &Embedded<T>, a: &BenchArgs) -> Result<()> {
                         .zip(&g.tokens)
                         .position(|(x, y)| x != y)
                         .unwrap_or(r.len().min(g.tokens.len()));
+                    let gap = match (r.get(at), g.tokens.get(at)) {
+                        (Some(&want), Some(&got)) => {
+                            match e.logit_gap(&prompt, &r[..at], want, got) {
+                                Ok((d, top)) => format!(
+                                    "; teacher-forced logit of greedy's token minus this one: {d:.4} (top-2 gap {top:.4})"
+                                ),
+                                Err(err) => format!("; logit gap unavailable: {err}"),
+                            }
+                        }
+                        _ => String::new(),
+                    };
                     eprintln!(
-                        "prompt {i}: {} differs from greedy at generated token {at}",
+                        "prompt {}: {} differs from greedy at generated token {at}{gap}",
+                        i + 1,
                         row.name
                     );
                     row.mismatched_prompts += 1;
@@ -175,13 +197,13 @@ fn run_with<T: LanguageModel>(e: &Embedded<T>, a: &BenchArgs) -> Result<()> {
     }
     let base = rows[0].tok_s();
     println!(
-        "| strategy | tokens | tok/s | speedup vs greedy | tokens per target forward | draft forwards per round | draft acceptance | candidate tokens | pool hit rate | draft s | verify s | mismatched prompts |"
+        "| strategy | tokens | tok/s | speedup vs greedy | tokens per target forward | draft forwards per round | draft acceptance | candidate tokens | pool hit rate | trie hit rate | trie tokens | draft s | verify s | mismatched prompts |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         let per = |x: u64, y: u64| if y == 0 { 0.0 } else { x as f64 / y as f64 };
         println!(
-            "| {} | {} | {:.2} | {:.2}x | {:.2} | {:.2} | {:.0}% | {} | {:.0}% | {:.1} | {:.1} | {} |",
+            "| {} | {} | {:.2} | {:.2}x | {:.2} | {:.2} | {:.0}% | {} | {:.0}% | {:.0}% | {} | {:.1} | {:.1} | {} |",
             r.name,
             r.tokens,
             r.tok_s(),
@@ -191,6 +213,8 @@ fn run_with<T: LanguageModel>(e: &Embedded<T>, a: &BenchArgs) -> Result<()> {
             100.0 * per(r.accepted, r.drafted),
             r.candidate_tokens,
             100.0 * per(r.pool_hits, r.pool_lookups),
+            100.0 * per(r.trie_hits, r.trie_lookups),
+            r.trie_accepted,
             r.draft_s,
             r.verify_s,
             r.mismatched_prompts

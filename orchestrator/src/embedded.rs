@@ -28,6 +28,9 @@ pub struct Embedded<T: LanguageModel> {
     pub pipeline: Arc<LocalPipeline<T>>,
     pub tokenizer: Tokenizer,
     pub eos: Vec<u32>,
+    target: Arc<T>,
+    draft: Option<Arc<Transformer>>,
+    phrase_len: usize,
 }
 
 pub struct ModelPaths {
@@ -83,17 +86,14 @@ pub fn load_tokenizer(paths: &ModelPaths) -> Result<Tokenizer> {
     }
 }
 
-pub fn load_draft(
-    paths: &ModelPaths,
-    pool: &Arc<PhrasePool>,
-) -> Result<Option<Arc<LocalDraft<Transformer>>>> {
+pub fn load_draft(paths: &ModelPaths) -> Result<Option<Arc<Transformer>>> {
     let Some(d) = &paths.draft else {
         return Ok(None);
     };
     check_file(d, "draft model")?;
     let m = engine::load_model(d, &LoadOptions::default(), &Device::Cpu)
         .with_context(|| format!("loading draft {}", d.display()))?;
-    Ok(Some(Arc::new(LocalDraft::new(Arc::new(m), pool.clone()))))
+    Ok(Some(Arc::new(m)))
 }
 
 pub fn load_single(paths: &ModelPaths, phrase_len: usize) -> Result<Embedded<Transformer>> {
@@ -122,11 +122,8 @@ fn assemble<T: LanguageModel>(
 ) -> Result<Embedded<T>> {
     let tokenizer = load_tokenizer(paths)?;
     let eos = stop_ids(&paths.target, &tokenizer)?;
-    let pool = pool_for(phrase_len);
-    let lookahead_pool = pool_for(phrase_len);
-    let draft = load_draft(paths, &pool)?;
+    let draft = load_draft(paths)?;
     if let Some(d) = &draft {
-        use spec::DraftBackend;
         let (dv, tv) = (d.info().vocab_size, target.info().vocab_size);
         // Qwen pairs pad their embedding tables differently; ids below both are shared.
         if dv.min(tv) < tokenizer.get_vocab_size(true) {
@@ -135,24 +132,77 @@ fn assemble<T: LanguageModel>(
             );
         }
     }
-    let pipeline = Pipeline {
-        target: Arc::new(LocalTarget::new(target.clone())),
+    let pipeline = fresh_pipeline(&target, draft.as_ref(), phrase_len);
+    Ok(Embedded {
+        pipeline: Arc::new(pipeline),
+        tokenizer,
+        eos,
+        target,
         draft,
-        lookahead: Some(Arc::new(LocalDraft::new(target, lookahead_pool.clone()))),
+        phrase_len,
+    })
+}
+
+/// Backends over loaded models, with empty pools and trie of their own.
+fn fresh_pipeline<T: LanguageModel>(
+    target: &Arc<T>,
+    draft: Option<&Arc<Transformer>>,
+    phrase_len: usize,
+) -> LocalPipeline<T> {
+    let pool = pool_for(phrase_len);
+    let lookahead_pool = pool_for(phrase_len);
+    Pipeline {
+        target: Arc::new(LocalTarget::new(target.clone())),
+        draft: draft.map(|d| Arc::new(LocalDraft::new(d.clone(), pool.clone()))),
+        lookahead: Some(Arc::new(LocalDraft::new(
+            target.clone(),
+            lookahead_pool.clone(),
+        ))),
         pool,
         lookahead_pool,
         trie: Default::default(),
         // In-process backends compute inside their futures.
         blocking: true,
-    };
-    Ok(Embedded {
-        pipeline: Arc::new(pipeline),
-        tokenizer,
-        eos,
-    })
+    }
 }
 
 impl<T: LanguageModel> Embedded<T> {
+    /// Where two decodings of `prompt` part after the shared `prefix`: the target's
+    /// logits for the next token, teacher-forced in one forward, as (logit of `a` minus
+    /// logit of `b`, gap between the best and second-best logits). A tiny gap means the
+    /// two runs met a near-tie that different row counts can round either way.
+    pub fn logit_gap(&self, prompt: &[u32], prefix: &[u32], a: u32, b: u32) -> Result<(f32, f32)> {
+        let text: Vec<u32> = prompt.iter().chain(prefix).copied().collect();
+        let positions: Vec<u32> = (0..text.len() as u32).collect();
+        let mut cache = self.target.new_cache();
+        let out = self.target.forward(
+            &mut cache,
+            engine::SeqInput::chain(
+                &text,
+                &positions,
+                engine::OutputSpec::last(text.len()).with_logits(),
+            ),
+        )?;
+        let row = out
+            .logits
+            .and_then(|mut l| l.pop())
+            .context("the forward returned no logits")?;
+        let at = |t: u32| row.get(t as usize).copied().unwrap_or(f32::NEG_INFINITY);
+        let mut sorted = row.clone();
+        sorted.sort_unstable_by(|x, y| y.total_cmp(x));
+        let top_gap = sorted
+            .first()
+            .zip(sorted.get(1))
+            .map_or(0.0, |(x, y)| x - y);
+        Ok((at(a) - at(b), top_gap))
+    }
+
+    /// A pipeline on the same models with caches of its own, so that benchmarked
+    /// strategies do not warm each other.
+    pub fn isolated_pipeline(&self) -> LocalPipeline<T> {
+        fresh_pipeline(&self.target, self.draft.as_ref(), self.phrase_len)
+    }
+
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         Ok(engine::tokenizer::encode(&self.tokenizer, text)?)
     }

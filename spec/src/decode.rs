@@ -239,6 +239,7 @@ pub async fn generate<T: TargetBackend, D: DraftBackend>(
     stats.total_s = started.elapsed().as_secs_f64();
     if stats.trie_lookups > 0 {
         stats.trie_cache_nodes = trie.len() as u64;
+        stats.trie_cache_bytes = trie.approx_bytes() as u64;
     }
     let (tokens, finish) = r?;
     stats.committed = tokens.len() as u64;

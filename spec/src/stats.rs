@@ -40,6 +40,8 @@ pub struct SpecStats {
     /// Nodes of this request's prompt trie, and of the shared output trie at the end.
     pub trie_prompt_nodes: u64,
     pub trie_cache_nodes: u64,
+    /// Estimated heap bytes of the shared output trie at the end.
+    pub trie_cache_bytes: u64,
     /// Set when the draft was missing or failed and the request went on target-only.
     pub draft_fallback: Option<String>,
     pub prefill_s: f64,

@@ -321,6 +321,12 @@ impl TrieCache {
         self.squeezes.load(Ordering::Relaxed)
     }
 
+    /// Heap use estimated from the node count (a node, its slot in its parent's list,
+    /// and a share of the per-trie overhead), without walking the tries.
+    pub fn approx_bytes(&self) -> usize {
+        self.len() * (NODE_BYTES + 4) + self.num_tries() * std::mem::size_of::<(u32, Branches)>()
+    }
+
     /// Heap use in bytes (walks every trie).
     pub fn memory_bytes(&self) -> usize {
         self.map
@@ -669,6 +675,9 @@ mod tests {
             assert!(b.len() <= cap, "trie of 0 has {} nodes", b.len());
         }
         assert!(cache.squeezes() > 0);
+        // The O(1) estimate stays near the walked figure (lists over-allocate a little).
+        let (approx, walked) = (cache.approx_bytes() as f64, cache.memory_bytes() as f64);
+        assert!((approx / walked - 1.0).abs() < 0.5, "{approx} vs {walked}");
         let counted: usize = cache.map.iter().map(|e| e.value().len()).sum();
         assert_eq!(cache.len(), counted, "the node counter follows squeezes");
         // The frequent continuation survives squeezing and ranks first.
