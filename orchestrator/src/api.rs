@@ -184,7 +184,8 @@ impl GenerateService {
             .run(prompt, params, sink)
             .await
             .map_err(|e| status_of(&e))?;
-        let s = spec::sessions::lock(&scan);
+        let mut s = spec::sessions::lock(&scan);
+        s.finish();
         Ok(Finished {
             text: s.text().to_string(),
             tail: s.tail(),

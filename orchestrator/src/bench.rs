@@ -27,6 +27,9 @@ pub struct BenchArgs {
     /// Also run Ouroboros with an empty pool and trie for every prompt (cold start).
     #[arg(long)]
     cold: bool,
+    /// Also run Ouroboros without trie continuations (trie budget 0).
+    #[arg(long)]
+    without_trie: bool,
     /// Wrap prompts in the chat template.
     #[arg(long)]
     chat: bool,
@@ -89,6 +92,26 @@ impl Row {
     }
 }
 
+/// One row of the comparison: a strategy and how its caches are treated.
+struct Variant {
+    name: String,
+    strategy: Strategy,
+    /// Empty pool and trie before every prompt.
+    cold: bool,
+    trie_off: bool,
+}
+
+impl Variant {
+    fn new(name: &str, strategy: Strategy) -> Self {
+        Self {
+            name: name.into(),
+            strategy,
+            cold: false,
+            trie_off: false,
+        }
+    }
+}
+
 fn load_prompts(a: &BenchArgs) -> Result<Vec<String>> {
     let mut prompts: Vec<String> = match &a.prompts {
         None => BUILTIN_PROMPTS.iter().map(|s| s.to_string()).collect(),
@@ -121,20 +144,29 @@ pub fn run(a: BenchArgs) -> Result<()> {
 
 fn run_with<T: LanguageModel>(e: &Embedded<T>, a: &BenchArgs) -> Result<()> {
     let prompts = load_prompts(a)?;
-    let mut plan: Vec<(String, Strategy, bool)> = vec![("greedy".into(), Strategy::Greedy, false)];
+    let mut plan = vec![Variant::new("greedy", Strategy::Greedy)];
     for s in &a.strategies {
         let s: Strategy = (*s).into();
         if s != Strategy::Greedy {
-            plan.push((s.name().into(), s, false));
+            plan.push(Variant::new(s.name(), s));
         }
     }
+    if a.without_trie {
+        plan.push(Variant {
+            trie_off: true,
+            ..Variant::new("ouroboros (no trie)", Strategy::Ouroboros)
+        });
+    }
     if a.cold {
-        plan.push(("ouroboros (cold)".into(), Strategy::Ouroboros, true));
+        plan.push(Variant {
+            cold: true,
+            ..Variant::new("ouroboros (cold)", Strategy::Ouroboros)
+        });
     }
     let mut rows: Vec<Row> = plan
         .iter()
-        .map(|(n, _, _)| Row {
-            name: n.clone(),
+        .map(|v| Row {
+            name: v.name.clone(),
             ..Row::default()
         })
         .collect();
@@ -148,12 +180,15 @@ fn run_with<T: LanguageModel>(e: &Embedded<T>, a: &BenchArgs) -> Result<()> {
         };
         let prompt = e.encode(&text)?;
         let mut reference: Option<Vec<u32>> = None;
-        for (((_, strategy, cold), row), pipeline) in plan.iter().zip(&mut rows).zip(&pipelines) {
-            if *cold {
+        for ((v, row), pipeline) in plan.iter().zip(&mut rows).zip(&pipelines) {
+            if v.cold {
                 pipeline.pool.clear();
                 pipeline.trie.clear();
             }
-            let params = a.decode.params(*strategy, &e.eos);
+            let mut params = a.decode.params(v.strategy, &e.eos);
+            if v.trie_off {
+                params.trie_budget = 0;
+            }
             let g = block_on(pipeline.generate(&prompt, &params, &mut |_: &[u32]| Flow::Continue))?;
             row.add(&g.stats, g.tokens.len());
             match &reference {

@@ -84,7 +84,7 @@ impl Default for DecodeParams {
             lookahead: LookaheadParams::default(),
             topk: 3,
             harvest_committed: true,
-            trie_budget: 8,
+            trie_budget: 4,
         }
     }
 }
