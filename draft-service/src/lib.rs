@@ -65,6 +65,11 @@ impl<M: LanguageModel + 'static> DraftGrpc<M> {
         }
     }
 
+    /// The open sessions (for draining at shutdown).
+    pub fn sessions(&self) -> &Arc<Sessions<M>> {
+        &self.sessions
+    }
+
     /// The replica for phrases of `len` tokens.
     pub fn pool(&self, len: usize) -> Arc<PhrasePool> {
         self.pools

@@ -35,6 +35,9 @@ struct Args {
     pool_per_key: usize,
     #[arg(long, env = "OURO_DRAFT_POOL_MAX_PHRASES", default_value_t = PoolConfig::default().max_phrases)]
     pool_max_phrases: usize,
+    /// On SIGTERM, refuse new sessions and wait up to this long for open ones to end.
+    #[arg(long, env = "OURO_DRAFT_DRAIN_TIMEOUT_S", default_value_t = 60)]
+    drain_timeout_s: u64,
 }
 
 #[tokio::main]
@@ -62,8 +65,11 @@ async fn main() -> Result<()> {
     let m = engine::load_model(&a.model, &LoadOptions::default(), &Device::Cpu)
         .with_context(|| format!("loading {}", a.model.display()))?;
     tracing::info!(listen = %a.listen, "draft service ready");
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
+    let grpc = DraftGrpc::new(Arc::new(m), config);
+    let sessions = grpc.sessions().clone();
+    let shutdown = async move {
+        proto::serving::terminated().await;
+        proto::serving::drain_sessions(&sessions, Duration::from_secs(a.drain_timeout_s)).await;
     };
-    serve(DraftGrpc::new(Arc::new(m), config), listener, shutdown).await
+    serve(grpc, listener, shutdown).await
 }

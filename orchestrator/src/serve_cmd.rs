@@ -59,9 +59,8 @@ async fn serve(a: ServeArgs) -> Result<()> {
         restore(&pool, p)?;
     }
     tracing::info!(listen = %a.listen, "ouroboros API ready");
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+    // On SIGTERM the server stops taking requests and lets those in flight finish.
+    let shutdown = proto::serving::terminated();
     orchestrator::serve(service, listener, shutdown).await?;
     if let Some(p) = &a.pool_snapshot {
         let mut f = std::fs::File::create(p).with_context(|| format!("writing {}", p.display()))?;

@@ -73,3 +73,99 @@ pub async fn close_session<S: SessionState + Send + 'static>(
         .map_err(|e| Status::internal(e.to_string()))?
         .map_err(|e| field_status(&e, "session_id"))
 }
+
+/// Completes on Ctrl-C or SIGTERM (what Kubernetes sends before it kills a pod).
+pub async fn terminated() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGTERM ({e}); stopping on Ctrl-C only");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Graceful drain: refuses new sessions, then waits until the open ones are closed (or
+/// evicted) or `limit` passes, so requests in flight finish before the server stops.
+pub async fn drain_sessions<S: SessionState>(sessions: &SessionTable<S>, limit: Duration) {
+    sessions.drain();
+    let open = sessions.len();
+    if open > 0 {
+        tracing::info!(open, "draining: waiting for open sessions to finish");
+    }
+    let deadline = tokio::time::Instant::now() + limit;
+    while !sessions.is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if !sessions.is_empty() {
+        tracing::warn!(
+            open = sessions.len(),
+            "drain limit reached; stopping with sessions open"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use spec::SessionLimits;
+
+    struct Dummy;
+    impl SessionState for Dummy {
+        fn memory_bytes(&self) -> usize {
+            1
+        }
+    }
+
+    #[tokio::test]
+    async fn draining_refuses_new_sessions_and_waits_for_open_ones() {
+        let table = Arc::new(SessionTable::new(SessionLimits::default()));
+        let id = table.insert(Dummy);
+        let closer = {
+            let table = table.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                table.close(id).unwrap();
+            })
+        };
+        let started = std::time::Instant::now();
+        let t = table.clone();
+        let drain = tokio::spawn(async move { drain_sessions(&t, Duration::from_secs(10)).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let refused = table.admit().unwrap_err();
+        assert_eq!(
+            crate::convert::status_of(&refused).code(),
+            tonic::Code::Unavailable
+        );
+        drain.await.unwrap();
+        closer.await.unwrap();
+        let waited = started.elapsed();
+        assert!(table.is_empty());
+        assert!(
+            waited >= Duration::from_millis(200),
+            "returned after {waited:?}"
+        );
+        assert!(waited < Duration::from_secs(5), "returned after {waited:?}");
+
+        // With a session that never closes, the limit ends the wait.
+        let stuck = SessionTable::new(SessionLimits::default());
+        stuck.insert(Dummy);
+        let started = std::time::Instant::now();
+        drain_sessions(&stuck, Duration::from_millis(300)).await;
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        assert_eq!(stuck.len(), 1);
+    }
+}

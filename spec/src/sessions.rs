@@ -5,7 +5,7 @@
 use crate::backend::SessionId;
 use crate::error::{Result, SpecError};
 use dashmap::DashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -49,6 +49,9 @@ pub struct SessionTable<S> {
     next: AtomicU64,
     bytes: AtomicUsize,
     limits: SessionLimits,
+    /// Set when the server shuts down: open sessions run to their end, new ones go
+    /// elsewhere.
+    draining: AtomicBool,
 }
 
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -69,6 +72,7 @@ impl<S: SessionState> SessionTable<S> {
             next: AtomicU64::new(start.max(1)),
             bytes: AtomicUsize::new(0),
             limits,
+            draining: AtomicBool::new(false),
         }
     }
 
@@ -89,8 +93,22 @@ impl<S: SessionState> SessionTable<S> {
         self.bytes.load(Ordering::Relaxed)
     }
 
+    /// Refuses new sessions from now on; the open ones carry on until closed or evicted.
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
     /// Whether a new session may open now.
     pub fn admit(&self) -> Result<()> {
+        if self.is_draining() {
+            return Err(SpecError::Unavailable(
+                "this replica is shutting down; open the session on another one".into(),
+            ));
+        }
         let l = &self.limits;
         if self.map.len() >= l.max_sessions {
             return Err(SpecError::Exhausted(format!(

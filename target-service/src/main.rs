@@ -43,6 +43,9 @@ struct Args {
     /// what is already queued).
     #[arg(long, env = "OURO_TARGET_BATCH_WAIT_US", default_value_t = 0)]
     batch_wait_us: u64,
+    /// On SIGTERM, refuse new sessions and wait up to this long for open ones to end.
+    #[arg(long, env = "OURO_TARGET_DRAIN_TIMEOUT_S", default_value_t = 60)]
+    drain_timeout_s: u64,
 }
 
 #[tokio::main]
@@ -66,19 +69,43 @@ async fn main() -> Result<()> {
         .await
         .with_context(|| format!("binding {}", a.listen))?;
     tracing::info!(model = %a.model.display(), tp = a.tp, "loading target model");
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+    let drain_limit = Duration::from_secs(a.drain_timeout_s);
     let opts = LoadOptions::default();
     if a.tp > 1 {
         let m = TpModel::load(&a.model, a.tp, &opts, &Device::Cpu)
             .with_context(|| format!("loading {}", a.model.display()))?;
-        tracing::info!(listen = %a.listen, "target service ready");
-        serve(TargetGrpc::new(Arc::new(m), config), listener, shutdown).await
+        run(
+            TargetGrpc::new(Arc::new(m), config),
+            listener,
+            &a.listen,
+            drain_limit,
+        )
+        .await
     } else {
         let m = engine::load_model(&a.model, &opts, &Device::Cpu)
             .with_context(|| format!("loading {}", a.model.display()))?;
-        tracing::info!(listen = %a.listen, "target service ready");
-        serve(TargetGrpc::new(Arc::new(m), config), listener, shutdown).await
+        run(
+            TargetGrpc::new(Arc::new(m), config),
+            listener,
+            &a.listen,
+            drain_limit,
+        )
+        .await
     }
+}
+
+/// Serves until SIGTERM, then drains the open sessions before stopping.
+async fn run<M: engine::LanguageModel + 'static>(
+    grpc: TargetGrpc<M>,
+    listener: tokio::net::TcpListener,
+    listen: &str,
+    drain_limit: Duration,
+) -> Result<()> {
+    tracing::info!(listen, "target service ready");
+    let sessions = grpc.sessions().clone();
+    let shutdown = async move {
+        proto::serving::terminated().await;
+        proto::serving::drain_sessions(&sessions, drain_limit).await;
+    };
+    serve(grpc, listener, shutdown).await
 }
