@@ -1,0 +1,228 @@
+{{- define "ouroboros.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 50 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 50 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "ouroboros.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{/* Selector labels of one component: (dict "root" $ "component" "draft") */}}
+{{- define "ouroboros.selector" -}}
+app.kubernetes.io/name: {{ .root.Chart.Name }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "ouroboros.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end -}}
+
+{{- define "ouroboros.modelClaim" -}}
+{{- if .Values.models.existingClaim -}}
+{{ .Values.models.existingClaim }}
+{{- else if .Values.models.createClaim.enabled -}}
+{{ include "ouroboros.fullname" . }}-models
+{{- end -}}
+{{- end -}}
+
+{{/*
+A Deployment for one component.
+(dict "root" $ "component" "target" "values" .Values.target "command" (list ...) "args" (list ...))
+*/}}
+{{- define "ouroboros.deployment" -}}
+{{- $root := .root -}}
+{{- $v := .values -}}
+{{- $claim := include "ouroboros.modelClaim" $root -}}
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: {{ include "ouroboros.fullname" $root }}-{{ .component }}
+  labels:
+    {{- include "ouroboros.labels" $root | nindent 4 }}
+    app.kubernetes.io/component: {{ .component }}
+spec:
+  {{- if not $v.autoscaling.enabled }}
+  replicas: {{ $v.replicas }}
+  {{- end }}
+  selector:
+    matchLabels:
+      {{- include "ouroboros.selector" (dict "root" $root "component" .component) | nindent 6 }}
+  template:
+    metadata:
+      labels:
+        {{- include "ouroboros.labels" $root | nindent 8 }}
+        app.kubernetes.io/component: {{ .component }}
+    spec:
+      {{- with $root.Values.imagePullSecrets }}
+      imagePullSecrets:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      securityContext:
+        runAsNonRoot: true
+        runAsUser: 10001
+        fsGroup: 10001
+      terminationGracePeriodSeconds: {{ $v.terminationGracePeriodSeconds | default (add ($v.drainTimeoutSeconds | default 30) 30) }}
+      {{- if $root.Values.models.fetch.enabled }}
+      initContainers:
+        - name: fetch-models
+          image: {{ include "ouroboros.image" $root }}
+          imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+          command: ["/app/scripts/fetch-models.sh"]
+          args:
+            {{- toYaml $root.Values.models.fetch.args | nindent 12 }}
+          env:
+            - name: OURO_MODELS_DIR
+              value: {{ $root.Values.models.mountPath | quote }}
+          volumeMounts:
+            - name: models
+              mountPath: {{ $root.Values.models.mountPath }}
+      {{- end }}
+      containers:
+        - name: {{ .component }}
+          image: {{ include "ouroboros.image" $root }}
+          imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+          command:
+            {{- toYaml .command | nindent 12 }}
+          args:
+            {{- toYaml (concat .args $v.extraArgs) | nindent 12 }}
+          env:
+            - name: OURO_MODELS_DIR
+              value: {{ $root.Values.models.mountPath | quote }}
+            - name: RUST_LOG
+              value: info
+            {{- with $v.env }}
+            {{- toYaml . | nindent 12 }}
+            {{- end }}
+          ports:
+            - name: grpc
+              containerPort: {{ $v.port }}
+              protocol: TCP
+          # gRPC health (grpc.health.v1) answers once the model is loaded and serving.
+          startupProbe:
+            grpc:
+              port: {{ $v.port }}
+            periodSeconds: {{ $v.startupProbe.periodSeconds }}
+            failureThreshold: {{ $v.startupProbe.failureThreshold }}
+          readinessProbe:
+            grpc:
+              port: {{ $v.port }}
+            periodSeconds: 5
+            failureThreshold: 2
+          livenessProbe:
+            grpc:
+              port: {{ $v.port }}
+            periodSeconds: 10
+            timeoutSeconds: 5
+            failureThreshold: 6
+          lifecycle:
+            # Let endpoints and DNS forget the pod before SIGTERM starts the drain.
+            preStop:
+              exec:
+                command: ["sleep", "5"]
+          resources:
+            {{- $res := deepCopy $v.resources }}
+            {{- if and (eq .component "target") $v.gpu.enabled }}
+            {{- $_ := set $res "limits" (merge (dict $v.gpu.resourceName ($v.tp | int)) ($res.limits | default dict)) }}
+            {{- $_ := set $res "requests" (merge (dict $v.gpu.resourceName ($v.tp | int)) ($res.requests | default dict)) }}
+            {{- end }}
+            {{- toYaml $res | nindent 12 }}
+          volumeMounts:
+            - name: models
+              mountPath: {{ $root.Values.models.mountPath }}
+      volumes:
+        - name: models
+          {{- if $claim }}
+          persistentVolumeClaim:
+            claimName: {{ $claim }}
+          {{- else }}
+          emptyDir: {}
+          {{- end }}
+      {{- with $v.nodeSelector }}
+      nodeSelector:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with $v.tolerations }}
+      tolerations:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with $v.affinity }}
+      affinity:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+{{- end -}}
+
+{{/* Service, HPA and PDB of one component: (dict "root" $ "component" "draft" "values" .Values.draft "headless" true) */}}
+{{- define "ouroboros.companions" -}}
+{{- $root := .root -}}
+{{- $v := .values -}}
+{{- $name := printf "%s-%s" (include "ouroboros.fullname" $root) .component -}}
+apiVersion: v1
+kind: Service
+metadata:
+  name: {{ $name }}
+  labels:
+    {{- include "ouroboros.labels" $root | nindent 4 }}
+    app.kubernetes.io/component: {{ .component }}
+spec:
+  {{- if .headless }}
+  # Headless: DNS returns every ready pod, so clients can spread sessions over them.
+  clusterIP: None
+  {{- else }}
+  type: {{ $v.service.type }}
+  {{- end }}
+  selector:
+    {{- include "ouroboros.selector" (dict "root" $root "component" .component) | nindent 4 }}
+  ports:
+    - name: grpc
+      port: {{ $v.port }}
+      targetPort: grpc
+      protocol: TCP
+      appProtocol: grpc
+{{- if $v.autoscaling.enabled }}
+---
+apiVersion: autoscaling/v2
+kind: HorizontalPodAutoscaler
+metadata:
+  name: {{ $name }}
+  labels:
+    {{- include "ouroboros.labels" $root | nindent 4 }}
+    app.kubernetes.io/component: {{ .component }}
+spec:
+  scaleTargetRef:
+    apiVersion: apps/v1
+    kind: Deployment
+    name: {{ $name }}
+  minReplicas: {{ $v.autoscaling.minReplicas }}
+  maxReplicas: {{ $v.autoscaling.maxReplicas }}
+  metrics:
+    - type: Resource
+      resource:
+        name: cpu
+        target:
+          type: Utilization
+          averageUtilization: {{ $v.autoscaling.targetCPUUtilizationPercentage }}
+{{- end }}
+{{- if $v.podDisruptionBudget.enabled }}
+---
+apiVersion: policy/v1
+kind: PodDisruptionBudget
+metadata:
+  name: {{ $name }}
+  labels:
+    {{- include "ouroboros.labels" $root | nindent 4 }}
+    app.kubernetes.io/component: {{ .component }}
+spec:
+  maxUnavailable: {{ $v.podDisruptionBudget.maxUnavailable }}
+  selector:
+    matchLabels:
+      {{- include "ouroboros.selector" (dict "root" $root "component" .component) | nindent 6 }}
+{{- end }}
+{{- end -}}

@@ -1,0 +1,124 @@
+"""Assertions on the Helm chart's rendered manifests (called by scripts/test-chart.sh).
+
+usage: chart_assertions.py RENDER_DIR BIN_DIR
+RENDER_DIR holds default.yaml, scaled.yaml (examples/scaled.yaml) and more-drafts.yaml
+(default values with draft.replicas=7); BIN_DIR the built service binaries, whose --help
+must know every flag the chart passes.
+"""
+import os
+import subprocess
+import sys
+
+import yaml
+
+
+def load(path):
+    docs = [d for d in yaml.safe_load_all(open(path)) if d]
+    return {(d["kind"], d["metadata"]["name"]): d for d in docs}
+
+
+def container(deploy):
+    (c,) = deploy["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def flag(args, name):
+    return args[args.index(name) + 1]
+
+
+def main():
+    render, bins = sys.argv[1], sys.argv[2]
+    default = load(os.path.join(render, "default.yaml"))
+    scaled = load(os.path.join(render, "scaled.yaml"))
+    more = load(os.path.join(render, "more-drafts.yaml"))
+    dep = lambda m, c: m[("Deployment", f"demo-ouroboros-{c}")]
+    svc = lambda m, c: m[("Service", f"demo-ouroboros-{c}")]
+    components = ["orchestrator", "draft", "target"]
+
+    # Scaling the draft pool touches nothing of the target.
+    assert dep(more, "draft")["spec"]["replicas"] == 7
+    assert dep(more, "target") == dep(default, "target"), "draft replicas changed the target"
+    assert svc(more, "target") == svc(default, "target")
+    assert dep(more, "orchestrator") == dep(default, "orchestrator")
+
+    # GPU requests follow the tensor-parallel size; CPU by default.
+    t = container(dep(scaled, "target"))
+    tp = int(flag(t["args"], "--tp"))
+    assert tp == 2
+    assert t["resources"]["limits"]["nvidia.com/gpu"] == tp
+    assert t["resources"]["requests"]["nvidia.com/gpu"] == tp
+    assert t["resources"]["limits"]["memory"] == "32Gi"
+    for c in components:
+        for m in (default, more):
+            r = container(dep(m, c))["resources"]
+            assert "nvidia.com/gpu" not in r.get("limits", {}), c
+    assert dep(scaled, "target")["spec"]["replicas"] == 2
+    assert dep(scaled, "target")["spec"]["template"]["spec"]["tolerations"]
+
+    # Autoscaled draft: an HPA owns the replica count.
+    hpa = scaled[("HorizontalPodAutoscaler", "demo-ouroboros-draft")]
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "demo-ouroboros-draft"
+    assert hpa["spec"]["minReplicas"] == 4
+    assert "replicas" not in dep(scaled, "draft")["spec"]
+    assert ("HorizontalPodAutoscaler", "demo-ouroboros-target") not in scaled
+
+    for m in (default, scaled):
+        for c in components:
+            d, s = dep(m, c), svc(m, c)
+            spec = d["spec"]["template"]["spec"]
+            ct = container(d)
+            port = ct["ports"][0]["containerPort"]
+            # gRPC health probes on the serving port, with a long startup budget.
+            for p in ("startupProbe", "readinessProbe", "livenessProbe"):
+                assert ct[p]["grpc"]["port"] == port, (c, p)
+            start = ct["startupProbe"]
+            assert start["periodSeconds"] * start["failureThreshold"] >= 300, c
+            # Graceful drain: a pause before SIGTERM, and time to finish sessions.
+            assert ct["lifecycle"]["preStop"]["exec"]["command"][0] == "sleep"
+            if c != "orchestrator":
+                drain = int(flag(ct["args"], "--drain-timeout-s"))
+                assert spec["terminationGracePeriodSeconds"] > drain, c
+            # Selectors pick this component only.
+            sel = d["spec"]["selector"]["matchLabels"]
+            assert sel["app.kubernetes.io/component"] == c
+            assert s["spec"]["selector"] == sel
+            assert m[("PodDisruptionBudget", f"demo-ouroboros-{c}")]["spec"]["selector"]["matchLabels"] == sel
+            # Every pod sees the model volume where the args point.
+            mounts = {v["name"]: v["mountPath"] for v in ct["volumeMounts"]}
+            assert mounts["models"] == "/models"
+        # Draft and target are headless so clients see every pod; the API is not.
+        assert svc(m, "draft")["spec"]["clusterIP"] == "None"
+        assert svc(m, "target")["spec"]["clusterIP"] == "None"
+        assert "clusterIP" not in svc(m, "orchestrator")["spec"]
+        o = container(dep(m, "orchestrator"))["args"]
+        assert flag(o, "--target-endpoint") == "http://demo-ouroboros-target:50052"
+        assert flag(o, "--draft-endpoint") == "http://demo-ouroboros-draft:50053"
+
+    # Models: fetched by an init container into an emptyDir by default, a shared claim
+    # without fetching in the scaled example.
+    spec = dep(default, "target")["spec"]["template"]["spec"]
+    assert spec["initContainers"][0]["command"] == ["/app/scripts/fetch-models.sh"]
+    assert spec["volumes"][0] == {"name": "models", "emptyDir": {}}
+    spec = dep(scaled, "target")["spec"]["template"]["spec"]
+    assert "initContainers" not in spec
+    assert spec["volumes"][0]["persistentVolumeClaim"]["claimName"] == "ouroboros-models"
+
+    # Every flag the chart passes is one the binary knows.
+    binary = {"orchestrator": "ouro", "draft": "draft-service", "target": "target-service"}
+    for c in components:
+        ct = container(dep(scaled, c))
+        exe = os.path.join(bins, binary[c])
+        if not os.access(exe, os.X_OK):
+            sys.exit(f"{exe} is missing: build the workspace first (cargo build --release)")
+        args = ct["args"]
+        sub = [args[0]] if not args[0].startswith("-") else []
+        helptext = subprocess.run([exe, *sub, "--help"], capture_output=True, text=True, check=True).stdout
+        for a in args:
+            if a.startswith("--"):
+                assert f"{a} " in helptext or f"{a}\n" in helptext or f"{a}=" in helptext, f"{binary[c]}: {a}"
+        assert ct["command"] == [f"/app/bin/{binary[c]}"]
+    print("chart assertions passed")
+
+
+if __name__ == "__main__":
+    main()
