@@ -5,6 +5,7 @@ pub mod api;
 pub mod embedded;
 pub mod pipeline;
 pub mod remote;
+pub mod replicas;
 pub mod text;
 
 use proto::v1::ouroboros_server::OuroborosServer;

@@ -8,23 +8,31 @@ use orchestrator::api::GenerateService;
 use orchestrator::embedded::{self, Embedded};
 use orchestrator::pipeline::{Pipeline, Runner};
 use orchestrator::remote::{RemoteDraft, RemoteTarget};
-use spec::{PhrasePool, Strategy};
+use orchestrator::replicas::Replicas;
+use spec::{DraftBackend, PhrasePool, Strategy, TargetBackend};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 #[derive(Args)]
 pub struct ServeArgs {
     #[arg(long, env = "OURO_LISTEN", default_value = "0.0.0.0:50051")]
     listen: String,
-    /// Target service URL (http://host:port); without it the models run in this process.
+    /// Target service URLs (http://host:port, comma-separated; a name that resolves to
+    /// many addresses, such as a headless Service, gives a replica per address). Without
+    /// it the models run in this process.
     #[arg(long, env = "OURO_TARGET_ENDPOINT")]
     target_endpoint: Option<String>,
-    /// Draft service URL (remote mode).
+    /// Draft service URLs (remote mode), as for the target.
     #[arg(long, env = "OURO_DRAFT_ENDPOINT")]
     draft_endpoint: Option<String>,
-    /// A draft service hosting the target model, for the lookahead strategy (remote mode).
+    /// Draft services hosting the target model, for the lookahead strategy (remote mode).
     #[arg(long, env = "OURO_LOOKAHEAD_ENDPOINT")]
     lookahead_endpoint: Option<String>,
+    /// Resolve endpoint names again this often, to follow replicas that come and go
+    /// (0: only at start).
+    #[arg(long, env = "OURO_DISCOVERY_REFRESH_S", default_value_t = 15)]
+    discovery_refresh_s: u64,
     /// Pool snapshot: restored at start when present, written at shutdown.
     #[arg(long, env = "OURO_POOL_SNAPSHOT")]
     pool_snapshot: Option<PathBuf>,
@@ -102,13 +110,30 @@ async fn remote(
         _ => bail!("remote mode needs --tokenizer (a tokenizer.json for the target's vocabulary)"),
     };
     let eos = embedded::stop_ids(Path::new(""), &tokenizer)?;
-    let target = RemoteTarget::connect(url).await?;
+    let refresh = Duration::from_secs(a.discovery_refresh_s);
+    let target = Replicas::connect(
+        url,
+        |u| async move { RemoteTarget::connect(&u).await },
+        <RemoteTarget as TargetBackend>::info,
+        refresh,
+    )
+    .await?;
+    let drafts = |spec: String| async move {
+        Replicas::connect(
+            &spec,
+            |u| async move { RemoteDraft::connect(&u).await },
+            <RemoteDraft as DraftBackend>::info,
+            refresh,
+        )
+        .await
+        .map(Arc::new)
+    };
     let draft = match &a.draft_endpoint {
-        Some(u) => Some(Arc::new(RemoteDraft::connect(u).await?)),
+        Some(u) => Some(drafts(u.clone()).await?),
         None => None,
     };
     let lookahead = match &a.lookahead_endpoint {
-        Some(u) => Some(Arc::new(RemoteDraft::connect(u).await?)),
+        Some(u) => Some(drafts(u.clone()).await?),
         None => None,
     };
     let pool = embedded::pool_for(phrase_len);

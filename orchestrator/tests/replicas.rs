@@ -1,0 +1,144 @@
+//! Sessions spread over several target replicas and stay on theirs: outputs equal a single
+//! replica's, a draining replica gets no new sessions, and host names resolve to replicas.
+
+use candle_core::Device;
+use candle_core::quantized::GgmlDType;
+use engine::testing::{random_weights, tiny_config, write_gguf};
+use engine::{Architecture, LoadOptions};
+use futures::future::join_all;
+use orchestrator::remote::{RemoteDraft, RemoteTarget};
+use orchestrator::replicas::Replicas;
+use spec::{
+    DecodeParams, DraftBackend, Flow, PhrasePool, SpecError, Strategy, TargetBackend, TrieCache,
+    generate,
+};
+use std::sync::Arc;
+use std::time::Duration;
+use target_service::{TargetConfig, TargetGrpc};
+use tokio::net::TcpListener;
+
+type Table = Arc<target_service::scheduler::Sessions<engine::Transformer>>;
+
+/// A target service on loopback; returns its URL and its session table.
+async fn target(model: &std::path::Path) -> (String, Table) {
+    let m = Arc::new(engine::load_model(model, &LoadOptions::default(), &Device::Cpu).unwrap());
+    let grpc = TargetGrpc::new(m, TargetConfig::default());
+    let sessions = grpc.sessions().clone();
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    tokio::spawn(target_service::serve(grpc, l, std::future::pending()));
+    (url, sessions)
+}
+
+async fn replicas(spec: &str) -> Replicas<RemoteTarget> {
+    Replicas::connect(
+        spec,
+        |u| async move { RemoteTarget::connect(&u).await },
+        <RemoteTarget as TargetBackend>::info,
+        Duration::ZERO,
+    )
+    .await
+    .unwrap()
+}
+
+async fn greedy<T: TargetBackend>(t: &T, prompt: &[u32]) -> Vec<u32> {
+    let params = DecodeParams {
+        strategy: Strategy::Greedy,
+        max_new_tokens: 12,
+        ..DecodeParams::default()
+    };
+    generate::<_, RemoteDraft>(
+        t,
+        None,
+        &PhrasePool::new(Default::default()),
+        &TrieCache::default(),
+        prompt,
+        &params,
+        &mut |_: &[u32]| Flow::Continue,
+    )
+    .await
+    .unwrap()
+    .tokens
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sessions_spread_over_replicas_and_stay_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(Architecture::Llama);
+    let w = random_weights(&cfg, 5, false, false).unwrap();
+    let path = dir.path().join("t.gguf");
+    write_gguf(&path, &cfg, &w, GgmlDType::F32).unwrap();
+    let (a, sa) = target(&path).await;
+    let (b, sb) = target(&path).await;
+    let both = replicas(&format!("{a}, {b}")).await;
+    assert_eq!(both.urls(), vec![a.clone(), b.clone()]);
+
+    // Open sessions are balanced over the two replicas.
+    let mut ids = Vec::new();
+    for i in 0..6u32 {
+        ids.push(both.open(&[1 + i, 2, 3]).await.unwrap());
+    }
+    assert_eq!((sa.len(), sb.len()), (3, 3));
+    for id in ids {
+        both.close(id).await.unwrap();
+    }
+    assert_eq!((sa.len(), sb.len()), (0, 0));
+    assert!(matches!(
+        both.close(12345).await,
+        Err(SpecError::UnknownSession(12345))
+    ));
+
+    // Concurrent requests through the replicas give what one replica alone gives.
+    let single = replicas(&a).await;
+    let prompts: Vec<Vec<u32>> = (0..6u32).map(|i| vec![i + 3, 7, i * 5 % 90 + 1]).collect();
+    let spread = join_all(prompts.iter().map(|p| greedy(&both, p))).await;
+    for (p, got) in prompts.iter().zip(spread) {
+        assert_eq!(got, greedy(&single, p).await, "prompt {p:?}");
+    }
+
+    // A draining replica takes no new session; the other one takes them all.
+    sa.drain();
+    for i in 0..4u32 {
+        both.open(&[i + 1, 9]).await.unwrap();
+    }
+    assert_eq!((sa.len(), sb.len()), (0, 4));
+    sb.drain();
+    assert!(matches!(
+        both.open(&[1, 2]).await,
+        Err(SpecError::Unavailable(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_names_resolve_to_replicas() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(Architecture::Llama);
+    let w = random_weights(&cfg, 6, false, false).unwrap();
+    let path = dir.path().join("t.gguf");
+    write_gguf(&path, &cfg, &w, GgmlDType::F32).unwrap();
+    let (a, _) = target(&path).await;
+    let port = a.rsplit(':').next().unwrap();
+    // "localhost" may also give ::1, where nothing listens: that address is left out.
+    let r = replicas(&format!("http://localhost:{port}")).await;
+    assert!(r.urls().contains(&a), "{:?}", r.urls());
+    let addrs = orchestrator::replicas::resolve(&format!("http://localhost:{port},{a}"))
+        .await
+        .unwrap();
+    assert!(addrs.contains(&a));
+    assert!(
+        orchestrator::replicas::resolve("http://no-such-host.invalid:1")
+            .await
+            .is_err()
+    );
+    assert!(
+        Replicas::<RemoteDraft>::connect(
+            "http://127.0.0.1:1",
+            |u| async move { RemoteDraft::connect(&u).await },
+            <RemoteDraft as DraftBackend>::info,
+            Duration::ZERO,
+        )
+        .await
+        .is_err(),
+        "nothing answers on port 1"
+    );
+}
