@@ -2,7 +2,9 @@
 # Runs the whole test suite on a fresh machine: fetches the small real models the tests
 # use (SmolLM2-135M, the Qwen2.5-Coder 0.5B draft and its tokenizer.json; about 600 MB,
 # once, into $OURO_MODELS_DIR), then builds and tests in one optimized profile, then checks
-# the Helm chart (scripts/test-chart.sh: helm and the validator are fetched into .tools/).
+# the Helm chart (scripts/test-chart.sh: helm and the validator are fetched into .tools/)
+# and runs the three services as real processes under a Python grpcio client
+# (tests/e2e/run.sh).
 # The 1.5B target test runs only where that file was fetched (scripts/fetch-models.sh all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,3 +17,4 @@ cargo test --release --locked --workspace 2>&1 | tee "$log"
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1); if ($i ~ /^ignored/) s += $(i-1) } }
      END { printf "%d passed, %d failed, %d skipped\n", p, f, s }' "$log"
 scripts/test-chart.sh
+tests/e2e/run.sh
