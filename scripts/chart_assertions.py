@@ -83,6 +83,10 @@ def main():
             assert sel["app.kubernetes.io/component"] == c
             assert s["spec"]["selector"] == sel
             assert m[("PodDisruptionBudget", f"demo-ouroboros-{c}")]["spec"]["selector"]["matchLabels"] == sel
+            # Prometheus metrics on a port of their own, announced for scraping.
+            assert flag(ct["args"], "--metrics-listen") == "0.0.0.0:9090", c
+            assert {"name": "metrics", "containerPort": 9090, "protocol": "TCP"} in ct["ports"]
+            assert d["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == "9090"
             # Every pod sees the model volume where the args point.
             mounts = {v["name"]: v["mountPath"] for v in ct["volumeMounts"]}
             assert mounts["models"] == "/models"

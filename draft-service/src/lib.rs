@@ -65,6 +65,11 @@ impl<M: LanguageModel + 'static> DraftGrpc<M> {
         }
     }
 
+    /// Session count and KV memory into the metrics.
+    fn publish(&self) {
+        telemetry::publish_sessions("draft", self.sessions.len(), self.sessions.bytes());
+    }
+
     /// The open sessions (for draining at shutdown).
     pub fn sessions(&self) -> &Arc<Sessions<M>> {
         &self.sessions
@@ -145,6 +150,7 @@ impl<M: LanguageModel + 'static> DraftService for DraftGrpc<M> {
         // Opening only records the tokens; the prefill happens with the first draft.
         let s = DraftSession::open(&*self.model, &tokens).map_err(|e| field(&e, "tokens"))?;
         let id = self.sessions.insert(s);
+        self.publish();
         Ok(Response::new(pb::OpenSessionResponse {
             session_id: id,
             timing: timing(started, 0.0),
@@ -176,6 +182,7 @@ impl<M: LanguageModel + 'static> DraftService for DraftGrpc<M> {
             e => field(&e, "new_committed"),
         })?;
         let forward = started.elapsed().as_secs_f64();
+        self.publish();
         Ok(Response::new(pb::DraftResponse {
             tokens: outcome.tokens,
             harvested: outcome.harvested.iter().map(Into::into).collect(),
@@ -190,6 +197,7 @@ impl<M: LanguageModel + 'static> DraftService for DraftGrpc<M> {
         request: Request<pb::CloseSessionRequest>,
     ) -> Result<Response<pb::CloseSessionResponse>, Status> {
         close_session(self.sessions.clone(), request.into_inner().session_id).await?;
+        self.publish();
         Ok(Response::new(pb::CloseSessionResponse {}))
     }
 }

@@ -35,6 +35,9 @@ struct Args {
     pool_per_key: usize,
     #[arg(long, env = "OURO_DRAFT_POOL_MAX_PHRASES", default_value_t = PoolConfig::default().max_phrases)]
     pool_max_phrases: usize,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9090).
+    #[arg(long, env = "OURO_DRAFT_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
     /// On SIGTERM, refuse new sessions and wait up to this long for open ones to end.
     #[arg(long, env = "OURO_DRAFT_DRAIN_TIMEOUT_S", default_value_t = 60)]
     drain_timeout_s: u64,
@@ -42,11 +45,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    telemetry::init_logging();
     let a = Args::parse();
     let config = DraftConfig {
         max_sessions: a.max_sessions,
@@ -58,6 +57,9 @@ async fn main() -> Result<()> {
             ..PoolConfig::default()
         },
     };
+    if let Some(addr) = &a.metrics_listen {
+        telemetry::start_metrics(addr).await?;
+    }
     let listener = tokio::net::TcpListener::bind(&a.listen)
         .await
         .with_context(|| format!("binding {}", a.listen))?;

@@ -10,6 +10,7 @@ use proto::v1::ouroboros_server::Ouroboros;
 use spec::{DecodeParams, FinishReason, Flow, Generation, LookaheadParams, SpecStats, Strategy};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
@@ -156,7 +157,28 @@ impl GenerateService {
     ) -> Result<Finished, Status> {
         let scan = Arc::new(Mutex::new(StopScan::new(self.tokenizer.clone(), stop)));
         let sink_scan = scan.clone();
+        let m = telemetry::metrics();
+        let strategy = params.strategy.name();
+        let started = Instant::now();
+        let mut last: Option<Instant> = None;
+        m.in_flight.inc();
         let sink: TokenSink = Box::new(move |tokens: &[u32]| {
+            let now = Instant::now();
+            match last {
+                None => m
+                    .ttft
+                    .with_label_values(&[strategy])
+                    .observe((now - started).as_secs_f64()),
+                Some(t) if !tokens.is_empty() => {
+                    // Tokens committed together share the gap since the previous batch.
+                    let each = (now - t).as_secs_f64() / tokens.len() as f64;
+                    for _ in tokens {
+                        m.inter_token.with_label_values(&[strategy]).observe(each);
+                    }
+                }
+                Some(_) => {}
+            }
+            last = Some(now);
             let mut s = spec::sessions::lock(&sink_scan);
             let delta = s.push(tokens);
             if let Some(tx) = &chunks
@@ -179,22 +201,27 @@ impl GenerateService {
             }
         });
         let prompt_tokens = prompt.len();
-        let g = self
-            .runner
-            .run(prompt, params, sink)
-            .await
-            .map_err(|e| status_of(&e))?;
+        let g = self.runner.run(prompt, params, sink).await;
+        m.in_flight.dec();
+        let g = g.map_err(|e| status_of(&e))?;
+        record(
+            &g.stats,
+            started.elapsed().as_secs_f64(),
+            self.runner.cache_sizes(),
+        );
         let mut s = spec::sessions::lock(&scan);
         s.finish();
+        let (finish, finish_name) = if s.stopped() {
+            (pb::FinishReason::Stop, "stop")
+        } else {
+            (finish_of(&g), g.finish.name())
+        };
+        m.requests.with_label_values(&[strategy, finish_name]).inc();
         Ok(Finished {
             text: s.text().to_string(),
             tail: s.tail(),
             tokens: s.tokens().to_vec(),
-            finish: if s.stopped() {
-                pb::FinishReason::Stop
-            } else {
-                finish_of(&g)
-            },
+            finish,
             usage: pb::Usage {
                 prompt_tokens: prompt_tokens as u32,
                 completion_tokens: s.tokens().len() as u32,
@@ -221,6 +248,29 @@ fn finish_of(g: &Generation) -> pb::FinishReason {
         FinishReason::Stop => pb::FinishReason::Stop,
         FinishReason::ContextFull => pb::FinishReason::ContextFull,
     }
+}
+
+/// Adds a finished request to the metrics.
+fn record(s: &SpecStats, seconds: f64, (pool, trie): (usize, usize)) {
+    let m = telemetry::metrics();
+    let name = s.strategy.map_or("unknown", |st| st.name());
+    let l = &[name];
+    m.e2e.with_label_values(l).observe(seconds);
+    m.generated_tokens.with_label_values(l).inc_by(s.committed);
+    m.num_drafts.with_label_values(l).inc_by(s.target_forwards);
+    m.draft_tokens.with_label_values(l).inc_by(s.drafted);
+    m.accepted_tokens.with_label_values(l).inc_by(s.accepted);
+    for (i, &n) in s.accepted_at.iter().enumerate() {
+        m.accepted_per_pos
+            .with_label_values(&[name, &i.to_string()])
+            .inc_by(n);
+    }
+    m.pool_lookups.with_label_values(l).inc_by(s.pool_lookups);
+    m.pool_hits.with_label_values(l).inc_by(s.pool_hits);
+    m.trie_lookups.with_label_values(l).inc_by(s.trie_lookups);
+    m.trie_hits.with_label_values(l).inc_by(s.trie_hits);
+    m.pool_phrases.set(pool as i64);
+    m.trie_nodes.set(trie as i64);
 }
 
 pub fn stats_of(s: &SpecStats) -> pb::SpecStats {

@@ -168,12 +168,7 @@ struct GenerateArgs {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    telemetry::init_logging();
     match Cli::parse().command {
         Command::Generate(a) => generate(a),
         Command::Bench(a) => bench::run(a),

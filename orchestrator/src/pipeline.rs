@@ -15,6 +15,8 @@ pub trait Runner: Send + Sync + 'static {
     fn target_info(&self) -> BackendInfo;
     fn has_draft(&self) -> bool;
     fn has_lookahead(&self) -> bool;
+    /// Phrases in the shared pool and nodes in the shared trie.
+    fn cache_sizes(&self) -> (usize, usize);
     /// Runs one request to the end; `sink` sees committed tokens as they come.
     fn run(
         &self,
@@ -99,6 +101,10 @@ where
 
     fn has_draft(&self) -> bool {
         self.draft.is_some()
+    }
+
+    fn cache_sizes(&self) -> (usize, usize) {
+        (self.pool.len(), self.trie.len())
     }
 
     fn has_lookahead(&self) -> bool {

@@ -29,6 +29,9 @@ pub struct ServeArgs {
     /// Draft services hosting the target model, for the lookahead strategy (remote mode).
     #[arg(long, env = "OURO_LOOKAHEAD_ENDPOINT")]
     lookahead_endpoint: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9090).
+    #[arg(long, env = "OURO_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
     /// Resolve endpoint names again this often, to follow replicas that come and go
     /// (0: only at start).
     #[arg(long, env = "OURO_DISCOVERY_REFRESH_S", default_value_t = 15)]
@@ -49,6 +52,9 @@ pub fn run(a: ServeArgs) -> Result<()> {
 
 async fn serve(a: ServeArgs) -> Result<()> {
     let phrase_len = a.decode.level.saturating_sub(1).max(1);
+    if let Some(addr) = &a.metrics_listen {
+        telemetry::start_metrics(addr).await?;
+    }
     let listener = tokio::net::TcpListener::bind(&a.listen)
         .await
         .with_context(|| format!("binding {}", a.listen))?;

@@ -212,6 +212,25 @@ async fn every_strategy_equals_plain_decoding_over_grpc() {
     }
     // The second trie run of a prompt meets the first one's output in the shared trie.
     assert!(trie_accepted > 0);
+    // The metrics saw the same requests (services and orchestrator share this process).
+    let m = telemetry::metrics();
+    let page = m.render();
+    for s in ["speculative", "ouroboros"] {
+        let accepted = m.accepted_tokens.with_label_values(&[s]).get();
+        assert!(accepted > 0, "no accepted tokens counted for {s}:\n{page}");
+        assert!(m.num_drafts.with_label_values(&[s]).get() > 0);
+        assert!(m.ttft.with_label_values(&[s]).get_sample_count() > 0);
+    }
+    assert!(
+        m.accepted_per_pos
+            .with_label_values(&["ouroboros", "0"])
+            .get()
+            > 0
+    );
+    assert!(m.trie_hits.with_label_values(&["trie"]).get() > 0);
+    assert!(page.contains("ouro_spec_decode_num_accepted_tokens_total{strategy=\"ouroboros\"}"));
+    assert!(page.contains("ouro_sessions{service=\"target\"}"));
+    assert!(m.batch_trees.get_sample_count() > 0);
     eprintln!("accepted draft tokens by strategy: {accepted:?}, trie tokens {trie_accepted}");
 }
 

@@ -69,6 +69,11 @@ impl<M: LanguageModel + 'static> TargetGrpc<M> {
         }
     }
 
+    /// Session count and KV memory into the metrics.
+    fn publish(&self) {
+        telemetry::publish_sessions("target", self.sessions.len(), self.sessions.bytes());
+    }
+
     pub fn sessions(&self) -> &Arc<Sessions<M>> {
         &self.sessions
     }
@@ -130,6 +135,7 @@ impl<M: LanguageModel + 'static> TargetService for TargetGrpc<M> {
             .await
             .map_err(|e| field(&e, "tokens"))?;
         let forward = started.elapsed().as_secs_f64();
+        self.publish();
         Ok(Response::new(pb::OpenSessionResponse {
             session_id: id,
             timing: timing(started, forward, 0.0),
@@ -165,6 +171,7 @@ impl<M: LanguageModel + 'static> TargetService for TargetGrpc<M> {
                 SpecError::UnknownSession(_) => field(&e, "session_id"),
                 e => field(&e, "tokens"),
             })?;
+        self.publish();
         Ok(Response::new(pb::VerifyResponse {
             path: outcome.path.iter().map(|&n| n as u32).collect(),
             accepted: outcome.accepted,
@@ -179,6 +186,7 @@ impl<M: LanguageModel + 'static> TargetService for TargetGrpc<M> {
         request: Request<pb::CloseSessionRequest>,
     ) -> Result<Response<pb::CloseSessionResponse>, Status> {
         close_session(self.sessions.clone(), request.into_inner().session_id).await?;
+        self.publish();
         Ok(Response::new(pb::CloseSessionResponse {}))
     }
 }

@@ -43,6 +43,9 @@ struct Args {
     /// what is already queued).
     #[arg(long, env = "OURO_TARGET_BATCH_WAIT_US", default_value_t = 0)]
     batch_wait_us: u64,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9090).
+    #[arg(long, env = "OURO_TARGET_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
     /// On SIGTERM, refuse new sessions and wait up to this long for open ones to end.
     #[arg(long, env = "OURO_TARGET_DRAIN_TIMEOUT_S", default_value_t = 60)]
     drain_timeout_s: u64,
@@ -50,11 +53,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    telemetry::init_logging();
     let a = Args::parse();
     let config = TargetConfig {
         tp_size: a.tp,
@@ -65,6 +64,9 @@ async fn main() -> Result<()> {
         session_ttl: Duration::from_secs(a.session_ttl_s),
         batch_wait: Duration::from_micros(a.batch_wait_us),
     };
+    if let Some(addr) = &a.metrics_listen {
+        telemetry::start_metrics(addr).await?;
+    }
     let listener = tokio::net::TcpListener::bind(&a.listen)
         .await
         .with_context(|| format!("binding {}", a.listen))?;

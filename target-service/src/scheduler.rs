@@ -198,6 +198,9 @@ impl<M: LanguageModel> Worker<M> {
             }
         }
         self.queue = rest;
+        let m = telemetry::metrics();
+        m.queue_depth.set(self.queue.len() as i64);
+        m.batch_trees.observe(batch.len() as f64);
         batch
     }
 

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -61,7 +62,7 @@ def main():
     bins, models = sys.argv[1], sys.argv[2]
     model = os.path.join(models, "qwen2.5-coder-0.5b-instruct.gguf")
     tokenizer = os.path.join(models, "qwen-tokenizer.json")
-    pt, pd, po = free_port(), free_port(), free_port()
+    pt, pd, po, pm = free_port(), free_port(), free_port(), free_port()
     env = dict(os.environ, RUST_LOG="warn")
     procs = {
         "target": subprocess.Popen([f"{bins}/target-service", "--model", model,
@@ -77,11 +78,12 @@ def main():
              "--target-endpoint", f"http://127.0.0.1:{pt}",
              "--draft-endpoint", f"http://localhost:{pd}",
              "--tokenizer", tokenizer, "--level", "4", "--window", "2", "--guess", "2",
-             "--gamma", "4"], env=env)
+             "--gamma", "4", "--metrics-listen", f"127.0.0.1:{pm}"], env=env)
         wait_serving(f"127.0.0.1:{po}", procs["orchestrator"], "ouro serve")
         with tempfile.TemporaryDirectory() as gen:
             pb, pb_grpc = stubs(gen)
             check_api(pb, pb_grpc, f"127.0.0.1:{po}")
+        check_metrics(f"http://127.0.0.1:{pm}/metrics")
         # SIGTERM: every process drains and exits 0.
         for name in ("orchestrator", "draft", "target"):
             p = procs[name]
@@ -93,6 +95,19 @@ def main():
         for p in procs.values():
             if p.poll() is None:
                 p.kill()
+
+
+def check_metrics(url):
+    page = urllib.request.urlopen(url, timeout=10).read().decode()
+    values = {}
+    for line in page.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    key = 'ouro_spec_decode_num_accepted_tokens_total{strategy="ouroboros"}'
+    assert values.get(key, 0) > 0, f"{key} missing or zero in:\n{page}"
+    assert values.get('ouro_requests_total{finish="length",strategy="greedy"}', 0) >= 2
+    assert values.get('ouro_time_to_first_token_seconds_count{strategy="ouroboros"}', 0) > 0
 
 
 def check_api(pb, pb_grpc, addr):

@@ -60,6 +60,12 @@ spec:
       labels:
         {{- include "ouroboros.labels" $root | nindent 8 }}
         app.kubernetes.io/component: {{ .component }}
+      {{- if $root.Values.metrics.enabled }}
+      annotations:
+        prometheus.io/scrape: "true"
+        prometheus.io/port: {{ $root.Values.metrics.port | quote }}
+        prometheus.io/path: /metrics
+      {{- end }}
     spec:
       {{- with $root.Values.imagePullSecrets }}
       imagePullSecrets:
@@ -92,7 +98,11 @@ spec:
           command:
             {{- toYaml .command | nindent 12 }}
           args:
-            {{- toYaml (concat .args $v.extraArgs) | nindent 12 }}
+            {{- $metrics := list }}
+            {{- if $root.Values.metrics.enabled }}
+            {{- $metrics = list "--metrics-listen" (printf "0.0.0.0:%v" $root.Values.metrics.port) }}
+            {{- end }}
+            {{- toYaml (concat .args $metrics $v.extraArgs) | nindent 12 }}
           env:
             - name: OURO_MODELS_DIR
               value: {{ $root.Values.models.mountPath | quote }}
@@ -105,6 +115,11 @@ spec:
             - name: grpc
               containerPort: {{ $v.port }}
               protocol: TCP
+            {{- if $root.Values.metrics.enabled }}
+            - name: metrics
+              containerPort: {{ $root.Values.metrics.port }}
+              protocol: TCP
+            {{- end }}
           # gRPC health (grpc.health.v1) answers once the model is loaded and serving.
           startupProbe:
             grpc:
