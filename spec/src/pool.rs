@@ -37,6 +37,30 @@ struct KeyList {
     touched: u64,
 }
 
+/// Drops the least recently touched entries of `map` until `total` is at most `target`;
+/// `measure` gives an entry's last touch and its share of `total`. One scan over all keys
+/// serves many inserts, since callers evict down to below their cap.
+pub(crate) fn evict_least_recent<V>(
+    map: &DashMap<u32, V>,
+    total: &AtomicUsize,
+    target: usize,
+    measure: impl Fn(&V) -> (u64, usize),
+) {
+    let mut keys: Vec<(u64, u32)> = map
+        .iter()
+        .map(|e| (measure(e.value()).0, *e.key()))
+        .collect();
+    keys.sort_unstable();
+    for (_, key) in keys {
+        if total.load(Ordering::Relaxed) <= target {
+            break;
+        }
+        if let Some((_, v)) = map.remove(&key) {
+            total.fetch_sub(measure(&v).1, Ordering::Relaxed);
+        }
+    }
+}
+
 /// A phrase and the key it follows: the unit of pool deltas and harvests.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Ngram {
@@ -148,24 +172,12 @@ impl PhrasePool {
         }
     }
 
-    /// Drops the least recently touched keys until the pool is at 90% of its cap, so the
-    /// scan over all keys runs once per many inserts.
+    /// Drops the least recently touched keys until the pool is at 90% of its cap.
     fn evict(&self) {
-        let target = self.config.max_phrases - self.config.max_phrases / 10;
-        let mut keys: Vec<(u64, u32)> = self
-            .map
-            .iter()
-            .map(|e| (e.value().touched, *e.key()))
-            .collect();
-        keys.sort_unstable();
-        for (_, key) in keys {
-            if self.len() <= target {
-                break;
-            }
-            if let Some((_, list)) = self.map.remove(&key) {
-                self.total.fetch_sub(list.phrases.len(), Ordering::Relaxed);
-            }
-        }
+        let cap = self.config.max_phrases;
+        evict_least_recent(&self.map, &self.total, cap - cap / 10, |l| {
+            (l.touched, l.phrases.len())
+        });
     }
 
     /// Every phrase after `key`, oldest first.

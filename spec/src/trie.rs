@@ -7,6 +7,7 @@
 //! in the [`TrieCache`] every request shares (warm start). A query merges both. Contents
 //! never affect correctness, only how often drafts hit.
 
+use crate::pool::evict_least_recent;
 use crate::tree::DraftTree;
 use dashmap::DashMap;
 use std::cmp::Reverse;
@@ -380,24 +381,12 @@ impl TrieCache {
         }
     }
 
-    /// Drops the least recently written tries until the cache is at 90% of its cap, so
-    /// the scan over all tries runs once per many writes.
+    /// Drops the least recently written tries until the cache is at 90% of its cap.
     fn evict(&self) {
-        let target = self.config.max_total_nodes - self.config.max_total_nodes / 10;
-        let mut keys: Vec<(u64, u32)> = self
-            .map
-            .iter()
-            .map(|e| (e.value().touched, *e.key()))
-            .collect();
-        keys.sort_unstable();
-        for (_, key) in keys {
-            if self.len() <= target {
-                break;
-            }
-            if let Some((_, b)) = self.map.remove(&key) {
-                self.total.fetch_sub(b.len(), Ordering::Relaxed);
-            }
-        }
+        let cap = self.config.max_total_nodes;
+        evict_least_recent(&self.map, &self.total, cap - cap / 10, |b| {
+            (b.touched, b.len())
+        });
     }
 
     /// The most frequent continuations of `text`: the longest end of `text` (at most
