@@ -7,7 +7,7 @@ use engine::LanguageModel;
 use proto::convert::field_status as field;
 use proto::draft::v1 as pb;
 use proto::draft::v1::draft_service_server::{DraftService, DraftServiceServer};
-use proto::serving::{close_session, serve as serve_with_health, spawn_evictor};
+use proto::serving::{close_session, publish_sessions, serve_sessions};
 use spec::{
     DraftRequest, DraftSession, LookaheadParams, Ngram, PhrasePool, PoolConfig, SessionLimits,
     SessionTable, SpecError,
@@ -67,7 +67,7 @@ impl<M: LanguageModel + 'static> DraftGrpc<M> {
 
     /// Session count and KV memory into the metrics.
     fn publish(&self) {
-        telemetry::publish_sessions("draft", self.sessions.len(), self.sessions.bytes());
+        publish_sessions("draft", &self.sessions);
     }
 
     /// The open sessions (for draining at shutdown).
@@ -208,11 +208,14 @@ pub async fn serve<M: LanguageModel + 'static>(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    let sessions = service.sessions.clone();
-    let evictor = spawn_evictor(service.config.session_ttl, "draft", move || {
-        sessions.evict_idle()
-    });
-    let r = serve_with_health(DraftServiceServer::new(service), listener, shutdown).await;
-    evictor.abort();
-    r
+    let (sessions, ttl) = (service.sessions.clone(), service.config.session_ttl);
+    serve_sessions(
+        DraftServiceServer::new(service),
+        listener,
+        shutdown,
+        sessions,
+        ttl,
+        "draft",
+    )
+    .await
 }

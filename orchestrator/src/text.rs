@@ -116,8 +116,10 @@ impl StopScan {
         } else {
             // The window decodes differently on its own: take the whole text once.
             let full = self.decode(&self.tokens);
+            // Text already streamed must not change; `get` also refuses a cut inside a
+            // character of either string.
             let keep = self.streamed.min(full.len());
-            if full.is_char_boundary(keep) && full[..keep] == self.text[..keep] {
+            if full.get(..keep).is_some() && full.get(..keep) == self.text.get(..keep) {
                 self.text = full;
             } else {
                 return 0;

@@ -45,22 +45,54 @@ where
     Ok(())
 }
 
-/// Calls `evict` (which returns how many sessions it evicted) every quarter of `ttl`.
-pub fn spawn_evictor(
+/// Serves a session-keeping service (draft or target, named by `what`) like [`serve`],
+/// evicting sessions idle for longer than `ttl` in the background.
+pub async fn serve_sessions<Svc, S>(
+    service: Svc,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+    sessions: Arc<SessionTable<S>>,
     ttl: Duration,
     what: &'static str,
-    evict: impl Fn() -> usize + Send + 'static,
+) -> anyhow::Result<()>
+where
+    Svc: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+        + NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    Svc::Future: Send + 'static,
+    S: SessionState + Send + 'static,
+{
+    let evictor = spawn_evictor(ttl, what, sessions);
+    let r = serve(service, listener, shutdown).await;
+    evictor.abort();
+    r
+}
+
+/// Evicts idle sessions every quarter of `ttl`, keeping the session metrics current.
+fn spawn_evictor<S: SessionState + Send + 'static>(
+    ttl: Duration,
+    what: &'static str,
+    sessions: Arc<SessionTable<S>>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval((ttl / 4).max(Duration::from_millis(10)));
         loop {
             tick.tick().await;
-            let n = evict();
+            let n = sessions.evict_idle();
             if n > 0 {
                 tracing::info!(evicted = n, "idle {what} sessions evicted");
+                publish_sessions(what, &sessions);
             }
         }
     })
+}
+
+/// Session count and KV memory of a draft or target service into the metrics.
+pub fn publish_sessions<S: SessionState>(what: &str, sessions: &SessionTable<S>) {
+    telemetry::publish_sessions(what, sessions.len(), sessions.bytes());
 }
 
 /// Closes a session on the blocking pool: closing waits for a call that holds it.

@@ -1,7 +1,7 @@
 //! The decoding loops, written once over [`TargetBackend`] and [`DraftBackend`]: plain
 //! greedy (or plain sampling), classic speculative decoding, lookahead decoding, trie-cache
-//! drafting and Ouroboros. Every committed token is the target's own choice for its exact prefix, so
-//! all strategies give the tokens plain decoding gives.
+//! drafting and Ouroboros. Every committed token is the target's own choice for its exact
+//! prefix, so all strategies give the tokens plain decoding gives.
 
 use crate::backend::{DraftBackend, DraftRequest, SessionId, TargetBackend};
 use crate::error::{Result, SpecError};
@@ -356,13 +356,13 @@ async fn run_rounds<T: TargetBackend, D: DraftBackend>(
             if !found.is_empty() {
                 stats.trie_hits += 1;
             }
-            from_trie = vec![false; tree.len()];
             let before = tree.len();
-            for n in found.attach(&mut tree) {
-                from_trie.resize(tree.len(), false);
+            let attached = found.attach(&mut tree);
+            stats.trie_nodes += (tree.len() - before) as u64;
+            from_trie = vec![false; tree.len()];
+            for n in attached {
                 from_trie[n] = true;
             }
-            stats.trie_nodes += (tree.len() - before) as u64;
         }
         let t0 = Instant::now();
         let (v, timing) = sessions

@@ -3,7 +3,7 @@
 use crate::scheduler::{Scheduler, SchedulerConfig, Sessions};
 use engine::LanguageModel;
 use proto::convert::{field_status as field, sampling_from_pb};
-use proto::serving::{close_session, serve as serve_with_health, spawn_evictor};
+use proto::serving::{close_session, publish_sessions, serve_sessions};
 use proto::target::v1 as pb;
 use proto::target::v1::target_service_server::{TargetService, TargetServiceServer};
 use spec::local::check_vocab;
@@ -71,7 +71,7 @@ impl<M: LanguageModel + 'static> TargetGrpc<M> {
 
     /// Session count and KV memory into the metrics.
     fn publish(&self) {
-        telemetry::publish_sessions("target", self.sessions.len(), self.sessions.bytes());
+        publish_sessions("target", &self.sessions);
     }
 
     pub fn sessions(&self) -> &Arc<Sessions<M>> {
@@ -198,11 +198,14 @@ pub async fn serve<M: LanguageModel + 'static>(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    let sessions = service.sessions.clone();
-    let evictor = spawn_evictor(service.config.session_ttl, "target", move || {
-        sessions.evict_idle()
-    });
-    let r = serve_with_health(TargetServiceServer::new(service), listener, shutdown).await;
-    evictor.abort();
-    r
+    let (sessions, ttl) = (service.sessions.clone(), service.config.session_ttl);
+    serve_sessions(
+        TargetServiceServer::new(service),
+        listener,
+        shutdown,
+        sessions,
+        ttl,
+        "target",
+    )
+    .await
 }
