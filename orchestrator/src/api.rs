@@ -102,7 +102,7 @@ impl GenerateService {
             None => d.sampling,
             Some(s) => sampling_from_pb(Some(s)),
         };
-        let strategy = self.strategy(r.strategy, sampling.is_greedy())?;
+        let strategy = self.strategy(r.strategy)?;
         let p = r.params.unwrap_or_default();
         let params = DecodeParams {
             strategy,
@@ -122,7 +122,7 @@ impl GenerateService {
         Ok((prompt, params))
     }
 
-    fn strategy(&self, code: i32, greedy: bool) -> Result<Strategy, Status> {
+    fn strategy(&self, code: i32) -> Result<Strategy, Status> {
         let s = pb::Strategy::try_from(code)
             .map_err(|_| Status::invalid_argument(format!("strategy: unknown value {code}")))?;
         let need = |ok: bool, what: &str| {
@@ -135,8 +135,8 @@ impl GenerateService {
             }
         };
         Ok(match s {
-            pb::Strategy::Auto if self.runner.has_draft() => Strategy::Ouroboros,
-            pb::Strategy::Auto if greedy && self.runner.has_lookahead() => Strategy::Lookahead,
+            // Without a cost profile nothing says speculation pays here.
+            pb::Strategy::Auto if self.runner.has_auto() => Strategy::Auto,
             pb::Strategy::Auto | pb::Strategy::Greedy => Strategy::Greedy,
             pb::Strategy::Speculative => Strategy::Speculative,
             pb::Strategy::Ouroboros => Strategy::Ouroboros,

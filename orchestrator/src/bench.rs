@@ -22,7 +22,7 @@ pub struct BenchArgs {
     #[arg(long)]
     limit: Option<usize>,
     /// Strategies to compare (greedy always runs: it is the reference).
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [StrategyArg::Speculative, StrategyArg::Lookahead, StrategyArg::Trie, StrategyArg::Ouroboros])]
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [StrategyArg::Speculative, StrategyArg::Lookahead, StrategyArg::Trie, StrategyArg::Ouroboros, StrategyArg::Auto])]
     strategies: Vec<StrategyArg>,
     /// Also run Ouroboros with an empty pool and trie for every prompt (cold start).
     #[arg(long)]
@@ -171,6 +171,15 @@ fn run_with<T: LanguageModel>(e: &Embedded<T>, a: &BenchArgs) -> Result<()> {
         })
         .collect();
     let pipelines: Vec<_> = plan.iter().map(|_| e.isolated_pipeline()).collect();
+    if plan.iter().any(|v| v.strategy == Strategy::Auto) {
+        let profile = e.measure_costs()?;
+        for (v, p) in plan.iter().zip(&pipelines) {
+            if v.strategy == Strategy::Auto {
+                // Same hardware figures, acceptance counts of its own.
+                let _ = p.tuner.set(spec::AutoTuner::new(profile.clone()));
+            }
+        }
+    }
     let started = Instant::now();
     for (i, text) in prompts.iter().enumerate() {
         let text = if a.chat {

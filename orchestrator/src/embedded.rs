@@ -161,6 +161,7 @@ fn fresh_pipeline<T: LanguageModel>(
         pool,
         lookahead_pool,
         trie: Default::default(),
+        tuner: Default::default(),
         // In-process backends compute inside their futures.
         blocking: true,
     }
@@ -209,6 +210,16 @@ impl<T: LanguageModel> Embedded<T> {
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         Ok(engine::tokenizer::decode(&self.tokenizer, ids, true)?)
+    }
+
+    /// Measures what verifies and draft calls cost on this machine (for `auto`), once.
+    pub fn measure_costs(&self) -> Result<spec::CostProfile> {
+        eprintln!("measuring the cost profile for the auto strategy ...");
+        let opts = spec::ProfileOptions::default();
+        let p = futures::executor::block_on(self.pipeline.measure_costs_here(&opts))
+            .context("measuring the cost profile")?;
+        eprintln!("cost profile: {}", p.describe());
+        Ok(p)
     }
 
     /// Runs one request with the strategy in `params`.

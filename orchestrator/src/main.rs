@@ -74,6 +74,7 @@ impl ModelArgs {
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
 pub enum StrategyArg {
+    Auto,
     Greedy,
     Speculative,
     Lookahead,
@@ -84,6 +85,7 @@ pub enum StrategyArg {
 impl From<StrategyArg> for Strategy {
     fn from(s: StrategyArg) -> Self {
         match s {
+            StrategyArg::Auto => Strategy::Auto,
             StrategyArg::Greedy => Strategy::Greedy,
             StrategyArg::Speculative => Strategy::Speculative,
             StrategyArg::Lookahead => Strategy::Lookahead,
@@ -97,7 +99,7 @@ impl From<StrategyArg> for Strategy {
 pub struct DecodeArgs {
     #[arg(long, default_value_t = 256)]
     max_new_tokens: usize,
-    /// Least draft tokens per round.
+    /// Least draft tokens per round (auto: the most).
     #[arg(long, default_value_t = 8)]
     gamma: usize,
     /// Lookahead n-gram size N (phrases of N-1 tokens).
@@ -156,7 +158,8 @@ impl DecodeArgs {
 struct GenerateArgs {
     /// The prompt text.
     prompt: String,
-    #[arg(long, value_enum, default_value_t = StrategyArg::Ouroboros)]
+    /// `auto` first measures this machine's cost profile (a few seconds).
+    #[arg(long, value_enum, default_value_t = StrategyArg::Auto)]
     strategy: StrategyArg,
     /// Wrap the prompt in the chat template (ChatML) as a user message.
     #[arg(long)]
@@ -199,6 +202,9 @@ fn generate_with<T: engine::LanguageModel>(
     };
     let prompt = e.encode(&text)?;
     let params = a.decode.params(a.strategy.into(), &e.eos);
+    if params.strategy == spec::Strategy::Auto {
+        e.measure_costs()?;
+    }
     let mut all = Vec::new();
     let mut shown = 0;
     let mut out = std::io::stdout();

@@ -4,10 +4,10 @@
 
 use futures::future::BoxFuture;
 use spec::{
-    BackendInfo, DecodeParams, DraftBackend, Flow, Generation, PhrasePool, SpecError, Strategy,
-    TargetBackend, TrieCache, generate,
+    AutoTuner, BackendInfo, CostProfile, DecodeParams, DraftBackend, Flow, Generation, PhrasePool,
+    ProfileOptions, Shared, SpecError, Strategy, TargetBackend, TrieCache, generate,
 };
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 pub type TokenSink = Box<dyn FnMut(&[u32]) -> Flow + Send>;
 
@@ -17,6 +17,10 @@ pub trait Runner: Send + Sync + 'static {
     fn has_lookahead(&self) -> bool;
     /// Phrases in the shared pool and nodes in the shared trie.
     fn cache_sizes(&self) -> (usize, usize);
+    /// Whether the `auto` strategy has its cost profile.
+    fn has_auto(&self) -> bool;
+    /// Times the backends (what `auto` decides from) and keeps the profile.
+    fn measure_costs(&self, opts: ProfileOptions) -> BoxFuture<'static, spec::Result<CostProfile>>;
     /// Runs one request to the end; `sink` sees committed tokens as they come.
     fn run(
         &self,
@@ -36,6 +40,8 @@ pub struct Pipeline<T, D, L> {
     pub lookahead_pool: Arc<PhrasePool>,
     /// Output continuations shared by every trie and Ouroboros request (warm start).
     pub trie: Arc<TrieCache>,
+    /// The `auto` strategy's cost profile and acceptance counts, once measured.
+    pub tuner: Arc<OnceLock<AutoTuner>>,
     /// In-process backends compute inside their futures, so requests run on the blocking
     /// pool instead of the async workers.
     pub blocking: bool,
@@ -50,6 +56,7 @@ impl<T, D, L> Clone for Pipeline<T, D, L> {
             pool: self.pool.clone(),
             lookahead_pool: self.lookahead_pool.clone(),
             trie: self.trie.clone(),
+            tuner: self.tuner.clone(),
             blocking: self.blocking,
         }
     }
@@ -69,23 +76,52 @@ where
         params: &DecodeParams,
         sink: &mut (dyn FnMut(&[u32]) -> Flow + Send),
     ) -> spec::Result<Generation> {
+        let tuner = self.tuner.get();
         if params.strategy == Strategy::Lookahead {
             let host = self.lookahead.as_deref();
-            generate(
-                &*self.target,
-                host,
-                &self.lookahead_pool,
-                &self.trie,
-                prompt,
-                params,
-                sink,
-            )
-            .await
+            let shared = Shared {
+                pool: &self.lookahead_pool,
+                trie: &self.trie,
+                tuner,
+            };
+            generate(&*self.target, host, shared, prompt, params, sink).await
         } else {
             let draft = self.draft.as_deref();
-            let (pool, trie) = (&*self.pool, &*self.trie);
-            generate(&*self.target, draft, pool, trie, prompt, params, sink).await
+            let shared = Shared {
+                pool: &self.pool,
+                trie: &self.trie,
+                tuner,
+            };
+            generate(&*self.target, draft, shared, prompt, params, sink).await
         }
+    }
+
+    /// Measures the cost profile through this pipeline's own backends (on the calling
+    /// task) and keeps it, unless one is kept already.
+    pub async fn measure_costs_here(&self, opts: &ProfileOptions) -> spec::Result<CostProfile> {
+        if let Some(t) = self.tuner.get() {
+            return Ok(t.profile().clone());
+        }
+        let profile = spec::auto::measure(&*self.target, self.draft.as_deref(), opts).await?;
+        let _ = self.tuner.set(AutoTuner::new(profile.clone()));
+        Ok(profile)
+    }
+
+    /// Runs `work` on this pipeline where its backends want it: the blocking pool for
+    /// in-process models, an async task otherwise.
+    fn spawn<R: Send + 'static>(
+        &self,
+        work: impl std::future::Future<Output = spec::Result<R>> + Send + 'static,
+    ) -> BoxFuture<'static, spec::Result<R>> {
+        let blocking = self.blocking;
+        Box::pin(async move {
+            let joined = if blocking {
+                tokio::task::spawn_blocking(move || futures::executor::block_on(work)).await
+            } else {
+                tokio::spawn(work).await
+            };
+            joined.map_err(|e| SpecError::Backend(format!("request task failed: {e}")))?
+        })
     }
 }
 
@@ -111,6 +147,15 @@ where
         self.lookahead.is_some()
     }
 
+    fn has_auto(&self) -> bool {
+        self.tuner.get().is_some()
+    }
+
+    fn measure_costs(&self, opts: ProfileOptions) -> BoxFuture<'static, spec::Result<CostProfile>> {
+        let pipeline = self.clone();
+        self.spawn(async move { pipeline.measure_costs_here(&opts).await })
+    }
+
     fn run(
         &self,
         prompt: Vec<u32>,
@@ -118,15 +163,6 @@ where
         mut sink: TokenSink,
     ) -> BoxFuture<'static, spec::Result<Generation>> {
         let pipeline = self.clone();
-        let work = async move { pipeline.generate(&prompt, &params, &mut *sink).await };
-        let blocking = self.blocking;
-        Box::pin(async move {
-            let joined = if blocking {
-                tokio::task::spawn_blocking(move || futures::executor::block_on(work)).await
-            } else {
-                tokio::spawn(work).await
-            };
-            joined.map_err(|e| SpecError::Backend(format!("request task failed: {e}")))?
-        })
+        self.spawn(async move { pipeline.generate(&prompt, &params, &mut *sink).await })
     }
 }

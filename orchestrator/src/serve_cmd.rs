@@ -9,7 +9,7 @@ use orchestrator::embedded::{self, Embedded};
 use orchestrator::pipeline::{Pipeline, Runner};
 use orchestrator::remote::{RemoteDraft, RemoteTarget};
 use orchestrator::replicas::Replicas;
-use spec::{DraftBackend, PhrasePool, Strategy, TargetBackend};
+use spec::{DraftBackend, PhrasePool, ProfileOptions, Strategy, TargetBackend};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,6 +39,9 @@ pub struct ServeArgs {
     /// Pool snapshot: restored at start when present, written at shutdown.
     #[arg(long, env = "OURO_POOL_SNAPSHOT")]
     pool_snapshot: Option<PathBuf>,
+    /// Skip timing the backends at start; `auto` requests then decode greedily.
+    #[arg(long, env = "OURO_SKIP_PROFILE")]
+    skip_profile: bool,
     #[command(flatten)]
     model: ModelArgs,
     /// Defaults for what a request leaves out.
@@ -58,7 +61,7 @@ async fn serve(a: ServeArgs) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(&a.listen)
         .await
         .with_context(|| format!("binding {}", a.listen))?;
-    let (service, pool) = match &a.target_endpoint {
+    let (service, pool, runner) = match &a.target_endpoint {
         Some(url) => remote(&a, url, phrase_len).await?,
         None => {
             let paths = a.model.paths();
@@ -71,6 +74,14 @@ async fn serve(a: ServeArgs) -> Result<()> {
     };
     if let Some(p) = &a.pool_snapshot {
         restore(&pool, p)?;
+    }
+    if !a.skip_profile {
+        // Before taking traffic, so the timings are of an idle deployment.
+        tracing::info!("measuring the cost profile for the auto strategy");
+        match runner.measure_costs(ProfileOptions::default()).await {
+            Ok(p) => tracing::info!(profile = %p.describe(), "auto strategy ready"),
+            Err(e) => tracing::warn!("no cost profile ({e}); auto requests decode greedily"),
+        }
     }
     tracing::info!(listen = %a.listen, "ouroboros API ready");
     // On SIGTERM the server stops taking requests and lets those in flight finish.
@@ -96,20 +107,17 @@ fn restore(pool: &PhrasePool, p: &Path) -> Result<()> {
     Ok(())
 }
 
-fn local<T: engine::LanguageModel + 'static>(
-    a: &ServeArgs,
-    e: Embedded<T>,
-) -> (GenerateService, Arc<PhrasePool>) {
+/// The API service, the pool to snapshot, and the runner to profile.
+type Served = (GenerateService, Arc<PhrasePool>, Arc<dyn Runner>);
+
+fn local<T: engine::LanguageModel + 'static>(a: &ServeArgs, e: Embedded<T>) -> Served {
     let defaults = a.decode.params(Strategy::Ouroboros, &e.eos);
-    let service = GenerateService::new(e.pipeline.clone(), Arc::new(e.tokenizer), e.eos, defaults);
-    (service, e.pipeline.pool.clone())
+    let runner: Arc<dyn Runner> = e.pipeline.clone();
+    let service = GenerateService::new(runner.clone(), Arc::new(e.tokenizer), e.eos, defaults);
+    (service, e.pipeline.pool.clone(), runner)
 }
 
-async fn remote(
-    a: &ServeArgs,
-    url: &str,
-    phrase_len: usize,
-) -> Result<(GenerateService, Arc<PhrasePool>)> {
+async fn remote(a: &ServeArgs, url: &str, phrase_len: usize) -> Result<Served> {
     let paths = a.model.paths();
     let tokenizer = match &paths.tokenizer {
         Some(t) if t.exists() => engine::tokenizer::from_file(t)?,
@@ -150,6 +158,7 @@ async fn remote(
         pool: pool.clone(),
         lookahead_pool: embedded::pool_for(phrase_len),
         trie: Default::default(),
+        tuner: Default::default(),
         blocking: false,
     };
     tracing::info!(
@@ -160,7 +169,8 @@ async fn remote(
     let runner: Arc<dyn Runner> = Arc::new(pipeline);
     let defaults = a.decode.params(Strategy::Ouroboros, &eos);
     Ok((
-        GenerateService::new(runner, Arc::new(tokenizer), eos, defaults),
+        GenerateService::new(runner.clone(), Arc::new(tokenizer), eos, defaults),
         pool,
+        runner,
     ))
 }

@@ -14,7 +14,7 @@ use orchestrator::remote::{RemoteDraft, RemoteTarget};
 use proto::common::v1::{Lookahead, Sampling};
 use proto::v1 as pb;
 use proto::v1::ouroboros_client::OuroborosClient;
-use spec::{DecodeParams, LookaheadParams, PhrasePool, PoolConfig, Strategy};
+use spec::{DecodeParams, LookaheadParams, PhrasePool, PoolConfig, ProfileOptions, Strategy};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -106,8 +106,18 @@ async fn cluster() -> Cluster {
         pool: pool(()),
         lookahead_pool: pool(()),
         trie: Default::default(),
+        tuner: Default::default(),
         blocking: false,
     };
+    // The auto strategy's cost profile, measured over gRPC like a deployment's.
+    let quick = ProfileOptions {
+        verify_sizes: vec![1, 2, 4, 8],
+        draft_tokens: vec![1, 2, 4],
+        reps: 1,
+        prompt_len: 16,
+    };
+    let profile = pipeline.measure_costs_here(&quick).await.unwrap();
+    assert!(profile.draft().is_some());
     let defaults = DecodeParams {
         strategy: Strategy::Ouroboros,
         max_new_tokens: 32,
@@ -201,12 +211,14 @@ async fn every_strategy_equals_plain_decoding_over_grpc() {
             seed: 42,
         };
         let plain = generate(c, request(&prompt, S::Greedy, Some(sampling))).await;
-        for s in [S::Speculative, S::Trie, S::Ouroboros] {
+        for s in [S::Speculative, S::Trie, S::Ouroboros, S::Auto] {
             let g = generate(c, request(&prompt, s, Some(sampling))).await;
             assert_eq!(g.token_ids, plain.token_ids, "sampling {s:?}");
         }
     }
-    // The runs really speculated: drafts were accepted, not only corrected.
+    // Auto requests ran as auto (the profile was there), and the runs really speculated:
+    // drafts were accepted, not only corrected.
+    assert!(accepted.contains_key("auto"), "{accepted:?}");
     for s in ["speculative", "ouroboros"] {
         assert!(accepted[s] > 0, "{accepted:?}");
     }

@@ -9,8 +9,8 @@ use futures::future::join_all;
 use orchestrator::remote::{RemoteDraft, RemoteTarget};
 use orchestrator::replicas::Replicas;
 use spec::{
-    DecodeParams, DraftBackend, Flow, PhrasePool, SpecError, Strategy, TargetBackend, TrieCache,
-    generate,
+    DecodeParams, DraftBackend, Flow, PhrasePool, Shared, SpecError, Strategy, TargetBackend,
+    TrieCache, generate,
 };
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,15 +47,15 @@ async fn greedy<T: TargetBackend>(t: &T, prompt: &[u32]) -> Vec<u32> {
         max_new_tokens: 12,
         ..DecodeParams::default()
     };
-    generate::<_, RemoteDraft>(
-        t,
-        None,
-        &PhrasePool::new(Default::default()),
-        &TrieCache::default(),
-        prompt,
-        &params,
-        &mut |_: &[u32]| Flow::Continue,
-    )
+    let (pool, trie) = (PhrasePool::new(Default::default()), TrieCache::default());
+    let shared = Shared {
+        pool: &pool,
+        trie: &trie,
+        tuner: None,
+    };
+    generate::<_, RemoteDraft>(t, None, shared, prompt, &params, &mut |_: &[u32]| {
+        Flow::Continue
+    })
     .await
     .unwrap()
     .tokens

@@ -3,6 +3,7 @@
 //! drafting and Ouroboros. Every committed token is the target's own choice for its exact
 //! prefix, so all strategies give the tokens plain decoding gives.
 
+use crate::auto::{AutoTuner, DraftBacklog, Guess};
 use crate::backend::{DraftBackend, DraftRequest, SessionId, TargetBackend};
 use crate::error::{Result, SpecError};
 use crate::lookahead::LookaheadParams;
@@ -10,7 +11,7 @@ use crate::pool::{Ngram, PhrasePool};
 use crate::sampling::SamplingParams;
 use crate::stats::SpecStats;
 use crate::tree::DraftTree;
-use crate::trie::{PromptTrie, TrieCache};
+use crate::trie::{PromptTrie, TrieCache, TrieDraft};
 use std::time::Instant;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +28,10 @@ pub enum Strategy {
     /// Target only: continuations from the prompt and output tries (PIA), verified as a
     /// tree.
     Trie,
+    /// Every round sized by the measured cost profile and the acceptance seen so far:
+    /// trie continuations and pool phrases when they pay for their rows, draft tokens
+    /// when drafting pays, the root alone (plain greedy) when nothing does.
+    Auto,
 }
 
 impl Strategy {
@@ -37,6 +42,7 @@ impl Strategy {
             Strategy::Lookahead => "lookahead",
             Strategy::Ouroboros => "ouroboros",
             Strategy::Trie => "trie",
+            Strategy::Auto => "auto",
         }
     }
 
@@ -45,12 +51,13 @@ impl Strategy {
     }
 
     /// Every strategy there is, in the order tables list them.
-    pub const ALL: [Strategy; 5] = [
+    pub const ALL: [Strategy; 6] = [
         Strategy::Greedy,
         Strategy::Speculative,
         Strategy::Lookahead,
         Strategy::Trie,
         Strategy::Ouroboros,
+        Strategy::Auto,
     ];
 }
 
@@ -61,7 +68,7 @@ pub struct DecodeParams {
     /// Generation ends after the first of these (it is kept in the output).
     pub eos: Vec<u32>,
     pub sampling: SamplingParams,
-    /// Least draft tokens per round.
+    /// Least draft tokens per round (`auto`: the most).
     pub gamma: usize,
     pub lookahead: LookaheadParams,
     /// Pool phrases appended as candidate suffixes after the draft (Ouroboros).
@@ -69,7 +76,7 @@ pub struct DecodeParams {
     /// Also feed the pool with the n-grams of the prompt and of committed text.
     pub harvest_committed: bool,
     /// Most trie nodes per verify tree (trie strategy; Ouroboros adds them to its tree,
-    /// 0 turns that off).
+    /// 0 turns that off; `auto` sizes its trees itself, and only 0 matters to it).
     pub trie_budget: usize,
 }
 
@@ -170,6 +177,8 @@ struct Sessions<'a, T: TargetBackend, D: DraftBackend> {
     target: &'a T,
     target_id: SessionId,
     draft: Option<(&'a D, SessionId)>,
+    /// A draft not opened yet: `auto` opens it the first time drafting pays.
+    spare: Option<&'a D>,
 }
 
 impl<T: TargetBackend, D: DraftBackend> Sessions<'_, T, D> {
@@ -186,16 +195,24 @@ impl<T: TargetBackend, D: DraftBackend> Sessions<'_, T, D> {
     }
 }
 
-/// Runs one request. `draft` is the draft model for speculative/Ouroboros, or the target
-/// model's own lookahead host for [`Strategy::Lookahead`]; when it is missing or fails,
-/// the loop carries on target-only (still exact) and says so in the statistics.
-/// `on_tokens` sees every batch of committed tokens as soon as it is known. `pool` and
-/// `trie` are the caches shared across requests; only their hit rates depend on them.
+/// What requests share: the phrase pool, the output trie, and the `auto` strategy's cost
+/// profile and acceptance counts (`None` where no profile was measured).
+#[derive(Clone, Copy)]
+pub struct Shared<'a> {
+    pub pool: &'a PhrasePool,
+    pub trie: &'a TrieCache,
+    pub tuner: Option<&'a AutoTuner>,
+}
+
+/// Runs one request. `draft` is the draft model for speculative/Ouroboros/auto, or the
+/// target model's own lookahead host for [`Strategy::Lookahead`]; when it is missing or
+/// fails, the loop carries on target-only (still exact) and says so in the statistics.
+/// `on_tokens` sees every batch of committed tokens as soon as it is known. What `shared`
+/// holds only changes how often guesses hit, never the tokens.
 pub async fn generate<T: TargetBackend, D: DraftBackend>(
     target: &T,
     draft: Option<&D>,
-    pool: &PhrasePool,
-    trie: &TrieCache,
+    shared: Shared<'_>,
     prompt: &[u32],
     params: &DecodeParams,
     on_tokens: &mut (dyn FnMut(&[u32]) -> Flow + Send),
@@ -212,6 +229,11 @@ pub async fn generate<T: TargetBackend, D: DraftBackend>(
             info.max_position
         )));
     }
+    if params.strategy == Strategy::Auto && shared.tuner.is_none() {
+        return Err(SpecError::invalid(
+            "the auto strategy needs a cost profile, and none was measured here",
+        ));
+    }
     if params.strategy == Strategy::Lookahead {
         return lookahead_only(draft, prompt, params, on_tokens).await;
     }
@@ -223,8 +245,11 @@ pub async fn generate<T: TargetBackend, D: DraftBackend>(
         target,
         target_id,
         draft: None,
+        spare: None,
     };
-    if params.strategy.needs_draft() {
+    if params.strategy == Strategy::Auto {
+        sessions.spare = draft;
+    } else if params.strategy.needs_draft() {
         match draft {
             Some(d) => match d.open(prompt).await {
                 Ok(id) => sessions.draft = Some((d, id)),
@@ -233,13 +258,12 @@ pub async fn generate<T: TargetBackend, D: DraftBackend>(
             None => stats.fall_back("no draft backend".to_string()),
         }
     }
-    let caches = Caches { pool, trie };
-    let r = run_rounds(&mut sessions, &mut stats, caches, prompt, params, on_tokens).await;
+    let r = run_rounds(&mut sessions, &mut stats, shared, prompt, params, on_tokens).await;
     sessions.close().await;
     stats.total_s = started.elapsed().as_secs_f64();
     if stats.trie_lookups > 0 {
-        stats.trie_cache_nodes = trie.len() as u64;
-        stats.trie_cache_bytes = trie.approx_bytes() as u64;
+        stats.trie_cache_nodes = shared.trie.len() as u64;
+        stats.trie_cache_bytes = shared.trie.approx_bytes() as u64;
     }
     let (tokens, finish) = r?;
     stats.committed = tokens.len() as u64;
@@ -250,34 +274,356 @@ pub async fn generate<T: TargetBackend, D: DraftBackend>(
     })
 }
 
-#[derive(Clone, Copy)]
-struct Caches<'a> {
-    pool: &'a PhrasePool,
-    trie: &'a TrieCache,
+/// Most trie nodes `auto` considers per round before keeping the ones that pay.
+const AUTO_TRIE_NODES: usize = 48;
+
+/// One round's verify tree and where its nodes came from.
+struct Round {
+    tree: DraftTree,
+    /// Draft tokens in the tree, and their chain of nodes below the root.
+    drafted: Vec<u32>,
+    chain: Vec<usize>,
+    /// The node pool phrases hang from, and the token they were looked up under.
+    anchor: usize,
+    key: u32,
+    /// Pool phrases in the tree (possibly cut short) and their nodes.
+    candidates: Vec<(Vec<u32>, Vec<usize>)>,
+    from_trie: Vec<bool>,
+    /// `auto` only: the guesses behind every node, for its acceptance counts.
+    guesses: Vec<Vec<Guess>>,
+}
+
+impl Round {
+    /// Draft chain, trie continuations and pool phrases, all from the root, within
+    /// `room` nodes; every node remembers which guesses proposed it.
+    fn from_guesses(
+        root: u32,
+        drafted: &[u32],
+        found: &TrieDraft,
+        phrases: &[Vec<u32>],
+        depth: usize,
+        room: usize,
+    ) -> Self {
+        let mut tree = DraftTree::new(root);
+        let chain = tree.add_path(0, drafted);
+        let mut guesses = vec![Vec::new(); tree.len()];
+        for (i, &n) in chain.iter().enumerate() {
+            guesses[n].push(Guess::Draft(i));
+        }
+        let mut from_trie = vec![false; tree.len()];
+        let mut at: Vec<Option<usize>> = Vec::with_capacity(found.len());
+        for i in 0..found.len() {
+            let parent = match found.parents[i] {
+                p if p < 0 => Some(0),
+                p => at[p as usize],
+            };
+            let node = parent.and_then(|p| match tree.child(p, found.tokens[i]) {
+                Some(c) => Some(c),
+                None if tree.len() < room => Some(tree.add_path(p, &found.tokens[i..=i])[0]),
+                None => None,
+            });
+            at.push(node);
+            if let Some(n) = node {
+                guesses.resize(tree.len(), Vec::new());
+                from_trie.resize(tree.len(), false);
+                guesses[n].push(Guess::trie(found.counts[i], found.totals[i]));
+                from_trie[n] = true;
+            }
+        }
+        let mut candidates = Vec::new();
+        for c in phrases {
+            let fit = room.saturating_sub(tree.len()).min(depth);
+            let c: Vec<u32> = c.iter().copied().take(fit).collect();
+            if c.is_empty() {
+                continue;
+            }
+            let nodes = tree.add_path(0, &c);
+            guesses.resize(tree.len(), Vec::new());
+            for (d, &n) in nodes.iter().enumerate() {
+                guesses[n].push(Guess::Pool(d));
+            }
+            candidates.push((c, nodes));
+        }
+        from_trie.resize(tree.len(), false);
+        Self {
+            tree,
+            drafted: drafted.to_vec(),
+            chain,
+            anchor: 0,
+            key: root,
+            candidates,
+            from_trie,
+            guesses,
+        }
+    }
+
+    /// Keeps the nodes marked in `keep` (a closed sub-tree), cutting the chain and the
+    /// phrases where their first node went.
+    fn retain(self, keep: &[bool]) -> Self {
+        let (tree, map) = self.tree.retain(keep);
+        let chain: Vec<usize> = self.chain.iter().map_while(|&n| map[n]).collect();
+        let mut drafted = self.drafted;
+        drafted.truncate(chain.len());
+        let candidates = self
+            .candidates
+            .into_iter()
+            .filter_map(|(mut c, nodes)| {
+                let nodes: Vec<usize> = nodes.iter().map_while(|&n| map[n]).collect();
+                c.truncate(nodes.len());
+                (!nodes.is_empty()).then_some((c, nodes))
+            })
+            .collect();
+        let mut from_trie = vec![false; tree.len()];
+        let mut guesses = vec![Vec::new(); tree.len()];
+        for (old, new) in map.iter().enumerate() {
+            if let Some(new) = *new {
+                from_trie[new] = self.from_trie[old];
+                guesses[new] = self.guesses[old].clone();
+            }
+        }
+        Self {
+            tree,
+            drafted,
+            chain,
+            anchor: 0,
+            key: self.key,
+            candidates,
+            from_trie,
+            guesses,
+        }
+    }
+}
+
+/// Per-request state of the loop that the round builders read and write.
+struct Loop<'p> {
+    params: &'p DecodeParams,
+    prompt_trie: Option<PromptTrie>,
+    /// Committed tokens the draft has not seen yet.
+    for_draft: Vec<u32>,
+    /// Phrases learnt since the last draft call, for a remote draft's pool replica.
+    delta: Vec<Ngram>,
+}
+
+async fn call_draft<T: TargetBackend, D: DraftBackend>(
+    sessions: &mut Sessions<'_, T, D>,
+    stats: &mut SpecStats,
+    pool: &PhrasePool,
+    state: &mut Loop<'_>,
+    gamma: usize,
+    lookahead: bool,
+) -> Vec<u32> {
+    let Some((d, id)) = sessions.draft else {
+        return Vec::new();
+    };
+    let share_pool = lookahead && d.wants_pool_delta();
+    let request = DraftRequest {
+        new_committed: std::mem::take(&mut state.for_draft),
+        gamma,
+        lookahead: lookahead.then_some(state.params.lookahead),
+        pool_delta: if share_pool {
+            std::mem::take(&mut state.delta)
+        } else {
+            Vec::new()
+        },
+        eos: state.params.eos.clone(),
+    };
+    let t0 = Instant::now();
+    match d.draft(id, request).await {
+        Ok((o, timing)) => {
+            stats.add_draft(&o, timing, t0.elapsed().as_secs_f64());
+            if share_pool {
+                pool.insert_all(&o.harvested);
+            }
+            let mut drafted = o.tokens;
+            drafted.truncate(gamma);
+            drafted
+        }
+        Err(e) => {
+            stats.fall_back(format!("draft failed: {e}"));
+            sessions.draft = None;
+            Vec::new()
+        }
+    }
+}
+
+/// A fixed-shape round: the draft's chain (speculative, Ouroboros), pool phrases after
+/// its tip (Ouroboros) and trie continuations beside it (trie, Ouroboros).
+async fn fixed_round<T: TargetBackend, D: DraftBackend>(
+    sessions: &mut Sessions<'_, T, D>,
+    stats: &mut SpecStats,
+    Shared { pool, trie, .. }: Shared<'_>,
+    state: &mut Loop<'_>,
+    text: &[u32],
+    budget: usize,
+    room: usize,
+) -> Round {
+    let params = state.params;
+    let ouroboros = params.strategy == Strategy::Ouroboros;
+    let drafted = if budget > 0 {
+        let gamma = params.gamma.min(budget);
+        call_draft(sessions, stats, pool, state, gamma, ouroboros).await
+    } else {
+        Vec::new()
+    };
+    state.delta.clear();
+    let root = *text.last().expect("the text is not empty");
+    let mut tree = DraftTree::new(root);
+    let chain = tree.add_path(0, &drafted);
+    let tip = chain.last().copied().unwrap_or(0);
+    let key = *drafted.last().unwrap_or(&root);
+    let mut candidates: Vec<(Vec<u32>, Vec<usize>)> = Vec::new();
+    if ouroboros && params.topk > 0 {
+        let room_after = budget.saturating_sub(drafted.len());
+        let found = pool.newest(key, params.topk);
+        stats.pool_lookups += 1;
+        if !found.is_empty() {
+            stats.pool_hits += 1;
+        }
+        for c in found {
+            // Every node takes a cache row until the walk: stay within `room` nodes.
+            let fit = room.saturating_sub(tree.len()).min(room_after);
+            let c: Vec<u32> = c.into_iter().take(fit).collect();
+            if !c.is_empty() {
+                let nodes = tree.add_path(tip, &c);
+                candidates.push((c, nodes));
+            }
+        }
+    }
+    let mut from_trie = Vec::new();
+    if let Some(p) = &state.prompt_trie
+        && budget > 0
+    {
+        // Continuations of the committed text, beside (and, where they agree, through)
+        // the draft chain.
+        let nodes = params.trie_budget.min(room.saturating_sub(tree.len()));
+        let found = trie.draft(Some(p), text, nodes, budget);
+        stats.trie_lookups += 1;
+        if !found.is_empty() {
+            stats.trie_hits += 1;
+        }
+        let before = tree.len();
+        let attached = found.attach(&mut tree);
+        stats.trie_nodes += (tree.len() - before) as u64;
+        from_trie = vec![false; tree.len()];
+        for n in attached {
+            from_trie[n] = true;
+        }
+    }
+    Round {
+        tree,
+        drafted,
+        chain,
+        anchor: tip,
+        key,
+        candidates,
+        from_trie,
+        guesses: Vec::new(),
+    }
+}
+
+/// An `auto` round: gathers the zero-cost guesses, drafts only when the profile says the
+/// draft's tokens are worth their time, and keeps the nodes that pay for their rows.
+#[allow(clippy::too_many_arguments)]
+async fn auto_round<T: TargetBackend, D: DraftBackend>(
+    sessions: &mut Sessions<'_, T, D>,
+    stats: &mut SpecStats,
+    Shared { pool, trie, .. }: Shared<'_>,
+    tuner: &AutoTuner,
+    state: &mut Loop<'_>,
+    text: &[u32],
+    budget: usize,
+    room: usize,
+) -> Round {
+    let params = state.params;
+    let greedy = params.sampling.is_greedy();
+    let root = *text.last().expect("the text is not empty");
+    let mut found = TrieDraft::default();
+    let mut phrases = Vec::new();
+    if budget > 0 {
+        if let Some(p) = &state.prompt_trie {
+            found = trie.draft(Some(p), text, AUTO_TRIE_NODES.min(room), budget);
+            stats.trie_lookups += 1;
+            stats.trie_hits += u64::from(!found.is_empty());
+        }
+        if params.topk > 0 {
+            phrases = pool.newest(root, params.topk);
+            stats.pool_lookups += 1;
+            stats.pool_hits += u64::from(!phrases.is_empty());
+        }
+    }
+    let mut round = Round::from_guesses(root, &[], &found, &phrases, budget, room);
+    let mut plan = tuner.plan(greedy, &round.tree.parents, &round.guesses, 0.0);
+    let can_draft = sessions.draft.is_some() || sessions.spare.is_some();
+    let gamma = params.gamma.min(budget).min(room.saturating_sub(1));
+    let backlog = match sessions.draft {
+        Some(_) => DraftBacklog {
+            pending: state.for_draft.len(),
+            unopened: 0,
+            remaining: budget + 1,
+        },
+        None => DraftBacklog {
+            pending: 0,
+            unopened: text.len(),
+            remaining: budget + 1,
+        },
+    };
+    if can_draft
+        && gamma > 0
+        && let Some(g) = tuner.draft_gamma(greedy, gamma, plan.tokens_per_second(), backlog)
+    {
+        if sessions.draft.is_none()
+            && let Some(d) = sessions.spare.take()
+        {
+            match d.open(text).await {
+                Ok(id) => {
+                    sessions.draft = Some((d, id));
+                    state.for_draft.clear();
+                }
+                Err(e) => stats.fall_back(format!("draft open failed: {e}")),
+            }
+        }
+        let drafted = call_draft(sessions, stats, pool, state, g, false).await;
+        if !drafted.is_empty() {
+            round = Round::from_guesses(root, &drafted, &found, &phrases, budget, room);
+            plan = tuner.plan(greedy, &round.tree.parents, &round.guesses, 0.0);
+        }
+    }
+    let round = round.retain(&plan.keep);
+    stats.trie_nodes += round.from_trie.iter().filter(|&&t| t).count() as u64;
+    round
 }
 
 async fn run_rounds<T: TargetBackend, D: DraftBackend>(
     sessions: &mut Sessions<'_, T, D>,
     stats: &mut SpecStats,
-    Caches { pool, trie }: Caches<'_>,
+    shared: Shared<'_>,
     prompt: &[u32],
     params: &DecodeParams,
     on_tokens: &mut (dyn FnMut(&[u32]) -> Flow + Send),
 ) -> Result<(Vec<u32>, FinishReason)> {
+    let Shared { pool, trie, .. } = shared;
     let max_pos = sessions.target.info().max_position;
+    let tuner = shared.tuner.filter(|_| params.strategy == Strategy::Auto);
     let ouroboros = params.strategy == Strategy::Ouroboros;
-    let use_trie =
-        params.trie_budget > 0 && matches!(params.strategy, Strategy::Trie | Strategy::Ouroboros);
-    let prompt_trie = use_trie.then(|| PromptTrie::new(prompt, trie.config()));
-    if let Some(p) = &prompt_trie {
+    let use_trie = params.trie_budget > 0
+        && matches!(
+            params.strategy,
+            Strategy::Trie | Strategy::Ouroboros | Strategy::Auto
+        );
+    let mut state = Loop {
+        params,
+        prompt_trie: use_trie.then(|| PromptTrie::new(prompt, trie.config())),
+        for_draft: Vec::new(),
+        delta: Vec::new(),
+    };
+    if let Some(p) = &state.prompt_trie {
         stats.trie_prompt_nodes = p.len() as u64;
     }
     let g = pool.phrase_len();
-    let learn = ouroboros && params.lookahead.phrase_len() == g;
+    let learn = (ouroboros || tuner.is_some()) && params.lookahead.phrase_len() == g;
+    let greedy = params.sampling.is_greedy();
     let mut text = prompt.to_vec();
     let mut out: Vec<u32> = Vec::new();
-    let mut for_draft: Vec<u32> = Vec::new();
-    let mut delta: Vec<Ngram> = Vec::new();
     let mut learnt = Vec::new();
     if learn && params.harvest_committed {
         learnt.extend(crate::pool::ngrams_of(prompt, g));
@@ -292,84 +638,31 @@ async fn run_rounds<T: TargetBackend, D: DraftBackend>(
         }
         // Drafting beyond what may still be committed is wasted work.
         let budget = remaining.saturating_sub(1).min(room - 1);
-        let mut drafted: Vec<u32> = Vec::new();
-        if let Some((d, id)) = sessions.draft
-            && budget > 0
-        {
-            let request = DraftRequest {
-                new_committed: std::mem::take(&mut for_draft),
-                gamma: params.gamma.min(budget),
-                lookahead: ouroboros.then_some(params.lookahead),
-                pool_delta: if d.wants_pool_delta() {
-                    std::mem::take(&mut delta)
-                } else {
-                    Vec::new()
-                },
-                eos: params.eos.clone(),
-            };
-            let t0 = Instant::now();
-            match d.draft(id, request).await {
-                Ok((o, timing)) => {
-                    stats.add_draft(&o, timing, t0.elapsed().as_secs_f64());
-                    if d.wants_pool_delta() {
-                        pool.insert_all(&o.harvested);
-                    }
-                    drafted = o.tokens;
-                    drafted.truncate(params.gamma.min(budget));
-                }
-                Err(e) => {
-                    stats.fall_back(format!("draft failed: {e}"));
-                    sessions.draft = None;
-                }
+        let round = match tuner {
+            Some(t) => {
+                auto_round(sessions, stats, shared, t, &mut state, &text, budget, room).await
             }
-        }
-        delta.clear();
-        let mut tree = DraftTree::new(*text.last().expect("prompt is not empty"));
-        let chain = tree.add_path(0, &drafted);
-        let tip = chain.last().copied().unwrap_or(0);
-        let key = *drafted.last().unwrap_or(tree.tokens.first().expect("root"));
-        let mut candidates: Vec<(Vec<u32>, Vec<usize>)> = Vec::new();
-        if ouroboros && params.topk > 0 {
-            let room_after = budget.saturating_sub(drafted.len());
-            let found = pool.newest(key, params.topk);
-            stats.pool_lookups += 1;
-            if !found.is_empty() {
-                stats.pool_hits += 1;
-            }
-            for c in found {
-                // Every node takes a cache row until the walk: stay within `room` nodes.
-                let fit = room.saturating_sub(tree.len()).min(room_after);
-                let c: Vec<u32> = c.into_iter().take(fit).collect();
-                if !c.is_empty() {
-                    let nodes = tree.add_path(tip, &c);
-                    candidates.push((c, nodes));
-                }
-            }
-        }
-        let mut from_trie = Vec::new();
-        if use_trie && budget > 0 {
-            // Continuations of the committed text, beside (and, where they agree, through)
-            // the draft chain.
-            let nodes = params.trie_budget.min(room.saturating_sub(tree.len()));
-            let found = trie.draft(prompt_trie.as_ref(), &text, nodes, budget);
-            stats.trie_lookups += 1;
-            if !found.is_empty() {
-                stats.trie_hits += 1;
-            }
-            let before = tree.len();
-            let attached = found.attach(&mut tree);
-            stats.trie_nodes += (tree.len() - before) as u64;
-            from_trie = vec![false; tree.len()];
-            for n in attached {
-                from_trie[n] = true;
-            }
-        }
+            None => fixed_round(sessions, stats, shared, &mut state, &text, budget, room).await,
+        };
+        let Round {
+            tree,
+            drafted,
+            chain,
+            anchor,
+            key,
+            candidates,
+            from_trie,
+            guesses,
+        } = round;
         let t0 = Instant::now();
         let (v, timing) = sessions
             .target
             .verify(sessions.target_id, &tree, &params.sampling)
             .await?;
         stats.add_verify(timing, t0.elapsed().as_secs_f64(), tree.len());
+        if let Some(t) = tuner {
+            t.learn(greedy, &tree, &guesses, &v.path);
+        }
         // The walk may leave the chain at any node when other paths hang off the root.
         let on_chain = v
             .path
@@ -394,8 +687,12 @@ async fn run_rounds<T: TargetBackend, D: DraftBackend>(
                     g,
                     &mut learnt,
                 );
-            } else if !candidates.is_empty() {
-                let first = v.outputs[tip];
+            }
+            // Phrases hanging from a node the walk reached were scored in the right
+            // context: the target's tokens along them refine them.
+            let anchor_reached = anchor == 0 || v.path.contains(&anchor);
+            if anchor_reached && !candidates.is_empty() {
+                let first = v.outputs[anchor];
                 let refined: Vec<Vec<u32>> = candidates
                     .iter()
                     .filter(|(c, _)| c.len() == g)
@@ -421,15 +718,15 @@ async fn run_rounds<T: TargetBackend, D: DraftBackend>(
         if use_trie {
             trie.record(&out, recorded);
         }
-        for_draft.extend_from_slice(&new);
+        state.for_draft.extend_from_slice(&new);
         if learn && params.harvest_committed {
             let from = before.saturating_sub(g);
             let grams: Vec<Ngram> = crate::pool::ngrams_of(&text[from..], g).collect();
             pool.insert_all(&grams);
             learnt.extend(grams);
         }
-        if learn && sessions.draft.is_some_and(|(d, _)| d.wants_pool_delta()) {
-            delta.append(&mut learnt);
+        if ouroboros && learn && sessions.draft.is_some_and(|(d, _)| d.wants_pool_delta()) {
+            state.delta.append(&mut learnt);
         }
         if on_tokens(&new) == Flow::Stop {
             return Ok((out, FinishReason::Stop));

@@ -1,7 +1,9 @@
 //! Speculative decoding algorithms, free of I/O: the phrase pool, verify trees, acceptance
 //! and sampling, the lookahead window, and the decoding loops (greedy, speculative,
-//! lookahead, trie, Ouroboros) over draft/target backend traits.
+//! lookahead, trie, Ouroboros, and `auto`, which sizes every round from a cost profile)
+//! over draft/target backend traits.
 
+pub mod auto;
 pub mod backend;
 pub mod decode;
 pub mod error;
@@ -14,11 +16,12 @@ pub mod stats;
 pub mod tree;
 pub mod trie;
 
+pub use auto::{AutoTuner, CostProfile, DraftBacklog, DraftCost, ProfileOptions};
 pub use backend::{
     BackendInfo, DraftBackend, DraftOutcome, DraftRequest, ServerTiming, SessionId, TargetBackend,
     VerifyOutcome,
 };
-pub use decode::{DecodeParams, FinishReason, Flow, Generation, Strategy, generate};
+pub use decode::{DecodeParams, FinishReason, Flow, Generation, Shared, Strategy, generate};
 pub use error::{Result, SpecError};
 pub use local::{DraftSession, LocalDraft, LocalTarget, TargetSession};
 pub use lookahead::LookaheadParams;

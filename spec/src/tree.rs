@@ -105,6 +105,23 @@ impl DraftTree {
         nodes
     }
 
+    /// The sub-tree of the nodes marked in `keep` (the root always stays; a kept node's
+    /// parent must be kept too), and each old node's new index.
+    pub fn retain(&self, keep: &[bool]) -> (DraftTree, Vec<Option<usize>>) {
+        let mut out = DraftTree::new(self.tokens[0]);
+        let mut map = vec![None; self.len()];
+        map[0] = Some(0);
+        for i in 1..self.len() {
+            if !keep.get(i).copied().unwrap_or(false) {
+                continue;
+            }
+            if let Some(p) = map[self.parents[i] as usize] {
+                map[i] = Some(out.add_path(p, &[self.tokens[i]])[0]);
+            }
+        }
+        (out, map)
+    }
+
     /// Distance from the root: node `i` sits at position `root_position + depth(i)`.
     pub fn depths(&self) -> Vec<u32> {
         let mut d = vec![0u32; self.len()];
@@ -152,6 +169,22 @@ mod tests {
         assert_eq!(t.depths(), vec![0, 1, 2, 3, 3, 4]);
         let rebuilt = DraftTree::from_parts(t.tokens.clone(), t.parents.clone()).unwrap();
         assert_eq!(rebuilt, t);
+    }
+
+    #[test]
+    fn retain_keeps_a_closed_sub_tree() {
+        let mut t = DraftTree::new(5);
+        t.add_path(0, &[1, 2, 3]);
+        t.add_path(0, &[4, 6]);
+        // nodes: 1:1 2:2 3:3 4:4 5:6 ; keep 1, 2, 4, 5, and 3's parent is kept but 3 is not
+        let (r, map) = t.retain(&[true, true, true, false, true, true]);
+        assert_eq!(r.tokens, vec![5, 1, 2, 4, 6]);
+        assert_eq!(r.parents, vec![-1, 0, 1, 0, 3]);
+        assert_eq!(map, vec![Some(0), Some(1), Some(2), None, Some(3), Some(4)]);
+        // an orphan (parent dropped) is dropped as well
+        let (r, map) = t.retain(&[true, false, true, true, false, false]);
+        assert_eq!(r.tokens, vec![5]);
+        assert_eq!(map, vec![Some(0), None, None, None, None, None]);
     }
 
     #[test]

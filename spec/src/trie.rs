@@ -256,6 +256,11 @@ pub struct TrieDraft {
     pub parents: Vec<i32>,
     /// Tokens of the text end that the sub-tree was found under (0: nothing found).
     pub matched: usize,
+    /// Occurrences behind each node (prompt and output counts together), and behind all
+    /// of its siblings with it: `counts[i] / totals[i]` is how often the text went on
+    /// with this node's token where it went on at all.
+    pub counts: Vec<u64>,
+    pub totals: Vec<u64>,
 }
 
 impl TrieDraft {
@@ -286,6 +291,8 @@ struct Candidate {
     depth: usize,
     prompt: Option<usize>,
     output: Option<usize>,
+    count: u64,
+    total: u64,
 }
 
 impl TrieCache {
@@ -450,6 +457,8 @@ fn expand(
         let (depth, kp, ko) = (k.depth, k.prompt, k.output);
         out.tokens.push(k.token);
         out.parents.push(k.parent);
+        out.counts.push(k.count);
+        out.totals.push(k.total);
         if depth < max_depth {
             walk.push_children(out.len() as i32 - 1, depth + 1, kp, ko);
         }
@@ -492,6 +501,8 @@ impl Merged<'_> {
                     depth,
                     prompt: Some(c as usize),
                     output: None,
+                    count: 0,
+                    total: 0,
                 });
             }
         }
@@ -506,14 +517,21 @@ impl Merged<'_> {
                         depth,
                         prompt: None,
                         output: Some(c as usize),
+                        count: 0,
+                        total: 0,
                     }),
                 }
             }
         }
+        let mut total = 0;
+        for k in &mut self.pending[first..] {
+            k.count = Self::freq(self.prompt, k.prompt) + Self::freq(self.output, k.output);
+            total += k.count;
+        }
         for i in first..self.pending.len() {
-            let k = &self.pending[i];
-            let score = Self::freq(self.prompt, k.prompt) + Self::freq(self.output, k.output);
-            self.heap.push((score, Reverse(i), i));
+            let k = &mut self.pending[i];
+            k.total = total;
+            self.heap.push((k.count, Reverse(i), i));
         }
     }
 }

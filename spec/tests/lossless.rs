@@ -6,8 +6,9 @@
 use engine::{LanguageModel, MockModel, OutputSpec, SeqInput};
 use futures::executor::block_on;
 use spec::{
-    DecodeParams, FinishReason, Flow, LocalDraft, LocalTarget, LookaheadParams, PhrasePool,
-    PoolConfig, SamplingParams, Strategy, TrieCache, TrieConfig, generate,
+    AutoTuner, CostProfile, DecodeParams, DraftCost, FinishReason, Flow, LocalDraft, LocalTarget,
+    LookaheadParams, PhrasePool, PoolConfig, SamplingParams, Shared, Strategy, TrieCache,
+    TrieConfig, generate,
 };
 use std::sync::Arc;
 
@@ -42,6 +43,21 @@ fn plain_decode(m: &MockModel, prompt: &[u32], n: usize, sampling: &SamplingPara
         out.push(t);
     }
     out
+}
+
+/// A profile where tree rows are nearly free and draft tokens cost a twentieth of a
+/// step, so `auto` drafts and verifies wide trees.
+fn cheap_tuner() -> AutoTuner {
+    tuner(&[(1, 1.0), (64, 1.3)], 0.05)
+}
+
+fn tuner(verify: &[(usize, f64)], per_token: f64) -> AutoTuner {
+    let draft = DraftCost {
+        per_call: 0.0,
+        per_token,
+        catch_up: per_token,
+    };
+    AutoTuner::new(CostProfile::new(verify.to_vec(), Some(draft)).unwrap())
 }
 
 fn pool(g: usize) -> Arc<PhrasePool> {
@@ -103,11 +119,16 @@ fn run_with_trie(
     };
     let d = LocalDraft::new(draft_on, host_pool);
     let mut streamed = Vec::new();
+    let tuner = cheap_tuner();
+    let shared = Shared {
+        pool,
+        trie,
+        tuner: Some(&tuner),
+    };
     let out = block_on(generate(
         &t,
         Some(&d),
-        pool,
-        trie,
+        shared,
         prompt,
         params,
         &mut |toks: &[u32]| {
@@ -199,7 +220,7 @@ fn every_strategy_equals_plain_greedy() {
             }
         }
     }
-    assert_eq!(checked, 2 * (5 * 5 - 1) * 4);
+    assert_eq!(checked, 2 * (6 * 5 - 1) * 4);
     // the comparison is not vacuous: drafts and candidates were really accepted
     assert!(
         candidate_tokens > 0,
@@ -282,6 +303,7 @@ fn seeded_sampling_is_lossless() {
                 Strategy::Speculative,
                 Strategy::Trie,
                 Strategy::Ouroboros,
+                Strategy::Auto,
             ] {
                 let la = LookaheadParams {
                     level: 4,
@@ -354,11 +376,16 @@ fn the_sink_can_stop_generation() {
         ..DecodeParams::default()
     };
     let mut seen = 0;
+    let trie = TrieCache::default();
+    let shared = Shared {
+        pool: &pool,
+        trie: &trie,
+        tuner: None,
+    };
     let out = block_on(generate(
         &t,
         Some(&d),
-        &pool,
-        &TrieCache::default(),
+        shared,
         &[1, 2],
         &params,
         &mut |toks: &[u32]| {
@@ -407,11 +434,16 @@ fn a_missing_draft_falls_back_to_target_only() {
         max_new_tokens: 20,
         ..DecodeParams::default()
     };
+    let trie = TrieCache::default();
+    let shared = Shared {
+        pool: &pool,
+        trie: &trie,
+        tuner: None,
+    };
     let out = block_on(generate::<_, LocalDraft<MockModel>>(
         &t,
         None,
-        &pool,
-        &TrieCache::default(),
+        shared,
         &[5, 6],
         &params,
         &mut |_: &[u32]| Flow::Continue,
@@ -430,12 +462,17 @@ fn bad_requests_are_refused() {
     let t = LocalTarget::new(target.clone());
     let pool = pool(6);
     let d = LocalDraft::new(target.clone(), pool.clone());
+    let trie = TrieCache::default();
+    let shared = Shared {
+        pool: &pool,
+        trie: &trie,
+        tuner: None,
+    };
     let go = |prompt: &[u32], params: &DecodeParams| {
         block_on(generate(
             &t,
             Some(&d),
-            &pool,
-            &TrieCache::default(),
+            shared,
             prompt,
             params,
             &mut |_: &[u32]| Flow::Continue,
@@ -474,4 +511,75 @@ fn bad_requests_are_refused() {
         };
         assert!(go(&[1], &bad_trie).is_err());
     }
+    // auto without a measured cost profile
+    let auto = DecodeParams {
+        strategy: Strategy::Auto,
+        ..DecodeParams::default()
+    };
+    let e = go(&[1], &auto).expect_err("auto needs a profile");
+    assert!(e.to_string().contains("cost profile"), "{e}");
+}
+
+/// `auto` follows its cost profile: where tree rows and draft tokens cost as much as a
+/// whole step it verifies the root alone and never drafts (plain greedy); where they are
+/// nearly free it drafts and verifies wide trees. The tokens are plain greedy's either way.
+#[test]
+fn auto_sizes_its_rounds_by_the_cost_profile() {
+    let target = target_model();
+    let t = LocalTarget::new(target.clone());
+    let prompt: Vec<u32> = (0..30).map(|i| (i * 7 % VOCAB) as u32).collect();
+    let n = 50;
+    let want = plain_decode(&target, &prompt, n, &SamplingParams::greedy());
+    let params = DecodeParams {
+        strategy: Strategy::Auto,
+        max_new_tokens: n,
+        ..DecodeParams::default()
+    };
+    let run_auto = |tuner: &AutoTuner, trie: &TrieCache| {
+        let pool = pool(params.lookahead.phrase_len());
+        let d = LocalDraft::new(target.clone(), pool.clone());
+        let shared = Shared {
+            pool: &pool,
+            trie,
+            tuner: Some(tuner),
+        };
+        block_on(generate(
+            &t,
+            Some(&d),
+            shared,
+            &prompt,
+            &params,
+            &mut |_: &[u32]| Flow::Continue,
+        ))
+        .unwrap()
+    };
+    // A trie that knows the answer, to tempt auto into wide trees.
+    let knowing = || {
+        let trie = TrieCache::default();
+        let full: Vec<u32> = prompt.iter().chain(&want).copied().collect();
+        for _ in 0..3 {
+            trie.record(&full, 0);
+        }
+        trie
+    };
+    let dear = tuner(&[(1, 1.0), (2, 2.0), (64, 64.0)], 1.0);
+    let out = run_auto(&dear, &knowing());
+    assert_eq!(out.tokens, want);
+    assert_eq!(out.stats.draft_calls, 0, "drafting cannot pay");
+    assert_eq!(out.stats.tree_nodes, out.stats.target_forwards, "root only");
+    assert_eq!(out.stats.committed, out.stats.target_forwards);
+
+    let cheap = cheap_tuner();
+    let out = run_auto(&cheap, &knowing());
+    assert_eq!(out.tokens, want);
+    assert!(
+        out.stats.mean_accepted_length() > 3.0,
+        "a knowing trie on free rows: {:.2} tokens per forward",
+        out.stats.mean_accepted_length()
+    );
+    // With an empty trie and pool, the (perfect) draft is what pays.
+    let out = run_auto(&cheap, &TrieCache::default());
+    assert_eq!(out.tokens, want);
+    assert!(out.stats.draft_calls > 0 && out.stats.accepted > 0);
+    assert!(out.stats.mean_accepted_length() > 2.0);
 }

@@ -121,11 +121,14 @@ def check_api(pb, pb_grpc, addr):
             greedy = run(pb.STRATEGY_GREEDY)
             assert len(greedy.token_ids) > 0 and greedy.text
             assert greedy.usage.completion_tokens == len(greedy.token_ids)
-            for s in (pb.STRATEGY_SPECULATIVE, pb.STRATEGY_OUROBOROS, pb.STRATEGY_TRIE):
+            for s in (pb.STRATEGY_SPECULATIVE, pb.STRATEGY_OUROBOROS, pb.STRATEGY_TRIE,
+                      pb.STRATEGY_AUTO):
                 g = run(s)
                 assert list(g.token_ids) == list(greedy.token_ids), \
                     f"{pb.Strategy.Name(s)} differs from greedy on {prompt!r}"
                 assert g.text == greedy.text
+                # The orchestrator profiled its backends at start, so auto runs as auto.
+                assert s != pb.STRATEGY_AUTO or g.stats.strategy == "auto", g.stats.strategy
             ouro = run(pb.STRATEGY_OUROBOROS)
             # The same model drafts: speculation must save target forwards.
             assert ouro.stats.target_forwards < greedy.stats.target_forwards, \

@@ -1,0 +1,764 @@
+//! The `auto` strategy's decisions. Two kinds of evidence drive them: what a verify of `n`
+//! tree nodes and a draft call of `g` tokens cost on this hardware (a [`CostProfile`],
+//! measured at start-up through the same backends requests use, network included), and
+//! how often each kind of guess has been accepted so far (an [`AutoTuner`], shared by all
+//! requests and updated after every round). Each round keeps the tree that maximises the
+//! expected committed tokens per second; when no guess pays for its rows that is the root
+//! alone, which is plain greedy decoding.
+
+use crate::backend::{DraftBackend, DraftRequest, SessionId, TargetBackend};
+use crate::error::{Result, SpecError};
+use crate::sampling::SamplingParams;
+use crate::tree::DraftTree;
+use std::sync::Mutex;
+use std::time::Instant;
+
+/// What one draft call costs: a fixed part plus one forward per drafted token, plus
+/// feeding the draft the committed tokens it has not seen (its prefill, when it joins a
+/// request late; on a CPU that is nearly a decode step per token).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DraftCost {
+    pub per_call: f64,
+    pub per_token: f64,
+    pub catch_up: f64,
+}
+
+/// Seconds per verify by tree size, and per draft call by tokens, on this deployment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CostProfile {
+    /// (tree nodes, seconds per verify call): nodes ascending from 1, costs non-decreasing.
+    verify: Vec<(usize, f64)>,
+    draft: Option<DraftCost>,
+}
+
+impl CostProfile {
+    /// `verify` needs the one-node cost; timing noise is smoothed so that a bigger tree
+    /// never looks cheaper than a smaller one.
+    pub fn new(mut verify: Vec<(usize, f64)>, draft: Option<DraftCost>) -> Result<Self> {
+        verify.sort_by_key(|v| v.0);
+        verify.dedup_by_key(|v| v.0);
+        if verify.first().map(|v| v.0) != Some(1) {
+            return Err(SpecError::invalid(
+                "a cost profile needs the cost of a one-node verify",
+            ));
+        }
+        if verify.iter().any(|v| !(v.1.is_finite() && v.1 > 0.0)) {
+            return Err(SpecError::invalid("verify costs must be positive"));
+        }
+        if let Some(d) = draft
+            && !([d.per_call, d.per_token, d.catch_up]
+                .iter()
+                .all(|x| x.is_finite() && *x >= 0.0)
+                && d.per_token > 0.0)
+        {
+            return Err(SpecError::invalid(
+                "draft costs must be finite and not negative, per token positive",
+            ));
+        }
+        let mut most = 0.0f64;
+        for v in &mut verify {
+            most = most.max(v.1);
+            v.1 = most;
+        }
+        Ok(Self { verify, draft })
+    }
+
+    pub fn verify_points(&self) -> &[(usize, f64)] {
+        &self.verify
+    }
+
+    pub fn draft(&self) -> Option<DraftCost> {
+        self.draft
+    }
+
+    /// Seconds for a verify of `nodes` nodes (root included): linear between measured
+    /// sizes, extended with the last measured slope beyond them.
+    pub fn verify_cost(&self, nodes: usize) -> f64 {
+        let n = nodes.max(1);
+        let v = &self.verify;
+        match v.iter().position(|&(k, _)| k >= n) {
+            Some(0) => v[0].1,
+            Some(i) => between(v[i - 1], v[i], n),
+            None if v.len() >= 2 => between(v[v.len() - 2], v[v.len() - 1], n),
+            None => v[0].1 * n as f64,
+        }
+    }
+
+    /// Seconds for a draft call producing `tokens` tokens, when there is a draft.
+    pub fn draft_cost(&self, tokens: usize) -> Option<f64> {
+        self.draft.map(|d| d.per_call + d.per_token * tokens as f64)
+    }
+
+    /// One line for logs: verify milliseconds by size, and the draft's cost.
+    pub fn describe(&self) -> String {
+        let verify: Vec<String> = self
+            .verify
+            .iter()
+            .map(|(n, s)| format!("{n}:{:.1}", s * 1e3))
+            .collect();
+        let draft = match self.draft {
+            Some(d) => format!(
+                "draft {:.1} ms per call + {:.1} ms per token, {:.1} ms per token caught up",
+                d.per_call * 1e3,
+                d.per_token * 1e3,
+                d.catch_up * 1e3
+            ),
+            None => "no draft".to_string(),
+        };
+        format!("verify ms by nodes {}; {draft}", verify.join(" "))
+    }
+}
+
+fn between((k0, c0): (usize, f64), (k1, c1): (usize, f64), n: usize) -> f64 {
+    c0 + (c1 - c0) * (n as f64 - k0 as f64) / (k1 - k0) as f64
+}
+
+/// What to time when profiling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProfileOptions {
+    /// Verify tree sizes (nodes, root included); must include 1.
+    pub verify_sizes: Vec<usize>,
+    /// Draft tokens per call.
+    pub draft_tokens: Vec<usize>,
+    /// Timed rounds over all sizes (after one untimed warm-up round); medians are kept.
+    pub reps: usize,
+    /// Tokens of the synthetic prompt the sessions start from.
+    pub prompt_len: usize,
+}
+
+impl Default for ProfileOptions {
+    fn default() -> Self {
+        Self {
+            verify_sizes: vec![1, 2, 3, 4, 6, 8, 12, 16, 24, 32],
+            draft_tokens: vec![1, 2, 4, 8],
+            reps: 3,
+            prompt_len: 64,
+        }
+    }
+}
+
+/// Deterministic filler tokens spread over the start of the vocabulary (every model has
+/// those ids); the content does not matter for the timing.
+fn filler(i: usize, vocab: usize) -> u32 {
+    let span = vocab.clamp(1, 4096);
+    ((i * 37 + 11) % span) as u32
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+/// Times verifies and draft calls through the backends themselves, so a remote
+/// deployment's profile includes its network and batching wait.
+pub async fn measure<T: TargetBackend, D: DraftBackend>(
+    target: &T,
+    draft: Option<&D>,
+    opts: &ProfileOptions,
+) -> Result<CostProfile> {
+    if opts.reps == 0 || opts.prompt_len == 0 || !opts.verify_sizes.contains(&1) {
+        return Err(SpecError::invalid(
+            "profiling needs reps >= 1, a prompt and the one-node size",
+        ));
+    }
+    let info = target.info();
+    let prompt: Vec<u32> = (0..opts.prompt_len)
+        .map(|i| filler(i, info.vocab_size))
+        .collect();
+    // Every verify may add up to its tree size to the session.
+    let rounds = opts.reps + 1;
+    let growth: usize = (opts.verify_sizes.iter().sum::<usize>()
+        + opts.draft_tokens.iter().sum::<usize>()
+        + CATCH_UP_TOKENS)
+        * rounds;
+    if opts.prompt_len + growth + 1 > info.max_position {
+        return Err(SpecError::invalid(format!(
+            "the target's context ({}) is too short to profile {} rounds of trees up to {} nodes",
+            info.max_position,
+            rounds,
+            opts.verify_sizes.iter().max().copied().unwrap_or(1)
+        )));
+    }
+    let id = target.open(&prompt).await?;
+    let timed = time_verifies(target, id, &prompt, opts, info.vocab_size).await;
+    if let Err(e) = target.close(id).await {
+        tracing::debug!("closing the profiling session: {e}");
+    }
+    let verify = timed?;
+    let draft_cost = match draft {
+        Some(d) => Some(time_drafts(d, &prompt, opts).await?),
+        None => None,
+    };
+    CostProfile::new(verify, draft_cost)
+}
+
+async fn time_verifies<T: TargetBackend>(
+    target: &T,
+    id: SessionId,
+    prompt: &[u32],
+    opts: &ProfileOptions,
+    vocab: usize,
+) -> Result<Vec<(usize, f64)>> {
+    let greedy = SamplingParams::greedy();
+    let mut last = *prompt.last().expect("the prompt is not empty");
+    let mut samples = vec![Vec::new(); opts.verify_sizes.len()];
+    for rep in 0..=opts.reps {
+        for (j, &n) in opts.verify_sizes.iter().enumerate() {
+            let mut tree = DraftTree::new(last);
+            let chain: Vec<u32> = (1..n).map(|i| filler(i + 7 * rep + j, vocab)).collect();
+            tree.add_path(0, &chain);
+            let t0 = Instant::now();
+            let (v, _) = target.verify(id, &tree, &greedy).await?;
+            if rep > 0 {
+                samples[j].push(t0.elapsed().as_secs_f64());
+            }
+            last = v.bonus;
+        }
+    }
+    Ok(opts
+        .verify_sizes
+        .iter()
+        .zip(samples)
+        .map(|(&n, s)| (n, median(s)))
+        .collect())
+}
+
+async fn time_drafts<D: DraftBackend>(
+    draft: &D,
+    prompt: &[u32],
+    opts: &ProfileOptions,
+) -> Result<DraftCost> {
+    let vocab = draft.info().vocab_size;
+    let id = draft.open(prompt).await?;
+    let mut points: Vec<(f64, f64)> = Vec::new();
+    let mut accepted: Vec<u32> = Vec::new();
+    let mut outcome = Ok(());
+    'reps: for rep in 0..=opts.reps {
+        for &g in &opts.draft_tokens {
+            let request = DraftRequest {
+                // Accept everything drafted last time, as a fully accepted round would.
+                new_committed: std::mem::take(&mut accepted),
+                gamma: g.max(1),
+                lookahead: None,
+                pool_delta: Vec::new(),
+                eos: Vec::new(),
+            };
+            let t0 = Instant::now();
+            match draft.draft(id, request).await {
+                Ok((o, _)) => {
+                    if rep > 0 && !o.tokens.is_empty() {
+                        points.push((o.tokens.len() as f64, t0.elapsed().as_secs_f64()));
+                    }
+                    accepted = o.tokens;
+                }
+                Err(e) => {
+                    outcome = Err(e);
+                    break 'reps;
+                }
+            }
+        }
+    }
+    // Catching up: the same one-token call, after committed tokens it has not seen.
+    let mut catch_up = Vec::new();
+    if outcome.is_ok() {
+        for rep in 0..opts.reps {
+            let mut new_committed = std::mem::take(&mut accepted);
+            let extra = new_committed.len();
+            new_committed.extend((0..CATCH_UP_TOKENS).map(|i| filler(i + rep, vocab)));
+            let request = DraftRequest {
+                new_committed,
+                gamma: 1,
+                lookahead: None,
+                pool_delta: Vec::new(),
+                eos: Vec::new(),
+            };
+            let t0 = Instant::now();
+            match draft.draft(id, request).await {
+                Ok((o, _)) => {
+                    catch_up.push((t0.elapsed().as_secs_f64(), CATCH_UP_TOKENS + extra));
+                    accepted = o.tokens;
+                }
+                Err(e) => {
+                    outcome = Err(e);
+                    break;
+                }
+            }
+        }
+    }
+    if let Err(e) = draft.close(id).await {
+        tracing::debug!("closing the profiling draft session: {e}");
+    }
+    outcome?;
+    let mut cost = fit_draft_cost(&points)
+        .ok_or_else(|| SpecError::Backend("the draft produced no tokens while profiling".into()))?;
+    if !catch_up.is_empty() {
+        let one = cost.per_call + cost.per_token;
+        cost.catch_up = median(
+            catch_up
+                .iter()
+                .map(|&(t, n)| ((t - one) / n as f64).max(0.0))
+                .collect(),
+        );
+    }
+    Ok(cost)
+}
+
+/// Unseen tokens fed to the draft when timing its catch-up.
+const CATCH_UP_TOKENS: usize = 16;
+
+/// Least-squares line through (tokens, seconds), kept physical: a call never costs less
+/// than nothing and every token costs something.
+fn fit_draft_cost(points: &[(f64, f64)]) -> Option<DraftCost> {
+    if points.is_empty() {
+        return None;
+    }
+    let n = points.len() as f64;
+    let mx = points.iter().map(|p| p.0).sum::<f64>() / n;
+    let my = points.iter().map(|p| p.1).sum::<f64>() / n;
+    let sxx: f64 = points.iter().map(|p| (p.0 - mx).powi(2)).sum();
+    let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+    let slope = if sxx > 0.0 { sxy / sxx } else { 0.0 };
+    if slope <= 0.0 || my - slope * mx < 0.0 {
+        return Some(DraftCost {
+            per_call: 0.0,
+            per_token: (my / mx).max(1e-9),
+            catch_up: 0.0,
+        });
+    }
+    Some(DraftCost {
+        per_call: my - slope * mx,
+        per_token: slope,
+        catch_up: 0.0,
+    })
+}
+
+/// A kind of guess whose acceptance is counted on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Guess {
+    /// The draft model's token at this position of its chain (0 first).
+    Draft(usize),
+    /// A pool phrase's token at this depth below the root (0 first).
+    Pool(usize),
+    /// A trie continuation, by the share of the text's continuations it had and by how
+    /// many continuations that share was counted on.
+    Trie { share: u8, support: u8 },
+}
+
+const POSITIONS: usize = 16;
+const SHARE_BUCKETS: usize = 5;
+const SUPPORT_BUCKETS: usize = 4;
+const BUCKETS: usize = 2 * POSITIONS + SHARE_BUCKETS * SUPPORT_BUCKETS;
+/// Weight of the prior, in observations.
+const PRIOR_WEIGHT: f64 = 4.0;
+/// Past this many observations a bucket halves its counts, so it follows the workload.
+const MEMORY: f64 = 2000.0;
+/// Drafting must promise this much more than the zero-cost tree: its estimate is the
+/// less certain one, and a draft round that disappoints costs most.
+const DRAFT_MARGIN: f64 = 1.05;
+
+impl Guess {
+    /// A trie node that `count` of `total` continuations took.
+    pub fn trie(count: u64, total: u64) -> Self {
+        let share = if total == 0 {
+            0.0
+        } else {
+            count as f64 / total as f64
+        };
+        let share = ((share * SHARE_BUCKETS as f64) as usize).min(SHARE_BUCKETS - 1);
+        let support = match total {
+            0 | 1 => 0,
+            2..=3 => 1,
+            4..=9 => 2,
+            _ => 3,
+        };
+        Guess::Trie {
+            share: share as u8,
+            support: support as u8,
+        }
+    }
+
+    fn bucket(self) -> usize {
+        match self {
+            Guess::Draft(i) => i.min(POSITIONS - 1),
+            Guess::Pool(d) => POSITIONS + d.min(POSITIONS - 1),
+            Guess::Trie { share, support } => {
+                2 * POSITIONS
+                    + (share as usize).min(SHARE_BUCKETS - 1) * SUPPORT_BUCKETS
+                    + (support as usize).min(SUPPORT_BUCKETS - 1)
+            }
+        }
+    }
+
+    /// Acceptance expected before any evidence: drafts of a same-family model agree
+    /// often, pool phrases seldom, trie continuations about as often as the text went
+    /// their way, less when that was seen once.
+    fn prior(self) -> f64 {
+        match self {
+            Guess::Draft(_) => 0.75,
+            Guess::Pool(_) => 0.3,
+            Guess::Trie { share, support } => {
+                let mid = (share as f64 + 0.5) / SHARE_BUCKETS as f64;
+                let seen_once = if support == 0 { 0.8 } else { 1.0 };
+                0.7 * mid * seen_once
+            }
+        }
+    }
+}
+
+/// Accepted and offered counts per kind of guess (offers are counted only where the
+/// guess's parent was accepted, so the ratio is the conditional acceptance).
+#[derive(Debug, Clone)]
+struct Calibration {
+    hits: [f64; BUCKETS],
+    tries: [f64; BUCKETS],
+}
+
+impl Default for Calibration {
+    fn default() -> Self {
+        Self {
+            hits: [0.0; BUCKETS],
+            tries: [0.0; BUCKETS],
+        }
+    }
+}
+
+impl Calibration {
+    fn estimate(&self, g: Guess) -> f64 {
+        let b = g.bucket();
+        let p = (self.hits[b] + PRIOR_WEIGHT * g.prior()) / (self.tries[b] + PRIOR_WEIGHT);
+        p.clamp(0.0, 0.98)
+    }
+
+    fn record(&mut self, g: Guess, accepted: bool) {
+        let b = g.bucket();
+        self.tries[b] += 1.0;
+        if accepted {
+            self.hits[b] += 1.0;
+        }
+        if self.tries[b] > MEMORY {
+            self.tries[b] /= 2.0;
+            self.hits[b] /= 2.0;
+        }
+    }
+}
+
+/// The nodes a round verifies and what they are expected to bring.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TreePlan {
+    /// Per node of the candidate tree: verify it (the root always).
+    pub keep: Vec<bool>,
+    /// Expected committed tokens (accepted guesses plus the target's own token).
+    pub expected_tokens: f64,
+    /// Expected seconds: the verify, plus `fixed` seconds already spent.
+    pub seconds: f64,
+}
+
+impl TreePlan {
+    pub fn tokens_per_second(&self) -> f64 {
+        self.expected_tokens / self.seconds.max(1e-12)
+    }
+
+    pub fn nodes(&self) -> usize {
+        self.keep.iter().filter(|&&k| k).count()
+    }
+}
+
+/// Picks the nodes worth verifying. `accept[i]` is node `i`'s chance of being accepted
+/// once its parent is; a node's chance of being on the accepted path is the product along
+/// its path, and a node's expected yield never exceeds its parent's, so taking nodes best
+/// first keeps the set a tree. The prefix of that order with the best expected tokens per
+/// second wins.
+pub fn choose_nodes(
+    parents: &[i32],
+    accept: &[f64],
+    verify_cost: impl Fn(usize) -> f64,
+    fixed: f64,
+) -> TreePlan {
+    let n = parents.len();
+    let mut reach = vec![1.0f64; n];
+    for i in 1..n {
+        let p = parents[i].max(0) as usize;
+        reach[i] = reach[p] * accept.get(i).copied().unwrap_or(0.0).clamp(0.0, 1.0);
+    }
+    let mut order: Vec<usize> = (1..n).collect();
+    // Stable: equal yields keep index order, and parents precede their children.
+    order.sort_by(|&a, &b| reach[b].total_cmp(&reach[a]));
+    let mut best = (1.0 / (fixed + verify_cost(1)).max(1e-12), 0usize);
+    let mut sum = 1.0;
+    for (taken, &i) in order.iter().enumerate() {
+        sum += reach[i];
+        let rate = sum / (fixed + verify_cost(taken + 2)).max(1e-12);
+        if rate > best.0 {
+            best = (rate, taken + 1);
+        }
+    }
+    let mut keep = vec![false; n];
+    if n > 0 {
+        keep[0] = true;
+    }
+    let mut expected = 1.0;
+    for &i in &order[..best.1] {
+        keep[i] = true;
+        expected += reach[i];
+    }
+    TreePlan {
+        keep,
+        expected_tokens: expected,
+        seconds: fixed + verify_cost(best.1 + 1),
+    }
+}
+
+/// What the draft would have to catch up on before drafting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DraftBacklog {
+    /// Committed tokens an open draft session has not seen.
+    pub pending: usize,
+    /// The whole text, when the draft has no session in this request yet.
+    pub unopened: usize,
+    /// Tokens the request may still produce.
+    pub remaining: usize,
+}
+
+/// The cost profile and the acceptance counts that every `auto` request shares.
+#[derive(Debug)]
+pub struct AutoTuner {
+    profile: CostProfile,
+    /// Greedy and sampled decoding accept differently; index 0 is greedy.
+    calibration: [Mutex<Calibration>; 2],
+}
+
+impl AutoTuner {
+    pub fn new(profile: CostProfile) -> Self {
+        Self {
+            profile,
+            calibration: Default::default(),
+        }
+    }
+
+    pub fn profile(&self) -> &CostProfile {
+        &self.profile
+    }
+
+    fn calibration(&self, greedy: bool) -> std::sync::MutexGuard<'_, Calibration> {
+        let m = &self.calibration[usize::from(!greedy)];
+        // Counts stay usable after a panic elsewhere: they are only statistics.
+        m.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A node's chance of acceptance given its parent's: the best of the guesses that
+    /// proposed it (0 for none).
+    pub fn acceptance(&self, greedy: bool, guesses: &[Guess]) -> f64 {
+        let c = self.calibration(greedy);
+        guesses.iter().map(|&g| c.estimate(g)).fold(0.0, f64::max)
+    }
+
+    /// Which nodes of a candidate tree to verify; `guesses[i]` proposed node `i`.
+    pub fn plan(
+        &self,
+        greedy: bool,
+        parents: &[i32],
+        guesses: &[Vec<Guess>],
+        fixed: f64,
+    ) -> TreePlan {
+        let accept: Vec<f64> = guesses.iter().map(|g| self.acceptance(greedy, g)).collect();
+        choose_nodes(parents, &accept, |n| self.profile.verify_cost(n), fixed)
+    }
+
+    /// How many tokens to ask the draft model for, if drafting is expected to beat
+    /// `without` (the zero-cost plan's tokens per second); `None` when it is not.
+    pub fn draft_gamma(
+        &self,
+        greedy: bool,
+        max_gamma: usize,
+        without: f64,
+        backlog: DraftBacklog,
+    ) -> Option<usize> {
+        let cost = self.profile.draft?;
+        let c = self.calibration(greedy);
+        let mut reach = 1.0;
+        let mut expected = 1.0;
+        let mut best: Option<(f64, usize)> = None;
+        for g in 1..=max_gamma {
+            reach *= c.estimate(Guess::Draft(g - 1));
+            expected += reach;
+            // Joining late means a prefill of the whole text, worth it only if the
+            // request is long enough to earn it back: this round carries its share.
+            let share = expected / backlog.remaining.max(1) as f64;
+            let unseen = backlog.pending as f64 + backlog.unopened as f64 * share.min(1.0);
+            let seconds = self.profile.draft_cost(g)?
+                + cost.catch_up * unseen
+                + self.profile.verify_cost(g + 1);
+            let rate = expected / seconds.max(1e-12);
+            if best.is_none_or(|(r, _)| rate > r) {
+                best = Some((rate, g));
+            }
+        }
+        best.filter(|&(rate, _)| rate > without * DRAFT_MARGIN)
+            .map(|(_, g)| g)
+    }
+
+    /// Counts the outcome of a verified tree: every node whose parent was accepted was
+    /// a fair try of each guess that proposed it.
+    pub fn learn(&self, greedy: bool, tree: &DraftTree, guesses: &[Vec<Guess>], path: &[usize]) {
+        let mut on_path = vec![false; tree.len()];
+        on_path[0] = true;
+        for &n in path {
+            if let Some(x) = on_path.get_mut(n) {
+                *x = true;
+            }
+        }
+        let mut c = self.calibration(greedy);
+        for i in 1..tree.len() {
+            if !on_path[tree.parents[i] as usize] {
+                continue;
+            }
+            for &g in guesses.get(i).map(Vec::as_slice).unwrap_or(&[]) {
+                c.record(g, on_path[i]);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn profile(points: &[(usize, f64)], draft: Option<(f64, f64)>) -> CostProfile {
+        CostProfile::new(
+            points.to_vec(),
+            draft.map(|(per_call, per_token)| DraftCost {
+                per_call,
+                per_token,
+                catch_up: 0.5,
+            }),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn verify_cost_interpolates_and_never_falls() {
+        let p = profile(&[(1, 1.0), (2, 1.1), (4, 0.9), (8, 2.0)], None);
+        // the noisy dip at 4 is lifted to the cost at 2
+        assert_eq!(p.verify_points()[2], (4, 1.1));
+        assert!((p.verify_cost(3) - 1.1).abs() < 1e-9);
+        assert!((p.verify_cost(6) - 1.55).abs() < 1e-9);
+        // beyond the last point the last slope goes on
+        assert!((p.verify_cost(16) - 3.8).abs() < 1e-9);
+        assert_eq!(p.verify_cost(0), 1.0);
+        assert!(CostProfile::new(vec![(2, 1.0)], None).is_err());
+        assert!(CostProfile::new(vec![(1, 0.0)], None).is_err());
+    }
+
+    #[test]
+    fn draft_cost_fit_recovers_a_line() {
+        let pts: Vec<(f64, f64)> = [1.0, 2.0, 4.0, 8.0]
+            .iter()
+            .map(|&g| (g, 0.01 + 0.04 * g))
+            .collect();
+        let d = fit_draft_cost(&pts).unwrap();
+        assert_eq!(d.catch_up, 0.0);
+        assert!((d.per_call - 0.01).abs() < 1e-9 && (d.per_token - 0.04).abs() < 1e-9);
+        // noise that would make the call cost negative is clamped to a per-token cost
+        let d = fit_draft_cost(&[(1.0, 0.05), (2.0, 0.2)]).unwrap();
+        assert_eq!(d.per_call, 0.0);
+        assert!(fit_draft_cost(&[]).is_none());
+    }
+
+    #[test]
+    fn cheap_rows_take_likely_guesses_and_expensive_rows_take_none() {
+        // root, a chain of two likely tokens, a long shot beside them
+        let parents = [-1, 0, 1, 0];
+        let accept = [1.0, 0.9, 0.8, 0.05];
+        // rows nearly free: everything that can add tokens goes in
+        let plan = choose_nodes(&parents, &accept, |n| 1.0 + 0.001 * n as f64, 0.0);
+        assert_eq!(plan.keep, vec![true, true, true, true]);
+        assert!((plan.expected_tokens - (1.0 + 0.9 + 0.72 + 0.05)).abs() < 1e-9);
+        // each row costs as much as a whole step: plain greedy wins
+        let plan = choose_nodes(&parents, &accept, |n| n as f64, 0.0);
+        assert_eq!(plan.keep, vec![true, false, false, false]);
+        assert_eq!(plan.expected_tokens, 1.0);
+        // rows at a third of a step: the likely chain pays, the long shot does not
+        let plan = choose_nodes(&parents, &accept, |n| 1.0 + (n as f64 - 1.0) / 3.0, 0.0);
+        assert_eq!(plan.keep, vec![true, true, true, false]);
+        assert!(plan.tokens_per_second() > 1.0);
+    }
+
+    #[test]
+    fn kept_nodes_always_form_a_tree() {
+        // a child more likely than its parent's siblings but behind its own parent
+        let parents = [-1, 0, 0, 1, 3];
+        let accept = [1.0, 0.6, 0.5, 0.99, 0.99];
+        for step in [0.01, 0.1, 0.2, 0.4] {
+            let plan = choose_nodes(&parents, &accept, |n| 1.0 + step * n as f64, 0.0);
+            for (i, &p) in parents.iter().enumerate().skip(1) {
+                if plan.keep[i] {
+                    assert!(plan.keep[p as usize], "step {step}: {:?}", plan.keep);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn acceptance_follows_the_evidence() {
+        let t = AutoTuner::new(profile(&[(1, 1.0)], None));
+        let g = Guess::trie(1, 1);
+        let before = t.acceptance(true, &[g]);
+        let mut tree = DraftTree::new(0);
+        tree.add_path(0, &[5]);
+        let guesses = vec![vec![], vec![g]];
+        for _ in 0..50 {
+            t.learn(true, &tree, &guesses, &[1]);
+        }
+        let after = t.acceptance(true, &[g]);
+        assert!(after > 0.9 && after > before, "{before} -> {after}");
+        // sampled decoding keeps counts of its own
+        assert_eq!(t.acceptance(false, &[g]), before);
+        // a node whose parent was rejected says nothing about it
+        let mut deep = DraftTree::new(0);
+        deep.add_path(0, &[5, 6]);
+        let p = Guess::Pool(1);
+        let prior = t.acceptance(true, &[p]);
+        t.learn(true, &deep, &[vec![], vec![], vec![p]], &[]);
+        assert_eq!(t.acceptance(true, &[p]), prior);
+        t.learn(true, &deep, &[vec![], vec![], vec![p]], &[1]);
+        assert!(t.acceptance(true, &[p]) < prior);
+    }
+
+    #[test]
+    fn drafting_only_when_it_pays() {
+        // draft tokens cost a tenth of a verify: drafting beats greedy
+        let cheap = AutoTuner::new(profile(&[(1, 1.0), (16, 1.3)], Some((0.0, 0.1))));
+        let synced = DraftBacklog {
+            pending: 0,
+            unopened: 0,
+            remaining: 100,
+        };
+        let g = cheap
+            .draft_gamma(true, 8, 1.0, synced)
+            .expect("drafting pays");
+        assert!(g >= 2);
+        // the zero-cost tree already promises more than any draft can
+        assert_eq!(cheap.draft_gamma(true, 8, 10.0, synced), None);
+        // a long backlog to catch up on (half a step per token) eats the gain ...
+        let behind = DraftBacklog {
+            pending: 10,
+            ..synced
+        };
+        assert_eq!(cheap.draft_gamma(true, 8, 1.0, behind), None);
+        // ... and so does joining late with a long text and few tokens left, but not
+        // with many tokens left to earn the prefill back
+        let late = |remaining| DraftBacklog {
+            pending: 0,
+            unopened: 200,
+            remaining,
+        };
+        assert_eq!(cheap.draft_gamma(true, 8, 1.0, late(20)), None);
+        assert!(cheap.draft_gamma(true, 8, 1.0, late(100_000)).is_some());
+        // draft tokens cost as much as a verify: never
+        let dear = AutoTuner::new(profile(&[(1, 1.0), (16, 1.3)], Some((0.0, 1.0))));
+        assert_eq!(dear.draft_gamma(true, 8, 1.0, synced), None);
+        // no draft model at all
+        let none = AutoTuner::new(profile(&[(1, 1.0)], None));
+        assert_eq!(none.draft_gamma(true, 8, 0.1, synced), None);
+    }
+}

@@ -1,0 +1,34 @@
+//! Measuring a cost profile through the backends: every size is timed, and a context too
+//! short for the measurement is refused.
+
+use engine::MockModel;
+use futures::executor::block_on;
+use spec::{LocalDraft, LocalTarget, PhrasePool, PoolConfig, ProfileOptions, auto::measure};
+use std::sync::Arc;
+
+#[test]
+fn a_profile_is_measured_through_the_backends() {
+    let model = Arc::new(MockModel::new(40, 2048, 0.7, 1));
+    let target = LocalTarget::new(model.clone());
+    let draft = LocalDraft::new(model, Arc::new(PhrasePool::new(PoolConfig::default())));
+    let opts = ProfileOptions {
+        verify_sizes: vec![1, 4, 16],
+        draft_tokens: vec![1, 4],
+        reps: 2,
+        prompt_len: 16,
+    };
+    let p = block_on(measure(&target, Some(&draft), &opts)).unwrap();
+    let sizes: Vec<usize> = p.verify_points().iter().map(|v| v.0).collect();
+    assert_eq!(sizes, vec![1, 4, 16]);
+    assert!(p.verify_cost(1) > 0.0 && p.verify_cost(16) >= p.verify_cost(4));
+    let d = p.draft().expect("a draft was profiled");
+    assert!(d.per_token > 0.0 && d.per_call >= 0.0);
+    assert!(p.describe().contains("per token"));
+    let alone = block_on(measure::<_, LocalDraft<MockModel>>(&target, None, &opts)).unwrap();
+    assert!(alone.draft().is_none());
+
+    // A context too short for the measurement is refused up front.
+    let short = LocalTarget::new(Arc::new(MockModel::new(40, 32, 0.7, 1)));
+    let e = block_on(measure::<_, LocalDraft<MockModel>>(&short, None, &opts)).unwrap_err();
+    assert!(e.to_string().contains("too short"), "{e}");
+}
