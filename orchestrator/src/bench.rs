@@ -3,13 +3,14 @@
 //! token with plain greedy decoding. Every strategy keeps pools and trie of its own, warmed
 //! only by its own earlier prompts.
 
+use crate::report::{Report, Row};
 use crate::{DecodeArgs, ModelArgs, StrategyArg};
 use anyhow::{Context, Result};
 use clap::Args;
 use engine::LanguageModel;
 use futures::executor::block_on;
 use orchestrator::embedded::{self, Embedded};
-use spec::{Flow, SpecStats, Strategy};
+use spec::{Flow, Strategy};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -33,14 +34,20 @@ pub struct BenchArgs {
     /// Wrap prompts in the chat template.
     #[arg(long)]
     chat: bool,
-    /// Write the per-strategy figures as JSON here.
+    /// Write bench.md (table), bench.json (all figures) and speedup.png (chart) here.
     #[arg(long)]
-    json: Option<PathBuf>,
+    out: Option<PathBuf>,
+    /// Smoke run: the first two prompts, 24 new tokens each.
+    #[arg(long)]
+    quick: bool,
     #[command(flatten)]
     model: ModelArgs,
     #[command(flatten)]
     decode: DecodeArgs,
 }
+
+const QUICK_PROMPTS: usize = 2;
+const QUICK_TOKENS: usize = 24;
 
 const BUILTIN_PROMPTS: &[&str] = &[
     "def is_palindrome(s: str) -> bool:\n    \"\"\"Return True if s reads the same forwards and backwards, ignoring case and spaces.\"\"\"\n",
@@ -48,49 +55,6 @@ const BUILTIN_PROMPTS: &[&str] = &[
     "class Stack:\n    \"\"\"A last-in first-out stack with push, pop, peek and len.\"\"\"\n",
     "def word_counts(text: str) -> dict:\n    \"\"\"Count how often each lower-cased word occurs in text.\"\"\"\n",
 ];
-
-#[derive(Default, serde::Serialize)]
-struct Row {
-    name: String,
-    tokens: u64,
-    seconds: f64,
-    target_forwards: u64,
-    draft_forwards: u64,
-    drafted: u64,
-    accepted: u64,
-    candidate_tokens: u64,
-    pool_lookups: u64,
-    pool_hits: u64,
-    trie_lookups: u64,
-    trie_hits: u64,
-    trie_accepted: u64,
-    draft_s: f64,
-    verify_s: f64,
-    mismatched_prompts: u64,
-}
-
-impl Row {
-    fn add(&mut self, s: &SpecStats, n: usize) {
-        self.tokens += n as u64;
-        self.seconds += s.total_s;
-        self.target_forwards += s.target_forwards;
-        self.draft_forwards += s.draft_forwards;
-        self.drafted += s.drafted;
-        self.accepted += s.accepted;
-        self.candidate_tokens += s.candidate_tokens;
-        self.pool_lookups += s.pool_lookups;
-        self.pool_hits += s.pool_hits;
-        self.trie_lookups += s.trie_lookups;
-        self.trie_hits += s.trie_hits;
-        self.trie_accepted += s.trie_accepted;
-        self.draft_s += s.draft_s;
-        self.verify_s += s.verify_s;
-    }
-
-    fn tok_s(&self) -> f64 {
-        self.tokens as f64 / self.seconds.max(1e-9)
-    }
-}
 
 /// One row of the comparison: a strategy and how its caches are treated.
 struct Variant {
@@ -126,13 +90,16 @@ fn load_prompts(a: &BenchArgs) -> Result<Vec<String>> {
             })
             .collect::<Result<_>>()?,
     };
-    if let Some(n) = a.limit {
+    if let Some(n) = a.limit.or(a.quick.then_some(QUICK_PROMPTS)) {
         prompts.truncate(n);
     }
     Ok(prompts)
 }
 
-pub fn run(a: BenchArgs) -> Result<()> {
+pub fn run(mut a: BenchArgs) -> Result<()> {
+    if a.quick {
+        a.decode.max_new_tokens = a.decode.max_new_tokens.min(QUICK_TOKENS);
+    }
     let paths = a.model.paths();
     let phrase_len = a.decode.level.saturating_sub(1).max(1);
     if a.model.tp > 1 {
@@ -158,27 +125,28 @@ fn run_with<T: LanguageModel>(e: &Embedded<T>, a: &BenchArgs) -> Result<()> {
         });
     }
     if a.cold {
-        plan.push(Variant {
-            cold: true,
-            ..Variant::new("ouroboros (cold)", Strategy::Ouroboros)
-        });
-    }
-    let mut rows: Vec<Row> = plan
-        .iter()
-        .map(|v| Row {
-            name: v.name.clone(),
-            ..Row::default()
-        })
-        .collect();
-    let pipelines: Vec<_> = plan.iter().map(|_| e.isolated_pipeline()).collect();
-    if plan.iter().any(|v| v.strategy == Strategy::Auto) {
-        let profile = e.measure_costs()?;
-        for (v, p) in plan.iter().zip(&pipelines) {
-            if v.strategy == Strategy::Auto {
-                // Same hardware figures, acceptance counts of its own.
-                let _ = p.tuner.set(spec::AutoTuner::new(profile.clone()));
+        // The paper's cold rows: nothing learnt from earlier prompts.
+        for s in [Strategy::Ouroboros, Strategy::Auto] {
+            if plan.iter().any(|v| v.strategy == s) {
+                plan.push(Variant {
+                    cold: true,
+                    ..Variant::new(&format!("{} (cold)", s.name()), s)
+                });
             }
         }
+    }
+    let mut rows: Vec<Row> = plan.iter().map(|v| Row::new(&v.name)).collect();
+    let pipelines: Vec<_> = plan.iter().map(|_| e.isolated_pipeline()).collect();
+    let mut profile = None;
+    if plan.iter().any(|v| v.strategy == Strategy::Auto) {
+        let p = e.measure_costs()?;
+        for (v, pipeline) in plan.iter().zip(&pipelines) {
+            if v.strategy == Strategy::Auto {
+                // Same hardware figures, acceptance counts of its own.
+                let _ = pipeline.tuner.set(spec::AutoTuner::new(p.clone()));
+            }
+        }
+        profile = Some(p.describe());
     }
     let started = Instant::now();
     for (i, text) in prompts.iter().enumerate() {
@@ -239,39 +207,38 @@ fn run_with<T: LanguageModel>(e: &Embedded<T>, a: &BenchArgs) -> Result<()> {
             );
         }
     }
-    let base = rows[0].tok_s();
-    println!(
-        "| strategy | tokens | tok/s | speedup vs greedy | tokens per target forward | draft forwards per round | draft acceptance | candidate tokens | pool hit rate | trie hit rate | trie tokens | draft s | verify s | mismatched prompts |"
-    );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
-    for r in &rows {
-        let per = |x: u64, y: u64| if y == 0 { 0.0 } else { x as f64 / y as f64 };
-        println!(
-            "| {} | {} | {:.2} | {:.2}x | {:.2} | {:.2} | {:.0}% | {} | {:.0}% | {:.0}% | {} | {:.1} | {:.1} | {} |",
-            r.name,
-            r.tokens,
-            r.tok_s(),
-            r.tok_s() / base,
-            per(r.tokens, r.target_forwards),
-            per(r.draft_forwards, r.target_forwards),
-            100.0 * per(r.accepted, r.drafted),
-            r.candidate_tokens,
-            100.0 * per(r.pool_hits, r.pool_lookups),
-            100.0 * per(r.trie_hits, r.trie_lookups),
-            r.trie_accepted,
-            r.draft_s,
-            r.verify_s,
-            r.mismatched_prompts
+    let seconds = started.elapsed().as_secs_f64();
+    let base = rows[0].tokens as f64 / rows[0].seconds.max(1e-9);
+    for r in &mut rows {
+        r.finish(base);
+    }
+    print!("{}", crate::report::table(&rows));
+    eprintln!("{} prompts in {seconds:.0} s", prompts.len());
+    if let Some(dir) = &a.out {
+        let paths = a.model.paths();
+        let report = Report {
+            command: std::env::args().collect::<Vec<_>>().join(" "),
+            machine: crate::report::machine(),
+            target: file_name(&paths.target),
+            draft: paths.draft.as_deref().map_or("none".into(), file_name),
+            prompts: prompts.len(),
+            max_new_tokens: a.decode.max_new_tokens,
+            cost_profile: profile,
+            seconds,
+            rows: &rows,
+        };
+        report.write(dir)?;
+        eprintln!(
+            "wrote bench.md, bench.json and speedup.png to {}",
+            dir.display()
         );
     }
-    eprintln!(
-        "{} prompts in {:.0} s",
-        prompts.len(),
-        started.elapsed().as_secs_f64()
-    );
-    if let Some(p) = &a.json {
-        std::fs::write(p, serde_json::to_string_pretty(&rows)?)
-            .with_context(|| format!("writing {}", p.display()))?;
-    }
     Ok(())
+}
+
+fn file_name(p: &std::path::Path) -> String {
+    p.file_name().map_or_else(
+        || p.display().to_string(),
+        |f| f.to_string_lossy().into_owned(),
+    )
 }

@@ -2,6 +2,7 @@
 //! this process; `bench` compares the strategies on a prompt set in one run.
 
 mod bench;
+mod report;
 mod serve_cmd;
 
 use anyhow::Result;

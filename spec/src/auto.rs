@@ -156,9 +156,11 @@ pub async fn measure<T: TargetBackend, D: DraftBackend>(
     draft: Option<&D>,
     opts: &ProfileOptions,
 ) -> Result<CostProfile> {
-    if opts.reps == 0 || opts.prompt_len == 0 || !opts.verify_sizes.contains(&1) {
+    let ascending = opts.verify_sizes.windows(2).all(|w| w[0] < w[1]);
+    if opts.reps == 0 || opts.prompt_len == 0 || opts.verify_sizes.first() != Some(&1) || !ascending
+    {
         return Err(SpecError::invalid(
-            "profiling needs reps >= 1, a prompt and the one-node size",
+            "profiling needs reps >= 1, a prompt, and verify sizes ascending from 1",
         ));
     }
     let info = target.info();
@@ -202,23 +204,36 @@ async fn time_verifies<T: TargetBackend>(
     let greedy = SamplingParams::greedy();
     let mut last = *prompt.last().expect("the prompt is not empty");
     let mut samples = vec![Vec::new(); opts.verify_sizes.len()];
+    let mut sizes = opts.verify_sizes.len();
     for rep in 0..=opts.reps {
-        for (j, &n) in opts.verify_sizes.iter().enumerate() {
+        for (j, &n) in opts.verify_sizes.iter().enumerate().take(sizes) {
             let mut tree = DraftTree::new(last);
             let chain: Vec<u32> = (1..n).map(|i| filler(i + 7 * rep + j, vocab)).collect();
             tree.add_path(0, &chain);
             let t0 = Instant::now();
             let (v, _) = target.verify(id, &tree, &greedy).await?;
-            if rep > 0 {
-                samples[j].push(t0.elapsed().as_secs_f64());
-            }
+            let t = t0.elapsed().as_secs_f64();
+            samples[j].push(t);
             last = v.bonus;
+        }
+        if rep == 0 {
+            // The warm-up round is not kept, but it shows which sizes are worth timing:
+            // trees that cost many steps are never chosen, whatever they cost exactly.
+            let one = samples[0][0];
+            sizes = samples
+                .iter()
+                .position(|s| s[0] > WORTH_TIMING * one)
+                .unwrap_or(sizes)
+                .max(2)
+                .min(sizes);
+            samples.iter_mut().for_each(Vec::clear);
         }
     }
     Ok(opts
         .verify_sizes
         .iter()
         .zip(samples)
+        .take(sizes)
         .map(|(&n, s)| (n, median(s)))
         .collect())
 }
@@ -302,6 +317,9 @@ async fn time_drafts<D: DraftBackend>(
     }
     Ok(cost)
 }
+
+/// Trees whose warm-up verify cost more than this many one-node verifies are not timed.
+const WORTH_TIMING: f64 = 6.0;
 
 /// Unseen tokens fed to the draft when timing its catch-up.
 const CATCH_UP_TOKENS: usize = 16;

@@ -1,0 +1,304 @@
+//! What `ouro bench` writes: per-strategy totals, the markdown table, the JSON document
+//! and the speedup chart.
+
+use anyhow::{Context, Result};
+use plotters::prelude::*;
+use serde::Serialize;
+use spec::SpecStats;
+use std::path::Path;
+
+/// One strategy's totals over every prompt of a run.
+#[derive(Default, Serialize)]
+pub struct Row {
+    pub name: String,
+    pub tokens: u64,
+    pub seconds: f64,
+    pub target_forwards: u64,
+    pub draft_forwards: u64,
+    pub drafted: u64,
+    pub accepted: u64,
+    /// Rounds that drafted a token at each position, and those that had it accepted.
+    pub offered_at: Vec<u64>,
+    pub accepted_at: Vec<u64>,
+    pub tree_nodes: u64,
+    pub candidate_tokens: u64,
+    pub pool_lookups: u64,
+    pub pool_hits: u64,
+    pub trie_lookups: u64,
+    pub trie_hits: u64,
+    pub trie_accepted: u64,
+    pub prefill_s: f64,
+    pub draft_s: f64,
+    pub verify_s: f64,
+    pub network_s: f64,
+    pub mismatched_prompts: u64,
+    /// Filled in when the run ends.
+    pub tok_s: f64,
+    pub speedup: f64,
+    pub tokens_per_forward: f64,
+}
+
+fn ratio(x: u64, y: u64) -> f64 {
+    if y == 0 { 0.0 } else { x as f64 / y as f64 }
+}
+
+impl Row {
+    pub fn new(name: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            ..Self::default()
+        }
+    }
+
+    pub fn add(&mut self, s: &SpecStats, n: usize) {
+        self.tokens += n as u64;
+        self.seconds += s.total_s;
+        self.target_forwards += s.target_forwards;
+        self.draft_forwards += s.draft_forwards;
+        self.drafted += s.drafted;
+        self.accepted += s.accepted;
+        for (mine, theirs) in [
+            (&mut self.offered_at, &s.offered_at),
+            (&mut self.accepted_at, &s.accepted_at),
+        ] {
+            if mine.len() < theirs.len() {
+                mine.resize(theirs.len(), 0);
+            }
+            for (m, t) in mine.iter_mut().zip(theirs) {
+                *m += t;
+            }
+        }
+        self.tree_nodes += s.tree_nodes;
+        self.candidate_tokens += s.candidate_tokens;
+        self.pool_lookups += s.pool_lookups;
+        self.pool_hits += s.pool_hits;
+        self.trie_lookups += s.trie_lookups;
+        self.trie_hits += s.trie_hits;
+        self.trie_accepted += s.trie_accepted;
+        self.prefill_s += s.prefill_s;
+        self.draft_s += s.draft_s;
+        self.verify_s += s.verify_s;
+        self.network_s += s.network_s;
+    }
+
+    /// Derived figures, against the reference row's speed.
+    pub fn finish(&mut self, greedy_tok_s: f64) {
+        self.tok_s = self.tokens as f64 / self.seconds.max(1e-9);
+        self.speedup = self.tok_s / greedy_tok_s.max(1e-9);
+        self.tokens_per_forward = ratio(self.tokens, self.target_forwards);
+    }
+
+    /// Time outside drafting, verifying and the prefill: the loop, lookups, bookkeeping.
+    fn orchestrator_s(&self) -> f64 {
+        (self.seconds - self.prefill_s - self.draft_s - self.verify_s).max(0.0)
+    }
+
+    fn acceptance_by_position(&self, first: usize) -> String {
+        let parts: Vec<String> = self
+            .accepted_at
+            .iter()
+            .zip(&self.offered_at)
+            .take(first)
+            .map(|(&a, &o)| format!("{:.0}", 100.0 * ratio(a, o)))
+            .collect();
+        if parts.is_empty() {
+            "-".into()
+        } else {
+            parts.join("/")
+        }
+    }
+}
+
+/// The markdown table of a run.
+pub fn table(rows: &[Row]) -> String {
+    let mut t = String::from(
+        "| strategy | tokens | tok/s | speedup vs greedy | tokens per target forward | \
+         tree nodes per forward | draft forwards per round | draft acceptance | acceptance \
+         by position (%) | candidate tokens | pool hit rate | trie hit rate | trie tokens | \
+         prefill s | draft s | verify s | network s | orchestrator s | mismatched prompts |\n",
+    );
+    t.push_str(&"|---".repeat(19));
+    t.push_str("|\n");
+    for r in rows {
+        t.push_str(&format!(
+            "| {} | {} | {:.2} | {:.2}x | {:.2} | {:.2} | {:.2} | {:.0}% | {} | {} | {:.0}% | \
+             {:.0}% | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} |\n",
+            r.name,
+            r.tokens,
+            r.tok_s,
+            r.speedup,
+            r.tokens_per_forward,
+            ratio(r.tree_nodes, r.target_forwards),
+            ratio(r.draft_forwards, r.target_forwards),
+            100.0 * ratio(r.accepted, r.drafted),
+            r.acceptance_by_position(4),
+            r.candidate_tokens,
+            100.0 * ratio(r.pool_hits, r.pool_lookups),
+            100.0 * ratio(r.trie_hits, r.trie_lookups),
+            r.trie_accepted,
+            r.prefill_s,
+            r.draft_s,
+            r.verify_s,
+            r.network_s,
+            r.orchestrator_s(),
+            r.mismatched_prompts
+        ));
+    }
+    t
+}
+
+/// The processor, as the kernel names it, and the cores this process may use.
+pub fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cpu}, {cores} cores, {}", std::env::consts::ARCH)
+}
+
+/// Everything about a run that a results file needs.
+#[derive(Serialize)]
+pub struct Report<'a> {
+    pub command: String,
+    pub machine: String,
+    pub target: String,
+    pub draft: String,
+    pub prompts: usize,
+    pub max_new_tokens: usize,
+    pub cost_profile: Option<String>,
+    pub seconds: f64,
+    pub rows: &'a [Row],
+}
+
+impl Report<'_> {
+    pub fn markdown(&self) -> String {
+        let mut m = format!(
+            "# ouro bench\n\nCommand: `{}`\n\nMachine: {}. Target: {}. Draft: {}.\n\n\
+             {} prompts, up to {} new tokens each, strategies interleaved prompt by prompt; \
+             {:.0} s in all.\n\n",
+            self.command,
+            self.machine,
+            self.target,
+            self.draft,
+            self.prompts,
+            self.max_new_tokens,
+            self.seconds
+        );
+        if let Some(p) = &self.cost_profile {
+            m.push_str(&format!("Cost profile (auto): {p}.\n\n"));
+        }
+        m.push_str(&table(self.rows));
+        m.push_str("\n![speedup over greedy](speedup.png)\n");
+        m
+    }
+
+    /// Writes bench.md, bench.json and speedup.png into `dir`. The chart needs a system
+    /// font; without one it is left out with a warning.
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let md = dir.join("bench.md");
+        std::fs::write(&md, self.markdown())
+            .with_context(|| format!("writing {}", md.display()))?;
+        let json = dir.join("bench.json");
+        std::fs::write(&json, serde_json::to_string_pretty(self)?)
+            .with_context(|| format!("writing {}", json.display()))?;
+        let png = dir.join("speedup.png");
+        if let Err(e) = chart(self.rows, &self.machine, &png) {
+            eprintln!("warning: no chart ({e:#})");
+        }
+        Ok(())
+    }
+}
+
+/// A bar per strategy: its speed relative to greedy in the same run.
+pub fn chart(rows: &[Row], caption: &str, path: &Path) -> Result<()> {
+    let top = rows.iter().map(|r| r.speedup).fold(1.0f64, f64::max) * 1.15;
+    let width = (160 * rows.len() as u32).max(640);
+    let root = BitMapBackend::new(path, (width, 420)).into_drawing_area();
+    let draw = |e: DrawingAreaErrorKind<_>| anyhow::anyhow!("drawing the chart: {e:?}");
+    root.fill(&WHITE).map_err(draw)?;
+    let names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("speedup over greedy ({caption})"),
+            ("sans-serif", 18),
+        )
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(48)
+        .build_cartesian_2d((0..rows.len()).into_segmented(), 0.0..top)
+        .map_err(draw)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .y_desc("x greedy tok/s")
+        .x_label_formatter(&|x| match x {
+            SegmentValue::CenterOf(i) => names.get(*i).map(|s| s.to_string()).unwrap_or_default(),
+            _ => String::new(),
+        })
+        .draw()
+        .map_err(draw)?;
+    chart
+        .draw_series(rows.iter().enumerate().map(|(i, r)| {
+            let colour = if r.speedup >= 1.0 { &BLUE } else { &RED };
+            let mut bar = Rectangle::new(
+                [
+                    (SegmentValue::Exact(i), 0.0),
+                    (SegmentValue::Exact(i + 1), r.speedup),
+                ],
+                colour.mix(0.7).filled(),
+            );
+            bar.set_margin(0, 0, 14, 14);
+            bar
+        }))
+        .map_err(draw)?;
+    chart
+        .draw_series(rows.iter().enumerate().map(|(i, r)| {
+            Text::new(
+                format!("{:.2}x", r.speedup),
+                (SegmentValue::CenterOf(i), r.speedup + top * 0.02),
+                ("sans-serif", 15),
+            )
+        }))
+        .map_err(draw)?;
+    root.present().map_err(draw)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_add_up_and_tables_show_them() {
+        let mut s = SpecStats::new(spec::Strategy::Auto);
+        s.total_s = 2.0;
+        s.target_forwards = 5;
+        s.offered_at = vec![4, 2];
+        s.accepted_at = vec![3, 1];
+        s.drafted = 6;
+        s.accepted = 4;
+        let mut greedy = Row::new("greedy");
+        let mut greedy_stats = SpecStats::new(spec::Strategy::Greedy);
+        greedy_stats.total_s = 4.0;
+        greedy_stats.target_forwards = 10;
+        greedy.add(&greedy_stats, 10);
+        greedy.finish(2.5);
+        let mut auto = Row::new("auto");
+        auto.add(&s, 10);
+        auto.add(&s, 10);
+        auto.finish(greedy.tok_s);
+        assert_eq!(auto.offered_at, vec![8, 4]);
+        assert!((auto.speedup - 2.0).abs() < 1e-9);
+        assert!((auto.tokens_per_forward - 2.0).abs() < 1e-9);
+        let t = table(&[greedy, auto]);
+        assert!(t.contains("| auto | 20 | 5.00 | 2.00x | 2.00 |"), "{t}");
+        assert!(t.contains("| 75/50 |"), "{t}");
+    }
+}
