@@ -72,8 +72,10 @@ impl KvCache {
             let v = Tensor::zeros(shape, self.dtype, &self.device)?;
             if self.len > 0 {
                 let (old_k, old_v) = &self.layers[layer];
-                k.slice_set(&old_k.narrow(2, 0, self.len)?, 2, 0)?;
-                v.slice_set(&old_v.narrow(2, 0, self.len)?, 2, 0)?;
+                // A prefix along dim 2 of a (1, heads, capacity, d) tensor is strided
+                // unless it spans the whole capacity; slice_set wants contiguous input.
+                k.slice_set(&old_k.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                v.slice_set(&old_v.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
             }
             layers.push((k, v));
         }

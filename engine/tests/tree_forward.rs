@@ -204,3 +204,46 @@ fn a_batch_of_sequences_equals_each_alone() {
         }
     }
 }
+
+/// A forward that outgrows the cache while it is partly filled (250 of 256 entries, then
+/// 10 more) keeps every entry: the result equals one forward over all 260 tokens.
+#[test]
+fn growing_a_partly_filled_cache_keeps_every_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    for tiny in tiny_models(dir.path()).into_iter().take(2) {
+        let m = &tiny.model;
+        let vocab = m.info().vocab_size as u32;
+        let text: Vec<u32> = (0..260u32).map(|i| (i * 7 + 3) % vocab).collect();
+        let pos: Vec<u32> = (0..260).collect();
+        let mut grown = m.new_cache();
+        m.forward(
+            &mut grown,
+            SeqInput::chain(&text[..250], &pos[..250], OutputSpec::all()),
+        )
+        .unwrap();
+        let out = m
+            .forward(
+                &mut grown,
+                SeqInput::chain(
+                    &text[250..],
+                    &pos[250..],
+                    OutputSpec::last(10).with_logits(),
+                ),
+            )
+            .unwrap_or_else(|e| panic!("{}: growing the cache: {e}", tiny.label));
+        let mut whole = m.new_cache();
+        let want = m
+            .forward(
+                &mut whole,
+                SeqInput::chain(&text, &pos, OutputSpec::last(260).with_logits()),
+            )
+            .unwrap();
+        assert_eq!(grown.len(), 260);
+        assert_close(
+            &tiny.label,
+            &out.logits.unwrap()[0],
+            &want.logits.unwrap()[0],
+            TOL,
+        );
+    }
+}
