@@ -31,6 +31,9 @@ pub trait AllReduce: Send + Sync {
 pub struct LoadOptions {
     /// Keep float weights in f16 instead of widening them to f32.
     pub f16_weights: bool,
+    /// Dequantize quantized matmul weights to dense f16 at load: the unquantized
+    /// deployment of a model that ships only as GGUF (bigger and, on a CPU, slower).
+    pub dequantize_f16: bool,
     /// Cap the context below what the model file allows (saves RoPE-table memory).
     pub max_context: Option<usize>,
     /// Keep Q4_1/Q5_0/Q5_1 blocks as they are instead of requantizing them to Q8_0
@@ -165,7 +168,7 @@ impl Transformer {
         let row = |w: RawWeight, start: usize, len: usize| -> Result<RawWeight> {
             if sharded { w.cols(start, len) } else { Ok(w) }
         };
-        let matmul = |w: RawWeight| w.into_matmul(opts.f16_weights);
+        let matmul = |w: RawWeight| w.into_matmul(opts.f16_weights, opts.dequantize_f16);
         let embed_raw = get(source, Role::Embed, &[cfg.vocab_size, h])?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {

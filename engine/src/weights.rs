@@ -113,10 +113,14 @@ impl RawWeight {
         })
     }
 
-    /// The matmul operand for a `(out, in)` weight. Quantized weights keep their blocks;
-    /// float weights become dense f32 (or stay f16 when asked, to halve their memory).
-    pub fn into_matmul(self, keep_f16: bool) -> Result<QMatMul> {
+    /// The matmul operand for a `(out, in)` weight. Quantized weights keep their blocks
+    /// (or become dense f16 when asked); float weights become dense f32 (or stay f16 when
+    /// asked, to halve their memory).
+    pub fn into_matmul(self, keep_f16: bool, dequantize_f16: bool) -> Result<QMatMul> {
         Ok(match self {
+            RawWeight::Quant(q) if dequantize_f16 => {
+                QMatMul::TensorF16(q.dequantize_f16(&q.device())?)
+            }
             RawWeight::Quant(q) => QMatMul::from_arc(q)?,
             RawWeight::Dense(t) if keep_f16 => QMatMul::TensorF16(t.to_dtype(DType::F16)?),
             RawWeight::Dense(t) => QMatMul::Tensor(t.to_dtype(DType::F32)?),

@@ -5,14 +5,17 @@
 
 use crate::report::{Report, Row};
 use crate::{DecodeArgs, ModelArgs, StrategyArg};
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::Args;
 use engine::LanguageModel;
-use futures::executor::block_on;
 use orchestrator::embedded::{self, Embedded};
-use spec::{Flow, Strategy};
+use orchestrator::pipeline::{Pipeline, Runner};
+use orchestrator::remote::{RemoteDraft, RemoteTarget};
+use spec::{Flow, ProfileOptions, Strategy};
 use std::path::PathBuf;
-use std::time::Instant;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -37,9 +40,13 @@ pub struct BenchArgs {
     /// Write bench.md (table), bench.json (all figures) and speedup.png (chart) here.
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Smoke run: the first two prompts, 24 new tokens each.
+    /// Smoke run: at most two prompts, at most 24 new tokens each.
     #[arg(long)]
     quick: bool,
+    /// Also run greedy and the selected speculative/auto rows over a target service and
+    /// a draft service started as processes on loopback (the binaries next to `ouro`).
+    #[arg(long)]
+    distributed: bool,
     #[command(flatten)]
     model: ModelArgs,
     #[command(flatten)]
@@ -63,6 +70,8 @@ struct Variant {
     /// Empty pool and trie before every prompt.
     cold: bool,
     trie_off: bool,
+    /// Over the loopback services instead of in this process.
+    distributed: bool,
 }
 
 impl Variant {
@@ -72,6 +81,115 @@ impl Variant {
             strategy,
             cold: false,
             trie_off: false,
+            distributed: false,
+        }
+    }
+}
+
+/// Target and draft services started for the distributed rows; stopped on drop.
+struct Services {
+    children: Vec<Child>,
+    target: String,
+    draft: String,
+}
+
+impl Drop for Services {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+impl Services {
+    fn start(paths: &embedded::ModelPaths) -> Result<Self> {
+        let draft = paths
+            .draft
+            .as_deref()
+            .context("--distributed needs a draft model")?;
+        let dir = std::env::current_exe()?
+            .parent()
+            .context("the ouro binary has no folder")?
+            .to_path_buf();
+        let mut services = Services {
+            children: Vec::new(),
+            target: String::new(),
+            draft: String::new(),
+        };
+        for (bin, model) in [
+            ("target-service", &paths.target),
+            ("draft-service", &draft.to_path_buf()),
+        ] {
+            let exe = dir.join(bin);
+            if !exe.exists() {
+                bail!(
+                    "{} not found (cargo build --release builds it beside ouro)",
+                    exe.display()
+                );
+            }
+            let port = free_port()?;
+            let mut cmd = Command::new(&exe);
+            cmd.arg("--model")
+                .arg(model)
+                .arg("--listen")
+                .arg(format!("127.0.0.1:{port}"));
+            if bin == "target-service" && paths.target_f16 {
+                cmd.arg("--f16");
+            }
+            let child = cmd
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .spawn()
+                .with_context(|| format!("starting {}", exe.display()))?;
+            services.children.push(child);
+            let url = format!("http://127.0.0.1:{port}");
+            if bin == "target-service" {
+                services.target = url;
+            } else {
+                services.draft = url;
+            }
+        }
+        Ok(services)
+    }
+
+    /// A pipeline over the services, with caches of its own; waits while they load.
+    async fn pipeline(&self, phrase_len: usize) -> Result<RemotePipeline> {
+        let target = retry(|| RemoteTarget::connect(&self.target)).await?;
+        let draft = retry(|| RemoteDraft::connect(&self.draft)).await?;
+        Ok(Pipeline {
+            target: Arc::new(target),
+            draft: Some(Arc::new(draft)),
+            lookahead: None,
+            pool: embedded::pool_for(phrase_len),
+            lookahead_pool: embedded::pool_for(phrase_len),
+            trie: Default::default(),
+            tuner: Default::default(),
+            blocking: false,
+        })
+    }
+}
+
+type RemotePipeline = Pipeline<RemoteTarget, RemoteDraft, RemoteDraft>;
+
+/// Connects, retrying while a service is still loading its model (up to five minutes).
+async fn retry<T, F, Fut>(connect: F) -> Result<T>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        match connect().await {
+            Ok(c) => return Ok(c),
+            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
         }
     }
 }
@@ -90,7 +208,8 @@ fn load_prompts(a: &BenchArgs) -> Result<Vec<String>> {
             })
             .collect::<Result<_>>()?,
     };
-    if let Some(n) = a.limit.or(a.quick.then_some(QUICK_PROMPTS)) {
+    let quick = a.quick.then_some(QUICK_PROMPTS);
+    if let Some(n) = [a.limit, quick].into_iter().flatten().min() {
         prompts.truncate(n);
     }
     Ok(prompts)
@@ -109,7 +228,7 @@ pub fn run(mut a: BenchArgs) -> Result<()> {
     }
 }
 
-fn run_with<T: LanguageModel>(e: &Embedded<T>, a: &BenchArgs) -> Result<()> {
+fn run_with<T: LanguageModel + 'static>(e: &Embedded<T>, a: &BenchArgs) -> Result<()> {
     let prompts = load_prompts(a)?;
     let mut plan = vec![Variant::new("greedy", Strategy::Greedy)];
     for s in &a.strategies {
@@ -135,19 +254,67 @@ fn run_with<T: LanguageModel>(e: &Embedded<T>, a: &BenchArgs) -> Result<()> {
             }
         }
     }
-    let mut rows: Vec<Row> = plan.iter().map(|v| Row::new(&v.name)).collect();
-    let pipelines: Vec<_> = plan.iter().map(|_| e.isolated_pipeline()).collect();
-    let mut profile = None;
-    if plan.iter().any(|v| v.strategy == Strategy::Auto) {
-        let p = e.measure_costs()?;
-        for (v, pipeline) in plan.iter().zip(&pipelines) {
-            if v.strategy == Strategy::Auto {
-                // Same hardware figures, acceptance counts of its own.
-                let _ = pipeline.tuner.set(spec::AutoTuner::new(p.clone()));
-            }
+    if a.distributed {
+        let remote: Vec<Strategy> = plan
+            .iter()
+            .filter(|v| {
+                matches!(
+                    v.strategy,
+                    Strategy::Greedy | Strategy::Speculative | Strategy::Auto
+                ) && !v.cold
+            })
+            .map(|v| v.strategy)
+            .collect();
+        for s in remote {
+            plan.push(Variant {
+                distributed: true,
+                ..Variant::new(&format!("{} (distributed)", s.name()), s)
+            });
         }
-        profile = Some(p.describe());
     }
+    let mut rows: Vec<Row> = plan.iter().map(|v| Row::new(&v.name)).collect();
+    let rt = tokio::runtime::Runtime::new()?;
+    let services = match a.distributed {
+        true => Some(Services::start(&a.model.paths())?),
+        false => None,
+    };
+    let phrase_len = a.decode.level.saturating_sub(1).max(1);
+    if let Some(svc) = &services {
+        // Wait until both have loaded: nothing is timed while they compete for the CPU.
+        rt.block_on(svc.pipeline(phrase_len))?;
+    }
+    let mut profile = None;
+    let mut remote_profile = None;
+    let mut runners: Vec<Arc<dyn Runner>> = Vec::new();
+    for v in &plan {
+        let auto = v.strategy == Strategy::Auto;
+        let runner: Arc<dyn Runner> = match &services {
+            Some(svc) if v.distributed => {
+                let p = rt.block_on(svc.pipeline(phrase_len))?;
+                if auto {
+                    // Measured over the network, as a deployment measures it.
+                    let c = rt.block_on(p.measure_costs_here(&ProfileOptions::default()))?;
+                    eprintln!("distributed cost profile: {}", c.describe());
+                    remote_profile = Some(c.describe());
+                }
+                Arc::new(p)
+            }
+            _ => {
+                let p = e.isolated_pipeline();
+                if auto {
+                    if profile.is_none() {
+                        profile = Some(e.measure_costs()?);
+                    }
+                    // Same hardware figures, acceptance counts of its own.
+                    let c = profile.clone().expect("measured above");
+                    let _ = p.tuner.set(spec::AutoTuner::new(c));
+                }
+                Arc::new(p)
+            }
+        };
+        runners.push(runner);
+    }
+    let profile = profile.map(|p| p.describe());
     let started = Instant::now();
     for (i, text) in prompts.iter().enumerate() {
         let text = if a.chat {
@@ -157,16 +324,16 @@ fn run_with<T: LanguageModel>(e: &Embedded<T>, a: &BenchArgs) -> Result<()> {
         };
         let prompt = e.encode(&text)?;
         let mut reference: Option<Vec<u32>> = None;
-        for ((v, row), pipeline) in plan.iter().zip(&mut rows).zip(&pipelines) {
+        for ((v, row), runner) in plan.iter().zip(&mut rows).zip(&runners) {
             if v.cold {
-                pipeline.pool.clear();
-                pipeline.trie.clear();
+                runner.clear_caches();
             }
             let mut params = a.decode.params(v.strategy, &e.eos);
             if v.trie_off {
                 params.trie_budget = 0;
             }
-            let g = block_on(pipeline.generate(&prompt, &params, &mut |_: &[u32]| Flow::Continue))?;
+            let sink = Box::new(|_: &[u32]| Flow::Continue);
+            let g = rt.block_on(runner.run(prompt.clone(), params.clone(), sink))?;
             row.add(&g.stats, g.tokens.len());
             match &reference {
                 None => reference = Some(g.tokens.clone()),
@@ -219,11 +386,20 @@ fn run_with<T: LanguageModel>(e: &Embedded<T>, a: &BenchArgs) -> Result<()> {
         let report = Report {
             command: std::env::args().collect::<Vec<_>>().join(" "),
             machine: crate::report::machine(),
-            target: file_name(&paths.target),
+            target: match paths.target_f16 {
+                true => format!("{} (dequantized to f16 at load)", file_name(&paths.target)),
+                false => file_name(&paths.target),
+            },
             draft: paths.draft.as_deref().map_or("none".into(), file_name),
             prompts: prompts.len(),
             max_new_tokens: a.decode.max_new_tokens,
-            cost_profile: profile,
+            cost_profile: match remote_profile {
+                Some(r) => Some(format!(
+                    "{}; over the loopback services: {r}",
+                    profile.unwrap_or_default()
+                )),
+                None => profile,
+            },
             seconds,
             rows: &rows,
         };

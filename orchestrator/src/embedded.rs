@@ -35,6 +35,8 @@ pub struct Embedded<T: LanguageModel> {
 
 pub struct ModelPaths {
     pub target: PathBuf,
+    /// Load the target's weights as dense f16 (see `LoadOptions::dequantize_f16`).
+    pub target_f16: bool,
     pub draft: Option<PathBuf>,
     pub tokenizer: Option<PathBuf>,
 }
@@ -96,16 +98,23 @@ pub fn load_draft(paths: &ModelPaths) -> Result<Option<Arc<Transformer>>> {
     Ok(Some(Arc::new(m)))
 }
 
+fn target_options(paths: &ModelPaths) -> LoadOptions {
+    LoadOptions {
+        dequantize_f16: paths.target_f16,
+        ..LoadOptions::default()
+    }
+}
+
 pub fn load_single(paths: &ModelPaths, phrase_len: usize) -> Result<Embedded<Transformer>> {
     check_file(&paths.target, "target model")?;
-    let m = engine::load_model(&paths.target, &LoadOptions::default(), &Device::Cpu)
+    let m = engine::load_model(&paths.target, &target_options(paths), &Device::Cpu)
         .with_context(|| format!("loading target {}", paths.target.display()))?;
     assemble(Arc::new(m), paths, phrase_len)
 }
 
 pub fn load_tp(paths: &ModelPaths, world: usize, phrase_len: usize) -> Result<Embedded<TpModel>> {
     check_file(&paths.target, "target model")?;
-    let m = TpModel::load(&paths.target, world, &LoadOptions::default(), &Device::Cpu)
+    let m = TpModel::load(&paths.target, world, &target_options(paths), &Device::Cpu)
         .with_context(|| {
             format!(
                 "loading target {} over {world} ranks",

@@ -49,12 +49,17 @@ pub struct ModelArgs {
     /// Tensor-parallel ranks for the target (threads).
     #[arg(long, default_value_t = 1)]
     tp: usize,
+    /// Dequantize the target's GGUF weights to dense f16 at load (the unquantized
+    /// deployment; about 3 GB for the 1.5B target).
+    #[arg(long, env = "OURO_TARGET_F16")]
+    target_f16: bool,
 }
 
 impl ModelArgs {
     fn paths(&self) -> ModelPaths {
         let dir = models_dir();
         ModelPaths {
+            target_f16: self.target_f16,
             target: self
                 .target
                 .clone()

@@ -19,6 +19,8 @@ pub trait Runner: Send + Sync + 'static {
     fn cache_sizes(&self) -> (usize, usize);
     /// Whether the `auto` strategy has its cost profile.
     fn has_auto(&self) -> bool;
+    /// Forgets what earlier requests taught: the phrase pools and the output trie.
+    fn clear_caches(&self);
     /// Times the backends (what `auto` decides from) and keeps the profile.
     fn measure_costs(&self, opts: ProfileOptions) -> BoxFuture<'static, spec::Result<CostProfile>>;
     /// Runs one request to the end; `sink` sees committed tokens as they come.
@@ -149,6 +151,12 @@ where
 
     fn has_auto(&self) -> bool {
         self.tuner.get().is_some()
+    }
+
+    fn clear_caches(&self) {
+        self.pool.clear();
+        self.lookahead_pool.clear();
+        self.trie.clear();
     }
 
     fn measure_costs(&self, opts: ProfileOptions) -> BoxFuture<'static, spec::Result<CostProfile>> {

@@ -3,6 +3,7 @@
 
 use anyhow::{Context, Result};
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 use serde::Serialize;
 use spec::SpecStats;
 use std::path::Path;
@@ -232,7 +233,8 @@ pub fn chart(rows: &[Row], caption: &str, path: &Path) -> Result<()> {
         .margin(12)
         .x_label_area_size(36)
         .y_label_area_size(48)
-        .build_cartesian_2d((0..rows.len()).into_segmented(), 0.0..top)
+        // A segmented 0..n has n + 1 slots: one per row is 0..n - 1.
+        .build_cartesian_2d((0..rows.len().saturating_sub(1)).into_segmented(), 0.0..top)
         .map_err(draw)?;
     chart
         .configure_mesh()
@@ -260,10 +262,14 @@ pub fn chart(rows: &[Row], caption: &str, path: &Path) -> Result<()> {
         .map_err(draw)?;
     chart
         .draw_series(rows.iter().enumerate().map(|(i, r)| {
+            let style = ("sans-serif", 15)
+                .into_font()
+                .into_text_style(&root)
+                .pos(Pos::new(HPos::Center, VPos::Bottom));
             Text::new(
                 format!("{:.2}x", r.speedup),
-                (SegmentValue::CenterOf(i), r.speedup + top * 0.02),
-                ("sans-serif", 15),
+                (SegmentValue::CenterOf(i), r.speedup + top * 0.01),
+                style,
             )
         }))
         .map_err(draw)?;

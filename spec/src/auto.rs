@@ -217,8 +217,12 @@ async fn time_verifies<T: TargetBackend>(
             last = v.bonus;
         }
         if rep == 0 {
-            // The warm-up round is not kept, but it shows which sizes are worth timing:
-            // trees that cost many steps are never chosen, whatever they cost exactly.
+            // The warm-up round pays one-time costs (weight repacking on the first
+            // multi-row forward, allocations): not kept.
+            samples.iter_mut().for_each(Vec::clear);
+        } else if rep == 1 {
+            // The first timed round shows which sizes are worth timing further: trees
+            // that cost many steps are never chosen, whatever they cost exactly.
             let one = samples[0][0];
             sizes = samples
                 .iter()
@@ -226,7 +230,6 @@ async fn time_verifies<T: TargetBackend>(
                 .unwrap_or(sizes)
                 .max(2)
                 .min(sizes);
-            samples.iter_mut().for_each(Vec::clear);
         }
     }
     Ok(opts
@@ -238,6 +241,25 @@ async fn time_verifies<T: TargetBackend>(
         .collect())
 }
 
+/// One plain (no lookahead) draft call and its wall time.
+async fn timed_draft<D: DraftBackend>(
+    draft: &D,
+    id: SessionId,
+    new_committed: Vec<u32>,
+    gamma: usize,
+) -> Result<(Vec<u32>, f64)> {
+    let request = DraftRequest {
+        new_committed,
+        gamma,
+        lookahead: None,
+        pool_delta: Vec::new(),
+        eos: Vec::new(),
+    };
+    let t0 = Instant::now();
+    let (o, _) = draft.draft(id, request).await?;
+    Ok((o.tokens, t0.elapsed().as_secs_f64()))
+}
+
 async fn time_drafts<D: DraftBackend>(
     draft: &D,
     prompt: &[u32],
@@ -245,80 +267,52 @@ async fn time_drafts<D: DraftBackend>(
 ) -> Result<DraftCost> {
     let vocab = draft.info().vocab_size;
     let id = draft.open(prompt).await?;
-    let mut points: Vec<(f64, f64)> = Vec::new();
-    let mut accepted: Vec<u32> = Vec::new();
-    let mut outcome = Ok(());
-    'reps: for rep in 0..=opts.reps {
-        for &g in &opts.draft_tokens {
-            let request = DraftRequest {
-                // Accept everything drafted last time, as a fully accepted round would.
-                new_committed: std::mem::take(&mut accepted),
-                gamma: g.max(1),
-                lookahead: None,
-                pool_delta: Vec::new(),
-                eos: Vec::new(),
-            };
-            let t0 = Instant::now();
-            match draft.draft(id, request).await {
-                Ok((o, _)) => {
-                    if rep > 0 && !o.tokens.is_empty() {
-                        points.push((o.tokens.len() as f64, t0.elapsed().as_secs_f64()));
-                    }
-                    accepted = o.tokens;
-                }
-                Err(e) => {
-                    outcome = Err(e);
-                    break 'reps;
-                }
-            }
-        }
-    }
-    // Catching up: the same one-token call, after committed tokens it has not seen.
-    let mut catch_up = Vec::new();
-    if outcome.is_ok() {
-        for rep in 0..opts.reps {
-            let mut new_committed = std::mem::take(&mut accepted);
-            let extra = new_committed.len();
-            new_committed.extend((0..CATCH_UP_TOKENS).map(|i| filler(i + rep, vocab)));
-            let request = DraftRequest {
-                new_committed,
-                gamma: 1,
-                lookahead: None,
-                pool_delta: Vec::new(),
-                eos: Vec::new(),
-            };
-            let t0 = Instant::now();
-            match draft.draft(id, request).await {
-                Ok((o, _)) => {
-                    catch_up.push((t0.elapsed().as_secs_f64(), CATCH_UP_TOKENS + extra));
-                    accepted = o.tokens;
-                }
-                Err(e) => {
-                    outcome = Err(e);
-                    break;
-                }
-            }
-        }
-    }
+    let timed = time_draft_session(draft, id, opts, vocab).await;
     if let Err(e) = draft.close(id).await {
         tracing::debug!("closing the profiling draft session: {e}");
     }
-    outcome?;
+    timed
+}
+
+async fn time_draft_session<D: DraftBackend>(
+    draft: &D,
+    id: SessionId,
+    opts: &ProfileOptions,
+    vocab: usize,
+) -> Result<DraftCost> {
+    let mut points: Vec<(f64, f64)> = Vec::new();
+    // Each call accepts everything drafted by the one before, as a fully accepted round.
+    let mut accepted: Vec<u32> = Vec::new();
+    for rep in 0..=opts.reps {
+        for &g in &opts.draft_tokens {
+            let (tokens, t) =
+                timed_draft(draft, id, std::mem::take(&mut accepted), g.max(1)).await?;
+            if rep > 0 && !tokens.is_empty() {
+                points.push((tokens.len() as f64, t));
+            }
+            accepted = tokens;
+        }
+    }
     let mut cost = fit_draft_cost(&points)
         .ok_or_else(|| SpecError::Backend("the draft produced no tokens while profiling".into()))?;
-    if !catch_up.is_empty() {
-        let one = cost.per_call + cost.per_token;
-        cost.catch_up = median(
-            catch_up
-                .iter()
-                .map(|&(t, n)| ((t - one) / n as f64).max(0.0))
-                .collect(),
-        );
+    // Catching up: a one-token call after committed tokens the draft has not seen.
+    let mut per_token = Vec::new();
+    for rep in 0..opts.reps {
+        let mut unseen = std::mem::take(&mut accepted);
+        unseen.extend((0..CATCH_UP_TOKENS).map(|i| filler(i + rep, vocab)));
+        let n = unseen.len();
+        let (tokens, t) = timed_draft(draft, id, unseen, 1).await?;
+        per_token.push(((t - cost.per_call - cost.per_token) / n as f64).max(0.0));
+        accepted = tokens;
+    }
+    if !per_token.is_empty() {
+        cost.catch_up = median(per_token);
     }
     Ok(cost)
 }
 
-/// Trees whose warm-up verify cost more than this many one-node verifies are not timed.
+/// Trees whose first timed verify cost more than this many one-node verifies are not timed
+/// further.
 const WORTH_TIMING: f64 = 6.0;
 
 /// Unseen tokens fed to the draft when timing its catch-up.

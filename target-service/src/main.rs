@@ -49,6 +49,9 @@ struct Args {
     /// On SIGTERM, refuse new sessions and wait up to this long for open ones to end.
     #[arg(long, env = "OURO_TARGET_DRAIN_TIMEOUT_S", default_value_t = 60)]
     drain_timeout_s: u64,
+    /// Dequantize GGUF weights to dense f16 at load (the unquantized deployment).
+    #[arg(long, env = "OURO_TARGET_F16")]
+    f16: bool,
 }
 
 #[tokio::main]
@@ -72,7 +75,10 @@ async fn main() -> Result<()> {
         .with_context(|| format!("binding {}", a.listen))?;
     tracing::info!(model = %a.model.display(), tp = a.tp, "loading target model");
     let drain_limit = Duration::from_secs(a.drain_timeout_s);
-    let opts = LoadOptions::default();
+    let opts = LoadOptions {
+        dequantize_f16: a.f16,
+        ..LoadOptions::default()
+    };
     if a.tp > 1 {
         let m = TpModel::load(&a.model, a.tp, &opts, &Device::Cpu)
             .with_context(|| format!("loading {}", a.model.display()))?;
