@@ -223,13 +223,8 @@ async fn time_verifies<T: TargetBackend>(
         } else if rep == 1 {
             // The first timed round shows which sizes are worth timing further: trees
             // that cost many steps are never chosen, whatever they cost exactly.
-            let one = samples[0][0];
-            sizes = samples
-                .iter()
-                .position(|s| s[0] > WORTH_TIMING * one)
-                .unwrap_or(sizes)
-                .max(2)
-                .min(sizes);
+            let first: Vec<f64> = samples.iter().map(|s| s[0]).collect();
+            sizes = sizes_worth_timing(&first);
         }
     }
     Ok(opts
@@ -314,6 +309,21 @@ async fn time_draft_session<D: DraftBackend>(
 /// Trees whose first timed verify cost more than this many one-node verifies are not timed
 /// further.
 const WORTH_TIMING: f64 = 6.0;
+
+/// How many of the sizes (ascending, the first one node) to keep timing, from one timed
+/// verify of each: those before the first that cost over `WORTH_TIMING` one-node
+/// verifies, and never fewer than two, so there is a slope to extend.
+fn sizes_worth_timing(first: &[f64]) -> usize {
+    let Some(&one) = first.first() else {
+        return 0;
+    };
+    first
+        .iter()
+        .position(|&t| t > WORTH_TIMING * one)
+        .unwrap_or(first.len())
+        .max(2)
+        .min(first.len())
+}
 
 /// Unseen tokens fed to the draft when timing its catch-up.
 const CATCH_UP_TOKENS: usize = 16;
@@ -659,6 +669,16 @@ mod tests {
         assert_eq!(p.verify_cost(0), 1.0);
         assert!(CostProfile::new(vec![(2, 1.0)], None).is_err());
         assert!(CostProfile::new(vec![(1, 0.0)], None).is_err());
+    }
+
+    #[test]
+    fn dear_sizes_are_not_timed_further() {
+        assert_eq!(sizes_worth_timing(&[1.0, 1.1, 2.0, 5.9]), 4);
+        assert_eq!(sizes_worth_timing(&[1.0, 1.1, 7.0, 5.0]), 2);
+        // at least two sizes, so the cost can be extended beyond them
+        assert_eq!(sizes_worth_timing(&[1.0, 9.0, 20.0]), 2);
+        assert_eq!(sizes_worth_timing(&[1.0]), 1);
+        assert_eq!(sizes_worth_timing(&[]), 0);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The decoding loops, written once over [`TargetBackend`] and [`DraftBackend`]: plain
 //! greedy (or plain sampling), classic speculative decoding, lookahead decoding, trie-cache
-//! drafting and Ouroboros. Every committed token is the target's own choice for its exact
-//! prefix, so all strategies give the tokens plain decoding gives.
+//! drafting, Ouroboros, and `auto`, which sizes each round from a cost profile. Every
+//! committed token is the target's own choice for its exact prefix, so all strategies give
+//! the tokens plain decoding gives.
 
 use crate::auto::{AutoTuner, DraftBacklog, Guess};
 use crate::backend::{DraftBackend, DraftRequest, SessionId, TargetBackend};

@@ -18,8 +18,11 @@ fn a_profile_is_measured_through_the_backends() {
         prompt_len: 16,
     };
     let p = block_on(measure(&target, Some(&draft), &opts)).unwrap();
+    // Sizes too dear to matter may be dropped after the first timed round (timing
+    // decides that), but what is kept is a prefix of at least two.
     let sizes: Vec<usize> = p.verify_points().iter().map(|v| v.0).collect();
-    assert_eq!(sizes, vec![1, 4, 16]);
+    assert!(sizes.len() >= 2, "{sizes:?}");
+    assert_eq!(sizes[..], opts.verify_sizes[..sizes.len()]);
     assert!(p.verify_cost(1) > 0.0 && p.verify_cost(16) >= p.verify_cost(4));
     let d = p.draft().expect("a draft was profiled");
     assert!(d.per_token > 0.0 && d.per_call >= 0.0);
