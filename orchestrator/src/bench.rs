@@ -40,6 +40,9 @@ pub struct BenchArgs {
     /// Write bench.md (table), bench.json (all figures) and speedup.png (chart) here.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Only draw speedup.png again from this bench.json (written by an earlier --out run).
+    #[arg(long)]
+    redraw: Option<PathBuf>,
     /// Smoke run: at most two prompts, at most 24 new tokens each.
     #[arg(long)]
     quick: bool,
@@ -216,6 +219,11 @@ fn load_prompts(a: &BenchArgs) -> Result<Vec<String>> {
 }
 
 pub fn run(mut a: BenchArgs) -> Result<()> {
+    if let Some(json) = &a.redraw {
+        let png = crate::report::redraw(json)?;
+        eprintln!("wrote {}", png.display());
+        return Ok(());
+    }
     if a.quick {
         a.decode.max_new_tokens = a.decode.max_new_tokens.min(QUICK_TOKENS);
     }

@@ -4,12 +4,13 @@
 use anyhow::{Context, Result};
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use spec::SpecStats;
 use std::path::Path;
 
 /// One strategy's totals over every prompt of a run.
-#[derive(Default, Serialize)]
+#[derive(Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Row {
     pub name: String,
     pub tokens: u64,
@@ -217,6 +218,22 @@ impl Report<'_> {
     }
 }
 
+/// Draws `speedup.png` again beside a `bench.json` written earlier.
+pub fn redraw(json: &Path) -> Result<std::path::PathBuf> {
+    #[derive(Deserialize)]
+    struct Saved {
+        machine: String,
+        rows: Vec<Row>,
+    }
+    let text =
+        std::fs::read_to_string(json).with_context(|| format!("reading {}", json.display()))?;
+    let saved: Saved =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", json.display()))?;
+    let png = json.with_file_name("speedup.png");
+    chart(&saved.rows, &saved.machine, &png)?;
+    Ok(png)
+}
+
 /// A bar per strategy: its speed relative to greedy in the same run.
 pub fn chart(rows: &[Row], caption: &str, path: &Path) -> Result<()> {
     let top = rows.iter().map(|r| r.speedup).fold(1.0f64, f64::max) * 1.15;
@@ -306,5 +323,31 @@ mod tests {
         let t = table(&[greedy, auto]);
         assert!(t.contains("| auto | 20 | 5.00 | 2.00x | 2.00 |"), "{t}");
         assert!(t.contains("| 75/50 |"), "{t}");
+    }
+
+    #[test]
+    fn saved_rows_read_back_for_redrawing() {
+        let mut row = Row::new("auto");
+        row.speedup = 1.25;
+        row.offered_at = vec![3];
+        let rows = [row];
+        let report = Report {
+            command: "ouro bench".into(),
+            machine: machine(),
+            target: "t".into(),
+            draft: "d".into(),
+            prompts: 1,
+            max_new_tokens: 8,
+            cost_profile: None,
+            seconds: 1.0,
+            rows: &rows,
+        };
+        let json = serde_json::to_string(&report).unwrap();
+        let back: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let again: Vec<Row> = serde_json::from_value(back["rows"].clone()).unwrap();
+        assert_eq!(again[0].name, "auto");
+        assert_eq!(again[0].speedup, 1.25);
+        assert_eq!(again[0].offered_at, vec![3]);
+        assert!(report.markdown().contains("| auto |"));
     }
 }
