@@ -451,6 +451,14 @@ impl Calibration {
         p.clamp(0.0, 0.98)
     }
 
+    /// A node's chance given its parent's: the best of the guesses behind it (0: none).
+    fn best(&self, guesses: &[Guess]) -> f64 {
+        guesses
+            .iter()
+            .map(|&g| self.estimate(g))
+            .fold(0.0, f64::max)
+    }
+
     fn record(&mut self, g: Guess, accepted: bool) {
         let b = g.bucket();
         self.tries[b] += 1.0;
@@ -570,8 +578,7 @@ impl AutoTuner {
     /// A node's chance of acceptance given its parent's: the best of the guesses that
     /// proposed it (0 for none).
     pub fn acceptance(&self, greedy: bool, guesses: &[Guess]) -> f64 {
-        let c = self.calibration(greedy);
-        guesses.iter().map(|&g| c.estimate(g)).fold(0.0, f64::max)
+        self.calibration(greedy).best(guesses)
     }
 
     /// Which nodes of a candidate tree to verify; `guesses[i]` proposed node `i`.
@@ -582,7 +589,11 @@ impl AutoTuner {
         guesses: &[Vec<Guess>],
         fixed: f64,
     ) -> TreePlan {
-        let accept: Vec<f64> = guesses.iter().map(|g| self.acceptance(greedy, g)).collect();
+        let accept: Vec<f64> = {
+            // One lock for the whole tree, not one per node.
+            let c = self.calibration(greedy);
+            guesses.iter().map(|g| c.best(g)).collect()
+        };
         choose_nodes(parents, &accept, |n| self.profile.verify_cost(n), fixed)
     }
 

@@ -311,22 +311,11 @@ impl Round {
         for (i, &n) in chain.iter().enumerate() {
             guesses[n].push(Guess::Draft(i));
         }
+        let attached = found.attach(&mut tree, room);
+        guesses.resize(tree.len(), Vec::new());
         let mut from_trie = vec![false; tree.len()];
-        let mut at: Vec<Option<usize>> = Vec::with_capacity(found.len());
-        for i in 0..found.len() {
-            let parent = match found.parents[i] {
-                p if p < 0 => Some(0),
-                p => at[p as usize],
-            };
-            let node = parent.and_then(|p| match tree.child(p, found.tokens[i]) {
-                Some(c) => Some(c),
-                None if tree.len() < room => Some(tree.add_path(p, &found.tokens[i..=i])[0]),
-                None => None,
-            });
-            at.push(node);
+        for (i, node) in attached.into_iter().enumerate() {
             if let Some(n) = node {
-                guesses.resize(tree.len(), Vec::new());
-                from_trie.resize(tree.len(), false);
                 guesses[n].push(Guess::trie(found.counts[i], found.totals[i]));
                 from_trie[n] = true;
             }
@@ -503,10 +492,10 @@ async fn fixed_round<T: TargetBackend, D: DraftBackend>(
             stats.trie_hits += 1;
         }
         let before = tree.len();
-        let attached = found.attach(&mut tree);
+        let attached = found.attach(&mut tree, room);
         stats.trie_nodes += (tree.len() - before) as u64;
         from_trie = vec![false; tree.len()];
-        for n in attached {
+        for n in attached.into_iter().flatten() {
             from_trie[n] = true;
         }
     }
@@ -556,17 +545,16 @@ async fn auto_round<T: TargetBackend, D: DraftBackend>(
     let mut plan = tuner.plan(greedy, &round.tree.parents, &round.guesses, 0.0);
     let can_draft = sessions.draft.is_some() || sessions.spare.is_some();
     let gamma = params.gamma.min(budget).min(room.saturating_sub(1));
-    let backlog = match sessions.draft {
-        Some(_) => DraftBacklog {
-            pending: state.for_draft.len(),
-            unopened: 0,
-            remaining: budget + 1,
-        },
-        None => DraftBacklog {
-            pending: 0,
-            unopened: text.len(),
-            remaining: budget + 1,
-        },
+    // An open draft lags by what was committed since its last call; an unopened one
+    // would start from the whole text.
+    let (pending, unopened) = match sessions.draft {
+        Some(_) => (state.for_draft.len(), 0),
+        None => (0, text.len()),
+    };
+    let backlog = DraftBacklog {
+        pending,
+        unopened,
+        remaining: budget + 1,
     };
     if can_draft
         && gamma > 0

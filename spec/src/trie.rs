@@ -272,13 +272,19 @@ impl TrieDraft {
         self.tokens.is_empty()
     }
 
-    /// Hangs the draft below `tree`'s root, sharing nodes the tree already has; returns
-    /// the tree node of every draft node.
-    pub fn attach(&self, tree: &mut DraftTree) -> Vec<usize> {
-        let mut at = Vec::with_capacity(self.len());
+    /// Hangs the draft below `tree`'s root, sharing nodes the tree already has, adding
+    /// nodes only while the tree has fewer than `max_nodes`; returns the tree node of
+    /// every draft node (`None` for those left out, and their descendants).
+    pub fn attach(&self, tree: &mut DraftTree, max_nodes: usize) -> Vec<Option<usize>> {
+        let mut at: Vec<Option<usize>> = Vec::with_capacity(self.len());
         for (&t, &p) in self.tokens.iter().zip(&self.parents) {
-            let parent = if p < 0 { 0 } else { at[p as usize] };
-            at.push(tree.add_path(parent, &[t])[0]);
+            let parent = if p < 0 { Some(0) } else { at[p as usize] };
+            let node = parent.and_then(|p| match tree.child(p, t) {
+                Some(c) => Some(c),
+                None if tree.len() < max_nodes => Some(tree.add_path(p, &[t])[0]),
+                None => None,
+            });
+            at.push(node);
         }
         at
     }
@@ -653,9 +659,25 @@ mod tests {
                     }
                 }
                 let mut tree = DraftTree::new(out[99]);
-                let at = d.attach(&mut tree);
+                let at = d.attach(&mut tree, usize::MAX);
                 assert_eq!(tree.len(), d.len() + 1);
                 assert_eq!(at.len(), d.len());
+                assert!(at.iter().all(Option::is_some));
+                // Bounded: the tree stops growing at the bound, children of left-out
+                // nodes are left out too, and what was attached keeps its parents.
+                let mut small = DraftTree::new(out[99]);
+                let bound = d.len().min(3);
+                let at = d.attach(&mut small, bound);
+                assert_eq!(small.len(), bound.max(1));
+                for (i, node) in at.iter().enumerate() {
+                    let p = d.parents[i];
+                    if p >= 0 && at[p as usize].is_none() {
+                        assert!(node.is_none(), "child of a left-out node");
+                    }
+                    if let Some(n) = node {
+                        assert_eq!(small.tokens[*n], d.tokens[i]);
+                    }
+                }
             }
         }
     }
