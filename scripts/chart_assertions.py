@@ -107,6 +107,28 @@ def main():
     assert "initContainers" not in spec
     assert spec["volumes"][0]["persistentVolumeClaim"]["claimName"] == "ouroboros-models"
 
+    # Observability options: off by default; the scaled example scrapes every component
+    # through a ServiceMonitor on its Service's metrics port and traces to a collector,
+    # each component under its own service name.
+    assert not [k for k in default if k[0] == "ServiceMonitor"]
+    for c in components:
+        env = {e["name"] for e in container(dep(default, c))["env"]}
+        assert not [e for e in env if e.startswith("OTEL_")], c
+        sm = scaled[("ServiceMonitor", f"demo-ouroboros-{c}")]
+        assert sm["metadata"]["labels"]["release"] == "prometheus"
+        sel = sm["spec"]["selector"]["matchLabels"]
+        labels = svc(scaled, c)["metadata"]["labels"]
+        assert all(labels.get(k) == v for k, v in sel.items()), c
+        assert sel["app.kubernetes.io/component"] == c
+        (ep,) = sm["spec"]["endpoints"]
+        assert ep["port"] == "metrics" and ep["interval"] == "30s"
+        assert {"name": "metrics", "port": 9090, "targetPort": "metrics", "protocol": "TCP"} in svc(scaled, c)["spec"]["ports"]
+        env = {e["name"]: e.get("value") for e in container(dep(scaled, c))["env"]}
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector.observability:4317"
+        assert env["OTEL_SERVICE_NAME"] == f"ouroboros-{c}"
+        assert env["OTEL_TRACES_SAMPLER_ARG"] == "0.25"
+        assert "$(POD_NAME)" in env["OTEL_RESOURCE_ATTRIBUTES"] and "POD_NAME" in env
+
     # Every flag the chart passes is one the binary knows.
     binary = {"orchestrator": "ouro", "draft": "draft-service", "target": "target-service"}
     for c in components:

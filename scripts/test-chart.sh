@@ -38,7 +38,8 @@ for f in default scaled more-drafts; do
   "$venv/bin/kubernetes-validate" --quiet --strict -k 1.30 "$out/$f.yaml"
 done
 # Values the schema must refuse.
-for bad in target.tp=0 draft.replicaz=3 image.pullPolicy=Sometimes; do
+for bad in target.tp=0 draft.replicaz=3 image.pullPolicy=Sometimes \
+    tracing.otlpEndpoint=collector:4317 tracing.samplerArg=2 metrics.serviceMonitor.interval=often; do
   if "$helm" template demo "$chart" --set "$bad" > /dev/null 2>&1; then
     log "the schema accepted --set $bad"; exit 1
   fi

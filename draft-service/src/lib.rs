@@ -172,8 +172,9 @@ impl<M: LanguageModel + 'static> DraftService for DraftGrpc<M> {
         };
         let pool = self.pool(len);
         let (model, sessions) = (self.model.clone(), self.sessions.clone());
+        let span = tracing::debug_span!("lookahead", gamma = req.gamma);
         let outcome = tokio::task::spawn_blocking(move || {
-            sessions.with(id, |s| s.draft(&*model, &pool, &req))
+            span.in_scope(|| sessions.with(id, |s| s.draft(&*model, &pool, &req)))
         })
         .await
         .map_err(|e| Status::internal(format!("draft task failed: {e}")))?

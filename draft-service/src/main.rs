@@ -45,8 +45,14 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    telemetry::init_logging();
     let a = Args::parse();
+    let telemetry = telemetry::init("ouroboros-draft");
+    let served = run_service(a).await;
+    telemetry.shutdown().await;
+    served
+}
+
+async fn run_service(a: Args) -> Result<()> {
     let config = DraftConfig {
         max_sessions: a.max_sessions,
         kv_budget_bytes: a.kv_budget_mb << 20,

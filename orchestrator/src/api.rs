@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 #[derive(Clone)]
 pub struct GenerateService {
@@ -231,6 +232,17 @@ impl GenerateService {
     }
 }
 
+/// The span of one request (its rounds and backend calls are its children).
+fn request_span((prompt, params): &(Vec<u32>, DecodeParams)) -> tracing::Span {
+    tracing::debug_span!(
+        "generate",
+        strategy = params.strategy.name(),
+        prompt_tokens = prompt.len(),
+        max_new_tokens = params.max_new_tokens,
+        completion_tokens = tracing::field::Empty,
+    )
+}
+
 struct Finished {
     text: String,
     /// Text not yet streamed (held back as a possible stop-string start).
@@ -315,7 +327,11 @@ impl Ouroboros for GenerateService {
     ) -> Result<Response<pb::GenerateResponse>, Status> {
         let r = request.into_inner();
         let prepared = self.prepare(&r)?;
-        let f = GenerateService::run(self, prepared, r.stop, None).await?;
+        let span = request_span(&prepared);
+        let f = GenerateService::run(self, prepared, r.stop, None)
+            .instrument(span.clone())
+            .await?;
+        span.record("completion_tokens", f.tokens.len());
         Ok(Response::new(pb::GenerateResponse {
             text: f.text,
             token_ids: f.tokens,
@@ -336,19 +352,25 @@ impl Ouroboros for GenerateService {
         let prepared = self.prepare(&r)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let service = self.clone();
-        tokio::spawn(async move {
+        let span = request_span(&prepared);
+        let task_span = span.clone();
+        let task = async move {
             let last = match service.run(prepared, r.stop, Some(tx.clone())).await {
-                Ok(f) => Ok(pb::GenerateStreamResponse {
-                    text: f.tail,
-                    token_ids: Vec::new(),
-                    finish_reason: f.finish as i32,
-                    usage: Some(f.usage),
-                    stats: Some(f.stats),
-                }),
+                Ok(f) => {
+                    span.record("completion_tokens", f.tokens.len());
+                    Ok(pb::GenerateStreamResponse {
+                        text: f.tail,
+                        token_ids: Vec::new(),
+                        finish_reason: f.finish as i32,
+                        usage: Some(f.usage),
+                        stats: Some(f.stats),
+                    })
+                }
                 Err(status) => Err(status),
             };
             let _ = tx.send(last);
-        });
+        };
+        tokio::spawn(task.instrument(task_span));
         Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
     }
 }

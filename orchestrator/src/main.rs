@@ -177,10 +177,16 @@ struct GenerateArgs {
 }
 
 fn main() -> Result<()> {
-    telemetry::init_logging();
     match Cli::parse().command {
-        Command::Generate(a) => generate(a),
-        Command::Bench(a) => bench::run(a),
+        Command::Generate(a) => {
+            telemetry::init_logging();
+            generate(a)
+        }
+        Command::Bench(a) => {
+            telemetry::init_logging();
+            bench::run(a)
+        }
+        // The server sets up logging and span export inside its runtime.
         Command::Serve(a) => serve_cmd::run(a),
     }
 }

@@ -8,6 +8,7 @@ use spec::{
     ProfileOptions, Shared, SpecError, Strategy, TargetBackend, TrieCache, generate,
 };
 use std::sync::{Arc, OnceLock};
+use tracing::Instrument;
 
 pub type TokenSink = Box<dyn FnMut(&[u32]) -> Flow + Send>;
 
@@ -116,6 +117,8 @@ where
         work: impl std::future::Future<Output = spec::Result<R>> + Send + 'static,
     ) -> BoxFuture<'static, spec::Result<R>> {
         let blocking = self.blocking;
+        // The request's span goes with it onto the task that runs it.
+        let work = work.in_current_span();
         Box::pin(async move {
             let joined = if blocking {
                 tokio::task::spawn_blocking(move || futures::executor::block_on(work)).await

@@ -1,6 +1,6 @@
 //! gRPC implementations of the backend traits: the same decoding loops drive draft and
 //! target services on other hosts. A status from a service becomes the `SpecError` the
-//! in-process backend would have given.
+//! in-process backend would have given. Every call carries the caller's trace context.
 
 use anyhow::Context;
 use proto::common::v1 as common;
@@ -14,6 +14,7 @@ use spec::{
     ServerTiming, SessionId, SpecError, TargetBackend, VerifyOutcome,
 };
 use std::time::Duration;
+use telemetry::traces::traced;
 use tonic::transport::{Channel, Endpoint};
 
 /// Connects lazily-reconnecting channel to `url` ("http://host:port"), failing fast when
@@ -78,9 +79,9 @@ impl TargetBackend for RemoteTarget {
         let r = self
             .client
             .clone()
-            .open_session(tpb::OpenSessionRequest {
+            .open_session(traced(tpb::OpenSessionRequest {
                 tokens: committed.to_vec(),
-            })
+            }))
             .await
             .map_err(|s| error_of(&s, None))?;
         Ok(r.into_inner().session_id)
@@ -95,12 +96,12 @@ impl TargetBackend for RemoteTarget {
         let r = self
             .client
             .clone()
-            .verify(tpb::VerifyRequest {
+            .verify(traced(tpb::VerifyRequest {
                 session_id: session,
                 tokens: tree.tokens.clone(),
                 parents: tree.parents.clone(),
                 sampling: sampling_to_pb(sampling),
-            })
+            }))
             .await
             .map_err(|s| error_of(&s, Some(session)))?
             .into_inner();
@@ -124,9 +125,9 @@ impl TargetBackend for RemoteTarget {
     async fn close(&self, session: SessionId) -> Result<()> {
         self.client
             .clone()
-            .close_session(tpb::CloseSessionRequest {
+            .close_session(traced(tpb::CloseSessionRequest {
                 session_id: session,
-            })
+            }))
             .await
             .map_err(|s| error_of(&s, Some(session)))?;
         Ok(())
@@ -167,9 +168,9 @@ impl DraftBackend for RemoteDraft {
         let r = self
             .client
             .clone()
-            .open_session(dpb::OpenSessionRequest {
+            .open_session(traced(dpb::OpenSessionRequest {
                 tokens: committed.to_vec(),
-            })
+            }))
             .await
             .map_err(|s| error_of(&s, None))?;
         Ok(r.into_inner().session_id)
@@ -183,14 +184,14 @@ impl DraftBackend for RemoteDraft {
         let r = self
             .client
             .clone()
-            .draft(dpb::DraftRequest {
+            .draft(traced(dpb::DraftRequest {
                 session_id: session,
                 new_committed: request.new_committed,
                 gamma: request.gamma as u32,
                 lookahead: request.lookahead.as_ref().map(Into::into),
                 pool_delta: request.pool_delta.iter().map(Into::into).collect(),
                 eos: request.eos,
-            })
+            }))
             .await
             .map_err(|s| error_of(&s, Some(session)))?
             .into_inner();
@@ -206,9 +207,9 @@ impl DraftBackend for RemoteDraft {
     async fn close(&self, session: SessionId) -> Result<()> {
         self.client
             .clone()
-            .close_session(dpb::CloseSessionRequest {
+            .close_session(traced(dpb::CloseSessionRequest {
                 session_id: session,
-            })
+            }))
             .await
             .map_err(|s| error_of(&s, Some(session)))?;
         Ok(())

@@ -54,6 +54,13 @@ pub fn run(a: ServeArgs) -> Result<()> {
 }
 
 async fn serve(a: ServeArgs) -> Result<()> {
+    let telemetry = telemetry::init("ouroboros-orchestrator");
+    let served = serve_with(a).await;
+    telemetry.shutdown().await;
+    served
+}
+
+async fn serve_with(a: ServeArgs) -> Result<()> {
     let phrase_len = a.decode.level.saturating_sub(1).max(1);
     if let Some(addr) = &a.metrics_listen {
         telemetry::start_metrics(addr).await?;

@@ -36,7 +36,12 @@ where
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if telemetry::traces::exporting() {
+        // A span per call, continuing the caller's trace (no span work when not exporting).
+        server = server.trace_fn(telemetry::traces::grpc_server_span);
+    }
+    server
         .add_service(health)
         .add_service(reflection)
         .add_service(service)

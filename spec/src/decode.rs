@@ -14,6 +14,7 @@ use crate::stats::SpecStats;
 use crate::tree::DraftTree;
 use crate::trie::{PromptTrie, TrieCache, TrieDraft};
 use std::time::Instant;
+use tracing::Instrument;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Strategy {
@@ -240,7 +241,10 @@ pub async fn generate<T: TargetBackend, D: DraftBackend>(
     }
     let started = Instant::now();
     let mut stats = SpecStats::new(params.strategy);
-    let target_id = target.open(prompt).await?;
+    let target_id = target
+        .open(prompt)
+        .instrument(tracing::debug_span!("prefill", tokens = prompt.len()))
+        .await?;
     stats.prefill_s = started.elapsed().as_secs_f64();
     let mut sessions = Sessions {
         target,
@@ -418,7 +422,8 @@ async fn call_draft<T: TargetBackend, D: DraftBackend>(
         eos: state.params.eos.clone(),
     };
     let t0 = Instant::now();
-    match d.draft(id, request).await {
+    let span = tracing::debug_span!("draft", gamma, lookahead);
+    match d.draft(id, request).instrument(span).await {
         Ok((o, timing)) => {
             stats.add_draft(&o, timing, t0.elapsed().as_secs_f64());
             if share_pool {
@@ -627,11 +632,23 @@ async fn run_rounds<T: TargetBackend, D: DraftBackend>(
         }
         // Drafting beyond what may still be committed is wasted work.
         let budget = remaining.saturating_sub(1).min(room - 1);
+        // One span per round, parent of its draft call and its verify.
+        let round_span = tracing::debug_span!(
+            "round",
+            nodes = tracing::field::Empty,
+            accepted = tracing::field::Empty
+        );
         let round = match tuner {
             Some(t) => {
-                auto_round(sessions, stats, shared, t, &mut state, &text, budget, room).await
+                auto_round(sessions, stats, shared, t, &mut state, &text, budget, room)
+                    .instrument(round_span.clone())
+                    .await
             }
-            None => fixed_round(sessions, stats, shared, &mut state, &text, budget, room).await,
+            None => {
+                fixed_round(sessions, stats, shared, &mut state, &text, budget, room)
+                    .instrument(round_span.clone())
+                    .await
+            }
         };
         let Round {
             tree,
@@ -647,7 +664,10 @@ async fn run_rounds<T: TargetBackend, D: DraftBackend>(
         let (v, timing) = sessions
             .target
             .verify(sessions.target_id, &tree, &params.sampling)
+            .instrument(tracing::debug_span!(parent: &round_span, "verify", nodes = tree.len()))
             .await?;
+        round_span.record("nodes", tree.len());
+        round_span.record("accepted", v.path.len());
         stats.add_verify(timing, t0.elapsed().as_secs_f64(), tree.len());
         if let Some(t) = tuner {
             t.learn(greedy, &tree, &guesses, &v.path);
@@ -802,7 +822,8 @@ async fn lookahead_only<D: DraftBackend>(
             eos: params.eos.clone(),
         };
         let t0 = Instant::now();
-        let (o, timing) = match host.draft(id, request).await {
+        let span = tracing::debug_span!("lookahead");
+        let (o, timing) = match host.draft(id, request).instrument(span).await {
             Ok(r) => r,
             Err(e) => break Err(e),
         };

@@ -56,8 +56,14 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    telemetry::init_logging();
     let a = Args::parse();
+    let telemetry = telemetry::init("ouroboros-target");
+    let served = run_service(a).await;
+    telemetry.shutdown().await;
+    served
+}
+
+async fn run_service(a: Args) -> Result<()> {
     let config = TargetConfig {
         tp_size: a.tp,
         max_sessions: a.max_sessions,

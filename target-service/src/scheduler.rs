@@ -13,6 +13,7 @@ use std::sync::{Arc, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
+use tracing::Span;
 
 pub type Sessions<M> = SessionTable<TargetSession<<M as LanguageModel>::Cache>>;
 
@@ -30,6 +31,7 @@ pub type VerifyReply = Result<(VerifyOutcome, ServerTiming)>;
 enum Job<M: LanguageModel> {
     Open {
         tokens: Vec<u32>,
+        span: Span,
         reply: oneshot::Sender<Result<SessionId>>,
     },
     Verify(VerifyJob<M>),
@@ -41,6 +43,8 @@ struct VerifyJob<M: LanguageModel> {
     tree: DraftTree,
     sampling: SamplingParams,
     enqueued: Instant,
+    /// The call's span, parent (or link) of the forward that serves it.
+    span: Span,
     reply: oneshot::Sender<VerifyReply>,
 }
 
@@ -67,7 +71,11 @@ impl<M: LanguageModel + 'static> Scheduler<M> {
     /// Prefills a new session on the worker (one forward at a time on this model).
     pub async fn open(&self, tokens: Vec<u32>) -> Result<SessionId> {
         let (reply, rx) = oneshot::channel();
-        self.send(Job::Open { tokens, reply })?;
+        self.send(Job::Open {
+            tokens,
+            span: Span::current(),
+            reply,
+        })?;
         rx.await.map_err(|_| stopped())?
     }
 
@@ -85,6 +93,7 @@ impl<M: LanguageModel + 'static> Scheduler<M> {
             tree,
             sampling,
             enqueued: Instant::now(),
+            span: Span::current(),
             reply,
         }))?;
         rx.await.map_err(|_| stopped())?
@@ -148,8 +157,13 @@ impl<M: LanguageModel> Worker<M> {
     /// Opens run at once (their prefill is one forward); verifies queue for batching.
     fn accept(&mut self, job: Job<M>) {
         match job {
-            Job::Open { tokens, reply } => {
-                let r = self.open(&tokens);
+            Job::Open {
+                tokens,
+                span,
+                reply,
+            } => {
+                let r = tracing::debug_span!(parent: &span, "prefill", tokens = tokens.len())
+                    .in_scope(|| self.open(&tokens));
                 let _ = reply.send(r);
             }
             Job::Verify(v) => self.queue.push_back(v),
@@ -235,7 +249,18 @@ impl<M: LanguageModel> Worker<M> {
         if ready.is_empty() {
             return;
         }
-        let outs = self.forward(&mut guards, &ready);
+        // One span per batched forward: a child of the first call it serves, linked to
+        // the others (each call's trace shows the forward it waited for).
+        let span = tracing::debug_span!(
+            parent: &ready[0].job.span,
+            "forward",
+            trees = ready.len(),
+            rows = ready.iter().map(|r| r.job.tree.len()).sum::<usize>(),
+        );
+        for r in &ready[1..] {
+            telemetry::traces::link(&span, &r.job.span);
+        }
+        let outs = span.in_scope(|| self.forward(&mut guards, &ready));
         let forward_s = started.elapsed().as_secs_f64();
         for (r, (out, guard)) in ready
             .into_iter()

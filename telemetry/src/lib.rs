@@ -1,4 +1,5 @@
-//! What every Ouroboros binary shares for observability: the log set-up and one
+//! What every Ouroboros binary shares for observability: the log set-up, span export
+//! over OTLP with trace context carried between the services ([`traces`]), and one
 //! Prometheus registry with the serving metrics, scraped over HTTP at `/metrics`.
 //!
 //! Metric names follow vLLM's speculative-decoding and latency metrics under our own
@@ -18,7 +19,11 @@ use std::convert::Infallible;
 use std::sync::OnceLock;
 use tokio::net::TcpListener;
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
+pub mod traces;
+pub use traces::{Telemetry, init};
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`), without span export: for the
+/// one-shot commands and tests. Servers call [`init`].
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
