@@ -52,6 +52,12 @@ def main():
         for m in (default, more):
             r = container(dep(m, c))["resources"]
             assert "nvidia.com/gpu" not in r.get("limits", {}), c
+    # GPU targets run on CUDA from the CUDA image; everything else from the CPU image.
+    assert flag(t["args"], "--device") == "cuda"
+    assert t["image"].endswith("-cuda")
+    assert container(dep(scaled, "draft"))["image"] == t["image"].removesuffix("-cuda")
+    assert "--device" not in container(dep(default, "target"))["args"]
+    assert not container(dep(default, "target"))["image"].endswith("-cuda")
     assert dep(scaled, "target")["spec"]["replicas"] == 2
     assert dep(scaled, "target")["spec"]["template"]["spec"]["tolerations"]
 

@@ -1,7 +1,6 @@
 //! `draft-service`: serves the draft model over gRPC.
 
 use anyhow::{Context, Result};
-use candle_core::Device;
 use clap::Parser;
 use draft_service::{DraftConfig, DraftGrpc, serve};
 use engine::LoadOptions;
@@ -22,6 +21,10 @@ struct Args {
     model: PathBuf,
     #[arg(long, env = "OURO_DRAFT_LISTEN", default_value = "0.0.0.0:50053")]
     listen: String,
+    /// Where the model runs: cpu, cuda or cuda:N (needs a binary built with --features
+    /// cuda).
+    #[arg(long, env = "OURO_DRAFT_DEVICE", default_value = "cpu")]
+    device: String,
     #[arg(long, env = "OURO_DRAFT_MAX_SESSIONS", default_value_t = 64)]
     max_sessions: usize,
     /// KV memory budget in MiB; new sessions are refused while it is full.
@@ -70,7 +73,8 @@ async fn run_service(a: Args) -> Result<()> {
         .await
         .with_context(|| format!("binding {}", a.listen))?;
     tracing::info!(model = %a.model.display(), "loading draft model");
-    let m = engine::load_model(&a.model, &LoadOptions::default(), &Device::Cpu)
+    let device = engine::device::devices(&a.device, 1)?.remove(0);
+    let m = engine::load_model(&a.model, &LoadOptions::default(), &device)
         .with_context(|| format!("loading {}", a.model.display()))?;
     tracing::info!(listen = %a.listen, "draft service ready");
     let grpc = DraftGrpc::new(Arc::new(m), config);

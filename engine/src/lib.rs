@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod config;
+pub mod device;
 pub mod error;
 pub mod gguf;
 pub mod hf;

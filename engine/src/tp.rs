@@ -115,13 +115,21 @@ pub struct TpModel {
 }
 
 impl TpModel {
-    /// Loads `world` shards of the model at `path` and starts one thread per extra rank.
+    /// Loads `world` shards of the model at `path` on `device` and starts one thread per
+    /// extra rank.
     pub fn load(
         path: impl AsRef<Path>,
         world: usize,
         opts: &LoadOptions,
         device: &Device,
     ) -> Result<Self> {
+        Self::load_on(path, opts, &vec![device.clone(); world])
+    }
+
+    /// Loads one shard per device (rank r on `devices[r]`). The all-reduce goes through
+    /// host memory, so ranks may sit on different GPUs.
+    pub fn load_on(path: impl AsRef<Path>, opts: &LoadOptions, devices: &[Device]) -> Result<Self> {
+        let world = devices.len();
         if world == 0 {
             return Err(EngineError::invalid(
                 "tensor-parallel size must be at least 1",
@@ -133,7 +141,7 @@ impl TpModel {
             barrier: Barrier::new(world),
         });
         let mut shards = Vec::with_capacity(world);
-        for rank in 0..world {
+        for (rank, device) in devices.iter().enumerate() {
             let mut m = crate::load_shard(path, Shard { rank, world }, opts, device)?;
             m.set_all_reduce(ar.clone());
             shards.push(m);

@@ -7,7 +7,9 @@ use crate::text::{StopScan, chat_template};
 use proto::convert::{field_status, sampling_from_pb, status_of};
 use proto::v1 as pb;
 use proto::v1::ouroboros_server::Ouroboros;
-use spec::{DecodeParams, FinishReason, Flow, Generation, LookaheadParams, SpecStats, Strategy};
+use spec::{
+    DecodeParams, FinishReason, Flow, Generation, LookaheadParams, SpecStats, Strategy, TokenSource,
+};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -163,7 +165,7 @@ impl GenerateService {
         let started = Instant::now();
         let mut last: Option<Instant> = None;
         m.in_flight.inc();
-        let sink: TokenSink = Box::new(move |tokens: &[u32]| {
+        let sink: TokenSink = Box::new(move |tokens: &[u32], sources: &[TokenSource]| {
             let now = Instant::now();
             match last {
                 None => m
@@ -181,18 +183,27 @@ impl GenerateService {
             }
             last = Some(now);
             let mut s = spec::sessions::lock(&sink_scan);
-            let delta = s.push(tokens);
-            if let Some(tx) = &chunks
-                && !delta.tokens.is_empty()
-            {
-                let msg = pb::GenerateStreamResponse {
-                    text: delta.text,
-                    token_ids: delta.tokens,
-                    ..Default::default()
-                };
-                if tx.send(Ok(msg)).is_err() {
-                    // The client went away.
-                    return Flow::Stop;
+            // Runs of one source go out as messages of their own.
+            let mut at = 0;
+            for run in sources.chunk_by(|a, b| a == b) {
+                let delta = s.push(&tokens[at..at + run.len()]);
+                at += run.len();
+                if let Some(tx) = &chunks
+                    && !delta.tokens.is_empty()
+                {
+                    let msg = pb::GenerateStreamResponse {
+                        text: delta.text,
+                        token_sources: vec![source_to_pb(run[0]) as i32; delta.tokens.len()],
+                        token_ids: delta.tokens,
+                        ..Default::default()
+                    };
+                    if tx.send(Ok(msg)).is_err() {
+                        // The client went away.
+                        return Flow::Stop;
+                    }
+                }
+                if s.stopped() {
+                    break;
                 }
             }
             if s.stopped() {
@@ -218,10 +229,15 @@ impl GenerateService {
             (finish_of(&g), g.finish.name())
         };
         m.requests.with_label_values(&[strategy, finish_name]).inc();
+        let kept = s.tokens().len().min(g.sources.len());
         Ok(Finished {
             text: s.text().to_string(),
             tail: s.tail(),
             tokens: s.tokens().to_vec(),
+            sources: g.sources[..kept]
+                .iter()
+                .map(|&x| source_to_pb(x) as i32)
+                .collect(),
             finish,
             usage: pb::Usage {
                 prompt_tokens: prompt_tokens as u32,
@@ -248,9 +264,19 @@ struct Finished {
     /// Text not yet streamed (held back as a possible stop-string start).
     tail: String,
     tokens: Vec<u32>,
+    sources: Vec<i32>,
     finish: pb::FinishReason,
     usage: pb::Usage,
     stats: pb::SpecStats,
+}
+
+pub fn source_to_pb(s: TokenSource) -> pb::TokenSource {
+    match s {
+        TokenSource::Target => pb::TokenSource::Target,
+        TokenSource::Draft => pb::TokenSource::Draft,
+        TokenSource::Pool => pb::TokenSource::Pool,
+        TokenSource::Trie => pb::TokenSource::Trie,
+    }
 }
 
 fn finish_of(g: &Generation) -> pb::FinishReason {
@@ -335,6 +361,7 @@ impl Ouroboros for GenerateService {
         Ok(Response::new(pb::GenerateResponse {
             text: f.text,
             token_ids: f.tokens,
+            token_sources: f.sources,
             finish_reason: f.finish as i32,
             usage: Some(f.usage),
             stats: Some(f.stats),
@@ -361,6 +388,7 @@ impl Ouroboros for GenerateService {
                     Ok(pb::GenerateStreamResponse {
                         text: f.tail,
                         token_ids: Vec::new(),
+                        token_sources: Vec::new(),
                         finish_reason: f.finish as i32,
                         usage: Some(f.usage),
                         stats: Some(f.stats),

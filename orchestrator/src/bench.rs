@@ -340,7 +340,7 @@ fn run_with<T: LanguageModel + 'static>(e: &Embedded<T>, a: &BenchArgs) -> Resul
             if v.trie_off {
                 params.trie_budget = 0;
             }
-            let sink = Box::new(|_: &[u32]| Flow::Continue);
+            let sink = Box::new(|_: &[u32], _: &[spec::TokenSource]| Flow::Continue);
             let g = rt.block_on(runner.run(prompt.clone(), params.clone(), sink))?;
             row.add(&g.stats, g.tokens.len());
             match &reference {

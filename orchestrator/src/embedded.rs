@@ -6,7 +6,7 @@ use anyhow::{Context, Result, bail};
 use candle_core::Device;
 use engine::tp::TpModel;
 use engine::{LanguageModel, LoadOptions, Transformer};
-use spec::{DecodeParams, Flow, Generation, LocalDraft, LocalTarget, PhrasePool, PoolConfig};
+use spec::{DecodeParams, Generation, LocalDraft, LocalTarget, PhrasePool, PoolConfig};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokenizers::Tokenizer;
@@ -236,7 +236,7 @@ impl<T: LanguageModel> Embedded<T> {
         &self,
         prompt: &[u32],
         params: &DecodeParams,
-        on_tokens: &mut (dyn FnMut(&[u32]) -> Flow + Send),
+        on_tokens: &mut spec::TokenSink<'_>,
     ) -> Result<Generation> {
         let fut = self.pipeline.generate(prompt, params, on_tokens);
         Ok(futures::executor::block_on(fut)?)

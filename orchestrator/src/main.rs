@@ -1,7 +1,9 @@
-//! `ouro`: the command-line entry to Ouroboros serving. `generate` runs one request in
-//! this process; `bench` compares the strategies on a prompt set in one run.
+//! `ouro`: the command-line entry to Ouroboros serving. `generate` runs one request (in
+//! this process or on a server); `bench` compares the strategies on a prompt set in one
+//! run; `serve` serves the public API.
 
 mod bench;
+mod generate_cmd;
 mod report;
 mod serve_cmd;
 
@@ -10,8 +12,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use orchestrator::embedded::{
     DEFAULT_DRAFT, DEFAULT_TARGET, DEFAULT_TOKENIZER, ModelPaths, models_dir,
 };
-use spec::{DecodeParams, Flow, LookaheadParams, SamplingParams, Strategy};
-use std::io::Write;
+use spec::{DecodeParams, LookaheadParams, SamplingParams, Strategy};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -27,8 +28,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Generate a continuation of one prompt with the models in this process.
-    Generate(GenerateArgs),
+    /// Generate a continuation of one prompt, with the models in this process or on a
+    /// running orchestrator (--endpoint).
+    Generate(generate_cmd::GenerateArgs),
     /// Run every strategy over a prompt set, interleaved, and report speed and agreement.
     Bench(bench::BenchArgs),
     /// Serve the public gRPC API, with the models in this process or on remote services.
@@ -160,27 +162,11 @@ impl DecodeArgs {
     }
 }
 
-#[derive(Args)]
-struct GenerateArgs {
-    /// The prompt text.
-    prompt: String,
-    /// `auto` first measures this machine's cost profile (a few seconds).
-    #[arg(long, value_enum, default_value_t = StrategyArg::Auto)]
-    strategy: StrategyArg,
-    /// Wrap the prompt in the chat template (ChatML) as a user message.
-    #[arg(long)]
-    chat: bool,
-    #[command(flatten)]
-    model: ModelArgs,
-    #[command(flatten)]
-    decode: DecodeArgs,
-}
-
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Generate(a) => {
             telemetry::init_logging();
-            generate(a)
+            generate_cmd::run(a)
         }
         Command::Bench(a) => {
             telemetry::init_logging();
@@ -189,70 +175,4 @@ fn main() -> Result<()> {
         // The server sets up logging and span export inside its runtime.
         Command::Serve(a) => serve_cmd::run(a),
     }
-}
-
-fn generate(a: GenerateArgs) -> Result<()> {
-    let paths = a.model.paths();
-    let phrase_len = a.decode.level.saturating_sub(1).max(1);
-    if a.model.tp > 1 {
-        let e = orchestrator::embedded::load_tp(&paths, a.model.tp, phrase_len)?;
-        generate_with(&e, &a)
-    } else {
-        let e = orchestrator::embedded::load_single(&paths, phrase_len)?;
-        generate_with(&e, &a)
-    }
-}
-
-fn generate_with<T: engine::LanguageModel>(
-    e: &orchestrator::embedded::Embedded<T>,
-    a: &GenerateArgs,
-) -> Result<()> {
-    let text = if a.chat {
-        orchestrator::embedded::chat_prompt(&a.prompt)
-    } else {
-        a.prompt.clone()
-    };
-    let prompt = e.encode(&text)?;
-    let params = a.decode.params(a.strategy.into(), &e.eos);
-    if params.strategy == spec::Strategy::Auto {
-        e.measure_costs()?;
-    }
-    let mut all = Vec::new();
-    let mut shown = 0;
-    let mut out = std::io::stdout();
-    let g = e.run(&prompt, &params, &mut |toks: &[u32]| {
-        all.extend_from_slice(toks);
-        if let Ok(s) = e.decode(&all)
-            && s.len() > shown
-            && s.is_char_boundary(shown)
-        {
-            let _ = out.write_all(&s.as_bytes()[shown..]);
-            let _ = out.flush();
-            shown = s.len();
-        }
-        Flow::Continue
-    })?;
-    println!();
-    let s = &g.stats;
-    eprintln!(
-        "{} tokens in {:.2} s ({:.2} tok/s), finish: {}; target forwards {}, mean accepted \
-         length {:.2}, draft forwards {}, acceptance {:.0}%, candidate tokens {}; draft {:.2} s, \
-         verify {:.2} s{}",
-        g.tokens.len(),
-        s.total_s,
-        g.tokens.len() as f64 / s.total_s.max(1e-9),
-        g.finish.name(),
-        s.target_forwards,
-        s.mean_accepted_length(),
-        s.draft_forwards,
-        100.0 * s.acceptance_rate(),
-        s.candidate_tokens,
-        s.draft_s,
-        s.verify_s,
-        s.draft_fallback
-            .as_deref()
-            .map(|w| format!(" (target-only: {w})"))
-            .unwrap_or_default(),
-    );
-    Ok(())
 }

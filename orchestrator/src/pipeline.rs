@@ -4,13 +4,13 @@
 
 use futures::future::BoxFuture;
 use spec::{
-    AutoTuner, BackendInfo, CostProfile, DecodeParams, DraftBackend, Flow, Generation, PhrasePool,
+    AutoTuner, BackendInfo, CostProfile, DecodeParams, DraftBackend, Generation, PhrasePool,
     ProfileOptions, Shared, SpecError, Strategy, TargetBackend, TrieCache, generate,
 };
 use std::sync::{Arc, OnceLock};
 use tracing::Instrument;
 
-pub type TokenSink = Box<dyn FnMut(&[u32]) -> Flow + Send>;
+pub type TokenSink = Box<spec::TokenSink<'static>>;
 
 pub trait Runner: Send + Sync + 'static {
     fn target_info(&self) -> BackendInfo;
@@ -77,7 +77,7 @@ where
         &self,
         prompt: &[u32],
         params: &DecodeParams,
-        sink: &mut (dyn FnMut(&[u32]) -> Flow + Send),
+        sink: &mut spec::TokenSink<'_>,
     ) -> spec::Result<Generation> {
         let tuner = self.tuner.get();
         if params.strategy == Strategy::Lookahead {

@@ -258,15 +258,27 @@ async fn stream_equals_unary_and_stop_strings_cut() {
         .unwrap()
         .into_inner();
     let (mut text, mut ids, mut last) = (String::new(), Vec::new(), None);
+    let mut sources = Vec::new();
     while let Some(m) = stream.message().await.unwrap() {
         text.push_str(&m.text);
         ids.extend(m.token_ids.iter().copied());
+        // A source per token, one source per message.
+        assert_eq!(m.token_sources.len(), m.token_ids.len());
+        assert!(m.token_sources.windows(2).all(|w| w[0] == w[1]), "{m:?}");
+        sources.extend(m.token_sources.iter().copied());
         if m.finish_reason != 0 {
             last = Some(m);
         }
     }
     assert_eq!(ids, whole.token_ids);
     assert_eq!(text, whole.text);
+    // Which guesses hit depends on what the pool learnt meanwhile; that some did not
+    // come from the target alone does not.
+    let target = pb::TokenSource::Target as i32;
+    assert_eq!(whole.token_sources.len(), whole.token_ids.len());
+    assert!(whole.token_sources.iter().any(|&s| s != target));
+    assert!(sources.iter().any(|&s| s != target), "{sources:?}");
+    assert!(sources.iter().all(|&s| s != 0), "unspecified source");
     let last = last.expect("a final message");
     assert_eq!(last.usage.unwrap().completion_tokens, 32);
     assert!(last.stats.unwrap().target_forwards > 0);
@@ -280,6 +292,7 @@ async fn stream_equals_unary_and_stop_strings_cut() {
     assert_eq!(g.finish_reason, pb::FinishReason::Stop as i32);
     assert_eq!(g.text, whole.text[..cut]);
     assert_eq!(g.token_ids[..], whole.token_ids[..g.token_ids.len()]);
+    assert_eq!(g.token_sources.len(), g.token_ids.len());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -161,6 +161,34 @@ impl FinishReason {
     }
 }
 
+/// Where a committed token came from. Every token is the target's own choice; this says
+/// which guess (if any) proposed it before the target confirmed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TokenSource {
+    /// The target's own next token: the bonus after a verified path, or a correction.
+    Target,
+    /// An accepted draft-model token.
+    Draft,
+    /// An accepted phrase-pool (lookahead n-gram) token.
+    Pool,
+    /// An accepted token-trie continuation.
+    Trie,
+}
+
+impl TokenSource {
+    pub fn name(&self) -> &'static str {
+        match self {
+            TokenSource::Target => "target",
+            TokenSource::Draft => "draft",
+            TokenSource::Pool => "pool",
+            TokenSource::Trie => "trie",
+        }
+    }
+}
+
+/// Receives each batch of committed tokens with their sources, as soon as it is known.
+pub type TokenSink<'a> = dyn FnMut(&[u32], &[TokenSource]) -> Flow + Send + 'a;
+
 /// What the token sink tells the loop after each batch of committed tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flow {
@@ -171,6 +199,8 @@ pub enum Flow {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Generation {
     pub tokens: Vec<u32>,
+    /// Where each token came from (parallel to `tokens`).
+    pub sources: Vec<TokenSource>,
     pub finish: FinishReason,
     pub stats: SpecStats,
 }
@@ -217,7 +247,7 @@ pub async fn generate<T: TargetBackend, D: DraftBackend>(
     shared: Shared<'_>,
     prompt: &[u32],
     params: &DecodeParams,
-    on_tokens: &mut (dyn FnMut(&[u32]) -> Flow + Send),
+    on_tokens: &mut TokenSink<'_>,
 ) -> Result<Generation> {
     params.validate()?;
     if prompt.is_empty() {
@@ -270,10 +300,11 @@ pub async fn generate<T: TargetBackend, D: DraftBackend>(
         stats.trie_cache_nodes = shared.trie.len() as u64;
         stats.trie_cache_bytes = shared.trie.approx_bytes() as u64;
     }
-    let (tokens, finish) = r?;
+    let (tokens, sources, finish) = r?;
     stats.committed = tokens.len() as u64;
     Ok(Generation {
         tokens,
+        sources,
         finish,
         stats,
     })
@@ -593,8 +624,8 @@ async fn run_rounds<T: TargetBackend, D: DraftBackend>(
     shared: Shared<'_>,
     prompt: &[u32],
     params: &DecodeParams,
-    on_tokens: &mut (dyn FnMut(&[u32]) -> Flow + Send),
-) -> Result<(Vec<u32>, FinishReason)> {
+    on_tokens: &mut TokenSink<'_>,
+) -> Result<(Vec<u32>, Vec<TokenSource>, FinishReason)> {
     let Shared { pool, trie, .. } = shared;
     let max_pos = sessions.target.info().max_position;
     let tuner = shared.tuner.filter(|_| params.strategy == Strategy::Auto);
@@ -618,6 +649,7 @@ async fn run_rounds<T: TargetBackend, D: DraftBackend>(
     let greedy = params.sampling.is_greedy();
     let mut text = prompt.to_vec();
     let mut out: Vec<u32> = Vec::new();
+    let mut sources: Vec<TokenSource> = Vec::new();
     let mut learnt = Vec::new();
     if learn && params.harvest_committed {
         learnt.extend(crate::pool::ngrams_of(prompt, g));
@@ -628,7 +660,7 @@ async fn run_rounds<T: TargetBackend, D: DraftBackend>(
         // Room for the tree below the context limit: the root sits at text.len() - 1.
         let room = max_pos.saturating_sub(text.len());
         if room == 0 {
-            return Ok((out, FinishReason::ContextFull));
+            return Ok((out, sources, FinishReason::ContextFull));
         }
         // Drafting beyond what may still be committed is wasted work.
         let budget = remaining.saturating_sub(1).min(room - 1);
@@ -719,7 +751,23 @@ async fn run_rounds<T: TargetBackend, D: DraftBackend>(
 
         let mut new = v.accepted;
         new.push(v.bonus);
+        let mut new_sources: Vec<TokenSource> = v
+            .path
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                if i < on_chain {
+                    TokenSource::Draft
+                } else if from_trie.get(n) == Some(&true) {
+                    TokenSource::Trie
+                } else {
+                    TokenSource::Pool
+                }
+            })
+            .collect();
+        new_sources.push(TokenSource::Target);
         let finish = cut_at_end(&mut new, &params.eos, remaining);
+        new_sources.truncate(new.len());
         let before = text.len();
         text.extend_from_slice(&new);
         let recorded = out.len();
@@ -737,11 +785,12 @@ async fn run_rounds<T: TargetBackend, D: DraftBackend>(
         if ouroboros && learn && sessions.draft.is_some_and(|(d, _)| d.wants_pool_delta()) {
             state.delta.append(&mut learnt);
         }
-        if on_tokens(&new) == Flow::Stop {
-            return Ok((out, FinishReason::Stop));
+        sources.extend_from_slice(&new_sources);
+        if on_tokens(&new, &new_sources) == Flow::Stop {
+            return Ok((out, sources, FinishReason::Stop));
         }
         if let Some(f) = finish {
-            return Ok((out, f));
+            return Ok((out, sources, f));
         }
     }
 }
@@ -796,7 +845,7 @@ async fn lookahead_only<D: DraftBackend>(
     host: Option<&D>,
     prompt: &[u32],
     params: &DecodeParams,
-    on_tokens: &mut (dyn FnMut(&[u32]) -> Flow + Send),
+    on_tokens: &mut TokenSink<'_>,
 ) -> Result<Generation> {
     let Some(host) = host else {
         return Err(SpecError::invalid(
@@ -808,6 +857,7 @@ async fn lookahead_only<D: DraftBackend>(
     let max_pos = host.info().max_position;
     let id = host.open(prompt).await?;
     let mut out = Vec::new();
+    let mut sources = Vec::new();
     let mut new_committed = Vec::new();
     let result = loop {
         let remaining = params.max_new_tokens - out.len();
@@ -833,9 +883,21 @@ async fn lookahead_only<D: DraftBackend>(
             break Ok(FinishReason::ContextFull);
         }
         let finish = cut_at_end(&mut new, &params.eos, remaining);
+        // The host's first token is the model's own next token; the rest came through
+        // its n-gram verification branch.
+        let new_sources: Vec<TokenSource> = (0..new.len())
+            .map(|i| {
+                if i == 0 {
+                    TokenSource::Target
+                } else {
+                    TokenSource::Pool
+                }
+            })
+            .collect();
         out.extend_from_slice(&new);
+        sources.extend_from_slice(&new_sources);
         new_committed.extend_from_slice(&new);
-        if on_tokens(&new) == Flow::Stop {
+        if on_tokens(&new, &new_sources) == Flow::Stop {
             break Ok(FinishReason::Stop);
         }
         if let Some(f) = finish {
@@ -849,6 +911,7 @@ async fn lookahead_only<D: DraftBackend>(
     stats.committed = out.len() as u64;
     Ok(Generation {
         tokens: out,
+        sources,
         finish: result?,
         stats,
     })

@@ -21,7 +21,10 @@ pub use backend::{
     BackendInfo, DraftBackend, DraftOutcome, DraftRequest, ServerTiming, SessionId, TargetBackend,
     VerifyOutcome,
 };
-pub use decode::{DecodeParams, FinishReason, Flow, Generation, Shared, Strategy, generate};
+pub use decode::{
+    DecodeParams, FinishReason, Flow, Generation, Shared, Strategy, TokenSink, TokenSource,
+    generate,
+};
 pub use error::{Result, SpecError};
 pub use local::{DraftSession, LocalDraft, LocalTarget, TargetSession};
 pub use lookahead::LookaheadParams;

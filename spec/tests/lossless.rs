@@ -7,8 +7,8 @@ use engine::{LanguageModel, MockModel, OutputSpec, SeqInput};
 use futures::executor::block_on;
 use spec::{
     AutoTuner, CostProfile, DecodeParams, DraftCost, FinishReason, Flow, LocalDraft, LocalTarget,
-    LookaheadParams, PhrasePool, PoolConfig, SamplingParams, Shared, Strategy, TrieCache,
-    TrieConfig, generate,
+    LookaheadParams, PhrasePool, PoolConfig, SamplingParams, Shared, Strategy, TokenSource,
+    TrieCache, TrieConfig, generate,
 };
 use std::sync::Arc;
 
@@ -119,6 +119,7 @@ fn run_with_trie(
     };
     let d = LocalDraft::new(draft_on, host_pool);
     let mut streamed = Vec::new();
+    let mut streamed_sources = Vec::new();
     let tuner = cheap_tuner();
     let shared = Shared {
         pool,
@@ -131,8 +132,10 @@ fn run_with_trie(
         shared,
         prompt,
         params,
-        &mut |toks: &[u32]| {
+        &mut |toks: &[u32], sources: &[TokenSource]| {
+            assert_eq!(toks.len(), sources.len());
             streamed.extend_from_slice(toks);
+            streamed_sources.extend_from_slice(sources);
             Flow::Continue
         },
     ))
@@ -141,7 +144,40 @@ fn run_with_trie(
         streamed, out.tokens,
         "the stream carries exactly the output"
     );
+    assert_eq!(streamed_sources, out.sources);
+    check_sources(&out, params.strategy);
     out
+}
+
+/// Token sources agree with the statistics: the draft's tokens are the accepted chain,
+/// pool and trie tokens the accepted candidates, and the rest the target's own.
+fn check_sources(out: &spec::Generation, strategy: Strategy) {
+    let count = |s: TokenSource| out.sources.iter().filter(|&&x| x == s).count() as u64;
+    let (draft, pool, trie) = (
+        count(TokenSource::Draft),
+        count(TokenSource::Pool),
+        count(TokenSource::Trie),
+    );
+    let target = count(TokenSource::Target);
+    assert_eq!(out.sources.len(), out.tokens.len());
+    match strategy {
+        Strategy::Greedy => assert_eq!(target, out.tokens.len() as u64),
+        Strategy::Lookahead => {
+            assert_eq!(draft + trie, 0);
+            assert_eq!(out.sources.first(), Some(&TokenSource::Target));
+        }
+        _ => {
+            let s = &out.stats;
+            assert_eq!(draft, s.accepted, "{strategy:?}");
+            assert_eq!(pool + trie, s.candidate_tokens, "{strategy:?}");
+            assert!(trie <= s.trie_accepted, "{strategy:?}");
+            // One target token per verify that committed anything.
+            assert!(target <= s.target_forwards, "{strategy:?}");
+            if strategy == Strategy::Speculative {
+                assert_eq!(pool + trie, 0);
+            }
+        }
+    }
 }
 
 fn prompts() -> Vec<Vec<u32>> {
@@ -388,7 +424,7 @@ fn the_sink_can_stop_generation() {
         shared,
         &[1, 2],
         &params,
-        &mut |toks: &[u32]| {
+        &mut |toks: &[u32], _: &[TokenSource]| {
             seen += toks.len();
             if seen >= 10 {
                 Flow::Stop
@@ -446,7 +482,7 @@ fn a_missing_draft_falls_back_to_target_only() {
         shared,
         &[5, 6],
         &params,
-        &mut |_: &[u32]| Flow::Continue,
+        &mut |_: &[u32], _: &[TokenSource]| Flow::Continue,
     ))
     .unwrap();
     assert_eq!(
@@ -475,7 +511,7 @@ fn bad_requests_are_refused() {
             shared,
             prompt,
             params,
-            &mut |_: &[u32]| Flow::Continue,
+            &mut |_: &[u32], _: &[TokenSource]| Flow::Continue,
         ))
     };
     assert!(go(&[], &DecodeParams::default()).is_err());
@@ -549,7 +585,7 @@ fn auto_sizes_its_rounds_by_the_cost_profile() {
             shared,
             &prompt,
             &params,
-            &mut |_: &[u32]| Flow::Continue,
+            &mut |_: &[u32], _: &[TokenSource]| Flow::Continue,
         ))
         .unwrap()
     };

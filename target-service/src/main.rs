@@ -1,7 +1,6 @@
 //! `target-service`: serves the target model over gRPC.
 
 use anyhow::{Context, Result};
-use candle_core::Device;
 use clap::Parser;
 use engine::LoadOptions;
 use engine::tp::TpModel;
@@ -23,6 +22,10 @@ struct Args {
     /// Tensor-parallel ranks (threads on this host).
     #[arg(long, env = "OURO_TARGET_TP", default_value_t = 1)]
     tp: usize,
+    /// Where the model runs: cpu, cuda or cuda:N (rank r of --tp on GPU N + r; needs a
+    /// binary built with --features cuda).
+    #[arg(long, env = "OURO_TARGET_DEVICE", default_value = "cpu")]
+    device: String,
     #[arg(long, env = "OURO_TARGET_LISTEN", default_value = "0.0.0.0:50052")]
     listen: String,
     #[arg(long, env = "OURO_TARGET_MAX_SESSIONS", default_value_t = 64)]
@@ -79,14 +82,15 @@ async fn run_service(a: Args) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(&a.listen)
         .await
         .with_context(|| format!("binding {}", a.listen))?;
-    tracing::info!(model = %a.model.display(), tp = a.tp, "loading target model");
+    tracing::info!(model = %a.model.display(), tp = a.tp, device = %a.device, "loading target model");
     let drain_limit = Duration::from_secs(a.drain_timeout_s);
     let opts = LoadOptions {
         dequantize_f16: a.f16,
         ..LoadOptions::default()
     };
+    let devices = engine::device::devices(&a.device, a.tp)?;
     if a.tp > 1 {
-        let m = TpModel::load(&a.model, a.tp, &opts, &Device::Cpu)
+        let m = TpModel::load_on(&a.model, &opts, &devices)
             .with_context(|| format!("loading {}", a.model.display()))?;
         run(
             TargetGrpc::new(Arc::new(m), config),
@@ -96,7 +100,7 @@ async fn run_service(a: Args) -> Result<()> {
         )
         .await
     } else {
-        let m = engine::load_model(&a.model, &opts, &Device::Cpu)
+        let m = engine::load_model(&a.model, &opts, &devices[0])
             .with_context(|| format!("loading {}", a.model.display()))?;
         run(
             TargetGrpc::new(Arc::new(m), config),

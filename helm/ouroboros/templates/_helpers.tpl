@@ -41,6 +41,10 @@ A Deployment for one component.
 {{- $root := .root -}}
 {{- $v := .values -}}
 {{- $claim := include "ouroboros.modelClaim" $root -}}
+{{- $image := include "ouroboros.image" $root -}}
+{{- if and (eq .component "target") $v.gpu.enabled -}}
+{{- $image = printf "%s%s" $image $v.gpu.imageTagSuffix -}}
+{{- end -}}
 apiVersion: apps/v1
 kind: Deployment
 metadata:
@@ -79,7 +83,7 @@ spec:
       {{- if $root.Values.models.fetch.enabled }}
       initContainers:
         - name: fetch-models
-          image: {{ include "ouroboros.image" $root }}
+          image: {{ $image }}
           imagePullPolicy: {{ $root.Values.image.pullPolicy }}
           command: ["/app/scripts/fetch-models.sh"]
           args:
@@ -93,7 +97,7 @@ spec:
       {{- end }}
       containers:
         - name: {{ .component }}
-          image: {{ include "ouroboros.image" $root }}
+          image: {{ $image }}
           imagePullPolicy: {{ $root.Values.image.pullPolicy }}
           command:
             {{- toYaml .command | nindent 12 }}
