@@ -3,6 +3,8 @@
 //! seed), streaming equals unary, bad requests get INVALID_ARGUMENT, and a lost draft
 //! service degrades to target-only decoding that is still exact.
 
+mod common;
+
 use candle_core::Device;
 use candle_core::quantized::GgmlDType;
 use draft_service::{DraftConfig, DraftGrpc};
@@ -19,8 +21,6 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use target_service::{TargetConfig, TargetGrpc};
-use tokenizers::Tokenizer;
-use tokenizers::models::wordlevel::WordLevel;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tonic::Code;
@@ -32,19 +32,6 @@ async fn listener() -> (TcpListener, SocketAddr) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let a = l.local_addr().unwrap();
     (l, a)
-}
-
-/// One word per id ("w0" .. "w95"), enough to turn ids into text and back.
-fn word_tokenizer() -> Tokenizer {
-    let vocab: HashMap<String, u32> = (0..VOCAB as u32).map(|i| (format!("w{i}"), i)).collect();
-    let model = WordLevel::builder()
-        .vocab(vocab.into_iter().collect())
-        .unk_token("w0".into())
-        .build()
-        .unwrap();
-    let mut t = Tokenizer::new(model);
-    t.with_pre_tokenizer(Some(tokenizers::pre_tokenizers::whitespace::Whitespace {}));
-    t
 }
 
 struct Cluster {
@@ -128,7 +115,7 @@ async fn cluster() -> Cluster {
     };
     let service = GenerateService::new(
         Arc::new(pipeline),
-        Arc::new(word_tokenizer()),
+        Arc::new(common::word_tokenizer(VOCAB)),
         vec![],
         defaults,
     );

@@ -53,9 +53,14 @@ async fn greedy<T: TargetBackend>(t: &T, prompt: &[u32]) -> Vec<u32> {
         trie: &trie,
         tuner: None,
     };
-    generate::<_, RemoteDraft>(t, None, shared, prompt, &params, &mut |_: &[u32], _: &[spec::TokenSource]| {
-        Flow::Continue
-    })
+    generate::<_, RemoteDraft>(
+        t,
+        None,
+        shared,
+        prompt,
+        &params,
+        &mut |_: &[u32], _: &[spec::TokenSource]| Flow::Continue,
+    )
     .await
     .unwrap()
     .tokens

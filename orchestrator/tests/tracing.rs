@@ -5,6 +5,8 @@
 //! and verify calls, the draft service's lookahead and the target's batched forward, each
 //! linked to its parent across the process boundaries.
 
+mod common;
+
 use candle_core::quantized::GgmlDType;
 use engine::Architecture;
 use engine::testing::{random_weights, tiny_config, write_gguf};
@@ -23,8 +25,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokenizers::Tokenizer;
-use tokenizers::models::wordlevel::WordLevel;
 use tokio_stream::wrappers::TcpListenerStream;
 
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -134,18 +134,6 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn word_tokenizer(vocab: usize) -> Tokenizer {
-    let words: HashMap<String, u32> = (0..vocab as u32).map(|i| (format!("w{i}"), i)).collect();
-    let model = WordLevel::builder()
-        .vocab(words.into_iter().collect())
-        .unk_token("w0".into())
-        .build()
-        .unwrap();
-    let mut t = Tokenizer::new(model);
-    t.with_pre_tokenizer(Some(tokenizers::pre_tokenizers::whitespace::Whitespace {}));
-    t
-}
-
 /// Retries `connect` until it answers or a minute passes.
 async fn wait_for<F, Fut, T>(procs: &mut Procs, what: &str, mut connect: F) -> T
 where
@@ -183,7 +171,7 @@ async fn one_generate_is_one_trace_across_the_three_services() {
     write_gguf(&target, &cfg, &w, GgmlDType::F32).unwrap();
     write_gguf(&draft, &cfg, &w, GgmlDType::Q8_0).unwrap();
     let tokenizer = dir.path().join("tokenizer.json");
-    word_tokenizer(cfg.vocab_size)
+    common::word_tokenizer(cfg.vocab_size)
         .save(&tokenizer, false)
         .unwrap();
 
