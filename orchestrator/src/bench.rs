@@ -228,7 +228,7 @@ pub fn run(mut a: BenchArgs) -> Result<()> {
         a.decode.max_new_tokens = a.decode.max_new_tokens.min(QUICK_TOKENS);
     }
     let paths = a.model.paths();
-    let phrase_len = a.decode.level.saturating_sub(1).max(1);
+    let phrase_len = a.decode.phrase_len();
     if a.model.tp > 1 {
         run_with(&embedded::load_tp(&paths, a.model.tp, phrase_len)?, &a)
     } else {
@@ -286,7 +286,7 @@ fn run_with<T: LanguageModel + 'static>(e: &Embedded<T>, a: &BenchArgs) -> Resul
         true => Some(Services::start(&a.model.paths())?),
         false => None,
     };
-    let phrase_len = a.decode.level.saturating_sub(1).max(1);
+    let phrase_len = a.decode.phrase_len();
     if let Some(svc) = &services {
         // Wait until both have loaded: nothing is timed while they compete for the CPU.
         rt.block_on(svc.pipeline(phrase_len))?;

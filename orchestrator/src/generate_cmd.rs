@@ -99,24 +99,18 @@ impl Painter {
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
-    match a.endpoint.clone() {
-        Some(url) => tokio::runtime::Runtime::new()?.block_on(remote(&a, &url)),
-        None if a.model.tp > 1 => {
-            let paths = a.model.paths();
-            let phrase_len = a.decode.level.saturating_sub(1).max(1);
-            local(
-                &orchestrator::embedded::load_tp(&paths, a.model.tp, phrase_len)?,
-                &a,
-            )
-        }
-        None => {
-            let paths = a.model.paths();
-            let phrase_len = a.decode.level.saturating_sub(1).max(1);
-            local(
-                &orchestrator::embedded::load_single(&paths, phrase_len)?,
-                &a,
-            )
-        }
+    if let Some(url) = &a.endpoint {
+        return tokio::runtime::Runtime::new()?.block_on(remote(&a, url));
+    }
+    let (paths, phrase_len) = (a.model.paths(), a.decode.phrase_len());
+    if a.model.tp > 1 {
+        let e = orchestrator::embedded::load_tp(&paths, a.model.tp, phrase_len)?;
+        local(&e, &a)
+    } else {
+        local(
+            &orchestrator::embedded::load_single(&paths, phrase_len)?,
+            &a,
+        )
     }
 }
 

@@ -138,6 +138,12 @@ pub struct DecodeArgs {
 }
 
 impl DecodeArgs {
+    /// Pool phrase length for these lookahead flags (at least 1, even for a bad --level,
+    /// which the request's own validation then reports).
+    pub fn phrase_len(&self) -> usize {
+        self.level.saturating_sub(1).max(1)
+    }
+
     pub fn params(&self, strategy: Strategy, eos: &[u32]) -> DecodeParams {
         DecodeParams {
             strategy,

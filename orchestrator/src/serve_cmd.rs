@@ -61,7 +61,7 @@ async fn serve(a: ServeArgs) -> Result<()> {
 }
 
 async fn serve_with(a: ServeArgs) -> Result<()> {
-    let phrase_len = a.decode.level.saturating_sub(1).max(1);
+    let phrase_len = a.decode.phrase_len();
     if let Some(addr) = &a.metrics_listen {
         telemetry::start_metrics(addr).await?;
     }

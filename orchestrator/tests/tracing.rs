@@ -185,18 +185,17 @@ async fn one_generate_is_one_trace_across_the_three_services() {
     };
     let (pt, pd, po) = (free_port(), free_port(), free_port());
     let mut procs = Procs(Vec::new());
-    let mut cmd = Command::new(binary("target-service"));
-    cmd.arg("--model")
-        .arg(&target)
-        .args(["--listen", &format!("127.0.0.1:{pt}")]);
-    env(&mut cmd);
-    procs.spawn("target-service", &mut cmd);
-    let mut cmd = Command::new(binary("draft-service"));
-    cmd.arg("--model")
-        .arg(&draft)
-        .args(["--listen", &format!("127.0.0.1:{pd}")]);
-    env(&mut cmd);
-    procs.spawn("draft-service", &mut cmd);
+    for (service, model, port) in [
+        ("target-service", &target, pt),
+        ("draft-service", &draft, pd),
+    ] {
+        let mut cmd = Command::new(binary(service));
+        cmd.arg("--model")
+            .arg(model)
+            .args(["--listen", &format!("127.0.0.1:{port}")]);
+        env(&mut cmd);
+        procs.spawn(service, &mut cmd);
+    }
     let (turl, durl) = (
         format!("http://127.0.0.1:{pt}"),
         format!("http://127.0.0.1:{pd}"),

@@ -175,17 +175,6 @@ pub enum TokenSource {
     Trie,
 }
 
-impl TokenSource {
-    pub fn name(&self) -> &'static str {
-        match self {
-            TokenSource::Target => "target",
-            TokenSource::Draft => "draft",
-            TokenSource::Pool => "pool",
-            TokenSource::Trie => "trie",
-        }
-    }
-}
-
 /// Receives each batch of committed tokens with their sources, as soon as it is known.
 pub type TokenSink<'a> = dyn FnMut(&[u32], &[TokenSource]) -> Flow + Send + 'a;
 
@@ -885,15 +874,10 @@ async fn lookahead_only<D: DraftBackend>(
         let finish = cut_at_end(&mut new, &params.eos, remaining);
         // The host's first token is the model's own next token; the rest came through
         // its n-gram verification branch.
-        let new_sources: Vec<TokenSource> = (0..new.len())
-            .map(|i| {
-                if i == 0 {
-                    TokenSource::Target
-                } else {
-                    TokenSource::Pool
-                }
-            })
-            .collect();
+        let mut new_sources = vec![TokenSource::Pool; new.len()];
+        if let Some(first) = new_sources.first_mut() {
+            *first = TokenSource::Target;
+        }
         out.extend_from_slice(&new);
         sources.extend_from_slice(&new_sources);
         new_committed.extend_from_slice(&new);

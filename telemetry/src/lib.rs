@@ -25,12 +25,11 @@ pub use traces::{Telemetry, init};
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`), without span export: for the
 /// one-shot commands and tests. Servers call [`init`].
 pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     // A second call (tests) keeps the first subscriber.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+    let _ = tracing_subscriber::registry()
+        .with(traces::log_layer())
         .try_init();
 }
 

@@ -78,20 +78,13 @@ impl Telemetry {
 /// once, inside the Tokio runtime that serves: the exporter's channel lives there. An
 /// exporter that cannot be built is logged, and the process runs without it.
 pub fn init(service: &str) -> Telemetry {
-    let fmt = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_filter(log_filter());
-    if !export_requested(|k| std::env::var(k).ok()) {
-        let _ = tracing_subscriber::registry().with(fmt).try_init();
-        return Telemetry { provider: None };
-    }
-    let provider = match provider(service) {
-        Ok(p) => p,
-        Err(e) => {
-            let _ = tracing_subscriber::registry().with(fmt).try_init();
-            tracing::warn!("tracing export is off: {e}");
-            return Telemetry { provider: None };
+    let (provider, failed) = if export_requested(|k| std::env::var(k).ok()) {
+        match provider(service) {
+            Ok(p) => (Some(p), None),
+            Err(e) => (None, Some(e)),
         }
+    } else {
+        (None, None)
     };
     let ours = OUR_TARGETS.iter().fold(Targets::new(), |t, &name| {
         t.with_target(name, LevelFilter::DEBUG)
@@ -104,27 +97,38 @@ pub fn init(service: &str) -> Telemetry {
             *m.level() <= tracing::Level::INFO
         }
     });
-    let otel = tracing_opentelemetry::layer()
-        .with_tracer(provider.tracer("ouroboros"))
-        .with_filter(export_filter);
+    let otel = provider.as_ref().map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer("ouroboros"))
+            .with_filter(export_filter)
+    });
+    let exporting = otel.is_some();
     if tracing_subscriber::registry()
-        .with(fmt)
+        .with(log_layer())
         .with(otel)
         .try_init()
         .is_ok()
+        && exporting
     {
-        opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
         EXPORTING.store(true, Ordering::Relaxed);
         tracing::info!(service, "exporting spans over OTLP");
     }
-    Telemetry {
-        provider: Some(provider),
+    if let Some(e) = failed {
+        tracing::warn!("tracing export is off: {e}");
     }
+    Telemetry { provider }
 }
 
-fn log_filter() -> tracing_subscriber::EnvFilter {
-    tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+/// Log lines to stderr, filtered by `RUST_LOG` (default `info`).
+pub(crate) fn log_layer<S>() -> impl Layer<S>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_filter(filter)
 }
 
 fn provider(service: &str) -> anyhow::Result<SdkTracerProvider> {
@@ -209,10 +213,10 @@ pub fn adopt_parent(span: &Span, metadata: &MetadataMap) {
 
 /// The server span of one gRPC call (for tonic's `Server::trace_fn`): named after the
 /// method, a child of the caller's `traceparent`. Health checks and reflection get none,
-/// so probes do not flood the traces.
+/// so probes do not flood the traces. Servers install it only while [`exporting`].
 pub fn grpc_server_span(request: &http::Request<()>) -> Span {
     let path = request.uri().path().trim_start_matches('/');
-    if !exporting() || path.starts_with("grpc.") {
+    if path.starts_with("grpc.") {
         return Span::none();
     }
     let (service, method) = path.split_once('/').unwrap_or((path, ""));
