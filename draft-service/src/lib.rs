@@ -133,6 +133,8 @@ impl<M: LanguageModel + 'static> DraftService for DraftGrpc<M> {
                 model: i.name.clone(),
                 vocab_size: i.vocab_size as u32,
                 context_length: i.max_position as u32,
+                // Chat is rendered with the target's template.
+                chat_template: None,
             }),
             sessions: self.sessions.len() as u32,
             max_sessions: self.config.max_sessions as u32,

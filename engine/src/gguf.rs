@@ -149,6 +149,19 @@ impl GgufFile {
         Ok(cfg)
     }
 
+    /// The text of the vocabulary entry whose id the metadata key holds
+    /// (`tokenizer.ggml.bos_token_id`, say).
+    pub fn token_text(&self, id_key: &str) -> Option<&str> {
+        let id = self.meta_usize(id_key).ok()??;
+        match self.meta("tokenizer.ggml.tokens") {
+            Some(Value::Array(tokens)) => match tokens.get(id) {
+                Some(Value::String(s)) => Some(s.as_str()),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
     /// Stop ids named by the metadata (eos, and eot where present).
     pub fn eos_ids(&self) -> Vec<u32> {
         let mut ids = Vec::new();

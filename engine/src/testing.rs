@@ -88,9 +88,20 @@ pub fn write_gguf(
     weights: &[(Role, Tensor)],
     matrix_dtype: GgmlDType,
 ) -> Result<()> {
+    write_gguf_with_metadata(path, cfg, weights, matrix_dtype, Vec::new())
+}
+
+/// `write_gguf` with more metadata entries (a chat template, a vocabulary, ...).
+pub fn write_gguf_with_metadata(
+    path: &Path,
+    cfg: &ModelConfig,
+    weights: &[(Role, Tensor)],
+    matrix_dtype: GgmlDType,
+    extra: Vec<(String, Value)>,
+) -> Result<()> {
     let a = cfg.arch.name();
     let u = |x: usize| Value::U32(x as u32);
-    let meta: Vec<(String, Value)> = vec![
+    let mut meta: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::String(a.into())),
         ("general.name".into(), Value::String(format!("tiny-{a}"))),
         (format!("{a}.block_count"), u(cfg.num_layers)),
@@ -107,6 +118,7 @@ pub fn write_gguf(
         ),
         (format!("{a}.rope.freq_base"), Value::F32(cfg.rope_theta)),
     ];
+    meta.extend(extra);
     let mut tensors = Vec::new();
     for (role, t) in weights {
         let q = if t.rank() == 2 {

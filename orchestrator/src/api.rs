@@ -2,8 +2,9 @@
 //! the pipeline and answers with text, tokens, finish reason, usage and statistics, whole
 //! or as a stream.
 
+use crate::chat::ChatTemplate;
 use crate::pipeline::{Runner, TokenSink};
-use crate::text::{StopScan, chat_template};
+use crate::text::StopScan;
 use proto::convert::{field_status, sampling_from_pb, status_of};
 use proto::v1 as pb;
 use proto::v1::ouroboros_server::Ouroboros;
@@ -24,6 +25,7 @@ use tracing::Instrument;
 pub struct GenerateService {
     runner: Arc<dyn Runner>,
     tokenizer: Arc<Tokenizer>,
+    chat: Arc<ChatTemplate>,
     eos: Vec<u32>,
     /// Server defaults for what a request leaves out.
     defaults: DecodeParams,
@@ -33,12 +35,14 @@ impl GenerateService {
     pub fn new(
         runner: Arc<dyn Runner>,
         tokenizer: Arc<Tokenizer>,
+        chat: Arc<ChatTemplate>,
         eos: Vec<u32>,
         defaults: DecodeParams,
     ) -> Self {
         Self {
             runner,
             tokenizer,
+            chat,
             eos,
             defaults,
         }
@@ -68,7 +72,10 @@ impl GenerateService {
                 t.ids.clone()
             }
             Some(pb::generate_request::Input::Chat(c)) => {
-                let text = chat_template(&c.messages).map_err(Status::invalid_argument)?;
+                let text = self
+                    .chat
+                    .render(&c.messages)
+                    .map_err(Status::invalid_argument)?;
                 encode(&text)?
             }
         };

@@ -34,7 +34,7 @@ pub struct BenchArgs {
     /// Also run Ouroboros without trie continuations (trie budget 0).
     #[arg(long)]
     without_trie: bool,
-    /// Wrap prompts in the chat template.
+    /// Send each prompt as a user message in the model's chat template.
     #[arg(long)]
     chat: bool,
     /// Write bench.md (table), bench.json (all figures) and speedup.png (chart) here.
@@ -326,7 +326,7 @@ fn run_with<T: LanguageModel + 'static>(e: &Embedded<T>, a: &BenchArgs) -> Resul
     let started = Instant::now();
     for (i, text) in prompts.iter().enumerate() {
         let text = if a.chat {
-            embedded::chat_prompt(text)
+            e.chat_prompt(text)?
         } else {
             text.clone()
         };

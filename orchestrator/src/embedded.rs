@@ -1,9 +1,11 @@
 //! The all-in-one mode: target, draft and tokenizer in this process, behind the same
 //! backend traits the distributed mode uses.
 
+use crate::chat::ChatTemplate;
 use crate::pipeline::Pipeline;
 use anyhow::{Context, Result, bail};
 use candle_core::Device;
+use engine::chat_template::ChatTemplateSource;
 use engine::tp::TpModel;
 use engine::{LanguageModel, LoadOptions, Transformer};
 use spec::{DecodeParams, Generation, LocalDraft, LocalTarget, PhrasePool, PoolConfig};
@@ -27,6 +29,7 @@ pub type LocalPipeline<T> = Pipeline<LocalTarget<T>, LocalDraft<Transformer>, Lo
 pub struct Embedded<T: LanguageModel> {
     pub pipeline: Arc<LocalPipeline<T>>,
     pub tokenizer: Tokenizer,
+    pub chat: Arc<ChatTemplate>,
     pub eos: Vec<u32>,
     target: Arc<T>,
     draft: Option<Arc<Transformer>>,
@@ -39,6 +42,8 @@ pub struct ModelPaths {
     pub target_f16: bool,
     pub draft: Option<PathBuf>,
     pub tokenizer: Option<PathBuf>,
+    /// A Jinja file that replaces the model's own chat template.
+    pub chat_template: Option<PathBuf>,
 }
 
 pub fn pool_for(phrase_len: usize) -> Arc<PhrasePool> {
@@ -88,6 +93,49 @@ pub fn load_tokenizer(paths: &ModelPaths) -> Result<Tokenizer> {
     }
 }
 
+/// The chat template: the `--chat-template` file, else the model's own (from the GGUF
+/// metadata or the Hugging Face folder), else one beside the tokenizer, else ChatML.
+/// `model` is None where the model is remote; `remote` is then what its service reported.
+pub fn load_chat_template(
+    paths: &ModelPaths,
+    model: Option<&Path>,
+    remote: Option<ChatTemplateSource>,
+) -> Result<ChatTemplate> {
+    let beside_tokenizer = || -> Result<Option<(ChatTemplateSource, String)>> {
+        let Some(dir) = paths.tokenizer.as_deref().and_then(Path::parent) else {
+            return Ok(None);
+        };
+        let found = engine::chat_template::from_folder(dir)?;
+        Ok(found.map(|s| (s, dir.display().to_string())))
+    };
+    let own = match model {
+        Some(m) => engine::chat_template::of_model(m)?.map(|s| (s, m.display().to_string())),
+        None => remote.map(|s| (s, "the target service".to_string())),
+    };
+    let own = match own {
+        Some(o) => Some(o),
+        None => beside_tokenizer()?,
+    };
+    let template = match (&paths.chat_template, own) {
+        (Some(file), own) => {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("reading the chat template {}", file.display()))?;
+            let special = own.map(|(s, _)| s).unwrap_or_default();
+            let source = ChatTemplateSource {
+                template: text,
+                ..special
+            };
+            ChatTemplate::new(source, file.display().to_string()).map_err(anyhow::Error::msg)?
+        }
+        (None, Some((source, origin))) => {
+            ChatTemplate::new(source, origin).map_err(anyhow::Error::msg)?
+        }
+        (None, None) => ChatTemplate::chatml(),
+    };
+    tracing::info!(from = template.origin(), "chat template");
+    Ok(template)
+}
+
 pub fn load_draft(paths: &ModelPaths) -> Result<Option<Arc<Transformer>>> {
     let Some(d) = &paths.draft else {
         return Ok(None);
@@ -130,6 +178,7 @@ fn assemble<T: LanguageModel>(
     phrase_len: usize,
 ) -> Result<Embedded<T>> {
     let tokenizer = load_tokenizer(paths)?;
+    let chat = Arc::new(load_chat_template(paths, Some(&paths.target), None)?);
     let eos = stop_ids(&paths.target, &tokenizer)?;
     let draft = load_draft(paths)?;
     if let Some(d) = &draft {
@@ -145,6 +194,7 @@ fn assemble<T: LanguageModel>(
     Ok(Embedded {
         pipeline: Arc::new(pipeline),
         tokenizer,
+        chat,
         eos,
         target,
         draft,
@@ -217,6 +267,13 @@ impl<T: LanguageModel> Embedded<T> {
         Ok(engine::tokenizer::encode(&self.tokenizer, text)?)
     }
 
+    /// One user turn in the model's chat template.
+    pub fn chat_prompt(&self, user: &str) -> Result<String> {
+        self.chat
+            .render_turns([("user", user)])
+            .map_err(anyhow::Error::msg)
+    }
+
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         Ok(engine::tokenizer::decode(&self.tokenizer, ids, true)?)
     }
@@ -241,9 +298,4 @@ impl<T: LanguageModel> Embedded<T> {
         let fut = self.pipeline.generate(prompt, params, on_tokens);
         Ok(futures::executor::block_on(fut)?)
     }
-}
-
-/// ChatML, the template of the Qwen and SmolLM2 instruct models.
-pub fn chat_prompt(user: &str) -> String {
-    crate::text::chatml([("user", user)])
 }

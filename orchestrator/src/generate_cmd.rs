@@ -19,7 +19,7 @@ pub struct GenerateArgs {
     /// `auto` first measures this machine's cost profile (a few seconds).
     #[arg(long, value_enum, default_value_t = StrategyArg::Auto)]
     strategy: StrategyArg,
-    /// Wrap the prompt in the chat template (ChatML) as a user message.
+    /// Send the prompt as a user message in the model's chat template.
     #[arg(long)]
     chat: bool,
     /// A running orchestrator (`ouro serve`) to ask instead of loading models here,
@@ -119,7 +119,7 @@ fn local<T: engine::LanguageModel>(
     a: &GenerateArgs,
 ) -> Result<()> {
     let text = if a.chat {
-        orchestrator::embedded::chat_prompt(&a.prompt)
+        e.chat_prompt(&a.prompt)?
     } else {
         a.prompt.clone()
     };

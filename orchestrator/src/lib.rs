@@ -2,6 +2,7 @@
 //! (embedded) and remote (gRPC) backends, and the shared phrase pool.
 
 pub mod api;
+pub mod chat;
 pub mod embedded;
 pub mod pipeline;
 pub mod remote;

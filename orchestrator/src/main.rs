@@ -48,6 +48,10 @@ pub struct ModelArgs {
     /// tokenizer.json; default: the fetched Qwen tokenizer, else built from the GGUF.
     #[arg(long, env = "OURO_TOKENIZER")]
     tokenizer: Option<PathBuf>,
+    /// A Jinja chat template to use instead of the model's own (which comes from the GGUF
+    /// metadata, the model folder or the tokenizer's folder; ChatML where there is none).
+    #[arg(long, env = "OURO_CHAT_TEMPLATE")]
+    chat_template: Option<PathBuf>,
     /// Tensor-parallel ranks for the target (threads).
     #[arg(long, default_value_t = 1)]
     tp: usize,
@@ -71,6 +75,7 @@ impl ModelArgs {
                 Some(p) => Some(PathBuf::from(p)),
                 None => Some(dir.join(DEFAULT_DRAFT)),
             },
+            chat_template: self.chat_template.clone(),
             tokenizer: Some(
                 self.tokenizer
                     .clone()

@@ -3,6 +3,7 @@
 //! in-process backend would have given. Every call carries the caller's trace context.
 
 use anyhow::Context;
+use engine::chat_template::ChatTemplateSource;
 use proto::common::v1 as common;
 use proto::convert::{error_of, sampling_to_pb};
 use proto::draft::v1 as dpb;
@@ -47,6 +48,7 @@ fn timing_of(t: Option<common::ServerTiming>) -> ServerTiming {
 pub struct RemoteTarget {
     client: TargetServiceClient<Channel>,
     info: BackendInfo,
+    chat_template: Option<ChatTemplateSource>,
     url: String,
 }
 
@@ -58,15 +60,30 @@ impl RemoteTarget {
             .await
             .with_context(|| format!("Info from target {url}"))?
             .into_inner();
+        let chat_template = info
+            .model
+            .as_ref()
+            .and_then(|m| m.chat_template.as_ref())
+            .map(|t| ChatTemplateSource {
+                template: t.template.clone(),
+                bos_token: t.bos_token.clone(),
+                eos_token: t.eos_token.clone(),
+            });
         Ok(Self {
             client,
             info: info_of(info.model, url)?,
+            chat_template,
             url: url.to_string(),
         })
     }
 
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// The chat template the target's model ships with, as its Info reported it.
+    pub fn chat_template(&self) -> Option<&ChatTemplateSource> {
+        self.chat_template.as_ref()
     }
 }
 

@@ -138,6 +138,11 @@ impl<B: Send + Sync + 'static> Replicas<B> {
         self.inner.info.clone()
     }
 
+    /// Something read off one live replica (all serve the same model).
+    pub fn read_first<R>(&self, f: impl FnOnce(&B) -> R) -> Option<R> {
+        read(&self.inner.live).first().map(|r| f(&r.backend))
+    }
+
     /// Replicas to try for a new session, least loaded first.
     fn candidates(&self) -> Vec<Arc<Replica<B>>> {
         let mut order = read(&self.inner.live).clone();

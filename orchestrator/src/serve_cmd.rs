@@ -120,7 +120,13 @@ type Served = (GenerateService, Arc<PhrasePool>, Arc<dyn Runner>);
 fn local<T: engine::LanguageModel + 'static>(a: &ServeArgs, e: Embedded<T>) -> Served {
     let defaults = a.decode.params(Strategy::Ouroboros, &e.eos);
     let runner: Arc<dyn Runner> = e.pipeline.clone();
-    let service = GenerateService::new(runner.clone(), Arc::new(e.tokenizer), e.eos, defaults);
+    let service = GenerateService::new(
+        runner.clone(),
+        Arc::new(e.tokenizer),
+        e.chat,
+        e.eos,
+        defaults,
+    );
     (service, e.pipeline.pool.clone(), runner)
 }
 
@@ -139,6 +145,7 @@ async fn remote(a: &ServeArgs, url: &str, phrase_len: usize) -> Result<Served> {
         refresh,
     )
     .await?;
+    let reported = target.read_first(|t| t.chat_template().cloned()).flatten();
     let drafts = |spec: String| async move {
         Replicas::connect(
             &spec,
@@ -173,10 +180,11 @@ async fn remote(a: &ServeArgs, url: &str, phrase_len: usize) -> Result<Served> {
         draft = a.draft_endpoint.as_deref().unwrap_or("none"),
         "remote backends connected"
     );
+    let chat = Arc::new(embedded::load_chat_template(&paths, None, reported)?);
     let runner: Arc<dyn Runner> = Arc::new(pipeline);
     let defaults = a.decode.params(Strategy::Ouroboros, &eos);
     Ok((
-        GenerateService::new(runner.clone(), Arc::new(tokenizer), eos, defaults),
+        GenerateService::new(runner.clone(), Arc::new(tokenizer), chat, eos, defaults),
         pool,
         runner,
     ))

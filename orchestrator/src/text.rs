@@ -1,41 +1,8 @@
-//! Text around the token loop: the chat template, and incremental detokenization with
-//! stop strings (text is streamed only once it can no longer turn into a stop string, and
-//! generation ends at the token that completes one).
+//! Incremental detokenization with stop strings: text is streamed only once it can no
+//! longer turn into a stop string, and generation ends at the token that completes one.
 
-use proto::v1::ChatMessage;
 use std::sync::Arc;
 use tokenizers::Tokenizer;
-
-/// Renders chat messages in ChatML (the template of the Qwen2.5 and SmolLM2 instruct
-/// models), ending with the assistant's turn.
-pub fn chat_template(messages: &[ChatMessage]) -> Result<String, String> {
-    if messages.is_empty() {
-        return Err("chat: no messages".into());
-    }
-    for (i, m) in messages.iter().enumerate() {
-        if !matches!(m.role.as_str(), "system" | "user" | "assistant") {
-            return Err(format!(
-                "chat.messages[{i}].role: '{}' is not system, user or assistant",
-                m.role
-            ));
-        }
-    }
-    Ok(chatml(
-        messages
-            .iter()
-            .map(|m| (m.role.as_str(), m.content.as_str())),
-    ))
-}
-
-/// ChatML text of `(role, content)` turns, ending with the assistant's turn.
-pub fn chatml<'a>(turns: impl IntoIterator<Item = (&'a str, &'a str)>) -> String {
-    let mut out = String::new();
-    for (role, content) in turns {
-        out.push_str(&format!("<|im_start|>{role}\n{content}<|im_end|>\n"));
-    }
-    out.push_str("<|im_start|>assistant\n");
-    out
-}
 
 /// New text and tokens since the previous push.
 #[derive(Debug, Default, PartialEq)]

@@ -7,10 +7,12 @@ mod common;
 
 use candle_core::Device;
 use candle_core::quantized::GgmlDType;
+use candle_core::quantized::gguf_file::Value;
 use draft_service::{DraftConfig, DraftGrpc};
-use engine::testing::{random_weights, tiny_config, write_gguf};
+use engine::testing::{random_weights, tiny_config, write_gguf, write_gguf_with_metadata};
 use engine::{Architecture, LoadOptions};
 use orchestrator::api::GenerateService;
+use orchestrator::chat::ChatTemplate;
 use orchestrator::pipeline::Pipeline;
 use orchestrator::remote::{RemoteDraft, RemoteTarget};
 use proto::common::v1::{Lookahead, Sampling};
@@ -27,6 +29,28 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 const VOCAB: usize = 96;
+
+/// The target's chat template, carried in its GGUF as a model's would be: the bos and eos
+/// tokens around a marker word per role, and only the roles it knows (as many instruct
+/// templates do, it raises on others).
+const TEMPLATE: &str = "{{ bos_token }}{% for m in messages %}\
+    {% if m.role not in ['system', 'user', 'assistant'] %}\
+    {{ raise_exception('Only system, user and assistant roles are supported') }}{% endif %}\
+    {{ ' ' + {'system': 'w5', 'user': 'w6', 'assistant': 'w7'}[m.role] + ' ' + m.content }}\
+    {% endfor %}{% if add_generation_prompt %} {{ eos_token }}{% endif %}";
+
+fn template_metadata() -> Vec<(String, Value)> {
+    let words = (0..VOCAB).map(|i| Value::String(format!("w{i}"))).collect();
+    vec![
+        (
+            "tokenizer.chat_template".into(),
+            Value::String(TEMPLATE.into()),
+        ),
+        ("tokenizer.ggml.tokens".into(), Value::Array(words)),
+        ("tokenizer.ggml.bos_token_id".into(), Value::U32(1)),
+        ("tokenizer.ggml.eos_token_id".into(), Value::U32(2)),
+    ]
+}
 
 async fn listener() -> (TcpListener, SocketAddr) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -49,12 +73,16 @@ async fn cluster() -> Cluster {
     let cfg = tiny_config(Architecture::Qwen2);
     let w = random_weights(&cfg, 17, true, false).unwrap();
     let (tp, dp) = (dir.path().join("t.gguf"), dir.path().join("d.gguf"));
-    write_gguf(&tp, &cfg, &w, GgmlDType::F32).unwrap();
+    write_gguf_with_metadata(&tp, &cfg, &w, GgmlDType::F32, template_metadata()).unwrap();
     // The draft: the same weights in 8 bits, so it mostly agrees and sometimes does not.
     write_gguf(&dp, &cfg, &w, GgmlDType::Q8_0).unwrap();
     let (tl, ta) = listener().await;
+    let target_config = TargetConfig {
+        chat_template: engine::chat_template::of_model(&tp).unwrap(),
+        ..TargetConfig::default()
+    };
     tokio::spawn(target_service::serve(
-        TargetGrpc::new(model(&tp).await, TargetConfig::default()),
+        TargetGrpc::new(model(&tp).await, target_config),
         tl,
         std::future::pending(),
     ));
@@ -86,8 +114,18 @@ async fn cluster() -> Cluster {
             ..PoolConfig::default()
         }))
     };
+    let target = RemoteTarget::connect(&url(ta)).await.unwrap();
+    // Chat is rendered with the template the target's Info reported.
+    let chat = ChatTemplate::new(
+        target
+            .chat_template()
+            .cloned()
+            .expect("the target reports its template"),
+        "the target service",
+    )
+    .unwrap();
     let pipeline = Pipeline {
-        target: Arc::new(RemoteTarget::connect(&url(ta)).await.unwrap()),
+        target: Arc::new(target),
         draft: Some(Arc::new(RemoteDraft::connect(&url(da)).await.unwrap())),
         lookahead: Some(Arc::new(RemoteDraft::connect(&url(la)).await.unwrap())),
         pool: pool(()),
@@ -116,6 +154,7 @@ async fn cluster() -> Cluster {
     let service = GenerateService::new(
         Arc::new(pipeline),
         Arc::new(common::word_tokenizer(VOCAB)),
+        Arc::new(chat),
         vec![],
         defaults,
     );
@@ -231,6 +270,31 @@ async fn every_strategy_equals_plain_decoding_over_grpc() {
     assert!(page.contains("ouro_sessions{service=\"target\"}"));
     assert!(m.batch_trees.get_sample_count() > 0);
     eprintln!("accepted draft tokens by strategy: {accepted:?}, trie tokens {trie_accepted}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chat_is_rendered_with_the_template_the_target_reports() {
+    let mut cl = cluster().await;
+    let c = &mut cl.client;
+    let chat = |strategy: pb::Strategy| {
+        let mut r = request(&[], strategy, None);
+        let m = |role: &str, content: &str| pb::ChatMessage {
+            role: role.into(),
+            content: content.into(),
+        };
+        r.input = Some(pb::generate_request::Input::Chat(pb::ChatMessages {
+            messages: vec![m("system", "w9"), m("user", "w10 w11")],
+        }));
+        r
+    };
+    // bos, system marker, content, user marker, content, eos (the generation prompt).
+    let rendered = [1, 5, 9, 6, 10, 11, 2];
+    let plain = generate(c, request(&rendered, pb::Strategy::Greedy, None)).await;
+    for s in [pb::Strategy::Greedy, pb::Strategy::Ouroboros] {
+        let g = generate(c, chat(s)).await;
+        assert_eq!(g.usage.unwrap().prompt_tokens, rendered.len() as u32);
+        assert_eq!(g.token_ids, plain.token_ids, "{s:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -383,7 +447,28 @@ async fn bad_requests_get_invalid_argument() {
                     }],
                 }))
             }),
+            "roles are supported",
+        ),
+        (
+            "empty chat role",
+            with(&|r| {
+                r.input = Some(pb::generate_request::Input::Chat(pb::ChatMessages {
+                    messages: vec![pb::ChatMessage {
+                        role: String::new(),
+                        content: "hi".into(),
+                    }],
+                }))
+            }),
             "role",
+        ),
+        (
+            "no chat messages",
+            with(&|r| {
+                r.input = Some(pb::generate_request::Input::Chat(pb::ChatMessages {
+                    messages: vec![],
+                }))
+            }),
+            "messages",
         ),
     ];
     for (what, r, needle) in cases {

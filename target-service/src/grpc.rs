@@ -2,6 +2,7 @@
 
 use crate::scheduler::{Scheduler, SchedulerConfig, Sessions};
 use engine::LanguageModel;
+use engine::chat_template::ChatTemplateSource;
 use proto::convert::{field_status as field, sampling_from_pb};
 use proto::serving::{close_session, publish_sessions, serve_sessions};
 use proto::target::v1 as pb;
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct TargetConfig {
     pub tp_size: usize,
     pub max_sessions: usize,
@@ -23,6 +24,8 @@ pub struct TargetConfig {
     pub kv_budget_bytes: usize,
     pub session_ttl: Duration,
     pub batch_wait: Duration,
+    /// The model's chat template, reported by Info for the orchestrator to render with.
+    pub chat_template: Option<ChatTemplateSource>,
 }
 
 impl Default for TargetConfig {
@@ -35,6 +38,7 @@ impl Default for TargetConfig {
             kv_budget_bytes: 4 << 30,
             session_ttl: Duration::from_secs(300),
             batch_wait: Duration::ZERO,
+            chat_template: None,
         }
     }
 }
@@ -104,6 +108,14 @@ impl<M: LanguageModel + 'static> TargetService for TargetGrpc<M> {
                 model: i.name.clone(),
                 vocab_size: i.vocab_size as u32,
                 context_length: i.max_position as u32,
+                chat_template: c
+                    .chat_template
+                    .as_ref()
+                    .map(|t| proto::common::v1::ChatTemplate {
+                        template: t.template.clone(),
+                        bos_token: t.bos_token.clone(),
+                        eos_token: t.eos_token.clone(),
+                    }),
             }),
             tp_size: c.tp_size as u32,
             sessions: self.sessions.len() as u32,

@@ -75,6 +75,12 @@ async fn run_service(a: Args) -> Result<()> {
         kv_budget_bytes: a.kv_budget_mb << 20,
         session_ttl: Duration::from_secs(a.session_ttl_s),
         batch_wait: Duration::from_micros(a.batch_wait_us),
+        // A missing model is reported by the load below.
+        chat_template: match a.model.exists() {
+            true => engine::chat_template::of_model(&a.model)
+                .with_context(|| format!("reading the chat template of {}", a.model.display()))?,
+            false => None,
+        },
     };
     if let Some(addr) = &a.metrics_listen {
         telemetry::start_metrics(addr).await?;

@@ -142,6 +142,20 @@ def check_api(pb, pb_grpc, addr):
             ids = [t for p in parts for t in p.token_ids]
             assert ids == list(greedy.token_ids)
             assert parts[-1].finish_reason != pb.FINISH_REASON_UNSPECIFIED
+        # Chat goes through the model's own template, which the orchestrator got from the
+        # target service's Info (it was given only a tokenizer.json): Qwen's adds its
+        # default system prompt.
+        chat = pb.GenerateRequest(
+            chat=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="Say hi.")]),
+            max_new_tokens=8, strategy=pb.STRATEGY_GREEDY)
+        rendered = ("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a "
+                    "helpful assistant.<|im_end|>\n<|im_start|>user\nSay hi.<|im_end|>\n"
+                    "<|im_start|>assistant\n")
+        plain = pb.GenerateRequest(prompt=rendered, max_new_tokens=8,
+                                   strategy=pb.STRATEGY_GREEDY)
+        a, b = api.Generate(chat, timeout=300), api.Generate(plain, timeout=300)
+        assert a.usage.prompt_tokens == b.usage.prompt_tokens, (a.usage, b.usage)
+        assert list(a.token_ids) == list(b.token_ids) and a.text, (a.text, b.text)
         try:
             api.Generate(pb.GenerateRequest(prompt="x", max_new_tokens=0), timeout=30)
             raise AssertionError("max_new_tokens=0 was accepted")
