@@ -4,6 +4,7 @@
 //! only by its own earlier prompts.
 
 use crate::report::{Report, Row};
+use crate::sweep;
 use crate::{DecodeArgs, ModelArgs, StrategyArg};
 use anyhow::{Context, Result, bail};
 use clap::Args;
@@ -43,6 +44,12 @@ pub struct BenchArgs {
     /// Only draw speedup.png again from this bench.json (written by an earlier --out run).
     #[arg(long)]
     redraw: Option<PathBuf>,
+    /// Sweep a speculation parameter (gamma, level, window, guess, topk, trie_budget): one
+    /// row per value for each compared strategy that uses it, the others at their flags
+    /// (marked * where the value is the flag's). Repeat for more: --sweep gamma=2,4,6
+    /// --sweep topk=1,2,3.
+    #[arg(long, value_name = "PARAM=V1,V2,...")]
+    sweep: Vec<sweep::Axis>,
     /// Smoke run: at most two prompts, at most 24 new tokens each.
     #[arg(long)]
     quick: bool,
@@ -75,6 +82,8 @@ struct Variant {
     trie_off: bool,
     /// Over the loopback services instead of in this process.
     distributed: bool,
+    /// A sweep row: one parameter changed from its flag.
+    point: Option<sweep::Point>,
 }
 
 impl Variant {
@@ -85,7 +94,19 @@ impl Variant {
             cold: false,
             trie_off: false,
             distributed: false,
+            point: None,
         }
+    }
+
+    fn params(&self, decode: &DecodeArgs, eos: &[u32]) -> spec::DecodeParams {
+        let mut p = decode.params(self.strategy, eos);
+        if self.trie_off {
+            p.trie_budget = 0;
+        }
+        if let Some(point) = &self.point {
+            point.apply(&mut p);
+        }
+        p
     }
 }
 
@@ -238,48 +259,7 @@ pub fn run(mut a: BenchArgs) -> Result<()> {
 
 fn run_with<T: LanguageModel + 'static>(e: &Embedded<T>, a: &BenchArgs) -> Result<()> {
     let prompts = load_prompts(a)?;
-    let mut plan = vec![Variant::new("greedy", Strategy::Greedy)];
-    for s in &a.strategies {
-        let s: Strategy = (*s).into();
-        if s != Strategy::Greedy {
-            plan.push(Variant::new(s.name(), s));
-        }
-    }
-    if a.without_trie {
-        plan.push(Variant {
-            trie_off: true,
-            ..Variant::new("ouroboros (no trie)", Strategy::Ouroboros)
-        });
-    }
-    if a.cold {
-        // The paper's cold rows: nothing learnt from earlier prompts.
-        for s in [Strategy::Ouroboros, Strategy::Auto] {
-            if plan.iter().any(|v| v.strategy == s) {
-                plan.push(Variant {
-                    cold: true,
-                    ..Variant::new(&format!("{} (cold)", s.name()), s)
-                });
-            }
-        }
-    }
-    if a.distributed {
-        let remote: Vec<Strategy> = plan
-            .iter()
-            .filter(|v| {
-                matches!(
-                    v.strategy,
-                    Strategy::Greedy | Strategy::Speculative | Strategy::Auto
-                ) && !v.cold
-            })
-            .map(|v| v.strategy)
-            .collect();
-        for s in remote {
-            plan.push(Variant {
-                distributed: true,
-                ..Variant::new(&format!("{} (distributed)", s.name()), s)
-            });
-        }
-    }
+    let plan = plan(a, &e.eos)?;
     let mut rows: Vec<Row> = plan.iter().map(|v| Row::new(&v.name)).collect();
     let rt = tokio::runtime::Runtime::new()?;
     let services = match a.distributed {
@@ -308,7 +288,10 @@ fn run_with<T: LanguageModel + 'static>(e: &Embedded<T>, a: &BenchArgs) -> Resul
                 Arc::new(p)
             }
             _ => {
-                let p = e.isolated_pipeline();
+                // As DecodeArgs::phrase_len: a bad level is the request's to report.
+                let level = v.params(&a.decode, &e.eos).lookahead.level;
+                let phrase_len = level.saturating_sub(1).max(1);
+                let p = e.isolated_pipeline(phrase_len);
                 if auto {
                     if profile.is_none() {
                         profile = Some(e.measure_costs()?);
@@ -336,10 +319,7 @@ fn run_with<T: LanguageModel + 'static>(e: &Embedded<T>, a: &BenchArgs) -> Resul
             if v.cold {
                 runner.clear_caches();
             }
-            let mut params = a.decode.params(v.strategy, &e.eos);
-            if v.trie_off {
-                params.trie_budget = 0;
-            }
+            let params = v.params(&a.decode, &e.eos);
             let sink = Box::new(|_: &[u32], _: &[spec::TokenSource]| Flow::Continue);
             let g = rt.block_on(runner.run(prompt.clone(), params.clone(), sink))?;
             row.add(&g.stats, g.tokens.len());
@@ -418,6 +398,85 @@ fn run_with<T: LanguageModel + 'static>(e: &Embedded<T>, a: &BenchArgs) -> Resul
         );
     }
     Ok(())
+}
+
+/// The rows of a run: greedy (the reference) first, then the strategies, or the sweep's
+/// points, then the cold, no-trie and distributed variants asked for.
+fn plan(a: &BenchArgs, eos: &[u32]) -> Result<Vec<Variant>> {
+    let mut plan = vec![Variant::new("greedy", Strategy::Greedy)];
+    let strategies: Vec<Strategy> = a
+        .strategies
+        .iter()
+        .map(|&s| Strategy::from(s))
+        .filter(|&s| s != Strategy::Greedy)
+        .collect();
+    if !a.sweep.is_empty() {
+        if a.cold || a.without_trie || a.distributed {
+            bail!(
+                "--sweep runs in-process rows only: leave out --cold, --without-trie and --distributed"
+            );
+        }
+        let points = sweep::points(
+            &strategies,
+            &a.sweep,
+            &a.decode.params(Strategy::Greedy, eos),
+        );
+        if points.is_empty() {
+            bail!(
+                "none of the compared strategies uses the swept parameters (auto sizes its rounds itself)"
+            );
+        }
+        for point in points {
+            let v = Variant {
+                point: Some(point.clone()),
+                ..Variant::new(&point.name(), point.strategy)
+            };
+            v.params(&a.decode, eos)
+                .validate()
+                .map_err(|e| anyhow::anyhow!("--sweep row '{}': {e}", v.name))?;
+            plan.push(v);
+        }
+        return Ok(plan);
+    }
+    for &s in &strategies {
+        plan.push(Variant::new(s.name(), s));
+    }
+    if a.without_trie {
+        plan.push(Variant {
+            trie_off: true,
+            ..Variant::new("ouroboros (no trie)", Strategy::Ouroboros)
+        });
+    }
+    if a.cold {
+        // The paper's cold rows: nothing learnt from earlier prompts.
+        for s in [Strategy::Ouroboros, Strategy::Auto] {
+            if plan.iter().any(|v| v.strategy == s) {
+                plan.push(Variant {
+                    cold: true,
+                    ..Variant::new(&format!("{} (cold)", s.name()), s)
+                });
+            }
+        }
+    }
+    if a.distributed {
+        let remote: Vec<Strategy> = plan
+            .iter()
+            .filter(|v| {
+                matches!(
+                    v.strategy,
+                    Strategy::Greedy | Strategy::Speculative | Strategy::Auto
+                ) && !v.cold
+            })
+            .map(|v| v.strategy)
+            .collect();
+        for s in remote {
+            plan.push(Variant {
+                distributed: true,
+                ..Variant::new(&format!("{} (distributed)", s.name()), s)
+            });
+        }
+    }
+    Ok(plan)
 }
 
 fn file_name(p: &std::path::Path) -> String {

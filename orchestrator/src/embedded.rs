@@ -33,7 +33,6 @@ pub struct Embedded<T: LanguageModel> {
     pub eos: Vec<u32>,
     target: Arc<T>,
     draft: Option<Arc<Transformer>>,
-    phrase_len: usize,
 }
 
 pub struct ModelPaths {
@@ -198,7 +197,6 @@ fn assemble<T: LanguageModel>(
         eos,
         target,
         draft,
-        phrase_len,
     })
 }
 
@@ -258,9 +256,9 @@ impl<T: LanguageModel> Embedded<T> {
     }
 
     /// A pipeline on the same models with caches of its own, so that benchmarked
-    /// strategies do not warm each other.
-    pub fn isolated_pipeline(&self) -> LocalPipeline<T> {
-        fresh_pipeline(&self.target, self.draft.as_ref(), self.phrase_len)
+    /// strategies do not warm each other; its pools hold phrases of `phrase_len` tokens.
+    pub fn isolated_pipeline(&self, phrase_len: usize) -> LocalPipeline<T> {
+        fresh_pipeline(&self.target, self.draft.as_ref(), phrase_len)
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {

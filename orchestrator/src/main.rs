@@ -6,6 +6,7 @@ mod bench;
 mod generate_cmd;
 mod report;
 mod serve_cmd;
+mod sweep;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand, ValueEnum};
