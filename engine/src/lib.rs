@@ -7,6 +7,7 @@
 //! compact an accepted tree path in place. Sequences from many sessions share one forward.
 
 pub mod api;
+mod attention;
 pub mod chat_template;
 pub mod config;
 pub mod device;

@@ -7,7 +7,7 @@ use crate::config::{ModelConfig, RopeStyle};
 use crate::error::{EngineError, Result};
 use crate::kv::KvCache;
 use crate::weights::{RawWeight, Role, TensorSource, split_range};
-use candle_core::quantized::QMatMul;
+use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{D, DType, Device, Module, Tensor};
 use std::sync::Arc;
 
@@ -46,9 +46,25 @@ struct Linear {
     bias: Option<Tensor>,
 }
 
+/// `x @ w^T` with the same per-row arithmetic for any number of rows. candle runs a
+/// one-row Q6K product through a different kernel from a multi-row one (they differ by
+/// ~3e-6), so a lone Q6K row goes through the multi-row kernel, paired with a copy of
+/// itself.
+fn matmul_rows(w: &QMatMul, x: &Tensor) -> Result<Tensor> {
+    let lone_q6k = matches!(w, QMatMul::QTensor(q) if q.dtype() == GgmlDType::Q6K)
+        && x.device().is_cpu()
+        && x.rank() == 2
+        && x.dim(0)? == 1;
+    if lone_q6k {
+        let pair = Tensor::cat(&[x, x], 0)?;
+        return Ok(w.forward(&pair)?.narrow(0, 0, 1)?);
+    }
+    Ok(w.forward(x)?)
+}
+
 impl Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.w.forward(x)?;
+        let y = matmul_rows(&self.w, x)?;
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -310,15 +326,22 @@ impl Transformer {
         let mut tokens = Vec::new();
         let mut positions = Vec::new();
         let mut masks = Vec::with_capacity(batch.len());
+        // Rows forwarded over a cache (decode, verify) take the batch-invariant kernel, so
+        // that one row and many rows agree bit for bit; a fresh prefill, which plain and
+        // speculative decoding run alike, keeps the faster matmul path.
+        let invariant = |cache: &KvCache| cache.len() > 0 && self.device.is_cpu();
         for (cache, input) in batch.iter() {
             tokens.extend_from_slice(input.tokens);
             positions.extend_from_slice(input.positions);
             let n = input.tokens.len();
-            let mask = input
-                .visibility
-                .additive_mask(n, cache.len())
-                .map(|m| Tensor::from_vec(m, (n, cache.len() + n), &self.device))
-                .transpose()?;
+            let mask = match invariant(cache) {
+                true => None,
+                false => input
+                    .visibility
+                    .additive_mask(n, cache.len())
+                    .map(|m| Tensor::from_vec(m, (n, cache.len() + n), &self.device))
+                    .transpose()?,
+            };
             masks.push(mask);
         }
         let total = tokens.len();
@@ -345,7 +368,20 @@ impl Transformer {
                 let part =
                     |t: &Tensor| -> Result<Tensor> { Ok(t.narrow(2, off, n)?.contiguous()?) };
                 let (k_all, v_all) = cache.write(li, &part(&k)?, &part(&v)?)?;
-                outs.push(attention(&part(&q)?, &k_all, &v_all, mask.as_ref(), scale)?);
+                let q = part(&q)?;
+                outs.push(
+                    if invariant(cache) && crate::attention::supported(&q, &k_all) {
+                        crate::attention::attend(
+                            &q,
+                            &k_all,
+                            &v_all,
+                            input.visibility,
+                            scale as f32,
+                        )?
+                    } else {
+                        attention(&q, &k_all, &v_all, mask.as_ref(), scale)?
+                    },
+                );
                 off += n;
             }
             let attn = if outs.len() == 1 {
@@ -414,7 +450,7 @@ impl Transformer {
         let idx = Tensor::new(global.as_slice(), &self.device)?;
         let h = hidden.index_select(&idx, 0)?;
         let h = candle_nn::ops::rms_norm(&h, &self.final_norm, self.cfg.rms_norm_eps as f32)?;
-        let logits = head.forward(&h)?.to_dtype(DType::F32)?;
+        let logits = matmul_rows(head, &h)?.to_dtype(DType::F32)?;
         let argmax: Vec<u32> = logits.argmax_keepdim(D::Minus1)?.flatten_all()?.to_vec1()?;
         let want_logits = inputs.iter().any(|i| i.outputs.logits);
         let all_logits: Option<Vec<Vec<f32>>> = if want_logits {

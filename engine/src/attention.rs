@@ -1,0 +1,217 @@
+//! Batch-invariant attention on CPU: every query row is reduced in one fixed order over
+//! the keys it sees, so its output never depends on how many other rows share the forward.
+//!
+//! Why: plain greedy decoding forwards one row per step while speculative strategies verify
+//! many rows at once. candle's f32 matmul picks kernels by shape (a 3-row and a 15-row
+//! `q @ k^T` over the same keys round differently, by about 1e-5), and a difference that
+//! small flips the argmax at a near-tie, so "exactly what the target alone produces" would
+//! hold only up to rounding.
+
+use crate::error::{EngineError, Result};
+use crate::mask::Visibility;
+use candle_core::{DType, Device, Layout, Storage, Tensor};
+use rayon::prelude::*;
+
+/// Lanes of the dot-product accumulator: a fixed split, so the order of additions is the
+/// same on every machine and for every row.
+const LANES: usize = 8;
+
+/// Read access to a `(1, heads, len, d)` f32 tensor on CPU whose last dimension is
+/// contiguous (a cache view narrowed from a larger buffer qualifies).
+struct Rows<'a> {
+    data: &'a [f32],
+    start: usize,
+    head_stride: usize,
+    row_stride: usize,
+    d: usize,
+}
+
+impl<'a> Rows<'a> {
+    fn new(storage: &'a Storage, layout: &Layout) -> Option<Self> {
+        let Storage::Cpu(cpu) = storage else {
+            return None;
+        };
+        let data = cpu.as_slice::<f32>().ok()?;
+        let dims = layout.dims();
+        let stride = layout.stride();
+        if dims.len() != 4 || dims[0] != 1 || stride[3] != 1 {
+            return None;
+        }
+        Some(Self {
+            data,
+            start: layout.start_offset(),
+            head_stride: stride[1],
+            row_stride: stride[2],
+            d: dims[3],
+        })
+    }
+
+    fn row(&self, head: usize, i: usize) -> &[f32] {
+        let at = self.start + head * self.head_stride + i * self.row_stride;
+        &self.data[at..at + self.d]
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = a.len() / LANES * LANES;
+    for (x, y) in a[..chunks]
+        .chunks_exact(LANES)
+        .zip(b[..chunks].chunks_exact(LANES))
+    {
+        for l in 0..LANES {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut sum = acc.iter().sum::<f32>();
+    for (x, y) in a[chunks..].iter().zip(&b[chunks..]) {
+        sum += x * y;
+    }
+    sum
+}
+
+/// Whether `attend` can run on these tensors (CPU, f32); otherwise use the matmul path.
+pub(crate) fn supported(q: &Tensor, k: &Tensor) -> bool {
+    matches!(q.device(), Device::Cpu) && q.dtype() == DType::F32 && k.dtype() == DType::F32
+}
+
+/// Attention of `n` new queries `q: (1, hq, n, d)` against a sequence's keys and values
+/// `(1, hkv, past + n, d)`: query row `i` sees every cached entry and the new entries that
+/// `visibility` lets it see. Returns `(n, hq * d)`.
+pub(crate) fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    visibility: &Visibility,
+    scale: f32,
+) -> Result<Tensor> {
+    let (_, hq, n, d) = q.dims4()?;
+    let (_, hkv, t, _) = k.dims4()?;
+    let past = t.checked_sub(n).ok_or_else(|| {
+        EngineError::invalid(format!("attention: {n} new rows but only {t} keys"))
+    })?;
+    let group = hq / hkv;
+    let q = q.contiguous()?;
+    let (qs, ql) = q.storage_and_layout();
+    let (ks, kl) = k.storage_and_layout();
+    let (vs, vl) = v.storage_and_layout();
+    let (Some(qr), Some(kr), Some(vr)) =
+        (Rows::new(&qs, ql), Rows::new(&ks, kl), Rows::new(&vs, vl))
+    else {
+        return Err(EngineError::invalid(
+            "attention: expected f32 CPU tensors with a contiguous last dimension",
+        ));
+    };
+    let visible_new = visibility.dense(n);
+    let mut out = vec![0f32; n * hq * d];
+    // One task per (new row, query head); each writes its own slice of `out`.
+    out.par_chunks_mut(d).enumerate().for_each(|(cell, dst)| {
+        let (i, h) = (cell / hq, cell % hq);
+        let kv_head = h / group;
+        let query = qr.row(h, i);
+        let seen = (0..past).chain((0..n).filter(|&j| visible_new[i * n + j]).map(|j| past + j));
+        let scores: Vec<(usize, f32)> = seen
+            .map(|j| (j, dot(query, kr.row(kv_head, j)) * scale))
+            .collect();
+        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &(_, s)| m.max(s));
+        let mut total = 0f32;
+        for &(j, s) in &scores {
+            let w = (s - max).exp();
+            total += w;
+            for (o, x) in dst.iter_mut().zip(vr.row(kv_head, j)) {
+                *o += w * x;
+            }
+        }
+        let inv = 1.0 / total;
+        for o in dst.iter_mut() {
+            *o *= inv;
+        }
+    });
+    drop((qs, ks, vs));
+    Ok(Tensor::from_vec(out, (n, hq * d), q.device())?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tensor(shape: (usize, usize, usize, usize), seed: u32) -> Tensor {
+        let len = shape.0 * shape.1 * shape.2 * shape.3;
+        let data: Vec<f32> = (0..len as u32)
+            .map(|i| ((i.wrapping_mul(2_654_435_761) ^ seed) % 1000) as f32 / 500.0 - 1.0)
+            .collect();
+        Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+    }
+
+    /// The same rows through softmax(q k^T) v with candle ops, for reference.
+    fn reference(q: &Tensor, k: &Tensor, v: &Tensor, vis: &Visibility, scale: f64) -> Tensor {
+        let (_, hq, n, d) = q.dims4().unwrap();
+        let (_, hkv, t, _) = k.dims4().unwrap();
+        let g = hq / hkv;
+        let mask = vis
+            .additive_mask(n, t - n)
+            .unwrap_or_else(|| vec![0.0; n * t]);
+        let mask = Tensor::from_vec(mask, (n, t), &Device::Cpu).unwrap();
+        let qg = q.reshape((1, hkv, g * n, d)).unwrap();
+        let s = (qg.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
+        let s = s
+            .reshape((1, hkv, g, n, t))
+            .unwrap()
+            .broadcast_add(&mask)
+            .unwrap()
+            .reshape((1, hkv, g * n, t))
+            .unwrap();
+        let p = candle_nn::ops::softmax_last_dim(&s).unwrap();
+        p.matmul(&v.contiguous().unwrap())
+            .unwrap()
+            .reshape((1, hq, n, d))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((n, hq * d))
+            .unwrap()
+    }
+
+    #[test]
+    fn matches_softmax_attention_and_each_row_alone() {
+        let (hq, hkv, d, past, n) = (6, 2, 20, 9, 5);
+        // Keys and values as views into a larger buffer, like the cache hands them out.
+        let kbuf = tensor((1, hkv, 32, d), 1);
+        let vbuf = tensor((1, hkv, 32, d), 2);
+        let (k, v) = (
+            kbuf.narrow(2, 0, past + n).unwrap(),
+            vbuf.narrow(2, 0, past + n).unwrap(),
+        );
+        let q = tensor((1, hq, n, d), 3);
+        let scale = 1.0 / (d as f64).sqrt();
+        for vis in [Visibility::Causal, Visibility::Tree(vec![-1, 0, 0, 2, -1])] {
+            let got = attend(&q, &k, &v, &vis, scale as f32).unwrap();
+            let want = reference(&q, &k, &v, &vis, scale);
+            let diff = (&got - &want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff < 1e-5, "{vis:?}: {diff}");
+            // Row 3 of a chain alone (its keys: the cache and new rows 0..=3) must give
+            // bit for bit what it gave among five rows.
+            if vis == Visibility::Causal {
+                let alone = attend(
+                    &q.narrow(2, 3, 1).unwrap(),
+                    &kbuf.narrow(2, 0, past + 4).unwrap(),
+                    &vbuf.narrow(2, 0, past + 4).unwrap(),
+                    &Visibility::Causal,
+                    scale as f32,
+                )
+                .unwrap();
+                let row: Vec<f32> = got.get(3).unwrap().to_vec1().unwrap();
+                assert_eq!(alone.get(0).unwrap().to_vec1::<f32>().unwrap(), row);
+            }
+        }
+    }
+}
