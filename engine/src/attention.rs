@@ -10,7 +10,6 @@
 use crate::error::{EngineError, Result};
 use crate::mask::Visibility;
 use candle_core::{DType, Device, Layout, Storage, Tensor};
-use rayon::prelude::*;
 
 /// Lanes of the dot-product accumulator: a fixed split, so the order of additions is the
 /// same on every machine and for every row.
@@ -52,6 +51,7 @@ impl<'a> Rows<'a> {
     }
 }
 
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
     let chunks = a.len() / LANES * LANES;
@@ -68,6 +68,62 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         sum += x * y;
     }
     sum
+}
+
+/// The keys and values of one key/value head.
+#[derive(Clone, Copy)]
+struct KvHead<'a> {
+    k: &'a Rows<'a>,
+    v: &'a Rows<'a>,
+    head: usize,
+}
+
+/// One query row against the keys it sees: softmax-weighted sum of their values into `dst`.
+/// `scores` is scratch space.
+#[inline(always)]
+fn attend_row(
+    query: &[f32],
+    keys: impl Iterator<Item = usize> + Clone,
+    kv: &KvHead<'_>,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    dst: &mut [f32],
+) {
+    let KvHead {
+        k,
+        v,
+        head: kv_head,
+    } = *kv;
+    scores.clear();
+    scores.extend(keys.clone().map(|j| dot(query, k.row(kv_head, j)) * scale));
+    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+    let mut total = 0f32;
+    for (j, s) in keys.zip(scores.iter()) {
+        let w = (s - max).exp();
+        total += w;
+        for (o, x) in dst.iter_mut().zip(v.row(kv_head, j)) {
+            *o += w * x;
+        }
+    }
+    let inv = 1.0 / total;
+    for o in dst.iter_mut() {
+        *o *= inv;
+    }
+}
+
+/// `attend_row` compiled for AVX2: the same operations in the same order (no fused
+/// multiply-add), eight lanes at a time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn attend_row_avx2(
+    query: &[f32],
+    keys: impl Iterator<Item = usize> + Clone,
+    kv: &KvHead<'_>,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    dst: &mut [f32],
+) {
+    attend_row(query, keys, kv, scale, scores, dst)
 }
 
 /// Whether `attend` can run on these tensors (CPU, f32); otherwise use the matmul path.
@@ -104,29 +160,29 @@ pub(crate) fn attend(
     };
     let visible_new = visibility.dense(n);
     let mut out = vec![0f32; n * hq * d];
-    // One task per (new row, query head); each writes its own slice of `out`.
-    out.par_chunks_mut(d).enumerate().for_each(|(cell, dst)| {
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = std::arch::is_x86_feature_detected!("avx2");
+    let mut scores = Vec::with_capacity(t);
+    // Single-threaded: candle's matmul workers are still spinning between ops, and a
+    // second pool here only fights them for the cores.
+    for (cell, dst) in out.chunks_mut(d).enumerate() {
         let (i, h) = (cell / hq, cell % hq);
-        let kv_head = h / group;
+        let kv = KvHead {
+            k: &kr,
+            v: &vr,
+            head: h / group,
+        };
         let query = qr.row(h, i);
-        let seen = (0..past).chain((0..n).filter(|&j| visible_new[i * n + j]).map(|j| past + j));
-        let scores: Vec<(usize, f32)> = seen
-            .map(|j| (j, dot(query, kr.row(kv_head, j)) * scale))
-            .collect();
-        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &(_, s)| m.max(s));
-        let mut total = 0f32;
-        for &(j, s) in &scores {
-            let w = (s - max).exp();
-            total += w;
-            for (o, x) in dst.iter_mut().zip(vr.row(kv_head, j)) {
-                *o += w * x;
-            }
+        let row = &visible_new[i * n..(i + 1) * n];
+        let keys = (0..past).chain((0..n).filter(|&j| row[j]).map(|j| past + j));
+        #[cfg(target_arch = "x86_64")]
+        if avx2 {
+            // SAFETY: the CPU supports AVX2 (checked above).
+            unsafe { attend_row_avx2(query, keys, &kv, scale, &mut scores, dst) };
+            continue;
         }
-        let inv = 1.0 / total;
-        for o in dst.iter_mut() {
-            *o *= inv;
-        }
-    });
+        attend_row(query, keys, &kv, scale, &mut scores, dst);
+    }
     drop((qs, ks, vs));
     Ok(Tensor::from_vec(out, (n, hq * d), q.device())?)
 }

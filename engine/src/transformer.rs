@@ -46,20 +46,67 @@ struct Linear {
     bias: Option<Tensor>,
 }
 
-/// `x @ w^T` with the same per-row arithmetic for any number of rows. candle runs a
-/// one-row Q6K product through a different kernel from a multi-row one (they differ by
-/// ~3e-6), so a lone Q6K row goes through the multi-row kernel, paired with a copy of
-/// itself.
+/// `x @ w^T` with the same per-row arithmetic for any number of rows. candle picks
+/// quantized kernels by row count: a one-row Q6_K product takes another kernel than a
+/// multi-row one (they differ by ~3e-6), so a lone Q6_K row is paired with a copy of
+/// itself; and on CPUs with AMX, Q4_K products of 32 rows or more run on AMX tiles, so
+/// those are split into calls of fewer rows.
 fn matmul_rows(w: &QMatMul, x: &Tensor) -> Result<Tensor> {
-    let lone_q6k = matches!(w, QMatMul::QTensor(q) if q.dtype() == GgmlDType::Q6K)
-        && x.device().is_cpu()
-        && x.rank() == 2
-        && x.dim(0)? == 1;
-    if lone_q6k {
-        let pair = Tensor::cat(&[x, x], 0)?;
-        return Ok(w.forward(&pair)?.narrow(0, 0, 1)?);
+    let dtype = match w {
+        QMatMul::QTensor(q) if x.device().is_cpu() && x.rank() == 2 => q.dtype(),
+        _ => return Ok(w.forward(x)?),
+    };
+    let rows = x.dim(0)?;
+    match rows_per_call(dtype, rows, amx_present()) {
+        RowsPerCall::All => Ok(w.forward(x)?),
+        RowsPerCall::Paired => {
+            let pair = Tensor::cat(&[x, x], 0)?;
+            Ok(w.forward(&pair)?.narrow(0, 0, 1)?)
+        }
+        RowsPerCall::AtMost(chunk) => {
+            let parts = (0..rows)
+                .step_by(chunk)
+                .map(|at| w.forward(&x.narrow(0, at, chunk.min(rows - at))?))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Ok(Tensor::cat(&parts, 0)?)
+        }
     }
-    Ok(w.forward(x)?)
+}
+
+#[derive(Debug, PartialEq)]
+enum RowsPerCall {
+    All,
+    /// One row, sent with a copy of itself.
+    Paired,
+    AtMost(usize),
+}
+
+/// Rows from which candle runs Q4_K products on AMX tiles (where the CPU has them).
+const AMX_ROWS: usize = 32;
+
+fn rows_per_call(dtype: GgmlDType, rows: usize, amx: bool) -> RowsPerCall {
+    match dtype {
+        GgmlDType::Q6K if rows == 1 => RowsPerCall::Paired,
+        GgmlDType::Q4K if amx && rows >= AMX_ROWS => RowsPerCall::AtMost(AMX_ROWS - 1),
+        _ => RowsPerCall::All,
+    }
+}
+
+/// Whether this CPU has AMX int8 tiles (CPUID leaf 7: EDX bits 24 and 25), as candle
+/// checks before taking its AMX path.
+fn amx_present() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static AMX: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AMX.get_or_init(|| {
+            let info = core::arch::x86_64::__cpuid_count(7, 0);
+            info.edx & (1 << 24) != 0 && info.edx & (1 << 25) != 0
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 impl Linear {
@@ -326,10 +373,10 @@ impl Transformer {
         let mut tokens = Vec::new();
         let mut positions = Vec::new();
         let mut masks = Vec::with_capacity(batch.len());
-        // Rows forwarded over a cache (decode, verify) take the batch-invariant kernel, so
-        // that one row and many rows agree bit for bit; a fresh prefill, which plain and
-        // speculative decoding run alike, keeps the faster matmul path.
-        let invariant = |cache: &KvCache| cache.len() > 0 && self.device.is_cpu();
+        // On CPU every forward takes the batch-invariant attention kernel, so a row's output
+        // is the same however the tokens were split into forwards: one row or many, and a
+        // prompt prefilled whole or (as lookahead and draft catch-up do) in parts.
+        let invariant = |_: &KvCache| self.device.is_cpu();
         for (cache, input) in batch.iter() {
             tokens.extend_from_slice(input.tokens);
             positions.extend_from_slice(input.positions);
@@ -552,5 +599,21 @@ impl LanguageModel for Transformer {
         let hidden = self.forward_hidden(batch)?;
         let inputs: Vec<SeqInput<'_>> = batch.iter().map(|(_, i)| i.clone()).collect();
         self.outputs(&hidden, &inputs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_are_split_or_paired_only_where_candle_would_switch_kernels() {
+        use RowsPerCall::*;
+        assert_eq!(rows_per_call(GgmlDType::Q6K, 1, false), Paired);
+        assert_eq!(rows_per_call(GgmlDType::Q6K, 2, true), All);
+        assert_eq!(rows_per_call(GgmlDType::Q4K, 64, false), All);
+        assert_eq!(rows_per_call(GgmlDType::Q4K, 31, true), All);
+        assert_eq!(rows_per_call(GgmlDType::Q4K, 32, true), AtMost(31));
+        assert_eq!(rows_per_call(GgmlDType::Q8_0, 64, true), All);
     }
 }
