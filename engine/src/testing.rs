@@ -231,6 +231,20 @@ pub fn models_dir() -> std::path::PathBuf {
         })
 }
 
+/// A fetched model file by name, or None after printing the SKIPPED line that the test
+/// scripts count (scripts/fetch-models.sh fetches them).
+pub fn fetched_model(file: &str) -> Option<std::path::PathBuf> {
+    let path = models_dir().join(file);
+    if path.exists() {
+        return Some(path);
+    }
+    println!(
+        "SKIPPED: {} not present (run scripts/fetch-models.sh)",
+        path.display()
+    );
+    None
+}
+
 /// Values as f32 regardless of storage dtype (for comparing outputs).
 pub fn to_f32_vec(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)

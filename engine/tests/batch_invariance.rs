@@ -3,7 +3,7 @@
 //! greedy decodes one row at a time; where kernels round differently by row count, a
 //! near-tie can go either way and "lossless" holds only up to rounding.
 
-use engine::testing::models_dir;
+use engine::testing::fetched_model;
 use engine::{
     KvState, LanguageModel, LoadOptions, OutputSpec, SeqInput, Transformer, Visibility,
     tree_positions,
@@ -48,14 +48,7 @@ fn ids(n: usize, salt: u32) -> Vec<u32> {
 }
 
 fn load(file: &str) -> Option<Transformer> {
-    let path = models_dir().join(file);
-    if !path.exists() {
-        println!(
-            "SKIPPED: {} not present (run scripts/fetch-models.sh)",
-            path.display()
-        );
-        return None;
-    }
+    let path = fetched_model(file)?;
     Some(engine::load_model(&path, &LoadOptions::default(), &candle_core::Device::Cpu).unwrap())
 }
 

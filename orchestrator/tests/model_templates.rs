@@ -2,7 +2,7 @@
 //! `apply_chat_template` (jinja2 with trim_blocks and lstrip_blocks) renders. The expected
 //! strings were printed by jinja2 3.1 from the same templates.
 
-use engine::testing::models_dir;
+use engine::testing::fetched_model;
 use orchestrator::chat::ChatTemplate;
 use proto::v1::ChatMessage;
 
@@ -27,14 +27,7 @@ fn conversations() -> [Vec<ChatMessage>; 2] {
 
 /// The model's template, or None (and a SKIPPED line) when the model is not fetched.
 fn template_of(file: &str) -> Option<ChatTemplate> {
-    let path = models_dir().join(file);
-    if !path.exists() {
-        println!(
-            "SKIPPED: {} not present (run scripts/fetch-models.sh)",
-            path.display()
-        );
-        return None;
-    }
+    let path = fetched_model(file)?;
     let source = engine::chat_template::of_model(&path)
         .unwrap()
         .expect("the model ships a chat template");
@@ -45,41 +38,44 @@ const MULTI_TURN_CHATML: &str = "<|im_start|>system\nBe brief.<|im_end|>\n\
     <|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\nHi!<|im_end|>\n\
     <|im_start|>user\nWrite a haiku.<|im_end|>\n<|im_start|>assistant\n";
 
-#[test]
-fn qwen_template_adds_its_default_system_prompt() {
-    let Some(t) = template_of("qwen2.5-coder-0.5b-instruct.gguf") else {
+/// One user turn gets the model's default system prompt; a conversation with its own
+/// system turn renders as plain ChatML.
+fn check(file: &str, default_system: &str) {
+    let Some(t) = template_of(file) else {
         return;
     };
     let [single, multi] = conversations();
     assert_eq!(
         t.render(&single).unwrap(),
-        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful \
-         assistant.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+        format!(
+            "<|im_start|>system\n{default_system}<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n\
+             <|im_start|>assistant\n"
+        )
     );
     assert_eq!(t.render(&multi).unwrap(), MULTI_TURN_CHATML);
+}
+
+#[test]
+fn qwen_template_adds_its_default_system_prompt() {
+    check(
+        "qwen2.5-coder-0.5b-instruct.gguf",
+        "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
+    );
 }
 
 #[test]
 fn smollm_template_adds_its_default_system_prompt() {
-    let Some(t) = template_of("smollm2-135m-instruct-q4_1.gguf") else {
-        return;
-    };
-    let [single, multi] = conversations();
-    assert_eq!(
-        t.render(&single).unwrap(),
-        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging \
-         Face<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    check(
+        "smollm2-135m-instruct-q4_1.gguf",
+        "You are a helpful AI assistant named SmolLM, trained by Hugging Face",
     );
-    assert_eq!(t.render(&multi).unwrap(), MULTI_TURN_CHATML);
 }
 
 #[test]
 fn gguf_special_tokens_come_from_the_vocabulary() {
-    let path = models_dir().join("smollm2-135m-instruct-q4_1.gguf");
-    if !path.exists() {
-        println!("SKIPPED: {} not present", path.display());
+    let Some(path) = fetched_model("smollm2-135m-instruct-q4_1.gguf") else {
         return;
-    }
+    };
     let s = engine::chat_template::of_model(&path).unwrap().unwrap();
     assert_eq!(
         (s.bos_token.as_str(), s.eos_token.as_str()),
