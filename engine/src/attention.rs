@@ -9,7 +9,7 @@
 
 use crate::error::{EngineError, Result};
 use crate::mask::Visibility;
-use candle_core::{DType, Device, Layout, Storage, Tensor};
+use candle_core::{Layout, Storage, Tensor};
 
 /// Lanes of the dot-product accumulator: a fixed split, so the order of additions is the
 /// same on every machine and for every row.
@@ -89,19 +89,17 @@ fn attend_row(
     scores: &mut Vec<f32>,
     dst: &mut [f32],
 ) {
-    let KvHead {
-        k,
-        v,
-        head: kv_head,
-    } = *kv;
     scores.clear();
-    scores.extend(keys.clone().map(|j| dot(query, k.row(kv_head, j)) * scale));
+    scores.extend(
+        keys.clone()
+            .map(|j| dot(query, kv.k.row(kv.head, j)) * scale),
+    );
     let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
     let mut total = 0f32;
     for (j, s) in keys.zip(scores.iter()) {
         let w = (s - max).exp();
         total += w;
-        for (o, x) in dst.iter_mut().zip(v.row(kv_head, j)) {
+        for (o, x) in dst.iter_mut().zip(kv.v.row(kv.head, j)) {
             *o += w * x;
         }
     }
@@ -124,11 +122,6 @@ unsafe fn attend_row_avx2(
     dst: &mut [f32],
 ) {
     attend_row(query, keys, kv, scale, scores, dst)
-}
-
-/// Whether `attend` can run on these tensors (CPU, f32); otherwise use the matmul path.
-pub(crate) fn supported(q: &Tensor, k: &Tensor) -> bool {
-    matches!(q.device(), Device::Cpu) && q.dtype() == DType::F32 && k.dtype() == DType::F32
 }
 
 /// Attention of `n` new queries `q: (1, hq, n, d)` against a sequence's keys and values
@@ -190,6 +183,7 @@ pub(crate) fn attend(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
 
     fn tensor(shape: (usize, usize, usize, usize), seed: u32) -> Tensor {
         let len = shape.0 * shape.1 * shape.2 * shape.3;

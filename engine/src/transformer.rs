@@ -376,12 +376,13 @@ impl Transformer {
         // On CPU every forward takes the batch-invariant attention kernel, so a row's output
         // is the same however the tokens were split into forwards: one row or many, and a
         // prompt prefilled whole or (as lookahead and draft catch-up do) in parts.
-        let invariant = |_: &KvCache| self.device.is_cpu();
+        // (The kernel reads the visibility itself; the masks are for the matmul path.)
+        let invariant = self.device.is_cpu();
         for (cache, input) in batch.iter() {
             tokens.extend_from_slice(input.tokens);
             positions.extend_from_slice(input.positions);
             let n = input.tokens.len();
-            let mask = match invariant(cache) {
+            let mask = match invariant {
                 true => None,
                 false => input
                     .visibility
@@ -416,19 +417,11 @@ impl Transformer {
                     |t: &Tensor| -> Result<Tensor> { Ok(t.narrow(2, off, n)?.contiguous()?) };
                 let (k_all, v_all) = cache.write(li, &part(&k)?, &part(&v)?)?;
                 let q = part(&q)?;
-                outs.push(
-                    if invariant(cache) && crate::attention::supported(&q, &k_all) {
-                        crate::attention::attend(
-                            &q,
-                            &k_all,
-                            &v_all,
-                            input.visibility,
-                            scale as f32,
-                        )?
-                    } else {
-                        attention(&q, &k_all, &v_all, mask.as_ref(), scale)?
-                    },
-                );
+                outs.push(if invariant {
+                    crate::attention::attend(&q, &k_all, &v_all, input.visibility, scale as f32)?
+                } else {
+                    attention(&q, &k_all, &v_all, mask.as_ref(), scale)?
+                });
                 off += n;
             }
             let attn = if outs.len() == 1 {

@@ -288,10 +288,8 @@ fn run_with<T: LanguageModel + 'static>(e: &Embedded<T>, a: &BenchArgs) -> Resul
                 Arc::new(p)
             }
             _ => {
-                // As DecodeArgs::phrase_len: a bad level is the request's to report.
                 let level = v.params(&a.decode, &e.eos).lookahead.level;
-                let phrase_len = level.saturating_sub(1).max(1);
-                let p = e.isolated_pipeline(phrase_len);
+                let p = e.isolated_pipeline(crate::phrase_len_for(level));
                 if auto {
                     if profile.is_none() {
                         profile = Some(e.measure_costs()?);

@@ -143,11 +143,16 @@ pub struct DecodeArgs {
     seed: u64,
 }
 
+/// Pool phrase length for a lookahead level (at least 1, even for a bad level, which the
+/// request's own validation then reports).
+pub fn phrase_len_for(level: usize) -> usize {
+    level.saturating_sub(1).max(1)
+}
+
 impl DecodeArgs {
-    /// Pool phrase length for these lookahead flags (at least 1, even for a bad --level,
-    /// which the request's own validation then reports).
+    /// Pool phrase length for these lookahead flags.
     pub fn phrase_len(&self) -> usize {
-        self.level.saturating_sub(1).max(1)
+        phrase_len_for(self.level)
     }
 
     pub fn params(&self, strategy: Strategy, eos: &[u32]) -> DecodeParams {

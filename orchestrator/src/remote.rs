@@ -64,11 +64,7 @@ impl RemoteTarget {
             .model
             .as_ref()
             .and_then(|m| m.chat_template.as_ref())
-            .map(|t| ChatTemplateSource {
-                template: t.template.clone(),
-                bos_token: t.bos_token.clone(),
-                eos_token: t.eos_token.clone(),
-            });
+            .map(ChatTemplateSource::from);
         Ok(Self {
             client,
             info: info_of(info.model, url)?,

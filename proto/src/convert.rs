@@ -4,6 +4,7 @@
 
 use crate::common::v1 as pb;
 use engine::EngineError;
+use engine::chat_template::ChatTemplateSource;
 use spec::{LookaheadParams, Ngram, SamplingParams, ServerTiming, SpecError};
 use tonic::{Code, Status};
 
@@ -86,6 +87,26 @@ impl From<pb::Phrase> for Ngram {
         Self {
             key: p.key,
             phrase: p.tokens,
+        }
+    }
+}
+
+impl From<&ChatTemplateSource> for pb::ChatTemplate {
+    fn from(t: &ChatTemplateSource) -> Self {
+        Self {
+            template: t.template.clone(),
+            bos_token: t.bos_token.clone(),
+            eos_token: t.eos_token.clone(),
+        }
+    }
+}
+
+impl From<&pb::ChatTemplate> for ChatTemplateSource {
+    fn from(t: &pb::ChatTemplate) -> Self {
+        Self {
+            template: t.template.clone(),
+            bos_token: t.bos_token.clone(),
+            eos_token: t.eos_token.clone(),
         }
     }
 }

@@ -108,14 +108,7 @@ impl<M: LanguageModel + 'static> TargetService for TargetGrpc<M> {
                 model: i.name.clone(),
                 vocab_size: i.vocab_size as u32,
                 context_length: i.max_position as u32,
-                chat_template: c
-                    .chat_template
-                    .as_ref()
-                    .map(|t| proto::common::v1::ChatTemplate {
-                        template: t.template.clone(),
-                        bos_token: t.bos_token.clone(),
-                        eos_token: t.eos_token.clone(),
-                    }),
+                chat_template: c.chat_template.as_ref().map(Into::into),
             }),
             tp_size: c.tp_size as u32,
             sessions: self.sessions.len() as u32,
