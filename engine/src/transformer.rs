@@ -6,7 +6,7 @@ use crate::api::{ForwardOutput, KvState, LanguageModel, ModelInfo, SeqInput};
 use crate::config::{ModelConfig, RopeStyle};
 use crate::error::{EngineError, Result};
 use crate::kv::KvCache;
-use crate::weights::{RawWeight, Role, TensorSource, split_range};
+use crate::weights::{RawWeight, Role, TensorSource, pad_for_tiles, split_range};
 use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{D, DType, Device, Module, Tensor};
 use std::sync::Arc;
@@ -39,11 +39,17 @@ pub struct LoadOptions {
     /// Keep Q4_1/Q5_0/Q5_1 blocks as they are instead of requantizing them to Q8_0
     /// (slow on CPU; for comparing against other runtimes bit for bit).
     pub keep_slow_quants: bool,
+    /// Keep Q8_0 matrices at their own width instead of zero-padding them (and their
+    /// inputs) to a multiple of 256 for candle's fast x86 kernels; for comparing against
+    /// runtimes that run the same blocks on the generic kernel.
+    pub unpadded: bool,
 }
 
 struct Linear {
     w: QMatMul,
     bias: Option<Tensor>,
+    /// Zero columns appended to `w` (see `weights::pad_for_tiles`); inputs get as many.
+    pad: usize,
 }
 
 /// `x @ w^T` with the same per-row arithmetic for any number of rows. candle picks
@@ -110,7 +116,20 @@ fn amx_present() -> bool {
 }
 
 impl Linear {
+    fn new(w: QMatMul, bias: Option<Tensor>, opts: &LoadOptions) -> Result<Self> {
+        let (w, pad) = match opts.unpadded {
+            true => (w, 0),
+            false => pad_for_tiles(w)?,
+        };
+        Ok(Linear { w, bias, pad })
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_padded(&pad_columns(x, self.pad)?)
+    }
+
+    /// `forward` on an input already padded by `self.pad` columns.
+    fn forward_padded(&self, x: &Tensor) -> Result<Tensor> {
         let y = matmul_rows(&self.w, x)?;
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
@@ -127,6 +146,12 @@ impl Linear {
                 _ => None,
             })
             .collect();
+        // Projections of one input have one width, so one padding serves them all.
+        let pad = lins.first().map_or(0, |l| l.pad);
+        if lins.iter().any(|l| l.pad != pad) {
+            return lins.iter().map(|l| l.forward(x)).collect();
+        }
+        let x = &pad_columns(x, pad)?;
         if let Some(qs) = quants
             && let Some(outs) = candle_core::quantized::QTensor::gemv_fused_shared_lhs(&qs, x)?
         {
@@ -141,8 +166,15 @@ impl Linear {
                 })
                 .collect();
         }
-        lins.iter().map(|l| l.forward(x)).collect()
+        lins.iter().map(|l| l.forward_padded(x)).collect()
     }
+}
+
+fn pad_columns(x: &Tensor, pad: usize) -> Result<Tensor> {
+    Ok(match pad {
+        0 => x.clone(),
+        _ => x.pad_with_zeros(D::Minus1, 0, pad)?,
+    })
 }
 
 struct Layer {
@@ -172,7 +204,7 @@ pub struct Transformer {
     layers: Vec<Layer>,
     final_norm: Tensor,
     /// Only the rank that produces outputs holds the head.
-    lm_head: Option<QMatMul>,
+    lm_head: Option<Linear>,
     cos: Tensor,
     sin: Tensor,
     info: ModelInfo,
@@ -249,21 +281,13 @@ impl Transformer {
                         ),
                         None => None,
                     };
-                    Ok(Linear {
-                        w: matmul(weight)?,
-                        bias,
-                    })
+                    Linear::new(matmul(weight)?, bias, opts)
                 };
             let q = proj(Role::Q(i), Role::QBias(i), qd, q0, qn)?;
             let k = proj(Role::K(i), Role::KBias(i), kvd, k0, kn)?;
             let v = proj(Role::V(i), Role::VBias(i), kvd, k0, kn)?;
             let inter = cfg.intermediate_size;
-            let plain = |w: RawWeight| -> Result<Linear> {
-                Ok(Linear {
-                    w: matmul(w)?,
-                    bias: None,
-                })
-            };
+            let plain = |w: RawWeight| -> Result<Linear> { Linear::new(matmul(w)?, None, opts) };
             layers.push(Layer {
                 attn_norm: get(source, Role::AttnNorm(i), &[h])?.to_f32(device)?,
                 q,
@@ -282,7 +306,7 @@ impl Transformer {
                 Some(w) => w.expect_dims(&source.describe(Role::LmHead), &[cfg.vocab_size, h])?,
                 None => embed_raw.clone(), // tied embeddings
             };
-            Some(matmul(head)?)
+            Some(Linear::new(matmul(head)?, None, opts)?)
         } else {
             None
         };
@@ -490,7 +514,7 @@ impl Transformer {
         let idx = Tensor::new(global.as_slice(), &self.device)?;
         let h = hidden.index_select(&idx, 0)?;
         let h = candle_nn::ops::rms_norm(&h, &self.final_norm, self.cfg.rms_norm_eps as f32)?;
-        let logits = matmul_rows(head, &h)?.to_dtype(DType::F32)?;
+        let logits = head.forward(&h)?.to_dtype(DType::F32)?;
         let argmax: Vec<u32> = logits.argmax_keepdim(D::Minus1)?.flatten_all()?.to_vec1()?;
         let want_logits = inputs.iter().any(|i| i.outputs.logits);
         let all_logits: Option<Vec<Vec<f32>>> = if want_logits {

@@ -209,3 +209,111 @@ pub fn split_range(total: usize, world: usize, rank: usize) -> (usize, usize) {
     let len = base + usize::from(rank < extra);
     (start, len)
 }
+
+/// Width multiple that candle's repacked x86 kernels need (one Q8_K activation block).
+const TILE_K: usize = 256;
+/// Output rows per repacked tile.
+const TILE_N: usize = 16;
+
+/// Zero columns appended to a Q8_0 `(out, in)` weight whose `in` is not a multiple of 256,
+/// so that it reaches candle's repacked VNNI kernels. candle takes any other width to its
+/// generic kernel, which on the 0.5B Qwen's 896-wide layers is 2-3x slower at one row and
+/// about 10x at sixteen (`results/engine-bench.md`). The blocks are copied, not
+/// requantized, and zero blocks add nothing, so the weights are unchanged; only the
+/// activations are quantized per 256 values instead of per 32. Returns the weight and the
+/// number of zero columns the input must be padded with (0 where nothing was done).
+pub(crate) fn pad_for_tiles(w: QMatMul) -> Result<(QMatMul, usize)> {
+    let QMatMul::QTensor(q) = &w else {
+        return Ok((w, 0));
+    };
+    let (n, k) = match q.shape().dims2() {
+        Ok(d) => d,
+        Err(_) => return Ok((w, 0)),
+    };
+    let dtype = q.dtype();
+    if dtype != GgmlDType::Q8_0
+        || !q.device().is_cpu()
+        || k.is_multiple_of(TILE_K)
+        || !n.is_multiple_of(TILE_N)
+        || !has_vnni()
+    {
+        return Ok((w, 0));
+    }
+    let padded = k.next_multiple_of(TILE_K);
+    let block_bytes = dtype.type_size();
+    let row_bytes = k / dtype.block_size() * block_bytes;
+    let zeros = vec![0u8; (padded - k) / dtype.block_size() * block_bytes];
+    let data = q.data()?;
+    let mut bytes = Vec::with_capacity(n * (row_bytes + zeros.len()));
+    for row in data.chunks_exact(row_bytes) {
+        bytes.extend_from_slice(row);
+        bytes.extend_from_slice(&zeros);
+    }
+    let storage = QStorage::from_data(Cow::Owned(bytes), &q.device(), dtype)?;
+    let wide = QTensor::new(storage, (n, padded))?;
+    Ok((QMatMul::from_arc(Arc::new(wide))?, padded - k))
+}
+
+/// Whether candle's repacked Q8_0 kernels run here: they need a true `vpdpbusd`.
+fn has_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        (is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vnni"))
+            || (is_x86_feature_detected!("avxvnni") && is_x86_feature_detected!("avx2"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn padding_copies_the_blocks_and_appends_zeros() {
+        let dense = Tensor::randn(0f32, 1.0, (32, 96), &Device::Cpu).unwrap();
+        let q = Arc::new(QTensor::quantize(&dense, GgmlDType::Q8_0).unwrap());
+        let original = q.dequantize(&Device::Cpu).unwrap();
+        let (padded, pad) = pad_for_tiles(QMatMul::QTensor(q)).unwrap();
+        let QMatMul::QTensor(p) = padded else {
+            panic!("the padded weight must stay quantized");
+        };
+        if !has_vnni() {
+            assert_eq!((pad, p.shape().dims2().unwrap()), (0, (32, 96)));
+            return;
+        }
+        assert_eq!((pad, p.shape().dims2().unwrap()), (160, (32, 256)));
+        let wide = p.dequantize(&Device::Cpu).unwrap();
+        let head = wide.narrow(1, 0, 96).unwrap().flatten_all().unwrap();
+        assert_eq!(
+            head.to_vec1::<f32>().unwrap(),
+            original.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+        let tail = wide
+            .narrow(1, 96, 160)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        assert_eq!(tail.to_scalar::<f32>().unwrap(), 0.0);
+    }
+
+    #[test]
+    fn widths_the_fast_kernels_take_are_left_alone() {
+        for (dtype, k) in [
+            (GgmlDType::Q8_0, 256),
+            (GgmlDType::Q4K, 256),
+            (GgmlDType::F32, 96),
+        ] {
+            let dense = Tensor::randn(0f32, 1.0, (32, k), &Device::Cpu).unwrap();
+            let q = QMatMul::from_qtensor(QTensor::quantize(&dense, dtype).unwrap()).unwrap();
+            let (_, pad) = pad_for_tiles(q).unwrap();
+            assert_eq!(pad, 0, "{dtype:?} width {k}");
+        }
+    }
+}
