@@ -377,6 +377,13 @@ const MEMORY: f64 = 2000.0;
 /// Drafting must promise this much more than the zero-cost tree: its estimate is the
 /// less certain one, and a draft round that disappoints costs most.
 const DRAFT_MARGIN: f64 = 1.05;
+/// Until the draft's first position has been tried this often, drafting is judged as if
+/// its tokens were accepted at least `OPTIMISTIC_DRAFT` of the time. Without that, a
+/// prior below the draft's real acceptance keeps `auto` from ever drafting, and so from
+/// ever learning better; with it, a draft that cannot pay even then is never tried, and
+/// one that disappoints costs a few rounds per process (the counts are shared).
+const EXPLORE_TRIES: f64 = 12.0;
+const OPTIMISTIC_DRAFT: f64 = 0.9;
 
 impl Guess {
     /// A trie node that `count` of `total` continuations took.
@@ -449,6 +456,11 @@ impl Calibration {
         let b = g.bucket();
         let p = (self.hits[b] + PRIOR_WEIGHT * g.prior()) / (self.tries[b] + PRIOR_WEIGHT);
         p.clamp(0.0, 0.98)
+    }
+
+    /// How often the guess's bucket has been tried (decayed).
+    fn tries(&self, g: Guess) -> f64 {
+        self.tries[g.bucket()]
     }
 
     /// A node's chance given its parent's: the best of the guesses behind it (0: none).
@@ -608,11 +620,15 @@ impl AutoTuner {
     ) -> Option<usize> {
         let cost = self.profile.draft?;
         let c = self.calibration(greedy);
+        let floor = match c.tries(Guess::Draft(0)) < EXPLORE_TRIES {
+            true => OPTIMISTIC_DRAFT,
+            false => 0.0,
+        };
         let mut reach = 1.0;
         let mut expected = 1.0;
         let mut best: Option<(f64, usize)> = None;
         for g in 1..=max_gamma {
-            reach *= c.estimate(Guess::Draft(g - 1));
+            reach *= c.estimate(Guess::Draft(g - 1)).max(floor);
             expected += reach;
             // Joining late means a prefill of the whole text, worth it only if the
             // request is long enough to earn it back: this round carries its share.
@@ -803,5 +819,48 @@ mod tests {
         // no draft model at all
         let none = AutoTuner::new(profile(&[(1, 1.0)], None));
         assert_eq!(none.draft_gamma(true, 8, 0.1, synced), None);
+    }
+
+    /// A draft whose prior looks too weak to pay is still tried until measured, then
+    /// kept when it is accepted often and dropped when it is not.
+    #[test]
+    fn an_untried_draft_is_tried_then_judged_by_its_record() {
+        // a draft token costs 0.7 of a one-node verify: at the 0.75 prior the best plan
+        // (one token) makes 1.75 / 1.73 = 1.01 tokens a verify-time, short of the 1.05
+        // margin over plain greedy (1.0); at 0.9 it makes 1.9 / 1.73 = 1.10
+        let fresh = || AutoTuner::new(profile(&[(1, 1.0), (16, 1.5)], Some((0.0, 0.7))));
+        let synced = DraftBacklog {
+            pending: 0,
+            unopened: 0,
+            remaining: 1000,
+        };
+        let chain = |n: usize| {
+            let mut tree = DraftTree::new(0);
+            tree.add_path(0, &vec![1; n]);
+            tree
+        };
+        let guesses = |n: usize| -> Vec<Vec<Guess>> {
+            std::iter::once(vec![])
+                .chain((0..n).map(|i| vec![Guess::Draft(i)]))
+                .collect()
+        };
+        for (accepted, keeps_drafting) in [(true, true), (false, false)] {
+            let t = fresh();
+            let g = t
+                .draft_gamma(true, 4, 1.0, synced)
+                .expect("tried while untried");
+            for _ in 0..EXPLORE_TRIES as usize {
+                let path: Vec<usize> = if accepted { (1..=g).collect() } else { vec![] };
+                t.learn(true, &chain(g), &guesses(g), &path);
+            }
+            assert_eq!(
+                t.draft_gamma(true, 4, 1.0, synced).is_some(),
+                keeps_drafting,
+                "accepted: {accepted}"
+            );
+        }
+        // a draft that cannot pay even at the optimistic rate is not tried at all
+        let dear = AutoTuner::new(profile(&[(1, 1.0), (16, 1.5)], Some((0.0, 1.0))));
+        assert_eq!(dear.draft_gamma(true, 4, 1.0, synced), None);
     }
 }
