@@ -12,6 +12,7 @@ pub mod chat_template;
 pub mod config;
 pub mod device;
 pub mod error;
+mod f16_matmul;
 pub mod gguf;
 pub mod hf;
 pub mod kv;

@@ -5,6 +5,7 @@
 use crate::api::{ForwardOutput, KvState, LanguageModel, ModelInfo, SeqInput};
 use crate::config::{ModelConfig, RopeStyle};
 use crate::error::{EngineError, Result};
+use crate::f16_matmul::F16Matrix;
 use crate::kv::KvCache;
 use crate::weights::{RawWeight, Role, TensorSource, pad_for_tiles, split_range};
 use candle_core::quantized::{GgmlDType, QMatMul};
@@ -45,8 +46,14 @@ pub struct LoadOptions {
     pub unpadded: bool,
 }
 
+/// A matmul operand: candle's, or on CPU our kernel for dense f16 weights.
+enum Weight {
+    Candle(QMatMul),
+    F16(F16Matrix),
+}
+
 struct Linear {
-    w: QMatMul,
+    w: Weight,
     bias: Option<Tensor>,
     /// Zero columns appended to `w` (see `weights::pad_for_tiles`); inputs get as many.
     pad: usize,
@@ -121,6 +128,12 @@ impl Linear {
             true => (w, 0),
             false => pad_for_tiles(w)?,
         };
+        let w = match w {
+            QMatMul::TensorF16(t) if t.device().is_cpu() => {
+                Weight::F16(F16Matrix::from_tensor(&t)?)
+            }
+            w => Weight::Candle(w),
+        };
         Ok(Linear { w, bias, pad })
     }
 
@@ -130,7 +143,10 @@ impl Linear {
 
     /// `forward` on an input already padded by `self.pad` columns.
     fn forward_padded(&self, x: &Tensor) -> Result<Tensor> {
-        let y = matmul_rows(&self.w, x)?;
+        let y = match &self.w {
+            Weight::Candle(w) => matmul_rows(w, x)?,
+            Weight::F16(w) => w.forward(x)?,
+        };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -142,7 +158,7 @@ impl Linear {
         let quants: Option<Vec<_>> = lins
             .iter()
             .map(|l| match &l.w {
-                QMatMul::QTensor(q) => Some(q.as_ref()),
+                Weight::Candle(QMatMul::QTensor(q)) => Some(q.as_ref()),
                 _ => None,
             })
             .collect();

@@ -47,9 +47,20 @@ fn ids(n: usize, salt: u32) -> Vec<u32> {
         .collect()
 }
 
-fn load(file: &str) -> Option<Transformer> {
+/// How the weights are held: as shipped (quantized), or dequantized to dense f16.
+#[derive(Clone, Copy)]
+enum Held {
+    AsShipped,
+    DenseF16,
+}
+
+fn load(file: &str, held: Held) -> Option<Transformer> {
     let path = fetched_model(file)?;
-    Some(engine::load_model(&path, &LoadOptions::default(), &candle_core::Device::Cpu).unwrap())
+    let opts = LoadOptions {
+        dequantize_f16: matches!(held, Held::DenseF16),
+        ..LoadOptions::default()
+    };
+    Some(engine::load_model(&path, &opts, &candle_core::Device::Cpu).unwrap())
 }
 
 /// Logits after decoding `path` one token at a time after `prompt`.
@@ -77,8 +88,8 @@ fn sequential<M: LanguageModel>(m: &M, prompt: &[u32], path: &[u32]) -> Vec<f32>
 
 /// A verify tree's rows, and a decode step after keeping one accepted path, equal
 /// decoding each path one token at a time.
-fn check_tree(file: &str) {
-    let Some(m) = load(file) else { return };
+fn check_tree(file: &str, held: Held) {
+    let Some(m) = load(file, held) else { return };
     let prompt = ids(24, 3);
     let parents = vec![-1, 0, 1, 0, 3, -1];
     let tokens = ids(parents.len(), 4);
@@ -143,8 +154,8 @@ fn check_tree(file: &str) {
     println!("{file}: tree rows and the step after compaction equal sequential decoding");
 }
 
-fn check(file: &str) {
-    let Some(m) = load(file) else { return };
+fn check(file: &str, held: Held) {
+    let Some(m) = load(file, held) else { return };
     let (prompt, tail) = (ids(24, 1), ids(12, 2));
     let one = tail_logits(&m, &prompt, &tail, prompt.len(), 1);
     // (prefill rows per forward, tail rows per forward): a prompt prefilled in parts, as
@@ -178,18 +189,25 @@ const MODELS: [&str; 3] = [
 
 #[test]
 fn smollm_rows_are_batch_invariant() {
-    check(MODELS[0]);
-    check_tree(MODELS[0]);
+    check(MODELS[0], Held::AsShipped);
+    check_tree(MODELS[0], Held::AsShipped);
+}
+
+/// Dense f16 weights take the engine's own f16 kernel instead of candle's quantized ones.
+#[test]
+fn smollm_dequantized_to_f16_rows_are_batch_invariant() {
+    check(MODELS[0], Held::DenseF16);
+    check_tree(MODELS[0], Held::DenseF16);
 }
 
 #[test]
 fn qwen_draft_rows_are_batch_invariant() {
-    check(MODELS[1]);
-    check_tree(MODELS[1]);
+    check(MODELS[1], Held::AsShipped);
+    check_tree(MODELS[1], Held::AsShipped);
 }
 
 #[test]
 fn qwen_target_rows_are_batch_invariant() {
-    check(MODELS[2]);
-    check_tree(MODELS[2]);
+    check(MODELS[2], Held::AsShipped);
+    check_tree(MODELS[2], Held::AsShipped);
 }

@@ -182,8 +182,8 @@ fn tiny_random_gguf_models_decode_like_candle_transformers() {
 
 /// The engine's logits along a given token path: the prompt in one multi-row forward (as
 /// the services prefill), then the forced tokens one at a time.
-fn engine_forced(path: &Path, prompt: &[u32], forced: &[u32]) -> Vec<Vec<f32>> {
-    let m = engine::load_model(path, &same_kernels(), &Device::Cpu).unwrap();
+fn engine_forced(path: &Path, opts: &LoadOptions, prompt: &[u32], forced: &[u32]) -> Vec<Vec<f32>> {
+    let m = engine::load_model(path, opts, &Device::Cpu).unwrap();
     engine_decode(&m, prompt, forced.len(), |_, i| forced[i])
 }
 
@@ -258,6 +258,8 @@ struct Check {
     conversion: Conversion,
     /// The engine reads the converted copy too (else the original file).
     engine_on_copy: bool,
+    /// The engine holds the weights as dense f16 (its own f16 kernel).
+    engine_f16: bool,
     tie: f32,
     noise: f32,
 }
@@ -266,6 +268,7 @@ struct Check {
 const QUANTIZED: Check = Check {
     conversion: Conversion::SlowQuantsToQ8_0,
     engine_on_copy: false,
+    engine_f16: false,
     tie: 0.25,
     noise: 2.0,
 };
@@ -274,8 +277,19 @@ const QUANTIZED: Check = Check {
 const DEQUANTIZED: Check = Check {
     conversion: Conversion::DequantizeToF32,
     engine_on_copy: true,
+    engine_f16: false,
     tie: 1e-3,
     noise: 1e-2,
+};
+
+/// The engine on the f32 copy held as dense f16 (its own f16 kernel) against candle on
+/// the f32 copy: f16 rounding of the weights only.
+const DENSE_F16: Check = Check {
+    conversion: Conversion::DequantizeToF32,
+    engine_on_copy: true,
+    engine_f16: true,
+    tie: 0.05,
+    noise: 0.2,
 };
 
 fn real_model_parity(
@@ -317,7 +331,12 @@ fn real_model_parity(
     for text in prompts {
         let prompt = engine::tokenizer::encode(&tok, text).unwrap();
         let theirs = candle_greedy(&reference, &prompt, steps);
-        let ours = engine_forced(ours_path, &prompt, &theirs.0);
+        let opts = LoadOptions {
+            f16_weights: check.engine_f16,
+            dequantize_f16: check.engine_f16,
+            ..same_kernels()
+        };
+        let ours = engine_forced(ours_path, &opts, &prompt, &theirs.0);
         let shown = engine::tokenizer::decode(&tok, &theirs.0, false).unwrap();
         println!("{file}: {text:?} -> {shown:?}");
         let what = format!("{file} {:?}: prompt {text:?}", check.conversion);
@@ -350,6 +369,17 @@ fn smollm2_dequantized_decodes_like_candle_transformers() {
         PROMPTS,
         64,
         DEQUANTIZED,
+    );
+}
+
+#[test]
+fn smollm2_as_dense_f16_decodes_like_candle_transformers() {
+    real_model_parity(
+        "smollm2-135m-instruct-q4_1.gguf",
+        None,
+        &PROMPTS[..2],
+        48,
+        DENSE_F16,
     );
 }
 

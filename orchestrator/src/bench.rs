@@ -257,6 +257,9 @@ pub fn run(mut a: BenchArgs) -> Result<()> {
     }
 }
 
+/// New tokens each runner decodes before the timed runs.
+const WARM_UP_TOKENS: usize = 8;
+
 fn run_with<T: LanguageModel + 'static>(e: &Embedded<T>, a: &BenchArgs) -> Result<()> {
     let prompts = load_prompts(a)?;
     let plan = plan(a, &e.eos)?;
@@ -304,6 +307,29 @@ fn run_with<T: LanguageModel + 'static>(e: &Embedded<T>, a: &BenchArgs) -> Resul
         runners.push(runner);
     }
     let profile = profile.map(|p| p.describe());
+    // candle packs quantized weights for its fast kernels on first use, a second or more
+    // per model: without a warm-up the first prompt's first row of each model pays it.
+    // Each runner decodes a few tokens of the first prompt, then forgets them.
+    if let Some(first) = prompts.first() {
+        let warm = Instant::now();
+        let text = if a.chat {
+            e.chat_prompt(first)?
+        } else {
+            first.clone()
+        };
+        let prompt = e.encode(&text)?;
+        for (v, runner) in plan.iter().zip(&runners) {
+            let mut params = v.params(&a.decode, &e.eos);
+            params.max_new_tokens = params.max_new_tokens.min(WARM_UP_TOKENS);
+            let sink = Box::new(|_: &[u32], _: &[spec::TokenSource]| Flow::Continue);
+            rt.block_on(runner.run(prompt.clone(), params, sink))?;
+            runner.clear_caches();
+        }
+        eprintln!(
+            "warm-up: {:.1} s (not counted)",
+            warm.elapsed().as_secs_f64()
+        );
+    }
     let started = Instant::now();
     for (i, text) in prompts.iter().enumerate() {
         let text = if a.chat {

@@ -1,0 +1,307 @@
+//! `x @ w^T` for dense f16 weights on CPU (the unquantized deployment).
+//!
+//! candle widens nothing here: it multiplies in f16 through its generic gemm, which on
+//! this CPU takes ~485 ms for one row of the 1.5B model and ~2.4 s for two
+//! (`results/humaneval-f16`), so no tree of any size could pay for itself. This kernel
+//! keeps the weights in f16 (half the memory traffic of f32), widens them in registers and
+//! multiplies in f32. Several input rows share every weight load, so a few rows cost
+//! about as much as one while the weights stream from memory.
+//!
+//! Every output element is one fixed sequence of operations over `k` (16 lanes, then a
+//! fixed horizontal sum, then the tail in order), whatever the number of rows or how they
+//! are blocked: a row's result does not depend on what it was batched with.
+
+use crate::error::{EngineError, Result};
+use candle_core::{DType, Device, Tensor};
+use half::f16;
+use rayon::prelude::*;
+
+/// Weight rows per task: enough work per task to amortize scheduling, and many tasks for
+/// the pool to balance.
+const COLS_PER_TASK: usize = 64;
+/// Input rows that share one pass over a block of weights.
+const ROW_BLOCK: usize = 4;
+/// Weight rows multiplied together against each input row block.
+const COL_BLOCK: usize = 4;
+
+/// A dense `(n, k)` f16 weight held in host memory.
+pub struct F16Matrix {
+    w: Vec<f16>,
+    n: usize,
+    k: usize,
+}
+
+impl F16Matrix {
+    /// From an `(n, k)` tensor of any float dtype (converted to f16).
+    pub fn from_tensor(t: &Tensor) -> Result<Self> {
+        let (n, k) = t.dims2()?;
+        let w = t
+            .to_dtype(DType::F16)?
+            .to_device(&Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f16>()?;
+        Ok(Self { w, n, k })
+    }
+
+    /// `x (m, k) f32 -> (m, n) f32`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (m, k) = x.dims2()?;
+        if k != self.k {
+            return Err(EngineError::invalid(format!(
+                "f16 matmul: input width {k}, weight width {}",
+                self.k
+            )));
+        }
+        let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let out = self.multiply(&xs, m);
+        Ok(Tensor::from_vec(out, (m, self.n), x.device())?)
+    }
+
+    /// Row-major `(m, n)` product of row-major `(m, k)` input.
+    fn multiply(&self, xs: &[f32], m: usize) -> Vec<f32> {
+        let (n, k) = (self.n, self.k);
+        // Each task fills its columns for every row, column-major, then the parts are
+        // laid out row-major.
+        let parts: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(COLS_PER_TASK))
+            .into_par_iter()
+            .map(|task| {
+                let c0 = task * COLS_PER_TASK;
+                let cols = COLS_PER_TASK.min(n - c0);
+                let mut part = vec![0f32; cols * m];
+                let w = &self.w[c0 * k..(c0 + cols) * k];
+                multiply_block(xs, m, k, w, cols, &mut part);
+                (c0, part)
+            })
+            .collect();
+        let mut out = vec![0f32; m * n];
+        for (c0, part) in parts {
+            let cols = part.len() / m.max(1);
+            for c in 0..cols {
+                for r in 0..m {
+                    out[r * n + c0 + c] = part[c * m + r];
+                }
+            }
+        }
+        out
+    }
+}
+
+/// `out[c * m + r] = x[r] . w[c]` for `cols` weight rows.
+fn multiply_block(xs: &[f32], m: usize, k: usize, w: &[f16], cols: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: the CPU has AVX-512F (checked above); the kernel checks its slices.
+        unsafe { avx512::multiply_block(xs, m, k, w, cols, out) };
+        return;
+    }
+    for c in 0..cols {
+        let wc = &w[c * k..(c + 1) * k];
+        for r in 0..m {
+            out[c * m + r] = portable_dot(&xs[r * k..(r + 1) * k], wc);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx512() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| is_x86_feature_detected!("avx512f"))
+}
+
+/// The AVX-512 kernel's lane layout in plain code (without fused multiply-adds: a
+/// software `fma` would be far slower): 16 partial sums, a pairwise fold, then the tail.
+fn portable_dot(x: &[f32], w: &[f16]) -> f32 {
+    let k = x.len();
+    let body = k - k % 16;
+    let mut lanes = [0f32; 16];
+    for (xc, wc) in x[..body].chunks_exact(16).zip(w[..body].chunks_exact(16)) {
+        for l in 0..16 {
+            lanes[l] += xc[l] * wc[l].to_f32();
+        }
+    }
+    let mut sum = fold_lanes(lanes);
+    for i in body..k {
+        sum += x[i] * w[i].to_f32();
+    }
+    sum
+}
+
+/// Pairwise sum of 16 lanes in a fixed order.
+fn fold_lanes(mut lanes: [f32; 16]) -> f32 {
+    let mut width = 16;
+    while width > 1 {
+        width /= 2;
+        for l in 0..width {
+            lanes[l] += lanes[l + width];
+        }
+    }
+    lanes[0]
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{COL_BLOCK, ROW_BLOCK, fold_lanes};
+    use core::arch::x86_64::*;
+    use half::f16;
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn multiply_block(
+        xs: &[f32],
+        m: usize,
+        k: usize,
+        w: &[f16],
+        cols: usize,
+        out: &mut [f32],
+    ) {
+        let mut c = 0;
+        while c < cols {
+            let cb = COL_BLOCK.min(cols - c);
+            let wb = &w[c * k..(c + cb) * k];
+            let mut r = 0;
+            while r < m {
+                let rb = ROW_BLOCK.min(m - r);
+                let x = &xs[r * k..(r + rb) * k];
+                // sums[i * cb + j] = x[i] . w[j]; every block shape runs the same
+                // per-element sequence, so the blocking does not show in the results.
+                let mut sums = [0f32; ROW_BLOCK * COL_BLOCK];
+                match (rb, cb) {
+                    (4, 4) => block::<4, 4>(x, wb, k, &mut sums),
+                    (3, 4) => block::<3, 4>(x, wb, k, &mut sums),
+                    (2, 4) => block::<2, 4>(x, wb, k, &mut sums),
+                    (1, 4) => block::<1, 4>(x, wb, k, &mut sums),
+                    _ => {
+                        // The column tail: one weight row at a time.
+                        for j in 0..cb {
+                            let mut one = [0f32; ROW_BLOCK * COL_BLOCK];
+                            let wj = &wb[j * k..(j + 1) * k];
+                            match rb {
+                                4 => block::<4, 1>(x, wj, k, &mut one),
+                                3 => block::<3, 1>(x, wj, k, &mut one),
+                                2 => block::<2, 1>(x, wj, k, &mut one),
+                                _ => block::<1, 1>(x, wj, k, &mut one),
+                            }
+                            for i in 0..rb {
+                                sums[i * cb + j] = one[i];
+                            }
+                        }
+                    }
+                }
+                for i in 0..rb {
+                    for j in 0..cb {
+                        out[(c + j) * m + r + i] = sums[i * cb + j];
+                    }
+                }
+                r += rb;
+            }
+            c += cb;
+        }
+    }
+
+    /// `sums[i * C + j] = x[i] . w[j]` for `R` input rows and `C` weight rows of width `k`.
+    #[target_feature(enable = "avx512f")]
+    fn block<const R: usize, const C: usize>(x: &[f32], w: &[f16], k: usize, sums: &mut [f32]) {
+        assert!(x.len() >= R * k && w.len() >= C * k && sums.len() >= R * C);
+        let body = k - k % 16;
+        let mut acc = [[_mm512_setzero_ps(); C]; R];
+        let (xp, wp) = (x.as_ptr(), w.as_ptr() as *const u16);
+        let mut at = 0;
+        while at < body {
+            let mut wv = [_mm512_setzero_ps(); C];
+            for (j, v) in wv.iter_mut().enumerate() {
+                // SAFETY: at + 16 <= body <= k, and w holds C rows of k.
+                *v = _mm512_cvtph_ps(unsafe {
+                    _mm256_loadu_si256(wp.add(j * k + at) as *const __m256i)
+                });
+            }
+            for (i, row) in acc.iter_mut().enumerate() {
+                // SAFETY: as above, x holds R rows of k.
+                let xv = unsafe { _mm512_loadu_ps(xp.add(i * k + at)) };
+                for (a, v) in row.iter_mut().zip(&wv) {
+                    *a = _mm512_fmadd_ps(xv, *v, *a);
+                }
+            }
+            at += 16;
+        }
+        for (i, row) in acc.iter().enumerate() {
+            for (j, a) in row.iter().enumerate() {
+                let mut lanes = [0f32; 16];
+                // SAFETY: lanes has room for 16 f32.
+                unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), *a) };
+                let mut sum = fold_lanes(lanes);
+                for t in body..k {
+                    sum += x[i * k + t] * w[j * k + t].to_f32();
+                }
+                sums[i * C + j] = sum;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn matrix(n: usize, k: usize) -> F16Matrix {
+        let w = (0..n * k)
+            .map(|i| f16::from_f32(((i * 7919 % 1000) as f32 - 500.0) / 700.0))
+            .collect();
+        F16Matrix { w, n, k }
+    }
+
+    fn input(m: usize, k: usize, salt: usize) -> Vec<f32> {
+        (0..m * k)
+            .map(|i| (((i + salt) * 104_729 % 997) as f32 - 498.0) / 311.0)
+            .collect()
+    }
+
+    #[test]
+    fn products_match_a_float64_reference() {
+        // widths with and without a 16-lane tail, heights with and without a 4-row tail
+        for (n, k) in [(9, 48), (70, 37), (130, 16), (5, 3)] {
+            let w = matrix(n, k);
+            for m in [1, 3, 4, 6, 9] {
+                let xs = input(m, k, n);
+                let got = w.multiply(&xs, m);
+                for r in 0..m {
+                    for c in 0..n {
+                        let want: f64 = (0..k)
+                            .map(|t| xs[r * k + t] as f64 * w.w[c * k + t].to_f64())
+                            .sum();
+                        let g = got[r * n + c] as f64;
+                        assert!(
+                            (g - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                            "({n}, {k}) m {m} row {r} col {c}: {g} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_gives_the_same_bits_alone_or_among_others() {
+        let (n, k) = (150, 100);
+        let w = matrix(n, k);
+        for m in [2, 3, 4, 5, 8, 13] {
+            let xs = input(m, k, m);
+            let together = w.multiply(&xs, m);
+            for r in 0..m {
+                let alone = w.multiply(&xs[r * k..(r + 1) * k], 1);
+                assert_eq!(alone, together[r * n..(r + 1) * n], "m {m} row {r}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_tensor_interface_checks_widths() {
+        let w = F16Matrix::from_tensor(&Tensor::ones((8, 32), DType::F32, &Device::Cpu).unwrap())
+            .unwrap();
+        assert_eq!((w.n, w.k), (8, 32));
+        let x = Tensor::ones((2, 32), DType::F32, &Device::Cpu).unwrap();
+        let y = w.forward(&x).unwrap();
+        assert_eq!(y.dims(), &[2, 8]);
+        assert_eq!(y.to_vec2::<f32>().unwrap()[1][7], 32.0);
+        let bad = Tensor::ones((2, 31), DType::F32, &Device::Cpu).unwrap();
+        assert!(w.forward(&bad).is_err());
+    }
+}
