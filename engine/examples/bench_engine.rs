@@ -3,7 +3,10 @@
 //! 2. cost of a k-token verify forward relative to a 1-token forward (k = 1, 2, 4, 8, 16);
 //! 3. tensor-parallel decode, TP=1 vs TP=2.
 //!
-//!   cargo run --release -p engine --example bench_engine -- [MODEL.gguf] [--tokens N]
+//!   cargo run --release -p engine --example bench_engine -- [MODEL.gguf] [--tokens N] [--f16]
+//!
+//! `--f16` holds the weights as dense f16 (the unquantized deployment) and runs 1 and 2
+//! only, on the engine alone.
 
 use candle_core::quantized::gguf_file::Content;
 use candle_core::{Device, Tensor};
@@ -126,8 +129,11 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let mut path = None;
     let mut steps = 32;
+    let mut f16 = false;
     while let Some(a) = args.next() {
-        if a == "--tokens" {
+        if a == "--f16" {
+            f16 = true;
+        } else if a == "--tokens" {
             steps = args.next().and_then(|s| s.parse().ok()).unwrap_or(steps);
         } else {
             path = Some(std::path::PathBuf::from(a));
@@ -145,29 +151,24 @@ fn main() {
     }
     println!("model: {}", path.display());
     let dev = Device::Cpu;
-    let opts = LoadOptions::default();
-    let m = engine::load_model(&path, &opts, &dev).expect("load");
-
-    println!(
-        "\n## one-token decode ({steps} steps after a 32-token prompt, interleaved step by step, median)"
-    );
-    let (ours, theirs) = {
-        let mut a = engine_stepper(&m);
-        let mut b = candle_stepper(&path);
-        let r = interleaved_ms(&mut [&mut a, &mut b], steps);
-        (r[0], r[1])
+    let opts = LoadOptions {
+        dequantize_f16: f16,
+        ..LoadOptions::default()
     };
-    println!(
-        "engine:               {ours:7.1} ms/token  {:6.1} tok/s",
-        1e3 / ours
-    );
-    println!(
-        "candle-transformers:  {theirs:7.1} ms/token  {:6.1} tok/s",
-        1e3 / theirs
-    );
-    println!("ratio (engine speed / candle speed): {:.2}", theirs / ours);
-    if std::env::var_os("OURO_BENCH_DECODE_ONLY").is_some() {
-        return;
+    let m = engine::load_model(&path, &opts, &dev).expect("load");
+    if f16 {
+        println!("weights: dense f16");
+        let mut a = engine_stepper(&m);
+        let ours = interleaved_ms(&mut [&mut a], steps)[0];
+        println!("\n## one-token decode ({steps} steps after a 32-token prompt, median)");
+        println!("engine: {ours:7.1} ms/token  {:6.1} tok/s", 1e3 / ours);
+    }
+
+    if !f16 {
+        decode_against_candle(&m, &path, steps);
+        if std::env::var_os("OURO_BENCH_DECODE_ONLY").is_some() {
+            return;
+        }
     }
 
     println!(
@@ -177,6 +178,9 @@ fn main() {
     let t = verify_ms(&m, &ks, 9);
     for (k, ms) in ks.iter().zip(&t) {
         println!("k={k:2}: {ms:7.1} ms  {:.2}x", ms / t[0]);
+    }
+    if f16 {
+        return;
     }
 
     println!("\n## tensor parallelism, one-token decode (interleaved)");
@@ -193,4 +197,26 @@ fn main() {
         1e3 / t2,
         t1 / t2
     );
+}
+
+/// One-token decode, the engine against candle-transformers' quantized_qwen2.
+fn decode_against_candle<M: LanguageModel>(m: &M, path: &std::path::Path, steps: usize) {
+    println!(
+        "\n## one-token decode ({steps} steps after a 32-token prompt, interleaved step by step, median)"
+    );
+    let (ours, theirs) = {
+        let mut a = engine_stepper(m);
+        let mut b = candle_stepper(path);
+        let r = interleaved_ms(&mut [&mut a, &mut b], steps);
+        (r[0], r[1])
+    };
+    println!(
+        "engine:               {ours:7.1} ms/token  {:6.1} tok/s",
+        1e3 / ours
+    );
+    println!(
+        "candle-transformers:  {theirs:7.1} ms/token  {:6.1} tok/s",
+        1e3 / theirs
+    );
+    println!("ratio (engine speed / candle speed): {:.2}", theirs / ours);
 }

@@ -250,6 +250,19 @@ impl Transformer {
                 shard.world, cfg.num_kv_heads
             )));
         }
+        // Padded kernels quantize activations per 256 columns of each matrix, so a split
+        // matrix would group them differently from the whole one: shards stay unpadded and
+        // compute what the unpadded whole model computes.
+        let unpadded_shard;
+        let opts = if shard.world > 1 && !opts.unpadded {
+            unpadded_shard = LoadOptions {
+                unpadded: true,
+                ..opts.clone()
+            };
+            &unpadded_shard
+        } else {
+            opts
+        };
         let h = cfg.hidden_size;
         let d = cfg.head_dim;
         let group = cfg.num_heads / cfg.num_kv_heads;

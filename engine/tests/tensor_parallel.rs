@@ -22,9 +22,14 @@ fn compare(label: &str, cfg: &ModelConfig, dtype: GgmlDType, bias: bool) {
         dtype,
     )
     .unwrap();
-    let opts = LoadOptions::default();
-    let whole = engine::load_model(&path, &opts, &Device::Cpu).unwrap();
-    let tp = TpModel::load(&path, 2, &opts, &Device::Cpu).unwrap();
+    // Shards run candle's plain kernels (see `Transformer::load`), so the reference is the
+    // whole model on them too; the default options must still give that split.
+    let plain = LoadOptions {
+        unpadded: true,
+        ..LoadOptions::default()
+    };
+    let whole = engine::load_model(&path, &plain, &Device::Cpu).unwrap();
+    let tp = TpModel::load(&path, 2, &LoadOptions::default(), &Device::Cpu).unwrap();
     let (mut c1, mut c2) = (whole.new_cache(), tp.new_cache());
     let prompt: Vec<u32> = (0..12)
         .map(|i| (i * 7 + 3) % cfg.vocab_size as u32)
