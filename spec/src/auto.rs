@@ -384,6 +384,70 @@ const DRAFT_MARGIN: f64 = 1.05;
 /// one that disappoints costs a few rounds per process (the counts are shared).
 const EXPLORE_TRIES: f64 = 12.0;
 const OPTIMISTIC_DRAFT: f64 = 0.9;
+/// Rounds of a kind after which its realized rate is trusted as much as its predicted
+/// one, and rounds after which old ones count half (so the factor follows the workload).
+const REALITY_PRIOR: f64 = 8.0;
+const REALITY_MEMORY: f64 = 400.0;
+
+/// What kind of round a prediction was made for: one with a draft call, or one that
+/// verifies only zero-cost guesses (trie, pool; none at all is greedy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoundKind {
+    ZeroCost,
+    Drafted,
+}
+
+/// A round's predicted tokens and seconds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Prediction {
+    pub kind: RoundKind,
+    pub tokens: f64,
+    pub seconds: f64,
+}
+
+/// Predicted and realized totals of one kind of round. The model behind a prediction
+/// misses things that the cost profile cannot see (longer contexts than the profile's,
+/// catch-up after other kinds of rounds, picking the best of noisy estimates), and it
+/// misses them differently for drafted and zero-cost rounds; the ratio of realized to
+/// predicted rate corrects each kind's predictions before they are compared.
+#[derive(Debug, Clone, Copy, Default)]
+struct Realized {
+    rounds: f64,
+    predicted_tokens: f64,
+    predicted_seconds: f64,
+    tokens: f64,
+    seconds: f64,
+}
+
+impl Realized {
+    /// Realized over predicted tokens per second; 1 until rounds are seen, moving to the
+    /// measured ratio as they accumulate (`REALITY_PRIOR` rounds at the prediction).
+    fn factor(&self) -> f64 {
+        if self.rounds == 0.0 || self.predicted_seconds <= 0.0 || self.predicted_tokens <= 0.0 {
+            return 1.0;
+        }
+        let w = REALITY_PRIOR / self.rounds;
+        let tokens = self.tokens + w * self.predicted_tokens;
+        let seconds = self.seconds + w * self.predicted_seconds;
+        let predicted = self.predicted_tokens / self.predicted_seconds;
+        (tokens / seconds.max(1e-12) / predicted).clamp(0.25, 4.0)
+    }
+
+    fn add(&mut self, p: Prediction, tokens: f64, seconds: f64) {
+        self.rounds += 1.0;
+        self.predicted_tokens += p.tokens;
+        self.predicted_seconds += p.seconds;
+        self.tokens += tokens;
+        self.seconds += seconds;
+        if self.rounds > REALITY_MEMORY {
+            self.rounds /= 2.0;
+            self.predicted_tokens /= 2.0;
+            self.predicted_seconds /= 2.0;
+            self.tokens /= 2.0;
+            self.seconds /= 2.0;
+        }
+    }
+}
 
 impl Guess {
     /// A trie node that `count` of `total` continuations took.
@@ -440,6 +504,8 @@ impl Guess {
 struct Calibration {
     hits: [f64; BUCKETS],
     tries: [f64; BUCKETS],
+    /// Indexed by `RoundKind as usize`.
+    realized: [Realized; 2],
 }
 
 impl Default for Calibration {
@@ -447,6 +513,7 @@ impl Default for Calibration {
         Self {
             hits: [0.0; BUCKETS],
             tries: [0.0; BUCKETS],
+            realized: Default::default(),
         }
     }
 }
@@ -498,6 +565,15 @@ pub struct TreePlan {
 impl TreePlan {
     pub fn tokens_per_second(&self) -> f64 {
         self.expected_tokens / self.seconds.max(1e-12)
+    }
+
+    /// This plan as the prediction of a round of `kind`.
+    pub fn prediction(&self, kind: RoundKind) -> Prediction {
+        Prediction {
+            kind,
+            tokens: self.expected_tokens,
+            seconds: self.seconds,
+        }
     }
 
     pub fn nodes(&self) -> usize {
@@ -610,23 +686,28 @@ impl AutoTuner {
     }
 
     /// How many tokens to ask the draft model for, if drafting is expected to beat
-    /// `without` (the zero-cost plan's tokens per second); `None` when it is not.
+    /// `without` (the zero-cost plan's prediction); `None` when it is not. Both sides are
+    /// corrected by how their kind of round has fared against its predictions. The
+    /// returned prediction is the drafted round's, uncorrected, for [`Self::observe`].
     pub fn draft_gamma(
         &self,
         greedy: bool,
         max_gamma: usize,
-        without: f64,
+        without: &TreePlan,
         backlog: DraftBacklog,
-    ) -> Option<usize> {
+    ) -> Option<(usize, Prediction)> {
         let cost = self.profile.draft?;
         let c = self.calibration(greedy);
+        let without = without.tokens_per_second()
+            * c.realized[RoundKind::ZeroCost as usize].factor()
+            / c.realized[RoundKind::Drafted as usize].factor();
         let floor = match c.tries(Guess::Draft(0)) < EXPLORE_TRIES {
             true => OPTIMISTIC_DRAFT,
             false => 0.0,
         };
         let mut reach = 1.0;
         let mut expected = 1.0;
-        let mut best: Option<(f64, usize)> = None;
+        let mut best: Option<(f64, usize, Prediction)> = None;
         for g in 1..=max_gamma {
             reach *= c.estimate(Guess::Draft(g - 1)).max(floor);
             expected += reach;
@@ -638,12 +719,31 @@ impl AutoTuner {
                 + cost.catch_up * unseen
                 + self.profile.verify_cost(g + 1);
             let rate = expected / seconds.max(1e-12);
-            if best.is_none_or(|(r, _)| rate > r) {
-                best = Some((rate, g));
+            if best.is_none_or(|(r, _, _)| rate > r) {
+                let p = Prediction {
+                    kind: RoundKind::Drafted,
+                    tokens: expected,
+                    seconds,
+                };
+                best = Some((rate, g, p));
             }
         }
-        best.filter(|&(rate, _)| rate > without * DRAFT_MARGIN)
-            .map(|(_, g)| g)
+        best.filter(|&(rate, _, _)| rate > without * DRAFT_MARGIN)
+            .map(|(_, g, p)| (g, p))
+    }
+
+    /// Records how a round predicted as `p` turned out: `tokens` committed in `seconds`
+    /// (the draft call, if any, and the verify, as the caller saw them).
+    pub fn observe(&self, greedy: bool, p: Prediction, tokens: usize, seconds: f64) {
+        if !(seconds.is_finite() && seconds > 0.0 && p.seconds > 0.0) {
+            return;
+        }
+        self.calibration(greedy).realized[p.kind as usize].add(p, tokens as f64, seconds);
+    }
+
+    /// Realized over predicted rate of a kind of round so far (1 before any).
+    pub fn reality(&self, greedy: bool, kind: RoundKind) -> f64 {
+        self.calibration(greedy).realized[kind as usize].factor()
     }
 
     /// Counts the outcome of a verified tree: every node whose parent was accepted was
@@ -671,6 +771,15 @@ impl AutoTuner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A zero-cost plan making `r` tokens per second.
+    fn rate(r: f64) -> TreePlan {
+        TreePlan {
+            keep: vec![true],
+            expected_tokens: r,
+            seconds: 1.0,
+        }
+    }
 
     fn profile(points: &[(usize, f64)], draft: Option<(f64, f64)>) -> CostProfile {
         CostProfile::new(
@@ -792,18 +901,18 @@ mod tests {
             unopened: 0,
             remaining: 100,
         };
-        let g = cheap
-            .draft_gamma(true, 8, 1.0, synced)
+        let (g, _) = cheap
+            .draft_gamma(true, 8, &rate(1.0), synced)
             .expect("drafting pays");
         assert!(g >= 2);
         // the zero-cost tree already promises more than any draft can
-        assert_eq!(cheap.draft_gamma(true, 8, 10.0, synced), None);
+        assert_eq!(cheap.draft_gamma(true, 8, &rate(10.0), synced), None);
         // a long backlog to catch up on (half a step per token) eats the gain ...
         let behind = DraftBacklog {
             pending: 10,
             ..synced
         };
-        assert_eq!(cheap.draft_gamma(true, 8, 1.0, behind), None);
+        assert_eq!(cheap.draft_gamma(true, 8, &rate(1.0), behind), None);
         // ... and so does joining late with a long text and few tokens left, but not
         // with many tokens left to earn the prefill back
         let late = |remaining| DraftBacklog {
@@ -811,14 +920,18 @@ mod tests {
             unopened: 200,
             remaining,
         };
-        assert_eq!(cheap.draft_gamma(true, 8, 1.0, late(20)), None);
-        assert!(cheap.draft_gamma(true, 8, 1.0, late(100_000)).is_some());
+        assert_eq!(cheap.draft_gamma(true, 8, &rate(1.0), late(20)), None);
+        assert!(
+            cheap
+                .draft_gamma(true, 8, &rate(1.0), late(100_000))
+                .is_some()
+        );
         // draft tokens cost as much as a verify: never
         let dear = AutoTuner::new(profile(&[(1, 1.0), (16, 1.3)], Some((0.0, 1.0))));
-        assert_eq!(dear.draft_gamma(true, 8, 1.0, synced), None);
+        assert_eq!(dear.draft_gamma(true, 8, &rate(1.0), synced), None);
         // no draft model at all
         let none = AutoTuner::new(profile(&[(1, 1.0)], None));
-        assert_eq!(none.draft_gamma(true, 8, 0.1, synced), None);
+        assert_eq!(none.draft_gamma(true, 8, &rate(0.1), synced), None);
     }
 
     /// A draft whose prior looks too weak to pay is still tried until measured, then
@@ -846,21 +959,58 @@ mod tests {
         };
         for (accepted, keeps_drafting) in [(true, true), (false, false)] {
             let t = fresh();
-            let g = t
-                .draft_gamma(true, 4, 1.0, synced)
+            let (g, _) = t
+                .draft_gamma(true, 4, &rate(1.0), synced)
                 .expect("tried while untried");
             for _ in 0..EXPLORE_TRIES as usize {
                 let path: Vec<usize> = if accepted { (1..=g).collect() } else { vec![] };
                 t.learn(true, &chain(g), &guesses(g), &path);
             }
             assert_eq!(
-                t.draft_gamma(true, 4, 1.0, synced).is_some(),
+                t.draft_gamma(true, 4, &rate(1.0), synced).is_some(),
                 keeps_drafting,
                 "accepted: {accepted}"
             );
         }
         // a draft that cannot pay even at the optimistic rate is not tried at all
         let dear = AutoTuner::new(profile(&[(1, 1.0), (16, 1.5)], Some((0.0, 1.0))));
-        assert_eq!(dear.draft_gamma(true, 4, 1.0, synced), None);
+        assert_eq!(dear.draft_gamma(true, 4, &rate(1.0), synced), None);
+    }
+
+    /// A kind of round that keeps falling short of its predictions loses to the other
+    /// kind, whatever the model says.
+    #[test]
+    fn realized_rates_correct_the_predictions() {
+        let cheap = || AutoTuner::new(profile(&[(1, 1.0), (16, 1.3)], Some((0.0, 0.1))));
+        let synced = DraftBacklog {
+            pending: 0,
+            unopened: 0,
+            remaining: 1000,
+        };
+        // drafting is predicted to pay, then delivers a token per round at its cost
+        let t = cheap();
+        let (_, p) = t.draft_gamma(true, 8, &rate(1.0), synced).expect("pays");
+        assert_eq!(p.kind, RoundKind::Drafted);
+        for _ in 0..40 {
+            t.observe(true, p, 1, p.seconds);
+        }
+        assert!(t.reality(true, RoundKind::Drafted) < 0.5);
+        assert_eq!(t.draft_gamma(true, 8, &rate(1.0), synced), None);
+        // sampled decoding keeps its own record
+        assert!(t.draft_gamma(false, 8, &rate(1.0), synced).is_some());
+        // the zero-cost plan is predicted to beat drafting, then makes a quarter of that
+        let t = cheap();
+        let zero = rate(4.0);
+        assert_eq!(t.draft_gamma(true, 8, &zero, synced), None);
+        for _ in 0..40 {
+            t.observe(true, zero.prediction(RoundKind::ZeroCost), 1, 1.0);
+        }
+        assert!(t.draft_gamma(true, 8, &zero, synced).is_some());
+        // rounds that do what was predicted change nothing
+        let t = cheap();
+        for _ in 0..40 {
+            t.observe(true, zero.prediction(RoundKind::ZeroCost), 4, 1.0);
+        }
+        assert!((t.reality(true, RoundKind::ZeroCost) - 1.0).abs() < 1e-9);
     }
 }

@@ -4,7 +4,7 @@
 //! committed token is the target's own choice for its exact prefix, so all strategies give
 //! the tokens plain decoding gives.
 
-use crate::auto::{AutoTuner, DraftBacklog, Guess};
+use crate::auto::{AutoTuner, DraftBacklog, Guess, Prediction, RoundKind};
 use crate::backend::{DraftBackend, DraftRequest, SessionId, TargetBackend};
 use crate::error::{Result, SpecError};
 use crate::lookahead::LookaheadParams;
@@ -548,7 +548,7 @@ async fn auto_round<T: TargetBackend, D: DraftBackend>(
     text: &[u32],
     budget: usize,
     room: usize,
-) -> Round {
+) -> (Round, Prediction) {
     let params = state.params;
     let greedy = params.sampling.is_greedy();
     let root = *text.last().expect("the text is not empty");
@@ -568,6 +568,7 @@ async fn auto_round<T: TargetBackend, D: DraftBackend>(
     }
     let mut round = Round::from_guesses(root, &[], &found, &phrases, budget, room);
     let mut plan = tuner.plan(greedy, &round.tree.parents, &round.guesses, 0.0);
+    let mut predicted = plan.prediction(RoundKind::ZeroCost);
     let can_draft = sessions.draft.is_some() || sessions.spare.is_some();
     let gamma = params.gamma.min(budget).min(room.saturating_sub(1));
     // An open draft lags by what was committed since its last call; an unopened one
@@ -583,7 +584,7 @@ async fn auto_round<T: TargetBackend, D: DraftBackend>(
     };
     if can_draft
         && gamma > 0
-        && let Some(g) = tuner.draft_gamma(greedy, gamma, plan.tokens_per_second(), backlog)
+        && let Some((g, p)) = tuner.draft_gamma(greedy, gamma, &plan, backlog)
     {
         if sessions.draft.is_none()
             && let Some(d) = sessions.spare.take()
@@ -601,10 +602,12 @@ async fn auto_round<T: TargetBackend, D: DraftBackend>(
             round = Round::from_guesses(root, &drafted, &found, &phrases, budget, room);
             plan = tuner.plan(greedy, &round.tree.parents, &round.guesses, 0.0);
         }
+        // Charged to drafting even when the draft came back empty: that was its cost.
+        predicted = p;
     }
     let round = round.retain(&plan.keep);
     stats.trie_nodes += round.from_trie.iter().filter(|&&t| t).count() as u64;
-    round
+    (round, predicted)
 }
 
 async fn run_rounds<T: TargetBackend, D: DraftBackend>(
@@ -659,16 +662,20 @@ async fn run_rounds<T: TargetBackend, D: DraftBackend>(
             nodes = tracing::field::Empty,
             accepted = tracing::field::Empty
         );
-        let round = match tuner {
+        let started = Instant::now();
+        let (round, predicted) = match tuner {
             Some(t) => {
-                auto_round(sessions, stats, shared, t, &mut state, &text, budget, room)
-                    .instrument(round_span.clone())
-                    .await
+                let (r, p) =
+                    auto_round(sessions, stats, shared, t, &mut state, &text, budget, room)
+                        .instrument(round_span.clone())
+                        .await;
+                (r, Some(p))
             }
             None => {
-                fixed_round(sessions, stats, shared, &mut state, &text, budget, room)
+                let r = fixed_round(sessions, stats, shared, &mut state, &text, budget, room)
                     .instrument(round_span.clone())
-                    .await
+                    .await;
+                (r, None)
             }
         };
         let Round {
@@ -692,6 +699,10 @@ async fn run_rounds<T: TargetBackend, D: DraftBackend>(
         stats.add_verify(timing, t0.elapsed().as_secs_f64(), tree.len());
         if let Some(t) = tuner {
             t.learn(greedy, &tree, &guesses, &v.path);
+            if let Some(p) = predicted {
+                // The accepted path plus the target's own token, as the plan counted.
+                t.observe(greedy, p, v.path.len() + 1, started.elapsed().as_secs_f64());
+            }
         }
         // The walk may leave the chain at any node when other paths hang off the root.
         let on_chain = v

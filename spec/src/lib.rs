@@ -16,7 +16,9 @@ pub mod stats;
 pub mod tree;
 pub mod trie;
 
-pub use auto::{AutoTuner, CostProfile, DraftBacklog, DraftCost, ProfileOptions};
+pub use auto::{
+    AutoTuner, CostProfile, DraftBacklog, DraftCost, Prediction, ProfileOptions, RoundKind,
+};
 pub use backend::{
     BackendInfo, DraftBackend, DraftOutcome, DraftRequest, ServerTiming, SessionId, TargetBackend,
     VerifyOutcome,
