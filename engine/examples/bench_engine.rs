@@ -162,9 +162,7 @@ fn main() {
         let ours = interleaved_ms(&mut [&mut a], steps)[0];
         println!("\n## one-token decode ({steps} steps after a 32-token prompt, median)");
         println!("engine: {ours:7.1} ms/token  {:6.1} tok/s", 1e3 / ours);
-    }
-
-    if !f16 {
+    } else {
         decode_against_candle(&m, &path, steps);
         if std::env::var_os("OURO_BENCH_DECODE_ONLY").is_some() {
             return;

@@ -123,10 +123,11 @@ fn amx_present() -> bool {
 }
 
 impl Linear {
-    fn new(w: QMatMul, bias: Option<Tensor>, opts: &LoadOptions) -> Result<Self> {
-        let (w, pad) = match opts.unpadded {
-            true => (w, 0),
-            false => pad_for_tiles(w)?,
+    /// `pad`: widen the weight for candle's fast kernels where that applies.
+    fn new(w: QMatMul, bias: Option<Tensor>, pad: bool) -> Result<Self> {
+        let (w, pad) = match pad {
+            true => pad_for_tiles(w)?,
+            false => (w, 0),
         };
         let w = match w {
             QMatMul::TensorF16(t) if t.device().is_cpu() => {
@@ -253,16 +254,7 @@ impl Transformer {
         // Padded kernels quantize activations per 256 columns of each matrix, so a split
         // matrix would group them differently from the whole one: shards stay unpadded and
         // compute what the unpadded whole model computes.
-        let unpadded_shard;
-        let opts = if shard.world > 1 && !opts.unpadded {
-            unpadded_shard = LoadOptions {
-                unpadded: true,
-                ..opts.clone()
-            };
-            &unpadded_shard
-        } else {
-            opts
-        };
+        let pad = !opts.unpadded && shard.world == 1;
         let h = cfg.hidden_size;
         let d = cfg.head_dim;
         let group = cfg.num_heads / cfg.num_kv_heads;
@@ -310,13 +302,13 @@ impl Transformer {
                         ),
                         None => None,
                     };
-                    Linear::new(matmul(weight)?, bias, opts)
+                    Linear::new(matmul(weight)?, bias, pad)
                 };
             let q = proj(Role::Q(i), Role::QBias(i), qd, q0, qn)?;
             let k = proj(Role::K(i), Role::KBias(i), kvd, k0, kn)?;
             let v = proj(Role::V(i), Role::VBias(i), kvd, k0, kn)?;
             let inter = cfg.intermediate_size;
-            let plain = |w: RawWeight| -> Result<Linear> { Linear::new(matmul(w)?, None, opts) };
+            let plain = |w: RawWeight| -> Result<Linear> { Linear::new(matmul(w)?, None, pad) };
             layers.push(Layer {
                 attn_norm: get(source, Role::AttnNorm(i), &[h])?.to_f32(device)?,
                 q,
@@ -335,7 +327,7 @@ impl Transformer {
                 Some(w) => w.expect_dims(&source.describe(Role::LmHead), &[cfg.vocab_size, h])?,
                 None => embed_raw.clone(), // tied embeddings
             };
-            Some(Linear::new(matmul(head)?, None, opts)?)
+            Some(Linear::new(matmul(head)?, None, pad)?)
         } else {
             None
         };

@@ -310,14 +310,15 @@ fn run_with<T: LanguageModel + 'static>(e: &Embedded<T>, a: &BenchArgs) -> Resul
     // candle packs quantized weights for its fast kernels on first use, a second or more
     // per model: without a warm-up the first prompt's first row of each model pays it.
     // Each runner decodes a few tokens of the first prompt, then forgets them.
-    if let Some(first) = prompts.first() {
+    let encoded = prompts
+        .iter()
+        .map(|text| match a.chat {
+            true => e.encode(&e.chat_prompt(text)?),
+            false => e.encode(text),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if let Some(prompt) = encoded.first() {
         let warm = Instant::now();
-        let text = if a.chat {
-            e.chat_prompt(first)?
-        } else {
-            first.clone()
-        };
-        let prompt = e.encode(&text)?;
         for (v, runner) in plan.iter().zip(&runners) {
             let mut params = v.params(&a.decode, &e.eos);
             params.max_new_tokens = params.max_new_tokens.min(WARM_UP_TOKENS);
@@ -331,13 +332,7 @@ fn run_with<T: LanguageModel + 'static>(e: &Embedded<T>, a: &BenchArgs) -> Resul
         );
     }
     let started = Instant::now();
-    for (i, text) in prompts.iter().enumerate() {
-        let text = if a.chat {
-            e.chat_prompt(text)?
-        } else {
-            text.clone()
-        };
-        let prompt = e.encode(&text)?;
+    for (i, prompt) in encoded.iter().enumerate() {
         let mut reference: Option<Vec<u32>> = None;
         for ((v, row), runner) in plan.iter().zip(&mut rows).zip(&runners) {
             if v.cold {
@@ -357,7 +352,7 @@ fn run_with<T: LanguageModel + 'static>(e: &Embedded<T>, a: &BenchArgs) -> Resul
                         .unwrap_or(r.len().min(g.tokens.len()));
                     let gap = match (r.get(at), g.tokens.get(at)) {
                         (Some(&want), Some(&got)) => {
-                            match e.logit_gap(&prompt, &r[..at], want, got) {
+                            match e.logit_gap(prompt, &r[..at], want, got) {
                                 Ok((d, top)) => format!(
                                     "; teacher-forced logit of greedy's token minus this one: {d:.4} (top-2 gap {top:.4})"
                                 ),

@@ -772,6 +772,15 @@ impl AutoTuner {
 mod tests {
     use super::*;
 
+    /// A draft that has seen every committed token, with `remaining` tokens to go.
+    fn in_step(remaining: usize) -> DraftBacklog {
+        DraftBacklog {
+            pending: 0,
+            unopened: 0,
+            remaining,
+        }
+    }
+
     /// A zero-cost plan making `r` tokens per second.
     fn rate(r: f64) -> TreePlan {
         TreePlan {
@@ -896,11 +905,7 @@ mod tests {
     fn drafting_only_when_it_pays() {
         // draft tokens cost a tenth of a verify: drafting beats greedy
         let cheap = AutoTuner::new(profile(&[(1, 1.0), (16, 1.3)], Some((0.0, 0.1))));
-        let synced = DraftBacklog {
-            pending: 0,
-            unopened: 0,
-            remaining: 100,
-        };
+        let synced = in_step(100);
         let (g, _) = cheap
             .draft_gamma(true, 8, &rate(1.0), synced)
             .expect("drafting pays");
@@ -942,11 +947,7 @@ mod tests {
         // (one token) makes 1.75 / 1.73 = 1.01 tokens a verify-time, short of the 1.05
         // margin over plain greedy (1.0); at 0.9 it makes 1.9 / 1.73 = 1.10
         let fresh = || AutoTuner::new(profile(&[(1, 1.0), (16, 1.5)], Some((0.0, 0.7))));
-        let synced = DraftBacklog {
-            pending: 0,
-            unopened: 0,
-            remaining: 1000,
-        };
+        let synced = in_step(1000);
         let chain = |n: usize| {
             let mut tree = DraftTree::new(0);
             tree.add_path(0, &vec![1; n]);
@@ -982,11 +983,7 @@ mod tests {
     #[test]
     fn realized_rates_correct_the_predictions() {
         let cheap = || AutoTuner::new(profile(&[(1, 1.0), (16, 1.3)], Some((0.0, 0.1))));
-        let synced = DraftBacklog {
-            pending: 0,
-            unopened: 0,
-            remaining: 1000,
-        };
+        let synced = in_step(1000);
         // drafting is predicted to pay, then delivers a token per round at its cost
         let t = cheap();
         let (_, p) = t.draft_gamma(true, 8, &rate(1.0), synced).expect("pays");
