@@ -256,7 +256,13 @@ async fn one_generate_is_one_trace_across_the_three_services() {
             .filter(|s| s.parent != CLIENT_SPAN && !ids.contains(s.parent.as_str()))
             .count();
         let services: HashSet<&str> = spans.iter().map(|s| s.service.as_str()).collect();
-        if (orphans == 0 && services.len() == 3 && spans.iter().any(|s| s.name == "generate"))
+        // Children can arrive after their parents: also wait for every round's calls to
+        // have their server side (a batch from one service may lag another's).
+        let count = |name: &str| spans.iter().filter(|s| s.name == name).count();
+        let complete = count("round") == count("ouroboros.target.v1.TargetService/Verify")
+            && count("forward") == count("ouroboros.target.v1.TargetService/Verify")
+            && count("ouroboros.draft.v1.DraftService/Draft") as u64 == stats.draft_calls;
+        if (orphans == 0 && complete && services.len() == 3 && count("generate") == 1)
             || Instant::now() > deadline
         {
             break spans;
