@@ -238,6 +238,9 @@ async fn one_generate_is_one_trace_across_the_three_services() {
     let stats = response.stats.unwrap();
     assert!(stats.draft_calls > 0, "the draft was not called: {stats:?}");
 
+    const ORCH: &str = "ouroboros-orchestrator";
+    const TARGET: &str = "ouroboros-target";
+    const DRAFT: &str = "ouroboros-draft";
     // Wait until every span's parent has arrived too (the services export in batches).
     let deadline = Instant::now() + Duration::from_secs(30);
     let spans = loop {
@@ -258,11 +261,17 @@ async fn one_generate_is_one_trace_across_the_three_services() {
         let services: HashSet<&str> = spans.iter().map(|s| s.service.as_str()).collect();
         // Children can arrive after their parents: also wait for every round's calls to
         // have their server side (a batch from one service may lag another's).
-        let count = |name: &str| spans.iter().filter(|s| s.name == name).count();
-        let complete = count("round") == count("ouroboros.target.v1.TargetService/Verify")
-            && count("forward") == count("ouroboros.target.v1.TargetService/Verify")
-            && count("ouroboros.draft.v1.DraftService/Draft") as u64 == stats.draft_calls;
-        if (orphans == 0 && complete && services.len() == 3 && count("generate") == 1)
+        let count = |service: &str, name: &str| {
+            spans
+                .iter()
+                .filter(|s| s.service == service && s.name == name)
+                .count()
+        };
+        let verifies = count(TARGET, "ouroboros.target.v1.TargetService/Verify");
+        let complete = count(ORCH, "round") == verifies
+            && count(TARGET, "forward") >= verifies + count(TARGET, "prefill")
+            && count(DRAFT, "ouroboros.draft.v1.DraftService/Draft") as u64 == stats.draft_calls;
+        if (orphans == 0 && complete && services.len() == 3 && count(ORCH, "generate") == 1)
             || Instant::now() > deadline
         {
             break spans;
@@ -284,9 +293,6 @@ async fn one_generate_is_one_trace_across_the_three_services() {
             .collect()
     };
     let parent_of = |s: &Got| by_id.get(s.parent.as_str()).copied();
-    const ORCH: &str = "ouroboros-orchestrator";
-    const TARGET: &str = "ouroboros-target";
-    const DRAFT: &str = "ouroboros-draft";
 
     // Every span of the request is in the client's trace and hangs from a known parent;
     // the only other traces are the Info calls made while connecting.
@@ -337,8 +343,8 @@ async fn one_generate_is_one_trace_across_the_three_services() {
         }
     }
     // Across the wire: the target's Verify under the orchestrator's verify call, its
-    // batched forward under that; the draft service's Draft under the draft call, its
-    // lookahead under that.
+    // batched forward under that (the prompt's prefill has forwards of its own, below);
+    // the draft service's Draft under the draft call, its lookahead under that.
     let verifies = named(TARGET, "ouroboros.target.v1.TargetService/Verify");
     assert_eq!(verifies.len(), rounds.len(), "{}", describe());
     for v in &verifies {
@@ -346,13 +352,26 @@ async fn one_generate_is_one_trace_across_the_three_services() {
         assert_eq!((p.service.as_str(), p.name.as_str()), (ORCH, "verify"));
     }
     let forwards = named(TARGET, "forward");
-    assert_eq!(forwards.len(), verifies.len(), "{}", describe());
-    for f in &forwards {
-        let p = parent_of(f).unwrap();
-        assert_eq!(p.name, "ouroboros.target.v1.TargetService/Verify");
-        // A lone request's forward serves nobody else.
-        assert_eq!(f.links, 0);
-    }
+    let under = |parent: &str| {
+        forwards
+            .iter()
+            .filter(|f| parent_of(f).is_some_and(|p| p.name == parent))
+            .count()
+    };
+    assert_eq!(
+        under("ouroboros.target.v1.TargetService/Verify"),
+        verifies.len(),
+        "{}",
+        describe()
+    );
+    assert_eq!(
+        under("ouroboros.target.v1.TargetService/Verify") + under("prefill"),
+        forwards.len(),
+        "{}",
+        describe()
+    );
+    // A lone request's forwards serve nobody else.
+    assert!(forwards.iter().all(|f| f.links == 0), "{}", describe());
     let drafts = named(DRAFT, "ouroboros.draft.v1.DraftService/Draft");
     assert_eq!(drafts.len() as u64, stats.draft_calls, "{}", describe());
     for d in &drafts {
@@ -372,4 +391,5 @@ async fn one_generate_is_one_trace_across_the_three_services() {
     let prefill = named(TARGET, "prefill");
     assert_eq!(prefill.len(), 1);
     assert_eq!(prefill[0].parent, opens[0].id);
+    assert!(under("prefill") >= 1, "{}", describe());
 }

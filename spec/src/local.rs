@@ -57,11 +57,25 @@ pub struct TargetSession<C> {
 
 impl<C: KvState> TargetSession<C> {
     pub fn open<M: LanguageModel<Cache = C>>(model: &M, committed: &[u32]) -> Result<Self> {
+        let mut s = Self::unfilled(model, committed)?;
+        prefill(model, &mut s.cache, &committed[..committed.len() - 1])?;
+        Ok(s)
+    }
+
+    /// A session whose cache is still empty: the caller prefills `committed[..n - 1]`
+    /// itself (the batching service does it in chunks between other sessions' trees).
+    pub fn unfilled<M: LanguageModel<Cache = C>>(model: &M, committed: &[u32]) -> Result<Self> {
         check_tokens(committed, model.info().vocab_size)?;
-        let mut cache = model.new_cache();
-        prefill(model, &mut cache, &committed[..committed.len() - 1])?;
+        // Rows, not positions: the first tree needs at least its root's row.
+        let limit = model.info().max_position;
+        if committed.len() > limit {
+            return Err(SpecError::Engine(engine::EngineError::ContextOverflow {
+                needed: committed.len(),
+                limit,
+            }));
+        }
         Ok(Self {
-            cache,
+            cache: model.new_cache(),
             last: committed[committed.len() - 1],
         })
     }

@@ -104,13 +104,19 @@ impl<S: SessionState> SessionTable<S> {
 
     /// Whether a new session may open now.
     pub fn admit(&self) -> Result<()> {
+        self.admit_beside(0)
+    }
+
+    /// Whether a new session may open while `pending` others, admitted but not yet in the
+    /// table (still prefilling), hold places too.
+    pub fn admit_beside(&self, pending: usize) -> Result<()> {
         if self.is_draining() {
             return Err(SpecError::Unavailable(
                 "this replica is shutting down; open the session on another one".into(),
             ));
         }
         let l = &self.limits;
-        if self.map.len() >= l.max_sessions {
+        if self.map.len() + pending >= l.max_sessions {
             return Err(SpecError::Exhausted(format!(
                 "all {} sessions are in use; retry later or on another replica",
                 l.max_sessions

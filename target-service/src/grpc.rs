@@ -24,6 +24,8 @@ pub struct TargetConfig {
     pub kv_budget_bytes: usize,
     pub session_ttl: Duration,
     pub batch_wait: Duration,
+    /// Most rows of new sessions' prompts prefilled in one forward.
+    pub prefill_chunk: usize,
     /// The model's chat template, reported by Info for the orchestrator to render with.
     pub chat_template: Option<ChatTemplateSource>,
 }
@@ -38,6 +40,7 @@ impl Default for TargetConfig {
             kv_budget_bytes: 4 << 30,
             session_ttl: Duration::from_secs(300),
             batch_wait: Duration::ZERO,
+            prefill_chunk: 64,
             chat_template: None,
         }
     }
@@ -63,6 +66,7 @@ impl<M: LanguageModel + 'static> TargetGrpc<M> {
             SchedulerConfig {
                 max_batch_tokens: config.max_batch_tokens,
                 batch_wait: config.batch_wait,
+                prefill_chunk: config.prefill_chunk,
             },
         );
         Self {

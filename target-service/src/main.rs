@@ -46,6 +46,11 @@ struct Args {
     /// what is already queued).
     #[arg(long, env = "OURO_TARGET_BATCH_WAIT_US", default_value_t = 0)]
     batch_wait_us: u64,
+    /// Prefill new sessions' prompts this many rows per forward, between the open
+    /// sessions' trees (smaller: shorter stalls for them; larger: faster opens).
+    #[arg(long, env = "OURO_TARGET_PREFILL_CHUNK", default_value_t = 64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    prefill_chunk: u64,
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9090).
     #[arg(long, env = "OURO_TARGET_METRICS_LISTEN")]
     metrics_listen: Option<String>,
@@ -75,6 +80,7 @@ async fn run_service(a: Args) -> Result<()> {
         kv_budget_bytes: a.kv_budget_mb << 20,
         session_ttl: Duration::from_secs(a.session_ttl_s),
         batch_wait: Duration::from_micros(a.batch_wait_us),
+        prefill_chunk: a.prefill_chunk as usize,
         // A missing model is reported by the load below.
         chat_template: match a.model.exists() {
             true => engine::chat_template::of_model(&a.model)

@@ -2,6 +2,8 @@
 //! different sessions that are waiting when the worker comes free run as one batched
 //! forward (linear layers over all rows, attention per session), so batching costs a lone
 //! request nothing; an optional short wait gathers more when other sessions are active.
+//! New sessions prefill in chunks that ride along in those forwards, so a long prompt
+//! delays the open sessions' rounds by at most one chunk per forward.
 
 use engine::{ForwardOutput, KvState, LanguageModel, OutputSpec, SeqInput, Visibility};
 use spec::sessions::{SessionTable, Slot, SlotRef, lock};
@@ -23,6 +25,8 @@ pub struct SchedulerConfig {
     pub max_batch_tokens: usize,
     /// How long to wait for more trees when fewer are queued than sessions are open.
     pub batch_wait: Duration,
+    /// Most prompt rows of new sessions' prefills in one forward.
+    pub prefill_chunk: usize,
 }
 
 /// What a verify job gets back: the outcome, and its queue and forward time.
@@ -68,7 +72,7 @@ impl<M: LanguageModel + 'static> Scheduler<M> {
         }
     }
 
-    /// Prefills a new session on the worker (one forward at a time on this model).
+    /// Prefills a new session on the worker, chunk by chunk alongside the verifies.
     pub async fn open(&self, tokens: Vec<u32>) -> Result<SessionId> {
         let (reply, rx) = oneshot::channel();
         self.send(Job::Open {
@@ -123,6 +127,24 @@ struct Worker<M: LanguageModel> {
     sessions: Arc<Sessions<M>>,
     config: SchedulerConfig,
     queue: VecDeque<VerifyJob<M>>,
+    /// Admitted sessions still prefilling, first come first served.
+    prefills: VecDeque<Prefill<M>>,
+}
+
+/// A session being prefilled; it enters the session table when its prompt is in the cache.
+struct Prefill<M: LanguageModel> {
+    session: TargetSession<M::Cache>,
+    /// Every committed token; all but the last get a KV entry.
+    tokens: Vec<u32>,
+    /// The "prefill" span, open until the session is ready.
+    span: Span,
+    reply: oneshot::Sender<Result<SessionId>>,
+}
+
+impl<M: LanguageModel> Prefill<M> {
+    fn remaining(&self) -> &[u32] {
+        &self.tokens[self.session.cache.len()..self.tokens.len() - 1]
+    }
 }
 
 impl<M: LanguageModel> Worker<M> {
@@ -132,12 +154,13 @@ impl<M: LanguageModel> Worker<M> {
             sessions,
             config,
             queue: VecDeque::new(),
+            prefills: VecDeque::new(),
         }
     }
 
     fn run(mut self, rx: Receiver<Job<M>>) {
         loop {
-            if self.queue.is_empty() {
+            if self.queue.is_empty() && self.prefills.is_empty() {
                 match rx.recv() {
                     Ok(job) => self.accept(job),
                     Err(_) => return,
@@ -146,15 +169,19 @@ impl<M: LanguageModel> Worker<M> {
             while let Ok(job) = rx.try_recv() {
                 self.accept(job);
             }
-            self.gather(&rx);
+            // A waiting prefill is work enough for the next forward.
+            if self.prefills.is_empty() {
+                self.gather(&rx);
+            }
             let batch = self.next_batch();
-            if !batch.is_empty() {
-                self.verify_batch(batch);
+            let chunks = self.next_chunks();
+            if !batch.is_empty() || !chunks.is_empty() {
+                self.run_batch(batch, chunks);
             }
         }
     }
 
-    /// Opens run at once (their prefill is one forward); verifies queue for batching.
+    /// Opens are admitted and queue for their prefill; verifies queue for batching.
     fn accept(&mut self, job: Job<M>) {
         match job {
             Job::Open {
@@ -162,18 +189,63 @@ impl<M: LanguageModel> Worker<M> {
                 span,
                 reply,
             } => {
-                let r = tracing::debug_span!(parent: &span, "prefill", tokens = tokens.len())
-                    .in_scope(|| self.open(&tokens));
-                let _ = reply.send(r);
+                let admitted = self
+                    .sessions
+                    .admit_beside(self.prefills.len())
+                    .and_then(|_| TargetSession::unfilled(&*self.model, &tokens));
+                match admitted {
+                    Ok(session) => {
+                        let span =
+                            tracing::debug_span!(parent: &span, "prefill", tokens = tokens.len());
+                        let p = Prefill {
+                            session,
+                            tokens,
+                            span,
+                            reply,
+                        };
+                        if p.remaining().is_empty() {
+                            self.ready(p);
+                        } else {
+                            self.prefills.push_back(p);
+                        }
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
             }
             Job::Verify(v) => self.queue.push_back(v),
         }
     }
 
-    fn open(&self, tokens: &[u32]) -> Result<SessionId> {
-        self.sessions.admit()?;
-        let s = TargetSession::open(&*self.model, tokens)?;
-        Ok(self.sessions.insert(s))
+    /// A prefilled session enters the table and its caller learns its id (unless the
+    /// caller has gone: then nobody could use or close it).
+    fn ready(&self, p: Prefill<M>) {
+        if p.reply.is_closed() {
+            return;
+        }
+        let id = self.sessions.insert(p.session);
+        let _ = p.reply.send(Ok(id));
+    }
+
+    /// The prefills that ride in the next forward, with how many rows each, up to
+    /// `prefill_chunk` rows in all (oldest first, so each finishes as soon as it can).
+    fn next_chunks(&mut self) -> Vec<(Prefill<M>, usize)> {
+        let mut budget = self.config.prefill_chunk.max(1);
+        let mut chunks = Vec::new();
+        while budget > 0 {
+            let Some(p) = self.prefills.pop_front() else {
+                break;
+            };
+            // An open whose caller gave up (cancelled, timed out) is dropped, not finished.
+            if p.reply.is_closed() {
+                continue;
+            }
+            let rows = p.remaining().len().min(budget);
+            budget -= rows;
+            chunks.push((p, rows));
+        }
+        chunks
     }
 
     /// Waits up to `batch_wait` for trees of other open sessions.
@@ -218,7 +290,7 @@ impl<M: LanguageModel> Worker<M> {
         batch
     }
 
-    fn verify_batch(&self, jobs: Vec<VerifyJob<M>>) {
+    fn run_batch(&mut self, jobs: Vec<VerifyJob<M>>, mut chunks: Vec<(Prefill<M>, usize)>) {
         let started = Instant::now();
         let max_pos = self.model.info().max_position;
         let slots: Vec<_> = jobs.iter().map(|j| j.slot.clone()).collect();
@@ -246,22 +318,40 @@ impl<M: LanguageModel> Worker<M> {
                 }
             }
         }
-        if ready.is_empty() {
+        if ready.is_empty() && chunks.is_empty() {
             return;
         }
-        // One span per batched forward: a child of the first call it serves, linked to
-        // the others (each call's trace shows the forward it waited for).
+        // One span per batched forward: a child of the first call it serves (a verify
+        // before a prefill), linked to the others (each call's trace shows the forwards
+        // it waited for).
+        let mut served = ready
+            .iter()
+            .map(|r| &r.job.span)
+            .chain(chunks.iter().map(|(p, _)| &p.span));
+        let first = served.next().expect("the batch is not empty");
         let span = tracing::debug_span!(
-            parent: &ready[0].job.span,
+            parent: first,
             "forward",
             trees = ready.len(),
             rows = ready.iter().map(|r| r.job.tree.len()).sum::<usize>(),
+            prefill_rows = chunks.iter().map(|(_, n)| n).sum::<usize>(),
         );
-        for r in &ready[1..] {
-            telemetry::traces::link(&span, &r.job.span);
+        for other in served {
+            telemetry::traces::link(&span, other);
         }
-        let outs = span.in_scope(|| self.forward(&mut guards, &ready));
+        let (outs, prefilled) =
+            span.in_scope(|| forward(&*self.model, &mut guards, &ready, &mut chunks));
         let forward_s = started.elapsed().as_secs_f64();
+        // Unfinished prefills go back to the front, in their order.
+        for ((p, _), result) in chunks.into_iter().zip(prefilled).rev() {
+            match result {
+                Err(e) => {
+                    let _ = p.reply.send(Err(e));
+                }
+                Ok(()) if p.remaining().is_empty() => self.ready(p),
+                Ok(()) => self.prefills.push_front(p),
+            }
+        }
         for (r, (out, guard)) in ready
             .into_iter()
             .zip(outs.into_iter().zip(guards.iter_mut()))
@@ -282,28 +372,51 @@ impl<M: LanguageModel> Worker<M> {
             let _ = job.reply.send(result.map(|o| (o, timing)));
         }
     }
+}
 
-    /// One batched forward; if it fails, each tree alone, so one bad tree cannot fail the
-    /// others.
-    fn forward(
-        &self,
-        guards: &mut [MutexGuard<'_, Slot<TargetSession<M::Cache>>>],
-        ready: &[Ready<M>],
-    ) -> Vec<Result<ForwardOutput>> {
-        let mut batch: Vec<_> = guards
-            .iter_mut()
-            .zip(ready)
-            .map(|(g, r)| (&mut g.state.cache, r.input()))
-            .collect();
-        match self.model.forward_batch(&mut batch) {
-            Ok(outs) => outs.into_iter().map(Ok).collect(),
-            Err(e) if batch.len() == 1 => vec![Err(e.into())],
-            Err(_) => batch
-                .into_iter()
-                .map(|(cache, input)| Ok(self.model.forward(cache, input)?))
-                .collect(),
-        }
-    }
+/// One batched forward over the trees and the prefill chunks: the trees' outputs, and
+/// whether each chunk went into its cache. If the batch fails, each part runs alone, so
+/// one bad part cannot fail the others.
+fn forward<M: LanguageModel>(
+    model: &M,
+    guards: &mut [MutexGuard<'_, Slot<TargetSession<M::Cache>>>],
+    ready: &[Ready<M>],
+    chunks: &mut [(Prefill<M>, usize)],
+) -> (Vec<Result<ForwardOutput>>, Vec<Result<()>>) {
+    let positions: Vec<Vec<u32>> = chunks
+        .iter()
+        .map(|(p, rows)| {
+            let start = p.session.cache.len() as u32;
+            (start..start + *rows as u32).collect()
+        })
+        .collect();
+    let no_outputs = || OutputSpec {
+        rows: Some(Vec::new()),
+        logits: false,
+    };
+    let mut batch: Vec<_> = guards
+        .iter_mut()
+        .zip(ready)
+        .map(|(g, r)| (&mut g.state.cache, r.input()))
+        .chain(chunks.iter_mut().zip(&positions).map(|((p, rows), pos)| {
+            let start = p.session.cache.len();
+            let input = SeqInput::chain(&p.tokens[start..start + *rows], pos, no_outputs());
+            (&mut p.session.cache, input)
+        }))
+        .collect();
+    let trees = ready.len();
+    let results: Vec<Result<ForwardOutput>> = match model.forward_batch(&mut batch) {
+        Ok(outs) => outs.into_iter().map(Ok).collect(),
+        Err(e) if batch.len() == 1 => vec![Err(e.into())],
+        Err(_) => batch
+            .into_iter()
+            .map(|(cache, input)| Ok(model.forward(cache, input)?))
+            .collect(),
+    };
+    let mut results = results.into_iter();
+    let outs = results.by_ref().take(trees).collect();
+    let prefilled = results.map(|r| r.map(|_| ())).collect();
+    (outs, prefilled)
 }
 
 /// A verify job whose tree passed the session's checks.

@@ -136,6 +136,19 @@ async fn verify_over_grpc_equals_in_process() {
     rounds_match(model, &mut c, Some(sampling), 2).await;
 }
 
+/// A prompt prefilled two rows per forward leaves the cache a one-shot prefill leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_prefill_equals_one_shot() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = load(&tiny_gguf(dir.path()));
+    let config = TargetConfig {
+        prefill_chunk: 2,
+        ..TargetConfig::default()
+    };
+    let mut c = start(model.clone(), config).await;
+    rounds_match(model, &mut c, None, 3).await;
+}
+
 /// 8 sessions verified concurrently (batched by the scheduler) give what each gives alone.
 async fn batched_equals_alone<M: LanguageModel + 'static>(model: Arc<M>) {
     let config = TargetConfig {

@@ -1,0 +1,227 @@
+//! Chunked prefill in the verify scheduler: a new session's prompt goes in chunks that
+//! ride along with the open sessions' trees, so a long prompt does not stall them, and
+//! the chunked prefill leaves exactly the cache a one-shot prefill leaves.
+
+use engine::{ForwardOutput, LanguageModel, MockModel, ModelInfo, SeqInput};
+use spec::sessions::SessionLimits;
+use spec::{DraftTree, SamplingParams, SessionTable, TargetSession};
+use std::future::Future;
+use std::sync::{Arc, Condvar, Mutex};
+use std::task::Poll;
+use std::time::Duration;
+use target_service::scheduler::{Scheduler, SchedulerConfig};
+
+/// The mock model behind a gate the test can close: a forward that starts while the gate
+/// is closed waits inside the model until it opens. Every forward's rows per sequence
+/// are logged.
+struct Gated {
+    inner: MockModel,
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct GateState {
+    closed: bool,
+    log: Vec<Vec<usize>>,
+}
+
+impl Gated {
+    fn new() -> Self {
+        Self {
+            inner: MockModel::new(500, 4096, 0.5, 3),
+            state: Mutex::default(),
+            changed: Condvar::new(),
+        }
+    }
+
+    fn set_closed(&self, closed: bool) {
+        self.state.lock().unwrap().closed = closed;
+        self.changed.notify_all();
+    }
+
+    fn log(&self) -> Vec<Vec<usize>> {
+        self.state.lock().unwrap().log.clone()
+    }
+
+    /// Blocks until `n` forwards have started.
+    fn wait_for_forwards(&self, n: usize) {
+        let guard = self.state.lock().unwrap();
+        let (_guard, timeout) = self
+            .changed
+            .wait_timeout_while(guard, Duration::from_secs(30), |s| s.log.len() < n)
+            .unwrap();
+        assert!(!timeout.timed_out(), "forward {n} never started");
+    }
+}
+
+impl LanguageModel for Gated {
+    type Cache = <MockModel as LanguageModel>::Cache;
+
+    fn info(&self) -> &ModelInfo {
+        self.inner.info()
+    }
+
+    fn new_cache(&self) -> Self::Cache {
+        self.inner.new_cache()
+    }
+
+    fn forward_batch(
+        &self,
+        batch: &mut [(&mut Self::Cache, SeqInput<'_>)],
+    ) -> engine::Result<Vec<ForwardOutput>> {
+        let mut state = self.state.lock().unwrap();
+        state
+            .log
+            .push(batch.iter().map(|(_, i)| i.tokens.len()).collect());
+        self.changed.notify_all();
+        let _open = self.changed.wait_while(state, |s| s.closed).unwrap();
+        self.inner.forward_batch(batch)
+    }
+}
+
+type Sessions = SessionTable<TargetSession<<Gated as LanguageModel>::Cache>>;
+
+fn start(model: Arc<Gated>, prefill_chunk: usize) -> (Scheduler<Gated>, Arc<Sessions>) {
+    let sessions = Arc::new(SessionTable::new(SessionLimits::default()));
+    let config = SchedulerConfig {
+        max_batch_tokens: 512,
+        batch_wait: Duration::ZERO,
+        prefill_chunk,
+    };
+    (Scheduler::start(model, sessions.clone(), config), sessions)
+}
+
+fn prompt(n: usize, salt: u32) -> Vec<u32> {
+    (0..n as u32).map(|i| (i * 37 + salt) % 500).collect()
+}
+
+/// Polls a future once, so that whatever it does before its first await has happened.
+async fn poll_once<F: Future + Unpin>(f: &mut F) {
+    std::future::poll_fn(|cx| {
+        let _ = std::pin::Pin::new(&mut *f).poll(cx);
+        Poll::Ready(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_prefill_does_not_stall_open_sessions() {
+    let model = Arc::new(Gated::new());
+    let (scheduler, sessions) = start(model.clone(), 8);
+    let greedy = SamplingParams::greedy();
+
+    let short = prompt(4, 1);
+    let a = scheduler.open(short.clone()).await.unwrap();
+    let mut a_local = TargetSession::open(&model.inner, &short).unwrap();
+    let forwards_before = model.log().len();
+
+    // B's 41-token prompt needs 40 rows of prefill: 5 chunks of 8. Hold the first.
+    model.set_closed(true);
+    let long = prompt(41, 2);
+    let mut open_b = Box::pin(scheduler.open(long.clone()));
+    poll_once(&mut open_b).await;
+    let gated = model.clone();
+    let n = forwards_before + 1;
+    tokio::task::spawn_blocking(move || gated.wait_for_forwards(n))
+        .await
+        .unwrap();
+
+    // A's tree arrives while B's first chunk is in the model.
+    let tree = DraftTree::from_parts(vec![a_local.last, 7, 9], vec![-1, 0, 1]).unwrap();
+    let slot = sessions.get(a).unwrap();
+    let mut verify_a = Box::pin(scheduler.verify(a, slot, tree.clone(), greedy));
+    poll_once(&mut verify_a).await;
+    model.set_closed(false);
+
+    let (got, _timing) = verify_a.await.unwrap();
+    assert_eq!(got, a_local.verify(&model.inner, &tree, &greedy).unwrap());
+    let b = open_b.await.unwrap();
+
+    let log = model.log()[forwards_before..].to_vec();
+    // B's chunks, and A's 3-node tree in the forward right after the first chunk.
+    assert_eq!(log[0], vec![8], "{log:?}");
+    assert_eq!(log[1], vec![3, 8], "{log:?}");
+    let prefill_rows: usize = log.iter().flatten().sum::<usize>() - 3;
+    assert_eq!(prefill_rows, 40, "{log:?}");
+    assert!(
+        log.iter().all(|f| f.iter().sum::<usize>() <= 3 + 8),
+        "{log:?}"
+    );
+
+    // The chunked prefill left the cache a one-shot prefill leaves: B verifies alike.
+    let mut b_local = TargetSession::open(&model.inner, &long).unwrap();
+    for round in 0..3u32 {
+        let t = DraftTree::from_parts(vec![b_local.last, round, 11], vec![-1, 0, 0]).unwrap();
+        let want = b_local.verify(&model.inner, &t, &greedy).unwrap();
+        let slot = sessions.get(b).unwrap();
+        let (got, _) = scheduler.verify(b, slot, t, greedy).await.unwrap();
+        assert_eq!(got, want, "round {round}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_opens_share_forwards_and_count_against_the_limit() {
+    let model = Arc::new(Gated::new());
+    let sessions = Arc::new(SessionTable::new(SessionLimits {
+        max_sessions: 2,
+        ..SessionLimits::default()
+    }));
+    let config = SchedulerConfig {
+        max_batch_tokens: 512,
+        batch_wait: Duration::ZERO,
+        prefill_chunk: 16,
+    };
+    let scheduler = Scheduler::start(model.clone(), sessions.clone(), config);
+
+    // Three opens queue while the model is held: two are admitted (the first is already
+    // in the model), the third is refused although neither of the others has finished.
+    model.set_closed(true);
+    let mut first = Box::pin(scheduler.open(prompt(30, 3)));
+    poll_once(&mut first).await;
+    let gated = model.clone();
+    tokio::task::spawn_blocking(move || gated.wait_for_forwards(1))
+        .await
+        .unwrap();
+    let mut second = Box::pin(scheduler.open(prompt(9, 4)));
+    poll_once(&mut second).await;
+    let mut third = Box::pin(scheduler.open(prompt(5, 5)));
+    poll_once(&mut third).await;
+    model.set_closed(false);
+
+    let first = first.await.unwrap();
+    let second = second.await.unwrap();
+    let refused = third.await.unwrap_err();
+    assert!(
+        matches!(refused, spec::SpecError::Exhausted(_)),
+        "{refused:?}"
+    );
+    assert_ne!(first, second);
+    assert_eq!(sessions.len(), 2);
+    // 29 rows of the first prompt in 16-row chunks; the second's 8 rows fill the
+    // second forward's budget beside the first's last 13.
+    assert_eq!(model.log(), vec![vec![16], vec![13, 3], vec![5]]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_open_stops_prefilling() {
+    let model = Arc::new(Gated::new());
+    let (scheduler, sessions) = start(model.clone(), 8);
+    model.set_closed(true);
+    let mut gone = Box::pin(scheduler.open(prompt(100, 6)));
+    poll_once(&mut gone).await;
+    let gated = model.clone();
+    tokio::task::spawn_blocking(move || gated.wait_for_forwards(1))
+        .await
+        .unwrap();
+    // The caller gives up during the first chunk; another session opens.
+    drop(gone);
+    let mut kept = Box::pin(scheduler.open(prompt(5, 7)));
+    poll_once(&mut kept).await;
+    model.set_closed(false);
+    let kept = kept.await.unwrap();
+    assert!(sessions.get(kept).is_ok());
+    assert_eq!(sessions.len(), 1);
+    // Only the first chunk of the abandoned prompt ran.
+    assert_eq!(model.log(), vec![vec![8], vec![4]]);
+}
