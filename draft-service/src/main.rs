@@ -44,6 +44,11 @@ struct Args {
     /// On SIGTERM, refuse new sessions and wait up to this long for open ones to end.
     #[arg(long, env = "OURO_DRAFT_DRAIN_TIMEOUT_S", default_value_t = 60)]
     drain_timeout_s: u64,
+    /// Predict only the first N vocabulary entries (a cheaper output head; the target
+    /// still checks every draft token). Leave unset on a service that hosts the target
+    /// for `--lookahead-endpoint`, whose tokens nobody checks.
+    #[arg(long, env = "OURO_DRAFT_HEAD_VOCAB", value_parser = clap::value_parser!(u64).range(1..))]
+    head_vocab: Option<u64>,
 }
 
 #[tokio::main]
@@ -74,7 +79,11 @@ async fn run_service(a: Args) -> Result<()> {
         .with_context(|| format!("binding {}", a.listen))?;
     tracing::info!(model = %a.model.display(), "loading draft model");
     let device = engine::device::devices(&a.device, 1)?.remove(0);
-    let m = engine::load_model(&a.model, &LoadOptions::default(), &device)
+    let opts = LoadOptions {
+        head_vocab: a.head_vocab.map(|n| n as usize),
+        ..LoadOptions::default()
+    };
+    let m = engine::load_model(&a.model, &opts, &device)
         .with_context(|| format!("loading {}", a.model.display()))?;
     tracing::info!(listen = %a.listen, "draft service ready");
     let grpc = DraftGrpc::new(Arc::new(m), config);

@@ -3,10 +3,11 @@
 //! 2. cost of a k-token verify forward relative to a 1-token forward (k = 1, 2, 4, 8, 16);
 //! 3. tensor-parallel decode, TP=1 vs TP=2.
 //!
-//!   cargo run --release -p engine --example bench_engine -- [MODEL.gguf] [--tokens N] [--f16]
+//!   cargo run --release -p engine --example bench_engine -- [MODEL.gguf] [--tokens N]
+//!       [--f16 | --requantize q4k] [--head-vocab N]
 //!
-//! `--f16` holds the weights as dense f16 (the unquantized deployment) and runs 1 and 2
-//! only, on the engine alone.
+//! `--f16` holds the weights as dense f16 (the unquantized deployment), `--requantize`
+//! re-encodes them in other blocks at load; both run 1 and 2 only, on the engine alone.
 
 use candle_core::quantized::gguf_file::Content;
 use candle_core::{Device, Tensor};
@@ -130,9 +131,21 @@ fn main() {
     let mut path = None;
     let mut steps = 32;
     let mut f16 = false;
+    let mut requantize = None;
+    let mut head_vocab = None;
     while let Some(a) = args.next() {
+        if a == "--head-vocab" {
+            head_vocab = args.next().and_then(|s| s.parse().ok());
+            continue;
+        }
         if a == "--f16" {
             f16 = true;
+        } else if a == "--requantize" {
+            let name = args.next().unwrap_or_default();
+            requantize = Some(engine::block_type(&name).unwrap_or_else(|e| {
+                eprintln!("{e}");
+                std::process::exit(2)
+            }));
         } else if a == "--tokens" {
             steps = args.next().and_then(|s| s.parse().ok()).unwrap_or(steps);
         } else {
@@ -153,11 +166,21 @@ fn main() {
     let dev = Device::Cpu;
     let opts = LoadOptions {
         dequantize_f16: f16,
+        requantize,
+        head_vocab,
         ..LoadOptions::default()
     };
+    let loading = Instant::now();
     let m = engine::load_model(&path, &opts, &dev).expect("load");
-    if f16 {
-        println!("weights: dense f16");
+    println!("loaded in {:.1} s", loading.elapsed().as_secs_f64());
+    if let Some(n) = head_vocab {
+        println!("output head: the first {n} vocabulary entries");
+    }
+    if f16 || requantize.is_some() || head_vocab.is_some() {
+        match requantize {
+            Some(dtype) => println!("weights: requantized to {dtype:?}"),
+            None => println!("weights: dense f16"),
+        }
         let mut a = engine_stepper(&m);
         let ours = interleaved_ms(&mut [&mut a], steps)[0];
         println!("\n## one-token decode ({steps} steps after a 32-token prompt, median)");

@@ -31,6 +31,7 @@ pub use kv::KvCache;
 pub use mask::{Visibility, tree_positions};
 pub use mock::{MockCache, MockModel};
 pub use transformer::{LoadOptions, Shard, Transformer};
+pub use weights::block_type;
 
 use candle_core::Device;
 use std::path::Path;

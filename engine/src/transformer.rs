@@ -7,7 +7,9 @@ use crate::config::{ModelConfig, RopeStyle};
 use crate::error::{EngineError, Result};
 use crate::f16_matmul::F16Matrix;
 use crate::kv::KvCache;
-use crate::weights::{RawWeight, Role, TensorSource, pad_for_tiles, split_range};
+use crate::weights::{
+    RawWeight, Role, TensorSource, pad_for_tiles, requantize_padded, split_range,
+};
 use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{D, DType, Device, Module, Tensor};
 use std::sync::Arc;
@@ -44,6 +46,17 @@ pub struct LoadOptions {
     /// inputs) to a multiple of 256 for candle's fast x86 kernels; for comparing against
     /// runtimes that run the same blocks on the generic kernel.
     pub unpadded: bool,
+    /// Re-encode every matmul weight in these blocks at load, zero-padding widths to the
+    /// block size: a Q8_0 draft as Q4_K moves about half the bytes per decode step. Other
+    /// numbers than the file's, so only for a model whose output is checked anyway (the
+    /// draft: the target verifies every token). Not with tensor parallelism.
+    pub requantize: Option<GgmlDType>,
+    /// Compute the output head over the first N vocabulary entries only: the head is a
+    /// quarter of a small model's work per token, and Qwen/GPT-style vocabularies list
+    /// tokens in merge order, common ones first. Later tokens are never predicted (their
+    /// logits read -inf), so again only for a draft, whose tokens the target checks.
+    /// Keep it a multiple of 16, or candle takes another kernel for the head.
+    pub head_vocab: Option<usize>,
 }
 
 /// A matmul operand: candle's, or on CPU our kernel for dense f16 weights.
@@ -123,12 +136,8 @@ fn amx_present() -> bool {
 }
 
 impl Linear {
-    /// `pad`: widen the weight for candle's fast kernels where that applies.
-    fn new(w: QMatMul, bias: Option<Tensor>, pad: bool) -> Result<Self> {
-        let (w, pad) = match pad {
-            true => pad_for_tiles(w)?,
-            false => (w, 0),
-        };
+    /// `(w, pad)`: the weight and the zero columns appended to it.
+    fn new((w, pad): (QMatMul, usize), bias: Option<Tensor>) -> Result<Self> {
         let w = match w {
             QMatMul::TensorF16(t) if t.device().is_cpu() => {
                 Weight::F16(F16Matrix::from_tensor(&t)?)
@@ -255,6 +264,14 @@ impl Transformer {
         // matrix would group them differently from the whole one: shards stay unpadded and
         // compute what the unpadded whole model computes.
         let pad = !opts.unpadded && shard.world == 1;
+        if let Some(dtype) = opts.requantize
+            && (shard.world > 1 || opts.dequantize_f16)
+        {
+            return Err(EngineError::invalid(format!(
+                "requantizing to {dtype:?} works on a whole model with quantized weights \
+                 only (not with tensor parallelism or dense f16)"
+            )));
+        }
         let h = cfg.hidden_size;
         let d = cfg.head_dim;
         let group = cfg.num_heads / cfg.num_kv_heads;
@@ -284,7 +301,13 @@ impl Transformer {
         let row = |w: RawWeight, start: usize, len: usize| -> Result<RawWeight> {
             if sharded { w.cols(start, len) } else { Ok(w) }
         };
-        let matmul = |w: RawWeight| w.into_matmul(opts.f16_weights, opts.dequantize_f16);
+        let matmul = |w: RawWeight| -> Result<(QMatMul, usize)> {
+            if let Some(dtype) = opts.requantize {
+                return requantize_padded(&w, dtype, device);
+            }
+            let w = w.into_matmul(opts.f16_weights, opts.dequantize_f16)?;
+            if pad { pad_for_tiles(w) } else { Ok((w, 0)) }
+        };
         let embed_raw = get(source, Role::Embed, &[cfg.vocab_size, h])?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
@@ -302,13 +325,13 @@ impl Transformer {
                         ),
                         None => None,
                     };
-                    Linear::new(matmul(weight)?, bias, pad)
+                    Linear::new(matmul(weight)?, bias)
                 };
             let q = proj(Role::Q(i), Role::QBias(i), qd, q0, qn)?;
             let k = proj(Role::K(i), Role::KBias(i), kvd, k0, kn)?;
             let v = proj(Role::V(i), Role::VBias(i), kvd, k0, kn)?;
             let inter = cfg.intermediate_size;
-            let plain = |w: RawWeight| -> Result<Linear> { Linear::new(matmul(w)?, None, pad) };
+            let plain = |w: RawWeight| -> Result<Linear> { Linear::new(matmul(w)?, None) };
             layers.push(Layer {
                 attn_norm: get(source, Role::AttnNorm(i), &[h])?.to_f32(device)?,
                 q,
@@ -327,7 +350,17 @@ impl Transformer {
                 Some(w) => w.expect_dims(&source.describe(Role::LmHead), &[cfg.vocab_size, h])?,
                 None => embed_raw.clone(), // tied embeddings
             };
-            Some(Linear::new(matmul(head)?, None, pad)?)
+            let head = match opts.head_vocab {
+                Some(n) if n == 0 || n > cfg.vocab_size => {
+                    return Err(EngineError::invalid(format!(
+                        "head vocabulary {n} must be within 1..={}",
+                        cfg.vocab_size
+                    )));
+                }
+                Some(n) if n < cfg.vocab_size => head.rows(0, n)?,
+                _ => head,
+            };
+            Some(Linear::new(matmul(head)?, None)?)
         } else {
             None
         };
@@ -539,7 +572,12 @@ impl Transformer {
         let argmax: Vec<u32> = logits.argmax_keepdim(D::Minus1)?.flatten_all()?.to_vec1()?;
         let want_logits = inputs.iter().any(|i| i.outputs.logits);
         let all_logits: Option<Vec<Vec<f32>>> = if want_logits {
-            Some(logits.to_vec2()?)
+            let mut rows = logits.to_vec2::<f32>()?;
+            // A narrowed head never predicts the rest of the vocabulary.
+            for r in &mut rows {
+                r.resize(self.cfg.vocab_size, f32::NEG_INFINITY);
+            }
+            Some(rows)
         } else {
             None
         };

@@ -201,6 +201,37 @@ pub(crate) fn requant_q8_0(q: QTensor) -> Result<QTensor> {
     Ok(QTensor::quantize(&dense, GgmlDType::Q8_0)?)
 }
 
+/// The block type named `name` as on the command line (`q4k`, `q6k`, `q8_0`): the ones
+/// with fast CPU kernels, for [`crate::LoadOptions::requantize`].
+pub fn block_type(name: &str) -> Result<GgmlDType> {
+    match name.to_ascii_lowercase().replace('_', "").as_str() {
+        "q4k" => Ok(GgmlDType::Q4K),
+        "q6k" => Ok(GgmlDType::Q6K),
+        "q80" => Ok(GgmlDType::Q8_0),
+        _ => Err(EngineError::invalid(format!(
+            "unknown block type {name:?}: use q4k, q6k or q8_0"
+        ))),
+    }
+}
+
+/// A `(out, in)` weight re-encoded in `dtype` blocks, its width zero-padded to the block
+/// size (the input gets as many zero columns); returns the weight and that padding.
+pub(crate) fn requantize_padded(
+    w: &RawWeight,
+    dtype: GgmlDType,
+    device: &Device,
+) -> Result<(QMatMul, usize)> {
+    let dense = w.to_f32(device)?;
+    let (n, k) = dense.dims2()?;
+    let wide = k.next_multiple_of(dtype.block_size());
+    let dense = match wide - k {
+        0 => dense,
+        extra => Tensor::cat(&[dense, Tensor::zeros((n, extra), DType::F32, device)?], 1)?,
+    };
+    let q = QTensor::quantize(&dense, dtype)?;
+    Ok((QMatMul::from_arc(Arc::new(q))?, wide - k))
+}
+
 /// Splits `total` items into `world` nearly equal consecutive parts; part `rank`'s range.
 pub fn split_range(total: usize, world: usize, rank: usize) -> (usize, usize) {
     let base = total / world;

@@ -167,6 +167,9 @@ impl Services {
             if bin == "target-service" && paths.target_f16 {
                 cmd.arg("--f16");
             }
+            if let (true, Some(n)) = (bin == "draft-service", paths.draft_head_vocab) {
+                cmd.arg("--head-vocab").arg(n.to_string());
+            }
             let child = cmd
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
@@ -397,7 +400,11 @@ fn run_with<T: LanguageModel + 'static>(e: &Embedded<T>, a: &BenchArgs) -> Resul
                 true => format!("{} (dequantized to f16 at load)", file_name(&paths.target)),
                 false => file_name(&paths.target),
             },
-            draft: paths.draft.as_deref().map_or("none".into(), file_name),
+            draft: match (paths.draft.as_deref(), paths.draft_head_vocab) {
+                (None, _) => "none".into(),
+                (Some(d), None) => file_name(d),
+                (Some(d), Some(n)) => format!("{} (head over the first {n} tokens)", file_name(d)),
+            },
             prompts: prompts.len(),
             max_new_tokens: a.decode.max_new_tokens,
             cost_profile: match remote_profile {

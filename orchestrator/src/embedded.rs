@@ -40,6 +40,8 @@ pub struct ModelPaths {
     /// Load the target's weights as dense f16 (see `LoadOptions::dequantize_f16`).
     pub target_f16: bool,
     pub draft: Option<PathBuf>,
+    /// See `LoadOptions::head_vocab`.
+    pub draft_head_vocab: Option<usize>,
     pub tokenizer: Option<PathBuf>,
     /// A Jinja file that replaces the model's own chat template.
     pub chat_template: Option<PathBuf>,
@@ -140,7 +142,11 @@ pub fn load_draft(paths: &ModelPaths) -> Result<Option<Arc<Transformer>>> {
         return Ok(None);
     };
     check_file(d, "draft model")?;
-    let m = engine::load_model(d, &LoadOptions::default(), &Device::Cpu)
+    let opts = LoadOptions {
+        head_vocab: paths.draft_head_vocab,
+        ..LoadOptions::default()
+    };
+    let m = engine::load_model(d, &opts, &Device::Cpu)
         .with_context(|| format!("loading draft {}", d.display()))?;
     Ok(Some(Arc::new(m)))
 }

@@ -60,6 +60,10 @@ pub struct ModelArgs {
     /// deployment; about 3 GB for the 1.5B target).
     #[arg(long, env = "OURO_TARGET_F16")]
     target_f16: bool,
+    /// The draft predicts only the first N vocabulary entries (a cheaper output head;
+    /// the target still checks every draft token, so the output does not change).
+    #[arg(long, env = "OURO_DRAFT_HEAD_VOCAB", value_parser = clap::value_parser!(u64).range(1..))]
+    draft_head_vocab: Option<u64>,
 }
 
 impl ModelArgs {
@@ -67,6 +71,7 @@ impl ModelArgs {
         let dir = models_dir();
         ModelPaths {
             target_f16: self.target_f16,
+            draft_head_vocab: self.draft_head_vocab.map(|n| n as usize),
             target: self
                 .target
                 .clone()

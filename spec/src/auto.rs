@@ -388,6 +388,9 @@ const OPTIMISTIC_DRAFT: f64 = 0.9;
 /// one, and rounds after which old ones count half (so the factor follows the workload).
 const REALITY_PRIOR: f64 = 8.0;
 const REALITY_MEMORY: f64 = 400.0;
+/// Per round of the other kind, what a kind's realized record keeps of its weight
+/// (half after about 70 rounds).
+const REALITY_FADE: f64 = 0.99;
 
 /// What kind of round a prediction was made for: one with a draft call, or one that
 /// verifies only zero-cost guesses (trie, pool; none at all is greedy).
@@ -431,6 +434,16 @@ impl Realized {
         let seconds = self.seconds + w * self.predicted_seconds;
         let predicted = self.predicted_tokens / self.predicted_seconds;
         (tokens / seconds.max(1e-12) / predicted).clamp(0.25, 4.0)
+    }
+
+    /// Scales the record by `keep`: the prior's weight stays, so the factor moves
+    /// towards 1.
+    fn fade(&mut self, keep: f64) {
+        self.rounds *= keep;
+        self.predicted_tokens *= keep;
+        self.predicted_seconds *= keep;
+        self.tokens *= keep;
+        self.seconds *= keep;
     }
 
     fn add(&mut self, p: Prediction, tokens: f64, seconds: f64) {
@@ -714,16 +727,18 @@ impl AutoTuner {
             // Joining late means a prefill of the whole text, worth it only if the
             // request is long enough to earn it back: this round carries its share.
             let share = expected / backlog.remaining.max(1) as f64;
-            let unseen = backlog.pending as f64 + backlog.unopened as f64 * share.min(1.0);
-            let seconds = self.profile.draft_cost(g)?
-                + cost.catch_up * unseen
+            let round = self.profile.draft_cost(g)?
+                + cost.catch_up * backlog.pending as f64
                 + self.profile.verify_cost(g + 1);
-            let rate = expected / seconds.max(1e-12);
+            let opening = cost.catch_up * backlog.unopened as f64 * share.min(1.0);
+            let rate = expected / (round + opening).max(1e-12);
             if best.is_none_or(|(r, _, _)| rate > r) {
+                // The opening's share is left out: the caller observes the round without
+                // the opening, which it pays all at once, not as a share.
                 let p = Prediction {
                     kind: RoundKind::Drafted,
                     tokens: expected,
-                    seconds,
+                    seconds: round,
                 };
                 best = Some((rate, g, p));
             }
@@ -733,12 +748,20 @@ impl AutoTuner {
     }
 
     /// Records how a round predicted as `p` turned out: `tokens` committed in `seconds`
-    /// (the draft call, if any, and the verify, as the caller saw them).
+    /// (the draft call, if any, and the verify, as the caller saw them; without opening a
+    /// draft session). The other kind's record fades a little towards its prediction, so
+    /// a kind that fared badly once is tried again some time later instead of never.
     pub fn observe(&self, greedy: bool, p: Prediction, tokens: usize, seconds: f64) {
         if !(seconds.is_finite() && seconds > 0.0 && p.seconds > 0.0) {
             return;
         }
-        self.calibration(greedy).realized[p.kind as usize].add(p, tokens as f64, seconds);
+        let mut c = self.calibration(greedy);
+        c.realized[p.kind as usize].add(p, tokens as f64, seconds);
+        let other = match p.kind {
+            RoundKind::Drafted => RoundKind::ZeroCost,
+            RoundKind::ZeroCost => RoundKind::Drafted,
+        };
+        c.realized[other as usize].fade(REALITY_FADE);
     }
 
     /// Realized over predicted rate of a kind of round so far (1 before any).
@@ -1009,5 +1032,46 @@ mod tests {
             t.observe(true, zero.prediction(RoundKind::ZeroCost), 4, 1.0);
         }
         assert!((t.reality(true, RoundKind::ZeroCost) - 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_kind_that_disappointed_is_tried_again_later() {
+        let t = AutoTuner::new(profile(&[(1, 1.0), (16, 1.3)], Some((0.0, 0.1))));
+        let synced = in_step(1000);
+        let zero = rate(1.0);
+        let (_, p) = t.draft_gamma(true, 8, &zero, synced).expect("pays");
+        // a few drafted rounds go badly (say, a slow spell), so zero-cost rounds run...
+        for _ in 0..20 {
+            t.observe(true, p, 1, p.seconds * 2.0);
+        }
+        assert_eq!(t.draft_gamma(true, 8, &zero, synced), None);
+        let mut waited = 0;
+        while t.draft_gamma(true, 8, &zero, synced).is_none() {
+            t.observe(true, zero.prediction(RoundKind::ZeroCost), 1, 1.0);
+            waited += 1;
+            assert!(waited < 1000, "drafting was never tried again");
+        }
+        // ...but the bad spell fades, and drafting gets another chance
+        assert!(waited > 10, "tried again after only {waited} rounds");
+    }
+
+    #[test]
+    fn opening_a_draft_session_counts_in_the_decision_but_not_in_the_round() {
+        let t = AutoTuner::new(profile(&[(1, 1.0), (16, 1.3)], Some((0.0, 0.1))));
+        let zero = rate(1.0);
+        let opened = in_step(40);
+        let unopened = DraftBacklog {
+            unopened: 4,
+            ..opened
+        };
+        let (g, p) = t.draft_gamma(true, 8, &zero, unopened).expect("still pays");
+        // the predicted round is the draft call and the verify, without the opening
+        let round = t.profile().draft_cost(g).unwrap() + t.profile().verify_cost(g + 1);
+        assert!((p.seconds - round).abs() < 1e-12, "{p:?} vs {round}");
+        let long_prompt = DraftBacklog {
+            unopened: 10_000,
+            ..opened
+        };
+        assert_eq!(t.draft_gamma(true, 8, &zero, long_prompt), None);
     }
 }

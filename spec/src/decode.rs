@@ -548,7 +548,7 @@ async fn auto_round<T: TargetBackend, D: DraftBackend>(
     text: &[u32],
     budget: usize,
     room: usize,
-) -> (Round, Prediction) {
+) -> (Round, Prediction, f64) {
     let params = state.params;
     let greedy = params.sampling.is_greedy();
     let root = *text.last().expect("the text is not empty");
@@ -582,6 +582,7 @@ async fn auto_round<T: TargetBackend, D: DraftBackend>(
         unopened,
         remaining: budget + 1,
     };
+    let mut opening_s = 0.0;
     if can_draft
         && gamma > 0
         && let Some((g, p)) = tuner.draft_gamma(greedy, gamma, &plan, backlog)
@@ -589,7 +590,10 @@ async fn auto_round<T: TargetBackend, D: DraftBackend>(
         if sessions.draft.is_none()
             && let Some(d) = sessions.spare.take()
         {
-            match d.open(text).await {
+            let t0 = Instant::now();
+            let opened = d.open(text).await;
+            opening_s = t0.elapsed().as_secs_f64();
+            match opened {
                 Ok(id) => {
                     sessions.draft = Some((d, id));
                     state.for_draft.clear();
@@ -607,7 +611,7 @@ async fn auto_round<T: TargetBackend, D: DraftBackend>(
     }
     let round = round.retain(&plan.keep);
     stats.trie_nodes += round.from_trie.iter().filter(|&&t| t).count() as u64;
-    (round, predicted)
+    (round, predicted, opening_s)
 }
 
 async fn run_rounds<T: TargetBackend, D: DraftBackend>(
@@ -665,11 +669,11 @@ async fn run_rounds<T: TargetBackend, D: DraftBackend>(
         let started = Instant::now();
         let (round, predicted) = match tuner {
             Some(t) => {
-                let (r, p) =
+                let (r, p, opening_s) =
                     auto_round(sessions, stats, shared, t, &mut state, &text, budget, room)
                         .instrument(round_span.clone())
                         .await;
-                (r, Some(p))
+                (r, Some((p, opening_s)))
             }
             None => {
                 let r = fixed_round(sessions, stats, shared, &mut state, &text, budget, room)
@@ -699,9 +703,10 @@ async fn run_rounds<T: TargetBackend, D: DraftBackend>(
         stats.add_verify(timing, t0.elapsed().as_secs_f64(), tree.len());
         if let Some(t) = tuner {
             t.learn(greedy, &tree, &guesses, &v.path);
-            if let Some(p) = predicted {
+            if let Some((p, opening_s)) = predicted {
                 // The accepted path plus the target's own token, as the plan counted.
-                t.observe(greedy, p, v.path.len() + 1, started.elapsed().as_secs_f64());
+                let seconds = started.elapsed().as_secs_f64() - opening_s;
+                t.observe(greedy, p, v.path.len() + 1, seconds);
             }
         }
         // The walk may leave the chain at any node when other paths hang off the root.

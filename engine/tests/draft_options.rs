@@ -1,0 +1,94 @@
+//! Load options meant for a draft model, whose tokens the target checks: a narrowed output
+//! head (`head_vocab`) and weights re-encoded in other blocks at load (`requantize`).
+
+use candle_core::Device;
+use candle_core::quantized::GgmlDType;
+use engine::testing::{random_weights, tiny_config, write_gguf};
+use engine::{Architecture, LanguageModel, LoadOptions, OutputSpec, SeqInput, Transformer};
+
+fn model(opts: &LoadOptions) -> Transformer {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(Architecture::Qwen2);
+    let path = dir.path().join("draft.gguf");
+    let w = random_weights(&cfg, 5, true, true).unwrap();
+    write_gguf(&path, &cfg, &w, GgmlDType::Q8_0).unwrap();
+    engine::load_model(&path, opts, &Device::Cpu).unwrap()
+}
+
+/// Argmax and logits of every position of a fixed 12-token text.
+fn run(m: &Transformer) -> (Vec<u32>, Vec<Vec<f32>>) {
+    let tokens: Vec<u32> = (0..12).map(|i| (i * 37 + 5) % 96).collect();
+    let pos: Vec<u32> = (0..12).collect();
+    let mut cache = m.new_cache();
+    let out = m
+        .forward(
+            &mut cache,
+            SeqInput::chain(&tokens, &pos, OutputSpec::all().with_logits()),
+        )
+        .unwrap();
+    (out.argmax, out.logits.unwrap())
+}
+
+#[test]
+fn a_narrow_head_predicts_the_best_of_its_tokens_and_never_the_rest() {
+    let (_, full) = run(&model(&LoadOptions::default()));
+    let narrow = model(&LoadOptions {
+        head_vocab: Some(48),
+        ..LoadOptions::default()
+    });
+    let (argmax, logits) = run(&narrow);
+    for (row, (a, (l, f))) in argmax.iter().zip(logits.iter().zip(&full)).enumerate() {
+        assert_eq!(l.len(), 96, "logits still span the vocabulary");
+        assert!(l[48..].iter().all(|x| *x == f32::NEG_INFINITY), "row {row}");
+        // the first 48 logits are the full head's own
+        assert_eq!(&l[..48], &f[..48], "row {row}");
+        let best = (0..48).max_by(|&i, &j| f[i].total_cmp(&f[j])).unwrap();
+        assert_eq!(*a as usize, best, "row {row}");
+    }
+    for bad in [0, 97] {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = tiny_config(Architecture::Qwen2);
+        let path = dir.path().join("d.gguf");
+        let w = random_weights(&cfg, 5, true, true).unwrap();
+        write_gguf(&path, &cfg, &w, GgmlDType::Q8_0).unwrap();
+        let opts = LoadOptions {
+            head_vocab: Some(bad),
+            ..LoadOptions::default()
+        };
+        let Err(err) = engine::load_model(&path, &opts, &Device::Cpu) else {
+            panic!("head vocabulary {bad} was accepted");
+        };
+        assert!(err.to_string().contains("head vocabulary"), "{err}");
+    }
+}
+
+#[test]
+fn requantized_weights_stay_close_to_the_file() {
+    let (_, want) = run(&model(&LoadOptions::default()));
+    // Q4_K blocks span 256 columns: the 64- and 160-wide matrices are zero-padded.
+    for (dtype, tolerance) in [(GgmlDType::Q8_0, 0.02), (GgmlDType::Q4K, 0.25)] {
+        let m = model(&LoadOptions {
+            requantize: Some(dtype),
+            ..LoadOptions::default()
+        });
+        let (_, got) = run(&m);
+        let scale = want.iter().flatten().map(|x| x.abs()).fold(0f32, f32::max);
+        let worst = want
+            .iter()
+            .flatten()
+            .zip(got.iter().flatten())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            worst <= tolerance * scale,
+            "{dtype:?}: worst logit error {worst} against a scale of {scale}"
+        );
+    }
+}
+
+#[test]
+fn block_types_are_named_as_on_the_command_line() {
+    assert_eq!(engine::block_type("q4k").unwrap(), GgmlDType::Q4K);
+    assert_eq!(engine::block_type("Q8_0").unwrap(), GgmlDType::Q8_0);
+    assert!(engine::block_type("q3k").is_err());
+}
