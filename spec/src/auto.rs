@@ -756,7 +756,11 @@ impl AutoTuner {
             return;
         }
         let mut c = self.calibration(greedy);
-        c.realized[p.kind as usize].add(p, tokens as f64, seconds);
+        // A round with nothing but the root is a plain greedy step whose prediction is
+        // exact; counting it would only dilute what the rounds with guesses teach.
+        if p.kind == RoundKind::Drafted || p.tokens > 1.0 + 1e-9 {
+            c.realized[p.kind as usize].add(p, tokens as f64, seconds);
+        }
         let other = match p.kind {
             RoundKind::Drafted => RoundKind::ZeroCost,
             RoundKind::ZeroCost => RoundKind::Drafted,
@@ -1032,6 +1036,21 @@ mod tests {
             t.observe(true, zero.prediction(RoundKind::ZeroCost), 4, 1.0);
         }
         assert!((t.reality(true, RoundKind::ZeroCost) - 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn plain_greedy_steps_do_not_dilute_the_zero_cost_record() {
+        let t = AutoTuner::new(profile(&[(1, 1.0), (16, 1.3)], Some((0.0, 0.1))));
+        let guessing = rate(3.0);
+        for _ in 0..20 {
+            t.observe(true, guessing.prediction(RoundKind::ZeroCost), 1, 1.0);
+        }
+        let after_guesses = t.reality(true, RoundKind::ZeroCost);
+        assert!(after_guesses < 0.6, "{after_guesses}");
+        for _ in 0..200 {
+            t.observe(true, rate(1.0).prediction(RoundKind::ZeroCost), 1, 1.0);
+        }
+        assert_eq!(t.reality(true, RoundKind::ZeroCost), after_guesses);
     }
 
     #[test]
