@@ -8,6 +8,7 @@
 //!
 //! `--f16` holds the weights as dense f16 (the unquantized deployment), `--requantize`
 //! re-encodes them in other blocks at load; both run 1 and 2 only, on the engine alone.
+//! `--head-vocab` narrows the output head (then 1 runs on the engine alone).
 
 use candle_core::quantized::gguf_file::Content;
 use candle_core::{Device, Tensor};
@@ -136,9 +137,7 @@ fn main() {
     while let Some(a) = args.next() {
         if a == "--head-vocab" {
             head_vocab = args.next().and_then(|s| s.parse().ok());
-            continue;
-        }
-        if a == "--f16" {
+        } else if a == "--f16" {
             f16 = true;
         } else if a == "--requantize" {
             let name = args.next().unwrap_or_default();
@@ -177,9 +176,10 @@ fn main() {
         println!("output head: the first {n} vocabulary entries");
     }
     if f16 || requantize.is_some() || head_vocab.is_some() {
-        match requantize {
-            Some(dtype) => println!("weights: requantized to {dtype:?}"),
-            None => println!("weights: dense f16"),
+        match (requantize, f16) {
+            (Some(dtype), _) => println!("weights: requantized to {dtype:?}"),
+            (None, true) => println!("weights: dense f16"),
+            (None, false) => println!("weights: as in the file"),
         }
         let mut a = engine_stepper(&m);
         let ours = interleaved_ms(&mut [&mut a], steps)[0];
@@ -200,7 +200,8 @@ fn main() {
     for (k, ms) in ks.iter().zip(&t) {
         println!("k={k:2}: {ms:7.1} ms  {:.2}x", ms / t[0]);
     }
-    if f16 {
+    // Neither runs tensor-parallel (the requantized load refuses shards).
+    if f16 || requantize.is_some() {
         return;
     }
 

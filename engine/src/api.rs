@@ -19,6 +19,14 @@ impl OutputSpec {
         Self::default()
     }
 
+    /// No outputs at all: a prefill only fills the cache.
+    pub fn none() -> Self {
+        Self {
+            rows: Some(Vec::new()),
+            logits: false,
+        }
+    }
+
     pub fn last(n: usize) -> Self {
         Self {
             rows: Some(vec![n.saturating_sub(1)]),

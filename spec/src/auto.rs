@@ -453,11 +453,7 @@ impl Realized {
         self.tokens += tokens;
         self.seconds += seconds;
         if self.rounds > REALITY_MEMORY {
-            self.rounds /= 2.0;
-            self.predicted_tokens /= 2.0;
-            self.predicted_seconds /= 2.0;
-            self.tokens /= 2.0;
-            self.seconds /= 2.0;
+            self.fade(0.5);
         }
     }
 }

@@ -40,11 +40,10 @@ fn prefill<M: LanguageModel>(model: &M, cache: &mut M::Cache, tokens: &[u32]) ->
         return Ok(());
     }
     let positions: Vec<u32> = (cache.len() as u32..).take(tokens.len()).collect();
-    let out = OutputSpec {
-        rows: Some(Vec::new()),
-        logits: false,
-    };
-    model.forward(cache, SeqInput::chain(tokens, &positions, out))?;
+    model.forward(
+        cache,
+        SeqInput::chain(tokens, &positions, OutputSpec::none()),
+    )?;
     Ok(())
 }
 

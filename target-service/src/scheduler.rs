@@ -390,17 +390,13 @@ fn forward<M: LanguageModel>(
             (start..start + *rows as u32).collect()
         })
         .collect();
-    let no_outputs = || OutputSpec {
-        rows: Some(Vec::new()),
-        logits: false,
-    };
     let mut batch: Vec<_> = guards
         .iter_mut()
         .zip(ready)
         .map(|(g, r)| (&mut g.state.cache, r.input()))
         .chain(chunks.iter_mut().zip(&positions).map(|((p, rows), pos)| {
             let start = p.session.cache.len();
-            let input = SeqInput::chain(&p.tokens[start..start + *rows], pos, no_outputs());
+            let input = SeqInput::chain(&p.tokens[start..start + *rows], pos, OutputSpec::none());
             (&mut p.session.cache, input)
         }))
         .collect();
