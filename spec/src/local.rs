@@ -265,7 +265,10 @@ impl<C: KvState> DraftSession<C> {
                 tokens: &plan.tokens,
                 positions: &plan.positions,
                 visibility: &plan.visibility,
-                outputs: OutputSpec::all(),
+                outputs: OutputSpec {
+                    rows: Some(plan.output_rows().collect()),
+                    logits: false,
+                },
             };
             let out = model.forward(&mut self.cache, input)?;
             outcome.forwards += 1;

@@ -124,6 +124,13 @@ pub struct StepPlan {
 }
 
 impl StepPlan {
+    /// The rows whose next token the step reads: `u`'s and every row after it. The
+    /// pending rows before `u` (a prefill, a catch-up) only fill the cache, and skipping
+    /// their output head saves a head-sized matmul per row.
+    pub fn output_rows(&self) -> std::ops::Range<usize> {
+        self.pending - 1..self.tokens.len()
+    }
+
     fn tree_row(&self, node: usize) -> usize {
         if node == 0 {
             self.pending - 1
@@ -254,22 +261,25 @@ fn window_visibility(
     Visibility::Matrix { n, visible: v }
 }
 
-/// Turns a step's per-row argmax into emitted tokens, the KV rows to keep and (when a
-/// window ran) harvested n-grams, and advances the window by one column.
+/// Turns a step's argmax over [`StepPlan::output_rows`] into emitted tokens, the KV rows
+/// to keep and (when a window ran) harvested n-grams, and advances the window by one
+/// column.
 pub fn finish_step(
     plan: &StepPlan,
     argmax: &[u32],
     window: Option<&mut Window>,
 ) -> Result<StepResult> {
-    if argmax.len() != plan.tokens.len() {
+    let rows = plan.output_rows();
+    if argmax.len() != rows.len() {
         return Err(SpecError::invalid(format!(
-            "{} outputs for a {}-row step",
+            "{} outputs for a step reading {} rows",
             argmax.len(),
-            plan.tokens.len()
+            rows.len()
         )));
     }
+    let first = rows.start;
     let outputs: Vec<u32> = (0..plan.tree.len())
-        .map(|node| argmax[plan.tree_row(node)])
+        .map(|node| argmax[plan.tree_row(node) - first])
         .collect();
     let walk = plan.tree.walk(&outputs)?;
     let mut keep_rows: Vec<usize> = (0..plan.pending).collect();
@@ -284,7 +294,7 @@ pub fn finish_step(
     };
     if let Some(w) = window {
         let out_of = |l: usize| -> Vec<u32> {
-            let start = plan.level_rows[l];
+            let start = plan.level_rows[l] - first;
             argmax[start..start + w.levels[l].len()].to_vec()
         };
         let top = w.levels.len() - 1;
@@ -338,7 +348,7 @@ mod tests {
             assert_eq!(win.levels[0].len(), w + n - 3);
             for _ in 0..n - 2 {
                 let plan = plan_step(&[9], 10, Some(&win), &[]).unwrap();
-                let out: Vec<u32> = (0..plan.tokens.len() as u32).collect();
+                let out: Vec<u32> = plan.output_rows().map(|r| r as u32).collect();
                 let r = finish_step(&plan, &out, Some(&mut win)).unwrap();
                 assert_eq!(r.emitted.len(), 1);
                 assert!(r.harvested.is_empty());
@@ -351,7 +361,7 @@ mod tests {
             // steady steps keep the shape and harvest one n-gram per column
             let plan = plan_step(&[9], 11, Some(&win), &[]).unwrap();
             assert_eq!(plan.tokens.len(), 1 + win.params().window_rows() - 1);
-            let out: Vec<u32> = (100..100 + plan.tokens.len() as u32).collect();
+            let out: Vec<u32> = plan.output_rows().map(|r| 100 + r as u32).collect();
             let r = finish_step(&plan, &out, Some(&mut win)).unwrap();
             assert_eq!(r.harvested.len(), w);
             assert!(r.harvested.iter().all(|g| g.phrase.len() == n - 1));
@@ -367,7 +377,7 @@ mod tests {
         let mut win = Window::new(params(5, 4), &[1, 2, 3, 4, 5], 3);
         for _ in 0..3 {
             let plan = plan_step(&[7, 8], 20, Some(&win), &[]).unwrap();
-            let out = vec![0; plan.tokens.len()];
+            let out = vec![0; plan.output_rows().len()];
             finish_step(&plan, &out, Some(&mut win)).unwrap();
         }
         let plan = plan_step(&[7, 8], 20, Some(&win), &[vec![1, 2, 3, 4]]).unwrap();
@@ -410,8 +420,10 @@ mod tests {
         // rows: 4 5 | 6 7 8 9 1 (trie shares the leading 6)
         assert_eq!(plan.tokens, vec![4, 5, 6, 7, 8, 9, 1]);
         assert_eq!(plan.positions, vec![0, 1, 2, 3, 4, 3, 4]);
-        // model: after 5 comes 6, after 6 comes 9, after 9 comes 2 (phrase says 1)
-        let out = vec![0, 6, 9, 0, 0, 2, 0];
+        // model: after 5 comes 6, after 6 comes 9, after 9 comes 2 (phrase says 1); the
+        // pending row before `u` has no output
+        assert_eq!(plan.output_rows(), 1..7);
+        let out = vec![6, 9, 0, 0, 2, 0];
         let r = finish_step(&plan, &out, None).unwrap();
         assert_eq!(r.emitted, vec![6, 9, 2]);
         assert_eq!(r.keep_rows, vec![0, 1, 2, 5]);
