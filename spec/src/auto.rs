@@ -5,6 +5,12 @@
 //! requests and updated after every round). Each round keeps the tree that maximises the
 //! expected committed tokens per second; when no guess pays for its rows that is the root
 //! alone, which is plain greedy decoding.
+//!
+//! Per-round estimates are noisy on a machine whose speed drifts, and they miss costs that
+//! only show across rounds (a draft catching up after rounds without it). So the rounds
+//! run under one of a few [`Policy`]s at a time, and which one is judged on what each has
+//! actually delivered: tokens per second over segments of a request, the policy with the
+//! best record (plus a bonus for being little tried) running the next segment.
 
 use crate::backend::{DraftBackend, DraftRequest, SessionId, TargetBackend};
 use crate::error::{Result, SpecError};
@@ -354,6 +360,58 @@ fn fit_draft_cost(points: &[(f64, f64)]) -> Option<DraftCost> {
     })
 }
 
+/// How the rounds of a segment choose their trees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// Each round compares a drafted tree with the zero-cost one and takes the better.
+    Mixed,
+    /// Every round drafts (gamma sized by the profile), and verifies the draft's chain.
+    Drafting,
+    /// No round drafts: zero-cost guesses only (plain greedy when none pays).
+    ZeroCost,
+}
+
+impl Policy {
+    pub const ALL: [Policy; 3] = [Policy::Mixed, Policy::Drafting, Policy::ZeroCost];
+
+    /// Where this policy sits in [`Policy::ALL`] (and in per-policy arrays).
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::Mixed => "mixed",
+            Policy::Drafting => "drafting",
+            Policy::ZeroCost => "zero-cost",
+        }
+    }
+}
+
+/// Committed tokens after which a policy's segment ends and is scored.
+pub const SEGMENT_TOKENS: usize = 32;
+/// A policy's score is its rate times `1 + EXPLORE_BONUS / sqrt(segments)`: one tried
+/// little gets the benefit of the doubt, so a policy that lost on a few unlucky segments
+/// (or while the machine was slow) is tried again.
+const EXPLORE_BONUS: f64 = 0.15;
+/// Past this many segments over all policies, every record counts half, so the choice
+/// follows the workload and exploration never stops for good.
+const POLICY_MEMORY: f64 = 96.0;
+
+/// What the segments of one policy delivered (decayed sums).
+#[derive(Debug, Clone, Copy, Default)]
+struct PolicyRecord {
+    segments: f64,
+    tokens: f64,
+    seconds: f64,
+}
+
+impl PolicyRecord {
+    fn rate(&self) -> Option<f64> {
+        (self.segments > 0.0 && self.seconds > 0.0).then(|| self.tokens / self.seconds)
+    }
+}
+
 /// A kind of guess whose acceptance is counted on its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Guess {
@@ -515,6 +573,8 @@ struct Calibration {
     tries: [f64; BUCKETS],
     /// Indexed by `RoundKind as usize`.
     realized: [Realized; 2],
+    /// Indexed by `Policy::index`.
+    policies: [PolicyRecord; 3],
 }
 
 impl Default for Calibration {
@@ -523,6 +583,7 @@ impl Default for Calibration {
             hits: [0.0; BUCKETS],
             tries: [0.0; BUCKETS],
             realized: Default::default(),
+            policies: Default::default(),
         }
     }
 }
@@ -705,11 +766,40 @@ impl AutoTuner {
         without: &TreePlan,
         backlog: DraftBacklog,
     ) -> Option<(usize, Prediction)> {
-        let cost = self.profile.draft?;
+        let (rate, g, p) = self.best_gamma(greedy, max_gamma, backlog)?;
         let c = self.calibration(greedy);
         let without = without.tokens_per_second()
             * c.realized[RoundKind::ZeroCost as usize].factor()
             / c.realized[RoundKind::Drafted as usize].factor();
+        (rate > without * DRAFT_MARGIN).then_some((g, p))
+    }
+
+    /// How many tokens to draft in a round of [`Policy::Drafting`]: the best length,
+    /// whatever the zero-cost guesses promise, as long as drafting is expected to beat a
+    /// plain greedy step at all.
+    pub fn drafting_gamma(
+        &self,
+        greedy: bool,
+        max_gamma: usize,
+        backlog: DraftBacklog,
+    ) -> Option<(usize, Prediction)> {
+        let plain = 1.0 / self.profile.verify_cost(1);
+        self.best_gamma(greedy, max_gamma, backlog)
+            .filter(|&(rate, _, _)| rate > plain)
+            .map(|(_, g, p)| (g, p))
+    }
+
+    /// The draft length (1..=`max_gamma`) with the best expected rate, that rate, and the
+    /// round's prediction (without the opening's share, see [`Self::observe`]); `None`
+    /// without a draft.
+    fn best_gamma(
+        &self,
+        greedy: bool,
+        max_gamma: usize,
+        backlog: DraftBacklog,
+    ) -> Option<(f64, usize, Prediction)> {
+        let cost = self.profile.draft?;
+        let c = self.calibration(greedy);
         let floor = match c.tries(Guess::Draft(0)) < EXPLORE_TRIES {
             true => OPTIMISTIC_DRAFT,
             false => 0.0,
@@ -739,8 +829,56 @@ impl AutoTuner {
                 best = Some((rate, g, p));
             }
         }
-        best.filter(|&(rate, _, _)| rate > without * DRAFT_MARGIN)
-            .map(|(_, g, p)| (g, p))
+        best
+    }
+
+    /// The policy for a request's next segment: one never tried yet (in `Policy::ALL`
+    /// order), else the best record with its exploration bonus. Without a draft only
+    /// zero-cost rounds are possible.
+    pub fn choose_policy(&self, greedy: bool, can_draft: bool) -> Policy {
+        if !can_draft || self.profile.draft.is_none() {
+            return Policy::ZeroCost;
+        }
+        let c = self.calibration(greedy);
+        let mut best = (f64::NEG_INFINITY, Policy::Mixed);
+        for p in Policy::ALL {
+            let r = c.policies[p.index()];
+            let Some(rate) = r.rate() else {
+                return p;
+            };
+            let score = rate * (1.0 + EXPLORE_BONUS / r.segments.max(1.0).sqrt());
+            if score > best.0 {
+                best = (score, p);
+            }
+        }
+        best.1
+    }
+
+    /// Scores a segment: `tokens` committed in `seconds` under `policy` (everything the
+    /// rounds cost, a draft session's opening included).
+    pub fn record_policy(&self, greedy: bool, policy: Policy, tokens: usize, seconds: f64) {
+        if !(seconds.is_finite() && seconds > 0.0) || tokens == 0 {
+            return;
+        }
+        let mut c = self.calibration(greedy);
+        let r = &mut c.policies[policy.index()];
+        // A short segment (the end of a request) counts for its share of a full one.
+        r.segments += (tokens as f64 / SEGMENT_TOKENS as f64).min(1.0);
+        r.tokens += tokens as f64;
+        r.seconds += seconds;
+        let total: f64 = c.policies.iter().map(|r| r.segments).sum();
+        if total > POLICY_MEMORY {
+            for r in &mut c.policies {
+                r.segments /= 2.0;
+                r.tokens /= 2.0;
+                r.seconds /= 2.0;
+            }
+        }
+    }
+
+    /// Committed tokens per second a policy's segments delivered so far.
+    pub fn policy_rate(&self, greedy: bool, policy: Policy) -> Option<f64> {
+        self.calibration(greedy).policies[policy.index()].rate()
     }
 
     /// Records how a round predicted as `p` turned out: `tokens` committed in `seconds`
@@ -1088,5 +1226,86 @@ mod tests {
             ..opened
         };
         assert_eq!(t.draft_gamma(true, 8, &zero, long_prompt), None);
+    }
+
+    /// Scores `segments` full segments of `policy` at `rate` tokens per second.
+    fn score(t: &AutoTuner, policy: Policy, segments: usize, rate: f64) {
+        for _ in 0..segments {
+            t.record_policy(true, policy, SEGMENT_TOKENS, SEGMENT_TOKENS as f64 / rate);
+        }
+    }
+
+    #[test]
+    fn every_policy_is_tried_then_the_best_record_runs() {
+        let t = AutoTuner::new(profile(&[(1, 1.0), (16, 1.3)], Some((0.0, 0.1))));
+        // untried policies first, in order
+        assert_eq!(t.choose_policy(true, true), Policy::Mixed);
+        score(&t, Policy::Mixed, 1, 10.0);
+        assert_eq!(t.choose_policy(true, true), Policy::Drafting);
+        score(&t, Policy::Drafting, 1, 14.0);
+        assert_eq!(t.choose_policy(true, true), Policy::ZeroCost);
+        score(&t, Policy::ZeroCost, 1, 12.0);
+        assert_eq!(t.choose_policy(true, true), Policy::Drafting);
+        assert!((t.policy_rate(true, Policy::Drafting).unwrap() - 14.0).abs() < 1e-9);
+        // sampled decoding keeps its own records
+        assert_eq!(t.choose_policy(false, true), Policy::Mixed);
+        // no draft: zero-cost rounds are all there is
+        assert_eq!(t.choose_policy(true, false), Policy::ZeroCost);
+        let no_draft = AutoTuner::new(profile(&[(1, 1.0)], None));
+        assert_eq!(no_draft.choose_policy(true, true), Policy::ZeroCost);
+    }
+
+    #[test]
+    fn a_little_tried_policy_close_behind_gets_another_segment() {
+        let t = AutoTuner::new(profile(&[(1, 1.0), (16, 1.3)], Some((0.0, 0.1))));
+        score(&t, Policy::Mixed, 1, 10.0);
+        score(&t, Policy::ZeroCost, 1, 5.0);
+        score(&t, Policy::Drafting, 30, 10.5);
+        // 5 % behind on one segment: the bonus (15 %) outweighs the gap
+        assert_eq!(t.choose_policy(true, true), Policy::Mixed);
+        // once it has lost on more segments, the leader runs; half the rate never wins
+        score(&t, Policy::Mixed, 15, 10.0);
+        assert_eq!(t.choose_policy(true, true), Policy::Drafting);
+    }
+
+    #[test]
+    fn policy_records_follow_the_workload() {
+        let t = AutoTuner::new(profile(&[(1, 1.0), (16, 1.3)], Some((0.0, 0.1))));
+        score(&t, Policy::Mixed, 1, 20.0);
+        score(&t, Policy::ZeroCost, 1, 1.0);
+        score(&t, Policy::Drafting, 200, 10.0);
+        // halved again and again, the records keep their rates but not their weight
+        let total: f64 = t
+            .calibration(true)
+            .policies
+            .iter()
+            .map(|r| r.segments)
+            .sum();
+        assert!(total <= POLICY_MEMORY, "{total}");
+        assert!((t.policy_rate(true, Policy::Drafting).unwrap() - 10.0).abs() < 1e-9);
+        // a short segment counts for its share; nonsense is ignored
+        let before = t.calibration(true).policies[Policy::ZeroCost.index()];
+        t.record_policy(true, Policy::ZeroCost, SEGMENT_TOKENS / 4, 1.0);
+        let after = t.calibration(true).policies[Policy::ZeroCost.index()];
+        assert!((after.segments - before.segments - 0.25).abs() < 1e-9);
+        t.record_policy(true, Policy::ZeroCost, 5, f64::NAN);
+        t.record_policy(true, Policy::ZeroCost, 0, 1.0);
+        t.record_policy(true, Policy::ZeroCost, 5, 0.0);
+        let last = t.calibration(true).policies[Policy::ZeroCost.index()];
+        assert_eq!(last.segments, after.segments);
+        assert_eq!(last.seconds, after.seconds);
+    }
+
+    #[test]
+    fn the_drafting_policy_drafts_only_where_a_draft_can_beat_a_plain_step() {
+        let zero = rate(100.0);
+        let cheap = AutoTuner::new(profile(&[(1, 1.0), (16, 1.3)], Some((0.0, 0.1))));
+        // zero-cost guesses promising far more do not stop it...
+        assert_eq!(cheap.draft_gamma(true, 8, &zero, in_step(40)), None);
+        let (g, p) = cheap.drafting_gamma(true, 8, in_step(40)).expect("drafts");
+        assert!(g >= 1 && p.kind == RoundKind::Drafted);
+        // ...but a draft token dearer than a whole step never drafts
+        let dear = AutoTuner::new(profile(&[(1, 1.0), (16, 1.3)], Some((0.0, 2.0))));
+        assert_eq!(dear.drafting_gamma(true, 8, in_step(40)), None);
     }
 }

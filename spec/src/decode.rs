@@ -4,7 +4,7 @@
 //! committed token is the target's own choice for its exact prefix, so all strategies give
 //! the tokens plain decoding gives.
 
-use crate::auto::{AutoTuner, DraftBacklog, Guess, Prediction, RoundKind};
+use crate::auto::{AutoTuner, DraftBacklog, Guess, Policy, Prediction, RoundKind, SEGMENT_TOKENS};
 use crate::backend::{DraftBackend, DraftRequest, SessionId, TargetBackend};
 use crate::error::{Result, SpecError};
 use crate::lookahead::LookaheadParams;
@@ -408,6 +408,24 @@ impl Round {
     }
 }
 
+/// The `auto` policy running this stretch of a request and what it has delivered so far.
+/// It is scored when it ends, and on drop: a request's last stretch, or one cut short by
+/// an error, counts for what it did.
+struct Segment<'t> {
+    tuner: &'t AutoTuner,
+    greedy: bool,
+    policy: Policy,
+    tokens: usize,
+    seconds: f64,
+}
+
+impl Drop for Segment<'_> {
+    fn drop(&mut self) {
+        self.tuner
+            .record_policy(self.greedy, self.policy, self.tokens, self.seconds);
+    }
+}
+
 /// Per-request state of the loop that the round builders read and write.
 struct Loop<'p> {
     params: &'p DecodeParams,
@@ -536,14 +554,16 @@ async fn fixed_round<T: TargetBackend, D: DraftBackend>(
     }
 }
 
-/// An `auto` round: gathers the zero-cost guesses, drafts only when the profile says the
-/// draft's tokens are worth their time, and keeps the nodes that pay for their rows.
+/// An `auto` round: gathers the zero-cost guesses, drafts when `policy` says so (under
+/// [`Policy::Mixed`], when the profile says the draft's tokens are worth their time), and
+/// keeps the nodes that pay for their rows.
 #[allow(clippy::too_many_arguments)]
 async fn auto_round<T: TargetBackend, D: DraftBackend>(
     sessions: &mut Sessions<'_, T, D>,
     stats: &mut SpecStats,
     Shared { pool, trie, .. }: Shared<'_>,
     tuner: &AutoTuner,
+    policy: Policy,
     state: &mut Loop<'_>,
     text: &[u32],
     budget: usize,
@@ -583,10 +603,13 @@ async fn auto_round<T: TargetBackend, D: DraftBackend>(
         remaining: budget + 1,
     };
     let mut opening_s = 0.0;
-    if can_draft
-        && gamma > 0
-        && let Some((g, p)) = tuner.draft_gamma(greedy, gamma, &plan, backlog)
-    {
+    let drafting = match policy {
+        _ if !can_draft || gamma == 0 => None,
+        Policy::ZeroCost => None,
+        Policy::Mixed => tuner.draft_gamma(greedy, gamma, &plan, backlog),
+        Policy::Drafting => tuner.drafting_gamma(greedy, gamma, backlog),
+    };
+    if let Some((g, p)) = drafting {
         if sessions.draft.is_none()
             && let Some(d) = sessions.spare.take()
         {
@@ -603,7 +626,13 @@ async fn auto_round<T: TargetBackend, D: DraftBackend>(
         }
         let drafted = call_draft(sessions, stats, pool, state, g, false).await;
         if !drafted.is_empty() {
-            round = Round::from_guesses(root, &drafted, &found, &phrases, budget, room);
+            // Under `Drafting` the chain goes alone: zero-cost nodes beside it cost rows
+            // that the per-round estimates over-value (what `Mixed` measures).
+            let (found, phrases) = match policy {
+                Policy::Drafting => (&TrieDraft::default(), &[][..]),
+                _ => (&found, &phrases[..]),
+            };
+            round = Round::from_guesses(root, &drafted, found, phrases, budget, room);
             plan = tuner.plan(greedy, &round.tree.parents, &round.guesses, 0.0);
         }
         // Charged to drafting even when the draft came back empty: that was its cost.
@@ -647,6 +676,8 @@ async fn run_rounds<T: TargetBackend, D: DraftBackend>(
     let mut out: Vec<u32> = Vec::new();
     let mut sources: Vec<TokenSource> = Vec::new();
     let mut learnt = Vec::new();
+    // `auto` only: the policy running now (a new one is chosen after each segment).
+    let mut segment: Option<Segment<'_>> = None;
     if learn && params.harvest_committed {
         learnt.extend(crate::pool::ngrams_of(prompt, g));
         pool.insert_all(&learnt);
@@ -669,10 +700,21 @@ async fn run_rounds<T: TargetBackend, D: DraftBackend>(
         let started = Instant::now();
         let (round, predicted) = match tuner {
             Some(t) => {
-                let (r, p, opening_s) =
-                    auto_round(sessions, stats, shared, t, &mut state, &text, budget, room)
-                        .instrument(round_span.clone())
-                        .await;
+                let can_draft = sessions.draft.is_some() || sessions.spare.is_some();
+                let policy = segment
+                    .get_or_insert_with(|| Segment {
+                        tuner: t,
+                        greedy,
+                        policy: t.choose_policy(greedy, can_draft),
+                        tokens: 0,
+                        seconds: 0.0,
+                    })
+                    .policy;
+                let (r, p, opening_s) = auto_round(
+                    sessions, stats, shared, t, policy, &mut state, &text, budget, room,
+                )
+                .instrument(round_span.clone())
+                .await;
                 (r, Some((p, opening_s)))
             }
             None => {
@@ -700,12 +742,24 @@ async fn run_rounds<T: TargetBackend, D: DraftBackend>(
             .await?;
         round_span.record("nodes", tree.len());
         round_span.record("accepted", v.path.len());
-        stats.add_verify(timing, t0.elapsed().as_secs_f64(), tree.len());
+        let verify_s = t0.elapsed().as_secs_f64();
+        stats.add_verify(timing, verify_s, tree.len());
         if let Some(t) = tuner {
             t.learn(greedy, &tree, &guesses, &v.path);
             if let Some((p, opening_s)) = predicted {
                 // The accepted path plus the target's own token, as the plan counted.
                 let seconds = started.elapsed().as_secs_f64() - opening_s;
+                tracing::debug!(
+                    policy = segment.as_ref().map(|s| s.policy.name()),
+                    kind = ?p.kind,
+                    predicted_tokens = p.tokens,
+                    predicted_ms = p.seconds * 1e3,
+                    tokens = v.path.len() + 1,
+                    ms = seconds * 1e3,
+                    nodes = tree.len(),
+                    verify_ms = verify_s * 1e3,
+                    "auto round"
+                );
                 t.observe(greedy, p, v.path.len() + 1, seconds);
             }
         }
@@ -773,6 +827,14 @@ async fn run_rounds<T: TargetBackend, D: DraftBackend>(
         new_sources.push(TokenSource::Target);
         let finish = cut_at_end(&mut new, &params.eos, remaining);
         new_sources.truncate(new.len());
+        if let Some(seg) = &mut segment {
+            stats.policy_tokens[seg.policy.index()] += new.len() as u64;
+            seg.tokens += new.len();
+            seg.seconds += started.elapsed().as_secs_f64();
+            if seg.tokens >= SEGMENT_TOKENS {
+                segment = None;
+            }
+        }
         let before = text.len();
         text.extend_from_slice(&new);
         let recorded = out.len();

@@ -17,7 +17,8 @@ pub mod tree;
 pub mod trie;
 
 pub use auto::{
-    AutoTuner, CostProfile, DraftBacklog, DraftCost, Prediction, ProfileOptions, RoundKind,
+    AutoTuner, CostProfile, DraftBacklog, DraftCost, Policy, Prediction, ProfileOptions, RoundKind,
+    SEGMENT_TOKENS,
 };
 pub use backend::{
     BackendInfo, DraftBackend, DraftOutcome, DraftRequest, ServerTiming, SessionId, TargetBackend,

@@ -42,6 +42,8 @@ pub struct SpecStats {
     pub trie_cache_nodes: u64,
     /// Estimated heap bytes of the shared output trie at the end.
     pub trie_cache_bytes: u64,
+    /// `auto` only: tokens committed under each policy, in `Policy::ALL` order.
+    pub policy_tokens: [u64; 3],
     /// Set when the draft was missing or failed and the request went on target-only.
     pub draft_fallback: Option<String>,
     pub prefill_s: f64,

@@ -7,8 +7,8 @@ use engine::{LanguageModel, MockModel, OutputSpec, SeqInput};
 use futures::executor::block_on;
 use spec::{
     AutoTuner, CostProfile, DecodeParams, DraftCost, FinishReason, Flow, LocalDraft, LocalTarget,
-    LookaheadParams, PhrasePool, PoolConfig, SamplingParams, Shared, Strategy, TokenSource,
-    TrieCache, TrieConfig, generate,
+    LookaheadParams, PhrasePool, Policy, PoolConfig, SEGMENT_TOKENS, SamplingParams, Shared,
+    Strategy, TokenSource, TrieCache, TrieConfig, generate,
 };
 use std::sync::Arc;
 
@@ -556,6 +556,58 @@ fn bad_requests_are_refused() {
     assert!(e.to_string().contains("cost profile"), "{e}");
 }
 
+/// `auto` runs each segment under the policy with the best record: one that has
+/// delivered most under `Drafting` drafts every round, one that has under `ZeroCost`
+/// never opens the draft, even where the profile says drafting would pay.
+#[test]
+fn auto_runs_the_policy_with_the_best_record() {
+    let target = target_model();
+    let t = LocalTarget::new(target.clone());
+    let prompt: Vec<u32> = (0..30).map(|i| (i * 7 % VOCAB) as u32).collect();
+    let n = 40;
+    let want = plain_decode(&target, &prompt, n, &SamplingParams::greedy());
+    let params = DecodeParams {
+        strategy: Strategy::Auto,
+        max_new_tokens: n,
+        ..DecodeParams::default()
+    };
+    let run = |best: Policy| {
+        let tuner = cheap_tuner();
+        for p in Policy::ALL {
+            // Far apart, so that no exploration bonus or new segment changes the order.
+            let rate = if p == best { 1e9 } else { 1e-3 };
+            for _ in 0..8 {
+                tuner.record_policy(true, p, SEGMENT_TOKENS, SEGMENT_TOKENS as f64 / rate);
+            }
+        }
+        assert_eq!(tuner.choose_policy(true, true), best);
+        let pool = pool(params.lookahead.phrase_len());
+        let d = LocalDraft::new(target.clone(), pool.clone());
+        let trie = TrieCache::default();
+        let shared = Shared {
+            pool: &pool,
+            trie: &trie,
+            tuner: Some(&tuner),
+        };
+        block_on(generate(
+            &t,
+            Some(&d),
+            shared,
+            &prompt,
+            &params,
+            &mut |_: &[u32], _: &[TokenSource]| Flow::Continue,
+        ))
+        .unwrap()
+    };
+    let drafting = run(Policy::Drafting);
+    assert_eq!(drafting.tokens, want);
+    assert_eq!(drafting.stats.draft_calls, drafting.stats.target_forwards);
+    assert!(drafting.stats.mean_accepted_length() > 2.0);
+    let zero = run(Policy::ZeroCost);
+    assert_eq!(zero.tokens, want);
+    assert_eq!(zero.stats.draft_calls, 0);
+}
+
 /// `auto` follows its cost profile: where tree rows and draft tokens cost as much as a
 /// whole step it verifies the root alone and never drafts (plain greedy); where they are
 /// nearly free it drafts and verifies wide trees. The tokens are plain greedy's either way.
@@ -613,8 +665,9 @@ fn auto_sizes_its_rounds_by_the_cost_profile() {
         "a knowing trie on free rows: {:.2} tokens per forward",
         out.stats.mean_accepted_length()
     );
-    // With an empty trie and pool, the (perfect) draft is what pays.
-    let out = run_auto(&cheap, &TrieCache::default());
+    // With an empty trie and pool, the (perfect) draft is what pays. (A fresh tuner: this
+    // one's policy records would now send a segment to each policy in turn.)
+    let out = run_auto(&cheap_tuner(), &TrieCache::default());
     assert_eq!(out.tokens, want);
     assert!(out.stats.draft_calls > 0 && out.stats.accepted > 0);
     assert!(out.stats.mean_accepted_length() > 2.0);
