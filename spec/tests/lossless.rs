@@ -556,21 +556,48 @@ fn bad_requests_are_refused() {
     assert!(e.to_string().contains("cost profile"), "{e}");
 }
 
+/// One `auto` request of `n` tokens on the mock target, drafting with the target itself
+/// (a perfect draft) under `tuner`, with a fresh pool and the given trie.
+fn auto_request(
+    target: &Arc<MockModel>,
+    prompt: &[u32],
+    n: usize,
+    tuner: &AutoTuner,
+    trie: &TrieCache,
+) -> spec::Generation {
+    let params = DecodeParams {
+        strategy: Strategy::Auto,
+        max_new_tokens: n,
+        ..DecodeParams::default()
+    };
+    let t = LocalTarget::new(target.clone());
+    let pool = pool(params.lookahead.phrase_len());
+    let d = LocalDraft::new(target.clone(), pool.clone());
+    let shared = Shared {
+        pool: &pool,
+        trie,
+        tuner: Some(tuner),
+    };
+    block_on(generate(
+        &t,
+        Some(&d),
+        shared,
+        prompt,
+        &params,
+        &mut |_: &[u32], _: &[TokenSource]| Flow::Continue,
+    ))
+    .unwrap()
+}
+
 /// `auto` runs each segment under the policy with the best record: one that has
 /// delivered most under `Drafting` drafts every round, one that has under `ZeroCost`
 /// never opens the draft, even where the profile says drafting would pay.
 #[test]
 fn auto_runs_the_policy_with_the_best_record() {
     let target = target_model();
-    let t = LocalTarget::new(target.clone());
     let prompt: Vec<u32> = (0..30).map(|i| (i * 7 % VOCAB) as u32).collect();
     let n = 40;
     let want = plain_decode(&target, &prompt, n, &SamplingParams::greedy());
-    let params = DecodeParams {
-        strategy: Strategy::Auto,
-        max_new_tokens: n,
-        ..DecodeParams::default()
-    };
     let run = |best: Policy| {
         let tuner = cheap_tuner();
         for p in Policy::ALL {
@@ -581,23 +608,7 @@ fn auto_runs_the_policy_with_the_best_record() {
             }
         }
         assert_eq!(tuner.choose_policy(true, true), best);
-        let pool = pool(params.lookahead.phrase_len());
-        let d = LocalDraft::new(target.clone(), pool.clone());
-        let trie = TrieCache::default();
-        let shared = Shared {
-            pool: &pool,
-            trie: &trie,
-            tuner: Some(&tuner),
-        };
-        block_on(generate(
-            &t,
-            Some(&d),
-            shared,
-            &prompt,
-            &params,
-            &mut |_: &[u32], _: &[TokenSource]| Flow::Continue,
-        ))
-        .unwrap()
+        auto_request(&target, &prompt, n, &tuner, &TrieCache::default())
     };
     let drafting = run(Policy::Drafting);
     assert_eq!(drafting.tokens, want);
@@ -614,33 +625,11 @@ fn auto_runs_the_policy_with_the_best_record() {
 #[test]
 fn auto_sizes_its_rounds_by_the_cost_profile() {
     let target = target_model();
-    let t = LocalTarget::new(target.clone());
     let prompt: Vec<u32> = (0..30).map(|i| (i * 7 % VOCAB) as u32).collect();
     let n = 50;
     let want = plain_decode(&target, &prompt, n, &SamplingParams::greedy());
-    let params = DecodeParams {
-        strategy: Strategy::Auto,
-        max_new_tokens: n,
-        ..DecodeParams::default()
-    };
-    let run_auto = |tuner: &AutoTuner, trie: &TrieCache| {
-        let pool = pool(params.lookahead.phrase_len());
-        let d = LocalDraft::new(target.clone(), pool.clone());
-        let shared = Shared {
-            pool: &pool,
-            trie,
-            tuner: Some(tuner),
-        };
-        block_on(generate(
-            &t,
-            Some(&d),
-            shared,
-            &prompt,
-            &params,
-            &mut |_: &[u32], _: &[TokenSource]| Flow::Continue,
-        ))
-        .unwrap()
-    };
+    let run_auto =
+        |tuner: &AutoTuner, trie: &TrieCache| auto_request(&target, &prompt, n, tuner, trie);
     // A trie that knows the answer, to tempt auto into wide trees.
     let knowing = || {
         let trie = TrieCache::default();
