@@ -572,9 +572,29 @@ async fn auto_round<T: TargetBackend, D: DraftBackend>(
     let params = state.params;
     let greedy = params.sampling.is_greedy();
     let root = *text.last().expect("the text is not empty");
+    let can_draft = sessions.draft.is_some() || sessions.spare.is_some();
+    let gamma = params.gamma.min(budget).min(room.saturating_sub(1));
+    // An open draft lags by what was committed since its last call; an unopened one
+    // would start from the whole text.
+    let (pending, unopened) = match sessions.draft {
+        Some(_) => (state.for_draft.len(), 0),
+        None => (0, text.len()),
+    };
+    let backlog = DraftBacklog {
+        pending,
+        unopened,
+        remaining: budget + 1,
+    };
+    // Under `Drafting` the draft's chain goes alone (zero-cost nodes beside it cost rows
+    // that the per-round estimates over-value, which is what `Mixed` measures), so the
+    // zero-cost guesses are looked up only for rounds that will not draft.
+    let chain_alone = match policy {
+        Policy::Drafting if can_draft && gamma > 0 => tuner.drafting_gamma(greedy, gamma, backlog),
+        _ => None,
+    };
     let mut found = TrieDraft::default();
     let mut phrases = Vec::new();
-    if budget > 0 {
+    if budget > 0 && chain_alone.is_none() {
         if let Some(p) = &state.prompt_trie {
             found = trie.draft(Some(p), text, AUTO_TRIE_NODES.min(room), budget);
             stats.trie_lookups += 1;
@@ -589,25 +609,12 @@ async fn auto_round<T: TargetBackend, D: DraftBackend>(
     let mut round = Round::from_guesses(root, &[], &found, &phrases, budget, room);
     let mut plan = tuner.plan(greedy, &round.tree.parents, &round.guesses, 0.0);
     let mut predicted = plan.prediction(RoundKind::ZeroCost);
-    let can_draft = sessions.draft.is_some() || sessions.spare.is_some();
-    let gamma = params.gamma.min(budget).min(room.saturating_sub(1));
-    // An open draft lags by what was committed since its last call; an unopened one
-    // would start from the whole text.
-    let (pending, unopened) = match sessions.draft {
-        Some(_) => (state.for_draft.len(), 0),
-        None => (0, text.len()),
-    };
-    let backlog = DraftBacklog {
-        pending,
-        unopened,
-        remaining: budget + 1,
-    };
     let mut opening_s = 0.0;
     let drafting = match policy {
         _ if !can_draft || gamma == 0 => None,
         Policy::ZeroCost => None,
         Policy::Mixed => tuner.draft_gamma(greedy, gamma, &plan, backlog),
-        Policy::Drafting => tuner.drafting_gamma(greedy, gamma, backlog),
+        Policy::Drafting => chain_alone,
     };
     if let Some((g, p)) = drafting {
         if sessions.draft.is_none()
@@ -626,13 +633,7 @@ async fn auto_round<T: TargetBackend, D: DraftBackend>(
         }
         let drafted = call_draft(sessions, stats, pool, state, g, false).await;
         if !drafted.is_empty() {
-            // Under `Drafting` the chain goes alone: zero-cost nodes beside it cost rows
-            // that the per-round estimates over-value (what `Mixed` measures).
-            let (found, phrases) = match policy {
-                Policy::Drafting => (&TrieDraft::default(), &[][..]),
-                _ => (&found, &phrases[..]),
-            };
-            round = Round::from_guesses(root, &drafted, found, phrases, budget, room);
+            round = Round::from_guesses(root, &drafted, &found, &phrases, budget, room);
             plan = tuner.plan(greedy, &round.tree.parents, &round.guesses, 0.0);
         }
         // Charged to drafting even when the draft came back empty: that was its cost.
