@@ -49,6 +49,10 @@ struct Args {
     /// for `--lookahead-endpoint`, whose tokens nobody checks.
     #[arg(long, env = "OURO_DRAFT_HEAD_VOCAB", value_parser = clap::value_parser!(u64).range(1..))]
     head_vocab: Option<u64>,
+    /// Re-encode the matrices in these blocks at load (`q4k`, `q6k`, `q8_0`); like
+    /// `--head-vocab`, only for a draft whose tokens the target checks.
+    #[arg(long, env = "OURO_DRAFT_REQUANTIZE")]
+    requantize: Option<String>,
 }
 
 #[tokio::main]
@@ -81,6 +85,11 @@ async fn run_service(a: Args) -> Result<()> {
     let device = engine::device::devices(&a.device, 1)?.remove(0);
     let opts = LoadOptions {
         head_vocab: a.head_vocab.map(|n| n as usize),
+        requantize: a
+            .requantize
+            .as_deref()
+            .map(engine::block_type)
+            .transpose()?,
         ..LoadOptions::default()
     };
     let m = engine::load_model(&a.model, &opts, &device)

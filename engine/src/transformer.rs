@@ -6,6 +6,7 @@ use crate::api::{ForwardOutput, KvState, LanguageModel, ModelInfo, SeqInput};
 use crate::config::{ModelConfig, RopeStyle};
 use crate::error::{EngineError, Result};
 use crate::f16_matmul::F16Matrix;
+use crate::kquant_matmul::{self, KQuantMatrix};
 use crate::kv::KvCache;
 use crate::weights::{
     RawWeight, Role, TensorSource, pad_for_tiles, requantize_padded, split_range,
@@ -57,12 +58,17 @@ pub struct LoadOptions {
     /// logits read -inf), so again only for a draft, whose tokens the target checks.
     /// Keep it a multiple of 16, or candle takes another kernel for the head.
     pub head_vocab: Option<usize>,
+    /// Run Q4_K/Q6_K matrices on candle's kernels instead of ours (`kquant_matmul`);
+    /// for comparing the two.
+    pub candle_kquants: bool,
 }
 
-/// A matmul operand: candle's, or on CPU our kernel for dense f16 weights.
+/// A matmul operand: candle's, or on CPU our kernels for dense f16 weights and for
+/// Q4_K/Q6_K blocks.
 enum Weight {
     Candle(QMatMul),
     F16(F16Matrix),
+    KQuant(KQuantMatrix),
 }
 
 struct Linear {
@@ -137,10 +143,17 @@ fn amx_present() -> bool {
 
 impl Linear {
     /// `(w, pad)`: the weight and the zero columns appended to it.
-    fn new((w, pad): (QMatMul, usize), bias: Option<Tensor>) -> Result<Self> {
+    /// `kquants`: repack Q4_K/Q6_K weights for our kernels where this CPU runs them.
+    fn new((w, pad): (QMatMul, usize), bias: Option<Tensor>, kquants: bool) -> Result<Self> {
         let w = match w {
             QMatMul::TensorF16(t) if t.device().is_cpu() => {
                 Weight::F16(F16Matrix::from_tensor(&t)?)
+            }
+            QMatMul::QTensor(q) if kquants && kquant_matmul::supported() => {
+                match KQuantMatrix::from_qtensor(&q)? {
+                    Some(k) => Weight::KQuant(k),
+                    None => Weight::Candle(QMatMul::QTensor(q)),
+                }
             }
             w => Weight::Candle(w),
         };
@@ -156,6 +169,7 @@ impl Linear {
         let y = match &self.w {
             Weight::Candle(w) => matmul_rows(w, x)?,
             Weight::F16(w) => w.forward(x)?,
+            Weight::KQuant(w) => w.forward(x)?,
         };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
@@ -178,9 +192,21 @@ impl Linear {
             return lins.iter().map(|l| l.forward(x)).collect();
         }
         let x = &pad_columns(x, pad)?;
-        if let Some(qs) = quants
-            && let Some(outs) = candle_core::quantized::QTensor::gemv_fused_shared_lhs(&qs, x)?
-        {
+        let kquants: Option<Vec<_>> = lins
+            .iter()
+            .map(|l| match &l.w {
+                Weight::KQuant(k) => Some(k),
+                _ => None,
+            })
+            .collect();
+        let outs = match (kquants, quants) {
+            (Some(ks), _) if x.device().is_cpu() && x.rank() == 2 => {
+                Some(KQuantMatrix::forward_many(x, &ks)?)
+            }
+            (_, Some(qs)) => candle_core::quantized::QTensor::gemv_fused_shared_lhs(&qs, x)?,
+            _ => None,
+        };
+        if let Some(outs) = outs {
             return outs
                 .into_iter()
                 .zip(lins)
@@ -284,6 +310,7 @@ impl Transformer {
         let (f0, f_n) = split_range(cfg.intermediate_size / unit, shard.world, shard.rank);
         let (f0, f_n) = (f0 * unit, f_n * unit);
         let sharded = shard.world > 1;
+        let kquants = !opts.candle_kquants;
 
         let get =
             |source: &mut dyn TensorSource, role: Role, dims: &[usize]| -> Result<RawWeight> {
@@ -325,13 +352,13 @@ impl Transformer {
                         ),
                         None => None,
                     };
-                    Linear::new(matmul(weight)?, bias)
+                    Linear::new(matmul(weight)?, bias, kquants)
                 };
             let q = proj(Role::Q(i), Role::QBias(i), qd, q0, qn)?;
             let k = proj(Role::K(i), Role::KBias(i), kvd, k0, kn)?;
             let v = proj(Role::V(i), Role::VBias(i), kvd, k0, kn)?;
             let inter = cfg.intermediate_size;
-            let plain = |w: RawWeight| -> Result<Linear> { Linear::new(matmul(w)?, None) };
+            let plain = |w: RawWeight| -> Result<Linear> { Linear::new(matmul(w)?, None, kquants) };
             layers.push(Layer {
                 attn_norm: get(source, Role::AttnNorm(i), &[h])?.to_f32(device)?,
                 q,
@@ -360,7 +387,7 @@ impl Transformer {
                 Some(n) if n < cfg.vocab_size => head.rows(0, n)?,
                 _ => head,
             };
-            Some(Linear::new(matmul(head)?, None)?)
+            Some(Linear::new(matmul(head)?, None, kquants)?)
         } else {
             None
         };

@@ -170,6 +170,9 @@ impl Services {
             if let (true, Some(n)) = (bin == "draft-service", paths.draft_head_vocab) {
                 cmd.arg("--head-vocab").arg(n.to_string());
             }
+            if let (true, Some(b)) = (bin == "draft-service", &paths.draft_requantize) {
+                cmd.arg("--requantize").arg(b);
+            }
             let child = cmd
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
@@ -400,10 +403,21 @@ fn run_with<T: LanguageModel + 'static>(e: &Embedded<T>, a: &BenchArgs) -> Resul
                 true => format!("{} (dequantized to f16 at load)", file_name(&paths.target)),
                 false => file_name(&paths.target),
             },
-            draft: match (paths.draft.as_deref(), paths.draft_head_vocab) {
-                (None, _) => "none".into(),
-                (Some(d), None) => file_name(d),
-                (Some(d), Some(n)) => format!("{} (head over the first {n} tokens)", file_name(d)),
+            draft: match paths.draft.as_deref() {
+                None => "none".into(),
+                Some(d) => {
+                    let mut notes = Vec::new();
+                    if let Some(b) = &paths.draft_requantize {
+                        notes.push(format!("requantized to {b} at load"));
+                    }
+                    if let Some(n) = paths.draft_head_vocab {
+                        notes.push(format!("head over the first {n} tokens"));
+                    }
+                    match notes.is_empty() {
+                        true => file_name(d),
+                        false => format!("{} ({})", file_name(d), notes.join(", ")),
+                    }
+                }
             },
             prompts: prompts.len(),
             max_new_tokens: a.decode.max_new_tokens,

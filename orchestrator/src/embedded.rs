@@ -42,6 +42,9 @@ pub struct ModelPaths {
     pub draft: Option<PathBuf>,
     /// See `LoadOptions::head_vocab`.
     pub draft_head_vocab: Option<usize>,
+    /// Re-encode the draft's matrices in these blocks at load (`q4k`, `q6k`, `q8_0`);
+    /// see `LoadOptions::requantize`.
+    pub draft_requantize: Option<String>,
     pub tokenizer: Option<PathBuf>,
     /// A Jinja file that replaces the model's own chat template.
     pub chat_template: Option<PathBuf>,
@@ -144,6 +147,11 @@ pub fn load_draft(paths: &ModelPaths) -> Result<Option<Arc<Transformer>>> {
     check_file(d, "draft model")?;
     let opts = LoadOptions {
         head_vocab: paths.draft_head_vocab,
+        requantize: paths
+            .draft_requantize
+            .as_deref()
+            .map(engine::block_type)
+            .transpose()?,
         ..LoadOptions::default()
     };
     let m = engine::load_model(d, &opts, &Device::Cpu)

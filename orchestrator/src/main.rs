@@ -64,6 +64,11 @@ pub struct ModelArgs {
     /// the target still checks every draft token, so the output does not change).
     #[arg(long, env = "OURO_DRAFT_HEAD_VOCAB", value_parser = clap::value_parser!(u64).range(1..))]
     draft_head_vocab: Option<u64>,
+    /// Re-encode the draft's matrices in these blocks at load: `q4k` halves a Q8_0
+    /// draft's bytes per token (other numbers than the file's, but the target checks
+    /// every draft token, so the output does not change).
+    #[arg(long, env = "OURO_DRAFT_REQUANTIZE")]
+    draft_requantize: Option<String>,
 }
 
 impl ModelArgs {
@@ -72,6 +77,7 @@ impl ModelArgs {
         ModelPaths {
             target_f16: self.target_f16,
             draft_head_vocab: self.draft_head_vocab.map(|n| n as usize),
+            draft_requantize: self.draft_requantize.clone(),
             target: self
                 .target
                 .clone()

@@ -1,0 +1,799 @@
+//! `x @ w^T` for Q4_K and Q6_K weights on x86 CPUs with AVX-512 VNNI.
+//!
+//! candle's repacked x86 kernels widen every block's scales to f32 (Q4_K tiles move 0.75
+//! bytes per weight instead of 0.56, Q6_K tiles 1.25 instead of 0.82) and pass over the
+//! weights once per 4 input rows, so a 5-row verify tree reads the model twice. A decode
+//! step here is bound by memory bandwidth, not arithmetic. These tiles keep the scales as
+//! small integers (0.63 and 1.08 bytes per weight) and let up to [`ROW_BLOCK`] input rows
+//! share every load, so a verify tree of a few nodes costs little more than one row.
+//!
+//! Layout: a tile holds 16 output rows (one 32-bit lane each) by one 256-value block, its
+//! quants interleaved so that one `vpdpbusd` multiplies 4 consecutive inputs into all 16
+//! rows. Inputs are quantized to 8 bits per 256 values. Each sub-block's sum is exact in
+//! integers, then scaled and accumulated in floats in one fixed order per output element:
+//! a row's result does not depend on how many rows it was batched with.
+//!
+//! On this class of CPU (`results/engine-bench.md`) one row is bound by memory and every
+//! further row by `vpdpbusd` throughput, so the kernels keep everything else off the port
+//! that runs it.
+
+use crate::error::{EngineError, Result};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use half::f16;
+
+/// Output rows per tile: the 16 f32 lanes of a 512-bit register.
+const TILE_ROWS: usize = 16;
+/// Values per quantized block (K-quants' super-block, and our input blocks).
+const QK: usize = 256;
+/// Input rows multiplied against each tile load.
+const ROW_BLOCK: usize = 8;
+
+const Q4K_BLOCK_BYTES: usize = 144;
+const Q6K_BLOCK_BYTES: usize = 210;
+
+/// 16 rows x 256 values of Q4_K.
+#[repr(C, align(64))]
+#[derive(Clone)]
+struct Q4Tile {
+    /// `[group of 8 values (32)][row (16)][4 bytes]`; byte `j` of a group `g` holds value
+    /// `8g + j` in its low nibble and `8g + 4 + j` in its high one.
+    qs: [u8; QK / 8 * TILE_ROWS * 4],
+    /// `[sub-block of 32 (8)][row]`, 6-bit scales.
+    scales: [[u8; TILE_ROWS]; 8],
+    /// `[pair of sub-blocks (4)][row][2]`: 6-bit mins as i16 pairs for `vpdpwssd`.
+    mins: [[i16; TILE_ROWS * 2]; 4],
+    d: [f32; TILE_ROWS],
+    dmin: [f32; TILE_ROWS],
+}
+
+/// 16 rows x 256 values of Q6_K.
+#[repr(C, align(64))]
+#[derive(Clone)]
+struct Q6Tile {
+    /// `[group of 4 values (64)][row (16)][4 bytes]`: 6-bit quants, 0..63 (value - 32).
+    qs: [u8; QK / 4 * TILE_ROWS * 4],
+    /// `[sub-block of 16 (16)][row]`.
+    scales: [[i8; TILE_ROWS]; 16],
+    d: [f32; TILE_ROWS],
+}
+
+enum Tiles {
+    Q4(Vec<Q4Tile>),
+    Q6(Vec<Q6Tile>),
+}
+
+/// A Q4_K or Q6_K `(n, k)` weight repacked into tiles, `[n / 16][k / 256]`.
+pub struct KQuantMatrix {
+    tiles: Tiles,
+    n: usize,
+    k: usize,
+}
+
+/// Whether this CPU runs these kernels.
+pub fn supported() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| {
+            is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vnni")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The 6-bit scale and min of Q4_K sub-block `j` from the block's 12 packed bytes.
+fn q4k_scale_min(j: usize, s: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (s[j] & 63, s[j + 4] & 63)
+    } else {
+        (
+            (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4),
+            (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
+        )
+    }
+}
+
+fn f16_at(b: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+/// One Q4_K block: its quants (0..15) in value order, scales, mins, d and dmin.
+struct Q4Block {
+    q: [u8; QK],
+    scales: [u8; 8],
+    mins: [u8; 8],
+    d: f32,
+    dmin: f32,
+}
+
+fn decode_q4k(b: &[u8]) -> Q4Block {
+    let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+    let s = &b[4..16];
+    let qs = &b[16..144];
+    let mut out = Q4Block {
+        q: [0; QK],
+        scales: [0; 8],
+        mins: [0; 8],
+        d,
+        dmin,
+    };
+    for j in 0..8 {
+        (out.scales[j], out.mins[j]) = q4k_scale_min(j, s);
+    }
+    // 64 values per 32 bytes: the low nibbles first, then the high ones.
+    for chunk in 0..4 {
+        for l in 0..32 {
+            let byte = qs[chunk * 32 + l];
+            out.q[chunk * 64 + l] = byte & 0x0F;
+            out.q[chunk * 64 + 32 + l] = byte >> 4;
+        }
+    }
+    out
+}
+
+/// One Q6_K block: quants (0..63, value + 32) in value order, 16 scales and d.
+struct Q6Block {
+    q: [u8; QK],
+    scales: [i8; 16],
+    d: f32,
+}
+
+fn decode_q6k(b: &[u8]) -> Q6Block {
+    let ql = &b[0..128];
+    let qh = &b[128..192];
+    let mut out = Q6Block {
+        q: [0; QK],
+        scales: [0; 16],
+        d: f16_at(b, 208),
+    };
+    for (i, s) in out.scales.iter_mut().enumerate() {
+        *s = b[192 + i] as i8;
+    }
+    // Two halves of 128 values; in each, byte l of ql and of qh serve four values 32 apart.
+    for half in 0..2 {
+        let (ql, qh) = (&ql[half * 64..], &qh[half * 32..]);
+        let q = &mut out.q[half * 128..];
+        for l in 0..32 {
+            q[l] = (ql[l] & 0x0F) | ((qh[l] & 3) << 4);
+            q[l + 32] = (ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4);
+            q[l + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
+            q[l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
+        }
+    }
+    out
+}
+
+impl KQuantMatrix {
+    /// Repacks `q` when it is a Q4_K or Q6_K matrix whose shape the tiles cover; `None`
+    /// otherwise (other block types, other shapes, a non-CPU tensor).
+    pub fn from_qtensor(q: &QTensor) -> Result<Option<Self>> {
+        let Ok((n, k)) = q.shape().dims2() else {
+            return Ok(None);
+        };
+        if !q.device().is_cpu() || n == 0 || !n.is_multiple_of(TILE_ROWS) || !k.is_multiple_of(QK) {
+            return Ok(None);
+        }
+        let data = q.data()?;
+        let kb = k / QK;
+        let tiles = match q.dtype() {
+            GgmlDType::Q4K => Tiles::Q4(pack(&data, n, kb, Q4K_BLOCK_BYTES, pack_q4_tile)),
+            GgmlDType::Q6K => Tiles::Q6(pack(&data, n, kb, Q6K_BLOCK_BYTES, pack_q6_tile)),
+            _ => return Ok(None),
+        };
+        Ok(Some(Self { tiles, n, k }))
+    }
+
+    pub fn dims(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+
+    /// `x (m, k) -> (m, n)` f32.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (m, k) = x.dims2()?;
+        if k != self.k {
+            return Err(EngineError::invalid(format!(
+                "quantized matmul: input width {k}, weight width {}",
+                self.k
+            )));
+        }
+        let xs = x
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let input = QuantizedInput::new(&xs, m, k);
+        let mut out = vec![0f32; m * self.n];
+        multiply_many(&input, &mut [(self, &mut out)])?;
+        Ok(Tensor::from_vec(out, (m, self.n), &Device::Cpu)?.to_device(x.device())?)
+    }
+
+    /// Several weights applied to the same input, sharing its quantization and one
+    /// parallel region.
+    pub fn forward_many(x: &Tensor, ws: &[&KQuantMatrix]) -> Result<Vec<Tensor>> {
+        let (m, k) = x.dims2()?;
+        if let Some(w) = ws.iter().find(|w| w.k != k) {
+            return Err(EngineError::invalid(format!(
+                "quantized matmul: input width {k}, weight width {}",
+                w.k
+            )));
+        }
+        let xs = x
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let input = QuantizedInput::new(&xs, m, k);
+        let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; m * w.n]).collect();
+        let mut jobs: Vec<(&KQuantMatrix, &mut Vec<f32>)> =
+            ws.iter().copied().zip(outs.iter_mut()).collect();
+        multiply_many(&input, &mut jobs)?;
+        outs.into_iter()
+            .zip(ws)
+            .map(|(o, w)| Ok(Tensor::from_vec(o, (m, w.n), &Device::Cpu)?.to_device(x.device())?))
+            .collect()
+    }
+
+    /// The weights as f32, `(n, k)` row-major, read back from the tiles (for tests).
+    pub fn dequantize(&self) -> Vec<f32> {
+        let kb = self.k / QK;
+        let mut out = vec![0f32; self.n * self.k];
+        for nt in 0..self.n / TILE_ROWS {
+            for b in 0..kb {
+                for r in 0..TILE_ROWS {
+                    let row = &mut out[(nt * TILE_ROWS + r) * self.k + b * QK..][..QK];
+                    match &self.tiles {
+                        Tiles::Q4(t) => unpack_q4_row(&t[nt * kb + b], r, row),
+                        Tiles::Q6(t) => unpack_q6_row(&t[nt * kb + b], r, row),
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+fn pack<T>(
+    data: &[u8],
+    n: usize,
+    kb: usize,
+    block_bytes: usize,
+    pack_tile: fn(&[&[u8]; TILE_ROWS]) -> T,
+) -> Vec<T> {
+    let row_bytes = kb * block_bytes;
+    let mut tiles = Vec::with_capacity(n / TILE_ROWS * kb);
+    for nt in 0..n / TILE_ROWS {
+        for b in 0..kb {
+            let blocks: [&[u8]; TILE_ROWS] = std::array::from_fn(|r| {
+                let at = (nt * TILE_ROWS + r) * row_bytes + b * block_bytes;
+                &data[at..at + block_bytes]
+            });
+            tiles.push(pack_tile(&blocks));
+        }
+    }
+    tiles
+}
+
+fn pack_q4_tile(blocks: &[&[u8]; TILE_ROWS]) -> Q4Tile {
+    let mut t = Q4Tile {
+        qs: [0; QK / 8 * TILE_ROWS * 4],
+        scales: [[0; TILE_ROWS]; 8],
+        mins: [[0; TILE_ROWS * 2]; 4],
+        d: [0.0; TILE_ROWS],
+        dmin: [0.0; TILE_ROWS],
+    };
+    for (r, raw) in blocks.iter().enumerate() {
+        let b = decode_q4k(raw);
+        t.d[r] = b.d;
+        t.dmin[r] = b.dmin;
+        for s in 0..8 {
+            t.scales[s][r] = b.scales[s];
+            t.mins[s / 2][r * 2 + s % 2] = b.mins[s] as i16;
+        }
+        for g in 0..QK / 8 {
+            for j in 0..4 {
+                t.qs[(g * TILE_ROWS + r) * 4 + j] = b.q[8 * g + j] | (b.q[8 * g + 4 + j] << 4);
+            }
+        }
+    }
+    t
+}
+
+fn pack_q6_tile(blocks: &[&[u8]; TILE_ROWS]) -> Q6Tile {
+    let mut t = Q6Tile {
+        qs: [0; QK / 4 * TILE_ROWS * 4],
+        scales: [[0; TILE_ROWS]; 16],
+        d: [0.0; TILE_ROWS],
+    };
+    for (r, raw) in blocks.iter().enumerate() {
+        let b = decode_q6k(raw);
+        t.d[r] = b.d;
+        for s in 0..16 {
+            t.scales[s][r] = b.scales[s];
+        }
+        for g in 0..QK / 4 {
+            for j in 0..4 {
+                t.qs[(g * TILE_ROWS + r) * 4 + j] = b.q[4 * g + j];
+            }
+        }
+    }
+    t
+}
+
+fn unpack_q4_row(t: &Q4Tile, r: usize, out: &mut [f32]) {
+    for (v, o) in out.iter_mut().enumerate() {
+        let (g, j) = (v / 8, v % 8);
+        let byte = t.qs[(g * TILE_ROWS + r) * 4 + j % 4];
+        let q = if j < 4 { byte & 0x0F } else { byte >> 4 };
+        let s = v / 32;
+        let min = t.mins[s / 2][r * 2 + s % 2] as f32;
+        *o = t.d[r] * t.scales[s][r] as f32 * q as f32 - t.dmin[r] * min;
+    }
+}
+
+fn unpack_q6_row(t: &Q6Tile, r: usize, out: &mut [f32]) {
+    for (v, o) in out.iter_mut().enumerate() {
+        let q = t.qs[(v / 4 * TILE_ROWS + r) * 4 + v % 4] as i32 - 32;
+        *o = t.d[r] * t.scales[v / 16][r] as f32 * q as f32;
+    }
+}
+
+/// Input rows quantized to i8 per 256 values: `x ~ d * q`.
+struct QuantizedInput {
+    m: usize,
+    kb: usize,
+    /// `(m, k)` row-major.
+    q: Vec<i8>,
+    /// `(m, kb)`.
+    d: Vec<f32>,
+    /// `(m, kb, 16)`: sums of the quants of each 16 values.
+    sums16: Vec<i32>,
+    /// `(m, kb, 4)`: sums of each 64 values' two 32-value halves, packed as two i16 in
+    /// one i32 (the operand layout of `vpdpwssd`).
+    sums32_pairs: Vec<i32>,
+}
+
+impl QuantizedInput {
+    fn new(xs: &[f32], m: usize, k: usize) -> Self {
+        let kb = k / QK;
+        let mut me = Self {
+            m,
+            kb,
+            q: vec![0; m * k],
+            d: vec![0.0; m * kb],
+            sums16: vec![0; m * kb * 16],
+            sums32_pairs: vec![0; m * kb * 4],
+        };
+        for (blk, (x, q)) in xs
+            .chunks_exact(QK)
+            .zip(me.q.chunks_exact_mut(QK))
+            .enumerate()
+        {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the CPU was checked; both blocks hold 256 values.
+            let d = match supported() {
+                true => unsafe { avx512::quantize_block(x, q) },
+                false => quantize_block(x, q),
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let d = quantize_block(x, q);
+            me.d[blk] = d;
+            let s16 = &mut me.sums16[blk * 16..][..16];
+            for (s, part) in s16.iter_mut().zip(q.chunks_exact(16)) {
+                *s = part.iter().map(|&v| v as i32).sum();
+            }
+            for p in 0..4 {
+                let lo = s16[4 * p] + s16[4 * p + 1];
+                let hi = s16[4 * p + 2] + s16[4 * p + 3];
+                me.sums32_pairs[blk * 4 + p] =
+                    (lo as i16 as u16 as i32) | ((hi as i16 as i32) << 16);
+            }
+        }
+        me
+    }
+}
+
+/// 256 values to i8 with a shared scale (returned): round to nearest, ties to even, as
+/// the vector version does, so both give the same bits.
+fn quantize_block(x: &[f32], q: &mut [i8]) -> f32 {
+    let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let d = amax / 127.0;
+    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+    for (qi, xi) in q.iter_mut().zip(x) {
+        *qi = (xi * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
+    }
+    d
+}
+
+/// Runs every `(weight, output)` job over the same input on candle's worker pool, one
+/// unit of work per 16 output rows.
+fn multiply_many(
+    input: &QuantizedInput,
+    jobs: &mut [(&KQuantMatrix, &mut Vec<f32>)],
+) -> Result<()> {
+    if !supported() {
+        return Err(EngineError::invalid(
+            "quantized matmul kernels need AVX-512 VNNI",
+        ));
+    }
+    let mut starts = Vec::with_capacity(jobs.len());
+    let mut total = 0;
+    for (w, _) in jobs.iter() {
+        starts.push(total);
+        total += w.n / TILE_ROWS;
+    }
+    // Each unit writes its own 16 columns of one output: disjoint, so shared raw pointers.
+    let outs: Vec<(&KQuantMatrix, usize)> = jobs
+        .iter_mut()
+        .map(|(w, o)| (*w, o.as_mut_ptr() as usize))
+        .collect();
+    candle_core::utils::barrier_pool().execute_chunked(total, |units| {
+        for unit in units {
+            let job = starts.partition_point(|&s| s <= unit) - 1;
+            let (w, out) = outs[job];
+            let nt = unit - starts[job];
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `supported()` checked the CPU features; `nt` is in range and every
+            // unit writes only its own columns.
+            unsafe {
+                avx512::tile_strip(w, input, nt, out as *mut f32);
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = (w, out, nt);
+        }
+    });
+    Ok(())
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::*;
+    use core::arch::x86_64::*;
+
+    /// Output columns `16 nt..16 nt + 16` of every input row.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn tile_strip(
+        w: &KQuantMatrix,
+        x: &QuantizedInput,
+        nt: usize,
+        out: *mut f32,
+    ) {
+        let mut r0 = 0;
+        while r0 < x.m {
+            let rows = (x.m - r0).min(ROW_BLOCK);
+            unsafe {
+                match rows {
+                    1 => strip::<1>(w, x, nt, r0, out),
+                    2 => strip::<2>(w, x, nt, r0, out),
+                    3 => strip::<3>(w, x, nt, r0, out),
+                    4 => strip::<4>(w, x, nt, r0, out),
+                    5 => strip::<5>(w, x, nt, r0, out),
+                    6 => strip::<6>(w, x, nt, r0, out),
+                    7 => strip::<7>(w, x, nt, r0, out),
+                    _ => strip::<8>(w, x, nt, r0, out),
+                }
+            }
+            r0 += rows;
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn strip<const R: usize>(
+        w: &KQuantMatrix,
+        x: &QuantizedInput,
+        nt: usize,
+        r0: usize,
+        out: *mut f32,
+    ) {
+        let kb = x.kb;
+        let mut acc = [_mm512_setzero_ps(); R];
+        for b in 0..kb {
+            let qs: [*const i8; R] =
+                std::array::from_fn(|i| unsafe { x.q.as_ptr().add(((r0 + i) * kb + b) * QK) });
+            let dx: [f32; R] = std::array::from_fn(|i| x.d[(r0 + i) * kb + b]);
+            unsafe {
+                match &w.tiles {
+                    Tiles::Q4(t) => {
+                        prefetch(t, nt * kb + b + PREFETCH_TILES);
+                        let sums: [*const i32; R] = std::array::from_fn(|i| {
+                            x.sums32_pairs.as_ptr().add(((r0 + i) * kb + b) * 4)
+                        });
+                        q4_block::<R>(&t[nt * kb + b], &qs, &sums, &dx, &mut acc)
+                    }
+                    Tiles::Q6(t) => {
+                        prefetch(t, nt * kb + b + PREFETCH_TILES);
+                        let sums: [*const i32; R] = std::array::from_fn(|i| {
+                            x.sums16.as_ptr().add(((r0 + i) * kb + b) * 16)
+                        });
+                        q6_block::<R>(&t[nt * kb + b], &qs, &sums, &dx, &mut acc)
+                    }
+                }
+            }
+        }
+        for (i, a) in acc.iter().enumerate() {
+            unsafe { _mm512_storeu_ps(out.add((r0 + i) * w.n + nt * TILE_ROWS), *a) };
+        }
+    }
+
+    /// [`super::quantize_block`] with 16 lanes.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn quantize_block(x: &[f32], q: &mut [i8]) -> f32 {
+        debug_assert!(x.len() == QK && q.len() == QK);
+        unsafe {
+            let mut amax = _mm512_setzero_ps();
+            for c in 0..QK / 16 {
+                amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(x.as_ptr().add(c * 16))));
+            }
+            let d = _mm512_reduce_max_ps(amax) / 127.0;
+            let inv = _mm512_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+            let (lo, hi) = (_mm512_set1_epi32(-127), _mm512_set1_epi32(127));
+            for c in 0..QK / 16 {
+                let v = _mm512_mul_ps(_mm512_loadu_ps(x.as_ptr().add(c * 16)), inv);
+                // The default rounding mode: to nearest, ties to even.
+                let i = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(v), lo), hi);
+                _mm_storeu_si128(
+                    q.as_mut_ptr().add(c * 16) as *mut _,
+                    _mm512_cvtepi32_epi8(i),
+                );
+            }
+            d
+        }
+    }
+
+    /// Tiles ahead of the one being multiplied to ask the memory for: a tile spans 40 to
+    /// 69 cache lines and the hardware prefetcher stops at every 4 KiB page, so without
+    /// this the rows' arithmetic and the weights' arrival take turns instead of overlapping.
+    const PREFETCH_TILES: usize = 2;
+
+    #[inline(always)]
+    unsafe fn prefetch<T>(tiles: &[T], at: usize) {
+        if let Some(t) = tiles.get(at) {
+            let p = t as *const T as *const i8;
+            for line in (0..std::mem::size_of::<T>()).step_by(64) {
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(line)) };
+            }
+        }
+    }
+
+    /// 4 input bytes at `p`, broadcast to every lane.
+    #[inline(always)]
+    unsafe fn bcast4(p: *const i8) -> __m512i {
+        unsafe { _mm512_set1_epi32(std::ptr::read_unaligned(p as *const i32)) }
+    }
+
+    #[inline(always)]
+    unsafe fn q4_block<const R: usize>(
+        t: &Q4Tile,
+        qs: &[*const i8; R],
+        sums32_pairs: &[*const i32; R],
+        dx: &[f32; R],
+        acc: &mut [__m512; R],
+    ) {
+        unsafe {
+            let nibble = _mm512_set1_epi8(0x0F);
+            let mut facc = [_mm512_setzero_ps(); R];
+            for sub in 0..8 {
+                let mut isum = [_mm512_setzero_si512(); R];
+                for g4 in 0..4 {
+                    let g = sub * 4 + g4;
+                    let wq = _mm512_load_si512(t.qs.as_ptr().add(g * 64) as *const _);
+                    let lo = _mm512_and_si512(wq, nibble);
+                    let hi = _mm512_and_si512(_mm512_srli_epi16(wq, 4), nibble);
+                    for i in 0..R {
+                        isum[i] = _mm512_dpbusd_epi32(isum[i], lo, bcast4(qs[i].add(g * 8)));
+                        isum[i] = _mm512_dpbusd_epi32(isum[i], hi, bcast4(qs[i].add(g * 8 + 4)));
+                    }
+                }
+                // Scaled in floats, as in `q6_block`.
+                let sc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
+                    t.scales[sub].as_ptr() as *const _,
+                )));
+                for i in 0..R {
+                    facc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[i]), sc, facc[i]);
+                }
+            }
+            let mut imin = [_mm512_setzero_si512(); R];
+            for p in 0..4 {
+                let mins = _mm512_load_si512(t.mins[p].as_ptr() as *const _);
+                for i in 0..R {
+                    let s = _mm512_set1_epi32(*sums32_pairs[i].add(p));
+                    imin[i] = _mm512_dpwssd_epi32(imin[i], mins, s);
+                }
+            }
+            let d = _mm512_load_ps(t.d.as_ptr());
+            let dmin = _mm512_load_ps(t.dmin.as_ptr());
+            for i in 0..R {
+                let dxi = _mm512_set1_ps(dx[i]);
+                acc[i] = _mm512_fmadd_ps(facc[i], _mm512_mul_ps(d, dxi), acc[i]);
+                acc[i] = _mm512_fnmadd_ps(
+                    _mm512_cvtepi32_ps(imin[i]),
+                    _mm512_mul_ps(dmin, dxi),
+                    acc[i],
+                );
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn q6_block<const R: usize>(
+        t: &Q6Tile,
+        qs: &[*const i8; R],
+        sums16: &[*const i32; R],
+        dx: &[f32; R],
+        acc: &mut [__m512; R],
+    ) {
+        unsafe {
+            let mut facc = [_mm512_setzero_ps(); R];
+            for sub in 0..16 {
+                let mut isum = [_mm512_setzero_si512(); R];
+                for g4 in 0..4 {
+                    let g = sub * 4 + g4;
+                    let wq = _mm512_load_si512(t.qs.as_ptr().add(g * 64) as *const _);
+                    for i in 0..R {
+                        isum[i] = _mm512_dpbusd_epi32(isum[i], wq, bcast4(qs[i].add(g * 4)));
+                    }
+                }
+                // Scaled in floats: a conversion and an FMA take one slot of the port that
+                // runs vpdpbusd, an integer multiply two.
+                let sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                    t.scales[sub].as_ptr() as *const _,
+                )));
+                for i in 0..R {
+                    // The quants are stored + 32: take 32 x the inputs' sum back out.
+                    let centered =
+                        _mm512_sub_epi32(isum[i], _mm512_set1_epi32(32 * *sums16[i].add(sub)));
+                    facc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(centered), sc, facc[i]);
+                }
+            }
+            let d = _mm512_load_ps(t.d.as_ptr());
+            for i in 0..R {
+                acc[i] = _mm512_fmadd_ps(facc[i], _mm512_mul_ps(d, _mm512_set1_ps(dx[i])), acc[i]);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn random_q(dtype: GgmlDType, n: usize, k: usize, seed: u64) -> QTensor {
+        let dense = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
+        // Shift by the seed so different calls give different weights.
+        let dense = (dense + seed as f64 * 0.01).unwrap();
+        QTensor::quantize(&dense, dtype).unwrap()
+    }
+
+    #[test]
+    fn tiles_hold_exactly_the_blocks_values() {
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K] {
+            let q = random_q(dtype, 32, 512, 1);
+            let want = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap();
+            let want = want.to_vec1::<f32>().unwrap();
+            let m = KQuantMatrix::from_qtensor(&q).unwrap().unwrap();
+            let got = m.dequantize();
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() <= 1e-5 * w.abs().max(1.0),
+                    "{dtype:?} [{i}]: {g} vs {w}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn vector_and_scalar_input_quantization_agree() {
+        if !supported() {
+            return;
+        }
+        let mut x: Vec<f32> = Tensor::randn(0f32, 3.0, QK, &Device::Cpu)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        // Exact ties and the extremes.
+        x[0] = 127.0;
+        x[1] = -0.5;
+        x[2] = 2.5;
+        x[3] = -126.5;
+        let (mut a, mut b) = ([0i8; QK], [0i8; QK]);
+        let da = quantize_block(&x, &mut a);
+        let db = unsafe { avx512::quantize_block(&x, &mut b) };
+        assert_eq!((da, a), (db, b));
+        let zeros = [0f32; QK];
+        assert_eq!(quantize_block(&zeros, &mut a), 0.0);
+        assert!(a.iter().all(|&v| v == 0));
+    }
+
+    #[test]
+    fn other_types_and_shapes_are_declined() {
+        let q8 = random_q(GgmlDType::Q8_0, 32, 256, 0);
+        assert!(KQuantMatrix::from_qtensor(&q8).unwrap().is_none());
+        let narrow = random_q(GgmlDType::Q4K, 24, 256, 0);
+        assert!(KQuantMatrix::from_qtensor(&narrow).unwrap().is_none());
+    }
+
+    #[test]
+    fn products_match_the_dequantized_weights_and_ignore_batching() {
+        if !supported() {
+            return;
+        }
+        for (dtype, n, k) in [
+            (GgmlDType::Q4K, 48, 768),
+            (GgmlDType::Q6K, 48, 768),
+            (GgmlDType::Q4K, 768, 256),
+            (GgmlDType::Q4K, 256, 768),
+            (GgmlDType::Q4K, 512, 256),
+        ] {
+            let q = random_q(dtype, n, k, 2);
+            let w = KQuantMatrix::from_qtensor(&q).unwrap().unwrap();
+            let dense = q.dequantize(&Device::Cpu).unwrap();
+            for m in [1usize, 3, 8, 12, 13] {
+                let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu).unwrap();
+                let got = w.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+                // The reference sees the same 8-bit inputs, so only float rounding differs.
+                let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let qx = QuantizedInput::new(&xs, m, k);
+                let xq: Vec<f32> =
+                    qx.q.iter()
+                        .enumerate()
+                        .map(|(i, &v)| qx.d[i / QK] * v as f32)
+                        .collect();
+                let xq = Tensor::from_vec(xq, (m, k), &Device::Cpu).unwrap();
+                let want = xq
+                    .matmul(&dense.t().unwrap())
+                    .unwrap()
+                    .to_vec2::<f32>()
+                    .unwrap();
+                let scale = xq
+                    .abs()
+                    .unwrap()
+                    .matmul(&dense.abs().unwrap().t().unwrap())
+                    .unwrap();
+                let scale = scale.to_vec2::<f32>().unwrap();
+                for ((gr, wr), sr) in got.iter().zip(&want).zip(&scale) {
+                    for ((g, w), s) in gr.iter().zip(wr).zip(sr) {
+                        assert!((g - w).abs() <= 1e-4 * s, "{dtype:?} m={m}: {g} vs {w}");
+                    }
+                }
+                // Each row alone gives the very same bits.
+                for (r, gr) in got.iter().enumerate() {
+                    let alone = w.forward(&x.narrow(0, r, 1).unwrap()).unwrap();
+                    assert_eq!(
+                        &alone.to_vec2::<f32>().unwrap()[0],
+                        gr,
+                        "{dtype:?} m={m} row {r}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn shared_input_products_equal_separate_ones() {
+        if !supported() {
+            return;
+        }
+        let a = KQuantMatrix::from_qtensor(&random_q(GgmlDType::Q4K, 512, 512, 3))
+            .unwrap()
+            .unwrap();
+        let b = KQuantMatrix::from_qtensor(&random_q(GgmlDType::Q6K, 128, 512, 4))
+            .unwrap()
+            .unwrap();
+        let c = KQuantMatrix::from_qtensor(&random_q(GgmlDType::Q4K, 128, 512, 5))
+            .unwrap()
+            .unwrap();
+        let x = Tensor::randn(0f32, 1.0, (12, 512), &Device::Cpu).unwrap();
+        let both = KQuantMatrix::forward_many(&x, &[&a, &b, &c]).unwrap();
+        for (y, w) in both.iter().zip([&a, &b, &c]) {
+            assert_eq!(
+                y.to_vec2::<f32>().unwrap(),
+                w.forward(&x).unwrap().to_vec2::<f32>().unwrap()
+            );
+        }
+        let bad = Tensor::zeros((2, 256), candle_core::DType::F32, &Device::Cpu).unwrap();
+        assert!(a.forward(&bad).is_err());
+    }
+}
