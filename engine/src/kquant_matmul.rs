@@ -195,21 +195,8 @@ impl KQuantMatrix {
 
     /// `x (m, k) -> (m, n)` f32.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (m, k) = x.dims2()?;
-        if k != self.k {
-            return Err(EngineError::invalid(format!(
-                "quantized matmul: input width {k}, weight width {}",
-                self.k
-            )));
-        }
-        let xs = x
-            .to_dtype(candle_core::DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        let input = QuantizedInput::new(&xs, m, k);
-        let mut out = vec![0f32; m * self.n];
-        multiply_many(&input, &mut [(self, &mut out)])?;
-        Ok(Tensor::from_vec(out, (m, self.n), &Device::Cpu)?.to_device(x.device())?)
+        let mut out = Self::forward_many(x, &[self])?;
+        Ok(out.remove(0))
     }
 
     /// Several weights applied to the same input, sharing its quantization and one
