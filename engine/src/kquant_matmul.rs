@@ -189,10 +189,6 @@ impl KQuantMatrix {
         Ok(Some(Self { tiles, n, k }))
     }
 
-    pub fn dims(&self) -> (usize, usize) {
-        (self.n, self.k)
-    }
-
     /// `x (m, k) -> (m, n)` f32.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut out = Self::forward_many(x, &[self])?;
@@ -224,8 +220,9 @@ impl KQuantMatrix {
             .collect()
     }
 
-    /// The weights as f32, `(n, k)` row-major, read back from the tiles (for tests).
-    pub fn dequantize(&self) -> Vec<f32> {
+    /// The weights as f32, `(n, k)` row-major, read back from the tiles.
+    #[cfg(test)]
+    fn dequantize(&self) -> Vec<f32> {
         let kb = self.k / QK;
         let mut out = vec![0f32; self.n * self.k];
         for nt in 0..self.n / TILE_ROWS {
@@ -310,6 +307,7 @@ fn pack_q6_tile(blocks: &[&[u8]; TILE_ROWS]) -> Q6Tile {
     t
 }
 
+#[cfg(test)]
 fn unpack_q4_row(t: &Q4Tile, r: usize, out: &mut [f32]) {
     for (v, o) in out.iter_mut().enumerate() {
         let (g, j) = (v / 8, v % 8);
@@ -321,6 +319,7 @@ fn unpack_q4_row(t: &Q4Tile, r: usize, out: &mut [f32]) {
     }
 }
 
+#[cfg(test)]
 fn unpack_q6_row(t: &Q6Tile, r: usize, out: &mut [f32]) {
     for (v, o) in out.iter_mut().enumerate() {
         let q = t.qs[(v / 4 * TILE_ROWS + r) * 4 + v % 4] as i32 - 32;
@@ -354,6 +353,7 @@ impl QuantizedInput {
             sums16: vec![0; m * kb * 16],
             sums32_pairs: vec![0; m * kb * 4],
         };
+        let vector = supported();
         for (blk, (x, q)) in xs
             .chunks_exact(QK)
             .zip(me.q.chunks_exact_mut(QK))
@@ -361,7 +361,7 @@ impl QuantizedInput {
         {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: the CPU was checked; both blocks hold 256 values.
-            let d = match supported() {
+            let d = match vector {
                 true => unsafe { avx512::quantize_block(x, q) },
                 false => quantize_block(x, q),
             };

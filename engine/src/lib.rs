@@ -15,7 +15,7 @@ pub mod error;
 mod f16_matmul;
 pub mod gguf;
 pub mod hf;
-pub mod kquant_matmul;
+mod kquant_matmul;
 pub mod kv;
 pub mod mask;
 pub mod mock;

@@ -203,6 +203,11 @@ struct Sessions<'a, T: TargetBackend, D: DraftBackend> {
 }
 
 impl<T: TargetBackend, D: DraftBackend> Sessions<'_, T, D> {
+    /// Whether a draft is open or can still be opened.
+    fn can_draft(&self) -> bool {
+        self.draft.is_some() || self.spare.is_some()
+    }
+
     async fn close(self) {
         // Closing is best effort: a failed close only leaves a session for the TTL.
         if let Err(e) = self.target.close(self.target_id).await {
@@ -572,7 +577,7 @@ async fn auto_round<T: TargetBackend, D: DraftBackend>(
     let params = state.params;
     let greedy = params.sampling.is_greedy();
     let root = *text.last().expect("the text is not empty");
-    let can_draft = sessions.draft.is_some() || sessions.spare.is_some();
+    let can_draft = sessions.can_draft();
     let gamma = params.gamma.min(budget).min(room.saturating_sub(1));
     // An open draft lags by what was committed since its last call; an unopened one
     // would start from the whole text.
@@ -701,12 +706,11 @@ async fn run_rounds<T: TargetBackend, D: DraftBackend>(
         let started = Instant::now();
         let (round, predicted) = match tuner {
             Some(t) => {
-                let can_draft = sessions.draft.is_some() || sessions.spare.is_some();
                 let policy = segment
                     .get_or_insert_with(|| Segment {
                         tuner: t,
                         greedy,
-                        policy: t.choose_policy(greedy, can_draft),
+                        policy: t.choose_policy(greedy, sessions.can_draft()),
                         tokens: 0,
                         seconds: 0.0,
                     })
