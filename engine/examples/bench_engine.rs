@@ -9,6 +9,8 @@
 //! `--f16` holds the weights as dense f16 (the unquantized deployment), `--requantize`
 //! re-encodes them in other blocks at load; both run 1 and 2 only, on the engine alone.
 //! `--head-vocab` narrows the output head (then 1 runs on the engine alone).
+//! `--kernels` instead compares our Q4_K/Q6_K kernels with candle's on the same file
+//! (one-token decode and k-token forwards, interleaved).
 
 use candle_core::quantized::gguf_file::Content;
 use candle_core::{Device, Tensor};
@@ -134,8 +136,11 @@ fn main() {
     let mut f16 = false;
     let mut requantize = None;
     let mut head_vocab = None;
+    let mut kernels = false;
     while let Some(a) = args.next() {
-        if a == "--head-vocab" {
+        if a == "--kernels" {
+            kernels = true;
+        } else if a == "--head-vocab" {
             head_vocab = args.next().and_then(|s| s.parse().ok());
         } else if a == "--f16" {
             f16 = true;
@@ -169,6 +174,10 @@ fn main() {
         head_vocab,
         ..LoadOptions::default()
     };
+    if kernels {
+        kernels_against_candle(&path, &opts, steps);
+        return;
+    }
     let loading = Instant::now();
     let m = engine::load_model(&path, &opts, &dev).expect("load");
     println!("loaded in {:.1} s", loading.elapsed().as_secs_f64());
@@ -241,4 +250,47 @@ fn decode_against_candle<M: LanguageModel>(m: &M, path: &std::path::Path, steps:
         1e3 / theirs
     );
     println!("ratio (engine speed / candle speed): {:.2}", theirs / ours);
+}
+
+/// Our K-quant kernels against candle's on one file: two loads of the same weights, every
+/// measurement interleaved between them.
+fn kernels_against_candle(path: &std::path::Path, opts: &LoadOptions, steps: usize) {
+    let dev = Device::Cpu;
+    let ours = engine::load_model(path, opts, &dev).expect("load");
+    let candle_opts = LoadOptions {
+        candle_kquants: true,
+        ..opts.clone()
+    };
+    let theirs = engine::load_model(path, &candle_opts, &dev).expect("load");
+    println!("\n## one-token decode ({steps} steps, interleaved step by step, median)");
+    let (a_ms, b_ms) = {
+        let mut a = engine_stepper(&ours);
+        let mut b = engine_stepper(&theirs);
+        let r = interleaved_ms(&mut [&mut a, &mut b], steps);
+        (r[0], r[1])
+    };
+    println!("our kernels:    {a_ms:7.1} ms/token");
+    println!(
+        "candle kernels: {b_ms:7.1} ms/token  ({:.2}x ours)",
+        b_ms / a_ms
+    );
+    println!("\n## k-token forward at offset 64 (median of 9)");
+    let ks = [1, 2, 4, 5, 8, 16];
+    let reps = 9;
+    let (mut ta, mut tb) = (vec![Vec::new(); ks.len()], vec![Vec::new(); ks.len()]);
+    for _ in 0..reps {
+        let a = verify_ms(&ours, &ks, 1);
+        let b = verify_ms(&theirs, &ks, 1);
+        for i in 0..ks.len() {
+            ta[i].push(a[i]);
+            tb[i].push(b[i]);
+        }
+    }
+    for ((k, a), b) in ks.iter().zip(ta).zip(tb) {
+        let (a, b) = (median(a), median(b));
+        println!(
+            "k={k:2}: ours {a:7.1} ms  candle {b:7.1} ms  ({:.2}x ours)",
+            b / a
+        );
+    }
 }

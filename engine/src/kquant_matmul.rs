@@ -1,4 +1,4 @@
-//! `x @ w^T` for Q4_K and Q6_K weights on x86 CPUs with AVX-512 VNNI.
+//! `x @ w^T` for Q4_K and Q6_K weights on x86 CPUs with AVX-512 VNNI or AVX2.
 //!
 //! candle's repacked x86 kernels widen every block's scales to f32 (Q4_K tiles move 0.75
 //! bytes per weight instead of 0.56, Q6_K tiles 1.25 instead of 0.82) and pass over the
@@ -13,9 +13,14 @@
 //! integers, then scaled and accumulated in floats in one fixed order per output element:
 //! a row's result does not depend on how many rows it was batched with.
 //!
-//! On this class of CPU (`results/engine-bench.md`) one row is bound by memory and every
-//! further row by `vpdpbusd` throughput, so the kernels keep everything else off the port
-//! that runs it.
+//! The AVX2 kernels read the same tiles as two halves of 8 rows and form each 4-value dot
+//! product with `vpmaddubsw` + `vpmaddwd` (no partial sum can saturate: see `mod avx2`).
+//! Their integer sums are the same numbers and their float steps the same operations in
+//! the same order per output, so both instruction sets give the same bits.
+//!
+//! On the CPU of `results/engine-bench.md` one row is bound by memory and every further
+//! row by `vpdpbusd` throughput, so the kernels keep everything else off the port that
+//! runs it.
 
 use crate::error::{EngineError, Result};
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -26,8 +31,10 @@ use half::f16;
 const TILE_ROWS: usize = 16;
 /// Values per quantized block (K-quants' super-block, and our input blocks).
 const QK: usize = 256;
-/// Input rows multiplied against each tile load.
+/// Input rows multiplied against each tile load (AVX-512; AVX2 has half the registers
+/// and takes [`ROW_BLOCK_AVX2`]).
 const ROW_BLOCK: usize = 8;
+const ROW_BLOCK_AVX2: usize = 4;
 
 const Q4K_BLOCK_BYTES: usize = 144;
 const Q6K_BLOCK_BYTES: usize = 210;
@@ -70,21 +77,40 @@ pub struct KQuantMatrix {
     k: usize,
 }
 
-/// Whether this CPU runs these kernels.
-pub fn supported() -> bool {
+/// The instruction sets the kernels are written for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Isa {
+    Avx512,
+    Avx2,
+}
+
+/// The best kernel this CPU runs, if any.
+fn isa() -> Option<Isa> {
     #[cfg(target_arch = "x86_64")]
     {
-        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        static HAS: std::sync::OnceLock<Option<Isa>> = std::sync::OnceLock::new();
         *HAS.get_or_init(|| {
-            is_x86_feature_detected!("avx512f")
+            if is_x86_feature_detected!("avx512f")
                 && is_x86_feature_detected!("avx512bw")
                 && is_x86_feature_detected!("avx512vnni")
+            {
+                Some(Isa::Avx512)
+            } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                Some(Isa::Avx2)
+            } else {
+                None
+            }
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        false
+        None
     }
+}
+
+/// Whether this CPU runs these kernels.
+pub fn supported() -> bool {
+    isa().is_some()
 }
 
 /// The 6-bit scale and min of Q4_K sub-block `j` from the block's 12 packed bytes.
@@ -198,6 +224,14 @@ impl KQuantMatrix {
     /// Several weights applied to the same input, sharing its quantization and one
     /// parallel region.
     pub fn forward_many(x: &Tensor, ws: &[&KQuantMatrix]) -> Result<Vec<Tensor>> {
+        let isa = isa().ok_or_else(|| {
+            EngineError::invalid("quantized matmul kernels need AVX-512 VNNI or AVX2")
+        })?;
+        Self::forward_many_on(isa, x, ws)
+    }
+
+    /// [`Self::forward_many`] on the kernels for `isa`, which this CPU must run.
+    fn forward_many_on(isa: Isa, x: &Tensor, ws: &[&KQuantMatrix]) -> Result<Vec<Tensor>> {
         let (m, k) = x.dims2()?;
         if let Some(w) = ws.iter().find(|w| w.k != k) {
             return Err(EngineError::invalid(format!(
@@ -209,11 +243,11 @@ impl KQuantMatrix {
             .to_dtype(candle_core::DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()?;
-        let input = QuantizedInput::new(&xs, m, k);
+        let input = QuantizedInput::new(isa, &xs, m, k);
         let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; m * w.n]).collect();
         let mut jobs: Vec<(&KQuantMatrix, &mut Vec<f32>)> =
             ws.iter().copied().zip(outs.iter_mut()).collect();
-        multiply_many(&input, &mut jobs)?;
+        multiply_many(isa, &input, &mut jobs);
         outs.into_iter()
             .zip(ws)
             .map(|(o, w)| Ok(Tensor::from_vec(o, (m, w.n), &Device::Cpu)?.to_device(x.device())?))
@@ -343,7 +377,7 @@ struct QuantizedInput {
 }
 
 impl QuantizedInput {
-    fn new(xs: &[f32], m: usize, k: usize) -> Self {
+    fn new(isa: Isa, xs: &[f32], m: usize, k: usize) -> Self {
         let kb = k / QK;
         let mut me = Self {
             m,
@@ -353,21 +387,12 @@ impl QuantizedInput {
             sums16: vec![0; m * kb * 16],
             sums32_pairs: vec![0; m * kb * 4],
         };
-        let vector = supported();
         for (blk, (x, q)) in xs
             .chunks_exact(QK)
             .zip(me.q.chunks_exact_mut(QK))
             .enumerate()
         {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: the CPU was checked; both blocks hold 256 values.
-            let d = match vector {
-                true => unsafe { avx512::quantize_block(x, q) },
-                false => quantize_block(x, q),
-            };
-            #[cfg(not(target_arch = "x86_64"))]
-            let d = quantize_block(x, q);
-            me.d[blk] = d;
+            me.d[blk] = quantize_block_on(isa, x, q);
             let s16 = &mut me.sums16[blk * 16..][..16];
             for (s, part) in s16.iter_mut().zip(q.chunks_exact(16)) {
                 *s = part.iter().map(|&v| v as i32).sum();
@@ -384,7 +409,8 @@ impl QuantizedInput {
 }
 
 /// 256 values to i8 with a shared scale (returned): round to nearest, ties to even, as
-/// the vector version does, so both give the same bits.
+/// the vector versions do, so all give the same bits.
+#[cfg(any(test, not(target_arch = "x86_64")))]
 fn quantize_block(x: &[f32], q: &mut [i8]) -> f32 {
     let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
     let d = amax / 127.0;
@@ -395,17 +421,28 @@ fn quantize_block(x: &[f32], q: &mut [i8]) -> f32 {
     d
 }
 
-/// Runs every `(weight, output)` job over the same input on candle's worker pool, one
-/// unit of work per 16 output rows.
-fn multiply_many(
-    input: &QuantizedInput,
-    jobs: &mut [(&KQuantMatrix, &mut Vec<f32>)],
-) -> Result<()> {
-    if !supported() {
-        return Err(EngineError::invalid(
-            "quantized matmul kernels need AVX-512 VNNI",
-        ));
+/// [`quantize_block`] on the vector unit of `isa` (same bits).
+fn quantize_block_on(isa: Isa, x: &[f32], q: &mut [i8]) -> f32 {
+    debug_assert!(x.len() == QK && q.len() == QK);
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `isa` is one this CPU runs (callers got it from `isa()`, or, in tests,
+    // checked it); both blocks hold 256 values.
+    unsafe {
+        match isa {
+            Isa::Avx512 => avx512::quantize_block(x, q),
+            Isa::Avx2 => avx2::quantize_block(x, q),
+        }
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = isa;
+        quantize_block(x, q)
+    }
+}
+
+/// Runs every `(weight, output)` job over the same input on candle's worker pool, one
+/// unit of work per 16 output rows, on the kernels for `isa` (one this CPU runs).
+fn multiply_many(isa: Isa, input: &QuantizedInput, jobs: &mut [(&KQuantMatrix, &mut Vec<f32>)]) {
     let mut starts = Vec::with_capacity(jobs.len());
     let mut total = 0;
     for (w, _) in jobs.iter() {
@@ -423,16 +460,37 @@ fn multiply_many(
             let (w, out) = outs[job];
             let nt = unit - starts[job];
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `supported()` checked the CPU features; `nt` is in range and every
-            // unit writes only its own columns.
+            // SAFETY: `isa` is one this CPU runs; `nt` is in range and every unit writes
+            // only its own columns.
             unsafe {
-                avx512::tile_strip(w, input, nt, out as *mut f32);
+                match isa {
+                    Isa::Avx512 => avx512::tile_strip(w, input, nt, out as *mut f32),
+                    Isa::Avx2 => avx2::tile_strip(w, input, nt, out as *mut f32),
+                }
             }
             #[cfg(not(target_arch = "x86_64"))]
-            let _ = (w, out, nt);
+            let _ = (isa, w, out, nt);
         }
     });
-    Ok(())
+}
+
+/// Tiles ahead of the one being multiplied to ask the memory for: a tile spans 40 to 69
+/// cache lines and the hardware prefetcher stops at every 4 KiB page, so without this the
+/// rows' arithmetic and the weights' arrival take turns instead of overlapping.
+#[cfg(target_arch = "x86_64")]
+const PREFETCH_TILES: usize = 2;
+
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch<T>(tiles: &[T], at: usize) {
+    use core::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+    if let Some(t) = tiles.get(at) {
+        let p = t as *const T as *const i8;
+        for line in (0..std::mem::size_of::<T>()).step_by(64) {
+            // SAFETY: a prefetch never faults, and `p + line` stays inside the tile.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(line)) };
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -527,21 +585,6 @@ mod avx512 {
                 );
             }
             d
-        }
-    }
-
-    /// Tiles ahead of the one being multiplied to ask the memory for: a tile spans 40 to
-    /// 69 cache lines and the hardware prefetcher stops at every 4 KiB page, so without
-    /// this the rows' arithmetic and the weights' arrival take turns instead of overlapping.
-    const PREFETCH_TILES: usize = 2;
-
-    #[inline(always)]
-    unsafe fn prefetch<T>(tiles: &[T], at: usize) {
-        if let Some(t) = tiles.get(at) {
-            let p = t as *const T as *const i8;
-            for line in (0..std::mem::size_of::<T>()).step_by(64) {
-                unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(line)) };
-            }
         }
     }
 
@@ -643,9 +686,256 @@ mod avx512 {
     }
 }
 
+/// The AVX2 kernels: each 16-row tile as two halves of 8 rows (a 256-bit register of
+/// 32-bit lanes). `vpmaddubsw` multiplies the unsigned weights by the signed inputs and adds
+/// neighbouring products into i16, `vpmaddwd` by ones adds those pairs into the 4-value dot
+/// product `vpdpbusd` gives. Nothing saturates, with inputs in -127..=127: a Q4_K pair is
+/// at most 2 * 15 * 127 = 3810 in size, so the 8 pairs of one 32-value sub-block (30480)
+/// are added in i16; a Q6_K pair (quants 0..63) at most 16002, so two of them are.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::*;
+    use core::arch::x86_64::*;
+
+    /// Output columns `16 nt..16 nt + 16` of every input row.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn tile_strip(
+        w: &KQuantMatrix,
+        x: &QuantizedInput,
+        nt: usize,
+        out: *mut f32,
+    ) {
+        let mut r0 = 0;
+        while r0 < x.m {
+            let rows = (x.m - r0).min(ROW_BLOCK_AVX2);
+            // The second half finds the strip's tiles still in L2.
+            for half in 0..2 {
+                unsafe {
+                    match rows {
+                        1 => strip::<1>(w, x, nt, half, r0, out),
+                        2 => strip::<2>(w, x, nt, half, r0, out),
+                        3 => strip::<3>(w, x, nt, half, r0, out),
+                        _ => strip::<4>(w, x, nt, half, r0, out),
+                    }
+                }
+            }
+            r0 += rows;
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn strip<const R: usize>(
+        w: &KQuantMatrix,
+        x: &QuantizedInput,
+        nt: usize,
+        half: usize,
+        r0: usize,
+        out: *mut f32,
+    ) {
+        let kb = x.kb;
+        let mut acc = [_mm256_setzero_ps(); R];
+        for b in 0..kb {
+            let qs: [*const i8; R] =
+                std::array::from_fn(|i| unsafe { x.q.as_ptr().add(((r0 + i) * kb + b) * QK) });
+            let dx: [f32; R] = std::array::from_fn(|i| x.d[(r0 + i) * kb + b]);
+            unsafe {
+                match &w.tiles {
+                    Tiles::Q4(t) => {
+                        if half == 0 {
+                            prefetch(t, nt * kb + b + PREFETCH_TILES);
+                        }
+                        let sums: [*const i32; R] = std::array::from_fn(|i| {
+                            x.sums32_pairs.as_ptr().add(((r0 + i) * kb + b) * 4)
+                        });
+                        q4_block::<R>(&t[nt * kb + b], half, &qs, &sums, &dx, &mut acc)
+                    }
+                    Tiles::Q6(t) => {
+                        if half == 0 {
+                            prefetch(t, nt * kb + b + PREFETCH_TILES);
+                        }
+                        let sums: [*const i32; R] = std::array::from_fn(|i| {
+                            x.sums16.as_ptr().add(((r0 + i) * kb + b) * 16)
+                        });
+                        q6_block::<R>(&t[nt * kb + b], half, &qs, &sums, &dx, &mut acc)
+                    }
+                }
+            }
+        }
+        for (i, a) in acc.iter().enumerate() {
+            let at = (r0 + i) * w.n + nt * TILE_ROWS + half * 8;
+            unsafe { _mm256_storeu_ps(out.add(at), *a) };
+        }
+    }
+
+    /// [`super::quantize_block`] with 8 lanes.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn quantize_block(x: &[f32], q: &mut [i8]) -> f32 {
+        debug_assert!(x.len() == QK && q.len() == QK);
+        unsafe {
+            let sign = _mm256_set1_ps(-0.0);
+            let mut amax = _mm256_setzero_ps();
+            for c in 0..QK / 8 {
+                let v = _mm256_loadu_ps(x.as_ptr().add(c * 8));
+                amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v));
+            }
+            let m4 = _mm_max_ps(
+                _mm256_castps256_ps128(amax),
+                _mm256_extractf128_ps::<1>(amax),
+            );
+            let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            let m1 = _mm_max_ss(m2, _mm_shuffle_ps::<1>(m2, m2));
+            let d = _mm_cvtss_f32(m1) / 127.0;
+            let inv = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+            let (lo, hi) = (_mm256_set1_epi32(-127), _mm256_set1_epi32(127));
+            // The packs below interleave 128-bit lanes; this puts the values back in order.
+            let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+            for c in 0..QK / 32 {
+                let v: [__m256i; 4] = std::array::from_fn(|j| {
+                    let f = _mm256_mul_ps(_mm256_loadu_ps(x.as_ptr().add(c * 32 + j * 8)), inv);
+                    // The default rounding mode: to nearest, ties to even.
+                    _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(f), lo), hi)
+                });
+                let ab = _mm256_packs_epi32(v[0], v[1]);
+                let cd = _mm256_packs_epi32(v[2], v[3]);
+                let bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(ab, cd), order);
+                _mm256_storeu_si256(q.as_mut_ptr().add(c * 32) as *mut _, bytes);
+            }
+            d
+        }
+    }
+
+    /// 4 input bytes at `p`, broadcast to every lane.
+    #[inline(always)]
+    unsafe fn bcast4(p: *const i8) -> __m256i {
+        unsafe { _mm256_set1_epi32(std::ptr::read_unaligned(p as *const i32)) }
+    }
+
+    /// 8 bytes at `p` as 8 floats (`signed` or not).
+    #[inline(always)]
+    unsafe fn bytes_to_ps<const SIGNED: bool>(p: *const u8) -> __m256 {
+        unsafe {
+            let b = _mm_loadl_epi64(p as *const _);
+            _mm256_cvtepi32_ps(if SIGNED {
+                _mm256_cvtepi8_epi32(b)
+            } else {
+                _mm256_cvtepu8_epi32(b)
+            })
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn q4_block<const R: usize>(
+        t: &Q4Tile,
+        half: usize,
+        qs: &[*const i8; R],
+        sums32_pairs: &[*const i32; R],
+        dx: &[f32; R],
+        acc: &mut [__m256; R],
+    ) {
+        unsafe {
+            let nibble = _mm256_set1_epi8(0x0F);
+            let ones = _mm256_set1_epi16(1);
+            let mut facc = [_mm256_setzero_ps(); R];
+            for sub in 0..8 {
+                let mut pairs = [_mm256_setzero_si256(); R];
+                for g4 in 0..4 {
+                    let g = sub * 4 + g4;
+                    let wq = _mm256_loadu_si256(t.qs.as_ptr().add(g * 64 + half * 32) as *const _);
+                    let lo = _mm256_and_si256(wq, nibble);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16(wq, 4), nibble);
+                    for i in 0..R {
+                        let a = _mm256_maddubs_epi16(lo, bcast4(qs[i].add(g * 8)));
+                        let b = _mm256_maddubs_epi16(hi, bcast4(qs[i].add(g * 8 + 4)));
+                        pairs[i] = _mm256_add_epi16(pairs[i], _mm256_add_epi16(a, b));
+                    }
+                }
+                let sc = bytes_to_ps::<false>(t.scales[sub].as_ptr().add(half * 8));
+                for i in 0..R {
+                    let isum = _mm256_madd_epi16(pairs[i], ones);
+                    facc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), sc, facc[i]);
+                }
+            }
+            let mut imin = [_mm256_setzero_si256(); R];
+            for p in 0..4 {
+                let mins = _mm256_loadu_si256(t.mins[p].as_ptr().add(half * 16) as *const _);
+                for i in 0..R {
+                    let s = _mm256_set1_epi32(*sums32_pairs[i].add(p));
+                    imin[i] = _mm256_add_epi32(imin[i], _mm256_madd_epi16(mins, s));
+                }
+            }
+            let d = _mm256_loadu_ps(t.d.as_ptr().add(half * 8));
+            let dmin = _mm256_loadu_ps(t.dmin.as_ptr().add(half * 8));
+            for i in 0..R {
+                let dxi = _mm256_set1_ps(dx[i]);
+                acc[i] = _mm256_fmadd_ps(facc[i], _mm256_mul_ps(d, dxi), acc[i]);
+                acc[i] = _mm256_fnmadd_ps(
+                    _mm256_cvtepi32_ps(imin[i]),
+                    _mm256_mul_ps(dmin, dxi),
+                    acc[i],
+                );
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn q6_block<const R: usize>(
+        t: &Q6Tile,
+        half: usize,
+        qs: &[*const i8; R],
+        sums16: &[*const i32; R],
+        dx: &[f32; R],
+        acc: &mut [__m256; R],
+    ) {
+        unsafe {
+            let ones = _mm256_set1_epi16(1);
+            let mut facc = [_mm256_setzero_ps(); R];
+            for sub in 0..16 {
+                let mut isum = [_mm256_setzero_si256(); R];
+                for g2 in 0..2 {
+                    let g = sub * 4 + g2 * 2;
+                    let w0 = _mm256_loadu_si256(t.qs.as_ptr().add(g * 64 + half * 32) as *const _);
+                    let w1 =
+                        _mm256_loadu_si256(t.qs.as_ptr().add((g + 1) * 64 + half * 32) as *const _);
+                    for i in 0..R {
+                        let a = _mm256_maddubs_epi16(w0, bcast4(qs[i].add(g * 4)));
+                        let b = _mm256_maddubs_epi16(w1, bcast4(qs[i].add(g * 4 + 4)));
+                        let pair = _mm256_madd_epi16(_mm256_add_epi16(a, b), ones);
+                        isum[i] = _mm256_add_epi32(isum[i], pair);
+                    }
+                }
+                let sc = bytes_to_ps::<true>(t.scales[sub].as_ptr().add(half * 8) as *const u8);
+                for i in 0..R {
+                    // The quants are stored + 32: take 32 x the inputs' sum back out.
+                    let centered =
+                        _mm256_sub_epi32(isum[i], _mm256_set1_epi32(32 * *sums16[i].add(sub)));
+                    facc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(centered), sc, facc[i]);
+                }
+            }
+            let d = _mm256_loadu_ps(t.d.as_ptr().add(half * 8));
+            for i in 0..R {
+                acc[i] = _mm256_fmadd_ps(facc[i], _mm256_mul_ps(d, _mm256_set1_ps(dx[i])), acc[i]);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every kernel this CPU runs (an AVX-512 CPU runs the AVX2 ones too). Where none does,
+    /// says so: the tests that need one have nothing to check there.
+    fn runnable(test: &str) -> Vec<Isa> {
+        let all = match isa() {
+            Some(Isa::Avx512) => vec![Isa::Avx512, Isa::Avx2],
+            Some(Isa::Avx2) => vec![Isa::Avx2],
+            None => vec![],
+        };
+        if all.is_empty() {
+            eprintln!("{test}: skipped, this CPU has neither AVX-512 VNNI nor AVX2");
+        }
+        all
+    }
 
     fn random_q(dtype: GgmlDType, n: usize, k: usize, seed: u64) -> QTensor {
         let dense = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
@@ -673,9 +963,7 @@ mod tests {
 
     #[test]
     fn vector_and_scalar_input_quantization_agree() {
-        if !supported() {
-            return;
-        }
+        let isas = runnable("vector_and_scalar_input_quantization_agree");
         let mut x: Vec<f32> = Tensor::randn(0f32, 3.0, QK, &Device::Cpu)
             .unwrap()
             .to_vec1()
@@ -685,13 +973,15 @@ mod tests {
         x[1] = -0.5;
         x[2] = 2.5;
         x[3] = -126.5;
-        let (mut a, mut b) = ([0i8; QK], [0i8; QK]);
-        let da = quantize_block(&x, &mut a);
-        let db = unsafe { avx512::quantize_block(&x, &mut b) };
-        assert_eq!((da, a), (db, b));
         let zeros = [0f32; QK];
-        assert_eq!(quantize_block(&zeros, &mut a), 0.0);
-        assert!(a.iter().all(|&v| v == 0));
+        for isa in isas {
+            let (mut a, mut b) = ([0i8; QK], [0i8; QK]);
+            let da = quantize_block(&x, &mut a);
+            let db = quantize_block_on(isa, &x, &mut b);
+            assert_eq!((da, a), (db, b), "{isa:?}");
+            assert_eq!(quantize_block_on(isa, &zeros, &mut b), 0.0);
+            assert!(b.iter().all(|&v| v == 0));
+        }
     }
 
     #[test]
@@ -704,9 +994,17 @@ mod tests {
 
     #[test]
     fn products_match_the_dequantized_weights_and_ignore_batching() {
-        if !supported() {
-            return;
+        for isa in runnable("products_match_the_dequantized_weights_and_ignore_batching") {
+            products_match_on(isa);
         }
+    }
+
+    fn products_match_on(isa: Isa) {
+        let forward = |w: &KQuantMatrix, x: &Tensor| {
+            KQuantMatrix::forward_many_on(isa, x, &[w])
+                .unwrap()
+                .remove(0)
+        };
         for (dtype, n, k) in [
             (GgmlDType::Q4K, 48, 768),
             (GgmlDType::Q6K, 48, 768),
@@ -719,10 +1017,10 @@ mod tests {
             let dense = q.dequantize(&Device::Cpu).unwrap();
             for m in [1usize, 3, 8, 12, 13] {
                 let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu).unwrap();
-                let got = w.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+                let got = forward(&w, &x).to_vec2::<f32>().unwrap();
                 // The reference sees the same 8-bit inputs, so only float rounding differs.
                 let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                let qx = QuantizedInput::new(&xs, m, k);
+                let qx = QuantizedInput::new(isa, &xs, m, k);
                 let xq: Vec<f32> =
                     qx.q.iter()
                         .enumerate()
@@ -742,16 +1040,19 @@ mod tests {
                 let scale = scale.to_vec2::<f32>().unwrap();
                 for ((gr, wr), sr) in got.iter().zip(&want).zip(&scale) {
                     for ((g, w), s) in gr.iter().zip(wr).zip(sr) {
-                        assert!((g - w).abs() <= 1e-4 * s, "{dtype:?} m={m}: {g} vs {w}");
+                        assert!(
+                            (g - w).abs() <= 1e-4 * s,
+                            "{isa:?} {dtype:?} m={m}: {g} vs {w}"
+                        );
                     }
                 }
                 // Each row alone gives the very same bits.
                 for (r, gr) in got.iter().enumerate() {
-                    let alone = w.forward(&x.narrow(0, r, 1).unwrap()).unwrap();
+                    let alone = forward(&w, &x.narrow(0, r, 1).unwrap());
                     assert_eq!(
                         &alone.to_vec2::<f32>().unwrap()[0],
                         gr,
-                        "{dtype:?} m={m} row {r}"
+                        "{isa:?} {dtype:?} m={m} row {r}"
                     );
                 }
             }
@@ -760,9 +1061,7 @@ mod tests {
 
     #[test]
     fn shared_input_products_equal_separate_ones() {
-        if !supported() {
-            return;
-        }
+        let isas = runnable("shared_input_products_equal_separate_ones");
         let a = KQuantMatrix::from_qtensor(&random_q(GgmlDType::Q4K, 512, 512, 3))
             .unwrap()
             .unwrap();
@@ -773,14 +1072,42 @@ mod tests {
             .unwrap()
             .unwrap();
         let x = Tensor::randn(0f32, 1.0, (12, 512), &Device::Cpu).unwrap();
-        let both = KQuantMatrix::forward_many(&x, &[&a, &b, &c]).unwrap();
-        for (y, w) in both.iter().zip([&a, &b, &c]) {
-            assert_eq!(
-                y.to_vec2::<f32>().unwrap(),
-                w.forward(&x).unwrap().to_vec2::<f32>().unwrap()
-            );
-        }
         let bad = Tensor::zeros((2, 256), candle_core::DType::F32, &Device::Cpu).unwrap();
-        assert!(a.forward(&bad).is_err());
+        for isa in isas {
+            let all = KQuantMatrix::forward_many_on(isa, &x, &[&a, &b, &c]).unwrap();
+            for (y, w) in all.iter().zip([&a, &b, &c]) {
+                let alone = KQuantMatrix::forward_many_on(isa, &x, &[w]).unwrap();
+                assert_eq!(
+                    y.to_vec2::<f32>().unwrap(),
+                    alone[0].to_vec2::<f32>().unwrap(),
+                    "{isa:?}"
+                );
+            }
+            assert!(KQuantMatrix::forward_many_on(isa, &bad, &[&a]).is_err());
+        }
+    }
+
+    #[test]
+    fn instruction_sets_give_the_same_bits() {
+        let isas = runnable("instruction_sets_give_the_same_bits");
+        if isas.len() < 2 {
+            eprintln!("instruction_sets_give_the_same_bits: skipped, needs an AVX-512 VNNI CPU");
+            return;
+        }
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K] {
+            let w = KQuantMatrix::from_qtensor(&random_q(dtype, 64, 768, 6))
+                .unwrap()
+                .unwrap();
+            let x = Tensor::randn(0f32, 2.0, (11, 768), &Device::Cpu).unwrap();
+            let outs: Vec<Vec<Vec<f32>>> = isas
+                .iter()
+                .map(|&isa| {
+                    KQuantMatrix::forward_many_on(isa, &x, &[&w]).unwrap()[0]
+                        .to_vec2()
+                        .unwrap()
+                })
+                .collect();
+            assert_eq!(outs[0], outs[1], "{dtype:?}");
+        }
     }
 }
