@@ -4,7 +4,7 @@
 # reasoning), with the default pair (Qwen2.5-Coder 1.5B Q4_K_M target, 0.5B draft, the
 # draft re-encoded as Q4_K at load: half the bytes per draft token of its Q8_0 file).
 # Writes results/humaneval/ and results/bbh/ (bench.md, bench.json, speedup.png).
-# About 30 minutes on a 2-core CPU; PROMPTS and TOKENS change the subset.
+# 16-30 minutes on a 2-core CPU; PROMPTS and TOKENS change the subset.
 #
 #   scripts/bench.sh [--quick]      # --quick: two prompts each, a smoke run
 set -euo pipefail
