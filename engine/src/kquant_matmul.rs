@@ -408,6 +408,30 @@ impl QuantizedInput {
     }
 }
 
+/// Block `b` of input rows `r0..r0 + R`, as both kernels read it.
+struct BlockRows<const R: usize> {
+    /// Each row's 256 quants.
+    qs: [*const i8; R],
+    /// Each row's scale.
+    dx: [f32; R],
+    /// Each row's sums for the tile type: `sums32_pairs` (4) for Q4_K, `sums16` (16) for Q6_K.
+    sums: [*const i32; R],
+}
+
+impl QuantizedInput {
+    fn block_rows<const R: usize>(&self, r0: usize, b: usize, q6: bool) -> BlockRows<R> {
+        let at = |i: usize| (r0 + i) * self.kb + b;
+        BlockRows {
+            qs: std::array::from_fn(|i| self.q[at(i) * QK..].as_ptr()),
+            dx: std::array::from_fn(|i| self.d[at(i)]),
+            sums: std::array::from_fn(|i| match q6 {
+                true => self.sums16[at(i) * 16..].as_ptr(),
+                false => self.sums32_pairs[at(i) * 4..].as_ptr(),
+            }),
+        }
+    }
+}
+
 /// 256 values to i8 with a shared scale (returned): round to nearest, ties to even, as
 /// the vector versions do, so all give the same bits.
 #[cfg(any(test, not(target_arch = "x86_64")))]
@@ -536,24 +560,16 @@ mod avx512 {
         let kb = x.kb;
         let mut acc = [_mm512_setzero_ps(); R];
         for b in 0..kb {
-            let qs: [*const i8; R] =
-                std::array::from_fn(|i| unsafe { x.q.as_ptr().add(((r0 + i) * kb + b) * QK) });
-            let dx: [f32; R] = std::array::from_fn(|i| x.d[(r0 + i) * kb + b]);
+            let rows = x.block_rows::<R>(r0, b, matches!(w.tiles, Tiles::Q6(_)));
             unsafe {
                 match &w.tiles {
                     Tiles::Q4(t) => {
                         prefetch(t, nt * kb + b + PREFETCH_TILES);
-                        let sums: [*const i32; R] = std::array::from_fn(|i| {
-                            x.sums32_pairs.as_ptr().add(((r0 + i) * kb + b) * 4)
-                        });
-                        q4_block::<R>(&t[nt * kb + b], &qs, &sums, &dx, &mut acc)
+                        q4_block::<R>(&t[nt * kb + b], &rows.qs, &rows.sums, &rows.dx, &mut acc)
                     }
                     Tiles::Q6(t) => {
                         prefetch(t, nt * kb + b + PREFETCH_TILES);
-                        let sums: [*const i32; R] = std::array::from_fn(|i| {
-                            x.sums16.as_ptr().add(((r0 + i) * kb + b) * 16)
-                        });
-                        q6_block::<R>(&t[nt * kb + b], &qs, &sums, &dx, &mut acc)
+                        q6_block::<R>(&t[nt * kb + b], &rows.qs, &rows.sums, &rows.dx, &mut acc)
                     }
                 }
             }
@@ -735,28 +751,21 @@ mod avx2 {
         let kb = x.kb;
         let mut acc = [_mm256_setzero_ps(); R];
         for b in 0..kb {
-            let qs: [*const i8; R] =
-                std::array::from_fn(|i| unsafe { x.q.as_ptr().add(((r0 + i) * kb + b) * QK) });
-            let dx: [f32; R] = std::array::from_fn(|i| x.d[(r0 + i) * kb + b]);
+            let rows = x.block_rows::<R>(r0, b, matches!(w.tiles, Tiles::Q6(_)));
+            let (qs, sums, dx) = (&rows.qs, &rows.sums, &rows.dx);
             unsafe {
                 match &w.tiles {
                     Tiles::Q4(t) => {
                         if half == 0 {
                             prefetch(t, nt * kb + b + PREFETCH_TILES);
                         }
-                        let sums: [*const i32; R] = std::array::from_fn(|i| {
-                            x.sums32_pairs.as_ptr().add(((r0 + i) * kb + b) * 4)
-                        });
-                        q4_block::<R>(&t[nt * kb + b], half, &qs, &sums, &dx, &mut acc)
+                        q4_block::<R>(&t[nt * kb + b], half, qs, sums, dx, &mut acc)
                     }
                     Tiles::Q6(t) => {
                         if half == 0 {
                             prefetch(t, nt * kb + b + PREFETCH_TILES);
                         }
-                        let sums: [*const i32; R] = std::array::from_fn(|i| {
-                            x.sums16.as_ptr().add(((r0 + i) * kb + b) * 16)
-                        });
-                        q6_block::<R>(&t[nt * kb + b], half, &qs, &sums, &dx, &mut acc)
+                        q6_block::<R>(&t[nt * kb + b], half, qs, sums, dx, &mut acc)
                     }
                 }
             }
