@@ -91,6 +91,7 @@ async fn main() -> anyhow::Result<()> {
                         lookahead: *lookahead,
                         pool_delta: Vec::new(),
                         eos: Vec::new(),
+                        stop_below: 0.0,
                     })
                     .await?
                     .into_inner();

@@ -100,6 +100,12 @@ fn request_of(r: pb::DraftRequest) -> Result<DraftRequest, Status> {
             r.gamma
         )));
     }
+    if !(0.0..1.0).contains(&r.stop_below) {
+        return Err(Status::invalid_argument(format!(
+            "stop_below: must be in [0, 1), got {}",
+            r.stop_below
+        )));
+    }
     let lookahead = r.lookahead.as_ref().map(LookaheadParams::from);
     if let Some(la) = &lookahead {
         la.validate().map_err(|e| field(&e, "lookahead"))?;
@@ -110,6 +116,7 @@ fn request_of(r: pb::DraftRequest) -> Result<DraftRequest, Status> {
         lookahead,
         pool_delta: r.pool_delta.into_iter().map(Ngram::from).collect(),
         eos: r.eos,
+        stop_below: r.stop_below,
     })
 }
 
@@ -192,6 +199,7 @@ impl<M: LanguageModel + 'static> DraftService for DraftGrpc<M> {
             forwards: outcome.forwards,
             phrase_hits: outcome.phrase_hits,
             timing: timing(started, forward),
+            confidence: outcome.confidence,
         }))
     }
 

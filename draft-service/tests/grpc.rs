@@ -92,6 +92,7 @@ async fn drafts_follow_greedy(lookahead: Option<Lookahead>) -> (u32, usize) {
                 lookahead,
                 pool_delta: Vec::new(),
                 eos: Vec::new(),
+                stop_below: 0.0,
             })
             .await
             .unwrap()
@@ -143,6 +144,7 @@ async fn bad_draft_requests_get_statuses_and_idle_sessions_expire() {
         lookahead: None,
         pool_delta: vec![],
         eos: vec![],
+        stop_below: 0.0,
     };
     let cases = [
         (
@@ -162,6 +164,24 @@ async fn bad_draft_requests_get_statuses_and_idle_sessions_expire() {
             },
             Code::InvalidArgument,
             "gamma",
+        ),
+        (
+            "stop_below 1",
+            pb::DraftRequest {
+                stop_below: 1.0,
+                ..base.clone()
+            },
+            Code::InvalidArgument,
+            "stop_below",
+        ),
+        (
+            "stop_below NaN",
+            pb::DraftRequest {
+                stop_below: f32::NAN,
+                ..base.clone()
+            },
+            Code::InvalidArgument,
+            "stop_below",
         ),
         (
             "bad lookahead",

@@ -12,6 +12,9 @@ pub struct OutputSpec {
     pub rows: Option<Vec<usize>>,
     /// Also return each selected row's full logits (needed for sampling).
     pub logits: bool,
+    /// Also return each selected row's probability of its argmax token (a draft uses it
+    /// to stop drafting where it is unsure).
+    pub confidence: bool,
 }
 
 impl OutputSpec {
@@ -23,19 +26,24 @@ impl OutputSpec {
     pub fn none() -> Self {
         Self {
             rows: Some(Vec::new()),
-            logits: false,
+            ..Self::default()
         }
     }
 
     pub fn last(n: usize) -> Self {
         Self {
             rows: Some(vec![n.saturating_sub(1)]),
-            logits: false,
+            ..Self::default()
         }
     }
 
     pub fn with_logits(mut self) -> Self {
         self.logits = true;
+        self
+    }
+
+    pub fn with_confidence(mut self) -> Self {
+        self.confidence = true;
         self
     }
 
@@ -114,6 +122,8 @@ pub struct ForwardOutput {
     pub rows: Vec<usize>,
     pub argmax: Vec<u32>,
     pub logits: Option<Vec<Vec<f32>>>,
+    /// Softmax probability of each row's argmax, where asked for.
+    pub confidence: Option<Vec<f32>>,
 }
 
 /// A sequence's attention state. Entries are in the order tokens were forwarded.

@@ -166,6 +166,7 @@ impl LanguageModel for MockModel {
             let rows = input.outputs.resolve(n)?;
             let mut argmax = Vec::with_capacity(rows.len());
             let mut logits = input.outputs.logits.then(Vec::new);
+            let mut confidence = input.outputs.confidence.then(Vec::new);
             for &r in &rows {
                 let l = self.logits(input.tokens[r], states[r]);
                 let best = l
@@ -176,6 +177,9 @@ impl LanguageModel for MockModel {
                         |acc, (t, &x)| if x > acc.1 { (t, x) } else { acc },
                     );
                 argmax.push(best.0 as u32);
+                if let Some(cs) = confidence.as_mut() {
+                    cs.push(1.0 / l.iter().map(|&x| (x - best.1).exp()).sum::<f32>());
+                }
                 if let Some(ls) = logits.as_mut() {
                     ls.push(l);
                 }
@@ -184,6 +188,7 @@ impl LanguageModel for MockModel {
                 rows,
                 argmax,
                 logits,
+                confidence,
             });
         }
         Ok(outs)

@@ -589,6 +589,7 @@ impl Transformer {
                     rows,
                     argmax: vec![],
                     logits: None,
+                    confidence: None,
                 })
                 .collect());
         }
@@ -597,6 +598,14 @@ impl Transformer {
         let h = candle_nn::ops::rms_norm(&h, &self.final_norm, self.cfg.rms_norm_eps as f32)?;
         let logits = head.forward(&h)?.to_dtype(DType::F32)?;
         let argmax: Vec<u32> = logits.argmax_keepdim(D::Minus1)?.flatten_all()?.to_vec1()?;
+        let confidence: Option<Vec<f32>> = if inputs.iter().any(|i| i.outputs.confidence) {
+            // The argmax's probability is 1 / sum(exp(logit - max logit)).
+            let top = logits.max_keepdim(D::Minus1)?;
+            let mass = logits.broadcast_sub(&top)?.exp()?.sum_keepdim(D::Minus1)?;
+            Some(mass.recip()?.flatten_all()?.to_vec1()?)
+        } else {
+            None
+        };
         let want_logits = inputs.iter().any(|i| i.outputs.logits);
         let all_logits: Option<Vec<Vec<f32>>> = if want_logits {
             let mut rows = logits.to_vec2::<f32>()?;
@@ -614,6 +623,10 @@ impl Transformer {
             results.push(ForwardOutput {
                 argmax: argmax[at..at + m].to_vec(),
                 logits: match (&all_logits, input.outputs.logits) {
+                    (Some(all), true) => Some(all[at..at + m].to_vec()),
+                    _ => None,
+                },
+                confidence: match (&confidence, input.outputs.confidence) {
                     (Some(all), true) => Some(all[at..at + m].to_vec()),
                     _ => None,
                 },

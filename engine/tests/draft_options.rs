@@ -92,3 +92,50 @@ fn block_types_are_named_as_on_the_command_line() {
     assert_eq!(engine::block_type("Q8_0").unwrap(), GgmlDType::Q8_0);
     assert!(engine::block_type("q3k").is_err());
 }
+
+/// The confidence a draft stops on is the softmax probability of the row's argmax, the
+/// same with or without logits asked for, and over a narrowed head's own tokens.
+#[test]
+fn confidence_is_the_argmax_probability() {
+    for head_vocab in [None, Some(48)] {
+        let m = model(&LoadOptions {
+            head_vocab,
+            ..LoadOptions::default()
+        });
+        let (argmax, logits) = run(&m);
+        let tokens: Vec<u32> = (0..12).map(|i| (i * 37 + 5) % 96).collect();
+        let pos: Vec<u32> = (0..12).collect();
+        let rows = vec![0, 5, 11];
+        let spec = OutputSpec {
+            rows: Some(rows.clone()),
+            ..OutputSpec::default()
+        }
+        .with_confidence();
+        let out = m
+            .forward(&mut m.new_cache(), SeqInput::chain(&tokens, &pos, spec))
+            .unwrap();
+        assert!(out.logits.is_none(), "logits were not asked for");
+        let conf = out.confidence.expect("confidence was asked for");
+        assert_eq!(conf.len(), rows.len());
+        for (i, &r) in rows.iter().enumerate() {
+            assert_eq!(out.argmax[i], argmax[r]);
+            let l = &logits[r];
+            let top = l[argmax[r] as usize];
+            let mass: f64 = l.iter().map(|&x| f64::from(x - top).exp()).sum();
+            let want = (1.0 / mass) as f32;
+            assert!(
+                (conf[i] - want).abs() < 1e-4 && conf[i] > 0.0 && conf[i] <= 1.0,
+                "{head_vocab:?} row {r}: {} against {want}",
+                conf[i]
+            );
+        }
+        // without asking, none is computed
+        let plain = m
+            .forward(
+                &mut m.new_cache(),
+                SeqInput::chain(&tokens, &pos, OutputSpec::last(12)),
+            )
+            .unwrap();
+        assert!(plain.confidence.is_none());
+    }
+}

@@ -120,6 +120,7 @@ impl GenerateService {
             eos: self.eos.clone(),
             sampling,
             gamma: p.gamma.map_or(d.gamma, |g| g as usize),
+            draft_stop: p.draft_stop.unwrap_or(d.draft_stop),
             lookahead: p
                 .lookahead
                 .as_ref()

@@ -44,7 +44,8 @@ pub struct BenchArgs {
     /// Only draw speedup.png again from this bench.json (written by an earlier --out run).
     #[arg(long)]
     redraw: Option<PathBuf>,
-    /// Sweep a speculation parameter (gamma, level, window, guess, topk, trie_budget): one
+    /// Sweep a speculation parameter (gamma, level, window, guess, topk, trie_budget,
+    /// draft_stop in hundredths): one
     /// row per value for each compared strategy that uses it, the others at their flags
     /// (marked * where the value is the flag's). Repeat for more: --sweep gamma=2,4,6
     /// --sweep topk=1,2,3.

@@ -190,6 +190,7 @@ async fn remote(a: &GenerateArgs, url: &str) -> Result<()> {
             }),
             topk: Some(d.topk as u32),
             trie_budget: Some(d.trie_budget as u32),
+            draft_stop: Some(d.draft_stop),
         }),
     };
     let mut stream = client

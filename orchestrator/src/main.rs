@@ -127,6 +127,10 @@ pub struct DecodeArgs {
     /// Least draft tokens per round (auto: the most).
     #[arg(long, default_value_t = 8)]
     gamma: usize,
+    /// Speculative: above 0, gamma is the most draft tokens per round, and the draft stops
+    /// once the product of its tokens' probabilities falls below this (0 to 1).
+    #[arg(long, default_value_t = 0.0)]
+    draft_stop: f32,
     /// Lookahead n-gram size N (phrases of N-1 tokens).
     #[arg(long, default_value_t = 5)]
     level: usize,
@@ -178,6 +182,7 @@ impl DecodeArgs {
                 seed: self.seed,
             },
             gamma: self.gamma,
+            draft_stop: self.draft_stop,
             lookahead: LookaheadParams {
                 level: self.level,
                 window: self.window,

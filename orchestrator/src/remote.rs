@@ -204,6 +204,7 @@ impl DraftBackend for RemoteDraft {
                 lookahead: request.lookahead.as_ref().map(Into::into),
                 pool_delta: request.pool_delta.iter().map(Into::into).collect(),
                 eos: request.eos,
+                stop_below: request.stop_below,
             }))
             .await
             .map_err(|s| error_of(&s, Some(session)))?
@@ -213,6 +214,7 @@ impl DraftBackend for RemoteDraft {
             harvested: r.harvested.into_iter().map(Into::into).collect(),
             forwards: r.forwards,
             phrase_hits: r.phrase_hits,
+            confidence: r.confidence,
         };
         Ok((outcome, timing_of(r.timing)))
     }

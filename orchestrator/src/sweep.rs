@@ -13,15 +13,18 @@ pub enum Param {
     Guess,
     Topk,
     TrieBudget,
+    /// `draft_stop` in hundredths (sweep values are whole numbers).
+    DraftStop,
 }
 
-const PARAMS: [(Param, &str); 6] = [
+const PARAMS: [(Param, &str); 7] = [
     (Param::Gamma, "gamma"),
     (Param::Level, "level"),
     (Param::Window, "window"),
     (Param::Guess, "guess"),
     (Param::Topk, "topk"),
     (Param::TrieBudget, "trie_budget"),
+    (Param::DraftStop, "draft_stop"),
 ];
 
 impl Param {
@@ -42,6 +45,7 @@ impl Param {
             }
             Param::Topk => strategy == S::Ouroboros,
             Param::TrieBudget => matches!(strategy, S::Trie | S::Ouroboros),
+            Param::DraftStop => strategy == S::Speculative,
         }
     }
 
@@ -53,6 +57,7 @@ impl Param {
             Param::Guess => p.lookahead.guess,
             Param::Topk => p.topk,
             Param::TrieBudget => p.trie_budget,
+            Param::DraftStop => (p.draft_stop * 100.0).round() as usize,
         }
     }
 
@@ -64,6 +69,7 @@ impl Param {
             Param::Guess => p.lookahead.guess = value,
             Param::Topk => p.topk = value,
             Param::TrieBudget => p.trie_budget = value,
+            Param::DraftStop => p.draft_stop = value as f32 / 100.0,
         }
     }
 }
@@ -164,6 +170,10 @@ mod tests {
         assert_eq!((a.param, a.values), (Param::Gamma, vec![2, 4, 6]));
         let a: Axis = "trie_budget=0,16".parse().unwrap();
         assert_eq!(a.param, Param::TrieBudget);
+        let a: Axis = "draft_stop=0,50".parse().unwrap();
+        let mut p = DecodeParams::default();
+        a.param.set(&mut p, a.values[1]);
+        assert_eq!((p.draft_stop, a.param.get(&p)), (0.5, 50));
         assert!("gamma".parse::<Axis>().unwrap_err().contains("PARAM=V1"));
         assert!(
             "depth=2"

@@ -438,6 +438,17 @@ async fn bad_requests_get_invalid_argument() {
             "trie_budget",
         ),
         (
+            "draft stop outside [0, 1)",
+            with(&|r| {
+                r.strategy = pb::Strategy::Speculative as i32;
+                r.params = Some(pb::StrategyParams {
+                    draft_stop: Some(1.5),
+                    ..Default::default()
+                })
+            }),
+            "draft_stop",
+        ),
+        (
             "bad chat role",
             with(&|r| {
                 r.input = Some(pb::generate_request::Input::Chat(pb::ChatMessages {

@@ -255,6 +255,7 @@ async fn timed_draft<D: DraftBackend>(
         lookahead: None,
         pool_delta: Vec::new(),
         eos: Vec::new(),
+        stop_below: 0.0,
     };
     let t0 = Instant::now();
     let (o, _) = draft.draft(id, request).await?;
@@ -449,6 +450,9 @@ const DRAFT_MARGIN: f64 = 1.05;
 /// one that disappoints costs a few rounds per process (the counts are shared).
 const EXPLORE_TRIES: f64 = 12.0;
 const OPTIMISTIC_DRAFT: f64 = 0.9;
+/// The highest confidence floor `auto` asks of a draft: above it nearly every round would
+/// stop after one token, whatever the draft's confidence.
+const MAX_DRAFT_STOP: f64 = 0.9;
 /// Rounds of a kind after which its realized rate is trusted as much as its predicted
 /// one, and rounds after which old ones count half (so the factor follows the workload).
 const REALITY_PRIOR: f64 = 8.0;
@@ -837,6 +841,26 @@ impl AutoTuner {
             }
         }
         best
+    }
+
+    /// The floor for the draft's running confidence (the product of its tokens'
+    /// probabilities) in a round predicted as `p` with up to `gamma` draft tokens: below
+    /// it, the chance that the target accepts one more draft token, times what a token is
+    /// worth (the round's predicted seconds per token), no longer pays for that token's
+    /// draft forward and verify row. 0 without a draft.
+    pub fn draft_stop(&self, greedy: bool, gamma: usize, p: &Prediction) -> f32 {
+        let Some(cost) = self.profile.draft else {
+            return 0.0;
+        };
+        if gamma == 0 || p.tokens <= 0.0 {
+            return 0.0;
+        }
+        let row =
+            (self.profile.verify_cost(gamma + 1) - self.profile.verify_cost(1)) / gamma as f64;
+        let token_worth = p.seconds / p.tokens;
+        let next = self.calibration(greedy).estimate(Guess::Draft(0));
+        let floor = (cost.per_token + row) / (next * token_worth).max(1e-12);
+        floor.clamp(0.0, MAX_DRAFT_STOP) as f32
     }
 
     /// The policy for a request's next segment: one never tried yet (in `Policy::ALL`
@@ -1310,5 +1334,36 @@ mod tests {
         // ...but a draft token dearer than a whole step never drafts
         let dear = AutoTuner::new(profile(&[(1, 1.0), (16, 1.3)], Some((0.0, 2.0))));
         assert_eq!(dear.drafting_gamma(true, 8, in_step(40)), None);
+    }
+
+    #[test]
+    fn the_confidence_floor_follows_what_a_draft_token_costs() {
+        // a token worth 0.25 s: a draft token at 0.1 s plus a 0.02 s row, judged
+        // against the first position's prior acceptance (0.75)
+        let p = Prediction {
+            kind: RoundKind::Drafted,
+            tokens: 4.0,
+            seconds: 1.0,
+        };
+        let t = AutoTuner::new(profile(&[(1, 1.0), (9, 1.16)], Some((0.0, 0.1))));
+        let floor = t.draft_stop(true, 8, &p);
+        assert!((floor - 0.12 / (0.75 * 0.25)).abs() < 1e-4, "{floor}");
+        // a cheaper draft drafts on at lower confidence
+        let cheap = AutoTuner::new(profile(&[(1, 1.0), (9, 1.16)], Some((0.0, 0.01))));
+        assert!(cheap.draft_stop(true, 8, &p) < floor);
+        // a dear one is capped, so a confident draft still gets past its first token
+        let dear = AutoTuner::new(profile(&[(1, 1.0), (9, 1.16)], Some((0.0, 5.0))));
+        assert_eq!(dear.draft_stop(true, 8, &p), MAX_DRAFT_STOP as f32);
+        // once the draft is seen to be accepted more, the floor drops
+        let tree = DraftTree::new(0);
+        let mut learnt = AutoTuner::new(profile(&[(1, 1.0), (9, 1.16)], Some((0.0, 0.1))));
+        for _ in 0..50 {
+            let mut tr = tree.clone();
+            tr.add_path(0, &[1]);
+            learnt.learn(true, &tr, &[vec![], vec![Guess::Draft(0)]], &[1]);
+        }
+        assert!(learnt.draft_stop(true, 8, &p) < floor);
+        learnt = AutoTuner::new(profile(&[(1, 1.0)], None));
+        assert_eq!(learnt.draft_stop(true, 8, &p), 0.0);
     }
 }

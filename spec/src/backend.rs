@@ -39,7 +39,7 @@ pub struct VerifyOutcome {
     pub outputs: Vec<u32>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DraftRequest {
     /// Committed tokens appended since the previous call (or since `open`).
     pub new_committed: Vec<u32>,
@@ -51,9 +51,13 @@ pub struct DraftRequest {
     pub pool_delta: Vec<Ngram>,
     /// Drafting stops after any of these.
     pub eos: Vec<u32>,
+    /// Above 0 (one token per forward only): `gamma` becomes the most tokens drafted, and
+    /// drafting stops once the product of the drafted tokens' probabilities under the
+    /// draft model falls below this, since the target rarely accepts that far.
+    pub stop_below: f32,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct DraftOutcome {
     /// The draft model's greedy continuation of the committed tokens.
     pub tokens: Vec<u32>,
@@ -63,6 +67,8 @@ pub struct DraftOutcome {
     pub forwards: u32,
     /// Tokens that came from pool phrases the model agreed with.
     pub phrase_hits: u32,
+    /// With `stop_below` set, the draft model's probability of each of `tokens`.
+    pub confidence: Vec<f32>,
 }
 
 pub trait TargetBackend: Send + Sync {

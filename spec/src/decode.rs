@@ -70,8 +70,12 @@ pub struct DecodeParams {
     /// Generation ends after the first of these (it is kept in the output).
     pub eos: Vec<u32>,
     pub sampling: SamplingParams,
-    /// Least draft tokens per round (`auto`: the most).
+    /// Least draft tokens per round (`auto`, and speculative with `draft_stop`: the most).
     pub gamma: usize,
+    /// Speculative: above 0, the draft stops early once the product of its tokens'
+    /// probabilities falls below this (confidence-sized rounds); 0 drafts `gamma` always.
+    /// `auto` sets its own from the cost profile.
+    pub draft_stop: f32,
     pub lookahead: LookaheadParams,
     /// Pool phrases appended as candidate suffixes after the draft (Ouroboros).
     pub topk: usize,
@@ -90,6 +94,7 @@ impl Default for DecodeParams {
             eos: Vec::new(),
             sampling: SamplingParams::greedy(),
             gamma: 8,
+            draft_stop: 0.0,
             lookahead: LookaheadParams::default(),
             topk: 3,
             harvest_committed: true,
@@ -108,6 +113,12 @@ impl DecodeParams {
             return Err(SpecError::invalid(format!(
                 "gamma must be in 1..=64, got {}",
                 self.gamma
+            )));
+        }
+        if !(0.0..1.0).contains(&self.draft_stop) {
+            return Err(SpecError::invalid(format!(
+                "draft_stop must be in [0, 1), got {}",
+                self.draft_stop
             )));
         }
         if self.topk > 16 {
@@ -448,6 +459,7 @@ async fn call_draft<T: TargetBackend, D: DraftBackend>(
     state: &mut Loop<'_>,
     gamma: usize,
     lookahead: bool,
+    stop_below: f32,
 ) -> Vec<u32> {
     let Some((d, id)) = sessions.draft else {
         return Vec::new();
@@ -463,9 +475,10 @@ async fn call_draft<T: TargetBackend, D: DraftBackend>(
             Vec::new()
         },
         eos: state.params.eos.clone(),
+        stop_below,
     };
     let t0 = Instant::now();
-    let span = tracing::debug_span!("draft", gamma, lookahead);
+    let span = tracing::debug_span!("draft", gamma, lookahead, stop_below);
     match d.draft(id, request).instrument(span).await {
         Ok((o, timing)) => {
             stats.add_draft(&o, timing, t0.elapsed().as_secs_f64());
@@ -499,7 +512,9 @@ async fn fixed_round<T: TargetBackend, D: DraftBackend>(
     let ouroboros = params.strategy == Strategy::Ouroboros;
     let drafted = if budget > 0 {
         let gamma = params.gamma.min(budget);
-        call_draft(sessions, stats, pool, state, gamma, ouroboros).await
+        // The draft's lookahead steps emit several tokens without one probability each.
+        let stop = if ouroboros { 0.0 } else { params.draft_stop };
+        call_draft(sessions, stats, pool, state, gamma, ouroboros, stop).await
     } else {
         Vec::new()
     };
@@ -636,7 +651,11 @@ async fn auto_round<T: TargetBackend, D: DraftBackend>(
                 Err(e) => stats.fall_back(format!("draft open failed: {e}")),
             }
         }
-        let drafted = call_draft(sessions, stats, pool, state, g, false).await;
+        // Up to the most tokens allowed, cut where the draft's confidence says the next
+        // token would not pay: long runs where the text is predictable, short elsewhere.
+        let stop = tuner.draft_stop(greedy, gamma, &p);
+        let ask = if stop > 0.0 { gamma.max(g) } else { g };
+        let drafted = call_draft(sessions, stats, pool, state, ask, false, stop).await;
         if !drafted.is_empty() {
             round = Round::from_guesses(root, &drafted, &found, &phrases, budget, room);
             plan = tuner.plan(greedy, &round.tree.parents, &round.guesses, 0.0);
@@ -942,6 +961,7 @@ async fn lookahead_only<D: DraftBackend>(
             lookahead: Some(params.lookahead),
             pool_delta: Vec::new(),
             eos: params.eos.clone(),
+            stop_below: 0.0,
         };
         let t0 = Instant::now();
         let span = tracing::debug_span!("lookahead");

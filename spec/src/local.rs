@@ -144,8 +144,8 @@ impl<C: KvState> TargetSession<C> {
         let (positions, visibility) = self.verify_input(tree, model.info().max_position)?;
         let base = self.cache.len();
         let outputs = OutputSpec {
-            rows: None,
             logits: !sampling.is_greedy(),
+            ..OutputSpec::all()
         };
         let input = SeqInput {
             tokens: &tree.tokens,
@@ -234,6 +234,11 @@ impl<C: KvState> DraftSession<C> {
         }
         let max_pos = model.info().max_position;
         let mut outcome = DraftOutcome::default();
+        let stop_below = match (&self.window, request.stop_below) {
+            (None, f) if f > 0.0 => Some(f),
+            _ => None,
+        };
+        let mut reach = 1.0f32;
         while self.seq.len() - self.committed < request.gamma.max(1) {
             if self.seq.len() >= max_pos {
                 break;
@@ -268,10 +273,16 @@ impl<C: KvState> DraftSession<C> {
                 outputs: OutputSpec {
                     rows: Some(plan.output_rows().collect()),
                     logits: false,
+                    confidence: stop_below.is_some(),
                 },
             };
             let out = model.forward(&mut self.cache, input)?;
             outcome.forwards += 1;
+            // Without a window a step emits the one token of its one output row.
+            let confidence = match (stop_below, &out.confidence) {
+                (Some(_), Some(c)) => c.first().copied(),
+                _ => None,
+            };
             let step = finish_step(&plan, &out.argmax, window)?;
             let keep: Vec<usize> = step.keep_rows.iter().map(|r| base + r).collect();
             self.cache.keep(base, &keep)?;
@@ -279,6 +290,11 @@ impl<C: KvState> DraftSession<C> {
             outcome.harvested.extend(step.harvested);
             outcome.phrase_hits += step.phrase_hits as u32;
             let mut ended = false;
+            if let (Some(floor), Some(c)) = (stop_below, confidence) {
+                outcome.confidence.push(c);
+                reach *= c;
+                ended = reach < floor;
+            }
             for t in step.emitted {
                 self.seq.push(t);
                 if request.eos.contains(&t) || self.seq.len() >= max_pos {
@@ -295,6 +311,8 @@ impl<C: KvState> DraftSession<C> {
             }
         }
         outcome.tokens = self.seq[self.committed..].to_vec();
+        // A step cut short by EOS or the context emitted fewer tokens than it scored.
+        outcome.confidence.truncate(outcome.tokens.len());
         Ok(outcome)
     }
 }

@@ -204,12 +204,12 @@ fn every_strategy_equals_plain_greedy() {
     let mut multi = 0;
     let mut trie_tokens = 0;
     for (name, draft) in &drafts {
-        for (level, window, gamma, topk, trie_budget) in [
-            (3, 1, 1, 0, 1),
-            (4, 3, 4, 2, 4),
-            (5, 5, 7, 3, 8),
-            (7, 8, 12, 3, 64),
-            (3, 2, 2, 16, 0),
+        for (level, window, gamma, topk, trie_budget, draft_stop) in [
+            (3, 1, 1, 0, 1, 0.0),
+            (4, 3, 4, 2, 4, 0.3),
+            (5, 5, 7, 3, 8, 0.05),
+            (7, 8, 12, 3, 64, 0.5),
+            (3, 2, 2, 16, 0, 0.0),
         ] {
             let la = LookaheadParams {
                 level,
@@ -236,13 +236,14 @@ fn every_strategy_equals_plain_greedy() {
                         lookahead: la,
                         topk,
                         trie_budget,
+                        draft_stop,
                         ..DecodeParams::default()
                     };
                     let want = plain_decode(&target, &prompt, n, &SamplingParams::greedy());
                     let out = run_with_trie(&target, draft, &pool, &trie, &prompt, &params);
                     assert_eq!(
                         out.tokens, want,
-                        "{name} {strategy:?} N={level} W={window} gamma={gamma} k={topk} trie={trie_budget} prompt {prompt:?}"
+                        "{name} {strategy:?} N={level} W={window} gamma={gamma} k={topk} trie={trie_budget} stop={draft_stop} prompt {prompt:?}"
                     );
                     trie_tokens += out.stats.trie_accepted;
                     assert_eq!(out.finish, FinishReason::Length);
@@ -660,4 +661,45 @@ fn auto_sizes_its_rounds_by_the_cost_profile() {
     assert_eq!(out.tokens, want);
     assert!(out.stats.draft_calls > 0 && out.stats.accepted > 0);
     assert!(out.stats.mean_accepted_length() > 2.0);
+}
+
+/// With `stop_below`, the draft's chain is the plain chain cut right after the token whose
+/// running confidence fell below the floor, and each token comes with its probability.
+#[test]
+fn the_draft_stops_where_its_confidence_falls() {
+    use spec::{DraftBackend, DraftRequest};
+    let model = target_model();
+    let draft = LocalDraft::new(model.clone(), pool(3));
+    let prompt = [3u32, 9, 4, 1];
+    let ask = |stop_below: f32| {
+        let id = block_on(draft.open(&prompt)).unwrap();
+        let request = DraftRequest {
+            new_committed: Vec::new(),
+            gamma: 12,
+            lookahead: None,
+            pool_delta: Vec::new(),
+            eos: Vec::new(),
+            stop_below,
+        };
+        block_on(draft.draft(id, request)).unwrap().0
+    };
+    let full = ask(0.0);
+    assert_eq!(full.tokens.len(), 12);
+    assert!(full.confidence.is_empty(), "not asked for");
+    let mut cut_short = 0;
+    for floor in [0.9, 0.5, 0.2, 0.05, 1e-6] {
+        let o = ask(floor);
+        assert_eq!(o.tokens[..], full.tokens[..o.tokens.len()], "floor {floor}");
+        assert_eq!(o.confidence.len(), o.tokens.len(), "floor {floor}");
+        assert!(o.confidence.iter().all(|&c| c > 0.0 && c <= 1.0));
+        let n = o.tokens.len();
+        let before: f32 = o.confidence[..n - 1].iter().product();
+        assert!(before >= floor, "floor {floor}: stopped late");
+        if n < 12 {
+            let all: f32 = o.confidence.iter().product();
+            assert!(all < floor, "floor {floor}: stopped early at {n}");
+            cut_short += 1;
+        }
+    }
+    assert!(cut_short >= 3, "the floors hardly ever cut the chain");
 }

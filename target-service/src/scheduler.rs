@@ -432,6 +432,7 @@ impl<M: LanguageModel> Ready<M> {
             outputs: OutputSpec {
                 rows: None,
                 logits: !self.job.sampling.is_greedy(),
+                ..OutputSpec::default()
             },
         }
     }
