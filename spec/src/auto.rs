@@ -453,6 +453,11 @@ const OPTIMISTIC_DRAFT: f64 = 0.9;
 /// The highest confidence floor `auto` asks of a draft: above it nearly every round would
 /// stop after one token, whatever the draft's confidence.
 const MAX_DRAFT_STOP: f64 = 0.9;
+/// Buckets of the draft's probability for its own token, in which acceptance is counted
+/// to learn how far that probability can be trusted.
+const CONFIDENCE_BUCKETS: usize = 10;
+/// The exponents `a` tried in the fit `P(accepted | p) = p^a` (0.05 apart up to 2).
+const CONFIDENCE_POWERS: usize = 40;
 /// Rounds of a kind after which its realized rate is trusted as much as its predicted
 /// one, and rounds after which old ones count half (so the factor follows the workload).
 const REALITY_PRIOR: f64 = 8.0;
@@ -586,6 +591,9 @@ struct Calibration {
     realized: [Realized; 2],
     /// Indexed by `Policy::index`.
     policies: [PolicyRecord; 3],
+    /// Draft tokens accepted and tried, by the draft's probability for them.
+    confident_hits: [f64; CONFIDENCE_BUCKETS],
+    confident_tries: [f64; CONFIDENCE_BUCKETS],
 }
 
 impl Default for Calibration {
@@ -595,6 +603,8 @@ impl Default for Calibration {
             tries: [0.0; BUCKETS],
             realized: Default::default(),
             policies: Default::default(),
+            confident_hits: [0.0; CONFIDENCE_BUCKETS],
+            confident_tries: [0.0; CONFIDENCE_BUCKETS],
         }
     }
 }
@@ -619,6 +629,52 @@ impl Calibration {
             .fold(0.0, f64::max)
     }
 
+    fn record_confidence(&mut self, p: f32, accepted: bool) {
+        let b =
+            ((p.clamp(0.0, 1.0) * CONFIDENCE_BUCKETS as f32) as usize).min(CONFIDENCE_BUCKETS - 1);
+        self.confident_tries[b] += 1.0;
+        if accepted {
+            self.confident_hits[b] += 1.0;
+        }
+        if self.confident_tries[b] > MEMORY {
+            self.confident_tries[b] /= 2.0;
+            self.confident_hits[b] /= 2.0;
+        }
+    }
+
+    /// The exponent `a` that best explains the acceptance seen per bucket as `p^a`
+    /// (maximum likelihood over a grid, with `PRIOR_WEIGHT` tries per bucket at `a = 1`,
+    /// taking the draft at its word until there is evidence). Below 1 the draft is
+    /// under-confident: the target agrees with its choice more often than its
+    /// probability says, which is usual where several tokens are likely and both models
+    /// rank them alike.
+    fn confidence_power(&self) -> f64 {
+        let buckets: Vec<(f64, f64, f64)> = (0..CONFIDENCE_BUCKETS)
+            .map(|b| {
+                let p = (b as f64 + 0.5) / CONFIDENCE_BUCKETS as f64;
+                let hits = self.confident_hits[b] + PRIOR_WEIGHT * p;
+                let tries = self.confident_tries[b] + PRIOR_WEIGHT;
+                (p.ln(), hits, tries - hits)
+            })
+            .collect();
+        let likelihood = |a: f64| -> f64 {
+            buckets
+                .iter()
+                .map(|&(ln_p, hits, misses)| {
+                    let accept = (a * ln_p).exp().min(1.0 - 1e-9);
+                    hits * a * ln_p + misses * (1.0 - accept).ln()
+                })
+                .sum()
+        };
+        (1..=CONFIDENCE_POWERS)
+            .map(|i| i as f64 * 0.05)
+            .map(|a| (likelihood(a), a))
+            .fold((f64::NEG_INFINITY, 1.0), |best, x| {
+                if x.0 > best.0 { x } else { best }
+            })
+            .1
+    }
+
     fn record(&mut self, g: Guess, accepted: bool) {
         let b = g.bucket();
         self.tries[b] += 1.0;
@@ -639,7 +695,7 @@ pub struct TreePlan {
     pub keep: Vec<bool>,
     /// Expected committed tokens (accepted guesses plus the target's own token).
     pub expected_tokens: f64,
-    /// Expected seconds: the verify, plus `fixed` seconds already spent.
+    /// Expected seconds of the verify.
     pub seconds: f64,
 }
 
@@ -666,12 +722,14 @@ impl TreePlan {
 /// once its parent is; a node's chance of being on the accepted path is the product along
 /// its path, and a node's expected yield never exceeds its parent's, so taking nodes best
 /// first keeps the set a tree. The prefix of that order with the best expected tokens per
-/// second wins.
+/// second wins. `trust` scales the rate of every tree with guesses in it against the
+/// plain step, whose rate is exact: below 1 where such trees have delivered less than
+/// predicted, so that they must promise more to be verified at all.
 pub fn choose_nodes(
     parents: &[i32],
     accept: &[f64],
     verify_cost: impl Fn(usize) -> f64,
-    fixed: f64,
+    trust: f64,
 ) -> TreePlan {
     let n = parents.len();
     let mut reach = vec![1.0f64; n];
@@ -682,11 +740,11 @@ pub fn choose_nodes(
     let mut order: Vec<usize> = (1..n).collect();
     // Stable: equal yields keep index order, and parents precede their children.
     order.sort_by(|&a, &b| reach[b].total_cmp(&reach[a]));
-    let mut best = (1.0 / (fixed + verify_cost(1)).max(1e-12), 0usize);
+    let mut best = (1.0 / verify_cost(1).max(1e-12), 0usize);
     let mut sum = 1.0;
     for (taken, &i) in order.iter().enumerate() {
         sum += reach[i];
-        let rate = sum / (fixed + verify_cost(taken + 2)).max(1e-12);
+        let rate = trust * sum / verify_cost(taken + 2).max(1e-12);
         if rate > best.0 {
             best = (rate, taken + 1);
         }
@@ -703,7 +761,7 @@ pub fn choose_nodes(
     TreePlan {
         keep,
         expected_tokens: expected,
-        seconds: fixed + verify_cost(best.1 + 1),
+        seconds: verify_cost(best.1 + 1),
     }
 }
 
@@ -750,20 +808,28 @@ impl AutoTuner {
         self.calibration(greedy).best(guesses)
     }
 
-    /// Which nodes of a candidate tree to verify; `guesses[i]` proposed node `i`.
+    /// Which nodes of a candidate tree to verify in a round of `kind`; `guesses[i]`
+    /// proposed node `i`. A zero-cost tree is held to what such trees have delivered
+    /// against their predictions, so that where they keep falling short the round is a
+    /// plain greedy step instead of a slower one. (A drafted tree's draft is paid for by
+    /// then; only its nodes are chosen.)
     pub fn plan(
         &self,
         greedy: bool,
         parents: &[i32],
         guesses: &[Vec<Guess>],
-        fixed: f64,
+        kind: RoundKind,
     ) -> TreePlan {
-        let accept: Vec<f64> = {
+        let (accept, trust): (Vec<f64>, f64) = {
             // One lock for the whole tree, not one per node.
             let c = self.calibration(greedy);
-            guesses.iter().map(|g| c.best(g)).collect()
+            let trust = match kind {
+                RoundKind::ZeroCost => c.realized[kind as usize].factor(),
+                RoundKind::Drafted => 1.0,
+            };
+            (guesses.iter().map(|g| c.best(g)).collect(), trust)
         };
-        choose_nodes(parents, &accept, |n| self.profile.verify_cost(n), fixed)
+        choose_nodes(parents, &accept, |n| self.profile.verify_cost(n), trust)
     }
 
     /// How many tokens to ask the draft model for, if drafting is expected to beat
@@ -821,21 +887,24 @@ impl AutoTuner {
         for g in 1..=max_gamma {
             reach *= c.estimate(Guess::Draft(g - 1)).max(floor);
             expected += reach;
-            // Joining late means a prefill of the whole text, worth it only if the
-            // request is long enough to earn it back: this round carries its share.
-            let share = expected / backlog.remaining.max(1) as f64;
-            let round = self.profile.draft_cost(g)?
-                + cost.catch_up * backlog.pending as f64
-                + self.profile.verify_cost(g + 1);
-            let opening = cost.catch_up * backlog.unopened as f64 * share.min(1.0);
-            let rate = expected / (round + opening).max(1e-12);
+            // Joining late means a prefill of the whole text, and coming back after
+            // rounds without the draft a catch-up on what they committed: paid once,
+            // whenever drafting resumes, so worth it only if the request has enough
+            // tokens left to earn it back. This round carries its share. (Charged whole
+            // to the round, a backlog would stop drafting for good once it was long.)
+            let share = (expected / backlog.remaining.max(1) as f64).min(1.0);
+            let round = self.profile.draft_cost(g)? + self.profile.verify_cost(g + 1);
+            let catch_up = cost.catch_up * backlog.pending as f64;
+            let backlog_share = cost.catch_up * (backlog.pending + backlog.unopened) as f64 * share;
+            let rate = expected / (round + backlog_share).max(1e-12);
             if best.is_none_or(|(r, _, _)| rate > r) {
-                // The opening's share is left out: the caller observes the round without
-                // the opening, which it pays all at once, not as a share.
+                // The round as the caller observes it: with the catch-up, which it pays
+                // in this round's draft call, and without the opening, which it pays
+                // apart.
                 let p = Prediction {
                     kind: RoundKind::Drafted,
                     tokens: expected,
-                    seconds: round,
+                    seconds: round + catch_up,
                 };
                 best = Some((rate, g, p));
             }
@@ -858,9 +927,26 @@ impl AutoTuner {
         let row =
             (self.profile.verify_cost(gamma + 1) - self.profile.verify_cost(1)) / gamma as f64;
         let token_worth = p.seconds / p.tokens;
-        let next = self.calibration(greedy).estimate(Guess::Draft(0));
-        let floor = (cost.per_token + row) / (next * token_worth).max(1e-12);
+        let c = self.calibration(greedy);
+        let next = c.estimate(Guess::Draft(0));
+        // The floor on the chance of reaching the next token, which is the draft's
+        // probabilities' product raised to the learnt power; the draft checks the
+        // product itself, so the floor goes the other way.
+        let reach = (cost.per_token + row) / (next * token_worth).max(1e-12);
+        let floor = reach.clamp(0.0, 1.0).powf(1.0 / c.confidence_power());
         floor.clamp(0.0, MAX_DRAFT_STOP) as f32
+    }
+
+    /// Counts a drafted chain's outcome against the draft's probability for each token:
+    /// the first `accepted` were accepted, the one after them (if any) was rejected.
+    pub fn learn_confidence(&self, greedy: bool, confidence: &[f32], accepted: usize) {
+        if confidence.is_empty() {
+            return;
+        }
+        let mut c = self.calibration(greedy);
+        for (i, &p) in confidence.iter().enumerate().take(accepted + 1) {
+            c.record_confidence(p, i < accepted);
+        }
     }
 
     /// The policy for a request's next segment: one never tried yet (in `Policy::ALL`
@@ -919,9 +1005,14 @@ impl AutoTuner {
         let mut c = self.calibration(greedy);
         // A round with nothing but the root is a plain greedy step whose prediction is
         // exact; counting it would only dilute what the rounds with guesses teach.
-        if p.kind == RoundKind::Drafted || p.tokens > 1.0 + 1e-9 {
-            c.realized[p.kind as usize].add(p, tokens as f64, seconds);
+        // Such a step is a round of neither kind, and fades both records: where zero-cost
+        // trees fell short enough to be planned away, they are tried again some time
+        // later.
+        if p.kind == RoundKind::ZeroCost && p.tokens <= 1.0 + 1e-9 {
+            c.realized.iter_mut().for_each(|r| r.fade(REALITY_FADE));
+            return;
         }
+        c.realized[p.kind as usize].add(p, tokens as f64, seconds);
         let other = match p.kind {
             RoundKind::Drafted => RoundKind::ZeroCost,
             RoundKind::ZeroCost => RoundKind::Drafted,
@@ -1035,17 +1126,20 @@ mod tests {
         let parents = [-1, 0, 1, 0];
         let accept = [1.0, 0.9, 0.8, 0.05];
         // rows nearly free: everything that can add tokens goes in
-        let plan = choose_nodes(&parents, &accept, |n| 1.0 + 0.001 * n as f64, 0.0);
+        let plan = choose_nodes(&parents, &accept, |n| 1.0 + 0.001 * n as f64, 1.0);
         assert_eq!(plan.keep, vec![true, true, true, true]);
         assert!((plan.expected_tokens - (1.0 + 0.9 + 0.72 + 0.05)).abs() < 1e-9);
         // each row costs as much as a whole step: plain greedy wins
-        let plan = choose_nodes(&parents, &accept, |n| n as f64, 0.0);
+        let plan = choose_nodes(&parents, &accept, |n| n as f64, 1.0);
         assert_eq!(plan.keep, vec![true, false, false, false]);
         assert_eq!(plan.expected_tokens, 1.0);
         // rows at a third of a step: the likely chain pays, the long shot does not
-        let plan = choose_nodes(&parents, &accept, |n| 1.0 + (n as f64 - 1.0) / 3.0, 0.0);
+        let plan = choose_nodes(&parents, &accept, |n| 1.0 + (n as f64 - 1.0) / 3.0, 1.0);
         assert_eq!(plan.keep, vec![true, true, true, false]);
         assert!(plan.tokens_per_second() > 1.0);
+        // the same chain from guesses that have delivered half of what they promised
+        let plan = choose_nodes(&parents, &accept, |n| 1.0 + (n as f64 - 1.0) / 3.0, 0.5);
+        assert_eq!(plan.keep, vec![true, false, false, false]);
     }
 
     #[test]
@@ -1054,7 +1148,7 @@ mod tests {
         let parents = [-1, 0, 0, 1, 3];
         let accept = [1.0, 0.6, 0.5, 0.99, 0.99];
         for step in [0.01, 0.1, 0.2, 0.4] {
-            let plan = choose_nodes(&parents, &accept, |n| 1.0 + step * n as f64, 0.0);
+            let plan = choose_nodes(&parents, &accept, |n| 1.0 + step * n as f64, 1.0);
             for (i, &p) in parents.iter().enumerate().skip(1) {
                 if plan.keep[i] {
                     assert!(plan.keep[p as usize], "step {step}: {:?}", plan.keep);
@@ -1100,12 +1194,20 @@ mod tests {
         assert!(g >= 2);
         // the zero-cost tree already promises more than any draft can
         assert_eq!(cheap.draft_gamma(true, 8, &rate(10.0), synced), None);
-        // a long backlog to catch up on (half a step per token) eats the gain ...
-        let behind = DraftBacklog {
+        // a long backlog to catch up on (half a step per token) eats the gain when few
+        // tokens are left to earn it back, not when many are ...
+        let behind = |remaining| DraftBacklog {
             pending: 10,
-            ..synced
+            unopened: 0,
+            remaining,
         };
-        assert_eq!(cheap.draft_gamma(true, 8, &rate(1.0), behind), None);
+        assert_eq!(cheap.draft_gamma(true, 8, &rate(1.0), behind(5)), None);
+        let (g, p) = cheap
+            .draft_gamma(true, 8, &rate(1.0), behind(100_000))
+            .expect("the catch-up is earned back");
+        // ... and the round it runs in is predicted with the catch-up in it
+        let round = cheap.profile.draft_cost(g).unwrap() + cheap.profile.verify_cost(g + 1);
+        assert!((p.seconds - round - 10.0 * 0.5).abs() < 1e-9, "{p:?}");
         // ... and so does joining late with a long text and few tokens left, but not
         // with many tokens left to earn the prefill back
         let late = |remaining| DraftBacklog {
@@ -1200,18 +1302,45 @@ mod tests {
     }
 
     #[test]
-    fn plain_greedy_steps_do_not_dilute_the_zero_cost_record() {
+    fn plain_greedy_steps_fade_the_zero_cost_record_slowly() {
         let t = AutoTuner::new(profile(&[(1, 1.0), (16, 1.3)], Some((0.0, 0.1))));
         let guessing = rate(3.0);
         for _ in 0..20 {
             t.observe(true, guessing.prediction(RoundKind::ZeroCost), 1, 1.0);
         }
         let after_guesses = t.reality(true, RoundKind::ZeroCost);
-        assert!(after_guesses < 0.6, "{after_guesses}");
-        for _ in 0..200 {
-            t.observe(true, rate(1.0).prediction(RoundKind::ZeroCost), 1, 1.0);
+        assert!(after_guesses < 0.55, "{after_guesses}");
+        // a likely trie guess (1.6x a plain step on paper) is not worth it at that record
+        let parents = [-1, 0];
+        let guesses = vec![vec![], vec![Guess::trie(9, 10)]];
+        let nodes = |t: &AutoTuner| {
+            t.plan(true, &parents, &guesses, RoundKind::ZeroCost)
+                .nodes()
+        };
+        assert_eq!(nodes(&t), 1);
+        // (a drafted tree's nodes are chosen on their estimates alone: its draft is paid)
+        assert_eq!(
+            t.plan(true, &parents, &guesses, RoundKind::Drafted).nodes(),
+            2
+        );
+        // a plain step's prediction is exact: counted as a round it would wash the
+        // record out at once ...
+        let plain = rate(1.0).prediction(RoundKind::ZeroCost);
+        for _ in 0..20 {
+            t.observe(true, plain, 1, 1.0);
         }
-        assert_eq!(t.reality(true, RoundKind::ZeroCost), after_guesses);
+        let after_some = t.reality(true, RoundKind::ZeroCost);
+        assert!(
+            after_some > after_guesses && after_some < 0.6,
+            "{after_some}"
+        );
+        // ... but where guesses were planned away for long, they are given another chance
+        for _ in 0..180 {
+            t.observe(true, plain, 1, 1.0);
+        }
+        let after_many = t.reality(true, RoundKind::ZeroCost);
+        assert!(after_many > 0.8, "{after_many}");
+        assert_eq!(nodes(&t), 2);
     }
 
     #[test]
@@ -1365,5 +1494,43 @@ mod tests {
         assert!(learnt.draft_stop(true, 8, &p) < floor);
         learnt = AutoTuner::new(profile(&[(1, 1.0)], None));
         assert_eq!(learnt.draft_stop(true, 8, &p), 0.0);
+    }
+
+    #[test]
+    fn the_floor_trusts_the_draft_as_far_as_its_record_shows() {
+        let p = Prediction {
+            kind: RoundKind::Drafted,
+            tokens: 4.0,
+            seconds: 1.0,
+        };
+        let cost = || AutoTuner::new(profile(&[(1, 1.0), (9, 1.16)], Some((0.0, 0.1))));
+        let fresh = cost();
+        assert_eq!(fresh.calibration(true).confidence_power(), 1.0);
+        let floor = fresh.draft_stop(true, 8, &p);
+        // tokens drafted at probability 0.45 that the target takes 4 times in 5: the
+        // draft is under-confident (0.45^a = 0.8 at a = 0.28), so drafting goes on
+        // further below the same floor on the real chance
+        let under = cost();
+        for _ in 0..200 {
+            under.learn_confidence(true, &[0.45; 6], 4);
+        }
+        let a = under.calibration(true).confidence_power();
+        assert!((0.2..=0.35).contains(&a), "{a}");
+        let trusted = under.draft_stop(true, 8, &p);
+        assert!(trusted < floor, "{trusted} vs {floor}");
+        let want = (0.12f64 / (0.75 * 0.25)).powf(1.0 / a) as f32;
+        assert!((trusted - want).abs() < 1e-4, "{trusted} vs {want}");
+        // only the tokens up to the first rejection were tried: the rest count nowhere
+        let tries: f64 = under.calibration(true).confident_tries.iter().sum();
+        assert_eq!(tries, 200.0 * 5.0);
+        // an over-confident draft (0.95, taken half the time) is cut short
+        let over = cost();
+        for _ in 0..200 {
+            over.learn_confidence(true, &[0.95, 0.95], 1);
+        }
+        assert!(over.calibration(true).confidence_power() > 1.5);
+        assert!(over.draft_stop(true, 8, &p) > floor);
+        // a chain without probabilities (a lookahead draft) teaches nothing
+        over.learn_confidence(true, &[], 0);
     }
 }

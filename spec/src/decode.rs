@@ -332,6 +332,8 @@ struct Round {
     from_trie: Vec<bool>,
     /// `auto` only: the guesses behind every node, for its acceptance counts.
     guesses: Vec<Vec<Guess>>,
+    /// `auto` only: the draft's probability of each drafted token, where it gave them.
+    confidence: Vec<f32>,
 }
 
 impl Round {
@@ -384,6 +386,7 @@ impl Round {
             candidates,
             from_trie,
             guesses,
+            confidence: Vec::new(),
         }
     }
 
@@ -394,6 +397,8 @@ impl Round {
         let chain: Vec<usize> = self.chain.iter().map_while(|&n| map[n]).collect();
         let mut drafted = self.drafted;
         drafted.truncate(chain.len());
+        let mut confidence = self.confidence;
+        confidence.truncate(chain.len());
         let candidates = self
             .candidates
             .into_iter()
@@ -420,6 +425,7 @@ impl Round {
             candidates,
             from_trie,
             guesses,
+            confidence,
         }
     }
 }
@@ -460,9 +466,9 @@ async fn call_draft<T: TargetBackend, D: DraftBackend>(
     gamma: usize,
     lookahead: bool,
     stop_below: f32,
-) -> Vec<u32> {
+) -> (Vec<u32>, Vec<f32>) {
     let Some((d, id)) = sessions.draft else {
-        return Vec::new();
+        return Default::default();
     };
     let share_pool = lookahead && d.wants_pool_delta();
     let request = DraftRequest {
@@ -485,14 +491,15 @@ async fn call_draft<T: TargetBackend, D: DraftBackend>(
             if share_pool {
                 pool.insert_all(&o.harvested);
             }
-            let mut drafted = o.tokens;
+            let (mut drafted, mut confidence) = (o.tokens, o.confidence);
             drafted.truncate(gamma);
-            drafted
+            confidence.truncate(drafted.len());
+            (drafted, confidence)
         }
         Err(e) => {
             stats.fall_back(format!("draft failed: {e}"));
             sessions.draft = None;
-            Vec::new()
+            Default::default()
         }
     }
 }
@@ -514,7 +521,9 @@ async fn fixed_round<T: TargetBackend, D: DraftBackend>(
         let gamma = params.gamma.min(budget);
         // The draft's lookahead steps emit several tokens without one probability each.
         let stop = if ouroboros { 0.0 } else { params.draft_stop };
-        call_draft(sessions, stats, pool, state, gamma, ouroboros, stop).await
+        call_draft(sessions, stats, pool, state, gamma, ouroboros, stop)
+            .await
+            .0
     } else {
         Vec::new()
     };
@@ -571,6 +580,7 @@ async fn fixed_round<T: TargetBackend, D: DraftBackend>(
         candidates,
         from_trie,
         guesses: Vec::new(),
+        confidence: Vec::new(),
     }
 }
 
@@ -627,7 +637,12 @@ async fn auto_round<T: TargetBackend, D: DraftBackend>(
         }
     }
     let mut round = Round::from_guesses(root, &[], &found, &phrases, budget, room);
-    let mut plan = tuner.plan(greedy, &round.tree.parents, &round.guesses, 0.0);
+    let mut plan = tuner.plan(
+        greedy,
+        &round.tree.parents,
+        &round.guesses,
+        RoundKind::ZeroCost,
+    );
     let mut predicted = plan.prediction(RoundKind::ZeroCost);
     let mut opening_s = 0.0;
     let drafting = match policy {
@@ -655,10 +670,18 @@ async fn auto_round<T: TargetBackend, D: DraftBackend>(
         // token would not pay: long runs where the text is predictable, short elsewhere.
         let stop = tuner.draft_stop(greedy, gamma, &p);
         let ask = if stop > 0.0 { gamma.max(g) } else { g };
-        let drafted = call_draft(sessions, stats, pool, state, ask, false, stop).await;
+        tracing::debug!(stop, ask, best_gamma = g, ?policy, "auto draft");
+        let (drafted, confidence) =
+            call_draft(sessions, stats, pool, state, ask, false, stop).await;
         if !drafted.is_empty() {
             round = Round::from_guesses(root, &drafted, &found, &phrases, budget, room);
-            plan = tuner.plan(greedy, &round.tree.parents, &round.guesses, 0.0);
+            round.confidence = confidence;
+            plan = tuner.plan(
+                greedy,
+                &round.tree.parents,
+                &round.guesses,
+                RoundKind::Drafted,
+            );
         }
         // Charged to drafting even when the draft came back empty: that was its cost.
         predicted = p;
@@ -757,6 +780,7 @@ async fn run_rounds<T: TargetBackend, D: DraftBackend>(
             candidates,
             from_trie,
             guesses,
+            confidence,
         } = round;
         let t0 = Instant::now();
         let (v, timing) = sessions
@@ -794,6 +818,9 @@ async fn run_rounds<T: TargetBackend, D: DraftBackend>(
             .zip(&chain)
             .take_while(|(a, b)| a == b)
             .count();
+        if let Some(t) = tuner {
+            t.learn_confidence(greedy, &confidence, on_chain);
+        }
         stats.add_acceptance(drafted.len(), on_chain, v.path.len() - on_chain);
         stats.trie_accepted += v
             .path
@@ -854,7 +881,11 @@ async fn run_rounds<T: TargetBackend, D: DraftBackend>(
         if let Some(seg) = &mut segment {
             stats.policy_tokens[seg.policy.index()] += new.len() as u64;
             seg.tokens += new.len();
-            seg.seconds += started.elapsed().as_secs_f64();
+            // Opening the draft serves the rest of the request: this segment carries its
+            // share, or the policy that happened to open it would look slow.
+            let opening_s = predicted.map_or(0.0, |(_, s)| s);
+            let share = (SEGMENT_TOKENS as f64 / remaining as f64).min(1.0);
+            seg.seconds += started.elapsed().as_secs_f64() - opening_s * (1.0 - share);
             if seg.tokens >= SEGMENT_TOKENS {
                 segment = None;
             }
