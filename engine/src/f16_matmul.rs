@@ -89,10 +89,22 @@ impl F16Matrix {
 /// `out[c * m + r] = x[r] . w[c]` for `cols` weight rows.
 fn multiply_block(xs: &[f32], m: usize, k: usize, w: &[f16], cols: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if avx512() {
-        // SAFETY: the CPU has AVX-512F (checked above); the kernel checks its slices.
-        unsafe { avx512::multiply_block(xs, m, k, w, cols, out) };
-        return;
+    match simd() {
+        Simd::Avx512 => {
+            // SAFETY: the CPU has AVX-512F (checked in `simd`); the kernel checks its slices.
+            let kernel = |r, c, x: &[f32], w: &[f16], s: &mut [f32]| unsafe {
+                avx512::block(r, c, x, w, k, s)
+            };
+            return blocked(xs, m, k, w, cols, out, kernel);
+        }
+        Simd::Avx2 => {
+            // SAFETY: the CPU has AVX2, FMA and F16C (checked in `simd`); as above.
+            let kernel = |r, c, x: &[f32], w: &[f16], s: &mut [f32]| unsafe {
+                avx2::block(r, c, x, w, k, s)
+            };
+            return blocked(xs, m, k, w, cols, out, kernel);
+        }
+        Simd::None => {}
     }
     for c in 0..cols {
         let wc = &w[c * k..(c + 1) * k];
@@ -102,14 +114,68 @@ fn multiply_block(xs: &[f32], m: usize, k: usize, w: &[f16], cols: usize, out: &
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-fn avx512() -> bool {
-    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *HAS.get_or_init(|| is_x86_feature_detected!("avx512f"))
+/// Walks `cols` weight rows in blocks of `COL_BLOCK` against the input in blocks of
+/// `ROW_BLOCK` rows, so a block of weights is read from memory once for all the input.
+/// `kernel(rows, cols, x, w, sums)` fills `sums[i * cols + j] = x[i] . w[j]`; every
+/// block shape runs the same per-element sequence, so the blocking does not show in the
+/// results.
+fn blocked(
+    xs: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f16],
+    cols: usize,
+    out: &mut [f32],
+    kernel: impl Fn(usize, usize, &[f32], &[f16], &mut [f32]),
+) {
+    let mut c = 0;
+    while c < cols {
+        let cb = COL_BLOCK.min(cols - c);
+        let wb = &w[c * k..(c + cb) * k];
+        let mut r = 0;
+        while r < m {
+            let rb = ROW_BLOCK.min(m - r);
+            let mut sums = [0f32; ROW_BLOCK * COL_BLOCK];
+            kernel(rb, cb, &xs[r * k..(r + rb) * k], wb, &mut sums);
+            for i in 0..rb {
+                for j in 0..cb {
+                    out[(c + j) * m + r + i] = sums[i * cb + j];
+                }
+            }
+            r += rb;
+        }
+        c += cb;
+    }
 }
 
-/// The AVX-512 kernel's lane layout in plain code (without fused multiply-adds: a
-/// software `fma` would be far slower): 16 partial sums, a pairwise fold, then the tail.
+/// The widest f16 kernel this CPU runs.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+enum Simd {
+    Avx512,
+    Avx2,
+    None,
+}
+
+#[cfg(target_arch = "x86_64")]
+fn simd() -> Simd {
+    static HAS: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| {
+        if is_x86_feature_detected!("avx512f") {
+            Simd::Avx512
+        } else if is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+        {
+            Simd::Avx2
+        } else {
+            Simd::None
+        }
+    })
+}
+
+/// The SIMD kernels' lane layout in plain code (without fused multiply-adds: a software
+/// `fma` would be far slower): 16 partial sums, a pairwise fold, then the tail.
 fn portable_dot(x: &[f32], w: &[f16]) -> f32 {
     let k = x.len();
     let body = k - k % 16;
@@ -144,62 +210,43 @@ mod avx512 {
     use core::arch::x86_64::*;
     use half::f16;
 
+    /// `sums[i * cols + j] = x[i] . w[j]` for `rows` input rows and `cols` weight rows:
+    /// whole blocks at once, a column tail one weight row at a time.
     #[target_feature(enable = "avx512f")]
-    pub(super) fn multiply_block(
-        xs: &[f32],
-        m: usize,
-        k: usize,
-        w: &[f16],
+    pub(super) fn block(
+        rows: usize,
         cols: usize,
-        out: &mut [f32],
+        x: &[f32],
+        w: &[f16],
+        k: usize,
+        sums: &mut [f32],
     ) {
-        let mut c = 0;
-        while c < cols {
-            let cb = COL_BLOCK.min(cols - c);
-            let wb = &w[c * k..(c + cb) * k];
-            let mut r = 0;
-            while r < m {
-                let rb = ROW_BLOCK.min(m - r);
-                let x = &xs[r * k..(r + rb) * k];
-                // sums[i * cb + j] = x[i] . w[j]; every block shape runs the same
-                // per-element sequence, so the blocking does not show in the results.
-                let mut sums = [0f32; ROW_BLOCK * COL_BLOCK];
-                match (rb, cb) {
-                    (4, 4) => block::<4, 4>(x, wb, k, &mut sums),
-                    (3, 4) => block::<3, 4>(x, wb, k, &mut sums),
-                    (2, 4) => block::<2, 4>(x, wb, k, &mut sums),
-                    (1, 4) => block::<1, 4>(x, wb, k, &mut sums),
-                    _ => {
-                        // The column tail: one weight row at a time.
-                        for j in 0..cb {
-                            let mut one = [0f32; ROW_BLOCK * COL_BLOCK];
-                            let wj = &wb[j * k..(j + 1) * k];
-                            match rb {
-                                4 => block::<4, 1>(x, wj, k, &mut one),
-                                3 => block::<3, 1>(x, wj, k, &mut one),
-                                2 => block::<2, 1>(x, wj, k, &mut one),
-                                _ => block::<1, 1>(x, wj, k, &mut one),
-                            }
-                            for i in 0..rb {
-                                sums[i * cb + j] = one[i];
-                            }
-                        }
+        match (rows, cols) {
+            (4, COL_BLOCK) => tile::<4, COL_BLOCK>(x, w, k, sums),
+            (3, COL_BLOCK) => tile::<3, COL_BLOCK>(x, w, k, sums),
+            (2, COL_BLOCK) => tile::<2, COL_BLOCK>(x, w, k, sums),
+            (1, COL_BLOCK) => tile::<1, COL_BLOCK>(x, w, k, sums),
+            _ => {
+                for j in 0..cols {
+                    let mut one = [0f32; ROW_BLOCK];
+                    let wj = &w[j * k..(j + 1) * k];
+                    match rows {
+                        4 => tile::<4, 1>(x, wj, k, &mut one),
+                        3 => tile::<3, 1>(x, wj, k, &mut one),
+                        2 => tile::<2, 1>(x, wj, k, &mut one),
+                        _ => tile::<1, 1>(x, wj, k, &mut one),
+                    }
+                    for i in 0..rows {
+                        sums[i * cols + j] = one[i];
                     }
                 }
-                for i in 0..rb {
-                    for j in 0..cb {
-                        out[(c + j) * m + r + i] = sums[i * cb + j];
-                    }
-                }
-                r += rb;
             }
-            c += cb;
         }
     }
 
     /// `sums[i * C + j] = x[i] . w[j]` for `R` input rows and `C` weight rows of width `k`.
     #[target_feature(enable = "avx512f")]
-    fn block<const R: usize, const C: usize>(x: &[f32], w: &[f16], k: usize, sums: &mut [f32]) {
+    fn tile<const R: usize, const C: usize>(x: &[f32], w: &[f16], k: usize, sums: &mut [f32]) {
         assert!(x.len() >= R * k && w.len() >= C * k && sums.len() >= R * C);
         let body = k - k % 16;
         let mut acc = [[_mm512_setzero_ps(); C]; R];
@@ -227,6 +274,98 @@ mod avx512 {
                 let mut lanes = [0f32; 16];
                 // SAFETY: lanes has room for 16 f32.
                 unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), *a) };
+                let mut sum = fold_lanes(lanes);
+                for t in body..k {
+                    sum += x[i * k + t] * w[j * k + t].to_f32();
+                }
+                sums[i * C + j] = sum;
+            }
+        }
+    }
+}
+
+/// The AVX-512 kernel's arithmetic on 8-lane registers: each 16-lane chunk is two halves
+/// with their own accumulators, so every lane adds the same products in the same order
+/// and the results are the AVX-512 kernel's bit for bit. Sixteen registers hold 2 x 2
+/// accumulator pairs with their weights and input; larger blocks are walked in those.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::fold_lanes;
+    use core::arch::x86_64::*;
+    use half::f16;
+
+    /// `sums[i * cols + j] = x[i] . w[j]` for `rows` input rows and `cols` weight rows.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn block(
+        rows: usize,
+        cols: usize,
+        x: &[f32],
+        w: &[f16],
+        k: usize,
+        sums: &mut [f32],
+    ) {
+        for i0 in (0..rows).step_by(2) {
+            for j0 in (0..cols).step_by(2) {
+                let (xs, ws) = (&x[i0 * k..], &w[j0 * k..]);
+                let (rb, cb) = (2.min(rows - i0), 2.min(cols - j0));
+                let mut part = [0f32; 4];
+                match (rb, cb) {
+                    (2, 2) => tile::<2, 2>(xs, ws, k, &mut part),
+                    (2, _) => tile::<2, 1>(xs, ws, k, &mut part),
+                    (_, 2) => tile::<1, 2>(xs, ws, k, &mut part),
+                    _ => tile::<1, 1>(xs, ws, k, &mut part),
+                }
+                for i in 0..rb {
+                    for j in 0..cb {
+                        sums[(i0 + i) * cols + j0 + j] = part[i * cb + j];
+                    }
+                }
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn tile<const R: usize, const C: usize>(x: &[f32], w: &[f16], k: usize, sums: &mut [f32]) {
+        assert!(x.len() >= R * k && w.len() >= C * k && sums.len() >= R * C);
+        let body = k - k % 16;
+        let mut lo = [[_mm256_setzero_ps(); C]; R];
+        let mut hi = [[_mm256_setzero_ps(); C]; R];
+        let (xp, wp) = (x.as_ptr(), w.as_ptr() as *const u16);
+        let mut at = 0;
+        while at < body {
+            let mut wl = [_mm256_setzero_ps(); C];
+            let mut wh = [_mm256_setzero_ps(); C];
+            for j in 0..C {
+                // SAFETY: at + 16 <= body <= k, and w holds C rows of k.
+                unsafe {
+                    wl[j] = _mm256_cvtph_ps(_mm_loadu_si128(wp.add(j * k + at) as *const __m128i));
+                    wh[j] =
+                        _mm256_cvtph_ps(_mm_loadu_si128(wp.add(j * k + at + 8) as *const __m128i));
+                }
+            }
+            for i in 0..R {
+                // SAFETY: as above, x holds R rows of k.
+                let (xl, xh) = unsafe {
+                    (
+                        _mm256_loadu_ps(xp.add(i * k + at)),
+                        _mm256_loadu_ps(xp.add(i * k + at + 8)),
+                    )
+                };
+                for j in 0..C {
+                    lo[i][j] = _mm256_fmadd_ps(xl, wl[j], lo[i][j]);
+                    hi[i][j] = _mm256_fmadd_ps(xh, wh[j], hi[i][j]);
+                }
+            }
+            at += 16;
+        }
+        for i in 0..R {
+            for j in 0..C {
+                let mut lanes = [0f32; 16];
+                // SAFETY: lanes has room for 16 f32.
+                unsafe {
+                    _mm256_storeu_ps(lanes.as_mut_ptr(), lo[i][j]);
+                    _mm256_storeu_ps(lanes.as_mut_ptr().add(8), hi[i][j]);
+                }
                 let mut sum = fold_lanes(lanes);
                 for t in body..k {
                     sum += x[i * k + t] * w[j * k + t].to_f32();
@@ -273,6 +412,44 @@ mod tests {
                             "({n}, {k}) m {m} row {r} col {c}: {g} vs {want}"
                         );
                     }
+                }
+            }
+        }
+    }
+
+    /// A kernel lane's sequence in plain code, with exact fused multiply-adds.
+    fn fused_dot(x: &[f32], w: &[f16]) -> f32 {
+        let body = x.len() - x.len() % 16;
+        let mut lanes = [0f32; 16];
+        for (xc, wc) in x[..body].chunks_exact(16).zip(w[..body].chunks_exact(16)) {
+            for l in 0..16 {
+                lanes[l] = xc[l].mul_add(wc[l].to_f32(), lanes[l]);
+            }
+        }
+        let mut sum = fold_lanes(lanes);
+        for i in body..x.len() {
+            sum += x[i] * w[i].to_f32();
+        }
+        sum
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn every_simd_kernel_gives_the_same_bits() {
+        // AVX-512 and AVX2 machines must agree to the bit (one fixed per-lane sequence of
+        // fused multiply-adds), so a tree verified on one decodes as on the other.
+        if matches!(simd(), Simd::None) {
+            return;
+        }
+        let (n, k) = (70, 100);
+        let w = matrix(n, k);
+        for m in [1, 2, 3, 5] {
+            let xs = input(m, k, 3);
+            let got = w.multiply(&xs, m);
+            for r in 0..m {
+                for c in 0..n {
+                    let want = fused_dot(&xs[r * k..(r + 1) * k], &w.w[c * k..(c + 1) * k]);
+                    assert_eq!(got[r * n + c].to_bits(), want.to_bits(), "m {m} ({r}, {c})");
                 }
             }
         }
