@@ -185,9 +185,15 @@ fn portable_dot(x: &[f32], w: &[f16]) -> f32 {
             lanes[l] += xc[l] * wc[l].to_f32();
         }
     }
+    finish(lanes, &x[body..], &w[body..])
+}
+
+/// A dot product's end, the same in every kernel: the 16 lanes summed pairwise in a fixed
+/// order, then the products of the `k % 16` tail added one by one.
+fn finish(lanes: [f32; 16], x_tail: &[f32], w_tail: &[f16]) -> f32 {
     let mut sum = fold_lanes(lanes);
-    for i in body..k {
-        sum += x[i] * w[i].to_f32();
+    for (x, w) in x_tail.iter().zip(w_tail) {
+        sum += x * w.to_f32();
     }
     sum
 }
@@ -206,7 +212,7 @@ fn fold_lanes(mut lanes: [f32; 16]) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{COL_BLOCK, ROW_BLOCK, fold_lanes};
+    use super::{COL_BLOCK, ROW_BLOCK, finish};
     use core::arch::x86_64::*;
     use half::f16;
 
@@ -274,11 +280,11 @@ mod avx512 {
                 let mut lanes = [0f32; 16];
                 // SAFETY: lanes has room for 16 f32.
                 unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), *a) };
-                let mut sum = fold_lanes(lanes);
-                for t in body..k {
-                    sum += x[i * k + t] * w[j * k + t].to_f32();
-                }
-                sums[i * C + j] = sum;
+                sums[i * C + j] = finish(
+                    lanes,
+                    &x[i * k + body..(i + 1) * k],
+                    &w[j * k + body..(j + 1) * k],
+                );
             }
         }
     }
@@ -290,7 +296,7 @@ mod avx512 {
 /// accumulator pairs with their weights and input; larger blocks are walked in those.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::fold_lanes;
+    use super::finish;
     use core::arch::x86_64::*;
     use half::f16;
 
@@ -366,11 +372,11 @@ mod avx2 {
                     _mm256_storeu_ps(lanes.as_mut_ptr(), lo[i][j]);
                     _mm256_storeu_ps(lanes.as_mut_ptr().add(8), hi[i][j]);
                 }
-                let mut sum = fold_lanes(lanes);
-                for t in body..k {
-                    sum += x[i * k + t] * w[j * k + t].to_f32();
-                }
-                sums[i * C + j] = sum;
+                sums[i * C + j] = finish(
+                    lanes,
+                    &x[i * k + body..(i + 1) * k],
+                    &w[j * k + body..(j + 1) * k],
+                );
             }
         }
     }
@@ -426,11 +432,7 @@ mod tests {
                 lanes[l] = xc[l].mul_add(wc[l].to_f32(), lanes[l]);
             }
         }
-        let mut sum = fold_lanes(lanes);
-        for i in body..x.len() {
-            sum += x[i] * w[i].to_f32();
-        }
-        sum
+        finish(lanes, &x[body..], &w[body..])
     }
 
     #[cfg(target_arch = "x86_64")]

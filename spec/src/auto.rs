@@ -632,14 +632,11 @@ impl Calibration {
     fn record_confidence(&mut self, p: f32, accepted: bool) {
         let b =
             ((p.clamp(0.0, 1.0) * CONFIDENCE_BUCKETS as f32) as usize).min(CONFIDENCE_BUCKETS - 1);
-        self.confident_tries[b] += 1.0;
-        if accepted {
-            self.confident_hits[b] += 1.0;
-        }
-        if self.confident_tries[b] > MEMORY {
-            self.confident_tries[b] /= 2.0;
-            self.confident_hits[b] /= 2.0;
-        }
+        count_try(
+            &mut self.confident_hits[b],
+            &mut self.confident_tries[b],
+            accepted,
+        );
     }
 
     /// The exponent `a` that best explains the acceptance seen per bucket as `p^a`
@@ -677,14 +674,20 @@ impl Calibration {
 
     fn record(&mut self, g: Guess, accepted: bool) {
         let b = g.bucket();
-        self.tries[b] += 1.0;
-        if accepted {
-            self.hits[b] += 1.0;
-        }
-        if self.tries[b] > MEMORY {
-            self.tries[b] /= 2.0;
-            self.hits[b] /= 2.0;
-        }
+        count_try(&mut self.hits[b], &mut self.tries[b], accepted);
+    }
+}
+
+/// Counts one try in a bucket; past `MEMORY` tries the bucket's counts halve, so it
+/// follows the workload.
+fn count_try(hits: &mut f64, tries: &mut f64, accepted: bool) {
+    *tries += 1.0;
+    if accepted {
+        *hits += 1.0;
+    }
+    if *tries > MEMORY {
+        *tries /= 2.0;
+        *hits /= 2.0;
     }
 }
 

@@ -670,7 +670,6 @@ async fn auto_round<T: TargetBackend, D: DraftBackend>(
         // token would not pay: long runs where the text is predictable, short elsewhere.
         let stop = tuner.draft_stop(greedy, gamma, &p);
         let ask = if stop > 0.0 { gamma.max(g) } else { g };
-        tracing::debug!(stop, ask, best_gamma = g, ?policy, "auto draft");
         let (drafted, confidence) =
             call_draft(sessions, stats, pool, state, ask, false, stop).await;
         if !drafted.is_empty() {

@@ -430,9 +430,8 @@ impl<M: LanguageModel> Ready<M> {
             positions: &self.positions,
             visibility: &self.visibility,
             outputs: OutputSpec {
-                rows: None,
                 logits: !self.job.sampling.is_greedy(),
-                ..OutputSpec::default()
+                ..OutputSpec::all()
             },
         }
     }
