@@ -391,32 +391,76 @@ impl Policy {
 
 /// Committed tokens after which a policy's segment ends and is scored.
 pub const SEGMENT_TOKENS: usize = 32;
-/// A policy's score is its rate times `1 + EXPLORE_BONUS / sqrt(segments)`: one tried
-/// little gets the benefit of the doubt, so a policy that lost on a few unlucky segments
-/// (or while the machine was slow) is tried again.
-const EXPLORE_BONUS: f64 = 0.15;
-/// Past this many segments over all policies, every record counts half, so the choice
-/// follows the workload and exploration never stops for good.
+/// Whatever the scores say, at least one segment in this many runs [`Policy::Drafting`]:
+/// only its segments score the policies side by side, so the evidence stays fresh when
+/// the workload changes.
+const AUDIT_EVERY: usize = 4;
+/// Past this many scored segments, the scores count half, so the choice follows the
+/// workload.
 const POLICY_MEMORY: f64 = 96.0;
 
-/// What the segments of one policy delivered (decayed sums).
+/// What one stretch of text cost and brought under each policy, in [`Policy::ALL`]
+/// order: the one that ran and the ones that would have run on the same text.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PolicyScores {
+    pub tokens: [f64; 3],
+    pub seconds: [f64; 3],
+}
+
+impl PolicyScores {
+    pub fn add(&mut self, policy: Policy, tokens: usize, seconds: f64) {
+        self.tokens[policy.index()] += tokens as f64;
+        self.seconds[policy.index()] += seconds;
+    }
+
+    fn rate(&self, policy: Policy) -> Option<f64> {
+        let (t, s) = (self.tokens[policy.index()], self.seconds[policy.index()]);
+        (t > 0.0 && s > 0.0).then(|| t / s)
+    }
+
+    fn is_sane(&self) -> bool {
+        self.tokens
+            .iter()
+            .chain(&self.seconds)
+            .all(|x| x.is_finite() && *x >= 0.0)
+    }
+}
+
+/// What a verify of `tree` would have committed where the target committed `committed`
+/// (its accepted tokens and its own after them), and the path it would have accepted.
+/// Greedily decoded, the target's token after a matched path is the next committed one,
+/// so this is exact as far as `committed` goes; a path matching all of it is counted at
+/// that length, a lower bound. (Sampled, it is an estimate: the chance that a guess meets
+/// the sampled token is the chance the target would have accepted it.)
+pub fn would_commit(tree: &DraftTree, committed: &[u32]) -> (usize, Vec<usize>) {
+    let path = tree.follow(committed);
+    ((path.len() + 1).min(committed.len()), path)
+}
+
+/// The policies' scores over the segments that scored them all (decayed sums).
 #[derive(Debug, Clone, Copy, Default)]
 struct PolicyRecord {
     segments: f64,
-    tokens: f64,
-    seconds: f64,
+    scores: PolicyScores,
+    /// Segments chosen since the last [`Policy::Drafting`] one.
+    since_audit: usize,
 }
 
 impl PolicyRecord {
-    fn rate(&self) -> Option<f64> {
-        (self.segments > 0.0 && self.seconds > 0.0).then(|| self.tokens / self.seconds)
-    }
-
-    /// Halves the record's weight; its rate stays.
-    fn halve(&mut self) {
-        self.segments /= 2.0;
-        self.tokens /= 2.0;
-        self.seconds /= 2.0;
+    /// The best-scoring policy; ties go to [`Policy::Drafting`], whose score is measured
+    /// rather than reconstructed. `None` before any segment scored them.
+    fn best(&self) -> Option<Policy> {
+        if self.segments <= 0.0 {
+            return None;
+        }
+        let rate = |p| self.scores.rate(p).unwrap_or(0.0);
+        let mut best = Policy::Drafting;
+        for p in [Policy::Mixed, Policy::ZeroCost] {
+            if rate(p) > rate(best) {
+                best = p;
+            }
+        }
+        Some(best)
     }
 }
 
@@ -438,6 +482,8 @@ const SUPPORT_BUCKETS: usize = 4;
 const BUCKETS: usize = 2 * POSITIONS + SHARE_BUCKETS * SUPPORT_BUCKETS;
 /// Weight of the prior, in observations.
 const PRIOR_WEIGHT: f64 = 4.0;
+/// No guess is counted as a sure thing.
+const MAX_ACCEPTANCE: f64 = 0.98;
 /// Past this many observations a bucket halves its counts, so it follows the workload.
 const MEMORY: f64 = 2000.0;
 /// Drafting must promise this much more than the zero-cost tree: its estimate is the
@@ -589,8 +635,7 @@ struct Calibration {
     tries: [f64; BUCKETS],
     /// Indexed by `RoundKind as usize`.
     realized: [Realized; 2],
-    /// Indexed by `Policy::index`.
-    policies: [PolicyRecord; 3],
+    policies: PolicyRecord,
     /// Draft tokens accepted and tried, by the draft's probability for them.
     confident_hits: [f64; CONFIDENCE_BUCKETS],
     confident_tries: [f64; CONFIDENCE_BUCKETS],
@@ -602,7 +647,7 @@ impl Default for Calibration {
             hits: [0.0; BUCKETS],
             tries: [0.0; BUCKETS],
             realized: Default::default(),
-            policies: Default::default(),
+            policies: PolicyRecord::default(),
             confident_hits: [0.0; CONFIDENCE_BUCKETS],
             confident_tries: [0.0; CONFIDENCE_BUCKETS],
         }
@@ -613,7 +658,7 @@ impl Calibration {
     fn estimate(&self, g: Guess) -> f64 {
         let b = g.bucket();
         let p = (self.hits[b] + PRIOR_WEIGHT * g.prior()) / (self.tries[b] + PRIOR_WEIGHT);
-        p.clamp(0.0, 0.98)
+        p.clamp(0.0, MAX_ACCEPTANCE)
     }
 
     /// How often the guess's bucket has been tried (decayed).
@@ -812,15 +857,17 @@ impl AutoTuner {
     }
 
     /// Which nodes of a candidate tree to verify in a round of `kind`; `guesses[i]`
-    /// proposed node `i`. A zero-cost tree is held to what such trees have delivered
-    /// against their predictions, so that where they keep falling short the round is a
-    /// plain greedy step instead of a slower one. (A drafted tree's draft is paid for by
-    /// then; only its nodes are chosen.)
+    /// proposed node `i`, and `confidence[j]` is the draft's probability for its `j`-th
+    /// token where it gave one. A zero-cost tree is held to what such trees have
+    /// delivered against their predictions, so that where they keep falling short the
+    /// round is a plain greedy step instead of a slower one. (A drafted tree's draft is
+    /// paid for by then; only its nodes are chosen.)
     pub fn plan(
         &self,
         greedy: bool,
         parents: &[i32],
         guesses: &[Vec<Guess>],
+        confidence: &[f32],
         kind: RoundKind,
     ) -> TreePlan {
         let (accept, trust): (Vec<f64>, f64) = {
@@ -830,7 +877,24 @@ impl AutoTuner {
                 RoundKind::ZeroCost => c.realized[kind as usize].factor(),
                 RoundKind::Drafted => 1.0,
             };
-            (guesses.iter().map(|g| c.best(g)).collect(), trust)
+            // A draft token's own probability says more than its position: one the draft
+            // was sure of is kept where an average token that deep would not be.
+            let power = c.confidence_power();
+            let accept = guesses
+                .iter()
+                .map(|gs| {
+                    gs.iter()
+                        .map(|&g| match g {
+                            Guess::Draft(j) if j < confidence.len() => (f64::from(confidence[j])
+                                .clamp(0.0, 1.0))
+                            .powf(power)
+                            .min(MAX_ACCEPTANCE),
+                            g => c.estimate(g),
+                        })
+                        .fold(0.0, f64::max)
+                })
+                .collect();
+            (accept, trust)
         };
         choose_nodes(parents, &accept, |n| self.profile.verify_cost(n), trust)
     }
@@ -952,49 +1016,55 @@ impl AutoTuner {
         }
     }
 
-    /// The policy for a request's next segment: one never tried yet (in `Policy::ALL`
-    /// order), else the best record with its exploration bonus. Without a draft only
-    /// zero-cost rounds are possible.
+    /// The policy for a request's next segment: the one that scored best on the same
+    /// text (see [`Self::record_scores`]), but [`Policy::Drafting`] before there are any
+    /// scores and for one segment in [`AUDIT_EVERY`], since only its segments score all
+    /// three. Without a draft only zero-cost rounds are possible.
     pub fn choose_policy(&self, greedy: bool, can_draft: bool) -> Policy {
         if !can_draft || self.profile.draft.is_none() {
             return Policy::ZeroCost;
         }
-        let c = self.calibration(greedy);
-        let mut best = (f64::NEG_INFINITY, Policy::Mixed);
-        for p in Policy::ALL {
-            let r = c.policies[p.index()];
-            let Some(rate) = r.rate() else {
-                return p;
-            };
-            let score = rate * (1.0 + EXPLORE_BONUS / r.segments.max(1.0).sqrt());
-            if score > best.0 {
-                best = (score, p);
-            }
-        }
-        best.1
+        let mut c = self.calibration(greedy);
+        let r = &mut c.policies;
+        let policy = match r.best() {
+            Some(p) if r.since_audit + 1 < AUDIT_EVERY => p,
+            _ => Policy::Drafting,
+        };
+        r.since_audit = match policy {
+            Policy::Drafting => 0,
+            _ => r.since_audit + 1,
+        };
+        policy
     }
 
-    /// Scores a segment: `tokens` committed in `seconds` under `policy` (everything the
-    /// rounds cost, a draft session's opening included).
-    pub fn record_policy(&self, greedy: bool, policy: Policy, tokens: usize, seconds: f64) {
-        if !(seconds.is_finite() && seconds > 0.0) || tokens == 0 {
+    /// Scores the policies on a segment of [`Policy::Drafting`]: what it cost and
+    /// brought, and what the other policies' trees would have on the same positions.
+    /// Comparing policies on the same text keeps a lucky stretch (a prompt's repeated
+    /// lines, say) from crediting whichever policy happened to run on it.
+    pub fn record_scores(&self, greedy: bool, scores: &PolicyScores) {
+        let drafted = scores.tokens[Policy::Drafting.index()];
+        if !scores.is_sane() || drafted <= 0.0 {
             return;
         }
         let mut c = self.calibration(greedy);
-        let r = &mut c.policies[policy.index()];
+        let r = &mut c.policies;
         // A short segment (the end of a request) counts for its share of a full one.
-        r.segments += (tokens as f64 / SEGMENT_TOKENS as f64).min(1.0);
-        r.tokens += tokens as f64;
-        r.seconds += seconds;
-        let total: f64 = c.policies.iter().map(|r| r.segments).sum();
-        if total > POLICY_MEMORY {
-            c.policies.iter_mut().for_each(PolicyRecord::halve);
+        r.segments += (drafted / SEGMENT_TOKENS as f64).min(1.0);
+        for i in 0..Policy::ALL.len() {
+            r.scores.tokens[i] += scores.tokens[i];
+            r.scores.seconds[i] += scores.seconds[i];
+        }
+        if r.segments > POLICY_MEMORY {
+            r.segments /= 2.0;
+            for x in r.scores.tokens.iter_mut().chain(&mut r.scores.seconds) {
+                *x /= 2.0;
+            }
         }
     }
 
-    /// Committed tokens per second a policy's segments delivered so far.
+    /// Committed tokens per second a policy scored so far.
     pub fn policy_rate(&self, greedy: bool, policy: Policy) -> Option<f64> {
-        self.calibration(greedy).policies[policy.index()].rate()
+        self.calibration(greedy).policies.scores.rate(policy)
     }
 
     /// Records how a round predicted as `p` turned out: `tokens` committed in `seconds`
@@ -1317,13 +1387,14 @@ mod tests {
         let parents = [-1, 0];
         let guesses = vec![vec![], vec![Guess::trie(9, 10)]];
         let nodes = |t: &AutoTuner| {
-            t.plan(true, &parents, &guesses, RoundKind::ZeroCost)
+            t.plan(true, &parents, &guesses, &[], RoundKind::ZeroCost)
                 .nodes()
         };
         assert_eq!(nodes(&t), 1);
         // (a drafted tree's nodes are chosen on their estimates alone: its draft is paid)
         assert_eq!(
-            t.plan(true, &parents, &guesses, RoundKind::Drafted).nodes(),
+            t.plan(true, &parents, &guesses, &[], RoundKind::Drafted)
+                .nodes(),
             2
         );
         // a plain step's prediction is exact: counted as a round it would wash the
@@ -1387,27 +1458,46 @@ mod tests {
         assert_eq!(t.draft_gamma(true, 8, &zero, long_prompt), None);
     }
 
-    /// Scores `segments` full segments of `policy` at `rate` tokens per second.
-    fn score(t: &AutoTuner, policy: Policy, segments: usize, rate: f64) {
+    /// Scores `segments` full segments at the given rates (tokens per second, in
+    /// `Policy::ALL` order).
+    fn score(t: &AutoTuner, segments: usize, rates: [f64; 3]) {
         for _ in 0..segments {
-            t.record_policy(true, policy, SEGMENT_TOKENS, SEGMENT_TOKENS as f64 / rate);
+            let mut s = PolicyScores::default();
+            for p in Policy::ALL {
+                s.add(p, SEGMENT_TOKENS, SEGMENT_TOKENS as f64 / rates[p.index()]);
+            }
+            t.record_scores(true, &s);
         }
     }
 
     #[test]
-    fn every_policy_is_tried_then_the_best_record_runs() {
+    fn another_tree_is_scored_on_the_tokens_the_target_committed() {
+        let mut t = DraftTree::new(5);
+        t.add_path(0, &[1, 2, 3]);
+        t.add_path(0, &[7]);
+        // two guesses matched, then the target's own token
+        assert_eq!(would_commit(&t, &[1, 2, 9, 4]), (3, vec![1, 2]));
+        // nothing matched: the target's token alone
+        assert_eq!(would_commit(&t, &[8, 1]), (1, vec![]));
+        // matched all that is known: no more than that is counted
+        assert_eq!(would_commit(&t, &[1, 2]), (2, vec![1, 2]));
+        assert_eq!(would_commit(&t, &[7]), (1, vec![4]));
+    }
+
+    #[test]
+    fn drafting_runs_until_the_scores_say_otherwise() {
         let t = AutoTuner::new(profile(&[(1, 1.0), (16, 1.3)], Some((0.0, 0.1))));
-        // untried policies first, in order
-        assert_eq!(t.choose_policy(true, true), Policy::Mixed);
-        score(&t, Policy::Mixed, 1, 10.0);
+        // no scores yet: the policy that scores them all runs
         assert_eq!(t.choose_policy(true, true), Policy::Drafting);
-        score(&t, Policy::Drafting, 1, 14.0);
-        assert_eq!(t.choose_policy(true, true), Policy::ZeroCost);
-        score(&t, Policy::ZeroCost, 1, 12.0);
+        assert_eq!(t.choose_policy(true, true), Policy::Drafting);
+        score(&t, 1, [10.0, 14.0, 12.0]);
         assert_eq!(t.choose_policy(true, true), Policy::Drafting);
         assert!((t.policy_rate(true, Policy::Drafting).unwrap() - 14.0).abs() < 1e-9);
-        // sampled decoding keeps its own records
-        assert_eq!(t.choose_policy(false, true), Policy::Mixed);
+        // a tie goes to the measured policy
+        score(&t, 1, [14.0, 14.0, 14.0]);
+        assert_eq!(t.choose_policy(true, true), Policy::Drafting);
+        // sampled decoding keeps its own scores
+        assert_eq!(t.policy_rate(false, Policy::Drafting), None);
         // no draft: zero-cost rounds are all there is
         assert_eq!(t.choose_policy(true, false), Policy::ZeroCost);
         let no_draft = AutoTuner::new(profile(&[(1, 1.0)], None));
@@ -1415,44 +1505,56 @@ mod tests {
     }
 
     #[test]
-    fn a_little_tried_policy_close_behind_gets_another_segment() {
+    fn a_better_scoring_policy_runs_with_a_drafting_audit_now_and_then() {
         let t = AutoTuner::new(profile(&[(1, 1.0), (16, 1.3)], Some((0.0, 0.1))));
-        score(&t, Policy::Mixed, 1, 10.0);
-        score(&t, Policy::ZeroCost, 1, 5.0);
-        score(&t, Policy::Drafting, 30, 10.5);
-        // 5 % behind on one segment: the bonus (15 %) outweighs the gap
-        assert_eq!(t.choose_policy(true, true), Policy::Mixed);
-        // once it has lost on more segments, the leader runs; half the rate never wins
-        score(&t, Policy::Mixed, 15, 10.0);
+        score(&t, 4, [10.0, 8.0, 12.0]);
+        let chosen: Vec<Policy> = (0..2 * AUDIT_EVERY)
+            .map(|_| t.choose_policy(true, true))
+            .collect();
+        let audits = chosen.iter().filter(|&&p| p == Policy::Drafting).count();
+        assert_eq!(audits, 2, "{chosen:?}");
+        assert!(
+            chosen
+                .iter()
+                .all(|&p| p == Policy::Drafting || p == Policy::ZeroCost),
+            "{chosen:?}"
+        );
+        // audits that find drafting ahead on new text turn the choice back
+        score(&t, 12, [10.0, 16.0, 9.0]);
+        assert_eq!(t.choose_policy(true, true), Policy::Drafting);
         assert_eq!(t.choose_policy(true, true), Policy::Drafting);
     }
 
     #[test]
-    fn policy_records_follow_the_workload() {
+    fn policy_scores_follow_the_workload() {
         let t = AutoTuner::new(profile(&[(1, 1.0), (16, 1.3)], Some((0.0, 0.1))));
-        score(&t, Policy::Mixed, 1, 20.0);
-        score(&t, Policy::ZeroCost, 1, 1.0);
-        score(&t, Policy::Drafting, 200, 10.0);
-        // halved again and again, the records keep their rates but not their weight
-        let total: f64 = t
-            .calibration(true)
-            .policies
-            .iter()
-            .map(|r| r.segments)
-            .sum();
-        assert!(total <= POLICY_MEMORY, "{total}");
-        assert!((t.policy_rate(true, Policy::Drafting).unwrap() - 10.0).abs() < 1e-9);
+        score(&t, 200, [5.0, 10.0, 20.0]);
+        // halved again and again, the scores keep their rates but not their weight
+        let segments = t.calibration(true).policies.segments;
+        assert!(segments <= POLICY_MEMORY, "{segments}");
+        assert!((t.policy_rate(true, Policy::ZeroCost).unwrap() - 20.0).abs() < 1e-9);
+        // a new workload overturns an old one within one memory's worth of segments
+        score(&t, POLICY_MEMORY as usize, [5.0, 20.0, 10.0]);
+        assert!(t.policy_rate(true, Policy::Drafting) > t.policy_rate(true, Policy::ZeroCost));
         // a short segment counts for its share; nonsense is ignored
-        let before = t.calibration(true).policies[Policy::ZeroCost.index()];
-        t.record_policy(true, Policy::ZeroCost, SEGMENT_TOKENS / 4, 1.0);
-        let after = t.calibration(true).policies[Policy::ZeroCost.index()];
+        let before = t.calibration(true).policies;
+        let mut short = PolicyScores::default();
+        short.add(Policy::Drafting, SEGMENT_TOKENS / 4, 1.0);
+        t.record_scores(true, &short);
+        let after = t.calibration(true).policies;
         assert!((after.segments - before.segments - 0.25).abs() < 1e-9);
-        t.record_policy(true, Policy::ZeroCost, 5, f64::NAN);
-        t.record_policy(true, Policy::ZeroCost, 0, 1.0);
-        t.record_policy(true, Policy::ZeroCost, 5, 0.0);
-        let last = t.calibration(true).policies[Policy::ZeroCost.index()];
+        for bad in [f64::NAN, -1.0, f64::INFINITY] {
+            let mut s = PolicyScores::default();
+            s.add(Policy::Drafting, 5, 1.0);
+            s.add(Policy::ZeroCost, 5, bad);
+            t.record_scores(true, &s);
+        }
+        let mut nothing_drafted = PolicyScores::default();
+        nothing_drafted.add(Policy::ZeroCost, 5, 1.0);
+        t.record_scores(true, &nothing_drafted);
+        let last = t.calibration(true).policies;
         assert_eq!(last.segments, after.segments);
-        assert_eq!(last.seconds, after.seconds);
+        assert_eq!(last.scores, after.scores);
     }
 
     #[test]

@@ -4,7 +4,10 @@
 //! committed token is the target's own choice for its exact prefix, so all strategies give
 //! the tokens plain decoding gives.
 
-use crate::auto::{AutoTuner, DraftBacklog, Guess, Policy, Prediction, RoundKind, SEGMENT_TOKENS};
+use crate::auto::{
+    AutoTuner, DraftBacklog, Guess, Policy, PolicyScores, Prediction, RoundKind, SEGMENT_TOKENS,
+    would_commit,
+};
 use crate::backend::{DraftBackend, DraftRequest, SessionId, TargetBackend};
 use crate::error::{Result, SpecError};
 use crate::lookahead::LookaheadParams;
@@ -319,6 +322,7 @@ pub async fn generate<T: TargetBackend, D: DraftBackend>(
 const AUTO_TRIE_NODES: usize = 48;
 
 /// One round's verify tree and where its nodes came from.
+#[derive(Clone)]
 struct Round {
     tree: DraftTree,
     /// Draft tokens in the tree, and their chain of nodes below the root.
@@ -334,6 +338,25 @@ struct Round {
     guesses: Vec<Vec<Guess>>,
     /// `auto` only: the draft's probability of each drafted token, where it gave them.
     confidence: Vec<f32>,
+    /// `auto` under [`Policy::Drafting`]: what the other policies would have verified.
+    alternatives: Option<Alternatives>,
+}
+
+/// The trees the other `auto` policies would have verified in a round of
+/// [`Policy::Drafting`], to be scored against what the target commits there.
+#[derive(Clone)]
+struct Alternatives {
+    /// What [`Policy::ZeroCost`] verifies, and the guesses behind its nodes.
+    zero_cost: DraftTree,
+    zero_cost_guesses: Vec<Vec<Guess>>,
+    /// The verified tree is the zero-cost one (nothing was drafted): its guesses are
+    /// counted already.
+    zero_cost_verified: bool,
+    /// What [`Policy::Mixed`] verifies, and whether it would have drafted for it.
+    mixed: DraftTree,
+    mixed_drafts: bool,
+    /// Seconds of this round's draft call (0 without one).
+    draft_s: f64,
 }
 
 impl Round {
@@ -387,6 +410,7 @@ impl Round {
             from_trie,
             guesses,
             confidence: Vec::new(),
+            alternatives: None,
         }
     }
 
@@ -426,25 +450,37 @@ impl Round {
             from_trie,
             guesses,
             confidence,
+            alternatives: self.alternatives,
         }
     }
 }
 
-/// The `auto` policy running this stretch of a request and what it has delivered so far.
-/// It is scored when it ends, and on drop: a request's last stretch, or one cut short by
-/// an error, counts for what it did.
+/// The `auto` policy running this stretch of a request and, under
+/// [`Policy::Drafting`], how every policy scored on it. The scores are recorded when it
+/// ends, and on drop: a request's last stretch, or one cut short by an error, counts for
+/// what it did.
 struct Segment<'t> {
     tuner: &'t AutoTuner,
     greedy: bool,
     policy: Policy,
     tokens: usize,
-    seconds: f64,
+    scores: PolicyScores,
 }
 
 impl Drop for Segment<'_> {
     fn drop(&mut self) {
-        self.tuner
-            .record_policy(self.greedy, self.policy, self.tokens, self.seconds);
+        if self.policy == Policy::Drafting {
+            let s = &self.scores;
+            let rate = |p: Policy| s.tokens[p.index()] / s.seconds[p.index()].max(1e-12);
+            tracing::debug!(
+                tokens = self.tokens,
+                drafting = rate(Policy::Drafting),
+                mixed = rate(Policy::Mixed),
+                zero_cost = rate(Policy::ZeroCost),
+                "auto segment scored (tokens/s)"
+            );
+            self.tuner.record_scores(self.greedy, s);
+        }
     }
 }
 
@@ -581,12 +617,14 @@ async fn fixed_round<T: TargetBackend, D: DraftBackend>(
         from_trie,
         guesses: Vec::new(),
         confidence: Vec::new(),
+        alternatives: None,
     }
 }
 
 /// An `auto` round: gathers the zero-cost guesses, drafts when `policy` says so (under
 /// [`Policy::Mixed`], when the profile says the draft's tokens are worth their time), and
-/// keeps the nodes that pay for their rows.
+/// keeps the nodes that pay for their rows. Under [`Policy::Drafting`] it also keeps the
+/// trees the other policies would have verified here, to score them on the same text.
 #[allow(clippy::too_many_arguments)]
 async fn auto_round<T: TargetBackend, D: DraftBackend>(
     sessions: &mut Sessions<'_, T, D>,
@@ -615,16 +653,9 @@ async fn auto_round<T: TargetBackend, D: DraftBackend>(
         unopened,
         remaining: budget + 1,
     };
-    // Under `Drafting` the draft's chain goes alone (zero-cost nodes beside it cost rows
-    // that the per-round estimates over-value, which is what `Mixed` measures), so the
-    // zero-cost guesses are looked up only for rounds that will not draft.
-    let chain_alone = match policy {
-        Policy::Drafting if can_draft && gamma > 0 => tuner.drafting_gamma(greedy, gamma, backlog),
-        _ => None,
-    };
     let mut found = TrieDraft::default();
     let mut phrases = Vec::new();
-    if budget > 0 && chain_alone.is_none() {
+    if budget > 0 {
         if let Some(p) = &state.prompt_trie {
             found = trie.draft(Some(p), text, AUTO_TRIE_NODES.min(room), budget);
             stats.trie_lookups += 1;
@@ -636,21 +667,26 @@ async fn auto_round<T: TargetBackend, D: DraftBackend>(
             stats.pool_hits += u64::from(!phrases.is_empty());
         }
     }
-    let mut round = Round::from_guesses(root, &[], &found, &phrases, budget, room);
-    let mut plan = tuner.plan(
+    let zero_cost = Round::from_guesses(root, &[], &found, &phrases, budget, room);
+    let zero_cost_plan = tuner.plan(
         greedy,
-        &round.tree.parents,
-        &round.guesses,
+        &zero_cost.tree.parents,
+        &zero_cost.guesses,
+        &[],
         RoundKind::ZeroCost,
     );
-    let mut predicted = plan.prediction(RoundKind::ZeroCost);
-    let mut opening_s = 0.0;
+    let zero_cost = zero_cost.retain(&zero_cost_plan.keep);
     let drafting = match policy {
         _ if !can_draft || gamma == 0 => None,
         Policy::ZeroCost => None,
-        Policy::Mixed => tuner.draft_gamma(greedy, gamma, &plan, backlog),
-        Policy::Drafting => chain_alone,
+        Policy::Mixed => tuner.draft_gamma(greedy, gamma, &zero_cost_plan, backlog),
+        // The best draft length whatever the zero-cost guesses promise.
+        Policy::Drafting => tuner.drafting_gamma(greedy, gamma, backlog),
     };
+    let mut predicted = zero_cost_plan.prediction(RoundKind::ZeroCost);
+    let mut opening_s = 0.0;
+    let mut draft_s = 0.0;
+    let (mut drafted, mut confidence) = (Vec::new(), Vec::new());
     if let Some((g, p)) = drafting {
         if sessions.draft.is_none()
             && let Some(d) = sessions.spare.take()
@@ -670,22 +706,51 @@ async fn auto_round<T: TargetBackend, D: DraftBackend>(
         // token would not pay: long runs where the text is predictable, short elsewhere.
         let stop = tuner.draft_stop(greedy, gamma, &p);
         let ask = if stop > 0.0 { gamma.max(g) } else { g };
-        let (drafted, confidence) =
-            call_draft(sessions, stats, pool, state, ask, false, stop).await;
-        if !drafted.is_empty() {
-            round = Round::from_guesses(root, &drafted, &found, &phrases, budget, room);
-            round.confidence = confidence;
-            plan = tuner.plan(
-                greedy,
-                &round.tree.parents,
-                &round.guesses,
-                RoundKind::Drafted,
-            );
-        }
+        let t0 = Instant::now();
+        (drafted, confidence) = call_draft(sessions, stats, pool, state, ask, false, stop).await;
+        draft_s = t0.elapsed().as_secs_f64();
         // Charged to drafting even when the draft came back empty: that was its cost.
         predicted = p;
     }
-    let round = round.retain(&plan.keep);
+    // The draft's chain with the given zero-cost guesses beside it, the nodes that pay.
+    let with_draft = |found: &TrieDraft, phrases: &[Vec<u32>]| {
+        let mut r = Round::from_guesses(root, &drafted, found, phrases, budget, room);
+        r.confidence = confidence.clone();
+        let plan = tuner.plan(
+            greedy,
+            &r.tree.parents,
+            &r.guesses,
+            &r.confidence,
+            RoundKind::Drafted,
+        );
+        r.retain(&plan.keep)
+    };
+    let mut round = match policy {
+        _ if drafted.is_empty() => zero_cost.clone(),
+        // The chain goes alone: zero-cost nodes beside it cost rows that the per-round
+        // estimates over-value, which is what scoring `Mixed` beside it measures.
+        Policy::Drafting => with_draft(&TrieDraft::default(), &[]),
+        _ => with_draft(&found, &phrases),
+    };
+    if policy == Policy::Drafting {
+        // Mixed would have drafted the same tokens (the same length is best for both).
+        let mixed_drafts = !drafted.is_empty()
+            && tuner
+                .draft_gamma(greedy, gamma, &zero_cost_plan, backlog)
+                .is_some();
+        let mixed = match mixed_drafts {
+            true => with_draft(&found, &phrases).tree,
+            false => zero_cost.tree.clone(),
+        };
+        round.alternatives = Some(Alternatives {
+            zero_cost: zero_cost.tree,
+            zero_cost_guesses: zero_cost.guesses,
+            zero_cost_verified: drafted.is_empty(),
+            mixed,
+            mixed_drafts,
+            draft_s,
+        });
+    }
     stats.trie_nodes += round.from_trie.iter().filter(|&&t| t).count() as u64;
     (round, predicted, opening_s)
 }
@@ -753,7 +818,7 @@ async fn run_rounds<T: TargetBackend, D: DraftBackend>(
                         greedy,
                         policy: t.choose_policy(greedy, sessions.can_draft()),
                         tokens: 0,
-                        seconds: 0.0,
+                        scores: PolicyScores::default(),
                     })
                     .policy;
                 let (r, p, opening_s) = auto_round(
@@ -780,6 +845,7 @@ async fn run_rounds<T: TargetBackend, D: DraftBackend>(
             from_trie,
             guesses,
             confidence,
+            alternatives,
         } = round;
         let t0 = Instant::now();
         let (v, timing) = sessions
@@ -808,6 +874,15 @@ async fn run_rounds<T: TargetBackend, D: DraftBackend>(
                     "auto round"
                 );
                 t.observe(greedy, p, v.path.len() + 1, seconds);
+            }
+            if let (Some(alt), Some(seg)) = (&alternatives, &mut segment) {
+                let mut committed = v.accepted.clone();
+                committed.push(v.bonus);
+                // Opening the draft serves the rest of the request: this segment carries
+                // its share, or the policy that happened to open it would look slow.
+                let opening_s = predicted.map_or(0.0, |(_, s)| s);
+                let opening_share = opening_s * (SEGMENT_TOKENS as f64 / remaining as f64).min(1.0);
+                score_alternatives(t, seg, alt, &committed, verify_s, tree.len(), opening_share);
             }
         }
         // The walk may leave the chain at any node when other paths hang off the root.
@@ -880,11 +955,6 @@ async fn run_rounds<T: TargetBackend, D: DraftBackend>(
         if let Some(seg) = &mut segment {
             stats.policy_tokens[seg.policy.index()] += new.len() as u64;
             seg.tokens += new.len();
-            // Opening the draft serves the rest of the request: this segment carries its
-            // share, or the policy that happened to open it would look slow.
-            let opening_s = predicted.map_or(0.0, |(_, s)| s);
-            let share = (SEGMENT_TOKENS as f64 / remaining as f64).min(1.0);
-            seg.seconds += started.elapsed().as_secs_f64() - opening_s * (1.0 - share);
             if seg.tokens >= SEGMENT_TOKENS {
                 segment = None;
             }
@@ -914,6 +984,49 @@ async fn run_rounds<T: TargetBackend, D: DraftBackend>(
             return Ok((out, sources, f));
         }
     }
+}
+
+/// Scores a round of [`Policy::Drafting`] and the trees the other policies would have
+/// verified in its place against the `committed` tokens (accepted and the target's own).
+/// The verify took `verify_s` for `nodes` nodes; the others' verifies are priced by the
+/// cost profile, scaled to that. The zero-cost guesses' outcome teaches their acceptance
+/// as if verified, where it is known (the path stopped short of the committed tokens).
+fn score_alternatives(
+    tuner: &AutoTuner,
+    seg: &mut Segment<'_>,
+    alt: &Alternatives,
+    committed: &[u32],
+    verify_s: f64,
+    nodes: usize,
+    opening_s: f64,
+) {
+    let profile = tuner.profile();
+    let scale = verify_s / profile.verify_cost(nodes).max(1e-12);
+    let verify = |tree: &DraftTree| profile.verify_cost(tree.len()) * scale;
+    seg.scores.add(
+        Policy::Drafting,
+        committed.len(),
+        alt.draft_s + verify_s + opening_s,
+    );
+    let (zero_cost, path) = would_commit(&alt.zero_cost, committed);
+    seg.scores
+        .add(Policy::ZeroCost, zero_cost, verify(&alt.zero_cost));
+    if !alt.zero_cost_verified && path.len() < committed.len() {
+        tuner.learn(seg.greedy, &alt.zero_cost, &alt.zero_cost_guesses, &path);
+    }
+    let (mixed, _) = would_commit(&alt.mixed, committed);
+    let draft_s = match alt.mixed_drafts {
+        true => alt.draft_s + opening_s,
+        false => 0.0,
+    };
+    seg.scores
+        .add(Policy::Mixed, mixed, draft_s + verify(&alt.mixed));
+    tracing::trace!(
+        drafting = committed.len(),
+        mixed,
+        zero_cost,
+        "policies scored"
+    );
 }
 
 /// Cuts newly committed tokens after the first stop id, and at the token budget.

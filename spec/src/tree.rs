@@ -122,6 +122,24 @@ impl DraftTree {
         (out, map)
     }
 
+    /// The nodes a verify would have accepted had the target's tokens after the root been
+    /// `committed`: the longest path from the root spelling a prefix of it. (Beyond
+    /// `committed` the target's tokens are unknown, so the path never goes further.)
+    pub fn follow(&self, committed: &[u32]) -> Vec<usize> {
+        let mut path = Vec::new();
+        let mut at = 0;
+        for &t in committed {
+            match self.child(at, t) {
+                Some(c) => {
+                    path.push(c);
+                    at = c;
+                }
+                None => break,
+            }
+        }
+        path
+    }
+
     /// Distance from the root: node `i` sits at position `root_position + depth(i)`.
     pub fn depths(&self) -> Vec<u32> {
         let mut d = vec![0u32; self.len()];
@@ -185,6 +203,19 @@ mod tests {
         let (r, map) = t.retain(&[true, false, true, true, false, false]);
         assert_eq!(r.tokens, vec![5]);
         assert_eq!(map, vec![Some(0), None, None, None, None, None]);
+    }
+
+    #[test]
+    fn follow_matches_what_a_walk_would_accept() {
+        let mut t = DraftTree::new(5);
+        t.add_path(0, &[1, 2, 3]);
+        t.add_path(0, &[1, 2, 4]);
+        // the second branch, then a token no node spells
+        assert_eq!(t.follow(&[1, 2, 4, 8, 9]), vec![1, 2, 4]);
+        assert_eq!(t.follow(&[7, 1]), Vec::<usize>::new());
+        // the committed tokens end before the tree does
+        assert_eq!(t.follow(&[1]), vec![1]);
+        assert_eq!(t.follow(&[]), Vec::<usize>::new());
     }
 
     #[test]

@@ -7,8 +7,8 @@ use engine::{LanguageModel, MockModel, OutputSpec, SeqInput};
 use futures::executor::block_on;
 use spec::{
     AutoTuner, CostProfile, DecodeParams, DraftCost, FinishReason, Flow, LocalDraft, LocalTarget,
-    LookaheadParams, PhrasePool, Policy, PoolConfig, SEGMENT_TOKENS, SamplingParams, Shared,
-    Strategy, TokenSource, TrieCache, TrieConfig, generate,
+    LookaheadParams, PhrasePool, Policy, PolicyScores, PoolConfig, SEGMENT_TOKENS, SamplingParams,
+    Shared, Strategy, TokenSource, TrieCache, TrieConfig, generate,
 };
 use std::sync::Arc;
 
@@ -590,9 +590,19 @@ fn auto_request(
     .unwrap()
 }
 
-/// `auto` runs each segment under the policy with the best record: one that has
-/// delivered most under `Drafting` drafts every round, one that has under `ZeroCost`
-/// never opens the draft, even where the profile says drafting would pay.
+/// A trie that has seen `prompt` continued by `answer` three times.
+fn knowing_trie(prompt: &[u32], answer: &[u32]) -> TrieCache {
+    let trie = TrieCache::default();
+    let full: Vec<u32> = prompt.iter().chain(answer).copied().collect();
+    for _ in 0..3 {
+        trie.record(&full, 0);
+    }
+    trie
+}
+
+/// `auto` runs each segment under the policy that scored best: where `Drafting` did it
+/// drafts every round, where `ZeroCost` did it never opens the draft, even where the
+/// profile says drafting would pay.
 #[test]
 fn auto_runs_the_policy_with_the_best_record() {
     let target = target_model();
@@ -601,14 +611,15 @@ fn auto_runs_the_policy_with_the_best_record() {
     let want = plain_decode(&target, &prompt, n, &SamplingParams::greedy());
     let run = |best: Policy| {
         let tuner = cheap_tuner();
+        let mut scores = PolicyScores::default();
         for p in Policy::ALL {
-            // Far apart, so that no exploration bonus or new segment changes the order.
+            // Far apart, so that no new segment changes the order.
             let rate = if p == best { 1e9 } else { 1e-3 };
-            for _ in 0..8 {
-                tuner.record_policy(true, p, SEGMENT_TOKENS, SEGMENT_TOKENS as f64 / rate);
-            }
+            scores.add(p, 8 * SEGMENT_TOKENS, 8.0 * SEGMENT_TOKENS as f64 / rate);
         }
-        assert_eq!(tuner.choose_policy(true, true), best);
+        tuner.record_scores(true, &scores);
+        let rate = |p| tuner.policy_rate(true, p).unwrap_or(0.0);
+        assert!(Policy::ALL.iter().all(|&p| rate(p) <= rate(best)));
         auto_request(&target, &prompt, n, &tuner, &TrieCache::default())
     };
     let drafting = run(Policy::Drafting);
@@ -618,6 +629,37 @@ fn auto_runs_the_policy_with_the_best_record() {
     let zero = run(Policy::ZeroCost);
     assert_eq!(zero.tokens, want);
     assert_eq!(zero.stats.draft_calls, 0);
+}
+
+/// Under `Drafting`, `auto` scores the other policies on the same text: where the trie
+/// knows the answer, the zero-cost tree it looked up but did not verify scores more tokens
+/// per second than the draft's chain, and the next request runs zero-cost rounds without
+/// opening the draft. The tokens are plain greedy's throughout.
+#[test]
+fn auto_scores_the_policies_it_did_not_run_on_the_same_text() {
+    let target = target_model();
+    let prompt: Vec<u32> = (0..30).map(|i| (i * 7 % VOCAB) as u32).collect();
+    let n = 50;
+    let want = plain_decode(&target, &prompt, n, &SamplingParams::greedy());
+    let trie = knowing_trie(&prompt, &want);
+    let tuner = cheap_tuner();
+    assert_eq!(tuner.policy_rate(true, Policy::ZeroCost), None);
+    // Before any scores, the policy that takes them runs: it drafts.
+    let first = auto_request(&target, &prompt, n, &tuner, &trie);
+    assert_eq!(first.tokens, want);
+    assert!(first.stats.draft_calls > 0);
+    let rate = |p| tuner.policy_rate(true, p).unwrap_or(0.0);
+    assert!(rate(Policy::Drafting) > 0.0 && rate(Policy::Mixed) > 0.0);
+    assert!(
+        rate(Policy::ZeroCost) > rate(Policy::Drafting),
+        "zero-cost {:.1} vs drafting {:.1} tokens/s",
+        rate(Policy::ZeroCost),
+        rate(Policy::Drafting)
+    );
+    let second = auto_request(&target, &prompt, n, &tuner, &trie);
+    assert_eq!(second.tokens, want);
+    assert_eq!(second.stats.draft_calls, 0);
+    assert!(second.stats.mean_accepted_length() > 3.0);
 }
 
 /// `auto` follows its cost profile: where tree rows and draft tokens cost as much as a
@@ -632,14 +674,7 @@ fn auto_sizes_its_rounds_by_the_cost_profile() {
     let run_auto =
         |tuner: &AutoTuner, trie: &TrieCache| auto_request(&target, &prompt, n, tuner, trie);
     // A trie that knows the answer, to tempt auto into wide trees.
-    let knowing = || {
-        let trie = TrieCache::default();
-        let full: Vec<u32> = prompt.iter().chain(&want).copied().collect();
-        for _ in 0..3 {
-            trie.record(&full, 0);
-        }
-        trie
-    };
+    let knowing = || knowing_trie(&prompt, &want);
     let dear = tuner(&[(1, 1.0), (2, 2.0), (64, 64.0)], 1.0);
     let out = run_auto(&dear, &knowing());
     assert_eq!(out.tokens, want);
@@ -656,7 +691,7 @@ fn auto_sizes_its_rounds_by_the_cost_profile() {
         out.stats.mean_accepted_length()
     );
     // With an empty trie and pool, the (perfect) draft is what pays. (A fresh tuner: this
-    // one's policy records would now send a segment to each policy in turn.)
+    // one's scores, taken where the trie knew the answer, favour zero-cost rounds.)
     let out = run_auto(&cheap_tuner(), &TrieCache::default());
     assert_eq!(out.tokens, want);
     assert!(out.stats.draft_calls > 0 && out.stats.accepted > 0);
