@@ -1216,6 +1216,29 @@ mod tests {
     }
 
     #[test]
+    fn a_drafted_chain_is_kept_as_far_as_the_drafts_own_odds_pay() {
+        // every row costs 0.3 of a step; a chain of six draft tokens
+        let t = AutoTuner::new(profile(&[(1, 1.0), (16, 5.5)], Some((0.0, 0.1))));
+        let parents = [-1, 0, 1, 2, 3, 4, 5];
+        let guesses: Vec<Vec<Guess>> = std::iter::once(Vec::new())
+            .chain((0..6).map(|i| vec![Guess::Draft(i)]))
+            .collect();
+        let kept = |confidence: &[f32]| {
+            t.plan(true, &parents, &guesses, confidence, RoundKind::Drafted)
+                .nodes()
+        };
+        // on the average odds at each depth (the prior's 0.75) the tail does not pay
+        let by_depth = kept(&[]);
+        assert!((2..=4).contains(&by_depth), "{by_depth}");
+        // a draft sure of every token is verified whole...
+        assert_eq!(kept(&[0.99; 6]), 7);
+        // ...and one that lost confidence is cut where it did
+        assert_eq!(kept(&[0.99, 0.99, 0.05, 0.99, 0.99, 0.99]), 3);
+        // probabilities for the first tokens only: the rest go by their depth
+        assert!(kept(&[0.99, 0.99]) >= by_depth);
+    }
+
+    #[test]
     fn kept_nodes_always_form_a_tree() {
         // a child more likely than its parent's siblings but behind its own parent
         let parents = [-1, 0, 0, 1, 3];
