@@ -413,7 +413,8 @@ impl PolicyScores {
         self.seconds[policy.index()] += seconds;
     }
 
-    fn rate(&self, policy: Policy) -> Option<f64> {
+    /// Tokens per second `policy` scored; `None` before it has any.
+    pub fn rate(&self, policy: Policy) -> Option<f64> {
         let (t, s) = (self.tokens[policy.index()], self.seconds[policy.index()]);
         (t > 0.0 && s > 0.0).then(|| t / s)
     }
@@ -668,9 +669,21 @@ impl Calibration {
 
     /// A node's chance given its parent's: the best of the guesses behind it (0: none).
     fn best(&self, guesses: &[Guess]) -> f64 {
+        self.best_given(guesses, &[], 1.0)
+    }
+
+    /// [`Self::best`], where a draft token with a probability in `confidence` goes by
+    /// that probability raised to `power` rather than by its position's record.
+    fn best_given(&self, guesses: &[Guess], confidence: &[f32], power: f64) -> f64 {
         guesses
             .iter()
-            .map(|&g| self.estimate(g))
+            .map(|&g| match g {
+                Guess::Draft(j) if j < confidence.len() => (f64::from(confidence[j])
+                    .clamp(0.0, 1.0))
+                .powf(power)
+                .min(MAX_ACCEPTANCE),
+                g => self.estimate(g),
+            })
             .fold(0.0, f64::max)
     }
 
@@ -878,21 +891,15 @@ impl AutoTuner {
                 RoundKind::Drafted => 1.0,
             };
             // A draft token's own probability says more than its position: one the draft
-            // was sure of is kept where an average token that deep would not be.
-            let power = c.confidence_power();
+            // was sure of is kept where an average token that deep would not be. (The
+            // power's fit is only worth running where there are probabilities.)
+            let power = match confidence.is_empty() {
+                true => 1.0,
+                false => c.confidence_power(),
+            };
             let accept = guesses
                 .iter()
-                .map(|gs| {
-                    gs.iter()
-                        .map(|&g| match g {
-                            Guess::Draft(j) if j < confidence.len() => (f64::from(confidence[j])
-                                .clamp(0.0, 1.0))
-                            .powf(power)
-                            .min(MAX_ACCEPTANCE),
-                            g => c.estimate(g),
-                        })
-                        .fold(0.0, f64::max)
-                })
+                .map(|gs| c.best_given(gs, confidence, power))
                 .collect();
             (accept, trust)
         };

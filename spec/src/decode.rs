@@ -471,7 +471,7 @@ impl Drop for Segment<'_> {
     fn drop(&mut self) {
         if self.policy == Policy::Drafting {
             let s = &self.scores;
-            let rate = |p: Policy| s.tokens[p.index()] / s.seconds[p.index()].max(1e-12);
+            let rate = |p| s.rate(p).unwrap_or(0.0);
             tracing::debug!(
                 tokens = self.tokens,
                 drafting = rate(Policy::Drafting),
