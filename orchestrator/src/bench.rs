@@ -313,6 +313,7 @@ fn run_with<T: LanguageModel + 'static>(e: &Embedded<T>, a: &BenchArgs) -> Resul
         };
         runners.push(runner);
     }
+    let measured = profile.clone();
     let profile = profile.map(|p| p.describe());
     // candle packs quantized weights for its fast kernels on first use, a second or more
     // per model: without a warm-up the first prompt's first row of each model pays it.
@@ -394,6 +395,12 @@ fn run_with<T: LanguageModel + 'static>(e: &Embedded<T>, a: &BenchArgs) -> Resul
         r.finish(base);
     }
     print!("{}", crate::report::table(&rows));
+    let bounds = measured
+        .as_ref()
+        .and_then(|p| crate::report::drafting_bounds(&rows, p));
+    if let Some(b) = &bounds {
+        print!("\n{b}");
+    }
     eprintln!("{} prompts in {seconds:.0} s", prompts.len());
     if let Some(dir) = &a.out {
         let paths = a.model.paths();
@@ -429,6 +436,7 @@ fn run_with<T: LanguageModel + 'static>(e: &Embedded<T>, a: &BenchArgs) -> Resul
                 )),
                 None => profile,
             },
+            drafting_bounds: bounds,
             seconds,
             rows: &rows,
         };

@@ -167,6 +167,49 @@ pub fn table(rows: &[Row]) -> String {
     t
 }
 
+/// Longest draft chain [`drafting_bounds`] considers.
+const MOST_DRAFTED: usize = 32;
+
+/// How each drafting row's decoding compares with what chains of drafted tokens can do
+/// on the measured cost profile: the ceiling (every drafted token accepted) and the
+/// estimate at the row's own acceptance. Decoding only: greedy's verify seconds against
+/// the row's draft and verify seconds (the draft's own prefill, in its first call, counts
+/// in those), prefills aside. `rows[0]` is greedy; `None` without a draft or rows.
+pub fn drafting_bounds(rows: &[Row], profile: &spec::CostProfile) -> Option<String> {
+    let greedy = rows.first()?;
+    let ceiling = profile.best_chain(1.0, MOST_DRAFTED)?;
+    // The prefill is the same for every strategy: only the rest can go faster.
+    let decoding = (greedy.seconds - greedy.prefill_s).max(0.0);
+    let whole = greedy.seconds / (greedy.prefill_s + decoding / ceiling.speedup).max(1e-9);
+    let mut m = format!(
+        "Drafting on this hardware (the cost profile above; decoding only, prefills aside): \
+         a round that drafts gamma tokens, one draft forward each, and verifies them in one \
+         target forward decodes at most {:.2}x as fast as greedy here (gamma {}), even with \
+         every drafted token accepted; with greedy's prefill time in this run ({:.1} s of \
+         {:.1} s) the whole run at most {:.2}x, before the draft's own prefill.\n\n\
+         | strategy | draft acceptance | decoding speedup, measured | chain estimate at that \
+         acceptance |\n|---|---|---|---|\n",
+        ceiling.speedup, ceiling.gamma, greedy.prefill_s, greedy.seconds, whole
+    );
+    let drafting: Vec<&Row> = rows.iter().filter(|r| r.drafted > 0).collect();
+    if drafting.is_empty() {
+        return None;
+    }
+    for r in drafting {
+        let acceptance = ratio(r.accepted, r.drafted);
+        let estimate = profile.best_chain(acceptance, MOST_DRAFTED)?;
+        m.push_str(&format!(
+            "| {} | {:.0}% | {:.2}x | {:.2}x (gamma {}) |\n",
+            r.name,
+            100.0 * acceptance,
+            greedy.verify_s / (r.draft_s + r.verify_s).max(1e-9),
+            estimate.speedup,
+            estimate.gamma
+        ));
+    }
+    Some(m)
+}
+
 /// The processor, as the kernel names it, and the cores this process may use.
 pub fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
@@ -192,6 +235,8 @@ pub struct Report<'a> {
     pub prompts: usize,
     pub max_new_tokens: usize,
     pub cost_profile: Option<String>,
+    /// [`drafting_bounds`], where the run measured a cost profile.
+    pub drafting_bounds: Option<String>,
     pub seconds: f64,
     pub rows: &'a [Row],
 }
@@ -214,6 +259,10 @@ impl Report<'_> {
             m.push_str(&format!("Cost profile (auto): {p}.\n\n"));
         }
         m.push_str(&table(self.rows));
+        if let Some(b) = &self.drafting_bounds {
+            m.push('\n');
+            m.push_str(b);
+        }
         let shares: Vec<String> = self
             .rows
             .iter()
@@ -353,6 +402,38 @@ mod tests {
     }
 
     #[test]
+    fn drafting_rows_are_set_against_the_chains_the_profile_allows() {
+        let draft = spec::DraftCost {
+            per_call: 0.0,
+            per_token: 0.2,
+            catch_up: 0.05,
+        };
+        let profile = spec::CostProfile::new(vec![(1, 1.0), (2, 1.1)], Some(draft)).unwrap();
+        let mut greedy = Row::new("greedy");
+        (greedy.seconds, greedy.prefill_s, greedy.verify_s) = (12.0, 2.0, 10.0);
+        let mut spec_row = Row::new("speculative");
+        (spec_row.drafted, spec_row.accepted) = (10, 9);
+        (spec_row.draft_s, spec_row.verify_s) = (3.0, 4.0);
+        let trie = Row::new("trie");
+        let b = drafting_bounds(&[greedy, spec_row, trie], &profile).unwrap();
+        let ceiling = profile.best_chain(1.0, MOST_DRAFTED).unwrap();
+        assert!(
+            b.contains(&format!("at most {:.2}x", ceiling.speedup)),
+            "{b}"
+        );
+        let at90 = profile.best_chain(0.9, MOST_DRAFTED).unwrap();
+        let line = format!(
+            "| speculative | 90% | 1.43x | {:.2}x (gamma {}) |",
+            at90.speedup, at90.gamma
+        );
+        assert!(b.contains(&line), "{b}");
+        // rows that drafted nothing are not listed; nothing to say without a draft
+        assert!(!b.contains("| trie |"), "{b}");
+        let no_draft = spec::CostProfile::new(vec![(1, 1.0)], None).unwrap();
+        assert!(drafting_bounds(&[Row::new("greedy")], &no_draft).is_none());
+    }
+
+    #[test]
     fn saved_rows_read_back_for_redrawing() {
         let mut row = Row::new("auto");
         row.speedup = 1.25;
@@ -366,6 +447,7 @@ mod tests {
             prompts: 1,
             max_new_tokens: 8,
             cost_profile: None,
+            drafting_bounds: None,
             seconds: 1.0,
             rows: &rows,
         };

@@ -95,6 +95,29 @@ impl CostProfile {
         self.draft.map(|d| d.per_call + d.per_token * tokens as f64)
     }
 
+    /// The draft length (1..=`most` tokens) that decodes fastest here when each drafted
+    /// token is accepted with probability `acceptance`, independently of the others: a
+    /// round drafts that many tokens with one draft forward each and verifies them in one
+    /// target forward. Prefills aside, against greedy decoding's one-node verify per token.
+    /// At `acceptance` 1 it is the ceiling of such drafting on this hardware: no chain
+    /// commits more tokens per round than every drafted one plus the target's own.
+    /// `None` without a draft.
+    pub fn best_chain(&self, acceptance: f64, most: usize) -> Option<ChainEstimate> {
+        let a = acceptance.clamp(0.0, 1.0);
+        let step = self.verify_cost(1);
+        (1..=most.max(1))
+            .filter_map(|gamma| {
+                let tokens: f64 = (0..=gamma).map(|i| a.powi(i as i32)).sum();
+                let seconds = self.draft_cost(gamma)? + self.verify_cost(gamma + 1);
+                Some(ChainEstimate {
+                    gamma,
+                    tokens,
+                    speedup: tokens * step / seconds,
+                })
+            })
+            .max_by(|x, y| x.speedup.total_cmp(&y.speedup))
+    }
+
     /// One line for logs: verify milliseconds by size, and the draft's cost.
     pub fn describe(&self) -> String {
         let verify: Vec<String> = self
@@ -113,6 +136,18 @@ impl CostProfile {
         };
         format!("verify ms by nodes {}; {draft}", verify.join(" "))
     }
+}
+
+/// What drafting chains of one length would do on a [`CostProfile`]
+/// ([`CostProfile::best_chain`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ChainEstimate {
+    /// Tokens drafted per round.
+    pub gamma: usize,
+    /// Expected tokens committed per round, the target's own included.
+    pub tokens: f64,
+    /// Decoding speed over greedy decoding's.
+    pub speedup: f64,
 }
 
 fn between((k0, c0): (usize, f64), (k1, c1): (usize, f64), n: usize) -> f64 {
@@ -1183,6 +1218,32 @@ mod tests {
         assert_eq!(sizes_worth_timing(&[1.0, 9.0, 20.0]), 2);
         assert_eq!(sizes_worth_timing(&[1.0]), 1);
         assert_eq!(sizes_worth_timing(&[]), 0);
+    }
+
+    #[test]
+    fn the_best_chain_weighs_drafted_tokens_against_their_cost() {
+        // a verify row a tenth of a step, a draft token a fifth: with every token
+        // accepted each one adds a step's worth for 0.3 of one, so the longest chain wins
+        let p = profile(&[(1, 1.0), (2, 1.1)], Some((0.0, 0.2)));
+        let c = p.best_chain(1.0, 8).unwrap();
+        assert_eq!(c.gamma, 8);
+        assert_eq!(c.tokens, 9.0);
+        assert!((c.speedup - 9.0 / (1.6 + 1.8)).abs() < 1e-9);
+        // at 60 % the tail does not repay its cost: a shorter chain, a smaller gain
+        let c60 = p.best_chain(0.6, 8).unwrap();
+        assert!(c60.gamma < 8 && c60.speedup < c.speedup, "{c60:?}");
+        let g = c60.gamma;
+        let tokens: f64 = (0..=g).map(|i| 0.6f64.powi(i as i32)).sum();
+        assert!((c60.tokens - tokens).abs() < 1e-9);
+        let worse = |gamma: usize| {
+            let t: f64 = (0..=gamma).map(|i| 0.6f64.powi(i as i32)).sum();
+            t / (0.2 * gamma as f64 + 1.0 + 0.1 * gamma as f64)
+        };
+        assert!((1..=8).all(|k| worse(k) <= c60.speedup + 1e-12));
+        // a draft token that costs a whole step never pays, even always accepted
+        let slow = profile(&[(1, 1.0), (2, 1.1)], Some((0.0, 1.0)));
+        assert!(slow.best_chain(1.0, 8).unwrap().speedup < 1.0);
+        assert!(profile(&[(1, 1.0)], None).best_chain(1.0, 8).is_none());
     }
 
     #[test]

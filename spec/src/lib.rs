@@ -17,8 +17,8 @@ pub mod tree;
 pub mod trie;
 
 pub use auto::{
-    AutoTuner, CostProfile, DraftBacklog, DraftCost, Policy, PolicyScores, Prediction,
-    ProfileOptions, RoundKind, SEGMENT_TOKENS, would_commit,
+    AutoTuner, ChainEstimate, CostProfile, DraftBacklog, DraftCost, Policy, PolicyScores,
+    Prediction, ProfileOptions, RoundKind, SEGMENT_TOKENS, would_commit,
 };
 pub use backend::{
     BackendInfo, DraftBackend, DraftOutcome, DraftRequest, ServerTiming, SessionId, TargetBackend,
