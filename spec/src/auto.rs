@@ -8,9 +8,11 @@
 //!
 //! Per-round estimates are noisy on a machine whose speed drifts, and they miss costs that
 //! only show across rounds (a draft catching up after rounds without it). So the rounds
-//! run under one of a few [`Policy`]s at a time, and which one is judged on what each has
-//! actually delivered: tokens per second over segments of a request, the policy with the
-//! best record (plus a bonus for being little tried) running the next segment.
+//! run under one of a few [`Policy`]s at a time, and which one is judged on what each
+//! would have delivered on the same text: drafting rounds also score the trees the other
+//! policies would have verified against the tokens the target committed
+//! ([`PolicyScores`]), and the policy with the best rate runs the next segment, with a
+//! drafting audit now and then so the scores stay current.
 
 use crate::backend::{DraftBackend, DraftRequest, SessionId, TargetBackend};
 use crate::error::{Result, SpecError};
@@ -1060,7 +1062,7 @@ impl AutoTuner {
 
     /// The policy for a request's next segment: the one that scored best on the same
     /// text (see [`Self::record_scores`]), but [`Policy::Drafting`] before there are any
-    /// scores and for one segment in [`AUDIT_EVERY`], since only its segments score all
+    /// scores and for one segment in `AUDIT_EVERY` (4), since only its segments score all
     /// three. Without a draft only zero-cost rounds are possible.
     pub fn choose_policy(&self, greedy: bool, can_draft: bool) -> Policy {
         if !can_draft || self.profile.draft.is_none() {
@@ -1235,11 +1237,11 @@ mod tests {
         let g = c60.gamma;
         let tokens: f64 = (0..=g).map(|i| 0.6f64.powi(i as i32)).sum();
         assert!((c60.tokens - tokens).abs() < 1e-9);
-        let worse = |gamma: usize| {
+        let rate_at = |gamma: usize| {
             let t: f64 = (0..=gamma).map(|i| 0.6f64.powi(i as i32)).sum();
             t / (0.2 * gamma as f64 + 1.0 + 0.1 * gamma as f64)
         };
-        assert!((1..=8).all(|k| worse(k) <= c60.speedup + 1e-12));
+        assert!((1..=8).all(|k| rate_at(k) <= c60.speedup + 1e-12));
         // a draft token that costs a whole step never pays, even always accepted
         let slow = profile(&[(1, 1.0), (2, 1.1)], Some((0.0, 1.0)));
         assert!(slow.best_chain(1.0, 8).unwrap().speedup < 1.0);
