@@ -313,8 +313,6 @@ fn run_with<T: LanguageModel + 'static>(e: &Embedded<T>, a: &BenchArgs) -> Resul
         };
         runners.push(runner);
     }
-    let measured = profile.clone();
-    let profile = profile.map(|p| p.describe());
     // candle packs quantized weights for its fast kernels on first use, a second or more
     // per model: without a warm-up the first prompt's first row of each model pays it.
     // Each runner decodes a few tokens of the first prompt, then forgets them.
@@ -395,7 +393,7 @@ fn run_with<T: LanguageModel + 'static>(e: &Embedded<T>, a: &BenchArgs) -> Resul
         r.finish(base);
     }
     print!("{}", crate::report::table(&rows));
-    let bounds = measured
+    let bounds = profile
         .as_ref()
         .and_then(|p| crate::report::drafting_bounds(&rows, p));
     if let Some(b) = &bounds {
@@ -429,12 +427,15 @@ fn run_with<T: LanguageModel + 'static>(e: &Embedded<T>, a: &BenchArgs) -> Resul
             },
             prompts: prompts.len(),
             max_new_tokens: a.decode.max_new_tokens,
-            cost_profile: match remote_profile {
-                Some(r) => Some(format!(
-                    "{}; over the loopback services: {r}",
-                    profile.unwrap_or_default()
-                )),
-                None => profile,
+            cost_profile: {
+                let here = profile.as_ref().map(|p| p.describe());
+                match remote_profile {
+                    Some(r) => Some(format!(
+                        "{}; over the loopback services: {r}",
+                        here.unwrap_or_default()
+                    )),
+                    None => here,
+                }
             },
             drafting_bounds: bounds,
             seconds,

@@ -177,6 +177,10 @@ const MOST_DRAFTED: usize = 32;
 /// in those), prefills aside. `rows[0]` is greedy; `None` without a draft or rows.
 pub fn drafting_bounds(rows: &[Row], profile: &spec::CostProfile) -> Option<String> {
     let greedy = rows.first()?;
+    let drafting: Vec<&Row> = rows.iter().filter(|r| r.drafted > 0).collect();
+    if drafting.is_empty() {
+        return None;
+    }
     let ceiling = profile.best_chain(1.0, MOST_DRAFTED)?;
     // The prefill is the same for every strategy: only the rest can go faster.
     let decoding = (greedy.seconds - greedy.prefill_s).max(0.0);
@@ -191,10 +195,6 @@ pub fn drafting_bounds(rows: &[Row], profile: &spec::CostProfile) -> Option<Stri
          acceptance |\n|---|---|---|---|\n",
         ceiling.speedup, ceiling.gamma, greedy.prefill_s, greedy.seconds, whole
     );
-    let drafting: Vec<&Row> = rows.iter().filter(|r| r.drafted > 0).collect();
-    if drafting.is_empty() {
-        return None;
-    }
     for r in drafting {
         let acceptance = ratio(r.accepted, r.drafted);
         let estimate = profile.best_chain(acceptance, MOST_DRAFTED)?;
