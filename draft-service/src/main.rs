@@ -2,9 +2,9 @@
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use decoding::PoolConfig;
 use draft_service::{DraftConfig, DraftGrpc, serve};
 use engine::LoadOptions;
-use spec::PoolConfig;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -98,8 +98,8 @@ async fn run_service(a: Args) -> Result<()> {
     let grpc = DraftGrpc::new(Arc::new(m), config);
     let sessions = grpc.sessions().clone();
     let shutdown = async move {
-        proto::serving::terminated().await;
-        proto::serving::drain_sessions(&sessions, Duration::from_secs(a.drain_timeout_s)).await;
+        serving::server::terminated().await;
+        serving::server::drain_sessions(&sessions, Duration::from_secs(a.drain_timeout_s)).await;
     };
     serve(grpc, listener, shutdown).await
 }

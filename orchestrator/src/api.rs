@@ -5,12 +5,12 @@
 use crate::chat::ChatTemplate;
 use crate::pipeline::{Runner, TokenSink};
 use crate::text::StopScan;
+use decoding::{
+    DecodeParams, FinishReason, Flow, Generation, LookaheadParams, SpecStats, Strategy, TokenSource,
+};
 use proto::convert::{field_status, sampling_from_pb, status_of};
 use proto::v1 as pb;
 use proto::v1::ouroboros_server::Ouroboros;
-use spec::{
-    DecodeParams, FinishReason, Flow, Generation, LookaheadParams, SpecStats, Strategy, TokenSource,
-};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -190,7 +190,7 @@ impl GenerateService {
                 Some(_) => {}
             }
             last = Some(now);
-            let mut s = spec::sessions::lock(&sink_scan);
+            let mut s = serving::sessions::lock(&sink_scan);
             // Runs of one source go out as messages of their own.
             let mut at = 0;
             for run in sources.chunk_by(|a, b| a == b) {
@@ -229,7 +229,7 @@ impl GenerateService {
             started.elapsed().as_secs_f64(),
             self.runner.cache_sizes(),
         );
-        let mut s = spec::sessions::lock(&scan);
+        let mut s = serving::sessions::lock(&scan);
         s.finish();
         let (finish, finish_name) = if s.stopped() {
             (pb::FinishReason::Stop, "stop")

@@ -8,11 +8,11 @@ use crate::sweep;
 use crate::{DecodeArgs, ModelArgs, StrategyArg};
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use decoding::{Flow, ProfileOptions, Strategy};
 use engine::LanguageModel;
 use orchestrator::embedded::{self, Embedded};
 use orchestrator::pipeline::{Pipeline, Runner};
 use orchestrator::remote::{RemoteDraft, RemoteTarget};
-use spec::{Flow, ProfileOptions, Strategy};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -99,7 +99,7 @@ impl Variant {
         }
     }
 
-    fn params(&self, decode: &DecodeArgs, eos: &[u32]) -> spec::DecodeParams {
+    fn params(&self, decode: &DecodeArgs, eos: &[u32]) -> decoding::DecodeParams {
         let mut p = decode.params(self.strategy, eos);
         if self.trie_off {
             p.trie_budget = 0;
@@ -258,9 +258,15 @@ pub fn run(mut a: BenchArgs) -> Result<()> {
     let paths = a.model.paths();
     let phrase_len = a.decode.phrase_len();
     if a.model.tp > 1 {
-        run_with(&embedded::load_tp(&paths, a.model.tp, phrase_len)?, &a)
+        run_with(
+            &embedded::load_tp(&paths, a.model.tp, phrase_len, &Default::default())?,
+            &a,
+        )
     } else {
-        run_with(&embedded::load_single(&paths, phrase_len)?, &a)
+        run_with(
+            &embedded::load_single(&paths, phrase_len, &Default::default())?,
+            &a,
+        )
     }
 }
 
@@ -306,7 +312,7 @@ fn run_with<T: LanguageModel + 'static>(e: &Embedded<T>, a: &BenchArgs) -> Resul
                     }
                     // Same hardware figures, acceptance counts of its own.
                     let c = profile.clone().expect("measured above");
-                    let _ = p.tuner.set(spec::AutoTuner::new(c));
+                    let _ = p.tuner.set(decoding::AutoTuner::new(c));
                 }
                 Arc::new(p)
             }
@@ -328,7 +334,7 @@ fn run_with<T: LanguageModel + 'static>(e: &Embedded<T>, a: &BenchArgs) -> Resul
         for (v, runner) in plan.iter().zip(&runners) {
             let mut params = v.params(&a.decode, &e.eos);
             params.max_new_tokens = params.max_new_tokens.min(WARM_UP_TOKENS);
-            let sink = Box::new(|_: &[u32], _: &[spec::TokenSource]| Flow::Continue);
+            let sink = Box::new(|_: &[u32], _: &[decoding::TokenSource]| Flow::Continue);
             rt.block_on(runner.run(prompt.clone(), params, sink))?;
             runner.clear_caches();
         }
@@ -345,7 +351,7 @@ fn run_with<T: LanguageModel + 'static>(e: &Embedded<T>, a: &BenchArgs) -> Resul
                 runner.clear_caches();
             }
             let params = v.params(&a.decode, &e.eos);
-            let sink = Box::new(|_: &[u32], _: &[spec::TokenSource]| Flow::Continue);
+            let sink = Box::new(|_: &[u32], _: &[decoding::TokenSource]| Flow::Continue);
             let g = rt.block_on(runner.run(prompt.clone(), params.clone(), sink))?;
             row.add(&g.stats, g.tokens.len());
             match &reference {

@@ -1,14 +1,17 @@
 //! The all-in-one mode: target, draft and tokenizer in this process, behind the same
-//! backend traits the distributed mode uses.
+//! backend traits the distributed mode uses. The target runs in the serving crate's
+//! runtime, the one the target service runs: concurrent requests share batched forwards,
+//! and sessions are admitted against the same limits and expire after the same TTL.
 
 use crate::chat::ChatTemplate;
 use crate::pipeline::Pipeline;
 use anyhow::{Context, Result, bail};
 use candle_core::Device;
+use decoding::{DecodeParams, Generation, PhrasePool, PoolConfig};
 use engine::chat_template::ChatTemplateSource;
 use engine::tp::TpModel;
 use engine::{LanguageModel, LoadOptions, Transformer};
-use spec::{DecodeParams, Generation, LocalDraft, LocalTarget, PhrasePool, PoolConfig};
+use serving::{DraftConfig, DraftRuntime, TargetConfig, TargetRuntime};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokenizers::Tokenizer;
@@ -23,16 +26,34 @@ pub fn models_dir() -> PathBuf {
 }
 
 /// The in-process pipeline: target, its lookahead host, the draft and the pools.
-pub type LocalPipeline<T> = Pipeline<LocalTarget<T>, LocalDraft<Transformer>, LocalDraft<T>>;
+pub type LocalPipeline<T> = Pipeline<TargetRuntime<T>, DraftRuntime<Transformer>, DraftRuntime<T>>;
+
+/// The runtimes' limits in this process: sessions, KV budget, TTL and batching for the
+/// target (as the target service takes them); the draft's sessions follow the target's.
+#[derive(Debug, Clone, Default)]
+pub struct Limits {
+    pub target: TargetConfig,
+}
+
+impl Limits {
+    fn draft(&self) -> DraftConfig {
+        DraftConfig {
+            max_sessions: self.target.max_sessions,
+            session_ttl: self.target.session_ttl,
+            ..DraftConfig::default()
+        }
+    }
+}
 
 /// Loaded models and the pools they share across requests.
-pub struct Embedded<T: LanguageModel> {
+pub struct Embedded<T: LanguageModel + 'static> {
     pub pipeline: Arc<LocalPipeline<T>>,
     pub tokenizer: Tokenizer,
     pub chat: Arc<ChatTemplate>,
     pub eos: Vec<u32>,
     target: Arc<T>,
     draft: Option<Arc<Transformer>>,
+    limits: Limits,
 }
 
 pub struct ModelPaths {
@@ -166,14 +187,23 @@ fn target_options(paths: &ModelPaths) -> LoadOptions {
     }
 }
 
-pub fn load_single(paths: &ModelPaths, phrase_len: usize) -> Result<Embedded<Transformer>> {
+pub fn load_single(
+    paths: &ModelPaths,
+    phrase_len: usize,
+    limits: &Limits,
+) -> Result<Embedded<Transformer>> {
     check_file(&paths.target, "target model")?;
     let m = engine::load_model(&paths.target, &target_options(paths), &Device::Cpu)
         .with_context(|| format!("loading target {}", paths.target.display()))?;
-    assemble(Arc::new(m), paths, phrase_len)
+    assemble(Arc::new(m), paths, phrase_len, limits)
 }
 
-pub fn load_tp(paths: &ModelPaths, world: usize, phrase_len: usize) -> Result<Embedded<TpModel>> {
+pub fn load_tp(
+    paths: &ModelPaths,
+    world: usize,
+    phrase_len: usize,
+    limits: &Limits,
+) -> Result<Embedded<TpModel>> {
     check_file(&paths.target, "target model")?;
     let m = TpModel::load(&paths.target, world, &target_options(paths), &Device::Cpu)
         .with_context(|| {
@@ -182,13 +212,14 @@ pub fn load_tp(paths: &ModelPaths, world: usize, phrase_len: usize) -> Result<Em
                 paths.target.display()
             )
         })?;
-    assemble(Arc::new(m), paths, phrase_len)
+    assemble(Arc::new(m), paths, phrase_len, limits)
 }
 
-fn assemble<T: LanguageModel>(
+fn assemble<T: LanguageModel + 'static>(
     target: Arc<T>,
     paths: &ModelPaths,
     phrase_len: usize,
+    limits: &Limits,
 ) -> Result<Embedded<T>> {
     let tokenizer = load_tokenizer(paths)?;
     let chat = Arc::new(load_chat_template(paths, Some(&paths.target), None)?);
@@ -203,7 +234,7 @@ fn assemble<T: LanguageModel>(
             );
         }
     }
-    let pipeline = fresh_pipeline(&target, draft.as_ref(), phrase_len);
+    let pipeline = fresh_pipeline(&target, draft.as_ref(), phrase_len, limits);
     Ok(Embedded {
         pipeline: Arc::new(pipeline),
         tokenizer,
@@ -211,34 +242,43 @@ fn assemble<T: LanguageModel>(
         eos,
         target,
         draft,
+        limits: limits.clone(),
     })
 }
 
-/// Backends over loaded models, with empty pools and trie of their own.
-fn fresh_pipeline<T: LanguageModel>(
+/// Runtimes over loaded models, with empty pools and trie of their own.
+pub fn fresh_pipeline<T: LanguageModel + 'static>(
     target: &Arc<T>,
     draft: Option<&Arc<Transformer>>,
     phrase_len: usize,
+    limits: &Limits,
 ) -> LocalPipeline<T> {
     let pool = pool_for(phrase_len);
     let lookahead_pool = pool_for(phrase_len);
     Pipeline {
-        target: Arc::new(LocalTarget::new(target.clone())),
-        draft: draft.map(|d| Arc::new(LocalDraft::new(d.clone(), pool.clone()))),
-        lookahead: Some(Arc::new(LocalDraft::new(
+        target: Arc::new(TargetRuntime::new(target.clone(), limits.target.clone())),
+        draft: draft.map(|d| {
+            Arc::new(DraftRuntime::sharing(
+                d.clone(),
+                pool.clone(),
+                limits.draft(),
+            ))
+        }),
+        lookahead: Some(Arc::new(DraftRuntime::sharing(
             target.clone(),
             lookahead_pool.clone(),
+            limits.draft(),
         ))),
         pool,
         lookahead_pool,
         trie: Default::default(),
         tuner: Default::default(),
-        // In-process backends compute inside their futures.
+        // The draft runtimes compute inside their futures.
         blocking: true,
     }
 }
 
-impl<T: LanguageModel> Embedded<T> {
+impl<T: LanguageModel + 'static> Embedded<T> {
     /// Where two decodings of `prompt` part after the shared `prefix`: the target's
     /// logits for the next token, teacher-forced in one forward, as (logit of `a` minus
     /// logit of `b`, gap between the best and second-best logits). A tiny gap means the
@@ -272,7 +312,7 @@ impl<T: LanguageModel> Embedded<T> {
     /// A pipeline on the same models with caches of its own, so that benchmarked
     /// strategies do not warm each other; its pools hold phrases of `phrase_len` tokens.
     pub fn isolated_pipeline(&self, phrase_len: usize) -> LocalPipeline<T> {
-        fresh_pipeline(&self.target, self.draft.as_ref(), phrase_len)
+        fresh_pipeline(&self.target, self.draft.as_ref(), phrase_len, &self.limits)
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
@@ -291,9 +331,9 @@ impl<T: LanguageModel> Embedded<T> {
     }
 
     /// Measures what verifies and draft calls cost on this machine (for `auto`), once.
-    pub fn measure_costs(&self) -> Result<spec::CostProfile> {
+    pub fn measure_costs(&self) -> Result<decoding::CostProfile> {
         eprintln!("measuring the cost profile for the auto strategy ...");
-        let opts = spec::ProfileOptions::default();
+        let opts = decoding::ProfileOptions::default();
         let p = futures::executor::block_on(self.pipeline.measure_costs_here(&opts))
             .context("measuring the cost profile")?;
         eprintln!("cost profile: {}", p.describe());
@@ -305,7 +345,7 @@ impl<T: LanguageModel> Embedded<T> {
         &self,
         prompt: &[u32],
         params: &DecodeParams,
-        on_tokens: &mut spec::TokenSink<'_>,
+        on_tokens: &mut decoding::TokenSink<'_>,
     ) -> Result<Generation> {
         let fut = self.pipeline.generate(prompt, params, on_tokens);
         Ok(futures::executor::block_on(fut)?)

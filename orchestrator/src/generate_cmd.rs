@@ -5,11 +5,11 @@
 use crate::{DecodeArgs, ModelArgs, StrategyArg};
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
+use decoding::{Flow, TokenSource};
 use orchestrator::api::stats_of;
 use proto::common::v1 as common;
 use proto::v1 as pb;
 use proto::v1::ouroboros_client::OuroborosClient;
-use spec::{Flow, TokenSource};
 use std::io::{IsTerminal, Write};
 
 #[derive(Args)]
@@ -104,11 +104,12 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     }
     let (paths, phrase_len) = (a.model.paths(), a.decode.phrase_len());
     if a.model.tp > 1 {
-        let e = orchestrator::embedded::load_tp(&paths, a.model.tp, phrase_len)?;
+        let e =
+            orchestrator::embedded::load_tp(&paths, a.model.tp, phrase_len, &Default::default())?;
         local(&e, &a)
     } else {
         local(
-            &orchestrator::embedded::load_single(&paths, phrase_len)?,
+            &orchestrator::embedded::load_single(&paths, phrase_len, &Default::default())?,
             &a,
         )
     }
@@ -125,7 +126,7 @@ fn local<T: engine::LanguageModel>(
     };
     let prompt = e.encode(&text)?;
     let params = a.decode.params(a.strategy.into(), &e.eos);
-    if params.strategy == spec::Strategy::Auto {
+    if params.strategy == decoding::Strategy::Auto {
         e.measure_costs()?;
     }
     let mut paint = Painter::new(a.color);

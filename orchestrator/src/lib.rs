@@ -19,5 +19,5 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    proto::serving::serve(OuroborosServer::new(service), listener, shutdown).await
+    serving::server::serve(OuroborosServer::new(service), listener, shutdown).await
 }

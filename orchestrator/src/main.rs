@@ -10,10 +10,10 @@ mod sweep;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use decoding::{DecodeParams, LookaheadParams, SamplingParams, Strategy};
 use orchestrator::embedded::{
     DEFAULT_DRAFT, DEFAULT_TARGET, DEFAULT_TOKENIZER, ModelPaths, models_dir,
 };
-use spec::{DecodeParams, LookaheadParams, SamplingParams, Strategy};
 use std::path::PathBuf;
 
 #[derive(Parser)]

@@ -2,15 +2,15 @@
 //! optionally a draft, optionally a lookahead host (the target model in a draft role, for
 //! the target-only lookahead baseline), and the pools shared across requests.
 
-use futures::future::BoxFuture;
-use spec::{
-    AutoTuner, BackendInfo, CostProfile, DecodeParams, DraftBackend, Generation, PhrasePool,
-    ProfileOptions, Shared, SpecError, Strategy, TargetBackend, TrieCache, generate,
+use decoding::{
+    AutoTuner, BackendInfo, CostProfile, DecodeParams, DecodingError, DraftBackend, Generation,
+    PhrasePool, ProfileOptions, Shared, Strategy, TargetBackend, TrieCache, generate,
 };
+use futures::future::BoxFuture;
 use std::sync::{Arc, OnceLock};
 use tracing::Instrument;
 
-pub type TokenSink = Box<spec::TokenSink<'static>>;
+pub type TokenSink = Box<decoding::TokenSink<'static>>;
 
 pub trait Runner: Send + Sync + 'static {
     fn target_info(&self) -> BackendInfo;
@@ -23,14 +23,17 @@ pub trait Runner: Send + Sync + 'static {
     /// Forgets what earlier requests taught: the phrase pools and the output trie.
     fn clear_caches(&self);
     /// Times the backends (what `auto` decides from) and keeps the profile.
-    fn measure_costs(&self, opts: ProfileOptions) -> BoxFuture<'static, spec::Result<CostProfile>>;
+    fn measure_costs(
+        &self,
+        opts: ProfileOptions,
+    ) -> BoxFuture<'static, decoding::Result<CostProfile>>;
     /// Runs one request to the end; `sink` sees committed tokens as they come.
     fn run(
         &self,
         prompt: Vec<u32>,
         params: DecodeParams,
         sink: TokenSink,
-    ) -> BoxFuture<'static, spec::Result<Generation>>;
+    ) -> BoxFuture<'static, decoding::Result<Generation>>;
 }
 
 pub struct Pipeline<T, D, L> {
@@ -77,8 +80,8 @@ where
         &self,
         prompt: &[u32],
         params: &DecodeParams,
-        sink: &mut spec::TokenSink<'_>,
-    ) -> spec::Result<Generation> {
+        sink: &mut decoding::TokenSink<'_>,
+    ) -> decoding::Result<Generation> {
         let tuner = self.tuner.get();
         if params.strategy == Strategy::Lookahead {
             let host = self.lookahead.as_deref();
@@ -101,11 +104,11 @@ where
 
     /// Measures the cost profile through this pipeline's own backends (on the calling
     /// task) and keeps it, unless one is kept already.
-    pub async fn measure_costs_here(&self, opts: &ProfileOptions) -> spec::Result<CostProfile> {
+    pub async fn measure_costs_here(&self, opts: &ProfileOptions) -> decoding::Result<CostProfile> {
         if let Some(t) = self.tuner.get() {
             return Ok(t.profile().clone());
         }
-        let profile = spec::auto::measure(&*self.target, self.draft.as_deref(), opts).await?;
+        let profile = decoding::auto::measure(&*self.target, self.draft.as_deref(), opts).await?;
         let _ = self.tuner.set(AutoTuner::new(profile.clone()));
         Ok(profile)
     }
@@ -114,8 +117,8 @@ where
     /// in-process models, an async task otherwise.
     fn spawn<R: Send + 'static>(
         &self,
-        work: impl std::future::Future<Output = spec::Result<R>> + Send + 'static,
-    ) -> BoxFuture<'static, spec::Result<R>> {
+        work: impl std::future::Future<Output = decoding::Result<R>> + Send + 'static,
+    ) -> BoxFuture<'static, decoding::Result<R>> {
         let blocking = self.blocking;
         // The request's span goes with it onto the task that runs it.
         let work = work.in_current_span();
@@ -125,7 +128,7 @@ where
             } else {
                 tokio::spawn(work).await
             };
-            joined.map_err(|e| SpecError::Backend(format!("request task failed: {e}")))?
+            joined.map_err(|e| DecodingError::Backend(format!("request task failed: {e}")))?
         })
     }
 }
@@ -162,7 +165,10 @@ where
         self.trie.clear();
     }
 
-    fn measure_costs(&self, opts: ProfileOptions) -> BoxFuture<'static, spec::Result<CostProfile>> {
+    fn measure_costs(
+        &self,
+        opts: ProfileOptions,
+    ) -> BoxFuture<'static, decoding::Result<CostProfile>> {
         let pipeline = self.clone();
         self.spawn(async move { pipeline.measure_costs_here(&opts).await })
     }
@@ -172,7 +178,7 @@ where
         prompt: Vec<u32>,
         params: DecodeParams,
         mut sink: TokenSink,
-    ) -> BoxFuture<'static, spec::Result<Generation>> {
+    ) -> BoxFuture<'static, decoding::Result<Generation>> {
         let pipeline = self.clone();
         self.spawn(async move { pipeline.generate(&prompt, &params, &mut *sink).await })
     }

@@ -1,8 +1,12 @@
 //! gRPC implementations of the backend traits: the same decoding loops drive draft and
-//! target services on other hosts. A status from a service becomes the `SpecError` the
+//! target services on other hosts. A status from a service becomes the `DecodingError` the
 //! in-process backend would have given. Every call carries the caller's trace context.
 
 use anyhow::Context;
+use decoding::{
+    BackendInfo, DecodingError, DraftBackend, DraftOutcome, DraftRequest, DraftTree, Result,
+    SamplingParams, ServerTiming, SessionId, TargetBackend, VerifyOutcome,
+};
 use engine::chat_template::ChatTemplateSource;
 use proto::common::v1 as common;
 use proto::convert::{error_of, sampling_to_pb};
@@ -10,10 +14,6 @@ use proto::draft::v1 as dpb;
 use proto::draft::v1::draft_service_client::DraftServiceClient;
 use proto::target::v1 as tpb;
 use proto::target::v1::target_service_client::TargetServiceClient;
-use spec::{
-    BackendInfo, DraftBackend, DraftOutcome, DraftRequest, DraftTree, Result, SamplingParams,
-    ServerTiming, SessionId, SpecError, TargetBackend, VerifyOutcome,
-};
 use std::time::Duration;
 use telemetry::traces::traced;
 use tonic::transport::{Channel, Endpoint};
@@ -119,7 +119,7 @@ impl TargetBackend for RemoteTarget {
             .map_err(|s| error_of(&s, Some(session)))?
             .into_inner();
         if r.outputs.len() != tree.len() || r.accepted.len() != r.path.len() {
-            return Err(SpecError::Backend(format!(
+            return Err(DecodingError::Backend(format!(
                 "target {} answered {} outputs for {} nodes",
                 self.url,
                 r.outputs.len(),

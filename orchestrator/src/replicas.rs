@@ -8,9 +8,9 @@
 //! resolved again periodically, so pods that come and go are picked up.
 
 use dashmap::DashMap;
-use spec::{
-    BackendInfo, DraftBackend, DraftOutcome, DraftRequest, DraftTree, Result, SamplingParams,
-    ServerTiming, SessionId, SpecError, TargetBackend, VerifyOutcome,
+use decoding::{
+    BackendInfo, DecodingError, DraftBackend, DraftOutcome, DraftRequest, DraftTree, Result,
+    SamplingParams, ServerTiming, SessionId, TargetBackend, VerifyOutcome,
 };
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -162,7 +162,7 @@ impl<B: Send + Sync + 'static> Replicas<B> {
             .sessions
             .get(&session)
             .map(|e| e.value().clone())
-            .ok_or(SpecError::UnknownSession(session))
+            .ok_or(DecodingError::UnknownSession(session))
     }
 
     fn unpin(&self, session: SessionId) -> Result<(Arc<Replica<B>>, SessionId)> {
@@ -170,7 +170,7 @@ impl<B: Send + Sync + 'static> Replicas<B> {
             .inner
             .sessions
             .remove(&session)
-            .ok_or(SpecError::UnknownSession(session))?;
+            .ok_or(DecodingError::UnknownSession(session))?;
         r.open.fetch_sub(1, Ordering::Relaxed);
         Ok((r, remote))
     }
@@ -180,11 +180,11 @@ impl<B: Send + Sync + 'static> Replicas<B> {
 /// move on, any other error is the caller's.
 macro_rules! open_on_replicas {
     ($self:ident, $committed:ident) => {{
-        let mut last = SpecError::Unavailable("no replica is connected".into());
+        let mut last = DecodingError::Unavailable("no replica is connected".into());
         for r in $self.candidates() {
             match r.backend.open($committed).await {
                 Ok(remote) => return Ok($self.pin(r, remote)),
-                Err(e @ (SpecError::Exhausted(_) | SpecError::Unavailable(_))) => {
+                Err(e @ (DecodingError::Exhausted(_) | DecodingError::Unavailable(_))) => {
                     tracing::debug!(url = %r.url, "replica refused a session: {e}");
                     last = e;
                 }

@@ -2,10 +2,10 @@
 //! and the speedup chart.
 
 use anyhow::{Context, Result};
+use decoding::SpecStats;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 use serde::{Deserialize, Serialize};
-use spec::SpecStats;
 use std::path::Path;
 
 /// One strategy's totals over every prompt of a run.
@@ -34,7 +34,7 @@ pub struct Row {
     pub verify_s: f64,
     pub network_s: f64,
     pub mismatched_prompts: u64,
-    /// `auto`: tokens committed under each of its policies (`spec::Policy::ALL` order).
+    /// `auto`: tokens committed under each of its policies (`decoding::Policy::ALL` order).
     pub policy_tokens: [u64; 3],
     /// Filled in when the run ends.
     pub tok_s: f64,
@@ -92,7 +92,7 @@ impl Row {
     fn policy_shares(&self) -> Option<String> {
         let total: u64 = self.policy_tokens.iter().sum();
         (total > 0).then(|| {
-            spec::Policy::ALL
+            decoding::Policy::ALL
                 .iter()
                 .zip(self.policy_tokens)
                 .map(|(p, n)| format!("{} {:.0} %", p.name(), 100.0 * ratio(n, total)))
@@ -175,7 +175,7 @@ const MOST_DRAFTED: usize = 32;
 /// estimate at the row's own acceptance. Decoding only: greedy's verify seconds against
 /// the row's draft and verify seconds (the draft's own prefill, in its first call, counts
 /// in those), prefills aside. `rows[0]` is greedy; `None` without a draft or rows.
-pub fn drafting_bounds(rows: &[Row], profile: &spec::CostProfile) -> Option<String> {
+pub fn drafting_bounds(rows: &[Row], profile: &decoding::CostProfile) -> Option<String> {
     let greedy = rows.first()?;
     let drafting: Vec<&Row> = rows.iter().filter(|r| r.drafted > 0).collect();
     if drafting.is_empty() {
@@ -376,7 +376,7 @@ mod tests {
 
     #[test]
     fn rows_add_up_and_tables_show_them() {
-        let mut s = SpecStats::new(spec::Strategy::Auto);
+        let mut s = SpecStats::new(decoding::Strategy::Auto);
         s.total_s = 2.0;
         s.target_forwards = 5;
         s.offered_at = vec![4, 2];
@@ -384,7 +384,7 @@ mod tests {
         s.drafted = 6;
         s.accepted = 4;
         let mut greedy = Row::new("greedy");
-        let mut greedy_stats = SpecStats::new(spec::Strategy::Greedy);
+        let mut greedy_stats = SpecStats::new(decoding::Strategy::Greedy);
         greedy_stats.total_s = 4.0;
         greedy_stats.target_forwards = 10;
         greedy.add(&greedy_stats, 10);
@@ -403,12 +403,12 @@ mod tests {
 
     #[test]
     fn drafting_rows_are_set_against_the_chains_the_profile_allows() {
-        let draft = spec::DraftCost {
+        let draft = decoding::DraftCost {
             per_call: 0.0,
             per_token: 0.2,
             catch_up: 0.05,
         };
-        let profile = spec::CostProfile::new(vec![(1, 1.0), (2, 1.1)], Some(draft)).unwrap();
+        let profile = decoding::CostProfile::new(vec![(1, 1.0), (2, 1.1)], Some(draft)).unwrap();
         let mut greedy = Row::new("greedy");
         (greedy.seconds, greedy.prefill_s, greedy.verify_s) = (12.0, 2.0, 10.0);
         let mut spec_row = Row::new("speculative");
@@ -429,7 +429,7 @@ mod tests {
         assert!(b.contains(&line), "{b}");
         // rows that drafted nothing are not listed; nothing to say without a draft
         assert!(!b.contains("| trie |"), "{b}");
-        let no_draft = spec::CostProfile::new(vec![(1, 1.0)], None).unwrap();
+        let no_draft = decoding::CostProfile::new(vec![(1, 1.0)], None).unwrap();
         assert!(drafting_bounds(&[Row::new("greedy")], &no_draft).is_none());
     }
 

@@ -4,12 +4,14 @@
 use crate::{DecodeArgs, ModelArgs};
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use decoding::{DraftBackend, PhrasePool, ProfileOptions, Strategy, TargetBackend};
 use orchestrator::api::GenerateService;
 use orchestrator::embedded::{self, Embedded};
 use orchestrator::pipeline::{Pipeline, Runner};
 use orchestrator::remote::{RemoteDraft, RemoteTarget};
 use orchestrator::replicas::Replicas;
-use spec::{DraftBackend, PhrasePool, ProfileOptions, Strategy, TargetBackend};
+use serving::TargetConfig;
+use serving::args::TargetLimitsArgs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,6 +46,10 @@ pub struct ServeArgs {
     skip_profile: bool,
     #[command(flatten)]
     model: ModelArgs,
+    /// The in-process target runtime's limits (embedded mode; the same flags and
+    /// variables as the target service's).
+    #[command(flatten)]
+    limits: TargetLimitsArgs,
     /// Defaults for what a request leaves out.
     #[command(flatten)]
     decode: DecodeArgs,
@@ -72,10 +78,19 @@ async fn serve_with(a: ServeArgs) -> Result<()> {
         Some(url) => remote(&a, url, phrase_len).await?,
         None => {
             let paths = a.model.paths();
+            let limits = embedded::Limits {
+                target: TargetConfig {
+                    tp_size: a.model.tp,
+                    ..a.limits.config()
+                },
+            };
             if a.model.tp > 1 {
-                local(&a, embedded::load_tp(&paths, a.model.tp, phrase_len)?)
+                local(
+                    &a,
+                    embedded::load_tp(&paths, a.model.tp, phrase_len, &limits)?,
+                )
             } else {
-                local(&a, embedded::load_single(&paths, phrase_len)?)
+                local(&a, embedded::load_single(&paths, phrase_len, &limits)?)
             }
         }
     };
@@ -92,7 +107,7 @@ async fn serve_with(a: ServeArgs) -> Result<()> {
     }
     tracing::info!(listen = %a.listen, "ouroboros API ready");
     // On SIGTERM the server stops taking requests and lets those in flight finish.
-    let shutdown = proto::serving::terminated();
+    let shutdown = serving::server::terminated();
     orchestrator::serve(service, listener, shutdown).await?;
     if let Some(p) = &a.pool_snapshot {
         let mut f = std::fs::File::create(p).with_context(|| format!("writing {}", p.display()))?;

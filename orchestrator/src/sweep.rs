@@ -2,7 +2,7 @@
 //! every compared strategy that uses it, the other parameters left at their flags (one
 //! factor at a time, so a sweep over four parameters costs their values' sum, not product).
 
-use spec::{DecodeParams, Strategy};
+use decoding::{DecodeParams, Strategy};
 use std::str::FromStr;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -3,21 +3,21 @@
 
 use candle_core::Device;
 use candle_core::quantized::GgmlDType;
+use decoding::{
+    DecodeParams, DecodingError, DraftBackend, Flow, PhrasePool, Shared, Strategy, TargetBackend,
+    TrieCache, generate,
+};
 use engine::testing::{random_weights, tiny_config, write_gguf};
 use engine::{Architecture, LoadOptions};
 use futures::future::join_all;
 use orchestrator::remote::{RemoteDraft, RemoteTarget};
 use orchestrator::replicas::Replicas;
-use spec::{
-    DecodeParams, DraftBackend, Flow, PhrasePool, Shared, SpecError, Strategy, TargetBackend,
-    TrieCache, generate,
-};
 use std::sync::Arc;
 use std::time::Duration;
 use target_service::{TargetConfig, TargetGrpc};
 use tokio::net::TcpListener;
 
-type Table = Arc<target_service::scheduler::Sessions<engine::Transformer>>;
+type Table = Arc<serving::scheduler::Sessions<engine::Transformer>>;
 
 /// A target service on loopback; returns its URL and its session table.
 async fn target(model: &std::path::Path) -> (String, Table) {
@@ -59,7 +59,7 @@ async fn greedy<T: TargetBackend>(t: &T, prompt: &[u32]) -> Vec<u32> {
         shared,
         prompt,
         &params,
-        &mut |_: &[u32], _: &[spec::TokenSource]| Flow::Continue,
+        &mut |_: &[u32], _: &[decoding::TokenSource]| Flow::Continue,
     )
     .await
     .unwrap()
@@ -90,7 +90,7 @@ async fn sessions_spread_over_replicas_and_stay_there() {
     assert_eq!((sa.len(), sb.len()), (0, 0));
     assert!(matches!(
         both.close(12345).await,
-        Err(SpecError::UnknownSession(12345))
+        Err(DecodingError::UnknownSession(12345))
     ));
 
     // Concurrent requests through the replicas give what one replica alone gives.
@@ -110,7 +110,7 @@ async fn sessions_spread_over_replicas_and_stay_there() {
     sb.drain();
     assert!(matches!(
         both.open(&[1, 2]).await,
-        Err(SpecError::Unavailable(_))
+        Err(DecodingError::Unavailable(_))
     ));
 }
 

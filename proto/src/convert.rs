@@ -1,11 +1,11 @@
-//! Mapping between the wire messages and the `spec` types, and between `SpecError` and
+//! Mapping between the wire messages and the `spec` types, and between `DecodingError` and
 //! gRPC status codes in both directions (services answer with a status; remote backends
 //! turn it back into the error the decoding loops understand).
 
 use crate::common::v1 as pb;
+use decoding::{DecodingError, LookaheadParams, Ngram, SamplingParams, ServerTiming};
 use engine::EngineError;
 use engine::chat_template::ChatTemplateSource;
-use spec::{LookaheadParams, Ngram, SamplingParams, ServerTiming, SpecError};
 use tonic::{Code, Status};
 
 impl From<ServerTiming> for pb::ServerTiming {
@@ -112,37 +112,37 @@ impl From<&pb::ChatTemplate> for ChatTemplateSource {
 }
 
 /// The status a service answers with for an error.
-pub fn status_of(e: &SpecError) -> Status {
+pub fn status_of(e: &DecodingError) -> Status {
     let code = match e {
-        SpecError::UnknownSession(_) => Code::NotFound,
-        SpecError::InvalidTree(_) | SpecError::InvalidArgument(_) => Code::InvalidArgument,
-        SpecError::ContextOverflow(_) => Code::OutOfRange,
-        SpecError::Exhausted(_) => Code::ResourceExhausted,
-        SpecError::Unavailable(_) => Code::Unavailable,
-        SpecError::Engine(EngineError::ContextOverflow { .. }) => Code::OutOfRange,
-        SpecError::Engine(EngineError::InvalidInput(_)) => Code::InvalidArgument,
-        SpecError::Engine(_) | SpecError::Backend(_) => Code::Internal,
+        DecodingError::UnknownSession(_) => Code::NotFound,
+        DecodingError::InvalidTree(_) | DecodingError::InvalidArgument(_) => Code::InvalidArgument,
+        DecodingError::ContextOverflow(_) => Code::OutOfRange,
+        DecodingError::Exhausted(_) => Code::ResourceExhausted,
+        DecodingError::Unavailable(_) => Code::Unavailable,
+        DecodingError::Engine(EngineError::ContextOverflow { .. }) => Code::OutOfRange,
+        DecodingError::Engine(EngineError::InvalidInput(_)) => Code::InvalidArgument,
+        DecodingError::Engine(_) | DecodingError::Backend(_) => Code::Internal,
     };
     Status::new(code, e.to_string())
 }
 
 /// The error a remote backend reports for a status it received about `session`.
-pub fn error_of(s: &Status, session: Option<u64>) -> SpecError {
+pub fn error_of(s: &Status, session: Option<u64>) -> DecodingError {
     let msg = s.message().to_string();
     match (s.code(), session) {
-        (Code::NotFound, Some(id)) => SpecError::UnknownSession(id),
-        (Code::InvalidArgument, _) => SpecError::InvalidArgument(msg),
-        (Code::OutOfRange, _) => SpecError::ContextOverflow(msg),
-        (Code::ResourceExhausted, _) => SpecError::Exhausted(msg),
+        (Code::NotFound, Some(id)) => DecodingError::UnknownSession(id),
+        (Code::InvalidArgument, _) => DecodingError::InvalidArgument(msg),
+        (Code::OutOfRange, _) => DecodingError::ContextOverflow(msg),
+        (Code::ResourceExhausted, _) => DecodingError::Exhausted(msg),
         (Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled, _) => {
-            SpecError::Unavailable(msg)
+            DecodingError::Unavailable(msg)
         }
-        (code, _) => SpecError::Backend(format!("{code:?}: {msg}")),
+        (code, _) => DecodingError::Backend(format!("{code:?}: {msg}")),
     }
 }
 
 /// As [`status_of`], with the message prefixed by the request field at fault.
-pub fn field_status(e: &SpecError, field: &str) -> Status {
+pub fn field_status(e: &DecodingError, field: &str) -> Status {
     let s = status_of(e);
     Status::new(s.code(), format!("{field}: {}", s.message()))
 }

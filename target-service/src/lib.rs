@@ -1,8 +1,8 @@
-//! The target service: hosts the large model (optionally tensor-parallel), keeps one KV
-//! cache per session and verifies draft trees over gRPC, batching trees of concurrent
-//! sessions into one forward.
+//! The target service: hosts the large model (optionally tensor-parallel) and verifies
+//! draft trees over gRPC through the serving crate's target runtime, which batches trees of
+//! concurrent sessions into one forward.
 
 pub mod grpc;
-pub mod scheduler;
 
-pub use grpc::{TargetConfig, TargetGrpc, serve};
+pub use grpc::{TargetGrpc, serve};
+pub use serving::TargetConfig;

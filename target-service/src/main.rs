@@ -4,6 +4,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use engine::LoadOptions;
 use engine::tp::TpModel;
+use serving::args::TargetLimitsArgs;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,29 +29,8 @@ struct Args {
     device: String,
     #[arg(long, env = "OURO_TARGET_LISTEN", default_value = "0.0.0.0:50052")]
     listen: String,
-    #[arg(long, env = "OURO_TARGET_MAX_SESSIONS", default_value_t = 64)]
-    max_sessions: usize,
-    /// Most tree nodes in one Verify.
-    #[arg(long, env = "OURO_TARGET_MAX_TREE_NODES", default_value_t = 128)]
-    max_tree_nodes: usize,
-    /// Most rows in one batched forward.
-    #[arg(long, env = "OURO_TARGET_MAX_BATCH_TOKENS", default_value_t = 512)]
-    max_batch_tokens: usize,
-    /// KV memory budget in MiB; new sessions are refused while it is full.
-    #[arg(long, env = "OURO_TARGET_KV_BUDGET_MB", default_value_t = 4096)]
-    kv_budget_mb: usize,
-    /// Sessions idle this long are evicted.
-    #[arg(long, env = "OURO_TARGET_SESSION_TTL_S", default_value_t = 300)]
-    session_ttl_s: u64,
-    /// Wait up to this long for trees of other sessions before a forward (0: batch only
-    /// what is already queued).
-    #[arg(long, env = "OURO_TARGET_BATCH_WAIT_US", default_value_t = 0)]
-    batch_wait_us: u64,
-    /// Prefill new sessions' prompts this many rows per forward, between the open
-    /// sessions' trees (smaller: shorter stalls for them; larger: faster opens).
-    #[arg(long, env = "OURO_TARGET_PREFILL_CHUNK", default_value_t = 64,
-          value_parser = clap::value_parser!(u64).range(1..))]
-    prefill_chunk: u64,
+    #[command(flatten)]
+    limits: TargetLimitsArgs,
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9090).
     #[arg(long, env = "OURO_TARGET_METRICS_LISTEN")]
     metrics_listen: Option<String>,
@@ -74,19 +54,13 @@ async fn main() -> Result<()> {
 async fn run_service(a: Args) -> Result<()> {
     let config = TargetConfig {
         tp_size: a.tp,
-        max_sessions: a.max_sessions,
-        max_tree_nodes: a.max_tree_nodes,
-        max_batch_tokens: a.max_batch_tokens,
-        kv_budget_bytes: a.kv_budget_mb << 20,
-        session_ttl: Duration::from_secs(a.session_ttl_s),
-        batch_wait: Duration::from_micros(a.batch_wait_us),
-        prefill_chunk: a.prefill_chunk as usize,
         // A missing model is reported by the load below.
         chat_template: match a.model.exists() {
             true => engine::chat_template::of_model(&a.model)
                 .with_context(|| format!("reading the chat template of {}", a.model.display()))?,
             false => None,
         },
+        ..a.limits.config()
     };
     if let Some(addr) = &a.metrics_listen {
         telemetry::start_metrics(addr).await?;
@@ -134,8 +108,8 @@ async fn run<M: engine::LanguageModel + 'static>(
     tracing::info!(listen, "target service ready");
     let sessions = grpc.sessions().clone();
     let shutdown = async move {
-        proto::serving::terminated().await;
-        proto::serving::drain_sessions(&sessions, drain_limit).await;
+        serving::server::terminated().await;
+        serving::server::drain_sessions(&sessions, drain_limit).await;
     };
     serve(grpc, listener, shutdown).await
 }

@@ -3,13 +3,13 @@
 
 use candle_core::Device;
 use candle_core::quantized::GgmlDType;
+use decoding::{DraftTree, SamplingParams, TargetSession, VerifyOutcome};
 use engine::testing::{random_weights, tiny_config, write_gguf};
 use engine::tp::TpModel;
 use engine::{Architecture, LanguageModel, LoadOptions, MockModel};
 use proto::common::v1::Sampling;
 use proto::target::v1 as pb;
 use proto::target::v1::target_service_client::TargetServiceClient;
-use spec::{DraftTree, SamplingParams, TargetSession, VerifyOutcome};
 use std::sync::Arc;
 use std::time::Duration;
 use target_service::{TargetConfig, TargetGrpc, serve};

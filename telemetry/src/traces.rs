@@ -28,7 +28,8 @@ static EXPORTING: AtomicBool = AtomicBool::new(false);
 /// Our crates: their debug spans (rounds, draft and verify calls, batched forwards) are
 /// exported; other crates' (h2, tower, tonic) are not.
 const OUR_TARGETS: &[&str] = &[
-    "spec",
+    "decoding",
+    "serving",
     "engine",
     "orchestrator",
     "ouro",

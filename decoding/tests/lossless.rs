@@ -3,13 +3,13 @@
 //! greedy and seeded sampling alike. The mock's outputs hash the visible token path, so any
 //! mask, position or KV bookkeeping error changes the output.
 
-use engine::{LanguageModel, MockModel, OutputSpec, SeqInput};
-use futures::executor::block_on;
-use spec::{
+use decoding::{
     AutoTuner, CostProfile, DecodeParams, DraftCost, FinishReason, Flow, LocalDraft, LocalTarget,
     LookaheadParams, PhrasePool, Policy, PolicyScores, PoolConfig, SEGMENT_TOKENS, SamplingParams,
     Shared, Strategy, TokenSource, TrieCache, TrieConfig, generate,
 };
+use engine::{LanguageModel, MockModel, OutputSpec, SeqInput};
+use futures::executor::block_on;
 use std::sync::Arc;
 
 const VOCAB: usize = 40;
@@ -86,7 +86,7 @@ fn run(
     pool: &Arc<PhrasePool>,
     prompt: &[u32],
     params: &DecodeParams,
-) -> spec::Generation {
+) -> decoding::Generation {
     run_with_trie(
         target,
         draft_model,
@@ -104,7 +104,7 @@ fn run_with_trie(
     trie: &TrieCache,
     prompt: &[u32],
     params: &DecodeParams,
-) -> spec::Generation {
+) -> decoding::Generation {
     let t = LocalTarget::new(target.clone());
     let g = params.lookahead.phrase_len();
     let host_pool = if params.strategy == Strategy::Lookahead {
@@ -151,7 +151,7 @@ fn run_with_trie(
 
 /// Token sources agree with the statistics: the draft's tokens are the accepted chain,
 /// pool and trie tokens the accepted candidates, and the rest the target's own.
-fn check_sources(out: &spec::Generation, strategy: Strategy) {
+fn check_sources(out: &decoding::Generation, strategy: Strategy) {
     let count = |s: TokenSource| out.sources.iter().filter(|&&x| x == s).count() as u64;
     let (draft, pool, trie) = (
         count(TokenSource::Draft),
@@ -565,7 +565,7 @@ fn auto_request(
     n: usize,
     tuner: &AutoTuner,
     trie: &TrieCache,
-) -> spec::Generation {
+) -> decoding::Generation {
     let params = DecodeParams {
         strategy: Strategy::Auto,
         max_new_tokens: n,
@@ -702,7 +702,7 @@ fn auto_sizes_its_rounds_by_the_cost_profile() {
 /// running confidence fell below the floor, and each token comes with its probability.
 #[test]
 fn the_draft_stops_where_its_confidence_falls() {
-    use spec::{DraftBackend, DraftRequest};
+    use decoding::{DraftBackend, DraftRequest};
     let model = target_model();
     let draft = LocalDraft::new(model.clone(), pool(3));
     let prompt = [3u32, 9, 4, 1];

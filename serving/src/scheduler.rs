@@ -5,10 +5,10 @@
 //! New sessions prefill in chunks that ride along in those forwards, so a long prompt
 //! delays the open sessions' rounds by at most one chunk per forward.
 
+use crate::sessions::{SessionTable, Slot, SlotRef, lock};
+use decoding::{DecodingError, DraftTree, Result, SamplingParams, ServerTiming, SessionId};
+use decoding::{TargetSession, VerifyOutcome};
 use engine::{ForwardOutput, KvState, LanguageModel, OutputSpec, SeqInput, Visibility};
-use spec::sessions::{SessionTable, Slot, SlotRef, lock};
-use spec::{DraftTree, Result, SamplingParams, ServerTiming, SessionId, SpecError};
-use spec::{TargetSession, VerifyOutcome};
 use std::collections::{HashSet, VecDeque};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::sync::{Arc, MutexGuard};
@@ -118,8 +118,8 @@ impl<M: LanguageModel> Drop for Scheduler<M> {
     }
 }
 
-fn stopped() -> SpecError {
-    SpecError::Unavailable("the verify scheduler has stopped".into())
+fn stopped() -> DecodingError {
+    DecodingError::Unavailable("the verify scheduler has stopped".into())
 }
 
 struct Worker<M: LanguageModel> {

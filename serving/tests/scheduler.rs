@@ -2,14 +2,15 @@
 //! ride along with the open sessions' trees, so a long prompt does not stall them, and
 //! the chunked prefill leaves exactly the cache a one-shot prefill leaves.
 
+use decoding::{DraftTree, SamplingParams, TargetSession};
 use engine::{ForwardOutput, LanguageModel, MockModel, ModelInfo, SeqInput};
-use spec::sessions::SessionLimits;
-use spec::{DraftTree, SamplingParams, SessionTable, TargetSession};
+use serving::scheduler::{Scheduler, SchedulerConfig};
+use serving::sessions::SessionLimits;
+use serving::sessions::SessionTable;
 use std::future::Future;
 use std::sync::{Arc, Condvar, Mutex};
 use std::task::Poll;
 use std::time::Duration;
-use target_service::scheduler::{Scheduler, SchedulerConfig};
 
 /// The mock model behind a gate the test can close: a forward that starts while the gate
 /// is closed waits inside the model until it opens. Every forward's rows per sequence
@@ -193,7 +194,7 @@ async fn concurrent_opens_share_forwards_and_count_against_the_limit() {
     let second = second.await.unwrap();
     let refused = third.await.unwrap_err();
     assert!(
-        matches!(refused, spec::SpecError::Exhausted(_)),
+        matches!(refused, decoding::DecodingError::Exhausted(_)),
         "{refused:?}"
     );
     assert_ne!(first, second);

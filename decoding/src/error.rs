@@ -1,7 +1,7 @@
 use engine::EngineError;
 
 #[derive(Debug, thiserror::Error)]
-pub enum SpecError {
+pub enum DecodingError {
     #[error(transparent)]
     Engine(#[from] EngineError),
     #[error("invalid verify tree: {0}")]
@@ -23,10 +23,10 @@ pub enum SpecError {
     Backend(String),
 }
 
-pub type Result<T, E = SpecError> = std::result::Result<T, E>;
+pub type Result<T, E = DecodingError> = std::result::Result<T, E>;
 
-impl SpecError {
+impl DecodingError {
     pub fn invalid(msg: impl Into<String>) -> Self {
-        SpecError::InvalidArgument(msg.into())
+        DecodingError::InvalidArgument(msg.into())
     }
 }

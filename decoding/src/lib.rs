@@ -6,15 +6,17 @@
 pub mod auto;
 pub mod backend;
 pub mod decode;
+pub mod draft;
 pub mod error;
 pub mod local;
 pub mod lookahead;
 pub mod pool;
 pub mod sampling;
-pub mod sessions;
 pub mod stats;
 pub mod tree;
 pub mod trie;
+pub mod validate;
+pub mod verify;
 
 pub use auto::{
     AutoTuner, ChainEstimate, CostProfile, DraftBacklog, DraftCost, Policy, PolicyScores,
@@ -28,12 +30,13 @@ pub use decode::{
     DecodeParams, FinishReason, Flow, Generation, Shared, Strategy, TokenSink, TokenSource,
     generate,
 };
-pub use error::{Result, SpecError};
-pub use local::{DraftSession, LocalDraft, LocalTarget, TargetSession};
+pub use draft::DraftSession;
+pub use error::{DecodingError, Result};
+pub use local::{LocalDraft, LocalTarget};
 pub use lookahead::LookaheadParams;
 pub use pool::{Ngram, PhrasePool, PoolConfig};
 pub use sampling::SamplingParams;
-pub use sessions::{SessionLimits, SessionTable};
 pub use stats::SpecStats;
 pub use tree::DraftTree;
 pub use trie::{PromptTrie, TrieCache, TrieConfig, TrieDraft};
+pub use verify::TargetSession;

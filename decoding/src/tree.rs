@@ -3,7 +3,7 @@
 //! once. The target computes one output token per node; walking the tree along matching
 //! children gives the accepted path and the bonus token.
 
-use crate::error::{Result, SpecError};
+use crate::error::{DecodingError, Result};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DraftTree {
@@ -37,26 +37,26 @@ impl DraftTree {
     /// Rebuilds a tree received from outside, checking its shape.
     pub fn from_parts(tokens: Vec<u32>, parents: Vec<i32>) -> Result<Self> {
         if tokens.is_empty() {
-            return Err(SpecError::InvalidTree(
+            return Err(DecodingError::InvalidTree(
                 "a tree needs at least its root".into(),
             ));
         }
         if tokens.len() != parents.len() {
-            return Err(SpecError::InvalidTree(format!(
+            return Err(DecodingError::InvalidTree(format!(
                 "{} tokens but {} parents",
                 tokens.len(),
                 parents.len()
             )));
         }
         if parents[0] != -1 {
-            return Err(SpecError::InvalidTree(
+            return Err(DecodingError::InvalidTree(
                 "parents[0] must be -1 (the root continues the committed text)".into(),
             ));
         }
         let mut children = vec![Vec::new(); tokens.len()];
         for (i, &p) in parents.iter().enumerate().skip(1) {
             if p < 0 || p as usize >= i {
-                return Err(SpecError::InvalidTree(format!(
+                return Err(DecodingError::InvalidTree(format!(
                     "parents[{i}] = {p}: must be the index of an earlier node"
                 )));
             }
@@ -152,7 +152,7 @@ impl DraftTree {
     /// Follows, from the root, the child whose token equals the parent's output.
     pub fn walk(&self, outputs: &[u32]) -> Result<Walk> {
         if outputs.len() != self.len() {
-            return Err(SpecError::InvalidTree(format!(
+            return Err(DecodingError::InvalidTree(format!(
                 "{} outputs for {} nodes",
                 outputs.len(),
                 self.len()

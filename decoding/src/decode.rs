@@ -9,7 +9,7 @@ use crate::auto::{
     would_commit,
 };
 use crate::backend::{DraftBackend, DraftRequest, SessionId, TargetBackend};
-use crate::error::{Result, SpecError};
+use crate::error::{DecodingError, Result};
 use crate::lookahead::LookaheadParams;
 use crate::pool::{Ngram, PhrasePool};
 use crate::sampling::SamplingParams;
@@ -110,34 +110,34 @@ impl DecodeParams {
     pub fn validate(&self) -> Result<()> {
         self.sampling.validate()?;
         if self.max_new_tokens == 0 {
-            return Err(SpecError::invalid("max_new_tokens must be at least 1"));
+            return Err(DecodingError::invalid("max_new_tokens must be at least 1"));
         }
         if self.strategy != Strategy::Greedy && !(1..=64).contains(&self.gamma) {
-            return Err(SpecError::invalid(format!(
+            return Err(DecodingError::invalid(format!(
                 "gamma must be in 1..=64, got {}",
                 self.gamma
             )));
         }
         if !(0.0..1.0).contains(&self.draft_stop) {
-            return Err(SpecError::invalid(format!(
+            return Err(DecodingError::invalid(format!(
                 "draft_stop must be in [0, 1), got {}",
                 self.draft_stop
             )));
         }
         if self.topk > 16 {
-            return Err(SpecError::invalid(format!(
+            return Err(DecodingError::invalid(format!(
                 "topk must be at most 16, got {}",
                 self.topk
             )));
         }
         if self.trie_budget > 256 {
-            return Err(SpecError::invalid(format!(
+            return Err(DecodingError::invalid(format!(
                 "trie_budget must be at most 256, got {}",
                 self.trie_budget
             )));
         }
         if self.strategy == Strategy::Trie && self.trie_budget == 0 {
-            return Err(SpecError::invalid(
+            return Err(DecodingError::invalid(
                 "the trie strategy needs a trie_budget of at least 1",
             ));
         }
@@ -145,7 +145,7 @@ impl DecodeParams {
             self.lookahead.validate()?;
         }
         if self.strategy == Strategy::Lookahead && !self.sampling.is_greedy() {
-            return Err(SpecError::invalid(
+            return Err(DecodingError::invalid(
                 "the lookahead strategy decodes greedily; use greedy, speculative or \
                  ouroboros for sampling",
             ));
@@ -259,18 +259,18 @@ pub async fn generate<T: TargetBackend, D: DraftBackend>(
 ) -> Result<Generation> {
     params.validate()?;
     if prompt.is_empty() {
-        return Err(SpecError::invalid("the prompt has no tokens"));
+        return Err(DecodingError::invalid("the prompt has no tokens"));
     }
     let info = target.info();
     if prompt.len() >= info.max_position {
-        return Err(SpecError::invalid(format!(
+        return Err(DecodingError::invalid(format!(
             "the prompt has {} tokens; the target's context is {}",
             prompt.len(),
             info.max_position
         )));
     }
     if params.strategy == Strategy::Auto && shared.tuner.is_none() {
-        return Err(SpecError::invalid(
+        return Err(DecodingError::invalid(
             "the auto strategy needs a cost profile, and none was measured here",
         ));
     }
@@ -1082,7 +1082,7 @@ async fn lookahead_only<D: DraftBackend>(
     on_tokens: &mut TokenSink<'_>,
 ) -> Result<Generation> {
     let Some(host) = host else {
-        return Err(SpecError::invalid(
+        return Err(DecodingError::invalid(
             "the lookahead strategy needs the target model's lookahead host",
         ));
     };

@@ -1,16 +1,12 @@
-//! What every server here shares: gRPC health and reflection beside the service, the
-//! background task that evicts idle sessions, and closing a session off the async threads.
+//! What every gRPC server here shares: health and reflection beside the service, session
+//! metrics, SIGTERM and the graceful drain.
 
-use crate::convert::field_status;
-use spec::SessionId;
-use spec::sessions::{SessionState, SessionTable};
+use crate::sessions::{SessionState, SessionTable};
 use std::convert::Infallible;
 use std::future::Future;
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::Status;
 use tonic::body::Body;
 use tonic::codegen::{Service, http};
 use tonic::server::NamedService;
@@ -34,7 +30,7 @@ where
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<S>().await;
     let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let mut server = tonic::transport::Server::builder();
     if telemetry::traces::exporting() {
@@ -50,65 +46,9 @@ where
     Ok(())
 }
 
-/// Serves a session-keeping service (draft or target, named by `what`) like [`serve`],
-/// evicting sessions idle for longer than `ttl` in the background.
-pub async fn serve_sessions<Svc, S>(
-    service: Svc,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send,
-    sessions: Arc<SessionTable<S>>,
-    ttl: Duration,
-    what: &'static str,
-) -> anyhow::Result<()>
-where
-    Svc: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
-        + NamedService
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    Svc::Future: Send + 'static,
-    S: SessionState + Send + 'static,
-{
-    let evictor = spawn_evictor(ttl, what, sessions);
-    let r = serve(service, listener, shutdown).await;
-    evictor.abort();
-    r
-}
-
-/// Evicts idle sessions every quarter of `ttl`, keeping the session metrics current.
-fn spawn_evictor<S: SessionState + Send + 'static>(
-    ttl: Duration,
-    what: &'static str,
-    sessions: Arc<SessionTable<S>>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval((ttl / 4).max(Duration::from_millis(10)));
-        loop {
-            tick.tick().await;
-            let n = sessions.evict_idle();
-            if n > 0 {
-                tracing::info!(evicted = n, "idle {what} sessions evicted");
-                publish_sessions(what, &sessions);
-            }
-        }
-    })
-}
-
 /// Session count and KV memory of a draft or target service into the metrics.
 pub fn publish_sessions<S: SessionState>(what: &str, sessions: &SessionTable<S>) {
     telemetry::publish_sessions(what, sessions.len(), sessions.bytes());
-}
-
-/// Closes a session on the blocking pool: closing waits for a call that holds it.
-pub async fn close_session<S: SessionState + Send + 'static>(
-    sessions: Arc<SessionTable<S>>,
-    id: SessionId,
-) -> Result<(), Status> {
-    tokio::task::spawn_blocking(move || sessions.close(id))
-        .await
-        .map_err(|e| Status::internal(e.to_string()))?
-        .map_err(|e| field_status(&e, "session_id"))
 }
 
 /// Completes on Ctrl-C or SIGTERM (what Kubernetes sends before it kills a pod).
@@ -158,7 +98,8 @@ pub async fn drain_sessions<S: SessionState>(sessions: &SessionTable<S>, limit: 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use spec::SessionLimits;
+    use crate::sessions::SessionLimits;
+    use std::sync::Arc;
 
     struct Dummy;
     impl SessionState for Dummy {
@@ -184,7 +125,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         let refused = table.admit().unwrap_err();
         assert_eq!(
-            crate::convert::status_of(&refused).code(),
+            proto::convert::status_of(&refused).code(),
             tonic::Code::Unavailable
         );
         drain.await.unwrap();

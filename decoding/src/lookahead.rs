@@ -7,7 +7,7 @@
 //! greedy tokens: `next = argmax at u`, extended along any phrase that agrees with the
 //! model. The window only feeds the pool, so the output equals plain greedy decoding.
 
-use crate::error::{Result, SpecError};
+use crate::error::{DecodingError, Result};
 use crate::pool::Ngram;
 use crate::tree::DraftTree;
 use engine::Visibility;
@@ -39,19 +39,19 @@ impl LookaheadParams {
 
     pub fn validate(&self) -> Result<()> {
         if !(3..=16).contains(&self.level) {
-            return Err(SpecError::invalid(format!(
+            return Err(DecodingError::invalid(format!(
                 "lookahead level must be in 3..=16, got {}",
                 self.level
             )));
         }
         if !(1..=64).contains(&self.window) {
-            return Err(SpecError::invalid(format!(
+            return Err(DecodingError::invalid(format!(
                 "lookahead window must be in 1..=64, got {}",
                 self.window
             )));
         }
         if self.guess > 64 {
-            return Err(SpecError::invalid(format!(
+            return Err(DecodingError::invalid(format!(
                 "lookahead guess set must be at most 64, got {}",
                 self.guess
             )));
@@ -163,7 +163,9 @@ pub fn plan_step(
     phrases: &[Vec<u32>],
 ) -> Result<StepPlan> {
     let Some(&u) = pending.last() else {
-        return Err(SpecError::invalid("a lookahead step needs a current token"));
+        return Err(DecodingError::invalid(
+            "a lookahead step needs a current token",
+        ));
     };
     let e = pending.len();
     let p = first_position + e as u32 - 1;
@@ -271,7 +273,7 @@ pub fn finish_step(
 ) -> Result<StepResult> {
     let rows = plan.output_rows();
     if argmax.len() != rows.len() {
-        return Err(SpecError::invalid(format!(
+        return Err(DecodingError::invalid(format!(
             "{} outputs for a step reading {} rows",
             argmax.len(),
             rows.len()

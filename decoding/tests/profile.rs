@@ -1,9 +1,9 @@
 //! Measuring a cost profile through the backends: every size is timed, and a context too
 //! short for the measurement is refused.
 
+use decoding::{LocalDraft, LocalTarget, PhrasePool, PoolConfig, ProfileOptions, auto::measure};
 use engine::MockModel;
 use futures::executor::block_on;
-use spec::{LocalDraft, LocalTarget, PhrasePool, PoolConfig, ProfileOptions, auto::measure};
 use std::sync::Arc;
 
 #[test]

@@ -7,7 +7,7 @@
 //! draft token" is the exact speculative-sampling rule (algorithm spec section 8.2): one
 //! sample per branch point, then follow the matching child.
 
-use crate::error::{Result, SpecError};
+use crate::error::{DecodingError, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SamplingParams {
@@ -42,13 +42,13 @@ impl SamplingParams {
 
     pub fn validate(&self) -> Result<()> {
         if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return Err(SpecError::invalid(format!(
+            return Err(DecodingError::invalid(format!(
                 "temperature must be finite and >= 0, got {}",
                 self.temperature
             )));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(SpecError::invalid(format!(
+            return Err(DecodingError::invalid(format!(
                 "top_p must be in (0, 1], got {}",
                 self.top_p
             )));

@@ -15,7 +15,7 @@
 //! drafting audit now and then so the scores stay current.
 
 use crate::backend::{DraftBackend, DraftRequest, SessionId, TargetBackend};
-use crate::error::{Result, SpecError};
+use crate::error::{DecodingError, Result};
 use crate::sampling::SamplingParams;
 use crate::tree::DraftTree;
 use std::sync::Mutex;
@@ -46,12 +46,12 @@ impl CostProfile {
         verify.sort_by_key(|v| v.0);
         verify.dedup_by_key(|v| v.0);
         if verify.first().map(|v| v.0) != Some(1) {
-            return Err(SpecError::invalid(
+            return Err(DecodingError::invalid(
                 "a cost profile needs the cost of a one-node verify",
             ));
         }
         if verify.iter().any(|v| !(v.1.is_finite() && v.1 > 0.0)) {
-            return Err(SpecError::invalid("verify costs must be positive"));
+            return Err(DecodingError::invalid("verify costs must be positive"));
         }
         if let Some(d) = draft
             && !([d.per_call, d.per_token, d.catch_up]
@@ -59,7 +59,7 @@ impl CostProfile {
                 .all(|x| x.is_finite() && *x >= 0.0)
                 && d.per_token > 0.0)
         {
-            return Err(SpecError::invalid(
+            return Err(DecodingError::invalid(
                 "draft costs must be finite and not negative, per token positive",
             ));
         }
@@ -202,7 +202,7 @@ pub async fn measure<T: TargetBackend, D: DraftBackend>(
     let ascending = opts.verify_sizes.windows(2).all(|w| w[0] < w[1]);
     if opts.reps == 0 || opts.prompt_len == 0 || opts.verify_sizes.first() != Some(&1) || !ascending
     {
-        return Err(SpecError::invalid(
+        return Err(DecodingError::invalid(
             "profiling needs reps >= 1, a prompt, and verify sizes ascending from 1",
         ));
     }
@@ -217,7 +217,7 @@ pub async fn measure<T: TargetBackend, D: DraftBackend>(
         + CATCH_UP_TOKENS)
         * rounds;
     if opts.prompt_len + growth + 1 > info.max_position {
-        return Err(SpecError::invalid(format!(
+        return Err(DecodingError::invalid(format!(
             "the target's context ({}) is too short to profile {} rounds of trees up to {} nodes",
             info.max_position,
             rounds,
@@ -332,8 +332,9 @@ async fn time_draft_session<D: DraftBackend>(
             accepted = tokens;
         }
     }
-    let mut cost = fit_draft_cost(&points)
-        .ok_or_else(|| SpecError::Backend("the draft produced no tokens while profiling".into()))?;
+    let mut cost = fit_draft_cost(&points).ok_or_else(|| {
+        DecodingError::Backend("the draft produced no tokens while profiling".into())
+    })?;
     // Catching up: a one-token call after committed tokens the draft has not seen.
     let mut per_token = Vec::new();
     for rep in 0..opts.reps {

@@ -1,10 +1,10 @@
-//! A table of sessions shared by the in-process backends and the services: ids, per-entry
-//! locks (calls on different sessions never wait for each other), admission limits on the
-//! number of sessions and their memory, and idle-time eviction.
+//! The session table every server keeps: ids, per-entry locks (calls on different
+//! sessions never wait for each other), admission limits on the number of sessions and
+//! their memory, and idle-time eviction.
 
-use crate::backend::SessionId;
-use crate::error::{Result, SpecError};
 use dashmap::DashMap;
+use decoding::SessionId;
+use decoding::{DecodingError, Result};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -111,20 +111,20 @@ impl<S: SessionState> SessionTable<S> {
     /// table (still prefilling), hold places too.
     pub fn admit_beside(&self, pending: usize) -> Result<()> {
         if self.is_draining() {
-            return Err(SpecError::Unavailable(
+            return Err(DecodingError::Unavailable(
                 "this replica is shutting down; open the session on another one".into(),
             ));
         }
         let l = &self.limits;
         if self.map.len() + pending >= l.max_sessions {
-            return Err(SpecError::Exhausted(format!(
+            return Err(DecodingError::Exhausted(format!(
                 "all {} sessions are in use; retry later or on another replica",
                 l.max_sessions
             )));
         }
         let used = self.bytes();
         if used >= l.max_bytes {
-            return Err(SpecError::Exhausted(format!(
+            return Err(DecodingError::Exhausted(format!(
                 "KV memory budget is full ({used} of {} bytes); retry later or on another \
                  replica",
                 l.max_bytes
@@ -151,7 +151,7 @@ impl<S: SessionState> SessionTable<S> {
         self.map
             .get(&id)
             .map(|e| e.value().clone())
-            .ok_or(SpecError::UnknownSession(id))
+            .ok_or(DecodingError::UnknownSession(id))
     }
 
     /// Runs `f` on the session's state under its lock, then records its memory.
@@ -176,7 +176,7 @@ impl<S: SessionState> SessionTable<S> {
 
     pub fn check_open(&self, id: SessionId, slot: &Slot<S>) -> Result<()> {
         if slot.closed {
-            return Err(SpecError::UnknownSession(id));
+            return Err(DecodingError::UnknownSession(id));
         }
         Ok(())
     }
@@ -202,7 +202,10 @@ impl<S: SessionState> SessionTable<S> {
 
     /// Closes a session; waits for a call that is working on it.
     pub fn close(&self, id: SessionId) -> Result<()> {
-        let (_, slot) = self.map.remove(&id).ok_or(SpecError::UnknownSession(id))?;
+        let (_, slot) = self
+            .map
+            .remove(&id)
+            .ok_or(DecodingError::UnknownSession(id))?;
         self.release(&mut lock(&slot));
         Ok(())
     }
@@ -226,5 +229,49 @@ impl<S: SessionState> SessionTable<S> {
             false
         });
         evicted
+    }
+}
+
+impl<C: engine::KvState> SessionState for decoding::TargetSession<C> {
+    fn memory_bytes(&self) -> usize {
+        decoding::TargetSession::memory_bytes(self)
+    }
+}
+
+impl<C: engine::KvState> SessionState for decoding::DraftSession<C> {
+    fn memory_bytes(&self) -> usize {
+        decoding::DraftSession::memory_bytes(self)
+    }
+}
+
+/// Evicts the table's idle sessions every quarter of its TTL on a thread of its own (so it
+/// runs under any executor, or none), keeping the session metrics of `what` current; the
+/// thread ends once the table is dropped.
+pub fn start_evictor<S: SessionState + Send + 'static>(
+    sessions: &Arc<SessionTable<S>>,
+    what: &'static str,
+) {
+    let Some(ttl) = sessions.limits().ttl else {
+        return;
+    };
+    let tick = (ttl / 4).max(Duration::from_millis(10));
+    let table = Arc::downgrade(sessions);
+    let spawned = std::thread::Builder::new()
+        .name(format!("{what}-evictor"))
+        .spawn(move || {
+            loop {
+                std::thread::sleep(tick);
+                let Some(sessions) = table.upgrade() else {
+                    return;
+                };
+                let n = sessions.evict_idle();
+                if n > 0 {
+                    tracing::info!(evicted = n, "idle {what} sessions evicted");
+                    crate::server::publish_sessions(what, &sessions);
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("no {what} session evictor ({e}); idle sessions stay until closed");
     }
 }

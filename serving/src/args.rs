@@ -1,0 +1,50 @@
+//! The target runtime's limits as command-line flags and environment variables, one
+//! definition for the target service and the embedded `ouro serve`.
+
+use crate::target::TargetConfig;
+use clap::Args;
+use std::time::Duration;
+
+#[derive(Args, Clone, Debug)]
+pub struct TargetLimitsArgs {
+    /// Most sessions open at once; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "OURO_TARGET_MAX_SESSIONS", default_value_t = 64)]
+    pub max_sessions: usize,
+    /// Most tree nodes in one Verify.
+    #[arg(long, env = "OURO_TARGET_MAX_TREE_NODES", default_value_t = 128)]
+    pub max_tree_nodes: usize,
+    /// Most rows in one batched forward.
+    #[arg(long, env = "OURO_TARGET_MAX_BATCH_TOKENS", default_value_t = 512)]
+    pub max_batch_tokens: usize,
+    /// KV memory budget in MiB; new sessions are refused while it is full.
+    #[arg(long, env = "OURO_TARGET_KV_BUDGET_MB", default_value_t = 4096)]
+    pub kv_budget_mb: usize,
+    /// Sessions idle this long are evicted.
+    #[arg(long, env = "OURO_TARGET_SESSION_TTL_S", default_value_t = 300)]
+    pub session_ttl_s: u64,
+    /// Wait up to this long for trees of other sessions before a forward (0: batch only
+    /// what is already queued).
+    #[arg(long, env = "OURO_TARGET_BATCH_WAIT_US", default_value_t = 0)]
+    pub batch_wait_us: u64,
+    /// Prefill new sessions' prompts this many rows per forward, between the open
+    /// sessions' trees (smaller: shorter stalls for them; larger: faster opens).
+    #[arg(long, env = "OURO_TARGET_PREFILL_CHUNK", default_value_t = 64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub prefill_chunk: u64,
+}
+
+impl TargetLimitsArgs {
+    /// The runtime's configuration (tensor parallelism and chat template left default).
+    pub fn config(&self) -> TargetConfig {
+        TargetConfig {
+            max_sessions: self.max_sessions,
+            max_tree_nodes: self.max_tree_nodes,
+            max_batch_tokens: self.max_batch_tokens,
+            kv_budget_bytes: self.kv_budget_mb << 20,
+            session_ttl: Duration::from_secs(self.session_ttl_s),
+            batch_wait: Duration::from_micros(self.batch_wait_us),
+            prefill_chunk: self.prefill_chunk as usize,
+            ..TargetConfig::default()
+        }
+    }
+}

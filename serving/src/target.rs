@@ -1,0 +1,167 @@
+//! The target runtime: a model, its session table and the batching verify scheduler. The
+//! target service serves it over gRPC; the embedded `ouro serve` calls it in process, so
+//! both batch concurrent sessions' trees into shared forwards, admit sessions against the
+//! same limits and expire idle ones.
+
+use crate::scheduler::{Scheduler, SchedulerConfig, Sessions};
+use crate::sessions::{SessionLimits, SessionTable, start_evictor};
+use decoding::local::info_of;
+use decoding::validate::check_vocab;
+use decoding::{
+    BackendInfo, DecodingError, DraftTree, Result, SamplingParams, ServerTiming, SessionId,
+    TargetBackend, VerifyOutcome,
+};
+use engine::LanguageModel;
+use engine::chat_template::ChatTemplateSource;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct TargetConfig {
+    pub tp_size: usize,
+    pub max_sessions: usize,
+    pub max_tree_nodes: usize,
+    pub max_batch_tokens: usize,
+    pub kv_budget_bytes: usize,
+    pub session_ttl: Duration,
+    pub batch_wait: Duration,
+    /// Most rows of new sessions' prompts prefilled in one forward.
+    pub prefill_chunk: usize,
+    /// The model's chat template, reported by Info for the orchestrator to render with.
+    pub chat_template: Option<ChatTemplateSource>,
+}
+
+impl Default for TargetConfig {
+    fn default() -> Self {
+        Self {
+            tp_size: 1,
+            max_sessions: 64,
+            max_tree_nodes: 128,
+            max_batch_tokens: 512,
+            kv_budget_bytes: 4 << 30,
+            session_ttl: Duration::from_secs(300),
+            batch_wait: Duration::ZERO,
+            prefill_chunk: 64,
+            chat_template: None,
+        }
+    }
+}
+
+pub struct TargetRuntime<M: LanguageModel + 'static> {
+    model: Arc<M>,
+    sessions: Arc<Sessions<M>>,
+    scheduler: Scheduler<M>,
+    config: TargetConfig,
+}
+
+impl<M: LanguageModel + 'static> TargetRuntime<M> {
+    /// Starts the scheduler's worker and the idle-session evictor.
+    pub fn new(model: Arc<M>, config: TargetConfig) -> Self {
+        let sessions = Arc::new(SessionTable::new(SessionLimits {
+            max_sessions: config.max_sessions,
+            max_bytes: config.kv_budget_bytes,
+            ttl: Some(config.session_ttl),
+        }));
+        start_evictor(&sessions, "target");
+        let scheduler = Scheduler::start(
+            model.clone(),
+            sessions.clone(),
+            SchedulerConfig {
+                max_batch_tokens: config.max_batch_tokens,
+                batch_wait: config.batch_wait,
+                prefill_chunk: config.prefill_chunk,
+            },
+        );
+        Self {
+            model,
+            sessions,
+            scheduler,
+            config,
+        }
+    }
+
+    pub fn model(&self) -> &Arc<M> {
+        &self.model
+    }
+
+    pub fn sessions(&self) -> &Arc<Sessions<M>> {
+        &self.sessions
+    }
+
+    pub fn config(&self) -> &TargetConfig {
+        &self.config
+    }
+
+    /// Session count and KV memory into the metrics.
+    pub fn publish(&self) {
+        crate::server::publish_sessions("target", &self.sessions);
+    }
+
+    /// Opens a session on `tokens` (prefilled in chunks beside other sessions' trees).
+    pub async fn open_session(&self, tokens: Vec<u32>) -> Result<SessionId> {
+        let info = self.model.info();
+        check_vocab(&tokens, info.vocab_size)?;
+        if tokens.len() >= info.max_position {
+            return Err(DecodingError::ContextOverflow(format!(
+                "{} committed tokens leave no room in a context of {}",
+                tokens.len(),
+                info.max_position
+            )));
+        }
+        let id = self.scheduler.open(tokens).await?;
+        self.publish();
+        Ok(id)
+    }
+
+    /// Verifies `tree` in the next batched forward.
+    pub async fn verify_tree(
+        &self,
+        session: SessionId,
+        tree: DraftTree,
+        sampling: SamplingParams,
+    ) -> Result<(VerifyOutcome, ServerTiming)> {
+        if tree.len() > self.config.max_tree_nodes {
+            return Err(DecodingError::invalid(format!(
+                "{} tree nodes, at most {} allowed",
+                tree.len(),
+                self.config.max_tree_nodes
+            )));
+        }
+        check_vocab(&tree.tokens, self.model.info().vocab_size)?;
+        sampling.validate()?;
+        let slot = self.sessions.get(session)?;
+        let r = self.scheduler.verify(session, slot, tree, sampling).await;
+        self.publish();
+        r
+    }
+
+    /// Closes a session; waits while a forward holds it (call off the async workers).
+    pub fn close_session(&self, session: SessionId) -> Result<()> {
+        let r = self.sessions.close(session);
+        self.publish();
+        r
+    }
+}
+
+impl<M: LanguageModel + 'static> TargetBackend for TargetRuntime<M> {
+    fn info(&self) -> BackendInfo {
+        info_of(&*self.model)
+    }
+
+    async fn open(&self, committed: &[u32]) -> Result<SessionId> {
+        self.open_session(committed.to_vec()).await
+    }
+
+    async fn verify(
+        &self,
+        session: SessionId,
+        tree: &DraftTree,
+        sampling: &SamplingParams,
+    ) -> Result<(VerifyOutcome, ServerTiming)> {
+        self.verify_tree(session, tree.clone(), *sampling).await
+    }
+
+    async fn close(&self, session: SessionId) -> Result<()> {
+        self.close_session(session)
+    }
+}
