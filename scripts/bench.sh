@@ -19,9 +19,9 @@ cargo build --release --locked --bins
 # chosen for GPUs, where a wide forward costs little more than one token). Speculative
 # drafts up to 8 tokens and stops once the drafted run's probability falls below 0.6
 # (results/sweep: better than any fixed gamma here); auto sets its own floor.
-target/release/ouro bench --prompts "$models/humaneval.prompts" \
+target/release/ouro-bench --prompts "$models/humaneval.prompts" \
   --max-new-tokens "$tokens" --window 2 --guess 2 --level 4 --gamma 8 --draft-stop 0.6 \
   --cold --distributed --out results/humaneval "${extra[@]}"
-target/release/ouro bench --prompts "$models/bbh.prompts" --chat \
+target/release/ouro-bench --prompts "$models/bbh.prompts" --chat \
   --max-new-tokens "$tokens" --strategies speculative,trie,auto --gamma 8 --draft-stop 0.6 \
   --out results/bbh "${extra[@]}"

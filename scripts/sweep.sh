@@ -9,7 +9,7 @@ prompts="${PROMPTS:-3}"
 tokens="${TOKENS:-48}"
 models=$(scripts/fetch-models.sh qwen humaneval | tail -n 1)
 cargo build --release --locked --bins
-target/release/ouro bench --prompts "$models/humaneval.prompts" --limit "$prompts" \
+target/release/ouro-bench --prompts "$models/humaneval.prompts" --limit "$prompts" \
   --max-new-tokens "$tokens" --window 2 --guess 2 --level 4 --gamma 4 --topk 3 \
   --strategies speculative,ouroboros,trie \
   --sweep gamma=2,4,6 --sweep window=1,2,4 --sweep level=3,4,5 --sweep topk=1,3 \

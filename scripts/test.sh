@@ -4,7 +4,7 @@
 # once, into $OURO_MODELS_DIR), then builds and tests in one optimized profile, then checks
 # the Helm chart (scripts/test-chart.sh: helm and the validator are fetched into .tools/)
 # and runs the three services as real processes under a Python grpcio client
-# (tests/e2e/run.sh), and ends with a smoke run of the benchmark harness (`ouro bench
+# (tests/e2e/run.sh), and ends with a smoke run of the benchmark harness (`ouro-bench
 # --quick`, the 0.5B model as target and draft).
 # The 1.5B target test runs only where that file was fetched (scripts/fetch-models.sh all).
 set -euo pipefail
@@ -22,7 +22,7 @@ tests/e2e/run.sh
 # Benchmark smoke: every strategy on two prompts, tables, JSON and chart written.
 models="${OURO_MODELS_DIR:-$HOME/.cache/ouroboros/models}"
 bench_out=$(mktemp -d)
-target/release/ouro bench --quick --window 2 --guess 2 --level 4 --gamma 4 \
+target/release/ouro-bench --quick --window 2 --guess 2 --level 4 --gamma 4 \
   --target "$models/qwen2.5-coder-0.5b-instruct.gguf" \
   --draft "$models/qwen2.5-coder-0.5b-instruct.gguf" --out "$bench_out"
 test -s "$bench_out/bench.md" && test -s "$bench_out/bench.json"

@@ -107,48 +107,43 @@ impl Default for DecodeParams {
 }
 
 impl DecodeParams {
+    /// Checks every field against [`crate::validate::limits`]; errors name the field as
+    /// the public API spells it (`max_new_tokens`, `sampling.*`, `params.*`).
     pub fn validate(&self) -> Result<()> {
+        use crate::validate::{FieldError, at_most, in_range, limits, unit_floor, within};
         self.sampling.validate()?;
         if self.max_new_tokens == 0 {
-            return Err(DecodingError::invalid("max_new_tokens must be at least 1"));
+            return Err(FieldError::new("max_new_tokens", "at least 1", 0).into());
         }
-        if self.strategy != Strategy::Greedy && !(1..=64).contains(&self.gamma) {
-            return Err(DecodingError::invalid(format!(
-                "gamma must be in 1..=64, got {}",
-                self.gamma
-            )));
+        if self.strategy != Strategy::Greedy {
+            in_range("params.gamma", self.gamma, 1..=limits::MAX_GAMMA)?;
         }
-        if !(0.0..1.0).contains(&self.draft_stop) {
-            return Err(DecodingError::invalid(format!(
-                "draft_stop must be in [0, 1), got {}",
-                self.draft_stop
-            )));
-        }
-        if self.topk > 16 {
-            return Err(DecodingError::invalid(format!(
-                "topk must be at most 16, got {}",
-                self.topk
-            )));
-        }
-        if self.trie_budget > 256 {
-            return Err(DecodingError::invalid(format!(
-                "trie_budget must be at most 256, got {}",
-                self.trie_budget
-            )));
-        }
+        unit_floor("params.draft_stop", self.draft_stop)?;
+        at_most("params.topk", self.topk, limits::MAX_TOPK)?;
+        at_most(
+            "params.trie_budget",
+            self.trie_budget,
+            limits::MAX_TRIE_BUDGET,
+        )?;
         if self.strategy == Strategy::Trie && self.trie_budget == 0 {
-            return Err(DecodingError::invalid(
-                "the trie strategy needs a trie_budget of at least 1",
-            ));
+            return Err(FieldError::new(
+                "params.trie_budget",
+                "at least 1 for the trie strategy",
+                0,
+            )
+            .into());
         }
         if matches!(self.strategy, Strategy::Lookahead | Strategy::Ouroboros) {
-            self.lookahead.validate()?;
+            within(self.lookahead.validate(), "params")?;
         }
         if self.strategy == Strategy::Lookahead && !self.sampling.is_greedy() {
-            return Err(DecodingError::invalid(
-                "the lookahead strategy decodes greedily; use greedy, speculative or \
-                 ouroboros for sampling",
-            ));
+            return Err(FieldError::new(
+                "sampling.temperature",
+                "0 for the lookahead strategy, which decodes greedily (use greedy, \
+                 speculative or ouroboros for sampling)",
+                self.sampling.temperature,
+            )
+            .into());
         }
         Ok(())
     }

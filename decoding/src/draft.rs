@@ -3,10 +3,10 @@
 //! decoding when asked) while reading and feeding a phrase pool.
 
 use crate::backend::{DraftOutcome, DraftRequest};
-use crate::error::{DecodingError, Result};
+use crate::error::Result;
 use crate::lookahead::{Window, finish_step, plan_step};
 use crate::pool::PhrasePool;
-use crate::validate::{check_tokens, check_vocab};
+use crate::validate::{FieldError, check_tokens, check_vocab};
 use engine::{KvState, LanguageModel, OutputSpec, SeqInput};
 
 /// The draft's per-session state: its own view of the text (committed tokens, then what
@@ -60,15 +60,23 @@ impl<C: KvState> DraftSession<C> {
         if let Some(la) = &request.lookahead {
             la.validate()?;
             if la.phrase_len() != pool.phrase_len() {
-                return Err(DecodingError::invalid(format!(
-                    "lookahead level {} needs phrases of {} tokens, the pool keeps {}",
+                return Err(FieldError::new(
+                    "lookahead.level",
+                    format!(
+                        "{} (the pool keeps phrases of {} tokens)",
+                        pool.phrase_len() + 1,
+                        pool.phrase_len()
+                    ),
                     la.level,
-                    la.phrase_len(),
-                    pool.phrase_len()
-                )));
+                )
+                .into());
             }
         }
-        check_vocab(&request.new_committed, model.info().vocab_size)?;
+        check_vocab(
+            &request.new_committed,
+            model.info().vocab_size,
+            "new_committed",
+        )?;
         pool.insert_all(&request.pool_delta);
         self.sync(&request.new_committed)?;
         if let (Some(la), None) = (request.lookahead, &self.window) {

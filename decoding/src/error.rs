@@ -8,6 +8,9 @@ pub enum DecodingError {
     InvalidTree(String),
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// A request field that failed its check (INVALID_ARGUMENT naming the field).
+    #[error(transparent)]
+    Field(crate::validate::FieldError),
     #[error("unknown session {0} (closed, expired or never opened)")]
     UnknownSession(u64),
     /// The context would overflow (a remote backend's OUT_OF_RANGE).

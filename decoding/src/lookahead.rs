@@ -37,26 +37,13 @@ impl LookaheadParams {
         self.level - 1
     }
 
+    /// Errors name `lookahead.level`, `lookahead.window` or `lookahead.guess`.
     pub fn validate(&self) -> Result<()> {
-        if !(3..=16).contains(&self.level) {
-            return Err(DecodingError::invalid(format!(
-                "lookahead level must be in 3..=16, got {}",
-                self.level
-            )));
-        }
-        if !(1..=64).contains(&self.window) {
-            return Err(DecodingError::invalid(format!(
-                "lookahead window must be in 1..=64, got {}",
-                self.window
-            )));
-        }
-        if self.guess > 64 {
-            return Err(DecodingError::invalid(format!(
-                "lookahead guess set must be at most 64, got {}",
-                self.guess
-            )));
-        }
-        Ok(())
+        use crate::validate::{at_most, in_range, limits, within};
+        let checked = in_range("level", self.level, limits::LEVELS)
+            .and_then(|_| in_range("window", self.window, 1..=limits::MAX_WINDOW))
+            .and_then(|_| at_most("guess", self.guess, limits::MAX_GUESS));
+        within(checked, "lookahead")
     }
 
     /// Rows a steady-state step adds besides pending tokens and phrases.

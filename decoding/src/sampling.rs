@@ -7,7 +7,7 @@
 //! draft token" is the exact speculative-sampling rule (algorithm spec section 8.2): one
 //! sample per branch point, then follow the matching child.
 
-use crate::error::{DecodingError, Result};
+use crate::error::Result;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SamplingParams {
@@ -40,18 +40,19 @@ impl SamplingParams {
         self.temperature <= 0.0 || self.top_k == 1
     }
 
+    /// Errors name `sampling.temperature` or `sampling.top_p`.
     pub fn validate(&self) -> Result<()> {
+        use crate::validate::FieldError;
         if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return Err(DecodingError::invalid(format!(
-                "temperature must be finite and >= 0, got {}",
-                self.temperature
-            )));
+            return Err(FieldError::new(
+                "sampling.temperature",
+                "finite and >= 0",
+                self.temperature,
+            )
+            .into());
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(DecodingError::invalid(format!(
-                "top_p must be in (0, 1], got {}",
-                self.top_p
-            )));
+            return Err(FieldError::new("sampling.top_p", "in (0, 1]", self.top_p).into());
         }
         Ok(())
     }

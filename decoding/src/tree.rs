@@ -36,29 +36,35 @@ impl DraftTree {
 
     /// Rebuilds a tree received from outside, checking its shape.
     pub fn from_parts(tokens: Vec<u32>, parents: Vec<i32>) -> Result<Self> {
+        use crate::validate::FieldError;
         if tokens.is_empty() {
-            return Err(DecodingError::InvalidTree(
-                "a tree needs at least its root".into(),
-            ));
+            return Err(FieldError::new("parents", "at least the root's -1", "no nodes").into());
         }
         if tokens.len() != parents.len() {
-            return Err(DecodingError::InvalidTree(format!(
-                "{} tokens but {} parents",
-                tokens.len(),
-                parents.len()
-            )));
+            return Err(FieldError::new(
+                "parents",
+                format!("one per token ({})", tokens.len()),
+                parents.len(),
+            )
+            .into());
         }
         if parents[0] != -1 {
-            return Err(DecodingError::InvalidTree(
-                "parents[0] must be -1 (the root continues the committed text)".into(),
-            ));
+            return Err(FieldError::new(
+                "parents[0]",
+                "-1 (the root continues the committed text)",
+                parents[0],
+            )
+            .into());
         }
         let mut children = vec![Vec::new(); tokens.len()];
         for (i, &p) in parents.iter().enumerate().skip(1) {
             if p < 0 || p as usize >= i {
-                return Err(DecodingError::InvalidTree(format!(
-                    "parents[{i}] = {p}: must be the index of an earlier node"
-                )));
+                return Err(FieldError::new(
+                    format!("parents[{i}]"),
+                    "the index of an earlier node",
+                    p,
+                )
+                .into());
             }
             children[p as usize].push(i);
         }

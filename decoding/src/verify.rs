@@ -7,7 +7,7 @@ use crate::backend::VerifyOutcome;
 use crate::error::{DecodingError, Result};
 use crate::sampling::SamplingParams;
 use crate::tree::DraftTree;
-use crate::validate::check_tokens;
+use crate::validate::{FieldError, check_tokens};
 use engine::{ForwardOutput, KvState, LanguageModel, OutputSpec, SeqInput, Visibility};
 
 /// Prefills all but the last token: the invariant between rounds is that every committed
@@ -65,10 +65,15 @@ impl<C: KvState> TargetSession<C> {
         max_position: usize,
     ) -> Result<(Vec<u32>, Visibility)> {
         if tree.tokens[0] != self.last {
-            return Err(DecodingError::invalid(format!(
-                "tree root {} does not continue the session (last committed token {})",
-                tree.tokens[0], self.last
-            )));
+            return Err(FieldError::new(
+                "tokens[0]",
+                format!(
+                    "the session's last committed token {} (the root continues it)",
+                    self.last
+                ),
+                tree.tokens[0],
+            )
+            .into());
         }
         let base = self.cache.len() as u32;
         // Rows, not only positions, must fit: the cache holds every node until the walk.

@@ -2,11 +2,11 @@
 //! Each phrase length has its own pool replica, kept current by the orchestrator's deltas
 //! and fed by the draft's own lookahead window.
 
-use decoding::{DecodingError, DraftRequest, LookaheadParams, Ngram};
 use engine::LanguageModel;
-use proto::convert::field_status as field;
+use proto::convert::status_of;
 use proto::draft::v1 as pb;
 use proto::draft::v1::draft_service_server::{DraftService, DraftServiceServer};
+use proto::validate::DraftCall;
 use serving::DraftRuntime;
 use serving::draft::DraftSessions;
 use std::future::Future;
@@ -35,33 +35,6 @@ impl<M: LanguageModel + 'static> DraftGrpc<M> {
     pub fn sessions(&self) -> &Arc<DraftSessions<M>> {
         self.runtime.sessions()
     }
-}
-
-fn request_of(r: pb::DraftRequest) -> Result<DraftRequest, Status> {
-    if !(1..=MAX_GAMMA).contains(&r.gamma) {
-        return Err(Status::invalid_argument(format!(
-            "gamma: must be in 1..={MAX_GAMMA}, got {}",
-            r.gamma
-        )));
-    }
-    if !(0.0..1.0).contains(&r.stop_below) {
-        return Err(Status::invalid_argument(format!(
-            "stop_below: must be in [0, 1), got {}",
-            r.stop_below
-        )));
-    }
-    let lookahead = r.lookahead.as_ref().map(LookaheadParams::from);
-    if let Some(la) = &lookahead {
-        la.validate().map_err(|e| field(&e, "lookahead"))?;
-    }
-    Ok(DraftRequest {
-        new_committed: r.new_committed,
-        gamma: r.gamma as usize,
-        lookahead,
-        pool_delta: r.pool_delta.into_iter().map(Ngram::from).collect(),
-        eos: r.eos,
-        stop_below: r.stop_below,
-    })
 }
 
 fn timing(started: Instant, forward: f64) -> Option<proto::common::v1::ServerTiming> {
@@ -103,7 +76,7 @@ impl<M: LanguageModel + 'static> DraftService for DraftGrpc<M> {
         let id = self
             .runtime
             .open_session(&tokens)
-            .map_err(|e| field(&e, "tokens"))?;
+            .map_err(|e| status_of(&e))?;
         Ok(Response::new(pb::OpenSessionResponse {
             session_id: id,
             timing: timing(started, 0.0),
@@ -115,19 +88,16 @@ impl<M: LanguageModel + 'static> DraftService for DraftGrpc<M> {
         request: Request<pb::DraftRequest>,
     ) -> Result<Response<pb::DraftResponse>, Status> {
         let started = Instant::now();
-        let r = request.into_inner();
-        let id = r.session_id;
-        let req = request_of(r)?;
+        let DraftCall { session, request } =
+            DraftCall::try_from(request.into_inner()).map_err(|e| status_of(&e))?;
         let runtime = self.runtime.clone();
-        let span = tracing::debug_span!("lookahead", gamma = req.gamma);
-        let outcome =
-            tokio::task::spawn_blocking(move || span.in_scope(|| runtime.draft_blocking(id, &req)))
-                .await
-                .map_err(|e| Status::internal(format!("draft task failed: {e}")))?
-                .map_err(|e| match e {
-                    DecodingError::UnknownSession(_) => field(&e, "session_id"),
-                    e => field(&e, "new_committed"),
-                })?;
+        let span = tracing::debug_span!("lookahead", gamma = request.gamma);
+        let outcome = tokio::task::spawn_blocking(move || {
+            span.in_scope(|| runtime.draft_blocking(session, &request))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("draft task failed: {e}")))?
+        .map_err(|e| status_of(&e))?;
         let forward = started.elapsed().as_secs_f64();
         Ok(Response::new(pb::DraftResponse {
             tokens: outcome.tokens,
@@ -148,7 +118,7 @@ impl<M: LanguageModel + 'static> DraftService for DraftGrpc<M> {
         tokio::task::spawn_blocking(move || runtime.close_session(id))
             .await
             .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| field(&e, "session_id"))?;
+            .map_err(|e| status_of(&e))?;
         Ok(Response::new(pb::CloseSessionResponse {}))
     }
 }

@@ -5,10 +5,9 @@
 use crate::chat::ChatTemplate;
 use crate::pipeline::{Runner, TokenSink};
 use crate::text::StopScan;
-use decoding::{
-    DecodeParams, FinishReason, Flow, Generation, LookaheadParams, SpecStats, Strategy, TokenSource,
-};
-use proto::convert::{field_status, sampling_from_pb, status_of};
+use crate::validation::{ValidRequest, Validator};
+use decoding::{DecodeParams, FinishReason, Flow, Generation, SpecStats, TokenSource};
+use proto::convert::status_of;
 use proto::v1 as pb;
 use proto::v1::ouroboros_server::Ouroboros;
 use std::pin::Pin;
@@ -24,11 +23,7 @@ use tracing::Instrument;
 #[derive(Clone)]
 pub struct GenerateService {
     runner: Arc<dyn Runner>,
-    tokenizer: Arc<Tokenizer>,
-    chat: Arc<ChatTemplate>,
-    eos: Vec<u32>,
-    /// Server defaults for what a request leaves out.
-    defaults: DecodeParams,
+    validator: Validator,
 }
 
 impl GenerateService {
@@ -40,133 +35,25 @@ impl GenerateService {
         defaults: DecodeParams,
     ) -> Self {
         Self {
+            validator: Validator::new(runner.clone(), tokenizer, chat, eos, defaults),
             runner,
-            tokenizer,
-            chat,
-            eos,
-            defaults,
         }
-    }
-
-    /// A request's token ids and decoding parameters, or INVALID_ARGUMENT naming the field.
-    fn prepare(&self, r: &pb::GenerateRequest) -> Result<(Vec<u32>, DecodeParams), Status> {
-        let info = self.runner.target_info();
-        let encode = |text: &str| {
-            engine::tokenizer::encode(&self.tokenizer, text)
-                .map_err(|e| Status::invalid_argument(format!("prompt: {e}")))
-        };
-        let prompt = match &r.input {
-            None => {
-                return Err(Status::invalid_argument(
-                    "input: give prompt, token_ids or chat",
-                ));
-            }
-            Some(pb::generate_request::Input::Prompt(p)) => encode(p)?,
-            Some(pb::generate_request::Input::TokenIds(t)) => {
-                if let Some(t) = t.ids.iter().find(|&&t| t as usize >= info.vocab_size) {
-                    return Err(Status::invalid_argument(format!(
-                        "token_ids: {t} is outside the vocabulary of {}",
-                        info.vocab_size
-                    )));
-                }
-                t.ids.clone()
-            }
-            Some(pb::generate_request::Input::Chat(c)) => {
-                let text = self
-                    .chat
-                    .render(&c.messages)
-                    .map_err(Status::invalid_argument)?;
-                encode(&text)?
-            }
-        };
-        if prompt.is_empty() {
-            return Err(Status::invalid_argument("prompt: empty"));
-        }
-        if prompt.len() >= info.max_position {
-            return Err(Status::invalid_argument(format!(
-                "prompt: {} tokens, the model's context is {}",
-                prompt.len(),
-                info.max_position
-            )));
-        }
-        let d = &self.defaults;
-        let max_new_tokens = match r.max_new_tokens {
-            None => d.max_new_tokens,
-            Some(0) => {
-                return Err(Status::invalid_argument(
-                    "max_new_tokens: must be at least 1",
-                ));
-            }
-            Some(n) if n as usize > info.max_position => {
-                return Err(Status::invalid_argument(format!(
-                    "max_new_tokens: {n} exceeds the model's context of {}",
-                    info.max_position
-                )));
-            }
-            Some(n) => n as usize,
-        };
-        if r.stop.iter().any(String::is_empty) {
-            return Err(Status::invalid_argument("stop: empty stop string"));
-        }
-        let sampling = match &r.sampling {
-            None => d.sampling,
-            Some(s) => sampling_from_pb(Some(s)),
-        };
-        let strategy = self.strategy(r.strategy)?;
-        let p = r.params.unwrap_or_default();
-        let params = DecodeParams {
-            strategy,
-            max_new_tokens,
-            eos: self.eos.clone(),
-            sampling,
-            gamma: p.gamma.map_or(d.gamma, |g| g as usize),
-            draft_stop: p.draft_stop.unwrap_or(d.draft_stop),
-            lookahead: p
-                .lookahead
-                .as_ref()
-                .map_or(d.lookahead, LookaheadParams::from),
-            topk: p.topk.map_or(d.topk, |k| k as usize),
-            harvest_committed: d.harvest_committed,
-            trie_budget: p.trie_budget.map_or(d.trie_budget, |k| k as usize),
-        };
-        params.validate().map_err(|e| field_status(&e, "params"))?;
-        Ok((prompt, params))
-    }
-
-    fn strategy(&self, code: i32) -> Result<Strategy, Status> {
-        let s = pb::Strategy::try_from(code)
-            .map_err(|_| Status::invalid_argument(format!("strategy: unknown value {code}")))?;
-        let need = |ok: bool, what: &str| {
-            if ok {
-                Ok(())
-            } else {
-                Err(Status::failed_precondition(format!(
-                    "strategy: this server has no {what}"
-                )))
-            }
-        };
-        Ok(match s {
-            // Without a cost profile nothing says speculation pays here.
-            pb::Strategy::Auto if self.runner.has_auto() => Strategy::Auto,
-            pb::Strategy::Auto | pb::Strategy::Greedy => Strategy::Greedy,
-            pb::Strategy::Speculative => Strategy::Speculative,
-            pb::Strategy::Ouroboros => Strategy::Ouroboros,
-            pb::Strategy::Trie => Strategy::Trie,
-            pb::Strategy::Lookahead => {
-                need(self.runner.has_lookahead(), "lookahead host")?;
-                Strategy::Lookahead
-            }
-        })
     }
 
     /// Runs a request; `chunks` receives text deltas and tokens as they are committed.
     async fn run(
         &self,
-        (prompt, params): (Vec<u32>, DecodeParams),
-        stop: Vec<String>,
+        ValidRequest {
+            prompt,
+            params,
+            stop,
+        }: ValidRequest,
         chunks: Option<mpsc::UnboundedSender<Result<pb::GenerateStreamResponse, Status>>>,
     ) -> Result<Finished, Status> {
-        let scan = Arc::new(Mutex::new(StopScan::new(self.tokenizer.clone(), stop)));
+        let scan = Arc::new(Mutex::new(StopScan::new(
+            self.validator.tokenizer().clone(),
+            stop,
+        )));
         let sink_scan = scan.clone();
         let m = telemetry::metrics();
         let strategy = params.strategy.name();
@@ -257,12 +144,12 @@ impl GenerateService {
 }
 
 /// The span of one request (its rounds and backend calls are its children).
-fn request_span((prompt, params): &(Vec<u32>, DecodeParams)) -> tracing::Span {
+fn request_span(r: &ValidRequest) -> tracing::Span {
     tracing::debug_span!(
         "generate",
-        strategy = params.strategy.name(),
-        prompt_tokens = prompt.len(),
-        max_new_tokens = params.max_new_tokens,
+        strategy = r.params.strategy.name(),
+        prompt_tokens = r.prompt.len(),
+        max_new_tokens = r.params.max_new_tokens,
         completion_tokens = tracing::field::Empty,
     )
 }
@@ -359,10 +246,9 @@ impl Ouroboros for GenerateService {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<pb::GenerateResponse>, Status> {
-        let r = request.into_inner();
-        let prepared = self.prepare(&r)?;
-        let span = request_span(&prepared);
-        let f = GenerateService::run(self, prepared, r.stop, None)
+        let valid = self.validator.validate(request.into_inner()).await?;
+        let span = request_span(&valid);
+        let f = GenerateService::run(self, valid, None)
             .instrument(span.clone())
             .await?;
         span.record("completion_tokens", f.tokens.len());
@@ -382,15 +268,14 @@ impl Ouroboros for GenerateService {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
-        let r = request.into_inner();
         // Bad requests fail the call itself rather than the stream.
-        let prepared = self.prepare(&r)?;
+        let valid = self.validator.validate(request.into_inner()).await?;
         let (tx, rx) = mpsc::unbounded_channel();
         let service = self.clone();
-        let span = request_span(&prepared);
+        let span = request_span(&valid);
         let task_span = span.clone();
         let task = async move {
-            let last = match service.run(prepared, r.stop, Some(tx.clone())).await {
+            let last = match service.run(valid, Some(tx.clone())).await {
                 Ok(f) => {
                     span.record("completion_tokens", f.tokens.len());
                     Ok(pb::GenerateStreamResponse {

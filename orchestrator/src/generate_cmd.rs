@@ -181,7 +181,7 @@ async fn remote(a: &GenerateArgs, url: &str) -> Result<()> {
             top_k: d.top_k as u32,
             seed: d.seed,
         }),
-        strategy: strategy_to_pb(a.strategy) as i32,
+        strategy: pb::Strategy::from(a.strategy) as i32,
         params: Some(pb::StrategyParams {
             gamma: Some(d.gamma as u32),
             lookahead: Some(common::Lookahead {
@@ -231,17 +231,6 @@ async fn remote(a: &GenerateArgs, url: &str) -> Result<()> {
         .unwrap_or_default();
     print_stats(&last.stats.unwrap_or_default(), tokens, &finish);
     Ok(())
-}
-
-fn strategy_to_pb(s: StrategyArg) -> pb::Strategy {
-    match s {
-        StrategyArg::Auto => pb::Strategy::Auto,
-        StrategyArg::Greedy => pb::Strategy::Greedy,
-        StrategyArg::Speculative => pb::Strategy::Speculative,
-        StrategyArg::Lookahead => pb::Strategy::Lookahead,
-        StrategyArg::Ouroboros => pb::Strategy::Ouroboros,
-        StrategyArg::Trie => pb::Strategy::Trie,
-    }
 }
 
 /// The statistics line, the same in-process and remote.

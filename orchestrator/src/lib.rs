@@ -3,11 +3,13 @@
 
 pub mod api;
 pub mod chat;
+pub mod cli;
 pub mod embedded;
 pub mod pipeline;
 pub mod remote;
 pub mod replicas;
 pub mod text;
+pub mod validation;
 
 use proto::v1::ouroboros_server::OuroborosServer;
 use std::future::Future;

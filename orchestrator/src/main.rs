@@ -1,20 +1,13 @@
 //! `ouro`: the command-line entry to Ouroboros serving. `generate` runs one request (in
-//! this process or on a server); `bench` compares the strategies on a prompt set in one
-//! run; `serve` serves the public API.
+//! this process or on a server); `serve` serves the public API. The benchmarks are the
+//! `ouro-bench` binary (crate `bench`), so this one links no plotting.
 
-mod bench;
 mod generate_cmd;
-mod report;
 mod serve_cmd;
-mod sweep;
 
 use anyhow::Result;
-use clap::{Args, Parser, Subcommand, ValueEnum};
-use decoding::{DecodeParams, LookaheadParams, SamplingParams, Strategy};
-use orchestrator::embedded::{
-    DEFAULT_DRAFT, DEFAULT_TARGET, DEFAULT_TOKENIZER, ModelPaths, models_dir,
-};
-use std::path::PathBuf;
+use clap::{Parser, Subcommand};
+pub use orchestrator::cli::{DecodeArgs, ModelArgs, StrategyArg};
 
 #[derive(Parser)]
 #[command(
@@ -32,167 +25,8 @@ enum Command {
     /// Generate a continuation of one prompt, with the models in this process or on a
     /// running orchestrator (--endpoint).
     Generate(generate_cmd::GenerateArgs),
-    /// Run every strategy over a prompt set, interleaved, and report speed and agreement.
-    Bench(bench::BenchArgs),
     /// Serve the public gRPC API, with the models in this process or on remote services.
     Serve(serve_cmd::ServeArgs),
-}
-
-#[derive(Args, Clone)]
-pub struct ModelArgs {
-    /// Target model (GGUF file or Hugging Face folder); default: the fetched 1.5B target.
-    #[arg(long, env = "OURO_TARGET")]
-    target: Option<PathBuf>,
-    /// Draft model; default: the fetched 0.5B draft. "none" runs target-only.
-    #[arg(long, env = "OURO_DRAFT")]
-    draft: Option<String>,
-    /// tokenizer.json; default: the fetched Qwen tokenizer, else built from the GGUF.
-    #[arg(long, env = "OURO_TOKENIZER")]
-    tokenizer: Option<PathBuf>,
-    /// A Jinja chat template to use instead of the model's own (which comes from the GGUF
-    /// metadata, the model folder or the tokenizer's folder; ChatML where there is none).
-    #[arg(long, env = "OURO_CHAT_TEMPLATE")]
-    chat_template: Option<PathBuf>,
-    /// Tensor-parallel ranks for the target (threads).
-    #[arg(long, default_value_t = 1)]
-    tp: usize,
-    /// Dequantize the target's GGUF weights to dense f16 at load (the unquantized
-    /// deployment; about 3 GB for the 1.5B target).
-    #[arg(long, env = "OURO_TARGET_F16")]
-    target_f16: bool,
-    /// The draft predicts only the first N vocabulary entries (a cheaper output head;
-    /// the target still checks every draft token, so the output does not change).
-    #[arg(long, env = "OURO_DRAFT_HEAD_VOCAB", value_parser = clap::value_parser!(u64).range(1..))]
-    draft_head_vocab: Option<u64>,
-    /// Re-encode the draft's matrices in these blocks at load: `q4k` halves a Q8_0
-    /// draft's bytes per token (other numbers than the file's, but the target checks
-    /// every draft token, so the output does not change).
-    #[arg(long, env = "OURO_DRAFT_REQUANTIZE")]
-    draft_requantize: Option<String>,
-}
-
-impl ModelArgs {
-    fn paths(&self) -> ModelPaths {
-        let dir = models_dir();
-        ModelPaths {
-            target_f16: self.target_f16,
-            draft_head_vocab: self.draft_head_vocab.map(|n| n as usize),
-            draft_requantize: self.draft_requantize.clone(),
-            target: self
-                .target
-                .clone()
-                .unwrap_or_else(|| dir.join(DEFAULT_TARGET)),
-            draft: match self.draft.as_deref() {
-                Some("none") => None,
-                Some(p) => Some(PathBuf::from(p)),
-                None => Some(dir.join(DEFAULT_DRAFT)),
-            },
-            chat_template: self.chat_template.clone(),
-            tokenizer: Some(
-                self.tokenizer
-                    .clone()
-                    .unwrap_or_else(|| dir.join(DEFAULT_TOKENIZER)),
-            ),
-        }
-    }
-}
-
-#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
-pub enum StrategyArg {
-    Auto,
-    Greedy,
-    Speculative,
-    Lookahead,
-    Ouroboros,
-    Trie,
-}
-
-impl From<StrategyArg> for Strategy {
-    fn from(s: StrategyArg) -> Self {
-        match s {
-            StrategyArg::Auto => Strategy::Auto,
-            StrategyArg::Greedy => Strategy::Greedy,
-            StrategyArg::Speculative => Strategy::Speculative,
-            StrategyArg::Lookahead => Strategy::Lookahead,
-            StrategyArg::Ouroboros => Strategy::Ouroboros,
-            StrategyArg::Trie => Strategy::Trie,
-        }
-    }
-}
-
-#[derive(Args, Clone)]
-pub struct DecodeArgs {
-    #[arg(long, default_value_t = 256)]
-    max_new_tokens: usize,
-    /// Least draft tokens per round (auto: the most).
-    #[arg(long, default_value_t = 8)]
-    gamma: usize,
-    /// Speculative: above 0, gamma is the most draft tokens per round, and the draft stops
-    /// once the product of its tokens' probabilities falls below this (0 to 1).
-    #[arg(long, default_value_t = 0.0)]
-    draft_stop: f32,
-    /// Lookahead n-gram size N (phrases of N-1 tokens).
-    #[arg(long, default_value_t = 5)]
-    level: usize,
-    /// Lookahead window width W.
-    #[arg(long, default_value_t = 8)]
-    window: usize,
-    /// Pool phrases verified per lookahead step (G).
-    #[arg(long, default_value_t = 8)]
-    guess: usize,
-    /// Pool phrases appended as candidate suffixes (Ouroboros).
-    #[arg(long, default_value_t = 3)]
-    topk: usize,
-    /// Most trie nodes per verify tree (trie strategy; Ouroboros adds them beside its
-    /// draft, 0 turns that off).
-    #[arg(long, default_value_t = DecodeParams::default().trie_budget)]
-    trie_budget: usize,
-    /// 0 decodes greedily.
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f32,
-    #[arg(long, default_value_t = 1.0)]
-    top_p: f32,
-    #[arg(long, default_value_t = 0)]
-    top_k: usize,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-}
-
-/// Pool phrase length for a lookahead level (at least 1, even for a bad level, which the
-/// request's own validation then reports).
-pub fn phrase_len_for(level: usize) -> usize {
-    level.saturating_sub(1).max(1)
-}
-
-impl DecodeArgs {
-    /// Pool phrase length for these lookahead flags.
-    pub fn phrase_len(&self) -> usize {
-        phrase_len_for(self.level)
-    }
-
-    pub fn params(&self, strategy: Strategy, eos: &[u32]) -> DecodeParams {
-        DecodeParams {
-            strategy,
-            max_new_tokens: self.max_new_tokens,
-            eos: eos.to_vec(),
-            sampling: SamplingParams {
-                temperature: self.temperature,
-                top_p: self.top_p,
-                top_k: self.top_k,
-                seed: self.seed,
-            },
-            gamma: self.gamma,
-            draft_stop: self.draft_stop,
-            lookahead: LookaheadParams {
-                level: self.level,
-                window: self.window,
-                guess: self.guess,
-            },
-            topk: self.topk,
-            harvest_committed: true,
-            trie_budget: self.trie_budget,
-        }
-    }
 }
 
 fn main() -> Result<()> {
@@ -200,10 +34,6 @@ fn main() -> Result<()> {
         Command::Generate(a) => {
             telemetry::init_logging();
             generate_cmd::run(a)
-        }
-        Command::Bench(a) => {
-            telemetry::init_logging();
-            bench::run(a)
         }
         // The server sets up logging and span export inside its runtime.
         Command::Serve(a) => serve_cmd::run(a),

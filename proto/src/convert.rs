@@ -1,4 +1,4 @@
-//! Mapping between the wire messages and the `spec` types, and between `DecodingError` and
+//! Mapping between the wire messages and the `decoding` types, and between `DecodingError` and
 //! gRPC status codes in both directions (services answer with a status; remote backends
 //! turn it back into the error the decoding loops understand).
 
@@ -111,11 +111,16 @@ impl From<&pb::ChatTemplate> for ChatTemplateSource {
     }
 }
 
-/// The status a service answers with for an error.
+/// The status a service answers with for an error. A field error's message starts with
+/// the field it names; an unknown session's with `session_id`.
 pub fn status_of(e: &DecodingError) -> Status {
     let code = match e {
-        DecodingError::UnknownSession(_) => Code::NotFound,
-        DecodingError::InvalidTree(_) | DecodingError::InvalidArgument(_) => Code::InvalidArgument,
+        DecodingError::UnknownSession(_) => {
+            return Status::not_found(format!("session_id: {e}"));
+        }
+        DecodingError::InvalidTree(_)
+        | DecodingError::InvalidArgument(_)
+        | DecodingError::Field(_) => Code::InvalidArgument,
         DecodingError::ContextOverflow(_) => Code::OutOfRange,
         DecodingError::Exhausted(_) => Code::ResourceExhausted,
         DecodingError::Unavailable(_) => Code::Unavailable,
@@ -139,10 +144,4 @@ pub fn error_of(s: &Status, session: Option<u64>) -> DecodingError {
         }
         (code, _) => DecodingError::Backend(format!("{code:?}: {msg}")),
     }
-}
-
-/// As [`status_of`], with the message prefixed by the request field at fault.
-pub fn field_status(e: &DecodingError, field: &str) -> Status {
-    let s = status_of(e);
-    Status::new(s.code(), format!("{field}: {}", s.message()))
 }

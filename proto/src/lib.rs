@@ -27,3 +27,4 @@ pub mod v1 {
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("ouroboros_descriptor");
 
 pub mod convert;
+pub mod validate;

@@ -6,7 +6,7 @@
 use crate::scheduler::{Scheduler, SchedulerConfig, Sessions};
 use crate::sessions::{SessionLimits, SessionTable, start_evictor};
 use decoding::local::info_of;
-use decoding::validate::check_vocab;
+use decoding::validate::{FieldError, check_vocab};
 use decoding::{
     BackendInfo, DecodingError, DraftTree, Result, SamplingParams, ServerTiming, SessionId,
     TargetBackend, VerifyOutcome,
@@ -100,10 +100,10 @@ impl<M: LanguageModel + 'static> TargetRuntime<M> {
     /// Opens a session on `tokens` (prefilled in chunks beside other sessions' trees).
     pub async fn open_session(&self, tokens: Vec<u32>) -> Result<SessionId> {
         let info = self.model.info();
-        check_vocab(&tokens, info.vocab_size)?;
+        check_vocab(&tokens, info.vocab_size, "tokens")?;
         if tokens.len() >= info.max_position {
             return Err(DecodingError::ContextOverflow(format!(
-                "{} committed tokens leave no room in a context of {}",
+                "tokens: {} committed tokens leave no room in a context of {}",
                 tokens.len(),
                 info.max_position
             )));
@@ -121,13 +121,14 @@ impl<M: LanguageModel + 'static> TargetRuntime<M> {
         sampling: SamplingParams,
     ) -> Result<(VerifyOutcome, ServerTiming)> {
         if tree.len() > self.config.max_tree_nodes {
-            return Err(DecodingError::invalid(format!(
-                "{} tree nodes, at most {} allowed",
+            return Err(FieldError::new(
+                "tokens",
+                format!("at most {} tree nodes", self.config.max_tree_nodes),
                 tree.len(),
-                self.config.max_tree_nodes
-            )));
+            )
+            .into());
         }
-        check_vocab(&tree.tokens, self.model.info().vocab_size)?;
+        check_vocab(&tree.tokens, self.model.info().vocab_size, "tokens")?;
         sampling.validate()?;
         let slot = self.sessions.get(session)?;
         let r = self.scheduler.verify(session, slot, tree, sampling).await;

@@ -1,11 +1,11 @@
 //! `ouroboros.target.v1.TargetService` over the serving crate's target runtime (the same
 //! one the embedded server runs), with health and reflection.
 
-use decoding::{DecodingError, DraftTree};
 use engine::LanguageModel;
-use proto::convert::{field_status as field, sampling_from_pb};
+use proto::convert::status_of;
 use proto::target::v1 as pb;
 use proto::target::v1::target_service_server::{TargetService, TargetServiceServer};
+use proto::validate::VerifyCall;
 use serving::scheduler::Sessions;
 use serving::{TargetConfig, TargetRuntime};
 use std::future::Future;
@@ -77,7 +77,7 @@ impl<M: LanguageModel + 'static> TargetService for TargetGrpc<M> {
             .runtime
             .open_session(tokens)
             .await
-            .map_err(|e| field(&e, "tokens"))?;
+            .map_err(|e| status_of(&e))?;
         let forward = started.elapsed().as_secs_f64();
         Ok(Response::new(pb::OpenSessionResponse {
             session_id: id,
@@ -91,24 +91,12 @@ impl<M: LanguageModel + 'static> TargetService for TargetGrpc<M> {
     ) -> Result<Response<pb::VerifyResponse>, Status> {
         let started = Instant::now();
         let r = request.into_inner();
-        let max = self.runtime.config().max_tree_nodes;
-        if r.tokens.len() > max {
-            return Err(Status::invalid_argument(format!(
-                "tokens: {} tree nodes, at most {max} allowed",
-                r.tokens.len(),
-            )));
-        }
-        let sampling = sampling_from_pb(r.sampling.as_ref());
-        sampling.validate().map_err(|e| field(&e, "sampling"))?;
-        let tree = DraftTree::from_parts(r.tokens, r.parents).map_err(|e| field(&e, "parents"))?;
+        let call = VerifyCall::try_from(r).map_err(|e| status_of(&e))?;
         let (outcome, t) = self
             .runtime
-            .verify_tree(r.session_id, tree, sampling)
+            .verify_tree(call.session, call.tree, call.sampling)
             .await
-            .map_err(|e| match e {
-                DecodingError::UnknownSession(_) => field(&e, "session_id"),
-                e => field(&e, "tokens"),
-            })?;
+            .map_err(|e| status_of(&e))?;
         Ok(Response::new(pb::VerifyResponse {
             path: outcome.path.iter().map(|&n| n as u32).collect(),
             accepted: outcome.accepted,
@@ -127,7 +115,7 @@ impl<M: LanguageModel + 'static> TargetService for TargetGrpc<M> {
         tokio::task::spawn_blocking(move || runtime.close_session(id))
             .await
             .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| field(&e, "session_id"))?;
+            .map_err(|e| status_of(&e))?;
         Ok(Response::new(pb::CloseSessionResponse {}))
     }
 }

@@ -1,15 +1,15 @@
-//! `ouro bench`: every strategy over the same prompts in one run, interleaved prompt by
+//! `ouro-bench`: every strategy over the same prompts in one run, interleaved prompt by
 //! prompt so machine drift cancels, with a check that greedy strategies agree token for
 //! token with plain greedy decoding. Every strategy keeps pools and trie of its own, warmed
 //! only by its own earlier prompts.
 
 use crate::report::{Report, Row};
 use crate::sweep;
-use crate::{DecodeArgs, ModelArgs, StrategyArg};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use decoding::{Flow, ProfileOptions, Strategy};
 use engine::LanguageModel;
+use orchestrator::cli::{DecodeArgs, ModelArgs, StrategyArg};
 use orchestrator::embedded::{self, Embedded};
 use orchestrator::pipeline::{Pipeline, Runner};
 use orchestrator::remote::{RemoteDraft, RemoteTarget};
@@ -55,7 +55,7 @@ pub struct BenchArgs {
     #[arg(long)]
     quick: bool,
     /// Also run greedy and the selected speculative/auto rows over a target service and
-    /// a draft service started as processes on loopback (the binaries next to `ouro`).
+    /// a draft service started as processes on loopback (the binaries next to `ouro-bench`).
     #[arg(long)]
     distributed: bool,
     #[command(flatten)]
@@ -67,7 +67,7 @@ pub struct BenchArgs {
 const QUICK_PROMPTS: usize = 2;
 const QUICK_TOKENS: usize = 24;
 
-const BUILTIN_PROMPTS: &[&str] = &[
+pub const BUILTIN_PROMPTS: &[&str] = &[
     "def is_palindrome(s: str) -> bool:\n    \"\"\"Return True if s reads the same forwards and backwards, ignoring case and spaces.\"\"\"\n",
     "def merge_sorted(a: list, b: list) -> list:\n    \"\"\"Merge two sorted lists into one sorted list.\"\"\"\n",
     "class Stack:\n    \"\"\"A last-in first-out stack with push, pop, peek and len.\"\"\"\n",
@@ -141,7 +141,7 @@ impl Services {
             .context("--distributed needs a draft model")?;
         let dir = std::env::current_exe()?
             .parent()
-            .context("the ouro binary has no folder")?
+            .context("the ouro-bench binary has no folder")?
             .to_path_buf();
         let mut services = Services {
             children: Vec::new(),
@@ -155,7 +155,7 @@ impl Services {
             let exe = dir.join(bin);
             if !exe.exists() {
                 bail!(
-                    "{} not found (cargo build --release builds it beside ouro)",
+                    "{} not found (cargo build --release builds it beside ouro-bench)",
                     exe.display()
                 );
             }
@@ -226,18 +226,9 @@ where
 }
 
 fn load_prompts(a: &BenchArgs) -> Result<Vec<String>> {
-    let mut prompts: Vec<String> = match &a.prompts {
+    let mut prompts = match &a.prompts {
         None => BUILTIN_PROMPTS.iter().map(|s| s.to_string()).collect(),
-        Some(p) => std::fs::read_to_string(p)
-            .with_context(|| format!("reading {}", p.display()))?
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .enumerate()
-            .map(|(i, l)| {
-                serde_json::from_str::<String>(l)
-                    .with_context(|| format!("{} line {}: not a JSON string", p.display(), i + 1))
-            })
-            .collect::<Result<_>>()?,
+        Some(p) => crate::prompts::read(p)?,
     };
     let quick = a.quick.then_some(QUICK_PROMPTS);
     if let Some(n) = [a.limit, quick].into_iter().flatten().min() {
@@ -305,7 +296,7 @@ fn run_with<T: LanguageModel + 'static>(e: &Embedded<T>, a: &BenchArgs) -> Resul
             }
             _ => {
                 let level = v.params(&a.decode, &e.eos).lookahead.level;
-                let p = e.isolated_pipeline(crate::phrase_len_for(level));
+                let p = e.isolated_pipeline(orchestrator::cli::phrase_len_for(level));
                 if auto {
                     if profile.is_none() {
                         profile = Some(e.measure_costs()?);

@@ -1,4 +1,4 @@
-//! What `ouro bench` writes: per-strategy totals, the markdown table, the JSON document
+//! What `ouro-bench` writes: per-strategy totals, the markdown table, the JSON document
 //! and the speedup chart.
 
 use anyhow::{Context, Result};
@@ -244,7 +244,7 @@ pub struct Report<'a> {
 impl Report<'_> {
     pub fn markdown(&self) -> String {
         let mut m = format!(
-            "# ouro bench\n\nCommand: `{}`\n\nMachine: {}. Target: {}. Draft: {}.\n\n\
+            "# ouro-bench\n\nCommand: `{}`\n\nMachine: {}. Target: {}. Draft: {}.\n\n\
              {} prompts, up to {} new tokens each, strategies interleaved prompt by prompt; \
              {:.0} s in all.\n\n",
             self.command,
@@ -440,7 +440,7 @@ mod tests {
         row.offered_at = vec![3];
         let rows = [row];
         let report = Report {
-            command: "ouro bench".into(),
+            command: "ouro-bench".into(),
             machine: machine(),
             target: "t".into(),
             draft: "d".into(),

@@ -1,4 +1,4 @@
-//! `ouro bench --sweep PARAM=V1,V2,...`: one row per value of a speculation parameter, for
+//! `ouro-bench --sweep PARAM=V1,V2,...`: one row per value of a speculation parameter, for
 //! every compared strategy that uses it, the other parameters left at their flags (one
 //! factor at a time, so a sweep over four parameters costs their values' sum, not product).
 
