@@ -3,16 +3,17 @@
 //! lookahead, trie, Ouroboros, and `auto`, which sizes every round from a cost profile)
 //! over draft/target backend traits.
 
-pub mod auto;
 pub mod backend;
-pub mod decode;
 pub mod draft;
 pub mod error;
+pub mod generate;
 pub mod local;
 pub mod lookahead;
+pub mod params;
 pub mod pool;
 pub mod sampling;
 pub mod stats;
+pub mod strategy;
 pub mod tree;
 pub mod trie;
 pub mod validate;
@@ -26,17 +27,16 @@ pub use backend::{
     BackendInfo, DraftBackend, DraftOutcome, DraftRequest, ServerTiming, SessionId, TargetBackend,
     VerifyOutcome,
 };
-pub use decode::{
-    DecodeParams, FinishReason, Flow, Generation, Shared, Strategy, TokenSink, TokenSource,
-    generate,
-};
 pub use draft::DraftSession;
 pub use error::{DecodingError, Result};
+pub use generate::{Shared, generate};
 pub use local::{LocalDraft, LocalTarget};
 pub use lookahead::LookaheadParams;
+pub use params::{DecodeParams, FinishReason, Flow, Generation, Strategy, TokenSink, TokenSource};
 pub use pool::{Ngram, PhrasePool, PoolConfig};
 pub use sampling::SamplingParams;
 pub use stats::SpecStats;
+pub use strategy::auto;
 pub use tree::DraftTree;
 pub use trie::{PromptTrie, TrieCache, TrieConfig, TrieDraft};
 pub use verify::TargetSession;

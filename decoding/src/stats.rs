@@ -2,7 +2,7 @@
 //! length includes the bonus token, so plain decoding scores exactly 1.
 
 use crate::backend::{DraftOutcome, ServerTiming};
-use crate::decode::Strategy;
+use crate::params::Strategy;
 
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct SpecStats {

@@ -1,0 +1,269 @@
+//! The commit loop, written once over [`TargetBackend`] and [`DraftBackend`] for every
+//! strategy: each round asks the strategy's round builder ([`crate::strategy`]) for a
+//! verify tree, has the target verify it, and commits the accepted tokens plus the
+//! target's own next token. This is the only code that commits tokens, cuts at EOS, the
+//! token budget or a stop from the sink, records each token's source, and feeds the
+//! shared trie. Every committed token is the target's own choice for its exact prefix, so
+//! every strategy gives the tokens plain decoding gives.
+
+use crate::auto::AutoTuner;
+use crate::backend::{DraftBackend, SessionId, TargetBackend};
+use crate::error::{DecodingError, Result};
+use crate::params::{
+    DecodeParams, FinishReason, Flow, Generation, Strategy, TokenSink, TokenSource,
+};
+use crate::pool::{Ngram, PhrasePool};
+use crate::stats::SpecStats;
+use crate::strategy::{Rounds, Verdict, lookahead};
+use crate::trie::{PromptTrie, TrieCache};
+use std::time::Instant;
+use tracing::Instrument;
+
+pub(crate) struct Sessions<'a, T: TargetBackend, D: DraftBackend> {
+    pub target: &'a T,
+    pub target_id: SessionId,
+    pub draft: Option<(&'a D, SessionId)>,
+    /// A draft not opened yet: `auto` opens it the first time drafting pays.
+    pub spare: Option<&'a D>,
+}
+
+impl<T: TargetBackend, D: DraftBackend> Sessions<'_, T, D> {
+    /// Whether a draft is open or can still be opened.
+    pub fn can_draft(&self) -> bool {
+        self.draft.is_some() || self.spare.is_some()
+    }
+
+    async fn close(self) {
+        // Closing is best effort: a failed close only leaves a session for the TTL.
+        if let Err(e) = self.target.close(self.target_id).await {
+            tracing::debug!("closing target session: {e}");
+        }
+        if let Some((d, id)) = self.draft
+            && let Err(e) = d.close(id).await
+        {
+            tracing::debug!("closing draft session: {e}");
+        }
+    }
+}
+
+/// What requests share: the phrase pool, the output trie, and the `auto` strategy's cost
+/// profile and acceptance counts (`None` where no profile was measured).
+#[derive(Clone, Copy)]
+pub struct Shared<'a> {
+    pub pool: &'a PhrasePool,
+    pub trie: &'a TrieCache,
+    pub tuner: Option<&'a AutoTuner>,
+}
+
+/// Runs one request. `draft` is the draft model for speculative/Ouroboros/auto, or the
+/// target model's own lookahead host for [`Strategy::Lookahead`]; when it is missing or
+/// fails, the loop carries on target-only (still exact) and says so in the statistics.
+/// `on_tokens` sees every batch of committed tokens as soon as it is known. What `shared`
+/// holds only changes how often guesses hit, never the tokens.
+pub async fn generate<T: TargetBackend, D: DraftBackend>(
+    target: &T,
+    draft: Option<&D>,
+    shared: Shared<'_>,
+    prompt: &[u32],
+    params: &DecodeParams,
+    on_tokens: &mut TokenSink<'_>,
+) -> Result<Generation> {
+    params.validate()?;
+    if prompt.is_empty() {
+        return Err(DecodingError::invalid("the prompt has no tokens"));
+    }
+    let info = target.info();
+    if prompt.len() >= info.max_position {
+        return Err(DecodingError::invalid(format!(
+            "the prompt has {} tokens; the target's context is {}",
+            prompt.len(),
+            info.max_position
+        )));
+    }
+    if params.strategy == Strategy::Auto && shared.tuner.is_none() {
+        return Err(DecodingError::invalid(
+            "the auto strategy needs a cost profile, and none was measured here",
+        ));
+    }
+    if params.strategy == Strategy::Lookahead {
+        return lookahead::run(draft, prompt, params, on_tokens).await;
+    }
+    let started = Instant::now();
+    let mut stats = SpecStats::new(params.strategy);
+    let target_id = target
+        .open(prompt)
+        .instrument(tracing::debug_span!("prefill", tokens = prompt.len()))
+        .await?;
+    stats.prefill_s = started.elapsed().as_secs_f64();
+    let mut sessions = Sessions {
+        target,
+        target_id,
+        draft: None,
+        spare: None,
+    };
+    if params.strategy == Strategy::Auto {
+        sessions.spare = draft;
+    } else if params.strategy.needs_draft() {
+        match draft {
+            Some(d) => match d.open(prompt).await {
+                Ok(id) => sessions.draft = Some((d, id)),
+                Err(e) => stats.fall_back(format!("draft open failed: {e}")),
+            },
+            None => stats.fall_back("no draft backend".to_string()),
+        }
+    }
+    let r = commit_loop(&mut sessions, &mut stats, shared, prompt, params, on_tokens).await;
+    sessions.close().await;
+    stats.total_s = started.elapsed().as_secs_f64();
+    if stats.trie_lookups > 0 {
+        stats.trie_cache_nodes = shared.trie.len() as u64;
+        stats.trie_cache_bytes = shared.trie.approx_bytes() as u64;
+    }
+    let (tokens, sources, finish) = r?;
+    stats.committed = tokens.len() as u64;
+    Ok(Generation {
+        tokens,
+        sources,
+        finish,
+        stats,
+    })
+}
+
+/// Per-request state of the loop that the round builders read and write.
+pub(crate) struct Loop<'p> {
+    pub params: &'p DecodeParams,
+    pub prompt_trie: Option<PromptTrie>,
+    /// Committed tokens the draft has not seen yet.
+    pub for_draft: Vec<u32>,
+    /// Phrases learnt since the last draft call, for a remote draft's pool replica.
+    pub delta: Vec<Ngram>,
+}
+
+async fn commit_loop<T: TargetBackend, D: DraftBackend>(
+    sessions: &mut Sessions<'_, T, D>,
+    stats: &mut SpecStats,
+    shared: Shared<'_>,
+    prompt: &[u32],
+    params: &DecodeParams,
+    on_tokens: &mut TokenSink<'_>,
+) -> Result<(Vec<u32>, Vec<TokenSource>, FinishReason)> {
+    let max_pos = sessions.target.info().max_position;
+    let use_trie = Rounds::uses_trie(params);
+    let mut state = Loop {
+        params,
+        prompt_trie: use_trie.then(|| PromptTrie::new(prompt, shared.trie.config())),
+        for_draft: Vec::new(),
+        delta: Vec::new(),
+    };
+    if let Some(p) = &state.prompt_trie {
+        stats.trie_prompt_nodes = p.len() as u64;
+    }
+    let mut rounds = Rounds::new(params, shared, prompt);
+    let mut text = prompt.to_vec();
+    let mut out: Vec<u32> = Vec::new();
+    let mut sources: Vec<TokenSource> = Vec::new();
+    loop {
+        let remaining = params.max_new_tokens - out.len();
+        // Room for the tree below the context limit: the root sits at text.len() - 1.
+        let room = max_pos.saturating_sub(text.len());
+        if room == 0 {
+            return Ok((out, sources, FinishReason::ContextFull));
+        }
+        // Drafting beyond what may still be committed is wasted work.
+        let budget = remaining.saturating_sub(1).min(room - 1);
+        // One span per round, parent of its draft call and its verify.
+        let round_span = tracing::debug_span!(
+            "round",
+            nodes = tracing::field::Empty,
+            accepted = tracing::field::Empty
+        );
+        let started = Instant::now();
+        let round = rounds
+            .build(sessions, stats, shared, &mut state, &text, budget, room)
+            .instrument(round_span.clone())
+            .await;
+        let tree = &round.tree;
+        let t0 = Instant::now();
+        let (v, timing) = sessions
+            .target
+            .verify(sessions.target_id, tree, &params.sampling)
+            .instrument(tracing::debug_span!(parent: &round_span, "verify", nodes = tree.len()))
+            .await?;
+        round_span.record("nodes", tree.len());
+        round_span.record("accepted", v.path.len());
+        let verify_s = t0.elapsed().as_secs_f64();
+        stats.add_verify(timing, verify_s, tree.len());
+        // The walk may leave the chain at any node when other paths hang off the root.
+        let on_chain = v
+            .path
+            .iter()
+            .zip(&round.chain)
+            .take_while(|(a, b)| a == b)
+            .count();
+        let verdict = Verdict {
+            outcome: &v,
+            on_chain,
+            verify_s,
+            round_s: started.elapsed().as_secs_f64(),
+            remaining,
+        };
+        rounds.learn(shared.pool, &round, &verdict);
+        let from_trie = |n: usize| round.from_trie.get(n) == Some(&true);
+        stats.add_acceptance(round.drafted.len(), on_chain, v.path.len() - on_chain);
+        stats.trie_accepted += v.path.iter().filter(|&&n| from_trie(n)).count() as u64;
+
+        let mut new = v.accepted.clone();
+        new.push(v.bonus);
+        let mut new_sources: Vec<TokenSource> = v
+            .path
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                if i < on_chain {
+                    TokenSource::Draft
+                } else if from_trie(n) {
+                    TokenSource::Trie
+                } else {
+                    TokenSource::Pool
+                }
+            })
+            .collect();
+        new_sources.push(TokenSource::Target);
+        let finish = cut_at_end(&mut new, &params.eos, remaining);
+        new_sources.truncate(new.len());
+        let before = text.len();
+        text.extend_from_slice(&new);
+        let recorded = out.len();
+        out.extend_from_slice(&new);
+        if use_trie {
+            shared.trie.record(&out, recorded);
+        }
+        state.for_draft.extend_from_slice(&new);
+        rounds.committed(shared.pool, sessions, &mut state, stats, &text, before);
+        sources.extend_from_slice(&new_sources);
+        if on_tokens(&new, &new_sources) == Flow::Stop {
+            return Ok((out, sources, FinishReason::Stop));
+        }
+        if let Some(f) = finish {
+            return Ok((out, sources, f));
+        }
+    }
+}
+
+/// Cuts newly committed tokens after the first stop id, and at the token budget.
+pub(crate) fn cut_at_end(
+    new: &mut Vec<u32>,
+    eos: &[u32],
+    remaining: usize,
+) -> Option<FinishReason> {
+    let mut finish = None;
+    if let Some(i) = new.iter().position(|t| eos.contains(t)) {
+        new.truncate(i + 1);
+        finish = Some(FinishReason::Eos);
+    }
+    if new.len() >= remaining {
+        new.truncate(remaining);
+        finish = finish.or(Some(FinishReason::Length));
+    }
+    finish
+}

@@ -1,0 +1,458 @@
+//! One `auto` round: the zero-cost guesses (trie continuations, pool phrases) gathered and
+//! planned on the cost profile, the draft called when the running policy says drafting
+//! pays, and after the verify what the tuner learns: acceptance per guess, the realized
+//! rate against the prediction, and under the drafting policy how the other policies
+//! would have done on the same text.
+
+use super::tuner::{
+    AutoTuner, DraftBacklog, Guess, Policy, PolicyScores, Prediction, RoundKind, SEGMENT_TOKENS,
+    would_commit,
+};
+use crate::backend::{DraftBackend, TargetBackend};
+use crate::generate::{Loop, Sessions, Shared};
+use crate::params::DecodeParams;
+use crate::pool::PhrasePool;
+use crate::stats::SpecStats;
+use crate::strategy::ouroboros::PoolLearner;
+use crate::strategy::{Round, Verdict, call_draft};
+use crate::tree::DraftTree;
+use crate::trie::TrieDraft;
+use std::time::Instant;
+
+/// Most trie nodes `auto` considers per round before keeping the ones that pay.
+const AUTO_TRIE_NODES: usize = 48;
+
+/// The trees the other `auto` policies would have verified in a round of
+/// [`Policy::Drafting`], to be scored against what the target commits there.
+#[derive(Clone)]
+pub(crate) struct Alternatives {
+    /// What [`Policy::ZeroCost`] verifies, and the guesses behind its nodes.
+    zero_cost: DraftTree,
+    zero_cost_guesses: Vec<Vec<Guess>>,
+    /// The verified tree is the zero-cost one (nothing was drafted): its guesses are
+    /// counted already.
+    zero_cost_verified: bool,
+    /// What [`Policy::Mixed`] verifies, and whether it would have drafted for it.
+    mixed: DraftTree,
+    mixed_drafts: bool,
+    /// Seconds of this round's draft call (0 without one).
+    draft_s: f64,
+}
+
+impl Round {
+    /// Draft chain, trie continuations and pool phrases, all from the root, within
+    /// `room` nodes; every node remembers which guesses proposed it.
+    fn from_guesses(
+        root: u32,
+        drafted: &[u32],
+        found: &TrieDraft,
+        phrases: &[Vec<u32>],
+        depth: usize,
+        room: usize,
+    ) -> Self {
+        let mut tree = DraftTree::new(root);
+        let chain = tree.add_path(0, drafted);
+        let mut guesses = vec![Vec::new(); tree.len()];
+        for (i, &n) in chain.iter().enumerate() {
+            guesses[n].push(Guess::Draft(i));
+        }
+        let attached = found.attach(&mut tree, room);
+        guesses.resize(tree.len(), Vec::new());
+        let mut from_trie = vec![false; tree.len()];
+        for (i, node) in attached.into_iter().enumerate() {
+            if let Some(n) = node {
+                guesses[n].push(Guess::trie(found.counts[i], found.totals[i]));
+                from_trie[n] = true;
+            }
+        }
+        let mut candidates = Vec::new();
+        for c in phrases {
+            let fit = room.saturating_sub(tree.len()).min(depth);
+            let c: Vec<u32> = c.iter().copied().take(fit).collect();
+            if c.is_empty() {
+                continue;
+            }
+            let nodes = tree.add_path(0, &c);
+            guesses.resize(tree.len(), Vec::new());
+            for (d, &n) in nodes.iter().enumerate() {
+                guesses[n].push(Guess::Pool(d));
+            }
+            candidates.push((c, nodes));
+        }
+        from_trie.resize(tree.len(), false);
+        Self {
+            tree,
+            drafted: drafted.to_vec(),
+            chain,
+            anchor: 0,
+            key: root,
+            candidates,
+            from_trie,
+            guesses,
+            confidence: Vec::new(),
+            alternatives: None,
+        }
+    }
+
+    /// Keeps the nodes marked in `keep` (a closed sub-tree), cutting the chain and the
+    /// phrases where their first node went.
+    fn retain(self, keep: &[bool]) -> Self {
+        let (tree, map) = self.tree.retain(keep);
+        let chain: Vec<usize> = self.chain.iter().map_while(|&n| map[n]).collect();
+        let mut drafted = self.drafted;
+        drafted.truncate(chain.len());
+        let mut confidence = self.confidence;
+        confidence.truncate(chain.len());
+        let candidates = self
+            .candidates
+            .into_iter()
+            .filter_map(|(mut c, nodes)| {
+                let nodes: Vec<usize> = nodes.iter().map_while(|&n| map[n]).collect();
+                c.truncate(nodes.len());
+                (!nodes.is_empty()).then_some((c, nodes))
+            })
+            .collect();
+        let mut from_trie = vec![false; tree.len()];
+        let mut guesses = vec![Vec::new(); tree.len()];
+        for (old, new) in map.iter().enumerate() {
+            if let Some(new) = *new {
+                from_trie[new] = self.from_trie[old];
+                guesses[new] = self.guesses[old].clone();
+            }
+        }
+        Self {
+            tree,
+            drafted,
+            chain,
+            anchor: 0,
+            key: self.key,
+            candidates,
+            from_trie,
+            guesses,
+            confidence,
+            alternatives: self.alternatives,
+        }
+    }
+}
+
+/// The `auto` policy running this stretch of a request and, under
+/// [`Policy::Drafting`], how every policy scored on it. The scores are recorded when it
+/// ends, and on drop: a request's last stretch, or one cut short by an error, counts for
+/// what it did.
+struct Segment<'t> {
+    tuner: &'t AutoTuner,
+    greedy: bool,
+    policy: Policy,
+    tokens: usize,
+    scores: PolicyScores,
+}
+
+impl Drop for Segment<'_> {
+    fn drop(&mut self) {
+        if self.policy == Policy::Drafting {
+            let s = &self.scores;
+            let rate = |p| s.rate(p).unwrap_or(0.0);
+            tracing::debug!(
+                tokens = self.tokens,
+                drafting = rate(Policy::Drafting),
+                mixed = rate(Policy::Mixed),
+                zero_cost = rate(Policy::ZeroCost),
+                "auto segment scored (tokens/s)"
+            );
+            self.tuner.record_scores(self.greedy, s);
+        }
+    }
+}
+
+/// What `auto` keeps across one request's rounds.
+pub(crate) struct AutoRounds<'t> {
+    tuner: &'t AutoTuner,
+    greedy: bool,
+    /// The policy running now (a new one is chosen after each segment).
+    segment: Option<Segment<'t>>,
+    /// The last round's prediction and the time it spent opening the draft.
+    predicted: Option<(Prediction, f64)>,
+    learner: Option<PoolLearner>,
+}
+
+impl<'t> AutoRounds<'t> {
+    pub fn new(tuner: &'t AutoTuner, params: &DecodeParams, learner: Option<PoolLearner>) -> Self {
+        Self {
+            tuner,
+            greedy: params.sampling.is_greedy(),
+            segment: None,
+            predicted: None,
+            learner,
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub async fn round<T: TargetBackend, D: DraftBackend>(
+        &mut self,
+        sessions: &mut Sessions<'_, T, D>,
+        stats: &mut SpecStats,
+        shared: Shared<'_>,
+        state: &mut Loop<'_>,
+        text: &[u32],
+        budget: usize,
+        room: usize,
+    ) -> Round {
+        let (tuner, greedy) = (self.tuner, self.greedy);
+        let policy = self
+            .segment
+            .get_or_insert_with(|| Segment {
+                tuner,
+                greedy,
+                policy: tuner.choose_policy(greedy, sessions.can_draft()),
+                tokens: 0,
+                scores: PolicyScores::default(),
+            })
+            .policy;
+        let (round, predicted, opening_s) = build(
+            sessions, stats, shared, tuner, policy, state, text, budget, room,
+        )
+        .await;
+        self.predicted = Some((predicted, opening_s));
+        round
+    }
+
+    pub fn learn(&mut self, pool: &PhrasePool, round: &Round, verdict: &Verdict<'_>) {
+        let (t, greedy, v) = (self.tuner, self.greedy, verdict.outcome);
+        t.learn(greedy, &round.tree, &round.guesses, &v.path);
+        let opening_s = self.predicted.map_or(0.0, |(_, s)| s);
+        if let Some((p, opening_s)) = self.predicted.take() {
+            // The accepted path plus the target's own token, as the plan counted.
+            let seconds = verdict.round_s - opening_s;
+            tracing::debug!(
+                policy = self.segment.as_ref().map(|s| s.policy.name()),
+                kind = ?p.kind,
+                predicted_tokens = p.tokens,
+                predicted_ms = p.seconds * 1e3,
+                tokens = v.path.len() + 1,
+                ms = seconds * 1e3,
+                nodes = round.tree.len(),
+                verify_ms = verdict.verify_s * 1e3,
+                "auto round"
+            );
+            t.observe(greedy, p, v.path.len() + 1, seconds);
+        }
+        if let (Some(alt), Some(seg)) = (&round.alternatives, &mut self.segment) {
+            let mut committed = v.accepted.clone();
+            committed.push(v.bonus);
+            // Opening the draft serves the rest of the request: this segment carries its
+            // share, or the policy that happened to open it would look slow.
+            let share = (SEGMENT_TOKENS as f64 / verdict.remaining as f64).min(1.0);
+            score_alternatives(
+                t,
+                seg,
+                alt,
+                &committed,
+                verdict.verify_s,
+                round.tree.len(),
+                opening_s * share,
+            );
+        }
+        t.learn_confidence(greedy, &round.confidence, verdict.on_chain);
+        if let Some(l) = &mut self.learner {
+            l.learn_from_verify(pool, round, verdict);
+        }
+    }
+
+    /// Counts the committed tokens against the running policy's segment.
+    pub fn committed(
+        &mut self,
+        pool: &PhrasePool,
+        stats: &mut SpecStats,
+        text: &[u32],
+        before: usize,
+    ) {
+        let n = text.len() - before;
+        if let Some(seg) = &mut self.segment {
+            stats.policy_tokens[seg.policy.index()] += n as u64;
+            seg.tokens += n;
+            if seg.tokens >= SEGMENT_TOKENS {
+                self.segment = None;
+            }
+        }
+        if let Some(l) = &mut self.learner {
+            l.learn_from_commit(pool, text, before);
+        }
+    }
+}
+
+/// An `auto` round: gathers the zero-cost guesses, drafts when `policy` says so (under
+/// [`Policy::Mixed`], when the profile says the draft's tokens are worth their time), and
+/// keeps the nodes that pay for their rows. Under [`Policy::Drafting`] it also keeps the
+/// trees the other policies would have verified here, to score them on the same text.
+#[allow(clippy::too_many_arguments)]
+async fn build<T: TargetBackend, D: DraftBackend>(
+    sessions: &mut Sessions<'_, T, D>,
+    stats: &mut SpecStats,
+    Shared { pool, trie, .. }: Shared<'_>,
+    tuner: &AutoTuner,
+    policy: Policy,
+    state: &mut Loop<'_>,
+    text: &[u32],
+    budget: usize,
+    room: usize,
+) -> (Round, Prediction, f64) {
+    let params = state.params;
+    let greedy = params.sampling.is_greedy();
+    let root = *text.last().expect("the text is not empty");
+    let can_draft = sessions.can_draft();
+    let gamma = params.gamma.min(budget).min(room.saturating_sub(1));
+    // An open draft lags by what was committed since its last call; an unopened one
+    // would start from the whole text.
+    let (pending, unopened) = match sessions.draft {
+        Some(_) => (state.for_draft.len(), 0),
+        None => (0, text.len()),
+    };
+    let backlog = DraftBacklog {
+        pending,
+        unopened,
+        remaining: budget + 1,
+    };
+    let mut found = TrieDraft::default();
+    let mut phrases = Vec::new();
+    if budget > 0 {
+        if let Some(p) = &state.prompt_trie {
+            found = trie.draft(Some(p), text, AUTO_TRIE_NODES.min(room), budget);
+            stats.trie_lookups += 1;
+            stats.trie_hits += u64::from(!found.is_empty());
+        }
+        if params.topk > 0 {
+            phrases = pool.newest(root, params.topk);
+            stats.pool_lookups += 1;
+            stats.pool_hits += u64::from(!phrases.is_empty());
+        }
+    }
+    let zero_cost = Round::from_guesses(root, &[], &found, &phrases, budget, room);
+    let zero_cost_plan = tuner.plan(
+        greedy,
+        &zero_cost.tree.parents,
+        &zero_cost.guesses,
+        &[],
+        RoundKind::ZeroCost,
+    );
+    let zero_cost = zero_cost.retain(&zero_cost_plan.keep);
+    let drafting = match policy {
+        _ if !can_draft || gamma == 0 => None,
+        Policy::ZeroCost => None,
+        Policy::Mixed => tuner.draft_gamma(greedy, gamma, &zero_cost_plan, backlog),
+        // The best draft length whatever the zero-cost guesses promise.
+        Policy::Drafting => tuner.drafting_gamma(greedy, gamma, backlog),
+    };
+    let mut predicted = zero_cost_plan.prediction(RoundKind::ZeroCost);
+    let mut opening_s = 0.0;
+    let mut draft_s = 0.0;
+    let (mut drafted, mut confidence) = (Vec::new(), Vec::new());
+    if let Some((g, p)) = drafting {
+        if sessions.draft.is_none()
+            && let Some(d) = sessions.spare.take()
+        {
+            let t0 = Instant::now();
+            let opened = d.open(text).await;
+            opening_s = t0.elapsed().as_secs_f64();
+            match opened {
+                Ok(id) => {
+                    sessions.draft = Some((d, id));
+                    state.for_draft.clear();
+                }
+                Err(e) => stats.fall_back(format!("draft open failed: {e}")),
+            }
+        }
+        // Up to the most tokens allowed, cut where the draft's confidence says the next
+        // token would not pay: long runs where the text is predictable, short elsewhere.
+        let stop = tuner.draft_stop(greedy, gamma, &p);
+        let ask = if stop > 0.0 { gamma.max(g) } else { g };
+        let t0 = Instant::now();
+        (drafted, confidence) = call_draft(sessions, stats, pool, state, ask, false, stop).await;
+        draft_s = t0.elapsed().as_secs_f64();
+        // Charged to drafting even when the draft came back empty: that was its cost.
+        predicted = p;
+    }
+    // The draft's chain with the given zero-cost guesses beside it, the nodes that pay.
+    let with_draft = |found: &TrieDraft, phrases: &[Vec<u32>]| {
+        let mut r = Round::from_guesses(root, &drafted, found, phrases, budget, room);
+        r.confidence = confidence.clone();
+        let plan = tuner.plan(
+            greedy,
+            &r.tree.parents,
+            &r.guesses,
+            &r.confidence,
+            RoundKind::Drafted,
+        );
+        r.retain(&plan.keep)
+    };
+    let mut round = match policy {
+        _ if drafted.is_empty() => zero_cost.clone(),
+        // The chain goes alone: zero-cost nodes beside it cost rows that the per-round
+        // estimates over-value, which is what scoring `Mixed` beside it measures.
+        Policy::Drafting => with_draft(&TrieDraft::default(), &[]),
+        _ => with_draft(&found, &phrases),
+    };
+    if policy == Policy::Drafting {
+        // Mixed would have drafted the same tokens (the same length is best for both).
+        let mixed_drafts = !drafted.is_empty()
+            && tuner
+                .draft_gamma(greedy, gamma, &zero_cost_plan, backlog)
+                .is_some();
+        let mixed = match mixed_drafts {
+            true => with_draft(&found, &phrases).tree,
+            false => zero_cost.tree.clone(),
+        };
+        round.alternatives = Some(Alternatives {
+            zero_cost: zero_cost.tree,
+            zero_cost_guesses: zero_cost.guesses,
+            zero_cost_verified: drafted.is_empty(),
+            mixed,
+            mixed_drafts,
+            draft_s,
+        });
+    }
+    stats.trie_nodes += round.from_trie.iter().filter(|&&t| t).count() as u64;
+    (round, predicted, opening_s)
+}
+
+/// Scores a round of [`Policy::Drafting`] and the trees the other policies would have
+/// verified in its place against the `committed` tokens (accepted and the target's own).
+/// The verify took `verify_s` for `nodes` nodes; the others' verifies are priced by the
+/// cost profile, scaled to that. The zero-cost guesses' outcome teaches their acceptance
+/// as if verified, where it is known (the path stopped short of the committed tokens).
+fn score_alternatives(
+    tuner: &AutoTuner,
+    seg: &mut Segment<'_>,
+    alt: &Alternatives,
+    committed: &[u32],
+    verify_s: f64,
+    nodes: usize,
+    opening_s: f64,
+) {
+    let profile = tuner.profile();
+    let scale = verify_s / profile.verify_cost(nodes).max(1e-12);
+    let verify = |tree: &DraftTree| profile.verify_cost(tree.len()) * scale;
+    seg.scores.add(
+        Policy::Drafting,
+        committed.len(),
+        alt.draft_s + verify_s + opening_s,
+    );
+    let (zero_cost, path) = would_commit(&alt.zero_cost, committed);
+    seg.scores
+        .add(Policy::ZeroCost, zero_cost, verify(&alt.zero_cost));
+    if !alt.zero_cost_verified && path.len() < committed.len() {
+        tuner.learn(seg.greedy, &alt.zero_cost, &alt.zero_cost_guesses, &path);
+    }
+    let (mixed, _) = would_commit(&alt.mixed, committed);
+    let draft_s = match alt.mixed_drafts {
+        true => alt.draft_s + opening_s,
+        false => 0.0,
+    };
+    seg.scores
+        .add(Policy::Mixed, mixed, draft_s + verify(&alt.mixed));
+    tracing::trace!(
+        drafting = committed.len(),
+        mixed,
+        zero_cost,
+        "policies scored"
+    );
+}
