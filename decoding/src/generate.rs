@@ -19,7 +19,7 @@ use crate::trie::{PromptTrie, TrieCache};
 use std::time::Instant;
 use tracing::Instrument;
 
-pub(crate) struct Sessions<'a, T: TargetBackend, D: DraftBackend> {
+pub(crate) struct OpenSessions<'a, T: TargetBackend, D: DraftBackend> {
     pub target: &'a T,
     pub target_id: SessionId,
     pub draft: Option<(&'a D, SessionId)>,
@@ -27,7 +27,7 @@ pub(crate) struct Sessions<'a, T: TargetBackend, D: DraftBackend> {
     pub spare: Option<&'a D>,
 }
 
-impl<T: TargetBackend, D: DraftBackend> Sessions<'_, T, D> {
+impl<T: TargetBackend, D: DraftBackend> OpenSessions<'_, T, D> {
     /// Whether a draft is open or can still be opened.
     pub fn can_draft(&self) -> bool {
         self.draft.is_some() || self.spare.is_some()
@@ -95,7 +95,7 @@ pub async fn generate<T: TargetBackend, D: DraftBackend>(
         .instrument(tracing::debug_span!("prefill", tokens = prompt.len()))
         .await?;
     stats.prefill_s = started.elapsed().as_secs_f64();
-    let mut sessions = Sessions {
+    let mut sessions = OpenSessions {
         target,
         target_id,
         draft: None,
@@ -140,7 +140,7 @@ pub(crate) struct Loop<'p> {
 }
 
 async fn commit_loop<T: TargetBackend, D: DraftBackend>(
-    sessions: &mut Sessions<'_, T, D>,
+    sessions: &mut OpenSessions<'_, T, D>,
     stats: &mut SpecStats,
     shared: Shared<'_>,
     prompt: &[u32],

@@ -43,13 +43,13 @@ pub fn timed<R>(f: impl FnOnce() -> Result<R>) -> Result<(R, ServerTiming)> {
     ))
 }
 
-/// Sessions by id, each behind its own lock.
-struct Sessions<S> {
+/// SessionMap by id, each behind its own lock.
+struct SessionMap<S> {
     map: Mutex<HashMap<SessionId, Arc<Mutex<S>>>>,
     next: AtomicU64,
 }
 
-impl<S> Sessions<S> {
+impl<S> SessionMap<S> {
     fn new() -> Self {
         Self {
             map: Mutex::new(HashMap::new()),
@@ -88,14 +88,14 @@ impl<S> Sessions<S> {
 /// A target model in this process (reference backend: unbatched).
 pub struct LocalTarget<M: LanguageModel> {
     model: Arc<M>,
-    sessions: Sessions<TargetSession<M::Cache>>,
+    sessions: SessionMap<TargetSession<M::Cache>>,
 }
 
 impl<M: LanguageModel> LocalTarget<M> {
     pub fn new(model: Arc<M>) -> Self {
         Self {
             model,
-            sessions: Sessions::new(),
+            sessions: SessionMap::new(),
         }
     }
 
@@ -136,7 +136,7 @@ impl<M: LanguageModel> TargetBackend for LocalTarget<M> {
 pub struct LocalDraft<M: LanguageModel> {
     model: Arc<M>,
     pool: Arc<PhrasePool>,
-    sessions: Sessions<DraftSession<M::Cache>>,
+    sessions: SessionMap<DraftSession<M::Cache>>,
 }
 
 impl<M: LanguageModel> LocalDraft<M> {
@@ -144,7 +144,7 @@ impl<M: LanguageModel> LocalDraft<M> {
         Self {
             model,
             pool,
-            sessions: Sessions::new(),
+            sessions: SessionMap::new(),
         }
     }
 }

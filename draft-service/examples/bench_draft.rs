@@ -20,7 +20,7 @@ const GAMMA: u32 = 8;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let dir = engine::testing::models_dir();
+    let dir = engine::models::models_dir();
     let prompts_path = args
         .first()
         .map_or_else(|| dir.join("humaneval.prompts"), std::path::PathBuf::from);

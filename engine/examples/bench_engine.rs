@@ -157,7 +157,7 @@ fn main() {
         }
     }
     let path = path.unwrap_or_else(|| {
-        engine::testing::models_dir().join("qwen2.5-coder-1.5b-instruct-q4_k_m.gguf")
+        engine::models::models_dir().join("qwen2.5-coder-1.5b-instruct-q4_k_m.gguf")
     });
     if !path.exists() {
         eprintln!(

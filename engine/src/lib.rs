@@ -19,6 +19,7 @@ mod kquant_matmul;
 pub mod kv;
 pub mod mask;
 pub mod mock;
+pub mod models;
 pub mod testing;
 pub mod tokenizer;
 pub mod tp;

@@ -220,21 +220,10 @@ pub fn hf_equivalent(cfg: &ModelConfig) -> ModelConfig {
     }
 }
 
-/// Where scripts/fetch-models.sh puts the real models: `$OURO_MODELS_DIR`, else
-/// `~/.cache/ouroboros/models` (the script's default).
-pub fn models_dir() -> std::path::PathBuf {
-    std::env::var_os("OURO_MODELS_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| {
-            std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default())
-                .join(".cache/ouroboros/models")
-        })
-}
-
 /// A fetched model file by name, or None after printing the SKIPPED line that the test
 /// scripts count (scripts/fetch-models.sh fetches them).
 pub fn fetched_model(file: &str) -> Option<std::path::PathBuf> {
-    let path = models_dir().join(file);
+    let path = crate::models::models_dir().join(file);
     if path.exists() {
         return Some(path);
     }

@@ -10,7 +10,8 @@ use candle_core::{Device, Tensor};
 use candle_transformers::models::{quantized_llama, quantized_qwen2};
 use common::argmax;
 use engine::gguf::Conversion;
-use engine::testing::{models_dir, random_weights, tiny_config, write_gguf};
+use engine::models::models_dir;
+use engine::testing::{random_weights, tiny_config, write_gguf};
 use engine::{Architecture, LanguageModel, LoadOptions, OutputSpec, SeqInput};
 use std::path::Path;
 

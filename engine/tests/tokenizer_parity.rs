@@ -1,7 +1,7 @@
 //! The tokenizer built from GGUF metadata gives the same ids as the model's tokenizer.json.
 
 use candle_core::Device;
-use engine::testing::models_dir;
+use engine::models::models_dir;
 
 const TEXTS: &[&str] = &[
     "The quick brown fox jumps over the lazy dog. It's 2026, isn't it?",

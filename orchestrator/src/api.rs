@@ -3,7 +3,7 @@
 //! or as a stream.
 
 use crate::chat::ChatTemplate;
-use crate::pipeline::{Runner, TokenSink};
+use crate::pipeline::{BoxedSink, Runner};
 use crate::text::StopScan;
 use crate::validation::{ValidRequest, Validator};
 use decoding::{DecodeParams, FinishReason, Flow, Generation, SpecStats, TokenSource};
@@ -60,7 +60,7 @@ impl GenerateService {
         let started = Instant::now();
         let mut last: Option<Instant> = None;
         m.in_flight.inc();
-        let sink: TokenSink = Box::new(move |tokens: &[u32], sources: &[TokenSource]| {
+        let sink: BoxedSink = Box::new(move |tokens: &[u32], sources: &[TokenSource]| {
             let now = Instant::now();
             match last {
                 None => m

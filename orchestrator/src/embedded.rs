@@ -22,7 +22,7 @@ pub const DEFAULT_DRAFT: &str = "qwen2.5-coder-0.5b-instruct.gguf";
 pub const DEFAULT_TOKENIZER: &str = "qwen-tokenizer.json";
 
 pub fn models_dir() -> PathBuf {
-    engine::testing::models_dir()
+    engine::models::models_dir()
 }
 
 /// The in-process pipeline: target, its lookahead host, the draft and the pools.

@@ -10,7 +10,8 @@ use futures::future::BoxFuture;
 use std::sync::{Arc, OnceLock};
 use tracing::Instrument;
 
-pub type TokenSink = Box<decoding::TokenSink<'static>>;
+/// A token sink that a request task owns.
+pub type BoxedSink = Box<decoding::TokenSink<'static>>;
 
 pub trait Runner: Send + Sync + 'static {
     fn target_info(&self) -> BackendInfo;
@@ -32,7 +33,7 @@ pub trait Runner: Send + Sync + 'static {
         &self,
         prompt: Vec<u32>,
         params: DecodeParams,
-        sink: TokenSink,
+        sink: BoxedSink,
     ) -> BoxFuture<'static, decoding::Result<Generation>>;
 }
 
@@ -177,7 +178,7 @@ where
         &self,
         prompt: Vec<u32>,
         params: DecodeParams,
-        mut sink: TokenSink,
+        mut sink: BoxedSink,
     ) -> BoxFuture<'static, decoding::Result<Generation>> {
         let pipeline = self.clone();
         self.spawn(async move { pipeline.generate(&prompt, &params, &mut *sink).await })

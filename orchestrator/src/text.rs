@@ -180,7 +180,7 @@ mod tests {
     use super::*;
 
     fn qwen() -> Arc<Tokenizer> {
-        let p = engine::testing::models_dir().join("qwen-tokenizer.json");
+        let p = engine::models::models_dir().join("qwen-tokenizer.json");
         Arc::new(engine::tokenizer::from_file(&p).expect("scripts/fetch-models.sh tokenizer"))
     }
 

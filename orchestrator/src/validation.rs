@@ -233,7 +233,7 @@ mod tests {
             &self,
             _: Vec<u32>,
             _: DecodeParams,
-            _: crate::pipeline::TokenSink,
+            _: crate::pipeline::BoxedSink,
         ) -> BoxFuture<'static, decoding::Result<Generation>> {
             unreachable!("validation runs nothing")
         }

@@ -1,4 +1,4 @@
-//! Sessions spread over several target replicas and stay on theirs: outputs equal a single
+//! TargetSessions spread over several target replicas and stay on theirs: outputs equal a single
 //! replica's, a draining replica gets no new sessions, and host names resolve to replicas.
 
 use candle_core::Device;
@@ -17,7 +17,7 @@ use std::time::Duration;
 use target_service::{TargetConfig, TargetGrpc};
 use tokio::net::TcpListener;
 
-type Table = Arc<serving::scheduler::Sessions<engine::Transformer>>;
+type Table = Arc<serving::scheduler::TargetSessions<engine::Transformer>>;
 
 /// A target service on loopback; returns its URL and its session table.
 async fn target(model: &std::path::Path) -> (String, Table) {

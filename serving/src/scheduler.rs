@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use tracing::Span;
 
-pub type Sessions<M> = SessionTable<TargetSession<<M as LanguageModel>::Cache>>;
+pub type TargetSessions<M> = SessionTable<TargetSession<<M as LanguageModel>::Cache>>;
 
 #[derive(Debug, Clone, Copy)]
 pub struct SchedulerConfig {
@@ -60,7 +60,7 @@ pub struct Scheduler<M: LanguageModel> {
 }
 
 impl<M: LanguageModel + 'static> Scheduler<M> {
-    pub fn start(model: Arc<M>, sessions: Arc<Sessions<M>>, config: SchedulerConfig) -> Self {
+    pub fn start(model: Arc<M>, sessions: Arc<TargetSessions<M>>, config: SchedulerConfig) -> Self {
         let (tx, rx) = channel();
         let worker = std::thread::Builder::new()
             .name("verify-scheduler".into())
@@ -124,7 +124,7 @@ fn stopped() -> DecodingError {
 
 struct Worker<M: LanguageModel> {
     model: Arc<M>,
-    sessions: Arc<Sessions<M>>,
+    sessions: Arc<TargetSessions<M>>,
     config: SchedulerConfig,
     queue: VecDeque<VerifyJob<M>>,
     /// Admitted sessions still prefilling, first come first served.
@@ -148,7 +148,7 @@ impl<M: LanguageModel> Prefill<M> {
 }
 
 impl<M: LanguageModel> Worker<M> {
-    fn new(model: Arc<M>, sessions: Arc<Sessions<M>>, config: SchedulerConfig) -> Self {
+    fn new(model: Arc<M>, sessions: Arc<TargetSessions<M>>, config: SchedulerConfig) -> Self {
         Self {
             model,
             sessions,

@@ -3,7 +3,7 @@
 //! both batch concurrent sessions' trees into shared forwards, admit sessions against the
 //! same limits and expire idle ones.
 
-use crate::scheduler::{Scheduler, SchedulerConfig, Sessions};
+use crate::scheduler::{Scheduler, SchedulerConfig, TargetSessions};
 use crate::sessions::{SessionLimits, SessionTable, start_evictor};
 use decoding::local::info_of;
 use decoding::validate::{FieldError, check_vocab};
@@ -49,7 +49,7 @@ impl Default for TargetConfig {
 
 pub struct TargetRuntime<M: LanguageModel + 'static> {
     model: Arc<M>,
-    sessions: Arc<Sessions<M>>,
+    sessions: Arc<TargetSessions<M>>,
     scheduler: Scheduler<M>,
     config: TargetConfig,
 }
@@ -84,7 +84,7 @@ impl<M: LanguageModel + 'static> TargetRuntime<M> {
         &self.model
     }
 
-    pub fn sessions(&self) -> &Arc<Sessions<M>> {
+    pub fn sessions(&self) -> &Arc<TargetSessions<M>> {
         &self.sessions
     }
 

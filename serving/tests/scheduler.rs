@@ -81,9 +81,9 @@ impl LanguageModel for Gated {
     }
 }
 
-type Sessions = SessionTable<TargetSession<<Gated as LanguageModel>::Cache>>;
+type TargetSessions = SessionTable<TargetSession<<Gated as LanguageModel>::Cache>>;
 
-fn start(model: Arc<Gated>, prefill_chunk: usize) -> (Scheduler<Gated>, Arc<Sessions>) {
+fn start(model: Arc<Gated>, prefill_chunk: usize) -> (Scheduler<Gated>, Arc<TargetSessions>) {
     let sessions = Arc::new(SessionTable::new(SessionLimits::default()));
     let config = SchedulerConfig {
         max_batch_tokens: 512,

@@ -69,7 +69,7 @@ async fn main() -> anyhow::Result<()> {
         .first()
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| {
-            engine::testing::models_dir().join("qwen2.5-coder-1.5b-instruct-q4_k_m.gguf")
+            engine::models::models_dir().join("qwen2.5-coder-1.5b-instruct-q4_k_m.gguf")
         });
     let prompt_len: u32 = args.get(1).map_or(Ok(512), |s| s.parse())?;
     let chunks: Vec<usize> = args

@@ -26,7 +26,7 @@ async fn main() -> anyhow::Result<()> {
         .first()
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| {
-            engine::testing::models_dir().join("qwen2.5-coder-1.5b-instruct-q4_k_m.gguf")
+            engine::models::models_dir().join("qwen2.5-coder-1.5b-instruct-q4_k_m.gguf")
         });
     let counts: Vec<usize> = args
         .get(1)

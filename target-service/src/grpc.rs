@@ -6,7 +6,7 @@ use proto::convert::status_of;
 use proto::target::v1 as pb;
 use proto::target::v1::target_service_server::{TargetService, TargetServiceServer};
 use proto::validate::VerifyCall;
-use serving::scheduler::Sessions;
+use serving::scheduler::TargetSessions;
 use serving::{TargetConfig, TargetRuntime};
 use std::future::Future;
 use std::sync::Arc;
@@ -28,7 +28,7 @@ impl<M: LanguageModel + 'static> TargetGrpc<M> {
         Self { runtime }
     }
 
-    pub fn sessions(&self) -> &Arc<Sessions<M>> {
+    pub fn sessions(&self) -> &Arc<TargetSessions<M>> {
         self.runtime.sessions()
     }
 }

@@ -20,13 +20,13 @@ pub mod speculative;
 pub mod trie;
 
 use crate::backend::{DraftBackend, DraftRequest, TargetBackend, VerifyOutcome};
-use crate::generate::{Loop, Sessions, Shared};
+use crate::generate::{Loop, OpenSessions, Shared};
 use crate::params::{DecodeParams, Strategy};
 use crate::pool::PhrasePool;
 use crate::stats::SpecStats;
 use crate::tree::DraftTree;
+use auto::Guess;
 use auto::round::{Alternatives, AutoRounds};
-use auto::tuner::Guess;
 use ouroboros::PoolLearner;
 use std::time::Instant;
 use tracing::Instrument;
@@ -123,7 +123,7 @@ impl<'a> Rounds<'a> {
     #[allow(clippy::too_many_arguments)]
     pub async fn build<T: TargetBackend, D: DraftBackend>(
         &mut self,
-        sessions: &mut Sessions<'_, T, D>,
+        sessions: &mut OpenSessions<'_, T, D>,
         stats: &mut SpecStats,
         shared: Shared<'_>,
         state: &mut Loop<'_>,
@@ -161,7 +161,7 @@ impl<'a> Rounds<'a> {
     pub fn committed<T: TargetBackend, D: DraftBackend>(
         &mut self,
         pool: &PhrasePool,
-        sessions: &Sessions<'_, T, D>,
+        sessions: &OpenSessions<'_, T, D>,
         state: &mut Loop<'_>,
         stats: &mut SpecStats,
         text: &[u32],
@@ -185,7 +185,7 @@ impl<'a> Rounds<'a> {
 /// (and their probabilities where `stop_below` asked for them). A failed draft is dropped
 /// for the rest of the request, which carries on target-only and says so in `stats`.
 pub(crate) async fn call_draft<T: TargetBackend, D: DraftBackend>(
-    sessions: &mut Sessions<'_, T, D>,
+    sessions: &mut OpenSessions<'_, T, D>,
     stats: &mut SpecStats,
     pool: &PhrasePool,
     state: &mut Loop<'_>,

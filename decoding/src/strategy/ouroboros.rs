@@ -12,7 +12,7 @@
 
 use super::{Round, Verdict, call_draft, trie};
 use crate::backend::{DraftBackend, TargetBackend};
-use crate::generate::{Loop, Sessions, Shared};
+use crate::generate::{Loop, OpenSessions, Shared};
 use crate::params::DecodeParams;
 use crate::pool::{Ngram, PhrasePool, ngrams_of};
 use crate::stats::SpecStats;
@@ -20,7 +20,7 @@ use crate::stats::SpecStats;
 /// Steps 1 and 2: the draft's lookahead chain, pool phrases after its tip, trie
 /// continuations beside it, within `budget` tokens and `room` nodes.
 pub(crate) async fn round<T: TargetBackend, D: DraftBackend>(
-    sessions: &mut Sessions<'_, T, D>,
+    sessions: &mut OpenSessions<'_, T, D>,
     stats: &mut SpecStats,
     Shared { pool, trie, .. }: Shared<'_>,
     state: &mut Loop<'_>,

@@ -4,12 +4,12 @@
 
 use super::{Round, call_draft};
 use crate::backend::{DraftBackend, TargetBackend};
-use crate::generate::{Loop, Sessions};
+use crate::generate::{Loop, OpenSessions};
 use crate::pool::PhrasePool;
 use crate::stats::SpecStats;
 
 pub(crate) async fn round<T: TargetBackend, D: DraftBackend>(
-    sessions: &mut Sessions<'_, T, D>,
+    sessions: &mut OpenSessions<'_, T, D>,
     stats: &mut SpecStats,
     pool: &PhrasePool,
     state: &mut Loop<'_>,

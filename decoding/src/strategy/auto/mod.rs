@@ -1,9 +1,19 @@
 //! The `auto` strategy: every round sized from a cost profile measured on this hardware
-//! and the acceptance seen so far. [`tuner`] holds the profile, the acceptance calibration,
-//! the node planning and the policy choice; [`round`] builds a round with them and feeds
-//! back what the verify showed.
+//! and the acceptance seen so far. Split by job: [`profile`] (what calls cost here),
+//! [`calibration`] (how often guesses are accepted), [`plan`] (which nodes a round
+//! verifies), [`policy`] (which policy runs a segment), [`tuner`] (the shared state that
+//! ties them together) and [`round`] (one round built with them, and what the verify
+//! teaches them).
 
+pub mod calibration;
+pub mod plan;
+pub mod policy;
+pub mod profile;
 pub mod round;
 pub mod tuner;
 
-pub use tuner::*;
+pub use calibration::{Guess, Prediction, RoundKind};
+pub use plan::{DraftBacklog, TreePlan, choose_nodes};
+pub use policy::{Policy, PolicyScores, SEGMENT_TOKENS, would_commit};
+pub use profile::{ChainEstimate, CostProfile, DraftCost, ProfileOptions, measure};
+pub use tuner::AutoTuner;

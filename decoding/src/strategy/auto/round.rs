@@ -4,12 +4,12 @@
 //! rate against the prediction, and under the drafting policy how the other policies
 //! would have done on the same text.
 
-use super::tuner::{
+use super::{
     AutoTuner, DraftBacklog, Guess, Policy, PolicyScores, Prediction, RoundKind, SEGMENT_TOKENS,
     would_commit,
 };
 use crate::backend::{DraftBackend, TargetBackend};
-use crate::generate::{Loop, Sessions, Shared};
+use crate::generate::{Loop, OpenSessions, Shared};
 use crate::params::DecodeParams;
 use crate::pool::PhrasePool;
 use crate::stats::SpecStats;
@@ -189,7 +189,7 @@ impl<'t> AutoRounds<'t> {
     #[allow(clippy::too_many_arguments)]
     pub async fn round<T: TargetBackend, D: DraftBackend>(
         &mut self,
-        sessions: &mut Sessions<'_, T, D>,
+        sessions: &mut OpenSessions<'_, T, D>,
         stats: &mut SpecStats,
         shared: Shared<'_>,
         state: &mut Loop<'_>,
@@ -286,7 +286,7 @@ impl<'t> AutoRounds<'t> {
 /// trees the other policies would have verified here, to score them on the same text.
 #[allow(clippy::too_many_arguments)]
 async fn build<T: TargetBackend, D: DraftBackend>(
-    sessions: &mut Sessions<'_, T, D>,
+    sessions: &mut OpenSessions<'_, T, D>,
     stats: &mut SpecStats,
     Shared { pool, trie, .. }: Shared<'_>,
     tuner: &AutoTuner,

@@ -1,0 +1,288 @@
+//! How often each kind of guess is accepted (draft position, pool depth, trie share),
+//! how far the draft's own confidence can be trusted, and how realized rates compare with
+//! predictions; with the tuning constants behind them.
+
+use super::policy::*;
+/// A kind of guess whose acceptance is counted on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Guess {
+    /// The draft model's token at this position of its chain (0 first).
+    Draft(usize),
+    /// A pool phrase's token at this depth below the root (0 first).
+    Pool(usize),
+    /// A trie continuation, by the share of the text's continuations it had and by how
+    /// many continuations that share was counted on.
+    Trie { share: u8, support: u8 },
+}
+
+pub(super) const POSITIONS: usize = 16;
+pub(super) const SHARE_BUCKETS: usize = 5;
+pub(super) const SUPPORT_BUCKETS: usize = 4;
+pub(super) const BUCKETS: usize = 2 * POSITIONS + SHARE_BUCKETS * SUPPORT_BUCKETS;
+/// Weight of the prior, in observations.
+pub(super) const PRIOR_WEIGHT: f64 = 4.0;
+/// No guess is counted as a sure thing.
+pub(super) const MAX_ACCEPTANCE: f64 = 0.98;
+/// Past this many observations a bucket halves its counts, so it follows the workload.
+pub(super) const MEMORY: f64 = 2000.0;
+/// Drafting must promise this much more than the zero-cost tree: its estimate is the
+/// less certain one, and a draft round that disappoints costs most.
+pub(super) const DRAFT_MARGIN: f64 = 1.05;
+/// Until the draft's first position has been tried this often, drafting is judged as if
+/// its tokens were accepted at least `OPTIMISTIC_DRAFT` of the time. Without that, a
+/// prior below the draft's real acceptance keeps `auto` from ever drafting, and so from
+/// ever learning better; with it, a draft that cannot pay even then is never tried, and
+/// one that disappoints costs a few rounds per process (the counts are shared).
+pub(super) const EXPLORE_TRIES: f64 = 12.0;
+pub(super) const OPTIMISTIC_DRAFT: f64 = 0.9;
+/// The highest confidence floor `auto` asks of a draft: above it nearly every round would
+/// stop after one token, whatever the draft's confidence.
+pub(super) const MAX_DRAFT_STOP: f64 = 0.9;
+/// Buckets of the draft's probability for its own token, in which acceptance is counted
+/// to learn how far that probability can be trusted.
+pub(super) const CONFIDENCE_BUCKETS: usize = 10;
+/// The exponents `a` tried in the fit `P(accepted | p) = p^a` (0.05 apart up to 2).
+pub(super) const CONFIDENCE_POWERS: usize = 40;
+/// Rounds of a kind after which its realized rate is trusted as much as its predicted
+/// one, and rounds after which old ones count half (so the factor follows the workload).
+pub(super) const REALITY_PRIOR: f64 = 8.0;
+pub(super) const REALITY_MEMORY: f64 = 400.0;
+/// Per round of the other kind, what a kind's realized record keeps of its weight
+/// (half after about 70 rounds).
+pub(super) const REALITY_FADE: f64 = 0.99;
+
+/// What kind of round a prediction was made for: one with a draft call, or one that
+/// verifies only zero-cost guesses (trie, pool; none at all is greedy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoundKind {
+    ZeroCost,
+    Drafted,
+}
+
+/// A round's predicted tokens and seconds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Prediction {
+    pub kind: RoundKind,
+    pub tokens: f64,
+    pub seconds: f64,
+}
+
+/// Predicted and realized totals of one kind of round. The model behind a prediction
+/// misses things that the cost profile cannot see (longer contexts than the profile's,
+/// catch-up after other kinds of rounds, picking the best of noisy estimates), and it
+/// misses them differently for drafted and zero-cost rounds; the ratio of realized to
+/// predicted rate corrects each kind's predictions before they are compared.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Realized {
+    pub(super) rounds: f64,
+    pub(super) predicted_tokens: f64,
+    pub(super) predicted_seconds: f64,
+    pub(super) tokens: f64,
+    pub(super) seconds: f64,
+}
+
+impl Realized {
+    /// Realized over predicted tokens per second; 1 until rounds are seen, moving to the
+    /// measured ratio as they accumulate (`REALITY_PRIOR` rounds at the prediction).
+    pub(super) fn factor(&self) -> f64 {
+        if self.rounds == 0.0 || self.predicted_seconds <= 0.0 || self.predicted_tokens <= 0.0 {
+            return 1.0;
+        }
+        let w = REALITY_PRIOR / self.rounds;
+        let tokens = self.tokens + w * self.predicted_tokens;
+        let seconds = self.seconds + w * self.predicted_seconds;
+        let predicted = self.predicted_tokens / self.predicted_seconds;
+        (tokens / seconds.max(1e-12) / predicted).clamp(0.25, 4.0)
+    }
+
+    /// Scales the record by `keep`: the prior's weight stays, so the factor moves
+    /// towards 1.
+    pub(super) fn fade(&mut self, keep: f64) {
+        self.rounds *= keep;
+        self.predicted_tokens *= keep;
+        self.predicted_seconds *= keep;
+        self.tokens *= keep;
+        self.seconds *= keep;
+    }
+
+    pub(super) fn add(&mut self, p: Prediction, tokens: f64, seconds: f64) {
+        self.rounds += 1.0;
+        self.predicted_tokens += p.tokens;
+        self.predicted_seconds += p.seconds;
+        self.tokens += tokens;
+        self.seconds += seconds;
+        if self.rounds > REALITY_MEMORY {
+            self.fade(0.5);
+        }
+    }
+}
+
+impl Guess {
+    /// A trie node that `count` of `total` continuations took.
+    pub fn trie(count: u64, total: u64) -> Self {
+        let share = if total == 0 {
+            0.0
+        } else {
+            count as f64 / total as f64
+        };
+        let share = ((share * SHARE_BUCKETS as f64) as usize).min(SHARE_BUCKETS - 1);
+        let support = match total {
+            0 | 1 => 0,
+            2..=3 => 1,
+            4..=9 => 2,
+            _ => 3,
+        };
+        Guess::Trie {
+            share: share as u8,
+            support: support as u8,
+        }
+    }
+
+    pub(super) fn bucket(self) -> usize {
+        match self {
+            Guess::Draft(i) => i.min(POSITIONS - 1),
+            Guess::Pool(d) => POSITIONS + d.min(POSITIONS - 1),
+            Guess::Trie { share, support } => {
+                2 * POSITIONS
+                    + (share as usize).min(SHARE_BUCKETS - 1) * SUPPORT_BUCKETS
+                    + (support as usize).min(SUPPORT_BUCKETS - 1)
+            }
+        }
+    }
+
+    /// Acceptance expected before any evidence: drafts of a same-family model agree
+    /// often, pool phrases seldom, trie continuations about as often as the text went
+    /// their way, less when that was seen once.
+    pub(super) fn prior(self) -> f64 {
+        match self {
+            Guess::Draft(_) => 0.75,
+            Guess::Pool(_) => 0.3,
+            Guess::Trie { share, support } => {
+                let mid = (share as f64 + 0.5) / SHARE_BUCKETS as f64;
+                let seen_once = if support == 0 { 0.8 } else { 1.0 };
+                0.7 * mid * seen_once
+            }
+        }
+    }
+}
+
+/// Accepted and offered counts per kind of guess (offers are counted only where the
+/// guess's parent was accepted, so the ratio is the conditional acceptance).
+#[derive(Debug, Clone)]
+pub(super) struct Calibration {
+    pub(super) hits: [f64; BUCKETS],
+    pub(super) tries: [f64; BUCKETS],
+    /// Indexed by `RoundKind as usize`.
+    pub(super) realized: [Realized; 2],
+    pub(super) policies: PolicyRecord,
+    /// Draft tokens accepted and tried, by the draft's probability for them.
+    pub(super) confident_hits: [f64; CONFIDENCE_BUCKETS],
+    pub(super) confident_tries: [f64; CONFIDENCE_BUCKETS],
+}
+
+impl Default for Calibration {
+    fn default() -> Self {
+        Self {
+            hits: [0.0; BUCKETS],
+            tries: [0.0; BUCKETS],
+            realized: Default::default(),
+            policies: PolicyRecord::default(),
+            confident_hits: [0.0; CONFIDENCE_BUCKETS],
+            confident_tries: [0.0; CONFIDENCE_BUCKETS],
+        }
+    }
+}
+
+impl Calibration {
+    pub(super) fn estimate(&self, g: Guess) -> f64 {
+        let b = g.bucket();
+        let p = (self.hits[b] + PRIOR_WEIGHT * g.prior()) / (self.tries[b] + PRIOR_WEIGHT);
+        p.clamp(0.0, MAX_ACCEPTANCE)
+    }
+
+    /// How often the guess's bucket has been tried (decayed).
+    pub(super) fn tries(&self, g: Guess) -> f64 {
+        self.tries[g.bucket()]
+    }
+
+    /// A node's chance given its parent's: the best of the guesses behind it (0: none).
+    pub(super) fn best(&self, guesses: &[Guess]) -> f64 {
+        self.best_given(guesses, &[], 1.0)
+    }
+
+    /// [`Self::best`], where a draft token with a probability in `confidence` goes by
+    /// that probability raised to `power` rather than by its position's record.
+    pub(super) fn best_given(&self, guesses: &[Guess], confidence: &[f32], power: f64) -> f64 {
+        guesses
+            .iter()
+            .map(|&g| match g {
+                Guess::Draft(j) if j < confidence.len() => (f64::from(confidence[j])
+                    .clamp(0.0, 1.0))
+                .powf(power)
+                .min(MAX_ACCEPTANCE),
+                g => self.estimate(g),
+            })
+            .fold(0.0, f64::max)
+    }
+
+    pub(super) fn record_confidence(&mut self, p: f32, accepted: bool) {
+        let b =
+            ((p.clamp(0.0, 1.0) * CONFIDENCE_BUCKETS as f32) as usize).min(CONFIDENCE_BUCKETS - 1);
+        count_try(
+            &mut self.confident_hits[b],
+            &mut self.confident_tries[b],
+            accepted,
+        );
+    }
+
+    /// The exponent `a` that best explains the acceptance seen per bucket as `p^a`
+    /// (maximum likelihood over a grid, with `PRIOR_WEIGHT` tries per bucket at `a = 1`,
+    /// taking the draft at its word until there is evidence). Below 1 the draft is
+    /// under-confident: the target agrees with its choice more often than its
+    /// probability says, which is usual where several tokens are likely and both models
+    /// rank them alike.
+    pub(super) fn confidence_power(&self) -> f64 {
+        let buckets: Vec<(f64, f64, f64)> = (0..CONFIDENCE_BUCKETS)
+            .map(|b| {
+                let p = (b as f64 + 0.5) / CONFIDENCE_BUCKETS as f64;
+                let hits = self.confident_hits[b] + PRIOR_WEIGHT * p;
+                let tries = self.confident_tries[b] + PRIOR_WEIGHT;
+                (p.ln(), hits, tries - hits)
+            })
+            .collect();
+        let likelihood = |a: f64| -> f64 {
+            buckets
+                .iter()
+                .map(|&(ln_p, hits, misses)| {
+                    let accept = (a * ln_p).exp().min(1.0 - 1e-9);
+                    hits * a * ln_p + misses * (1.0 - accept).ln()
+                })
+                .sum()
+        };
+        (1..=CONFIDENCE_POWERS)
+            .map(|i| i as f64 * 0.05)
+            .map(|a| (likelihood(a), a))
+            .fold((f64::NEG_INFINITY, 1.0), |best, x| {
+                if x.0 > best.0 { x } else { best }
+            })
+            .1
+    }
+
+    pub(super) fn record(&mut self, g: Guess, accepted: bool) {
+        let b = g.bucket();
+        count_try(&mut self.hits[b], &mut self.tries[b], accepted);
+    }
+}
+
+/// Counts one try in a bucket; past `MEMORY` tries the bucket's counts halve, so it
+/// follows the workload.
+pub(super) fn count_try(hits: &mut f64, tries: &mut f64, accepted: bool) {
+    *tries += 1.0;
+    if accepted {
+        *hits += 1.0;
+    }
+    if *tries > MEMORY {
+        *tries /= 2.0;
+        *hits /= 2.0;
+    }
+}
