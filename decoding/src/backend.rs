@@ -39,22 +39,58 @@ pub struct VerifyOutcome {
     pub outputs: Vec<u32>,
 }
 
+/// How many tokens one draft call drafts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum DraftLength {
+    /// At least this many (a lookahead step may emit several at once).
+    AtLeast(usize),
+    /// At most `tokens`, one per forward, stopping once the product of the drafted tokens'
+    /// probabilities under the draft model falls below `stop_below`, since the target
+    /// rarely accepts that far. With lookahead there is no per-token probability, and it
+    /// drafts as [`DraftLength::AtLeast`].
+    UpTo { tokens: usize, stop_below: f32 },
+}
+
+impl DraftLength {
+    /// From the protocol's `gamma` and `stop_below` (0: no floor).
+    pub fn new(gamma: usize, stop_below: f32) -> Self {
+        if stop_below > 0.0 {
+            DraftLength::UpTo {
+                tokens: gamma,
+                stop_below,
+            }
+        } else {
+            DraftLength::AtLeast(gamma)
+        }
+    }
+
+    /// The number the caller gave: the least, or the most.
+    pub fn tokens(&self) -> usize {
+        match *self {
+            DraftLength::AtLeast(n) | DraftLength::UpTo { tokens: n, .. } => n,
+        }
+    }
+
+    /// The confidence floor (0: none).
+    pub fn stop_below(&self) -> f32 {
+        match *self {
+            DraftLength::AtLeast(_) => 0.0,
+            DraftLength::UpTo { stop_below, .. } => stop_below,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct DraftRequest {
     /// Committed tokens appended since the previous call (or since `open`).
     pub new_committed: Vec<u32>,
-    /// Least number of draft tokens wanted; the draft may return more.
-    pub gamma: usize,
+    pub length: DraftLength,
     /// Lookahead decoding inside the draft model; `None` decodes one token per forward.
     pub lookahead: Option<LookaheadParams>,
     /// Phrases the caller learnt since the previous call, for the draft's pool replica.
     pub pool_delta: Vec<Ngram>,
     /// Drafting stops after any of these.
     pub eos: Vec<u32>,
-    /// Above 0 (one token per forward only): `gamma` becomes the most tokens drafted, and
-    /// drafting stops once the product of the drafted tokens' probabilities under the
-    /// draft model falls below this, since the target rarely accepts that far.
-    pub stop_below: f32,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]

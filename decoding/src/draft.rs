@@ -87,12 +87,12 @@ impl<C: KvState> DraftSession<C> {
         }
         let max_pos = model.info().max_position;
         let mut outcome = DraftOutcome::default();
-        let stop_below = match (&self.window, request.stop_below) {
+        let stop_below = match (&self.window, request.length.stop_below()) {
             (None, f) if f > 0.0 => Some(f),
             _ => None,
         };
         let mut reach = 1.0f32;
-        while self.seq.len() - self.committed < request.gamma.max(1) {
+        while self.seq.len() - self.committed < request.length.tokens().max(1) {
             if self.seq.len() >= max_pos {
                 break;
             }

@@ -24,8 +24,8 @@ pub use auto::{
     Prediction, ProfileOptions, RoundKind, SEGMENT_TOKENS, would_commit,
 };
 pub use backend::{
-    BackendInfo, DraftBackend, DraftOutcome, DraftRequest, ServerTiming, SessionId, TargetBackend,
-    VerifyOutcome,
+    BackendInfo, DraftBackend, DraftLength, DraftOutcome, DraftRequest, ServerTiming, SessionId,
+    TargetBackend, VerifyOutcome,
 };
 pub use draft::DraftSession;
 pub use error::{DecodingError, Result};

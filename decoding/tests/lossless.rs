@@ -702,7 +702,7 @@ fn auto_sizes_its_rounds_by_the_cost_profile() {
 /// running confidence fell below the floor, and each token comes with its probability.
 #[test]
 fn the_draft_stops_where_its_confidence_falls() {
-    use decoding::{DraftBackend, DraftRequest};
+    use decoding::{DraftBackend, DraftLength, DraftRequest};
     let model = target_model();
     let draft = LocalDraft::new(model.clone(), pool(3));
     let prompt = [3u32, 9, 4, 1];
@@ -710,11 +710,10 @@ fn the_draft_stops_where_its_confidence_falls() {
         let id = block_on(draft.open(&prompt)).unwrap();
         let request = DraftRequest {
             new_committed: Vec::new(),
-            gamma: 12,
+            length: DraftLength::new(12, stop_below),
             lookahead: None,
             pool_delta: Vec::new(),
             eos: Vec::new(),
-            stop_below,
         };
         block_on(draft.draft(id, request)).unwrap().0
     };

@@ -91,7 +91,7 @@ impl<M: LanguageModel + 'static> DraftService for DraftGrpc<M> {
         let DraftCall { session, request } =
             DraftCall::try_from(request.into_inner()).map_err(|e| status_of(&e))?;
         let runtime = self.runtime.clone();
-        let span = tracing::debug_span!("lookahead", gamma = request.gamma);
+        let span = tracing::debug_span!("lookahead", gamma = request.length.tokens());
         let outcome = tokio::task::spawn_blocking(move || {
             span.in_scope(|| runtime.draft_blocking(session, &request))
         })

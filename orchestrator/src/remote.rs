@@ -200,11 +200,11 @@ impl DraftBackend for RemoteDraft {
             .draft(traced(dpb::DraftRequest {
                 session_id: session,
                 new_committed: request.new_committed,
-                gamma: request.gamma as u32,
+                gamma: request.length.tokens() as u32,
                 lookahead: request.lookahead.as_ref().map(Into::into),
                 pool_delta: request.pool_delta.iter().map(Into::into).collect(),
                 eos: request.eos,
-                stop_below: request.stop_below,
+                stop_below: request.length.stop_below(),
             }))
             .await
             .map_err(|s| error_of(&s, Some(session)))?

@@ -8,7 +8,8 @@ use crate::draft::v1 as draft_pb;
 use crate::target::v1 as target_pb;
 use decoding::validate::{in_range, limits, unit_floor};
 use decoding::{
-    DecodingError, DraftRequest, DraftTree, LookaheadParams, Ngram, SamplingParams, SessionId,
+    DecodingError, DraftLength, DraftRequest, DraftTree, LookaheadParams, Ngram, SamplingParams,
+    SessionId,
 };
 
 /// A checked `Verify`: a well-formed tree and valid sampling.
@@ -54,11 +55,10 @@ impl TryFrom<draft_pb::DraftRequest> for DraftCall {
             session: r.session_id,
             request: DraftRequest {
                 new_committed: r.new_committed,
-                gamma: r.gamma as usize,
+                length: DraftLength::new(r.gamma as usize, r.stop_below),
                 lookahead,
                 pool_delta: r.pool_delta.into_iter().map(Ngram::from).collect(),
                 eos: r.eos,
-                stop_below: r.stop_below,
             },
         })
     }

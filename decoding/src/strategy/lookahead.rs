@@ -3,7 +3,7 @@
 //! tokens are the target's greedy tokens and are committed as they come, in a loop of
 //! their own.
 
-use crate::backend::{DraftBackend, DraftRequest};
+use crate::backend::{DraftBackend, DraftLength, DraftRequest};
 use crate::error::{DecodingError, Result};
 use crate::generate::cut_at_end;
 use crate::params::{
@@ -40,11 +40,10 @@ pub(crate) async fn run<D: DraftBackend>(
         }
         let request = DraftRequest {
             new_committed: std::mem::take(&mut new_committed),
-            gamma: 1,
+            length: DraftLength::AtLeast(1),
             lookahead: Some(params.lookahead),
             pool_delta: Vec::new(),
             eos: params.eos.clone(),
-            stop_below: 0.0,
         };
         let t0 = Instant::now();
         let span = tracing::debug_span!("lookahead");

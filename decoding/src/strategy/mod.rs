@@ -19,7 +19,7 @@ pub mod ouroboros;
 pub mod speculative;
 pub mod trie;
 
-use crate::backend::{DraftBackend, DraftRequest, TargetBackend, VerifyOutcome};
+use crate::backend::{DraftBackend, DraftLength, DraftRequest, TargetBackend, VerifyOutcome};
 use crate::generate::{Loop, OpenSessions, Shared};
 use crate::params::{DecodeParams, Strategy};
 use crate::pool::PhrasePool;
@@ -199,7 +199,7 @@ pub(crate) async fn call_draft<T: TargetBackend, D: DraftBackend>(
     let share_pool = lookahead && d.wants_pool_delta();
     let request = DraftRequest {
         new_committed: std::mem::take(&mut state.for_draft),
-        gamma,
+        length: DraftLength::new(gamma, stop_below),
         lookahead: lookahead.then_some(state.params.lookahead),
         pool_delta: if share_pool {
             std::mem::take(&mut state.delta)
@@ -207,7 +207,6 @@ pub(crate) async fn call_draft<T: TargetBackend, D: DraftBackend>(
             Vec::new()
         },
         eos: state.params.eos.clone(),
-        stop_below,
     };
     let t0 = Instant::now();
     let span = tracing::debug_span!("draft", gamma, lookahead, stop_below);

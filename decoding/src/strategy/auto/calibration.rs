@@ -2,6 +2,7 @@
 //! how far the draft's own confidence can be trusted, and how realized rates compare with
 //! predictions; with the tuning constants behind them.
 
+use super::config::AutoConfig;
 use super::policy::*;
 /// A kind of guess whose acceptance is counted on its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,38 +20,11 @@ pub(super) const POSITIONS: usize = 16;
 pub(super) const SHARE_BUCKETS: usize = 5;
 pub(super) const SUPPORT_BUCKETS: usize = 4;
 pub(super) const BUCKETS: usize = 2 * POSITIONS + SHARE_BUCKETS * SUPPORT_BUCKETS;
-/// Weight of the prior, in observations.
-pub(super) const PRIOR_WEIGHT: f64 = 4.0;
-/// No guess is counted as a sure thing.
-pub(super) const MAX_ACCEPTANCE: f64 = 0.98;
-/// Past this many observations a bucket halves its counts, so it follows the workload.
-pub(super) const MEMORY: f64 = 2000.0;
-/// Drafting must promise this much more than the zero-cost tree: its estimate is the
-/// less certain one, and a draft round that disappoints costs most.
-pub(super) const DRAFT_MARGIN: f64 = 1.05;
-/// Until the draft's first position has been tried this often, drafting is judged as if
-/// its tokens were accepted at least `OPTIMISTIC_DRAFT` of the time. Without that, a
-/// prior below the draft's real acceptance keeps `auto` from ever drafting, and so from
-/// ever learning better; with it, a draft that cannot pay even then is never tried, and
-/// one that disappoints costs a few rounds per process (the counts are shared).
-pub(super) const EXPLORE_TRIES: f64 = 12.0;
-pub(super) const OPTIMISTIC_DRAFT: f64 = 0.9;
-/// The highest confidence floor `auto` asks of a draft: above it nearly every round would
-/// stop after one token, whatever the draft's confidence.
-pub(super) const MAX_DRAFT_STOP: f64 = 0.9;
 /// Buckets of the draft's probability for its own token, in which acceptance is counted
 /// to learn how far that probability can be trusted.
 pub(super) const CONFIDENCE_BUCKETS: usize = 10;
 /// The exponents `a` tried in the fit `P(accepted | p) = p^a` (0.05 apart up to 2).
 pub(super) const CONFIDENCE_POWERS: usize = 40;
-/// Rounds of a kind after which its realized rate is trusted as much as its predicted
-/// one, and rounds after which old ones count half (so the factor follows the workload).
-pub(super) const REALITY_PRIOR: f64 = 8.0;
-pub(super) const REALITY_MEMORY: f64 = 400.0;
-/// Per round of the other kind, what a kind's realized record keeps of its weight
-/// (half after about 70 rounds).
-pub(super) const REALITY_FADE: f64 = 0.99;
-
 /// What kind of round a prediction was made for: one with a draft call, or one that
 /// verifies only zero-cost guesses (trie, pool; none at all is greedy).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,12 +57,12 @@ pub(super) struct Realized {
 
 impl Realized {
     /// Realized over predicted tokens per second; 1 until rounds are seen, moving to the
-    /// measured ratio as they accumulate (`REALITY_PRIOR` rounds at the prediction).
-    pub(super) fn factor(&self) -> f64 {
+    /// measured ratio as they accumulate (`reality_prior` rounds at the prediction).
+    pub(super) fn factor(&self, cfg: &AutoConfig) -> f64 {
         if self.rounds == 0.0 || self.predicted_seconds <= 0.0 || self.predicted_tokens <= 0.0 {
             return 1.0;
         }
-        let w = REALITY_PRIOR / self.rounds;
+        let w = cfg.reality_prior / self.rounds;
         let tokens = self.tokens + w * self.predicted_tokens;
         let seconds = self.seconds + w * self.predicted_seconds;
         let predicted = self.predicted_tokens / self.predicted_seconds;
@@ -105,13 +79,13 @@ impl Realized {
         self.seconds *= keep;
     }
 
-    pub(super) fn add(&mut self, p: Prediction, tokens: f64, seconds: f64) {
+    pub(super) fn add(&mut self, p: Prediction, tokens: f64, seconds: f64, cfg: &AutoConfig) {
         self.rounds += 1.0;
         self.predicted_tokens += p.tokens;
         self.predicted_seconds += p.seconds;
         self.tokens += tokens;
         self.seconds += seconds;
-        if self.rounds > REALITY_MEMORY {
+        if self.rounds > cfg.reality_memory {
             self.fade(0.5);
         }
     }
@@ -178,11 +152,13 @@ pub(super) struct Calibration {
     /// Draft tokens accepted and tried, by the draft's probability for them.
     pub(super) confident_hits: [f64; CONFIDENCE_BUCKETS],
     pub(super) confident_tries: [f64; CONFIDENCE_BUCKETS],
+    pub(super) config: AutoConfig,
 }
 
-impl Default for Calibration {
-    fn default() -> Self {
+impl Calibration {
+    pub(super) fn new(config: AutoConfig) -> Self {
         Self {
+            config,
             hits: [0.0; BUCKETS],
             tries: [0.0; BUCKETS],
             realized: Default::default(),
@@ -196,8 +172,9 @@ impl Default for Calibration {
 impl Calibration {
     pub(super) fn estimate(&self, g: Guess) -> f64 {
         let b = g.bucket();
-        let p = (self.hits[b] + PRIOR_WEIGHT * g.prior()) / (self.tries[b] + PRIOR_WEIGHT);
-        p.clamp(0.0, MAX_ACCEPTANCE)
+        let w = self.config.prior_weight;
+        let p = (self.hits[b] + w * g.prior()) / (self.tries[b] + w);
+        p.clamp(0.0, self.config.max_acceptance)
     }
 
     /// How often the guess's bucket has been tried (decayed).
@@ -219,7 +196,7 @@ impl Calibration {
                 Guess::Draft(j) if j < confidence.len() => (f64::from(confidence[j])
                     .clamp(0.0, 1.0))
                 .powf(power)
-                .min(MAX_ACCEPTANCE),
+                .min(self.config.max_acceptance),
                 g => self.estimate(g),
             })
             .fold(0.0, f64::max)
@@ -232,11 +209,12 @@ impl Calibration {
             &mut self.confident_hits[b],
             &mut self.confident_tries[b],
             accepted,
+            self.config.memory,
         );
     }
 
     /// The exponent `a` that best explains the acceptance seen per bucket as `p^a`
-    /// (maximum likelihood over a grid, with `PRIOR_WEIGHT` tries per bucket at `a = 1`,
+    /// (maximum likelihood over a grid, with `prior_weight` tries per bucket at `a = 1`,
     /// taking the draft at its word until there is evidence). Below 1 the draft is
     /// under-confident: the target agrees with its choice more often than its
     /// probability says, which is usual where several tokens are likely and both models
@@ -245,8 +223,8 @@ impl Calibration {
         let buckets: Vec<(f64, f64, f64)> = (0..CONFIDENCE_BUCKETS)
             .map(|b| {
                 let p = (b as f64 + 0.5) / CONFIDENCE_BUCKETS as f64;
-                let hits = self.confident_hits[b] + PRIOR_WEIGHT * p;
-                let tries = self.confident_tries[b] + PRIOR_WEIGHT;
+                let hits = self.confident_hits[b] + self.config.prior_weight * p;
+                let tries = self.confident_tries[b] + self.config.prior_weight;
                 (p.ln(), hits, tries - hits)
             })
             .collect();
@@ -270,18 +248,23 @@ impl Calibration {
 
     pub(super) fn record(&mut self, g: Guess, accepted: bool) {
         let b = g.bucket();
-        count_try(&mut self.hits[b], &mut self.tries[b], accepted);
+        count_try(
+            &mut self.hits[b],
+            &mut self.tries[b],
+            accepted,
+            self.config.memory,
+        );
     }
 }
 
-/// Counts one try in a bucket; past `MEMORY` tries the bucket's counts halve, so it
+/// Counts one try in a bucket; past `memory` tries the bucket's counts halve, so it
 /// follows the workload.
-pub(super) fn count_try(hits: &mut f64, tries: &mut f64, accepted: bool) {
+pub(super) fn count_try(hits: &mut f64, tries: &mut f64, accepted: bool, memory: f64) {
     *tries += 1.0;
     if accepted {
         *hits += 1.0;
     }
-    if *tries > MEMORY {
+    if *tries > memory {
         *tries /= 2.0;
         *hits /= 2.0;
     }

@@ -1,11 +1,12 @@
 //! The `auto` strategy: every round sized from a cost profile measured on this hardware
-//! and the acceptance seen so far. Split by job: [`profile`] (what calls cost here),
+//! and the acceptance seen so far. Split by job: [`config`] (every tuning constant), [`profile`] (what calls cost here),
 //! [`calibration`] (how often guesses are accepted), [`plan`] (which nodes a round
 //! verifies), [`policy`] (which policy runs a segment), [`tuner`] (the shared state that
 //! ties them together) and [`round`] (one round built with them, and what the verify
 //! teaches them).
 
 pub mod calibration;
+pub mod config;
 pub mod plan;
 pub mod policy;
 pub mod profile;
@@ -13,6 +14,7 @@ pub mod round;
 pub mod tuner;
 
 pub use calibration::{Guess, Prediction, RoundKind};
+pub use config::AutoConfig;
 pub use plan::{DraftBacklog, TreePlan, choose_nodes};
 pub use policy::{Policy, PolicyScores, SEGMENT_TOKENS, would_commit};
 pub use profile::{ChainEstimate, CostProfile, DraftCost, ProfileOptions, measure};

@@ -31,15 +31,9 @@ impl Policy {
     }
 }
 
-/// Committed tokens after which a policy's segment ends and is scored.
+/// Committed tokens after which a policy's segment ends and is scored, by default
+/// ([`super::AutoConfig::segment_tokens`]).
 pub const SEGMENT_TOKENS: usize = 32;
-/// Whatever the scores say, at least one segment in this many runs [`Policy::Drafting`]:
-/// only its segments score the policies side by side, so the evidence stays fresh when
-/// the workload changes.
-pub(super) const AUDIT_EVERY: usize = 4;
-/// Past this many scored segments, the scores count half, so the choice follows the
-/// workload.
-pub(super) const POLICY_MEMORY: f64 = 96.0;
 
 /// What one stretch of text cost and brought under each policy, in [`Policy::ALL`]
 /// order: the one that ran and the ones that would have run on the same text.

@@ -2,7 +2,7 @@
 //! start-up through the same backends requests use (network included), and what a draft
 //! chain can gain on it.
 
-use crate::backend::{DraftBackend, DraftRequest, SessionId, TargetBackend};
+use crate::backend::{DraftBackend, DraftLength, DraftRequest, SessionId, TargetBackend};
 use crate::error::{DecodingError, Result};
 use crate::sampling::SamplingParams;
 use crate::tree::DraftTree;
@@ -275,11 +275,10 @@ pub(super) async fn timed_draft<D: DraftBackend>(
 ) -> Result<(Vec<u32>, f64)> {
     let request = DraftRequest {
         new_committed,
-        gamma,
+        length: DraftLength::AtLeast(gamma),
         lookahead: None,
         pool_delta: Vec::new(),
         eos: Vec::new(),
-        stop_below: 0.0,
     };
     let t0 = Instant::now();
     let (o, _) = draft.draft(id, request).await?;

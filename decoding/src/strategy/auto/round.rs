@@ -5,8 +5,7 @@
 //! would have done on the same text.
 
 use super::{
-    AutoTuner, DraftBacklog, Guess, Policy, PolicyScores, Prediction, RoundKind, SEGMENT_TOKENS,
-    would_commit,
+    AutoTuner, DraftBacklog, Guess, Policy, PolicyScores, Prediction, RoundKind, would_commit,
 };
 use crate::backend::{DraftBackend, TargetBackend};
 use crate::generate::{Loop, OpenSessions, Shared};
@@ -18,9 +17,6 @@ use crate::strategy::{Round, Verdict, call_draft};
 use crate::tree::DraftTree;
 use crate::trie::TrieDraft;
 use std::time::Instant;
-
-/// Most trie nodes `auto` considers per round before keeping the ones that pay.
-const AUTO_TRIE_NODES: usize = 48;
 
 /// The trees the other `auto` policies would have verified in a round of
 /// [`Policy::Drafting`], to be scored against what the target commits there.
@@ -241,7 +237,7 @@ impl<'t> AutoRounds<'t> {
             committed.push(v.bonus);
             // Opening the draft serves the rest of the request: this segment carries its
             // share, or the policy that happened to open it would look slow.
-            let share = (SEGMENT_TOKENS as f64 / verdict.remaining as f64).min(1.0);
+            let share = (t.config().segment_tokens as f64 / verdict.remaining as f64).min(1.0);
             score_alternatives(
                 t,
                 seg,
@@ -270,7 +266,7 @@ impl<'t> AutoRounds<'t> {
         if let Some(seg) = &mut self.segment {
             stats.policy_tokens[seg.policy.index()] += n as u64;
             seg.tokens += n;
-            if seg.tokens >= SEGMENT_TOKENS {
+            if seg.tokens >= self.tuner.config().segment_tokens {
                 self.segment = None;
             }
         }
@@ -316,7 +312,7 @@ async fn build<T: TargetBackend, D: DraftBackend>(
     let mut phrases = Vec::new();
     if budget > 0 {
         if let Some(p) = &state.prompt_trie {
-            found = trie.draft(Some(p), text, AUTO_TRIE_NODES.min(room), budget);
+            found = trie.draft(Some(p), text, tuner.config().trie_nodes.min(room), budget);
             stats.trie_lookups += 1;
             stats.trie_hits += u64::from(!found.is_empty());
         }

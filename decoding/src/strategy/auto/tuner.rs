@@ -18,6 +18,7 @@ use crate::tree::DraftTree;
 use std::sync::Mutex;
 
 use super::calibration::*;
+use super::config::AutoConfig;
 use super::plan::*;
 use super::policy::*;
 use super::profile::*;
@@ -25,20 +26,33 @@ use super::profile::*;
 #[derive(Debug)]
 pub struct AutoTuner {
     profile: CostProfile,
+    config: AutoConfig,
     /// Greedy and sampled decoding accept differently; index 0 is greedy.
     calibration: [Mutex<Calibration>; 2],
 }
 
 impl AutoTuner {
     pub fn new(profile: CostProfile) -> Self {
+        Self::with_config(profile, AutoConfig::default())
+    }
+
+    pub fn with_config(profile: CostProfile, config: AutoConfig) -> Self {
         Self {
             profile,
-            calibration: Default::default(),
+            config,
+            calibration: [
+                Mutex::new(Calibration::new(config)),
+                Mutex::new(Calibration::new(config)),
+            ],
         }
     }
 
     pub fn profile(&self) -> &CostProfile {
         &self.profile
+    }
+
+    pub fn config(&self) -> &AutoConfig {
+        &self.config
     }
 
     fn calibration(&self, greedy: bool) -> std::sync::MutexGuard<'_, Calibration> {
@@ -71,7 +85,7 @@ impl AutoTuner {
             // One lock for the whole tree, not one per node.
             let c = self.calibration(greedy);
             let trust = match kind {
-                RoundKind::ZeroCost => c.realized[kind as usize].factor(),
+                RoundKind::ZeroCost => c.realized[kind as usize].factor(&self.config),
                 RoundKind::Drafted => 1.0,
             };
             // A draft token's own probability says more than its position: one the draft
@@ -104,9 +118,9 @@ impl AutoTuner {
         let (rate, g, p) = self.best_gamma(greedy, max_gamma, backlog)?;
         let c = self.calibration(greedy);
         let without = without.tokens_per_second()
-            * c.realized[RoundKind::ZeroCost as usize].factor()
-            / c.realized[RoundKind::Drafted as usize].factor();
-        (rate > without * DRAFT_MARGIN).then_some((g, p))
+            * c.realized[RoundKind::ZeroCost as usize].factor(&self.config)
+            / c.realized[RoundKind::Drafted as usize].factor(&self.config);
+        (rate > without * self.config.draft_margin).then_some((g, p))
     }
 
     /// How many tokens to draft in a round of [`Policy::Drafting`]: the best length,
@@ -135,8 +149,8 @@ impl AutoTuner {
     ) -> Option<(f64, usize, Prediction)> {
         let cost = self.profile.draft?;
         let c = self.calibration(greedy);
-        let floor = match c.tries(Guess::Draft(0)) < EXPLORE_TRIES {
-            true => OPTIMISTIC_DRAFT,
+        let floor = match c.tries(Guess::Draft(0)) < self.config.explore_tries {
+            true => self.config.optimistic_draft,
             false => 0.0,
         };
         let mut reach = 1.0;
@@ -192,7 +206,7 @@ impl AutoTuner {
         // product itself, so the floor goes the other way.
         let reach = (cost.per_token + row) / (next * token_worth).max(1e-12);
         let floor = reach.clamp(0.0, 1.0).powf(1.0 / c.confidence_power());
-        floor.clamp(0.0, MAX_DRAFT_STOP) as f32
+        floor.clamp(0.0, self.config.max_draft_stop) as f32
     }
 
     /// Counts a drafted chain's outcome against the draft's probability for each token:
@@ -209,7 +223,7 @@ impl AutoTuner {
 
     /// The policy for a request's next segment: the one that scored best on the same
     /// text (see [`Self::record_scores`]), but [`Policy::Drafting`] before there are any
-    /// scores and for one segment in `AUDIT_EVERY` (4), since only its segments score all
+    /// scores and for one segment in `audit_every` (4), since only its segments score all
     /// three. Without a draft only zero-cost rounds are possible.
     pub fn choose_policy(&self, greedy: bool, can_draft: bool) -> Policy {
         if !can_draft || self.profile.draft.is_none() {
@@ -218,7 +232,7 @@ impl AutoTuner {
         let mut c = self.calibration(greedy);
         let r = &mut c.policies;
         let policy = match r.best() {
-            Some(p) if r.since_audit + 1 < AUDIT_EVERY => p,
+            Some(p) if r.since_audit + 1 < self.config.audit_every => p,
             _ => Policy::Drafting,
         };
         r.since_audit = match policy {
@@ -240,12 +254,12 @@ impl AutoTuner {
         let mut c = self.calibration(greedy);
         let r = &mut c.policies;
         // A short segment (the end of a request) counts for its share of a full one.
-        r.segments += (drafted / SEGMENT_TOKENS as f64).min(1.0);
+        r.segments += (drafted / self.config.segment_tokens as f64).min(1.0);
         for i in 0..Policy::ALL.len() {
             r.scores.tokens[i] += scores.tokens[i];
             r.scores.seconds[i] += scores.seconds[i];
         }
-        if r.segments > POLICY_MEMORY {
+        if r.segments > self.config.policy_memory {
             r.segments /= 2.0;
             for x in r.scores.tokens.iter_mut().chain(&mut r.scores.seconds) {
                 *x /= 2.0;
@@ -273,20 +287,22 @@ impl AutoTuner {
         // trees fell short enough to be planned away, they are tried again some time
         // later.
         if p.kind == RoundKind::ZeroCost && p.tokens <= 1.0 + 1e-9 {
-            c.realized.iter_mut().for_each(|r| r.fade(REALITY_FADE));
+            c.realized
+                .iter_mut()
+                .for_each(|r| r.fade(self.config.reality_fade));
             return;
         }
-        c.realized[p.kind as usize].add(p, tokens as f64, seconds);
+        c.realized[p.kind as usize].add(p, tokens as f64, seconds, &self.config);
         let other = match p.kind {
             RoundKind::Drafted => RoundKind::ZeroCost,
             RoundKind::ZeroCost => RoundKind::Drafted,
         };
-        c.realized[other as usize].fade(REALITY_FADE);
+        c.realized[other as usize].fade(self.config.reality_fade);
     }
 
     /// Realized over predicted rate of a kind of round so far (1 before any).
     pub fn reality(&self, greedy: bool, kind: RoundKind) -> f64 {
-        self.calibration(greedy).realized[kind as usize].factor()
+        self.calibration(greedy).realized[kind as usize].factor(&self.config)
     }
 
     /// Counts the outcome of a verified tree: every node whose parent was accepted was
@@ -566,7 +582,7 @@ mod tests {
             let (g, _) = t
                 .draft_gamma(true, 4, &rate(1.0), synced)
                 .expect("tried while untried");
-            for _ in 0..EXPLORE_TRIES as usize {
+            for _ in 0..AutoConfig::default().explore_tries as usize {
                 let path: Vec<usize> = if accepted { (1..=g).collect() } else { vec![] };
                 t.learn(true, &chain(g), &guesses(g), &path);
             }
@@ -748,7 +764,7 @@ mod tests {
     fn a_better_scoring_policy_runs_with_a_drafting_audit_now_and_then() {
         let t = AutoTuner::new(profile(&[(1, 1.0), (16, 1.3)], Some((0.0, 0.1))));
         score(&t, 4, [10.0, 8.0, 12.0]);
-        let chosen: Vec<Policy> = (0..2 * AUDIT_EVERY)
+        let chosen: Vec<Policy> = (0..2 * AutoConfig::default().audit_every)
             .map(|_| t.choose_policy(true, true))
             .collect();
         let audits = chosen.iter().filter(|&&p| p == Policy::Drafting).count();
@@ -771,10 +787,17 @@ mod tests {
         score(&t, 200, [5.0, 10.0, 20.0]);
         // halved again and again, the scores keep their rates but not their weight
         let segments = t.calibration(true).policies.segments;
-        assert!(segments <= POLICY_MEMORY, "{segments}");
+        assert!(
+            segments <= AutoConfig::default().policy_memory,
+            "{segments}"
+        );
         assert!((t.policy_rate(true, Policy::ZeroCost).unwrap() - 20.0).abs() < 1e-9);
         // a new workload overturns an old one within one memory's worth of segments
-        score(&t, POLICY_MEMORY as usize, [5.0, 20.0, 10.0]);
+        score(
+            &t,
+            AutoConfig::default().policy_memory as usize,
+            [5.0, 20.0, 10.0],
+        );
         assert!(t.policy_rate(true, Policy::Drafting) > t.policy_rate(true, Policy::ZeroCost));
         // a short segment counts for its share; nonsense is ignored
         let before = t.calibration(true).policies;
@@ -827,7 +850,10 @@ mod tests {
         assert!(cheap.draft_stop(true, 8, &p) < floor);
         // a dear one is capped, so a confident draft still gets past its first token
         let dear = AutoTuner::new(profile(&[(1, 1.0), (9, 1.16)], Some((0.0, 5.0))));
-        assert_eq!(dear.draft_stop(true, 8, &p), MAX_DRAFT_STOP as f32);
+        assert_eq!(
+            dear.draft_stop(true, 8, &p),
+            AutoConfig::default().max_draft_stop as f32
+        );
         // once the draft is seen to be accepted more, the floor drops
         let tree = DraftTree::new(0);
         let mut learnt = AutoTuner::new(profile(&[(1, 1.0), (9, 1.16)], Some((0.0, 0.1))));
