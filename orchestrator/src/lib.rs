@@ -8,6 +8,7 @@ pub mod embedded;
 pub mod pipeline;
 pub mod remote;
 pub mod replicas;
+pub mod testing;
 pub mod text;
 pub mod validation;
 

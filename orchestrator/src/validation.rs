@@ -196,7 +196,6 @@ mod tests {
     use decoding::{BackendInfo, CostProfile, Generation, ProfileOptions};
     use futures::future::BoxFuture;
     use proto::common::v1::{Lookahead, Sampling};
-    use std::collections::HashMap;
     use tonic::Code;
 
     /// A runner that only answers what validation asks.
@@ -240,15 +239,7 @@ mod tests {
     }
 
     fn validator() -> Validator {
-        use tokenizers::models::wordlevel::WordLevel;
-        let words: HashMap<String, u32> = (0..32u32).map(|i| (format!("w{i}"), i)).collect();
-        let model = WordLevel::builder()
-            .vocab(words.into_iter().collect())
-            .unk_token("w0".into())
-            .build()
-            .unwrap();
-        let mut t = Tokenizer::new(model);
-        t.with_pre_tokenizer(Some(tokenizers::pre_tokenizers::whitespace::Whitespace {}));
+        let t = crate::testing::word_tokenizer(32);
         Validator::new(
             Arc::new(Info),
             Arc::new(t),

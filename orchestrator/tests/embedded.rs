@@ -94,6 +94,18 @@ fn request(prompt: &[u32], strategy: pb::Strategy) -> pb::GenerateRequest {
     }
 }
 
+/// A unary greedy request, which must run to its 32 tokens.
+async fn greedy(server: &mut Server, prompt: &[u32]) -> Vec<u32> {
+    let g = server
+        .client
+        .generate(request(prompt, pb::Strategy::Greedy))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(g.token_ids.len(), 32);
+    g.token_ids
+}
+
 /// Every token a stream sends, in order.
 async fn streamed(mut c: OuroborosClient<Channel>, r: pb::GenerateRequest) -> Vec<u32> {
     let mut s = c.generate_stream(r).await.unwrap().into_inner();
@@ -124,14 +136,7 @@ async fn concurrent_requests_share_forwards_and_equal_plain_greedy() {
     let prompts = prompts();
     let mut plain = Vec::new();
     for p in &prompts {
-        let g = server
-            .client
-            .generate(request(p, pb::Strategy::Greedy))
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(g.token_ids.len(), 32);
-        plain.push(g.token_ids);
+        plain.push(greedy(&mut server, p).await);
     }
     let m = telemetry::metrics();
     let (trees_before, forwards_before) = (
@@ -185,13 +190,7 @@ async fn sessions_past_the_limit_are_refused() {
     assert_eq!(e.code(), Code::ResourceExhausted, "{}", e.message());
     assert!(e.message().contains("sessions"), "{}", e.message());
     server.pipeline.target.close(held).await.unwrap();
-    let g = server
-        .client
-        .generate(request(prompt, pb::Strategy::Greedy))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(g.token_ids.len(), 32);
+    greedy(&mut server, prompt).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

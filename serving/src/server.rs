@@ -51,6 +51,17 @@ pub fn publish_sessions<S: SessionState>(what: &str, sessions: &SessionTable<S>)
     telemetry::publish_sessions(what, sessions.len(), sessions.bytes());
 }
 
+/// Runs `work` on the blocking pool (it may wait on a session's lock or run the model) and
+/// answers with its error's status.
+pub async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> decoding::Result<T> + Send + 'static,
+) -> Result<T, tonic::Status> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| tonic::Status::internal(format!("task failed: {e}")))?
+        .map_err(|e| proto::convert::status_of(&e))
+}
+
 /// Completes on Ctrl-C or SIGTERM (what Kubernetes sends before it kills a pod).
 pub async fn terminated() {
     #[cfg(unix)]

@@ -112,10 +112,7 @@ impl<M: LanguageModel + 'static> TargetService for TargetGrpc<M> {
     ) -> Result<Response<pb::CloseSessionResponse>, Status> {
         let id = request.into_inner().session_id;
         let runtime = self.runtime.clone();
-        tokio::task::spawn_blocking(move || runtime.close_session(id))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| status_of(&e))?;
+        serving::server::blocking(move || runtime.close_session(id)).await?;
         Ok(Response::new(pb::CloseSessionResponse {}))
     }
 }
