@@ -113,7 +113,9 @@ impl<M: LanguageModel + 'static> TargetRuntime<M> {
         Ok(id)
     }
 
-    /// Verifies `tree` in the next batched forward.
+    /// Verifies `tree` in the next batched forward. The sampling parameters come checked
+    /// (by the wire conversion, or with the request's decoding parameters in process); the
+    /// tree is held to what only this runtime knows: its size limit and the vocabulary.
     pub async fn verify_tree(
         &self,
         session: SessionId,
@@ -129,7 +131,6 @@ impl<M: LanguageModel + 'static> TargetRuntime<M> {
             .into());
         }
         check_vocab(&tree.tokens, self.model.info().vocab_size, "tokens")?;
-        sampling.validate()?;
         let slot = self.sessions.get(session)?;
         let r = self.scheduler.verify(session, slot, tree, sampling).await;
         self.publish();
