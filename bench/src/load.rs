@@ -115,6 +115,12 @@ async fn run_levels(a: &LoadArgs, prompts: &[String]) -> Result<Vec<Level>> {
     let client = OuroborosClient::new(channel);
     // One short request first, so no level pays for the server's first-call set-up.
     one(client.clone(), request(a, &prompts[0], 4)).await?;
+    let reqs: Arc<Vec<pb::GenerateRequest>> = Arc::new(
+        prompts
+            .iter()
+            .map(|p| request(a, p, a.max_new_tokens))
+            .collect(),
+    );
     let mut levels: Vec<Level> = Vec::new();
     for &c in &a.concurrency {
         eprintln!("concurrency {c}: {} requests ...", prompts.len());
@@ -122,11 +128,7 @@ async fn run_levels(a: &LoadArgs, prompts: &[String]) -> Result<Vec<Level>> {
         let started = Instant::now();
         let workers: Vec<_> = (0..c.min(prompts.len()))
             .map(|_| {
-                let (client, next) = (client.clone(), next.clone());
-                let reqs: Vec<pb::GenerateRequest> = prompts
-                    .iter()
-                    .map(|p| request(a, p, a.max_new_tokens))
-                    .collect();
+                let (client, next, reqs) = (client.clone(), next.clone(), reqs.clone());
                 tokio::spawn(async move {
                     let mut samples = Vec::new();
                     loop {

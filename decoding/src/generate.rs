@@ -212,7 +212,7 @@ async fn commit_loop<T: TargetBackend, D: DraftBackend>(
         stats.add_acceptance(round.drafted.len(), on_chain, v.path.len() - on_chain);
         stats.trie_accepted += v.path.iter().filter(|&&n| from_trie(n)).count() as u64;
 
-        let mut new = v.accepted.clone();
+        let mut new = v.accepted;
         new.push(v.bonus);
         let mut new_sources: Vec<TokenSource> = v
             .path

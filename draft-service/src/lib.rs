@@ -92,12 +92,10 @@ impl<M: LanguageModel + 'static> DraftService for DraftGrpc<M> {
             DraftCall::try_from(request.into_inner()).map_err(|e| status_of(&e))?;
         let runtime = self.runtime.clone();
         let span = tracing::debug_span!("lookahead", gamma = request.length.tokens());
-        let outcome = tokio::task::spawn_blocking(move || {
+        let outcome = serving::server::blocking(move || {
             span.in_scope(|| runtime.draft_blocking(session, &request))
         })
-        .await
-        .map_err(|e| Status::internal(format!("draft task failed: {e}")))?
-        .map_err(|e| status_of(&e))?;
+        .await?;
         let forward = started.elapsed().as_secs_f64();
         Ok(Response::new(pb::DraftResponse {
             tokens: outcome.tokens,

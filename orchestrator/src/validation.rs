@@ -69,7 +69,7 @@ impl Validator {
     /// As [`Self::validate`], on the calling thread.
     pub fn validate_blocking(&self, r: pb::GenerateRequest) -> Result<ValidRequest, Status> {
         let info = self.runner.target_info();
-        let prompt = self.prompt(r.input)?;
+        let prompt = self.prompt(r.input, info.vocab_size)?;
         if prompt.len() >= info.max_position {
             return Err(field(FieldError::new(
                 "prompt",
@@ -127,7 +127,11 @@ impl Validator {
 
     /// The prompt's token ids: text tokenized, ids checked against the vocabulary, chat
     /// rendered in the model's template.
-    fn prompt(&self, input: Option<pb::generate_request::Input>) -> Result<Vec<u32>, Status> {
+    fn prompt(
+        &self,
+        input: Option<pb::generate_request::Input>,
+        vocab: usize,
+    ) -> Result<Vec<u32>, Status> {
         use pb::generate_request::Input;
         let encode = |text: &str, what: &str| {
             engine::tokenizer::encode(&self.tokenizer, text)
@@ -143,7 +147,6 @@ impl Validator {
             }
             Some(Input::Prompt(p)) => encode(&p, "prompt")?,
             Some(Input::TokenIds(t)) => {
-                let vocab = self.runner.target_info().vocab_size;
                 check_vocab(&t.ids, vocab, "token_ids").map_err(|e| status_of(&e))?;
                 t.ids
             }
