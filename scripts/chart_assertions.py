@@ -103,6 +103,14 @@ def main():
         o = container(dep(m, "orchestrator"))["args"]
         assert flag(o, "--target-endpoint") == "http://demo-ouroboros-target:50052"
         assert flag(o, "--draft-endpoint") == "http://demo-ouroboros-draft:50053"
+        # The OpenAI-compatible HTTP API on its own port, in the pod and the Service.
+        assert flag(o, "--http-listen") == "0.0.0.0:8000"
+        ports = {p["name"]: p["containerPort"] for p in container(dep(m, "orchestrator"))["ports"]}
+        assert ports["http"] == 8000, ports
+        assert {p["name"]: p["port"] for p in svc(m, "orchestrator")["spec"]["ports"]}["http"] == 8000
+        assert "http" not in {p["name"] for p in container(dep(m, "target"))["ports"]}
+        # The orchestrator tokenizes with the target file's own tokenizer unless told.
+        assert flag(o, "--tokenizer") == flag(container(dep(m, "target"))["args"], "--model")
 
     # Models: fetched by an init container into an emptyDir by default, a shared claim
     # without fetching in the scaled example.

@@ -16,6 +16,9 @@ pub struct BackendInfo {
     pub model: String,
     pub vocab_size: usize,
     pub max_position: usize,
+    /// What a remote service reported of its vocabulary's strings (None in process, where
+    /// the model files themselves are checked, and where the file carries none).
+    pub vocab: Option<engine::vocab::VocabDigest>,
 }
 
 /// Server-side time of one call, in seconds; the caller's wall time minus `total` is what

@@ -25,6 +25,7 @@ pub fn info_of<M: LanguageModel>(model: &M) -> BackendInfo {
         model: i.name.clone(),
         vocab_size: i.vocab_size,
         max_position: i.max_position,
+        vocab: None,
     }
 }
 

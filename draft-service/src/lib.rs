@@ -49,8 +49,9 @@ fn timing(started: Instant, forward: f64) -> Option<proto::common::v1::ServerTim
 impl<M: LanguageModel + 'static> DraftService for DraftGrpc<M> {
     async fn info(
         &self,
-        _: Request<pb::InfoRequest>,
+        request: Request<pb::InfoRequest>,
     ) -> Result<Response<pb::InfoResponse>, Status> {
+        let asked = request.into_inner().vocab_fingerprint_entries as usize;
         let rt = &self.runtime;
         let i = rt.model().info();
         Ok(Response::new(pb::InfoResponse {
@@ -60,6 +61,11 @@ impl<M: LanguageModel + 'static> DraftService for DraftGrpc<M> {
                 context_length: i.max_position as u32,
                 // Chat is rendered with the target's template.
                 chat_template: None,
+                vocabulary: rt
+                    .config()
+                    .vocabulary
+                    .as_ref()
+                    .map(|v| v.digest(asked).into()),
             }),
             sessions: rt.sessions().len() as u32,
             max_sessions: rt.config().max_sessions as u32,

@@ -74,6 +74,7 @@ async fn run_service(a: Args) -> Result<()> {
             max_phrases: a.pool_max_phrases,
             ..PoolConfig::default()
         },
+        vocabulary: None,
     };
     if let Some(addr) = &a.metrics_listen {
         telemetry::start_metrics(addr).await?;
@@ -94,6 +95,10 @@ async fn run_service(a: Args) -> Result<()> {
     };
     let m = engine::load_model(&a.model, &opts, &device)
         .with_context(|| format!("loading {}", a.model.display()))?;
+    let config = DraftConfig {
+        vocabulary: engine::vocab::Vocabulary::of_model(&a.model)?.map(Arc::new),
+        ..config
+    };
     tracing::info!(listen = %a.listen, "draft service ready");
     let grpc = DraftGrpc::new(Arc::new(m), config);
     let sessions = grpc.sessions().clone();

@@ -234,7 +234,11 @@ async fn bad_draft_requests_get_statuses_and_idle_sessions_expire() {
         ..base.clone()
     };
     c.draft(delta).await.unwrap();
-    let info = c.info(pb::InfoRequest {}).await.unwrap().into_inner();
+    let info = c
+        .info(pb::InfoRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     assert!(info.pool_phrases >= 1);
     tokio::time::sleep(Duration::from_millis(400)).await;
     let s = c.draft(base).await.expect_err("expired");

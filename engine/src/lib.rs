@@ -24,6 +24,7 @@ pub mod testing;
 pub mod tokenizer;
 pub mod tp;
 pub mod transformer;
+pub mod vocab;
 pub mod weights;
 
 pub use api::{ForwardOutput, KvState, LanguageModel, ModelInfo, OutputSpec, SeqInput};

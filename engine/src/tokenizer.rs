@@ -4,7 +4,9 @@
 
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
+use candle_core::Device;
 use candle_core::quantized::tokenizer::TokenizerFromGguf;
+use std::io::Read;
 use std::path::Path;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
@@ -22,6 +24,23 @@ pub fn from_file(path: impl AsRef<Path>) -> Result<Tokenizer> {
         format: "tokenizer.json",
         reason: e.to_string(),
     })
+}
+
+/// The tokenizer a path stands for: a `tokenizer.json`, a model folder (its
+/// `tokenizer.json`), or a GGUF file (the tokenizer its metadata describes).
+pub fn open(path: &Path) -> Result<Tokenizer> {
+    if path.is_dir() {
+        return from_file(path.join("tokenizer.json"));
+    }
+    let mut magic = [0u8; 4];
+    let is_gguf = std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && &magic == b"GGUF";
+    if is_gguf {
+        return from_gguf(&GgufFile::open(path, &Device::Cpu)?);
+    }
+    from_file(path)
 }
 
 pub fn from_gguf(file: &GgufFile) -> Result<Tokenizer> {

@@ -38,3 +38,52 @@ fn qwen_gguf_tokenizer_matches_tokenizer_json() {
     }
     assert_eq!(file.eos_ids(), vec![151645]);
 }
+
+/// The vocabulary check on real files: a Qwen2.5-Coder GGUF covers the tokenizer built from
+/// its own metadata; the fetched Qwen tokenizer.json agrees with it on every regular token
+/// but adds tool tokens where the Coder file has padding, so it is refused (from the first
+/// id past the Coder's tokens, 151665); SmolLM2's vocabulary refuses Qwen's.
+#[test]
+fn vocabularies_of_the_fetched_files_agree_only_within_a_family() {
+    use engine::testing::fetched_model;
+    use engine::vocab::Vocabulary;
+    let (Some(qwen), Some(json), Some(smol)) = (
+        fetched_model("qwen2.5-coder-0.5b-instruct.gguf"),
+        fetched_model("qwen-tokenizer.json"),
+        fetched_model("smollm2-135m-instruct-q4_1.gguf"),
+    ) else {
+        return;
+    };
+    let own = |path: &std::path::Path| {
+        let file = engine::gguf::GgufFile::open(path, &Device::Cpu).unwrap();
+        let tok = engine::tokenizer::from_gguf(&file).unwrap();
+        Vocabulary::of_tokenizer(&tok, format!("{}'s own", path.display()))
+    };
+    let qwen_model = Vocabulary::of_model(&qwen).unwrap().unwrap();
+    let smol_model = Vocabulary::of_model(&smol).unwrap().unwrap();
+    assert_eq!(qwen_model.check_covers(&own(&qwen)), Ok(()));
+    assert_eq!(smol_model.check_covers(&own(&smol)), Ok(()));
+
+    let json_tok = Vocabulary::of_tokenizer(
+        &engine::tokenizer::from_file(&json).unwrap(),
+        json.display().to_string(),
+    );
+    let refused = qwen_model.check_covers(&json_tok).unwrap_err();
+    assert!(refused.contains("from id 151665"), "{refused}");
+    let refused = smol_model.check_covers(&own(&qwen)).unwrap_err();
+    assert!(refused.contains("qwen2.5-coder-0.5b"), "{refused}");
+    assert!(refused.contains("smollm2-135m"), "{refused}");
+    // What a remote check sees: the same verdicts from fingerprints alone.
+    let qwen_tok = own(&qwen);
+    assert_eq!(
+        qwen_tok.check_digest(&qwen_model.digest(qwen_tok.len()), "the target service"),
+        Ok(())
+    );
+    for wrong in [&json_tok, &own(&smol)] {
+        assert!(
+            wrong
+                .check_digest(&qwen_model.digest(wrong.len()), "the target service")
+                .is_err()
+        );
+    }
+}

@@ -108,6 +108,7 @@ impl GenerateService {
             }
         });
         let prompt_tokens = prompt.len();
+        let seed = (!params.sampling.is_greedy()).then_some(params.sampling.seed);
         let g = self.runner.run(prompt, params, sink).await;
         m.in_flight.dec();
         let g = g.map_err(|e| status_of(&e))?;
@@ -139,6 +140,7 @@ impl GenerateService {
                 completion_tokens: s.tokens().len() as u32,
             },
             stats: stats_of(&g.stats),
+            seed,
         })
     }
 }
@@ -163,6 +165,8 @@ struct Finished {
     finish: pb::FinishReason,
     usage: pb::Usage,
     stats: pb::SpecStats,
+    /// The seed a sampled request ran with (None when greedy).
+    seed: Option<u64>,
 }
 
 pub fn source_to_pb(s: TokenSource) -> pb::TokenSource {
@@ -240,36 +244,43 @@ pub fn stats_of(s: &SpecStats) -> pb::SpecStats {
 
 type StreamOf<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
-#[tonic::async_trait]
-impl Ouroboros for GenerateService {
-    async fn generate(
-        &self,
-        request: Request<pb::GenerateRequest>,
-    ) -> Result<Response<pb::GenerateResponse>, Status> {
-        let valid = self.validator.validate(request.into_inner()).await?;
+/// The messages of a streamed request: text deltas, then a last one with the finish
+/// reason, usage and statistics (or an error).
+pub type Chunks = UnboundedReceiverStream<Result<pb::GenerateStreamResponse, Status>>;
+
+/// What both front ends (gRPC here, HTTP in [`crate::http`]) call.
+impl GenerateService {
+    /// The served (target) model: name, vocabulary and context.
+    pub fn target_info(&self) -> decoding::BackendInfo {
+        self.runner.target_info()
+    }
+
+    pub fn validator(&self) -> &Validator {
+        &self.validator
+    }
+
+    /// Validates and runs a request to its end.
+    pub async fn complete(&self, r: pb::GenerateRequest) -> Result<pb::GenerateResponse, Status> {
+        let valid = self.validator.validate(r).await?;
         let span = request_span(&valid);
-        let f = GenerateService::run(self, valid, None)
-            .instrument(span.clone())
-            .await?;
+        let f = self.run(valid, None).instrument(span.clone()).await?;
         span.record("completion_tokens", f.tokens.len());
-        Ok(Response::new(pb::GenerateResponse {
+        Ok(pb::GenerateResponse {
             text: f.text,
             token_ids: f.tokens,
             token_sources: f.sources,
             finish_reason: f.finish as i32,
             usage: Some(f.usage),
             stats: Some(f.stats),
-        }))
+            seed: f.seed,
+        })
     }
 
-    type GenerateStreamStream = StreamOf<pb::GenerateStreamResponse>;
-
-    async fn generate_stream(
-        &self,
-        request: Request<pb::GenerateRequest>,
-    ) -> Result<Response<Self::GenerateStreamStream>, Status> {
-        // Bad requests fail the call itself rather than the stream.
-        let valid = self.validator.validate(request.into_inner()).await?;
+    /// Validates a request (a bad one fails here, not in the stream) and starts it; its
+    /// messages arrive on the returned stream. Dropping the stream stops the request at
+    /// its next commit.
+    pub async fn stream(&self, r: pb::GenerateRequest) -> Result<Chunks, Status> {
+        let valid = self.validator.validate(r).await?;
         let (tx, rx) = mpsc::unbounded_channel();
         let service = self.clone();
         let span = request_span(&valid);
@@ -285,6 +296,7 @@ impl Ouroboros for GenerateService {
                         finish_reason: f.finish as i32,
                         usage: Some(f.usage),
                         stats: Some(f.stats),
+                        seed: f.seed,
                     })
                 }
                 Err(status) => Err(status),
@@ -292,6 +304,26 @@ impl Ouroboros for GenerateService {
             let _ = tx.send(last);
         };
         tokio::spawn(task.instrument(task_span));
-        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
+        Ok(UnboundedReceiverStream::new(rx))
+    }
+}
+
+#[tonic::async_trait]
+impl Ouroboros for GenerateService {
+    async fn generate(
+        &self,
+        request: Request<pb::GenerateRequest>,
+    ) -> Result<Response<pb::GenerateResponse>, Status> {
+        self.complete(request.into_inner()).await.map(Response::new)
+    }
+
+    type GenerateStreamStream = StreamOf<pb::GenerateStreamResponse>;
+
+    async fn generate_stream(
+        &self,
+        request: Request<pb::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStreamStream>, Status> {
+        let chunks = self.stream(request.into_inner()).await?;
+        Ok(Response::new(Box::pin(chunks)))
     }
 }

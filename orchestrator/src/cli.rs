@@ -1,7 +1,7 @@
 //! Command-line arguments shared by the `ouro` and `ouro-bench` binaries: which models to
 //! load and the decoding defaults.
 
-use crate::embedded::{DEFAULT_DRAFT, DEFAULT_TARGET, DEFAULT_TOKENIZER, ModelPaths, models_dir};
+use crate::embedded::{DEFAULT_DRAFT, DEFAULT_TARGET, ModelPaths, models_dir};
 use clap::{Args, ValueEnum};
 use decoding::{DecodeParams, LookaheadParams, SamplingParams, Strategy};
 use std::path::PathBuf;
@@ -14,7 +14,8 @@ pub struct ModelArgs {
     /// Draft model; default: the fetched 0.5B draft. "none" runs target-only.
     #[arg(long, env = "OURO_DRAFT")]
     pub draft: Option<String>,
-    /// tokenizer.json; default: the fetched Qwen tokenizer, else built from the GGUF.
+    /// The tokenizer: a tokenizer.json, a model folder or a GGUF file (its own tokenizer);
+    /// default: the target model's own. Checked against every model's vocabulary at start.
     #[arg(long, env = "OURO_TOKENIZER")]
     pub tokenizer: Option<PathBuf>,
     /// A Jinja chat template to use instead of the model's own (which comes from the GGUF
@@ -56,11 +57,7 @@ impl ModelArgs {
                 None => Some(dir.join(DEFAULT_DRAFT)),
             },
             chat_template: self.chat_template.clone(),
-            tokenizer: Some(
-                self.tokenizer
-                    .clone()
-                    .unwrap_or_else(|| dir.join(DEFAULT_TOKENIZER)),
-            ),
+            tokenizer: self.tokenizer.clone(),
         }
     }
 }
@@ -136,8 +133,9 @@ pub struct DecodeArgs {
     pub top_p: f32,
     #[arg(long, default_value_t = 0)]
     pub top_k: usize,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    /// Sampling seed; when sampling without one, the server draws one (and reports it).
+    #[arg(long)]
+    pub seed: Option<u64>,
 }
 
 /// Pool phrase length for a lookahead level (at least 1, even for a bad level, which the
@@ -161,7 +159,7 @@ impl DecodeArgs {
                 temperature: self.temperature,
                 top_p: self.top_p,
                 top_k: self.top_k,
-                seed: self.seed,
+                seed: self.seed.unwrap_or_else(crate::validation::draw_seed),
             },
             gamma: self.gamma,
             draft_stop: self.draft_stop,

@@ -5,6 +5,7 @@
 
 use crate::chat::ChatTemplate;
 use crate::pipeline::Pipeline;
+use crate::vocabulary;
 use anyhow::{Context, Result, bail};
 use candle_core::Device;
 use decoding::{DecodeParams, Generation, PhrasePool, PoolConfig};
@@ -19,7 +20,6 @@ use tokenizers::Tokenizer;
 /// Default model files, as `scripts/fetch-models.sh` names them.
 pub const DEFAULT_TARGET: &str = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf";
 pub const DEFAULT_DRAFT: &str = "qwen2.5-coder-0.5b-instruct.gguf";
-pub const DEFAULT_TOKENIZER: &str = "qwen-tokenizer.json";
 
 pub fn models_dir() -> PathBuf {
     engine::models::models_dir()
@@ -66,6 +66,7 @@ pub struct ModelPaths {
     /// Re-encode the draft's matrices in these blocks at load (`q4k`, `q6k`, `q8_0`);
     /// see `LoadOptions::requantize`.
     pub draft_requantize: Option<String>,
+    /// A tokenizer.json, model folder or GGUF file; None: the target's own.
     pub tokenizer: Option<PathBuf>,
     /// A Jinja file that replaces the model's own chat template.
     pub chat_template: Option<PathBuf>,
@@ -105,17 +106,17 @@ pub fn stop_ids(target: &Path, tok: &Tokenizer) -> Result<Vec<u32>> {
     Ok(eos)
 }
 
+/// The tokenizer (the one given, else the target's own), checked against the target's and
+/// the draft's vocabularies.
 pub fn load_tokenizer(paths: &ModelPaths) -> Result<Tokenizer> {
-    match &paths.tokenizer {
-        Some(t) if t.exists() => Ok(engine::tokenizer::from_file(t)?),
-        _ if paths.target.is_dir() => Ok(engine::tokenizer::from_file(
-            paths.target.join("tokenizer.json"),
-        )?),
-        _ => {
-            let f = engine::gguf::GgufFile::open(&paths.target, &Device::Cpu)?;
-            Ok(engine::tokenizer::from_gguf(&f)?)
-        }
+    let (tokenizer, vocabulary) = vocabulary::open(paths.tokenizer.as_deref(), &paths.target)?;
+    let mut models = vec![("target", paths.target.as_path())];
+    if let Some(d) = &paths.draft {
+        check_file(d, "draft model")?;
+        models.push(("draft", d.as_path()));
     }
+    vocabulary::check_models(&vocabulary, &models)?;
+    Ok(tokenizer)
 }
 
 /// The chat template: the `--chat-template` file, else the model's own (from the GGUF
@@ -193,9 +194,10 @@ pub fn load_single(
     limits: &Limits,
 ) -> Result<Embedded<Transformer>> {
     check_file(&paths.target, "target model")?;
+    let tokenizer = load_tokenizer(paths)?;
     let m = engine::load_model(&paths.target, &target_options(paths), &Device::Cpu)
         .with_context(|| format!("loading target {}", paths.target.display()))?;
-    assemble(Arc::new(m), paths, phrase_len, limits)
+    assemble(Arc::new(m), tokenizer, paths, phrase_len, limits)
 }
 
 pub fn load_tp(
@@ -205,6 +207,7 @@ pub fn load_tp(
     limits: &Limits,
 ) -> Result<Embedded<TpModel>> {
     check_file(&paths.target, "target model")?;
+    let tokenizer = load_tokenizer(paths)?;
     let m = TpModel::load(&paths.target, world, &target_options(paths), &Device::Cpu)
         .with_context(|| {
             format!(
@@ -212,25 +215,32 @@ pub fn load_tp(
                 paths.target.display()
             )
         })?;
-    assemble(Arc::new(m), paths, phrase_len, limits)
+    assemble(Arc::new(m), tokenizer, paths, phrase_len, limits)
 }
 
 fn assemble<T: LanguageModel + 'static>(
     target: Arc<T>,
+    tokenizer: Tokenizer,
     paths: &ModelPaths,
     phrase_len: usize,
     limits: &Limits,
 ) -> Result<Embedded<T>> {
-    let tokenizer = load_tokenizer(paths)?;
     let chat = Arc::new(load_chat_template(paths, Some(&paths.target), None)?);
     let eos = stop_ids(&paths.target, &tokenizer)?;
     let draft = load_draft(paths)?;
-    if let Some(d) = &draft {
-        let (dv, tv) = (d.info().vocab_size, target.info().vocab_size);
-        // Qwen pairs pad their embedding tables differently; ids below both are shared.
-        if dv.min(tv) < tokenizer.get_vocab_size(true) {
+    // The strings were checked (where the files carry them); the embedding tables must
+    // also have a row for every id (Qwen pairs pad theirs differently).
+    let entries = tokenizer.get_vocab_size(true);
+    let rows = [
+        Some(("target", target.info())),
+        draft.as_ref().map(|d| ("draft", d.info())),
+    ];
+    for (role, info) in rows.into_iter().flatten() {
+        if info.vocab_size < entries {
             bail!(
-                "draft vocabulary ({dv}) and target vocabulary ({tv}) do not cover the tokenizer"
+                "the {role} model {} has {} embedding rows, fewer than the tokenizer's {entries} entries",
+                info.name,
+                info.vocab_size
             );
         }
     }

@@ -152,7 +152,8 @@ fn local<T: engine::LanguageModel>(
         },
     )?;
     println!();
-    print_stats(&stats_of(&g.stats), g.tokens.len(), g.finish.name());
+    let seed = (!params.sampling.is_greedy()).then_some(params.sampling.seed);
+    print_stats(&stats_of(&g.stats), g.tokens.len(), g.finish.name(), seed);
     Ok(())
 }
 
@@ -229,12 +230,12 @@ async fn remote(a: &GenerateArgs, url: &str) -> Result<()> {
                 .to_lowercase()
         })
         .unwrap_or_default();
-    print_stats(&last.stats.unwrap_or_default(), tokens, &finish);
+    print_stats(&last.stats.unwrap_or_default(), tokens, &finish, last.seed);
     Ok(())
 }
 
 /// The statistics line, the same in-process and remote.
-fn print_stats(s: &pb::SpecStats, tokens: usize, finish: &str) {
+fn print_stats(s: &pb::SpecStats, tokens: usize, finish: &str, seed: Option<u64>) {
     let acceptance = if s.drafted_tokens > 0 {
         100.0 * s.accepted_tokens as f64 / s.drafted_tokens as f64
     } else {
@@ -243,7 +244,7 @@ fn print_stats(s: &pb::SpecStats, tokens: usize, finish: &str) {
     eprintln!(
         "{} tokens in {:.2} s ({:.2} tok/s), finish: {finish}, strategy: {}; target forwards \
          {}, mean accepted length {:.2}, draft forwards {}, acceptance {acceptance:.0}%, \
-         candidate tokens {}, trie tokens {}; draft {:.2} s, verify {:.2} s{}",
+         candidate tokens {}, trie tokens {}; draft {:.2} s, verify {:.2} s{}{}",
         tokens,
         s.total_s,
         tokens as f64 / s.total_s.max(1e-9),
@@ -260,6 +261,7 @@ fn print_stats(s: &pb::SpecStats, tokens: usize, finish: &str) {
         } else {
             format!(" (target-only: {})", s.draft_fallback)
         },
+        seed.map_or(String::new(), |s| format!("; seed {s}")),
     );
 }
 

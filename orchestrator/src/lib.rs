@@ -5,12 +5,15 @@ pub mod api;
 pub mod chat;
 pub mod cli;
 pub mod embedded;
+pub mod http;
+pub mod openai;
 pub mod pipeline;
 pub mod remote;
 pub mod replicas;
 pub mod testing;
 pub mod text;
 pub mod validation;
+pub mod vocabulary;
 
 use proto::v1::ouroboros_server::OuroborosServer;
 use std::future::Future;

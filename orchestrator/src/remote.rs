@@ -37,6 +37,7 @@ fn info_of(m: Option<common::ModelInfo>, url: &str) -> anyhow::Result<BackendInf
         model: m.model,
         vocab_size: m.vocab_size as usize,
         max_position: m.context_length as usize,
+        vocab: m.vocabulary.as_ref().map(Into::into),
     })
 }
 
@@ -53,10 +54,20 @@ pub struct RemoteTarget {
 }
 
 impl RemoteTarget {
+    /// Connects and reads the service's Info (its vocabulary fingerprinted over all its
+    /// entries).
     pub async fn connect(url: &str) -> anyhow::Result<Self> {
+        Self::connect_for(url, 0).await
+    }
+
+    /// Connects, asking for the fingerprint of the first `vocab_entries` vocabulary
+    /// entries (a tokenizer's size; see `vocabulary::check_service`).
+    pub async fn connect_for(url: &str, vocab_entries: usize) -> anyhow::Result<Self> {
         let mut client = TargetServiceClient::new(channel(url).await?);
         let info = client
-            .info(tpb::InfoRequest {})
+            .info(tpb::InfoRequest {
+                vocab_fingerprint_entries: vocab_entries as u32,
+            })
             .await
             .with_context(|| format!("Info from target {url}"))?
             .into_inner();
@@ -155,9 +166,16 @@ pub struct RemoteDraft {
 
 impl RemoteDraft {
     pub async fn connect(url: &str) -> anyhow::Result<Self> {
+        Self::connect_for(url, 0).await
+    }
+
+    /// As `RemoteTarget::connect_for`.
+    pub async fn connect_for(url: &str, vocab_entries: usize) -> anyhow::Result<Self> {
         let mut client = DraftServiceClient::new(channel(url).await?);
         let info = client
-            .info(dpb::InfoRequest {})
+            .info(dpb::InfoRequest {
+                vocab_fingerprint_entries: vocab_entries as u32,
+            })
             .await
             .with_context(|| format!("Info from draft {url}"))?
             .into_inner();

@@ -2,7 +2,7 @@
 //! over remote draft and target services.
 
 use crate::{DecodeArgs, ModelArgs};
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::Args;
 use decoding::{DraftBackend, PhrasePool, ProfileOptions, Strategy, TargetBackend};
 use orchestrator::api::GenerateService;
@@ -10,6 +10,7 @@ use orchestrator::embedded::{self, Embedded};
 use orchestrator::pipeline::{Pipeline, Runner};
 use orchestrator::remote::{RemoteDraft, RemoteTarget};
 use orchestrator::replicas::Replicas;
+use orchestrator::vocabulary;
 use serving::TargetConfig;
 use serving::args::TargetLimitsArgs;
 use std::path::{Path, PathBuf};
@@ -20,6 +21,10 @@ use std::time::Duration;
 pub struct ServeArgs {
     #[arg(long, env = "OURO_LISTEN", default_value = "0.0.0.0:50051")]
     listen: String,
+    /// The OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models,
+    /// /health, /metrics); "off" serves gRPC only.
+    #[arg(long, env = "OURO_HTTP_LISTEN", default_value = "0.0.0.0:8000")]
+    http_listen: String,
     /// Target service URLs (http://host:port, comma-separated; a name that resolves to
     /// many addresses, such as a headless Service, gives a replica per address). Without
     /// it the models run in this process.
@@ -74,6 +79,14 @@ async fn serve_with(a: ServeArgs) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(&a.listen)
         .await
         .with_context(|| format!("binding {}", a.listen))?;
+    let http_listener = match a.http_listen.as_str() {
+        "off" => None,
+        addr => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the HTTP API {addr}"))?,
+        ),
+    };
     let (service, pool, runner) = match &a.target_endpoint {
         Some(url) => remote(&a, url, phrase_len).await?,
         None => {
@@ -105,10 +118,28 @@ async fn serve_with(a: ServeArgs) -> Result<()> {
             Err(e) => tracing::warn!("no cost profile ({e}); auto requests decode greedily"),
         }
     }
+    // On SIGTERM both servers stop taking requests and let those in flight finish.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        serving::server::terminated().await;
+        let _ = stop.send(true);
+    });
+    let on_stop = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let http = http_listener.map(|l| {
+        tracing::info!(listen = %a.http_listen, "OpenAI-compatible HTTP API ready");
+        tokio::spawn(orchestrator::http::serve(
+            service.clone(),
+            l,
+            on_stop(stopped.clone()),
+        ))
+    });
     tracing::info!(listen = %a.listen, "ouroboros API ready");
-    // On SIGTERM the server stops taking requests and lets those in flight finish.
-    let shutdown = serving::server::terminated();
-    orchestrator::serve(service, listener, shutdown).await?;
+    orchestrator::serve(service, listener, on_stop(stopped)).await?;
+    if let Some(h) = http {
+        h.await.context("the HTTP server task")??;
+    }
     if let Some(p) = &a.pool_snapshot {
         let mut f = std::fs::File::create(p).with_context(|| format!("writing {}", p.display()))?;
         let n = pool.snapshot(&mut f)?;
@@ -147,24 +178,25 @@ fn local<T: engine::LanguageModel + 'static>(a: &ServeArgs, e: Embedded<T>) -> S
 
 async fn remote(a: &ServeArgs, url: &str, phrase_len: usize) -> Result<Served> {
     let paths = a.model.paths();
-    let tokenizer = match &paths.tokenizer {
-        Some(t) if t.exists() => engine::tokenizer::from_file(t)?,
-        _ => bail!("remote mode needs --tokenizer (a tokenizer.json for the target's vocabulary)"),
-    };
+    // The tokenizer given, else the target's own from a local copy of its file.
+    let (tokenizer, vocab) = vocabulary::open(paths.tokenizer.as_deref(), &paths.target)
+        .context("remote mode runs the tokenizer here: give --tokenizer (a tokenizer.json, a model folder or the target's GGUF file)")?;
+    let entries = vocab.len();
     let eos = embedded::stop_ids(Path::new(""), &tokenizer)?;
     let refresh = Duration::from_secs(a.discovery_refresh_s);
     let target = Replicas::connect(
         url,
-        |u| async move { RemoteTarget::connect(&u).await },
+        move |u| async move { RemoteTarget::connect_for(&u, entries).await },
         <RemoteTarget as TargetBackend>::info,
         refresh,
     )
     .await?;
+    vocabulary::check_service(&vocab, "target", &target.info())?;
     let reported = target.read_first(|t| t.chat_template().cloned()).flatten();
     let drafts = |spec: String| async move {
         Replicas::connect(
             &spec,
-            |u| async move { RemoteDraft::connect(&u).await },
+            move |u| async move { RemoteDraft::connect_for(&u, entries).await },
             <RemoteDraft as DraftBackend>::info,
             refresh,
         )
@@ -179,6 +211,11 @@ async fn remote(a: &ServeArgs, url: &str, phrase_len: usize) -> Result<Served> {
         Some(u) => Some(drafts(u.clone()).await?),
         None => None,
     };
+    for (role, d) in [("draft", &draft), ("lookahead", &lookahead)] {
+        if let Some(d) = d {
+            vocabulary::check_service(&vocab, role, &d.info())?;
+        }
+    }
     let pool = embedded::pool_for(phrase_len);
     let pipeline = Pipeline {
         target: Arc::new(target),

@@ -8,12 +8,18 @@
 use crate::chat::ChatTemplate;
 use crate::pipeline::Runner;
 use decoding::validate::{FieldError, check_vocab};
-use decoding::{DecodeParams, LookaheadParams, Strategy};
-use proto::convert::{sampling_from_pb, status_of};
+use decoding::{DecodeParams, LookaheadParams, SamplingParams, Strategy};
+use proto::convert::{field_status, sampling_from_pb, status_of};
 use proto::v1 as pb;
 use std::sync::Arc;
 use tokenizers::Tokenizer;
 use tonic::Status;
+
+/// A seed for a sampled request that gave none: random, below 2^53 so that JSON clients
+/// (whose numbers are doubles) can give it back exactly.
+pub fn draw_seed() -> u64 {
+    rand::random::<u64>() >> 11
+}
 
 /// A request that passed every check.
 #[derive(Debug, Clone)]
@@ -97,8 +103,19 @@ impl Validator {
             )));
         }
         let sampling = match &r.sampling {
+            // The server's default sampling, with a seed of the request's own.
+            None if !d.sampling.is_greedy() => SamplingParams {
+                seed: draw_seed(),
+                ..d.sampling
+            },
             None => d.sampling,
-            Some(s) => sampling_from_pb(Some(s)),
+            Some(s) => {
+                let mut p = sampling_from_pb(Some(s));
+                if s.seed.is_none() {
+                    p.seed = draw_seed();
+                }
+                p
+            }
         };
         let strategy = self.strategy(r.strategy)?;
         let p = r.params.unwrap_or_default();
@@ -135,7 +152,7 @@ impl Validator {
         use pb::generate_request::Input;
         let encode = |text: &str, what: &str| {
             engine::tokenizer::encode(&self.tokenizer, text)
-                .map_err(|e| Status::invalid_argument(format!("{what}: {e}")))
+                .map_err(|e| field_status(what, format!("{what}: {e}")))
         };
         let prompt = match input {
             None => {
@@ -154,7 +171,7 @@ impl Validator {
                 let text = self
                     .chat
                     .render(&c.messages)
-                    .map_err(|e| Status::invalid_argument(format!("chat.messages: {e}")))?;
+                    .map_err(|e| field_status("chat.messages", format!("chat.messages: {e}")))?;
                 encode(&text, "chat")?
             }
         };
@@ -210,6 +227,7 @@ mod tests {
                 model: "test".into(),
                 vocab_size: 32,
                 max_position: 64,
+                vocab: None,
             }
         }
         fn has_draft(&self) -> bool {

@@ -234,7 +234,7 @@ async fn every_strategy_equals_plain_decoding_over_grpc() {
             temperature: 0.9,
             top_p: 0.95,
             top_k: 0,
-            seed: 42,
+            seed: Some(42),
         };
         let plain = generate(c, request(&prompt, S::Greedy, Some(sampling))).await;
         for s in [S::Speculative, S::Trie, S::Ouroboros, S::Auto] {
@@ -518,4 +518,84 @@ async fn lost_draft_service_falls_back_to_exact_target_only() {
         !stats.draft_fallback.is_empty(),
         "the statistics say the draft was missing"
     );
+}
+
+/// Services report a fingerprint of their vocabulary's first entries; the orchestrator's
+/// tokenizer must match it, for the target and for the draft, or it refuses to start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tokenizer_the_services_do_not_share_is_refused() {
+    use engine::vocab::Vocabulary;
+    use orchestrator::vocabulary::check_service;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(Architecture::Qwen2);
+    let w = random_weights(&cfg, 17, true, false).unwrap();
+    let (tp, dp) = (dir.path().join("t.gguf"), dir.path().join("d.gguf"));
+    write_gguf_with_metadata(&tp, &cfg, &w, GgmlDType::F32, template_metadata()).unwrap();
+    // A draft of another family: the same size, one entry spelled differently.
+    let mut other = template_metadata();
+    let words = (0..VOCAB)
+        .map(|i| {
+            Value::String(if i == 40 {
+                "v40".into()
+            } else {
+                format!("w{i}")
+            })
+        })
+        .collect();
+    other[1] = ("tokenizer.ggml.tokens".into(), Value::Array(words));
+    write_gguf_with_metadata(&dp, &cfg, &w, GgmlDType::Q8_0, other).unwrap();
+    let vocabulary = |p: &std::path::Path| Vocabulary::of_model(p).unwrap().map(Arc::new);
+    let (tl, ta) = listener().await;
+    let target_config = TargetConfig {
+        vocabulary: vocabulary(&tp),
+        ..TargetConfig::default()
+    };
+    tokio::spawn(target_service::serve(
+        TargetGrpc::new(model(&tp).await, target_config),
+        tl,
+        std::future::pending(),
+    ));
+    let (dl, da) = listener().await;
+    let draft_config = DraftConfig {
+        vocabulary: vocabulary(&dp),
+        ..DraftConfig::default()
+    };
+    tokio::spawn(draft_service::serve(
+        DraftGrpc::new(model(&dp).await, draft_config),
+        dl,
+        std::future::pending(),
+    ));
+
+    // The target's own words, fewer than its table (a tokenizer smaller than the model).
+    let ours = Vocabulary::of_tokenizer(&common::word_tokenizer(64), "w-words");
+    let target = RemoteTarget::connect_for(&format!("http://{ta}"), ours.len())
+        .await
+        .unwrap();
+    let info = decoding::TargetBackend::info(&target);
+    assert_eq!(info.vocab.map(|v| v.fingerprinted), Some(64));
+    check_service(&ours, "target", &info).unwrap();
+    // Another family's words of the same size are refused, naming both sides.
+    let theirs = Vocabulary::new((0..64).map(|i| format!("x{i}")).collect(), "x-words");
+    let refused = check_service(&theirs, "target", &info)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("x-words") && refused.contains("target service"),
+        "{refused}"
+    );
+    // The draft differs from the target at id 40: refused for the full table, accepted by
+    // a tokenizer that stops before it.
+    let all = Vocabulary::of_tokenizer(&common::word_tokenizer(VOCAB), "w-words");
+    let draft = RemoteDraft::connect_for(&format!("http://{da}"), all.len())
+        .await
+        .unwrap();
+    let refused = check_service(&all, "draft", &decoding::DraftBackend::info(&draft))
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("draft service"), "{refused}");
+    let draft = RemoteDraft::connect_for(&format!("http://{da}"), 40)
+        .await
+        .unwrap();
+    let first_40 = Vocabulary::of_tokenizer(&common::word_tokenizer(40), "w-words");
+    check_service(&first_40, "draft", &decoding::DraftBackend::info(&draft)).unwrap();
 }

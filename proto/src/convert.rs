@@ -6,7 +6,9 @@ use crate::common::v1 as pb;
 use decoding::{DecodingError, LookaheadParams, Ngram, SamplingParams, ServerTiming};
 use engine::EngineError;
 use engine::chat_template::ChatTemplateSource;
+use engine::vocab::VocabDigest;
 use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
 
 impl From<ServerTiming> for pb::ServerTiming {
     fn from(t: ServerTiming) -> Self {
@@ -36,7 +38,8 @@ pub fn sampling_from_pb(s: Option<&pb::Sampling>) -> SamplingParams {
             temperature: s.temperature,
             top_p: if s.top_p == 0.0 { 1.0 } else { s.top_p },
             top_k: s.top_k as usize,
-            seed: s.seed,
+            // A public request without one got a drawn seed at validation.
+            seed: s.seed.unwrap_or_default(),
         },
     }
 }
@@ -49,7 +52,7 @@ pub fn sampling_to_pb(s: &SamplingParams) -> Option<pb::Sampling> {
         temperature: s.temperature,
         top_p: s.top_p,
         top_k: s.top_k as u32,
-        seed: s.seed,
+        seed: Some(s.seed),
     })
 }
 
@@ -111,9 +114,50 @@ impl From<&pb::ChatTemplate> for ChatTemplateSource {
     }
 }
 
+impl From<VocabDigest> for pb::Vocabulary {
+    fn from(d: VocabDigest) -> Self {
+        Self {
+            entries: d.entries as u32,
+            fingerprint: d.fingerprint,
+            fingerprint_entries: d.fingerprinted as u32,
+        }
+    }
+}
+
+impl From<&pb::Vocabulary> for VocabDigest {
+    fn from(v: &pb::Vocabulary) -> Self {
+        Self {
+            entries: v.entries as usize,
+            fingerprinted: v.fingerprint_entries as usize,
+            fingerprint: v.fingerprint,
+        }
+    }
+}
+
+/// INVALID_ARGUMENT for a field: the message starts with the field's name, and the
+/// details carry a `google.rpc.BadRequest` naming it (as `grpcio-status` and other clients
+/// decode them).
+pub fn field_status(field: &str, message: String) -> Status {
+    Status::with_error_details(
+        Code::InvalidArgument,
+        message.clone(),
+        ErrorDetails::with_bad_request_violation(field, message),
+    )
+}
+
+/// The field a status's `BadRequest` details name, if any.
+pub fn field_of(s: &Status) -> Option<String> {
+    s.get_details_bad_request()
+        .and_then(|b| b.field_violations.into_iter().next())
+        .map(|v| v.field)
+}
+
 /// The status a service answers with for an error. A field error's message starts with
-/// the field it names; an unknown session's with `session_id`.
+/// the field it names (and its details name it); an unknown session's with `session_id`.
 pub fn status_of(e: &DecodingError) -> Status {
+    if let DecodingError::Field(f) = e {
+        return field_status(&f.field, e.to_string());
+    }
     let code = match e {
         DecodingError::UnknownSession(_) => {
             return Status::not_found(format!("session_id: {e}"));

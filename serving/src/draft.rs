@@ -11,16 +11,19 @@ use decoding::{
     PhrasePool, PoolConfig, Result, ServerTiming, SessionId,
 };
 use engine::LanguageModel;
+use engine::vocab::Vocabulary;
 use std::sync::Arc;
 use std::time::Duration;
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct DraftConfig {
     pub max_sessions: usize,
     pub kv_budget_bytes: usize,
     pub session_ttl: Duration,
     /// Shape of each pool replica (its phrase length comes from the requests).
     pub pool: PoolConfig,
+    /// The model's vocabulary strings, fingerprinted for callers by Info.
+    pub vocabulary: Option<Arc<Vocabulary>>,
 }
 
 impl Default for DraftConfig {
@@ -30,6 +33,7 @@ impl Default for DraftConfig {
             kv_budget_bytes: 2 << 30,
             session_ttl: Duration::from_secs(300),
             pool: PoolConfig::default(),
+            vocabulary: None,
         }
     }
 }

@@ -1,4 +1,4 @@
-//! What every gRPC server here shares: health and reflection beside the service, session
+//! What every gRPC server here shares: health and reflection (v1 and v1alpha) beside the service, session
 //! metrics, SIGTERM and the graceful drain.
 
 use crate::sessions::{SessionState, SessionTable};
@@ -29,9 +29,14 @@ where
 {
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<S>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // Reflection in both versions: grpcurl and grpcui speak v1, older tools (and Postman)
+    // only v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+    };
+    let (reflection_v1, reflection_v1alpha) =
+        (reflection().build_v1()?, reflection().build_v1alpha()?);
     let mut server = tonic::transport::Server::builder();
     if telemetry::traces::exporting() {
         // A span per call, continuing the caller's trace (no span work when not exporting).
@@ -39,7 +44,8 @@ where
     }
     server
         .add_service(health)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(service)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await?;

@@ -13,6 +13,7 @@ use decoding::{
 };
 use engine::LanguageModel;
 use engine::chat_template::ChatTemplateSource;
+use engine::vocab::Vocabulary;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +30,8 @@ pub struct TargetConfig {
     pub prefill_chunk: usize,
     /// The model's chat template, reported by Info for the orchestrator to render with.
     pub chat_template: Option<ChatTemplateSource>,
+    /// The model's vocabulary strings, fingerprinted for callers by Info.
+    pub vocabulary: Option<Arc<Vocabulary>>,
 }
 
 impl Default for TargetConfig {
@@ -43,6 +46,7 @@ impl Default for TargetConfig {
             batch_wait: Duration::ZERO,
             prefill_chunk: 64,
             chat_template: None,
+            vocabulary: None,
         }
     }
 }

@@ -45,8 +45,9 @@ fn timing(started: Instant, forward: f64, queue: f64) -> Option<proto::common::v
 impl<M: LanguageModel + 'static> TargetService for TargetGrpc<M> {
     async fn info(
         &self,
-        _: Request<pb::InfoRequest>,
+        request: Request<pb::InfoRequest>,
     ) -> Result<Response<pb::InfoResponse>, Status> {
+        let asked = request.into_inner().vocab_fingerprint_entries as usize;
         let rt = &self.runtime;
         let i = rt.model().info();
         let c = rt.config();
@@ -56,6 +57,7 @@ impl<M: LanguageModel + 'static> TargetService for TargetGrpc<M> {
                 vocab_size: i.vocab_size as u32,
                 context_length: i.max_position as u32,
                 chat_template: c.chat_template.as_ref().map(Into::into),
+                vocabulary: c.vocabulary.as_ref().map(|v| v.digest(asked).into()),
             }),
             tp_size: c.tp_size as u32,
             sessions: rt.sessions().len() as u32,

@@ -60,6 +60,12 @@ async fn run_service(a: Args) -> Result<()> {
                 .with_context(|| format!("reading the chat template of {}", a.model.display()))?,
             false => None,
         },
+        vocabulary: match a.model.exists() {
+            true => engine::vocab::Vocabulary::of_model(&a.model)
+                .with_context(|| format!("reading the vocabulary of {}", a.model.display()))?
+                .map(Arc::new),
+            false => None,
+        },
         ..a.limits.config()
     };
     if let Some(addr) = &a.metrics_listen {

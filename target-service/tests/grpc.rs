@@ -131,7 +131,7 @@ async fn verify_over_grpc_equals_in_process() {
         temperature: 0.8,
         top_p: 0.9,
         top_k: 20,
-        seed: 7,
+        seed: Some(7),
     };
     rounds_match(model, &mut c, Some(sampling), 2).await;
 }
@@ -213,7 +213,11 @@ async fn tp2_target_equals_tp1() {
         ..TargetConfig::default()
     };
     let mut c = start(tp, config).await;
-    let info = c.info(pb::InfoRequest {}).await.unwrap().into_inner();
+    let info = c
+        .info(pb::InfoRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(info.tp_size, 2);
     // The reference is the single-rank model in process.
     rounds_match(load(&path), &mut c, None, 3).await;

@@ -1,9 +1,13 @@
 """End to end: target service, draft service and orchestrator as three real processes on
 loopback, driven by a Python grpcio client built from our .proto files (a foreign client).
 
-Checks: health of all three; greedy, speculative, Ouroboros and trie give the same tokens
-through the public API; streaming gives the unary text; a bad request gets
-INVALID_ARGUMENT; SIGTERM stops all three cleanly.
+Checks: an orchestrator whose tokenizer is not the services' vocabulary refuses to start,
+naming both; health of all three; greedy, speculative, Ouroboros and trie give the same
+tokens through the public API; streaming gives the unary text; a bad request gets
+INVALID_ARGUMENT with a google.rpc.BadRequest naming the field; reflection answers v1alpha
+clients; the OpenAI-compatible HTTP API, called with the official `openai` package and
+curl, gives the gRPC text, streams it as server-sent events, draws seeds that reproduce,
+and answers bad requests with 400 naming the parameter; SIGTERM stops all three cleanly.
 
 usage: three_processes.py BIN_DIR MODEL_DIR   (run by tests/e2e/run.sh)
 """
@@ -61,8 +65,9 @@ def wait_serving(addr, proc, what, limit=300):
 def main():
     bins, models = sys.argv[1], sys.argv[2]
     model = os.path.join(models, "qwen2.5-coder-0.5b-instruct.gguf")
-    tokenizer = os.path.join(models, "qwen-tokenizer.json")
-    pt, pd, po, pm = free_port(), free_port(), free_port(), free_port()
+    # The orchestrator builds its tokenizer from (a local copy of) the target's file.
+    tokenizer = model
+    pt, pd, po, pm, ph = free_port(), free_port(), free_port(), free_port(), free_port()
     env = dict(os.environ, RUST_LOG="warn")
     procs = {
         "target": subprocess.Popen([f"{bins}/target-service", "--model", model,
@@ -73,16 +78,23 @@ def main():
     try:
         wait_serving(f"127.0.0.1:{pt}", procs["target"], "target-service")
         wait_serving(f"127.0.0.1:{pd}", procs["draft"], "draft-service")
+        # Another family's tokenizer (SmolLM2's), and a Qwen tokenizer.json whose tool
+        # tokens the Coder model lacks: both refused at start, naming both sides.
+        for wrong in ("smollm2-135m-instruct-q4_1.gguf", "qwen-tokenizer.json"):
+            check_refused(bins, env, pt, pd, os.path.join(models, wrong))
         procs["orchestrator"] = subprocess.Popen(
             [f"{bins}/ouro", "serve", "--listen", f"127.0.0.1:{po}",
              "--target-endpoint", f"http://127.0.0.1:{pt}",
              "--draft-endpoint", f"http://localhost:{pd}",
              "--tokenizer", tokenizer, "--level", "4", "--window", "2", "--guess", "2",
-             "--gamma", "4", "--metrics-listen", f"127.0.0.1:{pm}"], env=env)
+             "--gamma", "4", "--metrics-listen", f"127.0.0.1:{pm}",
+             "--http-listen", f"127.0.0.1:{ph}"], env=env)
         wait_serving(f"127.0.0.1:{po}", procs["orchestrator"], "ouro serve")
         with tempfile.TemporaryDirectory() as gen:
             pb, pb_grpc = stubs(gen)
             check_api(pb, pb_grpc, f"127.0.0.1:{po}")
+            check_grpc_conventions(pb, pb_grpc, f"127.0.0.1:{po}")
+            check_openai(pb, pb_grpc, f"127.0.0.1:{po}", f"http://127.0.0.1:{ph}")
         check_metrics(f"http://127.0.0.1:{pm}/metrics")
         # SIGTERM: every process drains and exits 0.
         for name in ("orchestrator", "draft", "target"):
@@ -95,6 +107,106 @@ def main():
         for p in procs.values():
             if p.poll() is None:
                 p.kill()
+
+
+def check_refused(bins, env, pt, pd, tokenizer):
+    p = subprocess.run(
+        [f"{bins}/ouro", "serve", "--listen", f"127.0.0.1:{free_port()}",
+         "--target-endpoint", f"http://127.0.0.1:{pt}",
+         "--draft-endpoint", f"http://127.0.0.1:{pd}", "--tokenizer", tokenizer,
+         "--skip-profile"],
+        env=dict(env, RUST_BACKTRACE="0"), capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0, f"ouro serve started with {tokenizer}"
+    name = os.path.basename(tokenizer)
+    assert name in p.stderr and "target service" in p.stderr, p.stderr
+    print(f"refused at start with {name}: {p.stderr.strip().splitlines()[-1]}")
+
+
+def check_grpc_conventions(pb, pb_grpc, addr):
+    """Reflection through v1alpha (grpcio-reflection's client speaks only that) and
+    BadRequest details decoded by grpcio-status."""
+    from google.protobuf.descriptor_pool import DescriptorPool
+    from google.rpc import error_details_pb2
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import \
+        ProtoReflectionDescriptorDatabase
+    from grpc_status import rpc_status
+    with grpc.insecure_channel(addr) as ch:
+        db = ProtoReflectionDescriptorDatabase(ch)
+        services = db.get_services()
+        assert "ouroboros.v1.Ouroboros" in services, services
+        method = DescriptorPool(db).FindServiceByName("ouroboros.v1.Ouroboros") \
+            .FindMethodByName("Generate")
+        assert method.input_type.full_name == "ouroboros.v1.GenerateRequest"
+        api = pb_grpc.OuroborosStub(ch)
+        try:
+            api.Generate(pb.GenerateRequest(prompt="x", max_new_tokens=0), timeout=30)
+            raise AssertionError("max_new_tokens=0 was accepted")
+        except grpc.RpcError as e:
+            status = rpc_status.from_call(e)
+            assert status is not None, "no rich status details"
+            bad = error_details_pb2.BadRequest()
+            assert status.details[0].Unpack(bad), status.details
+            assert bad.field_violations[0].field == "max_new_tokens", bad
+
+
+def check_openai(pb, pb_grpc, grpc_addr, base):
+    """The HTTP API with the official openai package, against gRPC Generate."""
+    import openai
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", timeout=300)
+    model = client.models.list().data[0].id
+    messages = [{"role": "user", "content": "Write a Python function that adds two numbers."}]
+    with grpc.insecure_channel(grpc_addr) as ch:
+        api = pb_grpc.OuroborosStub(ch)
+        chat = pb.ChatMessages(messages=[pb.ChatMessage(**m) for m in messages])
+        want = api.Generate(pb.GenerateRequest(chat=chat, max_new_tokens=64,
+                                               strategy=pb.STRATEGY_GREEDY), timeout=300)
+        plain = api.Generate(pb.GenerateRequest(prompt="def fibonacci(n):", max_new_tokens=24,
+                                                strategy=pb.STRATEGY_GREEDY), timeout=300)
+    stream = client.chat.completions.create(
+        model=model, messages=messages, stream=True, temperature=0, max_tokens=64,
+        stream_options={"include_usage": True})
+    text, finish, usage = "", None, None
+    for c in stream:
+        if c.choices:
+            text += c.choices[0].delta.content or ""
+            finish = c.choices[0].finish_reason or finish
+        if c.usage:
+            usage = c.usage
+    assert text == want.text, (text, want.text)
+    assert usage.completion_tokens == want.usage.completion_tokens, usage
+    assert usage.prompt_tokens == want.usage.prompt_tokens, usage
+    assert finish == ("length" if want.finish_reason == pb.FINISH_REASON_LENGTH else "stop")
+    for strategy in ("speculative", "trie", "ouroboros"):
+        r = client.completions.create(model=model, prompt="def fibonacci(n):", max_tokens=24,
+                                      temperature=0, extra_body={"strategy": strategy})
+        assert r.choices[0].text == plain.text, (strategy, r.choices[0].text, plain.text)
+        assert r.model_dump()["ouroboros"]["strategy"] == strategy
+    # Unseeded sampled requests draw different seeds; each replays to its own text.
+    drawn = [client.completions.create(model=model, prompt="Once upon a time", max_tokens=16,
+                                       temperature=1.0) for _ in range(2)]
+    seeds = [d.model_dump()["seed"] for d in drawn]
+    assert seeds[0] != seeds[1], seeds
+    for d, seed in zip(drawn, seeds):
+        again = client.completions.create(model=model, prompt="Once upon a time",
+                                          max_tokens=16, temperature=1.0, seed=seed)
+        assert again.choices[0].text == d.choices[0].text, seed
+    try:
+        client.completions.create(model=model, prompt="x", max_tokens=-1)
+        raise AssertionError("max_tokens=-1 was accepted")
+    except openai.BadRequestError as e:
+        assert e.status_code == 400
+        assert e.body["param"] == "max_tokens", e.body
+    # curl -N sees the raw events.
+    out = subprocess.run(
+        ["curl", "-sN", f"{base}/v1/chat/completions", "-H", "content-type: application/json",
+         "-d", '{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, '
+               '"stream": true, "temperature": 0}'],
+        capture_output=True, text=True, timeout=300, check=True).stdout
+    lines = [line for line in out.splitlines() if line]
+    assert lines[0].startswith("data: {") and lines[-1] == "data: [DONE]", out
+    health = urllib.request.urlopen(f"{base}/health", timeout=10)
+    assert health.status == 200
+    print("OpenAI-compatible HTTP API: chat stream, completions, seeds, errors, SSE ok")
 
 
 def check_metrics(url):
@@ -143,7 +255,7 @@ def check_api(pb, pb_grpc, addr):
             assert ids == list(greedy.token_ids)
             assert parts[-1].finish_reason != pb.FINISH_REASON_UNSPECIFIED
         # Chat goes through the model's own template, which the orchestrator got from the
-        # target service's Info (it was given only a tokenizer.json): Qwen's adds its
+        # target service's Info (not from the file it took its tokenizer from): Qwen's adds its
         # default system prompt.
         chat = pb.GenerateRequest(
             chat=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="Say hi.")]),

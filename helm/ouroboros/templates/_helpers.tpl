@@ -139,6 +139,11 @@ spec:
             - name: grpc
               containerPort: {{ $v.port }}
               protocol: TCP
+            {{- if $v.httpPort }}
+            - name: http
+              containerPort: {{ $v.httpPort }}
+              protocol: TCP
+            {{- end }}
             {{- if $root.Values.metrics.enabled }}
             - name: metrics
               containerPort: {{ $root.Values.metrics.port }}
@@ -225,6 +230,13 @@ spec:
       targetPort: grpc
       protocol: TCP
       appProtocol: grpc
+    {{- if $v.httpPort }}
+    - name: http
+      port: {{ $v.httpPort }}
+      targetPort: http
+      protocol: TCP
+      appProtocol: http
+    {{- end }}
     {{- if $root.Values.metrics.enabled }}
     - name: metrics
       port: {{ $root.Values.metrics.port }}
