@@ -2,6 +2,7 @@
 # Runs the whole test suite on a fresh machine: fetches the small real models the tests
 # use (SmolLM2-135M, the Qwen2.5-Coder 0.5B draft and its tokenizer.json; about 600 MB,
 # once, into $OURO_MODELS_DIR), then builds and tests in one optimized profile, then checks
+# that the CUDA build compiles (scripts/cuda-check.sh: nvcc from PyPI into .tools/), checks
 # the Helm chart (scripts/test-chart.sh: helm and the validator are fetched into .tools/)
 # and runs the three services as real processes under a Python grpcio client
 # (tests/e2e/run.sh), and ends with a smoke run of the benchmark harness (`ouro-bench
@@ -17,6 +18,9 @@ cargo test --release --locked --workspace 2>&1 | tee "$log"
 # One closing line over all test binaries (cargo prints one per binary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1); if ($i ~ /^ignored/) s += $(i-1) } }
      END { printf "%d passed, %d failed, %d skipped\n", p, f, s }' "$log"
+# The GPU path compiled without a GPU: CUDA 13.4's nvcc from PyPI wheels, candle's CUDA
+# kernels and our code type-checked with --features cuda (its own target folder).
+scripts/cuda-check.sh
 scripts/test-chart.sh
 tests/e2e/run.sh
 # Benchmark smoke: every strategy on two prompts, tables, JSON and chart written.

@@ -30,7 +30,7 @@ pub struct ServerTiming {
     pub total: f64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct VerifyOutcome {
     /// Accepted tree nodes after the root, root to leaf.
     pub path: Vec<usize>,
@@ -40,6 +40,8 @@ pub struct VerifyOutcome {
     pub bonus: u32,
     /// The target's token at every node (what it would emit after that node's path).
     pub outputs: Vec<u32>,
+    /// Where asked for: the log-probabilities of `accepted` and then `bonus`.
+    pub logprobs: Vec<crate::logprobs::TokenLogprobs>,
 }
 
 /// How many tokens one draft call drafts.
@@ -118,12 +120,15 @@ pub trait TargetBackend: Send + Sync {
     fn open(&self, committed: &[u32]) -> impl Future<Output = Result<SessionId>> + Send;
 
     /// Scores every node of `tree` (root = the last committed token), accepts the longest
-    /// path whose tokens equal the target's choices, and keeps only that path's KV.
+    /// path whose tokens equal the target's choices, and keeps only that path's KV. With
+    /// `logprobs` (`Some(n)`), the outcome carries the committed tokens' log-probabilities
+    /// with `n` alternatives each.
     fn verify(
         &self,
         session: SessionId,
         tree: &DraftTree,
         sampling: &SamplingParams,
+        logprobs: Option<usize>,
     ) -> impl Future<Output = Result<(VerifyOutcome, ServerTiming)>> + Send;
 
     fn close(&self, session: SessionId) -> impl Future<Output = Result<()>> + Send;

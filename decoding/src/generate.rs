@@ -9,6 +9,7 @@
 use crate::auto::AutoTuner;
 use crate::backend::{DraftBackend, SessionId, TargetBackend};
 use crate::error::{DecodingError, Result};
+use crate::logprobs::TokenLogprobs;
 use crate::params::{
     DecodeParams, FinishReason, Flow, Generation, Strategy, TokenSink, TokenSource,
 };
@@ -112,21 +113,41 @@ pub async fn generate<T: TargetBackend, D: DraftBackend>(
             None => stats.fall_back("no draft backend".to_string()),
         }
     }
-    let r = commit_loop(&mut sessions, &mut stats, shared, prompt, params, on_tokens).await;
+    let mut done = Committed::default();
+    let r = commit_loop(
+        &mut sessions,
+        &mut stats,
+        shared,
+        prompt,
+        params,
+        on_tokens,
+        &mut done,
+    )
+    .await;
     sessions.close().await;
     stats.total_s = started.elapsed().as_secs_f64();
     if stats.trie_lookups > 0 {
         stats.trie_cache_nodes = shared.trie.len() as u64;
         stats.trie_cache_bytes = shared.trie.approx_bytes() as u64;
     }
-    let (tokens, sources, finish) = r?;
-    stats.committed = tokens.len() as u64;
+    let finish = r?;
+    stats.committed = done.tokens.len() as u64;
     Ok(Generation {
-        tokens,
-        sources,
+        tokens: done.tokens,
+        sources: done.sources,
         finish,
         stats,
+        logprobs: done.logprobs,
     })
+}
+
+/// What a request has committed: tokens, their sources and (where asked) their
+/// log-probabilities, parallel.
+#[derive(Default)]
+struct Committed {
+    tokens: Vec<u32>,
+    sources: Vec<TokenSource>,
+    logprobs: Vec<TokenLogprobs>,
 }
 
 /// Per-request state of the loop that the round builders read and write.
@@ -146,7 +167,8 @@ async fn commit_loop<T: TargetBackend, D: DraftBackend>(
     prompt: &[u32],
     params: &DecodeParams,
     on_tokens: &mut TokenSink<'_>,
-) -> Result<(Vec<u32>, Vec<TokenSource>, FinishReason)> {
+    done: &mut Committed,
+) -> Result<FinishReason> {
     let max_pos = sessions.target.info().max_position;
     let use_trie = Rounds::uses_trie(params);
     let mut state = Loop {
@@ -160,14 +182,12 @@ async fn commit_loop<T: TargetBackend, D: DraftBackend>(
     }
     let mut rounds = Rounds::new(params, shared, prompt);
     let mut text = prompt.to_vec();
-    let mut out: Vec<u32> = Vec::new();
-    let mut sources: Vec<TokenSource> = Vec::new();
     loop {
-        let remaining = params.max_new_tokens - out.len();
+        let remaining = params.max_new_tokens - done.tokens.len();
         // Room for the tree below the context limit: the root sits at text.len() - 1.
         let room = max_pos.saturating_sub(text.len());
         if room == 0 {
-            return Ok((out, sources, FinishReason::ContextFull));
+            return Ok(FinishReason::ContextFull);
         }
         // Drafting beyond what may still be committed is wasted work.
         let budget = remaining.saturating_sub(1).min(room - 1);
@@ -186,7 +206,7 @@ async fn commit_loop<T: TargetBackend, D: DraftBackend>(
         let t0 = Instant::now();
         let (v, timing) = sessions
             .target
-            .verify(sessions.target_id, tree, &params.sampling)
+            .verify(sessions.target_id, tree, &params.sampling, params.logprobs)
             .instrument(tracing::debug_span!(parent: &round_span, "verify", nodes = tree.len()))
             .await?;
         round_span.record("nodes", tree.len());
@@ -231,21 +251,31 @@ async fn commit_loop<T: TargetBackend, D: DraftBackend>(
         new_sources.push(TokenSource::Target);
         let finish = cut_at_end(&mut new, &params.eos, remaining);
         new_sources.truncate(new.len());
+        if params.logprobs.is_some() {
+            if v.logprobs.len() < new.len() {
+                return Err(DecodingError::Backend(format!(
+                    "the target returned {} log-probabilities for {} committed tokens",
+                    v.logprobs.len(),
+                    new.len()
+                )));
+            }
+            done.logprobs.extend(v.logprobs.into_iter().take(new.len()));
+        }
         let before = text.len();
         text.extend_from_slice(&new);
-        let recorded = out.len();
-        out.extend_from_slice(&new);
+        let recorded = done.tokens.len();
+        done.tokens.extend_from_slice(&new);
         if use_trie {
-            shared.trie.record(&out, recorded);
+            shared.trie.record(&done.tokens, recorded);
         }
         state.for_draft.extend_from_slice(&new);
         rounds.committed(shared.pool, sessions, &mut state, stats, &text, before);
-        sources.extend_from_slice(&new_sources);
+        done.sources.extend_from_slice(&new_sources);
         if on_tokens(&new, &new_sources) == Flow::Stop {
-            return Ok((out, sources, FinishReason::Stop));
+            return Ok(FinishReason::Stop);
         }
         if let Some(f) = finish {
-            return Ok((out, sources, f));
+            return Ok(f);
         }
     }
 }

@@ -120,11 +120,14 @@ impl<M: LanguageModel> TargetBackend for LocalTarget<M> {
         session: SessionId,
         tree: &DraftTree,
         sampling: &SamplingParams,
+        logprobs: Option<usize>,
     ) -> Result<(VerifyOutcome, ServerTiming)> {
         sampling.validate()?;
+        crate::logprobs::check(logprobs)?;
         timed(|| {
-            self.sessions
-                .with(session, |s| s.verify(&*self.model, tree, sampling))
+            self.sessions.with(session, |s| {
+                s.verify(&*self.model, tree, sampling, logprobs)
+            })
         })
     }
 

@@ -75,6 +75,8 @@ pub struct DecodeParams {
     /// Most trie nodes per verify tree (trie strategy; Ouroboros adds them to its tree,
     /// 0 turns that off; `auto` sizes its trees itself, and only 0 matters to it).
     pub trie_budget: usize,
+    /// Report each generated token's log-probability with this many alternatives.
+    pub logprobs: Option<usize>,
 }
 
 impl Default for DecodeParams {
@@ -90,6 +92,7 @@ impl Default for DecodeParams {
             topk: 3,
             harvest_committed: true,
             trie_budget: 4,
+            logprobs: None,
         }
     }
 }
@@ -123,6 +126,16 @@ impl DecodeParams {
         }
         if matches!(self.strategy, Strategy::Lookahead | Strategy::Ouroboros) {
             within(self.lookahead.validate(), "params")?;
+        }
+        crate::logprobs::check(self.logprobs)?;
+        if self.strategy == Strategy::Lookahead && self.logprobs.is_some() {
+            return Err(FieldError::new(
+                "logprobs",
+                "absent for the lookahead strategy, whose target host returns tokens without \
+                 their distribution (use greedy, speculative, trie or ouroboros)",
+                self.logprobs.unwrap_or_default(),
+            )
+            .into());
         }
         if self.strategy == Strategy::Lookahead && !self.sampling.is_greedy() {
             return Err(FieldError::new(
@@ -189,4 +202,6 @@ pub struct Generation {
     pub sources: Vec<TokenSource>,
     pub finish: FinishReason,
     pub stats: SpecStats,
+    /// With `DecodeParams::logprobs`: one per token, parallel to `tokens`.
+    pub logprobs: Vec<crate::logprobs::TokenLogprobs>,
 }

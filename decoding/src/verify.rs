@@ -24,6 +24,12 @@ fn prefill<M: LanguageModel>(model: &M, cache: &mut M::Cache, tokens: &[u32]) ->
     Ok(())
 }
 
+/// Whether a verify needs the rows' logits (sampling, or log-probabilities), not only
+/// their argmax.
+pub fn needs_logits(sampling: &SamplingParams, logprobs: Option<usize>) -> bool {
+    !sampling.is_greedy() || logprobs.is_some()
+}
+
 /// The target's per-session state.
 pub struct TargetSession<C> {
     pub cache: C,
@@ -98,6 +104,7 @@ impl<C: KvState> TargetSession<C> {
         base: usize,
         out: &ForwardOutput,
         sampling: &SamplingParams,
+        logprobs: Option<usize>,
     ) -> Result<VerifyOutcome> {
         let outputs: Vec<u32> = match (&out.logits, sampling.is_greedy()) {
             (Some(rows), false) => rows
@@ -108,6 +115,20 @@ impl<C: KvState> TargetSession<C> {
             _ => out.argmax.clone(),
         };
         let walk = tree.walk(&outputs)?;
+        // Each committed token was chosen from its parent's row: the root's, then the path's.
+        let logprobs = match (logprobs, &out.logits) {
+            (Some(top), Some(rows)) => std::iter::once(0)
+                .chain(walk.path.iter().copied())
+                .zip(walk.accepted.iter().chain([&walk.bonus]))
+                .map(|(row, &token)| crate::logprobs::of_row(&rows[row], token, top))
+                .collect(),
+            (Some(_), None) => {
+                return Err(DecodingError::Backend(
+                    "log-probabilities were asked for but the forward returned no logits".into(),
+                ));
+            }
+            (None, _) => Vec::new(),
+        };
         let mut keep = vec![base];
         keep.extend(walk.path.iter().map(|&n| base + n));
         self.cache.keep(base, &keep)?;
@@ -117,6 +138,7 @@ impl<C: KvState> TargetSession<C> {
             accepted: walk.accepted,
             bonus: walk.bonus,
             outputs,
+            logprobs,
         })
     }
 
@@ -126,11 +148,12 @@ impl<C: KvState> TargetSession<C> {
         model: &M,
         tree: &DraftTree,
         sampling: &SamplingParams,
+        logprobs: Option<usize>,
     ) -> Result<VerifyOutcome> {
         let (positions, visibility) = self.verify_input(tree, model.info().max_position)?;
         let base = self.cache.len();
         let outputs = OutputSpec {
-            logits: !sampling.is_greedy(),
+            logits: needs_logits(sampling, logprobs),
             ..OutputSpec::all()
         };
         let input = SeqInput {
@@ -140,7 +163,7 @@ impl<C: KvState> TargetSession<C> {
             outputs,
         };
         let out = model.forward(&mut self.cache, input)?;
-        self.verify_finish(tree, &positions, base, &out, sampling)
+        self.verify_finish(tree, &positions, base, &out, sampling, logprobs)
     }
 
     /// KV memory this session holds.

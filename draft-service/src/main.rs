@@ -108,3 +108,17 @@ async fn run_service(a: Args) -> Result<()> {
     };
     serve(grpc, listener, shutdown).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_flag_has_its_own_environment_variable() {
+        assert_eq!(
+            serving::args::env_gaps(&Args::command()),
+            Vec::<String>::new()
+        );
+    }
+}

@@ -126,6 +126,10 @@ impl GenerateService {
         };
         m.requests.with_label_values(&[strategy, finish_name]).inc();
         let kept = s.tokens().len().min(g.sources.len());
+        let logprobs = g.logprobs[..s.tokens().len().min(g.logprobs.len())]
+            .iter()
+            .map(Into::into)
+            .collect();
         Ok(Finished {
             text: s.text().to_string(),
             tail: s.tail(),
@@ -141,6 +145,7 @@ impl GenerateService {
             },
             stats: stats_of(&g.stats),
             seed,
+            logprobs,
         })
     }
 }
@@ -167,6 +172,8 @@ struct Finished {
     stats: pb::SpecStats,
     /// The seed a sampled request ran with (None when greedy).
     seed: Option<u64>,
+    /// Where asked for, parallel to `tokens`.
+    logprobs: Vec<proto::common::v1::TokenLogprobs>,
 }
 
 pub fn source_to_pb(s: TokenSource) -> pb::TokenSource {
@@ -273,6 +280,7 @@ impl GenerateService {
             usage: Some(f.usage),
             stats: Some(f.stats),
             seed: f.seed,
+            logprobs: f.logprobs,
         })
     }
 
@@ -281,6 +289,12 @@ impl GenerateService {
     /// its next commit.
     pub async fn stream(&self, r: pb::GenerateRequest) -> Result<Chunks, Status> {
         let valid = self.validator.validate(r).await?;
+        if valid.params.logprobs.is_some() {
+            return Err(proto::convert::field_status(
+                "logprobs",
+                "logprobs: not with streaming yet (ask Generate for the whole answer)".into(),
+            ));
+        }
         let (tx, rx) = mpsc::unbounded_channel();
         let service = self.clone();
         let span = request_span(&valid);
@@ -297,6 +311,7 @@ impl GenerateService {
                         usage: Some(f.usage),
                         stats: Some(f.stats),
                         seed: f.seed,
+                        logprobs: Vec::new(),
                     })
                 }
                 Err(status) => Err(status),
@@ -308,8 +323,124 @@ impl GenerateService {
     }
 }
 
+/// Info, Tokenize and Detokenize, for both front ends.
+impl GenerateService {
+    pub fn info(&self) -> pb::InfoResponse {
+        let target = self.runner.target_info();
+        let mut strategies = vec![
+            pb::Strategy::Auto,
+            pb::Strategy::Greedy,
+            pb::Strategy::Speculative,
+            pb::Strategy::Trie,
+            pb::Strategy::Ouroboros,
+        ];
+        if self.runner.has_lookahead() {
+            strategies.push(pb::Strategy::Lookahead);
+        }
+        let profile = self.runner.cost_profile();
+        let draft_cost = profile.as_ref().and_then(|p| p.draft());
+        pb::InfoResponse {
+            model: target.model,
+            draft_model: self
+                .runner
+                .draft_info()
+                .map(|d| d.model)
+                .unwrap_or_default(),
+            context_length: target.max_position as u32,
+            vocab_size: target.vocab_size as u32,
+            tokenizer_entries: self.validator.tokenizer().get_vocab_size(true) as u32,
+            chat_template_source: self.validator.chat().origin().to_string(),
+            strategies: strategies.into_iter().map(|s| s as i32).collect(),
+            verify_costs: profile
+                .iter()
+                .flat_map(|p| p.verify_points())
+                .map(|&(n, s)| pb::VerifyCost {
+                    tree_nodes: n as u32,
+                    seconds: s,
+                })
+                .collect(),
+            draft_token_s: draft_cost.map(|d| d.per_token),
+            draft_call_s: draft_cost.map(|d| d.per_call),
+        }
+    }
+
+    /// Token ids of text or rendered chat messages (on the blocking pool).
+    pub async fn tokenize(&self, r: pb::TokenizeRequest) -> Result<pb::TokenizeResponse, Status> {
+        let validator = self.validator.clone();
+        tokio::task::spawn_blocking(move || {
+            use pb::tokenize_request::Input;
+            let ids = match r.input {
+                Some(Input::Text(t)) => validator.encode(&t, "text")?,
+                Some(Input::Chat(c)) => {
+                    let text = validator.render_chat(&c.messages)?;
+                    validator.encode(&text, "chat")?
+                }
+                None => {
+                    return Err(proto::convert::field_status(
+                        "input",
+                        "input: expected text or chat, got none".into(),
+                    ));
+                }
+            };
+            let tok = validator.tokenizer();
+            let tokens = ids
+                .iter()
+                .map(|&i| tok.id_to_token(i).unwrap_or_default())
+                .collect();
+            Ok(pb::TokenizeResponse {
+                token_ids: ids,
+                tokens,
+            })
+        })
+        .await
+        .map_err(|e| Status::internal(format!("tokenize task failed: {e}")))?
+    }
+
+    pub async fn detokenize(
+        &self,
+        r: pb::DetokenizeRequest,
+    ) -> Result<pb::DetokenizeResponse, Status> {
+        let tok = self.validator.tokenizer().clone();
+        tokio::task::spawn_blocking(move || {
+            let entries = tok.get_vocab_size(true);
+            decoding::validate::check_vocab(&r.token_ids, entries, "token_ids")
+                .map_err(|e| status_of(&e))?;
+            let text = engine::tokenizer::decode(&tok, &r.token_ids, r.skip_special_tokens)
+                .map_err(|e| Status::internal(format!("detokenize: {e}")))?;
+            Ok(pb::DetokenizeResponse { text })
+        })
+        .await
+        .map_err(|e| Status::internal(format!("detokenize task failed: {e}")))?
+    }
+}
+
 #[tonic::async_trait]
 impl Ouroboros for GenerateService {
+    async fn info(
+        &self,
+        _: Request<pb::InfoRequest>,
+    ) -> Result<Response<pb::InfoResponse>, Status> {
+        Ok(Response::new(GenerateService::info(self)))
+    }
+
+    async fn tokenize(
+        &self,
+        request: Request<pb::TokenizeRequest>,
+    ) -> Result<Response<pb::TokenizeResponse>, Status> {
+        GenerateService::tokenize(self, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn detokenize(
+        &self,
+        request: Request<pb::DetokenizeRequest>,
+    ) -> Result<Response<pb::DetokenizeResponse>, Status> {
+        GenerateService::detokenize(self, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
     async fn generate(
         &self,
         request: Request<pb::GenerateRequest>,

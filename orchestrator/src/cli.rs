@@ -9,10 +9,10 @@ use std::path::PathBuf;
 #[derive(Args, Clone)]
 pub struct ModelArgs {
     /// Target model (GGUF file or Hugging Face folder); default: the fetched 1.5B target.
-    #[arg(long, env = "OURO_TARGET")]
+    #[arg(long, env = "OURO_TARGET_MODEL")]
     pub target: Option<PathBuf>,
     /// Draft model; default: the fetched 0.5B draft. "none" runs target-only.
-    #[arg(long, env = "OURO_DRAFT")]
+    #[arg(long, env = "OURO_DRAFT_MODEL")]
     pub draft: Option<String>,
     /// The tokenizer: a tokenizer.json, a model folder or a GGUF file (its own tokenizer);
     /// default: the target model's own. Checked against every model's vocabulary at start.
@@ -23,7 +23,7 @@ pub struct ModelArgs {
     #[arg(long, env = "OURO_CHAT_TEMPLATE")]
     pub chat_template: Option<PathBuf>,
     /// Tensor-parallel ranks for the target (threads).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, env = "OURO_TARGET_TP", default_value_t = 1)]
     pub tp: usize,
     /// Dequantize the target's GGUF weights to dense f16 at load (the unquantized
     /// deployment; about 3 GB for the 1.5B target).
@@ -101,40 +101,40 @@ impl From<StrategyArg> for Strategy {
 
 #[derive(Args, Clone)]
 pub struct DecodeArgs {
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, env = "OURO_MAX_NEW_TOKENS", default_value_t = 256)]
     pub max_new_tokens: usize,
     /// Least draft tokens per round (auto: the most).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, env = "OURO_GAMMA", default_value_t = 8)]
     pub gamma: usize,
     /// Speculative: above 0, gamma is the most draft tokens per round, and the draft stops
     /// once the product of its tokens' probabilities falls below this (0 to 1).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, env = "OURO_DRAFT_STOP", default_value_t = 0.0)]
     pub draft_stop: f32,
     /// Lookahead n-gram size N (phrases of N-1 tokens).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, env = "OURO_LEVEL", default_value_t = 5)]
     pub level: usize,
     /// Lookahead window width W.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, env = "OURO_WINDOW", default_value_t = 8)]
     pub window: usize,
     /// Pool phrases verified per lookahead step (G).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, env = "OURO_GUESS", default_value_t = 8)]
     pub guess: usize,
     /// Pool phrases appended as candidate suffixes (Ouroboros).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, env = "OURO_TOPK", default_value_t = 3)]
     pub topk: usize,
     /// Most trie nodes per verify tree (trie strategy; Ouroboros adds them beside its
     /// draft, 0 turns that off).
-    #[arg(long, default_value_t = DecodeParams::default().trie_budget)]
+    #[arg(long, env = "OURO_TRIE_BUDGET", default_value_t = DecodeParams::default().trie_budget)]
     pub trie_budget: usize,
     /// 0 decodes greedily.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, env = "OURO_TEMPERATURE", default_value_t = 0.0)]
     pub temperature: f32,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, env = "OURO_TOP_P", default_value_t = 1.0)]
     pub top_p: f32,
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, env = "OURO_TOP_K", default_value_t = 0)]
     pub top_k: usize,
     /// Sampling seed; when sampling without one, the server draws one (and reports it).
-    #[arg(long)]
+    #[arg(long, env = "OURO_SEED")]
     pub seed: Option<u64>,
 }
 
@@ -171,6 +171,7 @@ impl DecodeArgs {
             topk: self.topk,
             harvest_committed: true,
             trie_budget: self.trie_budget,
+            logprobs: None,
         }
     }
 }

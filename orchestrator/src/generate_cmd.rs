@@ -17,10 +17,10 @@ pub struct GenerateArgs {
     /// The prompt text.
     prompt: String,
     /// `auto` first measures this machine's cost profile (a few seconds).
-    #[arg(long, value_enum, default_value_t = StrategyArg::Auto)]
+    #[arg(long, env = "OURO_STRATEGY", value_enum, default_value_t = StrategyArg::Auto)]
     strategy: StrategyArg,
     /// Send the prompt as a user message in the model's chat template.
-    #[arg(long)]
+    #[arg(long, env = "OURO_CHAT")]
     chat: bool,
     /// A running orchestrator (`ouro serve`) to ask instead of loading models here,
     /// e.g. http://localhost:50051. Decoding flags are sent with the request.
@@ -28,7 +28,7 @@ pub struct GenerateArgs {
     endpoint: Option<String>,
     /// Colour tokens by source: draft green, pool cyan, trie magenta, the target's own
     /// tokens plain.
-    #[arg(long, value_enum, default_value_t = ColorArg::Auto)]
+    #[arg(long, env = "OURO_COLOR", value_enum, default_value_t = ColorArg::Auto)]
     color: ColorArg,
     #[command(flatten)]
     model: ModelArgs,
@@ -194,6 +194,7 @@ async fn remote(a: &GenerateArgs, url: &str) -> Result<()> {
             trie_budget: Some(d.trie_budget as u32),
             draft_stop: Some(d.draft_stop),
         }),
+        logprobs: None,
     };
     let mut stream = client
         .generate_stream(request)

@@ -1,6 +1,7 @@
 //! The OpenAI-compatible HTTP API beside gRPC: `POST /v1/completions`,
 //! `POST /v1/chat/completions` (whole, or as server-sent events with `stream: true`),
-//! `GET /v1/models`, `GET /health` and `GET /metrics`. Requests are read in
+//! `GET /v1/models`, `GET /health` and `GET /metrics`, and as vLLM offers them,
+//! `POST /tokenize` and `POST /detokenize`, plus `GET /info` (our `Info` RPC as JSON). Requests are read in
 //! [`crate::openai`] into the public `GenerateRequest` and run by the same
 //! [`GenerateService`] as gRPC calls: one validator, one chat template, the same
 //! statistics. A streaming client that goes away stops its request at the next commit.
@@ -38,10 +39,10 @@ fn now() -> u64 {
 
 /// The router over `service` (for tests; [`serve`] binds it).
 pub fn router(service: GenerateService) -> Router {
-    let info = service.target_info();
+    let target = service.target_info();
     let served = Arc::new(Served {
-        model: info.model,
-        context_length: info.max_position,
+        model: target.model,
+        context_length: target.max_position,
         started: now(),
         service,
     });
@@ -49,6 +50,9 @@ pub fn router(service: GenerateService) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
+        .route("/info", get(info))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .with_state(served)
@@ -108,7 +112,14 @@ async fn generate(s: &Served, kind: Kind, parsed: Result<Parsed, ApiError>) -> R
     let created = now();
     if !parsed.stream {
         return match s.service.complete(parsed.request).await {
-            Ok(r) => axum::Json(openai::response(kind, &id, created, &s.model, &r)).into_response(),
+            Ok(r) => {
+                let tok = s.service.validator().tokenizer().clone();
+                let text = move |id: u32| {
+                    engine::tokenizer::decode(&tok, &[id], false).unwrap_or_default()
+                };
+                axum::Json(openai::response(kind, (&id, created, &s.model), &r, &text))
+                    .into_response()
+            }
             Err(status) => error(ApiError::of_status(&status, kind)),
         };
     }
@@ -173,6 +184,73 @@ async fn models(State(s): State<Arc<Served>>) -> Response {
         }],
     }))
     .into_response()
+}
+
+async fn info(State(s): State<Arc<Served>>) -> Response {
+    let i = s.service.info();
+    let strategies: Vec<String> = i
+        .strategies
+        .iter()
+        .filter_map(|&c| proto::v1::Strategy::try_from(c).ok())
+        .map(|st| {
+            st.as_str_name()
+                .trim_start_matches("STRATEGY_")
+                .to_lowercase()
+        })
+        .collect();
+    let costs: Vec<Value> = i
+        .verify_costs
+        .iter()
+        .map(|c| json!({"tree_nodes": c.tree_nodes, "seconds": c.seconds}))
+        .collect();
+    axum::Json(json!({
+        "model": i.model,
+        "draft_model": i.draft_model,
+        "context_length": i.context_length,
+        "vocab_size": i.vocab_size,
+        "tokenizer_entries": i.tokenizer_entries,
+        "chat_template_source": i.chat_template_source,
+        "strategies": strategies,
+        "verify_costs": costs,
+        "draft_token_s": i.draft_token_s,
+        "draft_call_s": i.draft_call_s,
+    }))
+    .into_response()
+}
+
+/// vLLM's shape: `{"prompt": "..."}` or `{"messages": [...]}` in, `{"tokens", "count",
+/// "max_model_len"}` out.
+async fn tokenize(State(s): State<Arc<Served>>, body: Bytes) -> Response {
+    let request = match openai::parse_tokenize(&body) {
+        Ok(r) => r,
+        Err(e) => return error(e),
+    };
+    match s.service.tokenize(request).await {
+        Ok(r) => axum::Json(json!({
+            "tokens": r.token_ids,
+            "token_strs": r.tokens,
+            "count": r.token_ids.len(),
+            "max_model_len": s.context_length,
+        }))
+        .into_response(),
+        Err(status) => error(ApiError::of_status(&status, Kind::Completion)),
+    }
+}
+
+/// `{"tokens": [...]}` in, `{"prompt": "..."}` out.
+async fn detokenize(State(s): State<Arc<Served>>, body: Bytes) -> Response {
+    let request = match openai::parse_detokenize(&body) {
+        Ok(r) => r,
+        Err(e) => return error(e),
+    };
+    match s.service.detokenize(request).await {
+        Ok(r) => axum::Json(json!({"prompt": r.text})).into_response(),
+        Err(status) => error(ApiError {
+            // The ids came in as `tokens`.
+            param: proto::convert::field_of(&status).map(|_| "tokens".into()),
+            ..ApiError::of_status(&status, Kind::Completion)
+        }),
+    }
 }
 
 /// Ready while the server takes requests (it stops listening when it drains).

@@ -39,3 +39,17 @@ fn main() -> Result<()> {
         Command::Serve(a) => serve_cmd::run(a),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_flag_has_its_own_environment_variable() {
+        assert_eq!(
+            serving::args::env_gaps(&Cli::command()),
+            Vec::<String>::new()
+        );
+    }
+}

@@ -9,6 +9,7 @@
 //! `ouroboros` (`gamma`, `topk`, `trie_budget`, `draft_stop`, `lookahead {level, window,
 //! guess}`); responses add `seed` and `ouroboros` (the speculation statistics).
 
+use decoding::logprobs::MAX_TOP_LOGPROBS;
 use proto::common::v1 as common;
 use proto::v1 as pb;
 use serde::Deserialize;
@@ -235,11 +236,13 @@ pub fn parse_completion(body: &[u8]) -> Result<Parsed, ApiError> {
             ));
         }
     };
-    if let Some(v) = given(&b.common.logprobs) {
-        integer(v, "logprobs", 0, 0)
-            .map_err(|_| ApiError::bad("logprobs", "log-probabilities are not supported yet"))?;
-    }
-    common(b.common, input, None)
+    let logprobs = match given(&b.common.logprobs) {
+        Some(v) => Some(integer(v, "logprobs", 0, MAX_TOP_LOGPROBS as i64)? as u32),
+        None => None,
+    };
+    let mut parsed = common(b.common, input, None)?;
+    parsed.request.logprobs = logprobs;
+    Ok(parsed)
 }
 
 pub fn parse_chat(body: &[u8]) -> Result<Parsed, ApiError> {
@@ -279,22 +282,48 @@ pub fn parse_chat(body: &[u8]) -> Result<Parsed, ApiError> {
             content,
         });
     }
-    if let Some(v) = given(&b.common.logprobs)
-        && boolean(v, "logprobs")?
-    {
-        return Err(ApiError::bad(
-            "logprobs",
-            "log-probabilities are not supported yet",
-        ));
+    let wanted = match given(&b.common.logprobs) {
+        Some(v) => boolean(v, "logprobs")?,
+        None => false,
+    };
+    let top = match given(&b.top_logprobs) {
+        Some(v) => integer(v, "top_logprobs", 0, MAX_TOP_LOGPROBS as i64)? as u32,
+        None => 0,
+    };
+    if given(&b.top_logprobs).is_some() && !wanted {
+        return Err(ApiError::bad("top_logprobs", "only with logprobs: true"));
     }
-    unsupported(
-        &b.top_logprobs,
-        "top_logprobs",
-        &json!(0),
-        "log-probabilities are not supported yet",
-    )?;
     let input = pb::generate_request::Input::Chat(pb::ChatMessages { messages });
-    common(b.common, input, given(&b.max_completion_tokens).cloned())
+    let mut parsed = common(b.common, input, given(&b.max_completion_tokens).cloned())?;
+    parsed.request.logprobs = wanted.then_some(top);
+    Ok(parsed)
+}
+
+/// `/tokenize`: `{"prompt": text}` or `{"messages": [...]}` (as chat completions take them).
+pub fn parse_tokenize(body: &[u8]) -> Result<pb::TokenizeRequest, ApiError> {
+    let v: Value = from_json(body)?;
+    use pb::tokenize_request::Input;
+    let input = match (v.get("prompt"), v.get("messages")) {
+        (Some(p), None) => Input::Text(string(p, "prompt")?.to_string()),
+        (None, Some(_)) => match parse_chat(body)?.request.input {
+            Some(pb::generate_request::Input::Chat(c)) => Input::Chat(c),
+            _ => return Err(ApiError::bad("messages", "expected chat messages")),
+        },
+        _ => return Err(ApiError::bad("prompt", "give either prompt or messages")),
+    };
+    Ok(pb::TokenizeRequest { input: Some(input) })
+}
+
+/// `/detokenize`: `{"tokens": [ids]}`.
+pub fn parse_detokenize(body: &[u8]) -> Result<pb::DetokenizeRequest, ApiError> {
+    let v: Value = from_json(body)?;
+    let Some(Value::Array(ids)) = v.get("tokens") else {
+        return Err(ApiError::bad("tokens", "required: an array of token ids"));
+    };
+    Ok(pb::DetokenizeRequest {
+        token_ids: token_ids(ids, "tokens")?,
+        skip_special_tokens: false,
+    })
 }
 
 fn from_json<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
@@ -436,6 +465,7 @@ fn common(
             }),
             strategy: strategy as i32,
             params,
+            logprobs: None,
         },
         stream,
         include_usage,
@@ -526,23 +556,84 @@ pub fn stats(s: &pb::SpecStats) -> Value {
     })
 }
 
-/// A whole response (`id`, `created` and `model` from the caller).
+/// Log-probabilities in OpenAI's shape for `kind` (`text` spells a token id); null when
+/// none were asked for.
+pub fn logprobs(kind: Kind, l: &[common::TokenLogprobs], text: &dyn Fn(u32) -> String) -> Value {
+    if l.is_empty() {
+        return Value::Null;
+    }
+    match kind {
+        Kind::Completion => {
+            let tokens: Vec<String> = l.iter().map(|t| text(t.token)).collect();
+            let mut offset = 0;
+            let offsets: Vec<usize> = tokens
+                .iter()
+                .map(|t| {
+                    let at = offset;
+                    offset += t.len();
+                    at
+                })
+                .collect();
+            let top: Vec<Value> = l
+                .iter()
+                .map(|t| {
+                    let m: Map<String, Value> = t
+                        .top_tokens
+                        .iter()
+                        .zip(&t.top_logprobs)
+                        .map(|(&id, &lp)| (text(id), json!(lp)))
+                        .collect();
+                    Value::Object(m)
+                })
+                .collect();
+            json!({
+                "tokens": tokens,
+                "token_logprobs": l.iter().map(|t| t.logprob).collect::<Vec<_>>(),
+                "top_logprobs": top,
+                "text_offset": offsets,
+            })
+        }
+        Kind::Chat => {
+            let entry = |id: u32, lp: f32| {
+                let t = text(id);
+                json!({"token": t, "logprob": lp, "bytes": t.as_bytes()})
+            };
+            let content: Vec<Value> = l
+                .iter()
+                .map(|t| {
+                    let mut e = entry(t.token, t.logprob);
+                    e["top_logprobs"] = t
+                        .top_tokens
+                        .iter()
+                        .zip(&t.top_logprobs)
+                        .map(|(&id, &lp)| entry(id, lp))
+                        .collect();
+                    e
+                })
+                .collect();
+            json!({"content": content, "refusal": null})
+        }
+    }
+}
+
+/// A whole response (`id`, `created` and `model` from the caller; `text` spells token ids
+/// for the log-probabilities).
 pub fn response(
     kind: Kind,
-    id: &str,
-    created: u64,
-    model: &str,
+    (id, created, model): (&str, u64, &str),
     r: &pb::GenerateResponse,
+    text: &dyn Fn(u32) -> String,
 ) -> Value {
     let finish = finish_name(r.finish_reason);
+    let lp = logprobs(kind, &r.logprobs, text);
     let choice = match kind {
         Kind::Completion => json!({
-            "index": 0, "text": r.text, "logprobs": null, "finish_reason": finish,
+            "index": 0, "text": r.text, "logprobs": lp, "finish_reason": finish,
         }),
         Kind::Chat => json!({
             "index": 0,
             "message": {"role": "assistant", "content": r.text},
-            "logprobs": null,
+            "logprobs": lp,
             "finish_reason": finish,
         }),
     };
@@ -688,7 +779,7 @@ mod tests {
                 json!({"prompt": "x", "ouroboros": {"gama": 3}}),
                 "ouroboros.gama",
             ),
-            (json!({"prompt": "x", "logprobs": 5}), "logprobs"),
+            (json!({"prompt": "x", "logprobs": 21}), "logprobs"),
             (json!({"prompt": "x", "echo": true}), "echo"),
             (
                 json!({"prompt": "x", "presence_penalty": 0.5}),
@@ -702,6 +793,12 @@ mod tests {
             assert_eq!(e.param.as_deref(), Some(param), "{body}: {e:?}");
             assert!(e.message.starts_with(param), "{e:?}");
         }
+        let e = chat(json!({"messages": [], "top_logprobs": 3})).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("top_logprobs"));
+        let p = chat(json!({"messages": [], "logprobs": true, "top_logprobs": 3})).unwrap();
+        assert_eq!(p.request.logprobs, Some(3));
+        let p = completion(json!({"prompt": "x", "logprobs": 5})).unwrap();
+        assert_eq!(p.request.logprobs, Some(5));
         let e = chat(json!({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}))
             .unwrap_err();
         assert_eq!(e.param.as_deref(), Some("messages[0].content[0]"));

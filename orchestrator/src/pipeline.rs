@@ -15,6 +15,14 @@ pub type BoxedSink = Box<decoding::TokenSink<'static>>;
 
 pub trait Runner: Send + Sync + 'static {
     fn target_info(&self) -> BackendInfo;
+    /// The draft's model, where there is one.
+    fn draft_info(&self) -> Option<BackendInfo> {
+        None
+    }
+    /// The cost profile `auto` plans with, once measured.
+    fn cost_profile(&self) -> Option<CostProfile> {
+        None
+    }
     fn has_draft(&self) -> bool;
     fn has_lookahead(&self) -> bool;
     /// Phrases in the shared pool and nodes in the shared trie.
@@ -142,6 +150,14 @@ where
 {
     fn target_info(&self) -> BackendInfo {
         self.target.info()
+    }
+
+    fn draft_info(&self) -> Option<BackendInfo> {
+        self.draft.as_ref().map(|d| d.info())
+    }
+
+    fn cost_profile(&self) -> Option<CostProfile> {
+        self.tuner.get().map(|t| t.profile().clone())
     }
 
     fn has_draft(&self) -> bool {

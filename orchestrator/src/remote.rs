@@ -116,6 +116,7 @@ impl TargetBackend for RemoteTarget {
         session: SessionId,
         tree: &DraftTree,
         sampling: &SamplingParams,
+        logprobs: Option<usize>,
     ) -> Result<(VerifyOutcome, ServerTiming)> {
         let r = self
             .client
@@ -125,6 +126,7 @@ impl TargetBackend for RemoteTarget {
                 tokens: tree.tokens.clone(),
                 parents: tree.parents.clone(),
                 sampling: sampling_to_pb(sampling),
+                logprobs: logprobs.map(|n| n as u32),
             }))
             .await
             .map_err(|s| error_of(&s, Some(session)))?
@@ -142,6 +144,7 @@ impl TargetBackend for RemoteTarget {
             accepted: r.accepted,
             bonus: r.bonus,
             outputs: r.outputs,
+            logprobs: r.logprobs.into_iter().map(Into::into).collect(),
         };
         Ok((outcome, timing_of(r.timing)))
     }

@@ -267,9 +267,10 @@ impl<B: TargetBackend + 'static> TargetBackend for Replicas<B> {
         session: SessionId,
         tree: &DraftTree,
         sampling: &SamplingParams,
+        logprobs: Option<usize>,
     ) -> Result<(VerifyOutcome, ServerTiming)> {
         let (r, remote) = self.route(session)?;
-        r.backend.verify(remote, tree, sampling).await
+        r.backend.verify(remote, tree, sampling, logprobs).await
     }
 
     async fn close(&self, session: SessionId) -> Result<()> {

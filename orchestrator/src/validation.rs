@@ -64,6 +64,23 @@ impl Validator {
         &self.tokenizer
     }
 
+    pub fn chat(&self) -> &ChatTemplate {
+        &self.chat
+    }
+
+    /// `text`'s token ids; a failure names `field`.
+    pub fn encode(&self, text: &str, field: &str) -> Result<Vec<u32>, Status> {
+        engine::tokenizer::encode(&self.tokenizer, text)
+            .map_err(|e| field_status(field, format!("{field}: {e}")))
+    }
+
+    /// Messages rendered in the model's chat template, the assistant's turn opened.
+    pub fn render_chat(&self, messages: &[pb::ChatMessage]) -> Result<String, Status> {
+        self.chat
+            .render(messages)
+            .map_err(|e| field_status("chat.messages", format!("chat.messages: {e}")))
+    }
+
     /// Checks `r` and tokenizes its input (on the blocking pool).
     pub async fn validate(&self, r: pb::GenerateRequest) -> Result<ValidRequest, Status> {
         let this = self.clone();
@@ -133,6 +150,7 @@ impl Validator {
             topk: p.topk.map_or(d.topk, |k| k as usize),
             harvest_committed: d.harvest_committed,
             trie_budget: p.trie_budget.map_or(d.trie_budget, |k| k as usize),
+            logprobs: r.logprobs.map(|n| n as usize),
         };
         params.validate().map_err(|e| status_of(&e))?;
         Ok(ValidRequest {
@@ -150,10 +168,7 @@ impl Validator {
         vocab: usize,
     ) -> Result<Vec<u32>, Status> {
         use pb::generate_request::Input;
-        let encode = |text: &str, what: &str| {
-            engine::tokenizer::encode(&self.tokenizer, text)
-                .map_err(|e| field_status(what, format!("{what}: {e}")))
-        };
+        let encode = |text: &str, what: &str| self.encode(text, what);
         let prompt = match input {
             None => {
                 return Err(field(FieldError::new(
@@ -168,10 +183,7 @@ impl Validator {
                 t.ids
             }
             Some(Input::Chat(c)) => {
-                let text = self
-                    .chat
-                    .render(&c.messages)
-                    .map_err(|e| field_status("chat.messages", format!("chat.messages: {e}")))?;
+                let text = self.render_chat(&c.messages)?;
                 encode(&text, "chat")?
             }
         };

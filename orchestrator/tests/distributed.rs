@@ -16,7 +16,7 @@ use orchestrator::api::GenerateService;
 use orchestrator::chat::ChatTemplate;
 use orchestrator::pipeline::Pipeline;
 use orchestrator::remote::{RemoteDraft, RemoteTarget};
-use proto::common::v1::{Lookahead, Sampling};
+use proto::common::v1::{Lookahead, Sampling, TokenLogprobs};
 use proto::v1 as pb;
 use proto::v1::ouroboros_client::OuroborosClient;
 use std::collections::HashMap;
@@ -182,6 +182,7 @@ fn request(
         sampling,
         strategy: strategy as i32,
         params: None,
+        logprobs: None,
     }
 }
 
@@ -241,6 +242,46 @@ async fn every_strategy_equals_plain_decoding_over_grpc() {
             let g = generate(c, request(&prompt, s, Some(sampling))).await;
             assert_eq!(g.token_ids, plain.token_ids, "sampling {s:?}");
         }
+        // Log-probabilities over the wire: the target service's rows, the same under
+        // every strategy, sampled or not.
+        let with_logprobs = |s, sampling| pb::GenerateRequest {
+            logprobs: Some(3),
+            ..request(&prompt, s, sampling)
+        };
+        let plain = generate(c, with_logprobs(S::Greedy, None)).await;
+        assert_eq!(plain.logprobs.len(), plain.token_ids.len());
+        for (l, &t) in plain.logprobs.iter().zip(&plain.token_ids) {
+            assert_eq!((l.token, l.top_tokens.len()), (t, 3));
+            assert_eq!((l.top_tokens[0], l.top_logprobs[0]), (t, l.logprob));
+        }
+        // A tree's rows and a one-token step's agree to float rounding, not bit for bit.
+        let same = |a: &[TokenLogprobs], b: &[TokenLogprobs], what: &str| {
+            assert_eq!(a.len(), b.len(), "{what}");
+            for (x, y) in a.iter().zip(b) {
+                assert_eq!((x.token, &x.top_tokens), (y.token, &y.top_tokens), "{what}");
+                let close = |p: f32, q: f32| (p - q).abs() <= 1e-5;
+                assert!(close(x.logprob, y.logprob), "{what}: {x:?} against {y:?}");
+                assert!(
+                    x.top_logprobs
+                        .iter()
+                        .zip(&y.top_logprobs)
+                        .all(|(&p, &q)| close(p, q))
+                );
+            }
+        };
+        for s in [S::Speculative, S::Trie, S::Ouroboros, S::Auto] {
+            let g = generate(c, with_logprobs(s, None)).await;
+            same(&g.logprobs, &plain.logprobs, &format!("{s:?}"));
+        }
+        let sampled = generate(c, with_logprobs(S::Greedy, Some(sampling))).await;
+        let drafted = generate(c, with_logprobs(S::Ouroboros, Some(sampling))).await;
+        same(&drafted.logprobs, &sampled.logprobs, "sampled");
+        let lookahead = c
+            .generate(with_logprobs(S::Lookahead, None))
+            .await
+            .unwrap_err();
+        assert_eq!(lookahead.code(), Code::InvalidArgument);
+        assert!(lookahead.message().starts_with("logprobs"), "{lookahead:?}");
     }
     // Auto requests ran as auto (the profile was there), and the runs really speculated:
     // drafts were accepted, not only corrected.

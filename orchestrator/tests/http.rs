@@ -257,3 +257,154 @@ async fn errors_are_openai_bodies_with_http_codes() {
     .await;
     assert_eq!(status, StatusCode::OK);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokenize_detokenize_and_info() {
+    let (_dir, s) = service();
+    let (status, t) = post_json(&s, "/tokenize", json!({"prompt": "w3 w4 w5"})).await;
+    assert_eq!(status, StatusCode::OK, "{t}");
+    assert_eq!(t["tokens"], json!([3, 4, 5]));
+    assert_eq!(t["token_strs"], json!(["w3", "w4", "w5"]));
+    assert_eq!(t["count"], 3);
+    let (status, d) = post_json(&s, "/detokenize", json!({"tokens": [3, 4, 5]})).await;
+    assert_eq!(status, StatusCode::OK, "{d}");
+    assert_eq!(d["prompt"], "w3 w4 w5");
+    // Chat is rendered as Generate renders it: the same ids as the prompt tokens of a
+    // chat request.
+    let messages = json!([{"role": "user", "content": "w7 w8"}]);
+    let (_, chat_ids) = post_json(&s, "/tokenize", json!({"messages": messages})).await;
+    let (_, chat) = post_json(
+        &s,
+        "/v1/chat/completions",
+        json!({"messages": messages, "max_tokens": 1, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(chat_ids["count"], chat["usage"]["prompt_tokens"]);
+    // An id past the tokenizer is a 400 naming it.
+    let (status, e) = post_json(&s, "/detokenize", json!({"tokens": [3, 4000]})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{e}");
+    assert_eq!(e["error"]["param"], "tokens");
+    let (status, e) = post_json(&s, "/tokenize", json!({"text": "w1"})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{e}");
+
+    let info = s.info();
+    assert_eq!(info.tokenizer_entries, VOCAB as u32);
+    assert!(info.context_length > 0 && !info.model.is_empty());
+    assert!(
+        !info.draft_model.is_empty(),
+        "the embedded pair has a draft"
+    );
+    assert!(info.strategies.contains(&(pb::Strategy::Ouroboros as i32)));
+    assert!(info.verify_costs.is_empty(), "nothing measured yet");
+    let r = orchestrator::http::router(s.clone())
+        .oneshot(Request::get("/info").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let bytes = r.into_body().collect().await.unwrap().to_bytes();
+    let info: Value = serde_json::from_slice(&bytes).unwrap();
+    assert!(
+        info["strategies"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("ouroboros"))
+    );
+}
+
+/// Log-probabilities come from the target's rows, so every strategy reports the same ones
+/// (to float rounding: a tree's rows and a one-token step's are not bit-identical); under
+/// greedy the chosen token is the most likely of its row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logprobs_are_the_same_under_every_strategy() {
+    let (_dir, s) = service();
+    let ask = |strategy: &str| {
+        post_json(
+            &s,
+            "/v1/completions",
+            json!({"prompt": PROMPT, "max_tokens": 20, "temperature": 0, "logprobs": 5,
+                   "strategy": strategy}),
+        )
+    };
+    let (status, greedy) = ask("greedy").await;
+    assert_eq!(status, StatusCode::OK, "{greedy}");
+    let lp = &greedy["choices"][0]["logprobs"];
+    let chosen = lp["token_logprobs"].as_array().unwrap();
+    assert_eq!(chosen.len(), 20);
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), 20);
+    for (i, top) in lp["top_logprobs"].as_array().unwrap().iter().enumerate() {
+        let top = top.as_object().unwrap();
+        assert_eq!(top.len(), 5, "{top:?}");
+        let best = top
+            .values()
+            .map(|v| v.as_f64().unwrap())
+            .fold(f64::MIN, f64::max);
+        let mine = chosen[i].as_f64().unwrap();
+        assert_eq!(mine, best, "token {i}: greedy chose the most likely token");
+        assert!(mine <= 0.0);
+        assert_eq!(top[lp["tokens"][i].as_str().unwrap()].as_f64(), Some(mine));
+    }
+    for strategy in ["speculative", "trie", "ouroboros"] {
+        let (_, other) = ask(strategy).await;
+        assert_eq!(other["choices"][0]["text"], greedy["choices"][0]["text"]);
+        let theirs = &other["choices"][0]["logprobs"];
+        assert_eq!(theirs["tokens"], lp["tokens"], "{strategy}");
+        for (a, b) in theirs["token_logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(chosen)
+        {
+            let (a, b) = (a.as_f64().unwrap(), b.as_f64().unwrap());
+            assert!((a - b).abs() <= 1e-5, "{strategy}: {a} against {b}");
+        }
+        // Rows of a tree and of a one-token step agree to float rounding.
+        for (a, b) in theirs["top_logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(lp["top_logprobs"].as_array().unwrap())
+        {
+            let (a, b) = (a.as_object().unwrap(), b.as_object().unwrap());
+            assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+            for (k, v) in a {
+                assert!((v.as_f64().unwrap() - b[k].as_f64().unwrap()).abs() <= 1e-5);
+            }
+        }
+    }
+    // Chat's shape; and what is refused: with streaming, and above 20 alternatives.
+    let (status, chat) = post_json(
+        &s,
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": "w1 w2"}], "max_tokens": 4,
+               "temperature": 0, "logprobs": true, "top_logprobs": 2}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{chat}");
+    let content = chat["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap();
+    assert_eq!(content.len(), 4);
+    assert_eq!(content[0]["top_logprobs"].as_array().unwrap().len(), 2);
+    let (status, e) = post_json(
+        &s,
+        "/v1/completions",
+        json!({"prompt": PROMPT, "logprobs": 2, "stream": true}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{e}");
+    assert_eq!(e["error"]["param"], "logprobs");
+    let (status, e) = post_json(
+        &s,
+        "/v1/completions",
+        json!({"prompt": PROMPT, "logprobs": 21}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{e}");
+    // Without logprobs there are none.
+    let (_, plain) = post_json(
+        &s,
+        "/v1/completions",
+        json!({"prompt": PROMPT, "max_tokens": 2}),
+    )
+    .await;
+    assert!(plain["choices"][0]["logprobs"].is_null());
+}

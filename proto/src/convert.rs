@@ -3,7 +3,9 @@
 //! turn it back into the error the decoding loops understand).
 
 use crate::common::v1 as pb;
-use decoding::{DecodingError, LookaheadParams, Ngram, SamplingParams, ServerTiming};
+use decoding::{
+    DecodingError, LookaheadParams, Ngram, SamplingParams, ServerTiming, TokenLogprobs,
+};
 use engine::EngineError;
 use engine::chat_template::ChatTemplateSource;
 use engine::vocab::VocabDigest;
@@ -110,6 +112,27 @@ impl From<&pb::ChatTemplate> for ChatTemplateSource {
             template: t.template.clone(),
             bos_token: t.bos_token.clone(),
             eos_token: t.eos_token.clone(),
+        }
+    }
+}
+
+impl From<&TokenLogprobs> for pb::TokenLogprobs {
+    fn from(t: &TokenLogprobs) -> Self {
+        Self {
+            token: t.token,
+            logprob: t.logprob,
+            top_tokens: t.top.iter().map(|x| x.0).collect(),
+            top_logprobs: t.top.iter().map(|x| x.1).collect(),
+        }
+    }
+}
+
+impl From<pb::TokenLogprobs> for TokenLogprobs {
+    fn from(t: pb::TokenLogprobs) -> Self {
+        Self {
+            token: t.token,
+            logprob: t.logprob,
+            top: t.top_tokens.into_iter().zip(t.top_logprobs).collect(),
         }
     }
 }

@@ -18,6 +18,7 @@ pub struct VerifyCall {
     pub session: SessionId,
     pub tree: DraftTree,
     pub sampling: SamplingParams,
+    pub logprobs: Option<usize>,
 }
 
 impl TryFrom<target_pb::VerifyRequest> for VerifyCall {
@@ -26,10 +27,13 @@ impl TryFrom<target_pb::VerifyRequest> for VerifyCall {
     fn try_from(r: target_pb::VerifyRequest) -> Result<Self, Self::Error> {
         let sampling = sampling_from_pb(r.sampling.as_ref());
         sampling.validate()?;
+        let logprobs = r.logprobs.map(|n| n as usize);
+        decoding::logprobs::check(logprobs)?;
         Ok(Self {
             session: r.session_id,
             tree: DraftTree::from_parts(r.tokens, r.parents)?,
             sampling,
+            logprobs,
         })
     }
 }
@@ -80,6 +84,7 @@ mod tests {
                 tokens: vec![3, 4],
                 parents: vec![-1, 0],
                 sampling: None,
+                logprobs: None,
             };
             f(&mut r);
             VerifyCall::try_from(r).map(|_| ())
@@ -124,6 +129,11 @@ mod tests {
                 "parents",
             ),
             ("root parent", verify(&|r| r.parents[0] = 0), "parents[0]"),
+            (
+                "too many alternatives",
+                verify(&|r| r.logprobs = Some(21)),
+                "logprobs",
+            ),
             (
                 "forward parent",
                 verify(&|r| r.parents[1] = 1),

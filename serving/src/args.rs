@@ -48,3 +48,35 @@ impl TargetLimitsArgs {
         }
     }
 }
+
+/// Flags of `cmd` (and its subcommands) that no environment variable sets, and variables
+/// that two flags of one command share: what the binaries' tests hold empty, so that
+/// every flag can be set by an `OURO_*` variable (as the Helm chart and containers do).
+pub fn env_gaps(cmd: &clap::Command) -> Vec<String> {
+    let mut gaps = Vec::new();
+    let mut seen = std::collections::HashMap::new();
+    for a in cmd.get_arguments() {
+        let id = a.get_id().as_str();
+        if a.is_positional() || id == "help" || id == "version" {
+            continue;
+        }
+        match a.get_env().and_then(|e| e.to_str()) {
+            None => gaps.push(format!("{} --{id}: no variable", cmd.get_name())),
+            Some(env) if !env.starts_with("OURO_") => {
+                gaps.push(format!("{} --{id}: {env} is not OURO_*", cmd.get_name()))
+            }
+            Some(env) => {
+                if let Some(other) = seen.insert(env.to_string(), id.to_string()) {
+                    gaps.push(format!(
+                        "{} --{id} and --{other} share {env}",
+                        cmd.get_name()
+                    ));
+                }
+            }
+        }
+    }
+    for sub in cmd.get_subcommands() {
+        gaps.extend(env_gaps(sub));
+    }
+    gaps
+}

@@ -46,6 +46,7 @@ struct VerifyJob<M: LanguageModel> {
     slot: SlotRef<TargetSession<M::Cache>>,
     tree: DraftTree,
     sampling: SamplingParams,
+    logprobs: Option<usize>,
     enqueued: Instant,
     /// The call's span, parent (or link) of the forward that serves it.
     span: Span,
@@ -89,6 +90,7 @@ impl<M: LanguageModel + 'static> Scheduler<M> {
         slot: SlotRef<TargetSession<M::Cache>>,
         tree: DraftTree,
         sampling: SamplingParams,
+        logprobs: Option<usize>,
     ) -> VerifyReply {
         let (reply, rx) = oneshot::channel();
         self.send(Job::Verify(VerifyJob {
@@ -96,6 +98,7 @@ impl<M: LanguageModel + 'static> Scheduler<M> {
             slot,
             tree,
             sampling,
+            logprobs,
             enqueued: Instant::now(),
             span: Span::current(),
             reply,
@@ -359,7 +362,14 @@ impl<M: LanguageModel> Worker<M> {
             let job = r.job;
             let result = out.and_then(|out| {
                 self.sessions.work_on(job.id, guard, |s| {
-                    s.verify_finish(&job.tree, &r.positions, r.base, &out, &job.sampling)
+                    s.verify_finish(
+                        &job.tree,
+                        &r.positions,
+                        r.base,
+                        &out,
+                        &job.sampling,
+                        job.logprobs,
+                    )
                 })
             });
             let timing = ServerTiming {
@@ -430,7 +440,7 @@ impl<M: LanguageModel> Ready<M> {
             positions: &self.positions,
             visibility: &self.visibility,
             outputs: OutputSpec {
-                logits: !self.job.sampling.is_greedy(),
+                logits: decoding::verify::needs_logits(&self.job.sampling, self.job.logprobs),
                 ..OutputSpec::all()
             },
         }

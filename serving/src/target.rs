@@ -125,7 +125,9 @@ impl<M: LanguageModel + 'static> TargetRuntime<M> {
         session: SessionId,
         tree: DraftTree,
         sampling: SamplingParams,
+        logprobs: Option<usize>,
     ) -> Result<(VerifyOutcome, ServerTiming)> {
+        decoding::logprobs::check(logprobs)?;
         if tree.len() > self.config.max_tree_nodes {
             return Err(FieldError::new(
                 "tokens",
@@ -136,7 +138,10 @@ impl<M: LanguageModel + 'static> TargetRuntime<M> {
         }
         check_vocab(&tree.tokens, self.model.info().vocab_size, "tokens")?;
         let slot = self.sessions.get(session)?;
-        let r = self.scheduler.verify(session, slot, tree, sampling).await;
+        let r = self
+            .scheduler
+            .verify(session, slot, tree, sampling, logprobs)
+            .await;
         self.publish();
         r
     }
@@ -163,8 +168,10 @@ impl<M: LanguageModel + 'static> TargetBackend for TargetRuntime<M> {
         session: SessionId,
         tree: &DraftTree,
         sampling: &SamplingParams,
+        logprobs: Option<usize>,
     ) -> Result<(VerifyOutcome, ServerTiming)> {
-        self.verify_tree(session, tree.clone(), *sampling).await
+        self.verify_tree(session, tree.clone(), *sampling, logprobs)
+            .await
     }
 
     async fn close(&self, session: SessionId) -> Result<()> {

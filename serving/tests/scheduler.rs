@@ -131,12 +131,15 @@ async fn a_long_prefill_does_not_stall_open_sessions() {
     // A's tree arrives while B's first chunk is in the model.
     let tree = DraftTree::from_parts(vec![a_local.last, 7, 9], vec![-1, 0, 1]).unwrap();
     let slot = sessions.get(a).unwrap();
-    let mut verify_a = Box::pin(scheduler.verify(a, slot, tree.clone(), greedy));
+    let mut verify_a = Box::pin(scheduler.verify(a, slot, tree.clone(), greedy, None));
     poll_once(&mut verify_a).await;
     model.set_closed(false);
 
     let (got, _timing) = verify_a.await.unwrap();
-    assert_eq!(got, a_local.verify(&model.inner, &tree, &greedy).unwrap());
+    assert_eq!(
+        got,
+        a_local.verify(&model.inner, &tree, &greedy, None).unwrap()
+    );
     let b = open_b.await.unwrap();
 
     let log = model.log()[forwards_before..].to_vec();
@@ -154,9 +157,9 @@ async fn a_long_prefill_does_not_stall_open_sessions() {
     let mut b_local = TargetSession::open(&model.inner, &long).unwrap();
     for round in 0..3u32 {
         let t = DraftTree::from_parts(vec![b_local.last, round, 11], vec![-1, 0, 0]).unwrap();
-        let want = b_local.verify(&model.inner, &t, &greedy).unwrap();
+        let want = b_local.verify(&model.inner, &t, &greedy, None).unwrap();
         let slot = sessions.get(b).unwrap();
-        let (got, _) = scheduler.verify(b, slot, t, greedy).await.unwrap();
+        let (got, _) = scheduler.verify(b, slot, t, greedy, None).await.unwrap();
         assert_eq!(got, want, "round {round}");
     }
 }

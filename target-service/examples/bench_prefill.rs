@@ -48,6 +48,7 @@ async fn decode(
                 tokens,
                 parents: vec![-1, 0, 1, 2],
                 sampling: None,
+                logprobs: None,
             })
             .await?
             .into_inner();

@@ -89,6 +89,7 @@ async fn main() -> anyhow::Result<()> {
                             tokens,
                             parents,
                             sampling: None,
+                            logprobs: None,
                         })
                         .await?
                         .into_inner();

@@ -96,7 +96,7 @@ impl<M: LanguageModel + 'static> TargetService for TargetGrpc<M> {
         let call = VerifyCall::try_from(r).map_err(|e| status_of(&e))?;
         let (outcome, t) = self
             .runtime
-            .verify_tree(call.session, call.tree, call.sampling)
+            .verify_tree(call.session, call.tree, call.sampling, call.logprobs)
             .await
             .map_err(|e| status_of(&e))?;
         Ok(Response::new(pb::VerifyResponse {
@@ -105,6 +105,7 @@ impl<M: LanguageModel + 'static> TargetService for TargetGrpc<M> {
             bonus: outcome.bonus,
             outputs: outcome.outputs,
             timing: timing(started, t.forward, t.queue),
+            logprobs: outcome.logprobs.iter().map(Into::into).collect(),
         }))
     }
 

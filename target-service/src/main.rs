@@ -119,3 +119,17 @@ async fn run<M: engine::LanguageModel + 'static>(
     };
     serve(grpc, listener, shutdown).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_flag_has_its_own_environment_variable() {
+        assert_eq!(
+            serving::args::env_gaps(&Args::command()),
+            Vec::<String>::new()
+        );
+    }
+}

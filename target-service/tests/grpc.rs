@@ -84,6 +84,7 @@ fn request(id: u64, t: &DraftTree, sampling: Option<Sampling>) -> pb::VerifyRequ
         tokens: t.tokens.clone(),
         parents: t.parents.clone(),
         sampling,
+        logprobs: None,
     }
 }
 
@@ -93,6 +94,7 @@ fn outcome(r: pb::VerifyResponse) -> VerifyOutcome {
         accepted: r.accepted,
         bonus: r.bonus,
         outputs: r.outputs,
+        logprobs: r.logprobs.into_iter().map(Into::into).collect(),
     }
 }
 
@@ -110,7 +112,7 @@ async fn rounds_match<M: LanguageModel + 'static>(
     let sp = proto::convert::sampling_from_pb(sampling.as_ref());
     for round in 0..5 {
         let t = tree(local.last, 3 + round * 2, vocab, seed * 31 + round as u64);
-        let want = local.verify(&*model, &t, &sp).unwrap();
+        let want = local.verify(&*model, &t, &sp, None).unwrap();
         let got = remote
             .verify(request(id, &t, sampling))
             .await
@@ -175,7 +177,7 @@ async fn batched_equals_alone<M: LanguageModel + 'static>(model: Arc<M>) {
                     s * 100 + round as u64,
                 );
                 let want = local
-                    .verify(&*model, &t, &SamplingParams::greedy())
+                    .verify(&*model, &t, &SamplingParams::greedy(), None)
                     .unwrap();
                 let got = c.verify(request(id, &t, None)).await.unwrap().into_inner();
                 queued += got.timing.map_or(0.0, |t| t.queue_s);
@@ -244,6 +246,7 @@ async fn bad_input_gets_a_status_naming_the_field() {
         tokens,
         parents,
         sampling: None,
+        logprobs: None,
     };
     let cases = [
         (
@@ -322,6 +325,7 @@ async fn bad_input_gets_a_status_naming_the_field() {
             tokens: long,
             parents: chain,
             sampling: None,
+            logprobs: None,
         })
         .await,
     )
@@ -378,6 +382,7 @@ async fn idle_sessions_expire_and_full_service_refuses_new_ones() {
         tokens: vec![2],
         parents: vec![-1],
         sampling: None,
+        logprobs: None,
     };
     let (got, msg) = code_of(c.verify(r).await).await;
     assert_eq!(got, Code::NotFound, "{msg}");
@@ -406,6 +411,7 @@ async fn kv_budget_refuses_new_sessions_but_keeps_existing_ones() {
         tokens: vec![4, 5],
         parents: vec![-1, 0],
         sampling: None,
+        logprobs: None,
     };
     assert!(c.verify(r).await.is_ok());
 }

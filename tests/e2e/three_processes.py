@@ -147,6 +147,15 @@ def check_grpc_conventions(pb, pb_grpc, addr):
             bad = error_details_pb2.BadRequest()
             assert status.details[0].Unpack(bad), status.details
             assert bad.field_violations[0].field == "max_new_tokens", bad
+        # Info, Tokenize and Detokenize.
+        info = api.Info(pb.InfoRequest(), timeout=30)
+        assert info.model == "qwen2.5-coder-0.5b-instruct.gguf", info.model
+        assert info.draft_model and info.context_length > 0, info
+        assert pb.STRATEGY_OUROBOROS in info.strategies
+        assert len(info.verify_costs) > 0, "the orchestrator profiled its backends at start"
+        ids = api.Tokenize(pb.TokenizeRequest(text="def fibonacci(n):"), timeout=30).token_ids
+        text = api.Detokenize(pb.DetokenizeRequest(token_ids=ids), timeout=30).text
+        assert text == "def fibonacci(n):", text
 
 
 def check_openai(pb, pb_grpc, grpc_addr, base):
@@ -181,6 +190,24 @@ def check_openai(pb, pb_grpc, grpc_addr, base):
                                       temperature=0, extra_body={"strategy": strategy})
         assert r.choices[0].text == plain.text, (strategy, r.choices[0].text, plain.text)
         assert r.model_dump()["ouroboros"]["strategy"] == strategy
+    # Log-probabilities with 5 alternatives: the same under every strategy (the target's
+    # rows do not depend on the tree they were computed in), and under greedy the chosen
+    # token is the most likely one.
+    lps = {}
+    for strategy in ("greedy", "speculative", "trie", "ouroboros"):
+        r = client.completions.create(model=model, prompt="def fibonacci(n):", max_tokens=24,
+                                      temperature=0, logprobs=5,
+                                      extra_body={"strategy": strategy})
+        lps[strategy] = r.choices[0].logprobs
+        assert r.choices[0].text == plain.text
+    want_lp = lps["greedy"]
+    assert len(want_lp.token_logprobs) == 24
+    for chosen, top in zip(want_lp.token_logprobs, want_lp.top_logprobs):
+        assert len(top) == 5 and chosen == max(top.values()), (chosen, top)
+    for strategy, lp in lps.items():
+        assert lp.tokens == want_lp.tokens, strategy
+        assert all(abs(a - b) <= 1e-5
+                   for a, b in zip(lp.token_logprobs, want_lp.token_logprobs)), strategy
     # Unseeded sampled requests draw different seeds; each replays to its own text.
     drawn = [client.completions.create(model=model, prompt="Once upon a time", max_tokens=16,
                                        temperature=1.0) for _ in range(2)]
@@ -206,7 +233,7 @@ def check_openai(pb, pb_grpc, grpc_addr, base):
     assert lines[0].startswith("data: {") and lines[-1] == "data: [DONE]", out
     health = urllib.request.urlopen(f"{base}/health", timeout=10)
     assert health.status == 200
-    print("OpenAI-compatible HTTP API: chat stream, completions, seeds, errors, SSE ok")
+    print("OpenAI-compatible HTTP API: chat stream, completions, logprobs, seeds, errors, SSE ok")
 
 
 def check_metrics(url):

@@ -83,5 +83,7 @@ pub(crate) async fn run<D: DraftBackend>(
         sources,
         finish: result?,
         stats,
+        // Refused by validation: the host returns tokens without their distribution.
+        logprobs: Vec::new(),
     })
 }

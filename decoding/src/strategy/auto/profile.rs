@@ -241,7 +241,7 @@ pub(super) async fn time_verifies<T: TargetBackend>(
             let chain: Vec<u32> = (1..n).map(|i| filler(i + 7 * rep + j, vocab)).collect();
             tree.add_path(0, &chain);
             let t0 = Instant::now();
-            let (v, _) = target.verify(id, &tree, &greedy).await?;
+            let (v, _) = target.verify(id, &tree, &greedy, None).await?;
             let t = t0.elapsed().as_secs_f64();
             samples[j].push(t);
             last = v.bonus;

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Compiles the GPU path without a GPU: fetches the CUDA 13.4 compiler from PyPI wheels
+# (nvcc, cicc/NVVM, the CRT and runtime headers, CCCL; about 130 MB, once, into
+# .tools/cuda-13.4), then type-checks the services and the engine with `--features cuda`
+# (candle's CUDA backend and its kernels, built to sm_90 PTX by nvcc, plus our
+# cuda-only code). It runs in CI beside the CPU tests; nothing here needs a GPU or a
+# driver (no libcuda is linked by a check). 13.4 is the newest CUDA that candle 0.11's
+# cudarc accepts; the -cu12 nvcc wheels hold only ptxas.
+#
+#   scripts/cuda-check.sh            (CUDA_COMPUTE_CAP defaults to 90, the H100)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+tools="${OURO_TOOLS_DIR:-$PWD/.tools}"
+cuda="$tools/cuda-13.4"
+log() { printf '[cuda-check] %s\n' "$*" >&2; }
+
+if [ ! -x "$cuda/bin/nvcc" ] || [ ! -x "$cuda/nvvm/bin/cicc" ]; then
+  log "fetching the CUDA 13.4 compiler wheels from PyPI into $cuda"
+  wheels=$(mktemp -d)
+  trap 'rm -rf "$wheels"' EXIT
+  python3 -m pip download --quiet --disable-pip-version-check --no-deps \
+    --only-binary=:all: --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux_2_12_x86_64 --python-version 3.11 -d "$wheels" \
+    nvidia-cuda-nvcc==13.4.92 nvidia-nvvm==13.4.92 nvidia-cuda-crt==13.4.92 \
+    nvidia-cuda-runtime==13.4.92 nvidia-cuda-cccl==13.3.5.0.6
+  rm -rf "$cuda.tmp" && mkdir -p "$cuda.tmp"
+  for w in "$wheels"/*.whl; do python3 -m zipfile -e "$w" "$cuda.tmp/"; done
+  # Wheels do not keep the executable bits.
+  chmod +x "$cuda.tmp"/nvidia/cu13/bin/* "$cuda.tmp"/nvidia/cu13/nvvm/bin/*
+  rm -rf "$cuda" && mv "$cuda.tmp/nvidia/cu13" "$cuda" && rm -rf "$cuda.tmp"
+fi
+export CUDA_HOME="$cuda" CUDA_PATH="$cuda" PATH="$cuda/bin:$PATH"
+export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
+log "$(nvcc --version | tail -2 | head -1), compute capability $CUDA_COMPUTE_CAP"
+# Its own target folder: the CPU build's artifacts stay as they are.
+CARGO_TARGET_DIR="${OURO_CUDA_TARGET_DIR:-$PWD/target/cuda-check}" \
+  cargo check --release --locked -p engine -p target-service -p draft-service \
+  --features engine/cuda,target-service/cuda,draft-service/cuda --all-targets
+log "the cuda build type-checks"
