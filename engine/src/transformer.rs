@@ -61,6 +61,8 @@ pub struct LoadOptions {
     /// Run Q4_K/Q6_K matrices on candle's kernels instead of ours (`kquant_matmul`);
     /// for comparing the two.
     pub candle_kquants: bool,
+    /// Told after each layer is loaded (layers plus the output head in all).
+    pub progress: crate::progress::ProgressHook,
 }
 
 /// A matmul operand: candle's, or on CPU our kernels for dense f16 weights and for
@@ -370,6 +372,7 @@ impl Transformer {
                 up: plain(col(get(source, Role::Up(i), &[inter, h])?, f0, f_n)?)?,
                 down: plain(row(get(source, Role::Down(i), &[h, inter])?, f0, f_n)?)?,
             });
+            opts.progress.report(i + 1, cfg.num_layers + 1);
         }
         let final_norm = get(source, Role::FinalNorm, &[h])?.to_f32(device)?;
         let lm_head = if shard.rank == 0 {
@@ -396,6 +399,7 @@ impl Transformer {
             RawWeight::Dense(t) => QMatMul::Tensor(t.to_dtype(DType::F32)?),
         };
         let (cos, sin) = rope_tables(cfg.rope_theta, d, cfg.max_position, device)?;
+        opts.progress.report(cfg.num_layers + 1, cfg.num_layers + 1);
         let info = ModelInfo {
             name: name.to_string(),
             vocab_size: cfg.vocab_size,

@@ -5,6 +5,7 @@
 
 use crate::chat::ChatTemplate;
 use crate::pipeline::Pipeline;
+use crate::progress::Progress;
 use crate::vocabulary;
 use anyhow::{Context, Result, bail};
 use candle_core::Device;
@@ -167,7 +168,9 @@ pub fn load_draft(paths: &ModelPaths) -> Result<Option<Arc<Transformer>>> {
         return Ok(None);
     };
     check_file(d, "draft model")?;
+    let progress = Progress::new(format!("loading the draft {}", file_name(d)));
     let opts = LoadOptions {
+        progress: progress.hook(),
         head_vocab: paths.draft_head_vocab,
         requantize: paths
             .draft_requantize
@@ -177,13 +180,31 @@ pub fn load_draft(paths: &ModelPaths) -> Result<Option<Arc<Transformer>>> {
         ..LoadOptions::default()
     };
     let m = engine::load_model(d, &opts, &Device::Cpu)
-        .with_context(|| format!("loading draft {}", d.display()))?;
-    Ok(Some(Arc::new(m)))
+        .with_context(|| format!("loading draft {}", d.display()));
+    progress.finish();
+    Ok(Some(Arc::new(m?)))
 }
 
-fn target_options(paths: &ModelPaths) -> LoadOptions {
+/// The default profile, timed with a progress bar (or log lines).
+pub fn profile_options() -> decoding::ProfileOptions {
+    let progress = Progress::new("measuring the cost profile for the auto strategy");
+    decoding::ProfileOptions {
+        progress: progress.hook(),
+        ..Default::default()
+    }
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name().map_or_else(
+        || p.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    )
+}
+
+fn target_options(paths: &ModelPaths, progress: &Arc<Progress>) -> LoadOptions {
     LoadOptions {
         dequantize_f16: paths.target_f16,
+        progress: progress.hook(),
         ..LoadOptions::default()
     }
 }
@@ -195,8 +216,15 @@ pub fn load_single(
 ) -> Result<Embedded<Transformer>> {
     check_file(&paths.target, "target model")?;
     let tokenizer = load_tokenizer(paths)?;
-    let m = engine::load_model(&paths.target, &target_options(paths), &Device::Cpu)
-        .with_context(|| format!("loading target {}", paths.target.display()))?;
+    let progress = Progress::new(format!("loading the target {}", file_name(&paths.target)));
+    let m = engine::load_model(
+        &paths.target,
+        &target_options(paths, &progress),
+        &Device::Cpu,
+    )
+    .with_context(|| format!("loading target {}", paths.target.display()));
+    progress.finish();
+    let m = m?;
     assemble(Arc::new(m), tokenizer, paths, phrase_len, limits)
 }
 
@@ -208,13 +236,19 @@ pub fn load_tp(
 ) -> Result<Embedded<TpModel>> {
     check_file(&paths.target, "target model")?;
     let tokenizer = load_tokenizer(paths)?;
-    let m = TpModel::load(&paths.target, world, &target_options(paths), &Device::Cpu)
-        .with_context(|| {
-            format!(
-                "loading target {} over {world} ranks",
-                paths.target.display()
-            )
-        })?;
+    let progress = Progress::new(format!("loading the target {}", file_name(&paths.target)));
+    let m = TpModel::load(
+        &paths.target,
+        world,
+        &target_options(paths, &progress),
+        &Device::Cpu,
+    )
+    .with_context(|| {
+        format!(
+            "loading target {} over {world} ranks",
+            paths.target.display()
+        )
+    })?;
     assemble(Arc::new(m), tokenizer, paths, phrase_len, limits)
 }
 
@@ -342,8 +376,7 @@ impl<T: LanguageModel + 'static> Embedded<T> {
 
     /// Measures what verifies and draft calls cost on this machine (for `auto`), once.
     pub fn measure_costs(&self) -> Result<decoding::CostProfile> {
-        eprintln!("measuring the cost profile for the auto strategy ...");
-        let opts = decoding::ProfileOptions::default();
+        let opts = profile_options();
         let p = futures::executor::block_on(self.pipeline.measure_costs_here(&opts))
             .context("measuring the cost profile")?;
         eprintln!("cost profile: {}", p.describe());

@@ -8,6 +8,7 @@ pub mod embedded;
 pub mod http;
 pub mod openai;
 pub mod pipeline;
+pub mod progress;
 pub mod remote;
 pub mod replicas;
 pub mod testing;

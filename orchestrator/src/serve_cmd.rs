@@ -4,7 +4,7 @@
 use crate::{DecodeArgs, ModelArgs};
 use anyhow::{Context, Result};
 use clap::Args;
-use decoding::{DraftBackend, PhrasePool, ProfileOptions, Strategy, TargetBackend};
+use decoding::{DraftBackend, PhrasePool, Strategy, TargetBackend};
 use orchestrator::api::GenerateService;
 use orchestrator::embedded::{self, Embedded};
 use orchestrator::pipeline::{Pipeline, Runner};
@@ -112,8 +112,7 @@ async fn serve_with(a: ServeArgs) -> Result<()> {
     }
     if !a.skip_profile {
         // Before taking traffic, so the timings are of an idle deployment.
-        tracing::info!("measuring the cost profile for the auto strategy");
-        match runner.measure_costs(ProfileOptions::default()).await {
+        match runner.measure_costs(embedded::profile_options()).await {
             Ok(p) => tracing::info!(profile = %p.describe(), "auto strategy ready"),
             Err(e) => tracing::warn!("no cost profile ({e}); auto requests decode greedily"),
         }

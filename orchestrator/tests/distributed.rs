@@ -140,6 +140,7 @@ async fn cluster() -> Cluster {
         draft_tokens: vec![1, 2, 4],
         reps: 1,
         prompt_len: 16,
+        ..ProfileOptions::default()
     };
     let profile = pipeline.measure_costs_here(&quick).await.unwrap();
     assert!(profile.draft().is_some());

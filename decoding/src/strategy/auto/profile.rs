@@ -154,6 +154,8 @@ pub struct ProfileOptions {
     pub reps: usize,
     /// Tokens of the synthetic prompt the sessions start from.
     pub prompt_len: usize,
+    /// Told after each timed call (verify calls, then draft calls).
+    pub progress: engine::progress::ProgressHook,
 }
 
 impl Default for ProfileOptions {
@@ -163,6 +165,7 @@ impl Default for ProfileOptions {
             draft_tokens: vec![1, 2, 4, 8],
             reps: 3,
             prompt_len: 64,
+            progress: Default::default(),
         }
     }
 }
@@ -217,10 +220,14 @@ pub async fn measure<T: TargetBackend, D: DraftBackend>(
         tracing::debug!("closing the profiling session: {e}");
     }
     let verify = timed?;
+    // Sizes not worth timing were skipped: what is left is the draft's part.
+    let steps = opts.verify_sizes.len() * (opts.reps + 1) + opts.draft_tokens.len();
+    opts.progress.report(steps - opts.draft_tokens.len(), steps);
     let draft_cost = match draft {
         Some(d) => Some(time_drafts(d, &prompt, opts).await?),
         None => None,
     };
+    opts.progress.report(steps, steps);
     CostProfile::new(verify, draft_cost)
 }
 
@@ -235,8 +242,13 @@ pub(super) async fn time_verifies<T: TargetBackend>(
     let mut last = *prompt.last().expect("the prompt is not empty");
     let mut samples = vec![Vec::new(); opts.verify_sizes.len()];
     let mut sizes = opts.verify_sizes.len();
+    let mut done = 0;
     for rep in 0..=opts.reps {
         for (j, &n) in opts.verify_sizes.iter().enumerate().take(sizes) {
+            // Steps still to come at the current size count, drafts after them.
+            let total = done + sizes * (opts.reps + 1 - rep) - j + opts.draft_tokens.len();
+            opts.progress.report(done, total);
+            done += 1;
             let mut tree = DraftTree::new(last);
             let chain: Vec<u32> = (1..n).map(|i| filler(i + 7 * rep + j, vocab)).collect();
             tree.add_path(0, &chain);
