@@ -11,6 +11,7 @@ use proto::convert::status_of;
 use proto::v1 as pb;
 use proto::v1::ouroboros_server::Ouroboros;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokenizers::Tokenizer;
@@ -59,8 +60,18 @@ impl GenerateService {
         let strategy = params.strategy.name();
         let started = Instant::now();
         let mut last: Option<Instant> = None;
-        m.in_flight.inc();
+        // The request counts as running until its decoding work ends (the sink, which that
+        // work owns, is dropped), not only until this call returns.
+        let running = Running::start();
+        // Dropped with this call's future: a caller that left or ran out of time stops the
+        // work at its next commit, which closes its sessions.
+        let caller = Caller::default();
+        let gone = caller.gone.clone();
         let sink: BoxedSink = Box::new(move |tokens: &[u32], sources: &[TokenSource]| {
+            let _running = &running;
+            if gone.load(Ordering::Relaxed) {
+                return Flow::Stop;
+            }
             let now = Instant::now();
             match last {
                 None => m
@@ -110,7 +121,7 @@ impl GenerateService {
         let prompt_tokens = prompt.len();
         let seed = (!params.sampling.is_greedy()).then_some(params.sampling.seed);
         let g = self.runner.run(prompt, params, sink).await;
-        m.in_flight.dec();
+        drop(caller);
         let g = g.map_err(|e| status_of(&e))?;
         record(
             &g.stats,
@@ -147,6 +158,34 @@ impl GenerateService {
             seed,
             logprobs,
         })
+    }
+}
+
+/// Raises `ouro_requests_running` for as long as it lives.
+struct Running;
+
+impl Running {
+    fn start() -> Self {
+        telemetry::metrics().in_flight.inc();
+        Self
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        telemetry::metrics().in_flight.dec();
+    }
+}
+
+/// Marks the caller gone when dropped before the request's end was awaited.
+#[derive(Default)]
+struct Caller {
+    gone: Arc<AtomicBool>,
+}
+
+impl Drop for Caller {
+    fn drop(&mut self) {
+        self.gone.store(true, Ordering::Relaxed);
     }
 }
 

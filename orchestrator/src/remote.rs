@@ -18,12 +18,43 @@ use std::time::Duration;
 use telemetry::traces::traced;
 use tonic::transport::{Channel, Endpoint};
 
-/// Connects lazily-reconnecting channel to `url` ("http://host:port"), failing fast when
-/// nothing answers.
-pub async fn channel(url: &str) -> anyhow::Result<Channel> {
+/// Deadlines of an internal channel: a call past `call` fails with DEADLINE_EXCEEDED (a
+/// draft's failure sends its request on target-only; a target's ends the request), and an
+/// HTTP/2 ping every `keepalive` finds a peer that stopped answering (a hung process, a
+/// blackholed node) even while no call is waiting.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CallLimits {
+    pub connect: Duration,
+    pub call: Duration,
+    pub keepalive: Duration,
+}
+
+impl CallLimits {
+    /// What target services get by default: a verify of a long prompt's prefill may take
+    /// many seconds on a CPU.
+    pub const TARGET: Self = Self {
+        connect: Duration::from_secs(5),
+        call: Duration::from_secs(120),
+        keepalive: Duration::from_secs(20),
+    };
+    /// Draft calls are short; a hung draft should cost little before the fallback.
+    pub const DRAFT: Self = Self {
+        connect: Duration::from_secs(5),
+        call: Duration::from_secs(10),
+        keepalive: Duration::from_secs(20),
+    };
+}
+
+/// Connects a channel to `url` ("http://host:port") under `limits`, failing fast when
+/// nothing answers; it reconnects by itself later.
+pub async fn channel(url: &str, limits: CallLimits) -> anyhow::Result<Channel> {
     let endpoint = Endpoint::from_shared(url.to_string())
         .with_context(|| format!("bad endpoint {url}"))?
-        .connect_timeout(Duration::from_secs(5))
+        .connect_timeout(limits.connect)
+        .timeout(limits.call)
+        .http2_keep_alive_interval(limits.keepalive)
+        .keep_alive_timeout(limits.keepalive)
+        .keep_alive_while_idle(true)
         .tcp_nodelay(true);
     endpoint
         .connect()
@@ -57,13 +88,17 @@ impl RemoteTarget {
     /// Connects and reads the service's Info (its vocabulary fingerprinted over all its
     /// entries).
     pub async fn connect(url: &str) -> anyhow::Result<Self> {
-        Self::connect_for(url, 0).await
+        Self::connect_for(url, 0, CallLimits::TARGET).await
     }
 
-    /// Connects, asking for the fingerprint of the first `vocab_entries` vocabulary
-    /// entries (a tokenizer's size; see `vocabulary::check_service`).
-    pub async fn connect_for(url: &str, vocab_entries: usize) -> anyhow::Result<Self> {
-        let mut client = TargetServiceClient::new(channel(url).await?);
+    /// Connects under `limits`, asking for the fingerprint of the first `vocab_entries`
+    /// vocabulary entries (a tokenizer's size; see `vocabulary::check_service`).
+    pub async fn connect_for(
+        url: &str,
+        vocab_entries: usize,
+        limits: CallLimits,
+    ) -> anyhow::Result<Self> {
+        let mut client = TargetServiceClient::new(channel(url, limits).await?);
         let info = client
             .info(tpb::InfoRequest {
                 vocab_fingerprint_entries: vocab_entries as u32,
@@ -169,12 +204,16 @@ pub struct RemoteDraft {
 
 impl RemoteDraft {
     pub async fn connect(url: &str) -> anyhow::Result<Self> {
-        Self::connect_for(url, 0).await
+        Self::connect_for(url, 0, CallLimits::DRAFT).await
     }
 
     /// As `RemoteTarget::connect_for`.
-    pub async fn connect_for(url: &str, vocab_entries: usize) -> anyhow::Result<Self> {
-        let mut client = DraftServiceClient::new(channel(url).await?);
+    pub async fn connect_for(
+        url: &str,
+        vocab_entries: usize,
+        limits: CallLimits,
+    ) -> anyhow::Result<Self> {
+        let mut client = DraftServiceClient::new(channel(url, limits).await?);
         let info = client
             .info(dpb::InfoRequest {
                 vocab_fingerprint_entries: vocab_entries as u32,

@@ -8,7 +8,7 @@ use decoding::{DraftBackend, PhrasePool, Strategy, TargetBackend};
 use orchestrator::api::GenerateService;
 use orchestrator::embedded::{self, Embedded};
 use orchestrator::pipeline::{Pipeline, Runner};
-use orchestrator::remote::{RemoteDraft, RemoteTarget};
+use orchestrator::remote::{CallLimits, RemoteDraft, RemoteTarget};
 use orchestrator::replicas::Replicas;
 use orchestrator::vocabulary;
 use serving::TargetConfig;
@@ -49,6 +49,13 @@ pub struct ServeArgs {
     /// Skip timing the backends at start; `auto` requests then decode greedily.
     #[arg(long, env = "OURO_SKIP_PROFILE")]
     skip_profile: bool,
+    /// Most seconds one call to a target service may take (a verify, a prefill).
+    #[arg(long, env = "OURO_TARGET_CALL_TIMEOUT_S", default_value_t = CallLimits::TARGET.call.as_secs_f64())]
+    target_call_timeout_s: f64,
+    /// Most seconds one call to a draft service may take; past it the request goes on
+    /// target-only (still exact; `draft_fallback` says why).
+    #[arg(long, env = "OURO_DRAFT_CALL_TIMEOUT_S", default_value_t = CallLimits::DRAFT.call.as_secs_f64())]
+    draft_call_timeout_s: f64,
     #[command(flatten)]
     model: ModelArgs,
     /// The in-process target runtime's limits (embedded mode; the same flags and
@@ -181,11 +188,25 @@ async fn remote(a: &ServeArgs, url: &str, phrase_len: usize) -> Result<Served> {
     let (tokenizer, vocab) = vocabulary::open(paths.tokenizer.as_deref(), &paths.target)
         .context("remote mode runs the tokenizer here: give --tokenizer (a tokenizer.json, a model folder or the target's GGUF file)")?;
     let entries = vocab.len();
+    let seconds = |s: f64, flag: &str| {
+        Duration::try_from_secs_f64(s)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .with_context(|| format!("--{flag}: a positive number of seconds, got {s}"))
+    };
+    let target_limits = CallLimits {
+        call: seconds(a.target_call_timeout_s, "target-call-timeout-s")?,
+        ..CallLimits::TARGET
+    };
+    let draft_limits = CallLimits {
+        call: seconds(a.draft_call_timeout_s, "draft-call-timeout-s")?,
+        ..CallLimits::DRAFT
+    };
     let eos = embedded::stop_ids(Path::new(""), &tokenizer)?;
     let refresh = Duration::from_secs(a.discovery_refresh_s);
     let target = Replicas::connect(
         url,
-        move |u| async move { RemoteTarget::connect_for(&u, entries).await },
+        move |u| async move { RemoteTarget::connect_for(&u, entries, target_limits).await },
         <RemoteTarget as TargetBackend>::info,
         refresh,
     )
@@ -195,7 +216,7 @@ async fn remote(a: &ServeArgs, url: &str, phrase_len: usize) -> Result<Served> {
     let drafts = |spec: String| async move {
         Replicas::connect(
             &spec,
-            move |u| async move { RemoteDraft::connect_for(&u, entries).await },
+            move |u| async move { RemoteDraft::connect_for(&u, entries, draft_limits).await },
             <RemoteDraft as DraftBackend>::info,
             refresh,
         )

@@ -15,7 +15,7 @@ use engine::{Architecture, LoadOptions};
 use orchestrator::api::GenerateService;
 use orchestrator::chat::ChatTemplate;
 use orchestrator::pipeline::Pipeline;
-use orchestrator::remote::{RemoteDraft, RemoteTarget};
+use orchestrator::remote::{CallLimits, RemoteDraft, RemoteTarget};
 use proto::common::v1::{Lookahead, Sampling, TokenLogprobs};
 use proto::v1 as pb;
 use proto::v1::ouroboros_client::OuroborosClient;
@@ -610,7 +610,7 @@ async fn a_tokenizer_the_services_do_not_share_is_refused() {
 
     // The target's own words, fewer than its table (a tokenizer smaller than the model).
     let ours = Vocabulary::of_tokenizer(&common::word_tokenizer(64), "w-words");
-    let target = RemoteTarget::connect_for(&format!("http://{ta}"), ours.len())
+    let target = RemoteTarget::connect_for(&format!("http://{ta}"), ours.len(), CallLimits::TARGET)
         .await
         .unwrap();
     let info = decoding::TargetBackend::info(&target);
@@ -628,16 +628,150 @@ async fn a_tokenizer_the_services_do_not_share_is_refused() {
     // The draft differs from the target at id 40: refused for the full table, accepted by
     // a tokenizer that stops before it.
     let all = Vocabulary::of_tokenizer(&common::word_tokenizer(VOCAB), "w-words");
-    let draft = RemoteDraft::connect_for(&format!("http://{da}"), all.len())
+    let draft = RemoteDraft::connect_for(&format!("http://{da}"), all.len(), CallLimits::DRAFT)
         .await
         .unwrap();
     let refused = check_service(&all, "draft", &decoding::DraftBackend::info(&draft))
         .unwrap_err()
         .to_string();
     assert!(refused.contains("draft service"), "{refused}");
-    let draft = RemoteDraft::connect_for(&format!("http://{da}"), 40)
+    let draft = RemoteDraft::connect_for(&format!("http://{da}"), 40, CallLimits::DRAFT)
         .await
         .unwrap();
     let first_40 = Vocabulary::of_tokenizer(&common::word_tokenizer(40), "w-words");
     check_service(&first_40, "draft", &decoding::DraftBackend::info(&draft)).unwrap();
+}
+
+/// A TCP proxy that can freeze: it stops moving bytes both ways without closing anything,
+/// as a SIGSTOPped process or a blackholed node looks to its peers.
+async fn freezable_proxy(to: SocketAddr) -> (SocketAddr, Arc<std::sync::atomic::AtomicBool>) {
+    let frozen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (l, addr) = listener().await;
+    let f = frozen.clone();
+    tokio::spawn(async move {
+        while let Ok((inbound, _)) = l.accept().await {
+            let Ok(outbound) = tokio::net::TcpStream::connect(to).await else {
+                continue;
+            };
+            let (ri, wi) = inbound.into_split();
+            let (ro, wo) = outbound.into_split();
+            tokio::spawn(pipe(ri, wo, f.clone()));
+            tokio::spawn(pipe(ro, wi, f.clone()));
+        }
+    });
+    (addr, frozen)
+}
+
+async fn pipe(
+    mut from: impl tokio::io::AsyncRead + Unpin,
+    mut to: impl tokio::io::AsyncWrite + Unpin,
+    frozen: Arc<std::sync::atomic::AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 << 10];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        while frozen.load(std::sync::atomic::Ordering::SeqCst) {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A draft service that stops answering mid-stream (not refusing: hanging) costs its
+/// requests the draft call timeout, then they go on target-only with the same tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hung_draft_service_times_out_into_exact_target_only() {
+    use std::sync::atomic::Ordering;
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(Architecture::Qwen2);
+    let w = random_weights(&cfg, 17, true, false).unwrap();
+    let (tp, dp) = (dir.path().join("t.gguf"), dir.path().join("d.gguf"));
+    write_gguf(&tp, &cfg, &w, GgmlDType::F32).unwrap();
+    write_gguf(&dp, &cfg, &w, GgmlDType::Q8_0).unwrap();
+    let (tl, ta) = listener().await;
+    tokio::spawn(target_service::serve(
+        TargetGrpc::new(model(&tp).await, TargetConfig::default()),
+        tl,
+        std::future::pending(),
+    ));
+    let (dl, da) = listener().await;
+    tokio::spawn(draft_service::serve(
+        DraftGrpc::new(model(&dp).await, DraftConfig::default()),
+        dl,
+        std::future::pending(),
+    ));
+    let (proxy, frozen) = freezable_proxy(da).await;
+    let limits = CallLimits {
+        call: Duration::from_millis(500),
+        ..CallLimits::DRAFT
+    };
+    let pool = || Arc::new(PhrasePool::new(PoolConfig::default()));
+    let pipeline = Pipeline {
+        target: Arc::new(
+            RemoteTarget::connect(&format!("http://{ta}"))
+                .await
+                .unwrap(),
+        ),
+        draft: Some(Arc::new(
+            RemoteDraft::connect_for(&format!("http://{proxy}"), 0, limits)
+                .await
+                .unwrap(),
+        )),
+        lookahead: None::<Arc<RemoteDraft>>,
+        pool: pool(),
+        lookahead_pool: pool(),
+        trie: Default::default(),
+        tuner: Default::default(),
+        blocking: false,
+    };
+    let prompt = &prompts()[0];
+    let params = |strategy| DecodeParams {
+        strategy,
+        max_new_tokens: 48,
+        gamma: 4,
+        ..DecodeParams::default()
+    };
+    let mut none = |_: &[u32], _: &[decoding::TokenSource]| decoding::Flow::Continue;
+    let plain = pipeline
+        .generate(prompt, &params(Strategy::Greedy), &mut none)
+        .await
+        .unwrap();
+    let drafted = pipeline
+        .generate(prompt, &params(Strategy::Speculative), &mut none)
+        .await
+        .unwrap();
+    assert_eq!(drafted.tokens, plain.tokens);
+    assert!(drafted.stats.draft_fallback.is_none() && drafted.stats.accepted > 0);
+
+    // Freeze the draft after a few committed tokens of the next request.
+    let mut seen = 0;
+    let f = frozen.clone();
+    let mut freeze_midway = |t: &[u32], _: &[decoding::TokenSource]| {
+        seen += t.len();
+        if seen >= 8 {
+            f.store(true, Ordering::SeqCst);
+        }
+        decoding::Flow::Continue
+    };
+    let started = Instant::now();
+    let g = pipeline
+        .generate(prompt, &params(Strategy::Speculative), &mut freeze_midway)
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(g.tokens, plain.tokens, "the output did not change");
+    let why = g.stats.draft_fallback.expect("the fallback is reported");
+    assert!(why.contains("draft"), "{why}");
+    assert!(
+        took < Duration::from_secs(8),
+        "the hung draft cost {took:?}"
+    );
+    frozen.store(false, Ordering::SeqCst);
 }
