@@ -35,7 +35,7 @@ pub use local::{LocalDraft, LocalTarget};
 pub use logprobs::TokenLogprobs;
 pub use lookahead::LookaheadParams;
 pub use params::{DecodeParams, FinishReason, Flow, Generation, Strategy, TokenSink, TokenSource};
-pub use pool::{Ngram, PhrasePool, PoolConfig};
+pub use pool::{Ngram, PhrasePool, PoolConfig, VocabStamp};
 pub use sampling::SamplingParams;
 pub use stats::SpecStats;
 pub use strategy::auto;

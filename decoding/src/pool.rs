@@ -78,7 +78,16 @@ pub struct PhrasePool {
 }
 
 const SNAPSHOT_MAGIC: &[u8; 8] = b"OUROPOOL";
-const SNAPSHOT_VERSION: u32 = 1;
+/// 2 adds the vocabulary stamp after the phrase length.
+const SNAPSHOT_VERSION: u32 = 2;
+
+/// Which vocabulary a snapshot's token ids belong to: the tokenizer's entry count and a
+/// fingerprint of its strings. A snapshot of another vocabulary is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VocabStamp {
+    pub entries: u32,
+    pub fingerprint: u64,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
@@ -88,6 +97,13 @@ pub enum SnapshotError {
     Format(u32),
     #[error("snapshot has phrases of {found} tokens, this pool keeps {expected}")]
     PhraseLen { found: usize, expected: usize },
+    #[error("snapshot of another vocabulary ({found:?}; this server's is {expected:?})")]
+    Vocabulary {
+        found: VocabStamp,
+        expected: VocabStamp,
+    },
+    #[error("snapshot holds token {0}, outside its vocabulary")]
+    Token(u32),
 }
 
 impl PhrasePool {
@@ -218,7 +234,11 @@ impl PhrasePool {
 
     /// Writes every phrase, least recently touched keys first, so that a restore followed
     /// by eviction keeps the most recent ones.
-    pub fn snapshot(&self, out: &mut impl Write) -> Result<usize, SnapshotError> {
+    pub fn snapshot(
+        &self,
+        out: &mut impl Write,
+        stamp: VocabStamp,
+    ) -> Result<usize, SnapshotError> {
         type Entry = (u64, u32, Vec<Box<[u32]>>);
         let mut keys: Vec<Entry> = self
             .map
@@ -235,6 +255,8 @@ impl PhrasePool {
         out.write_all(SNAPSHOT_MAGIC)?;
         out.write_all(&SNAPSHOT_VERSION.to_le_bytes())?;
         out.write_all(&(self.config.phrase_len as u32).to_le_bytes())?;
+        out.write_all(&stamp.entries.to_le_bytes())?;
+        out.write_all(&stamp.fingerprint.to_le_bytes())?;
         out.write_all(&(keys.len() as u64).to_le_bytes())?;
         let mut written = 0;
         for (_, key, phrases) in keys {
@@ -251,8 +273,13 @@ impl PhrasePool {
         Ok(written)
     }
 
-    /// Inserts every phrase of a snapshot; returns how many were read.
-    pub fn restore(&self, input: &mut impl Read) -> Result<usize, SnapshotError> {
+    /// Inserts every phrase of a snapshot of vocabulary `stamp`; returns how many were
+    /// read. All or nothing: a damaged, foreign or truncated snapshot changes nothing.
+    pub fn restore(
+        &self,
+        input: &mut impl Read,
+        stamp: VocabStamp,
+    ) -> Result<usize, SnapshotError> {
         let mut magic = [0u8; 8];
         input.read_exact(&mut magic)?;
         let version = read_u32(input)?;
@@ -266,23 +293,42 @@ impl PhrasePool {
                 expected: self.config.phrase_len,
             });
         }
+        let entries = read_u32(input)?;
         let mut buf = [0u8; 8];
         input.read_exact(&mut buf)?;
+        let found = VocabStamp {
+            entries,
+            fingerprint: u64::from_le_bytes(buf),
+        };
+        if found != stamp {
+            return Err(SnapshotError::Vocabulary {
+                found,
+                expected: stamp,
+            });
+        }
+        input.read_exact(&mut buf)?;
         let keys = u64::from_le_bytes(buf);
-        let mut read = 0;
-        let mut phrase = vec![0u32; g];
+        let token = |t: u32| match t < stamp.entries {
+            true => Ok(t),
+            false => Err(SnapshotError::Token(t)),
+        };
+        // Read it all before inserting anything.
+        let mut phrases: Vec<(u32, Vec<u32>)> = Vec::new();
         for _ in 0..keys {
-            let key = read_u32(input)?;
+            let key = token(read_u32(input)?)?;
             let n = read_u32(input)?;
             for _ in 0..n {
+                let mut phrase = vec![0u32; g];
                 for t in phrase.iter_mut() {
-                    *t = read_u32(input)?;
+                    *t = token(read_u32(input)?)?;
                 }
-                self.insert(key, &phrase);
-                read += 1;
+                phrases.push((key, phrase));
             }
         }
-        Ok(read)
+        for (key, phrase) in &phrases {
+            self.insert(*key, phrase);
+        }
+        Ok(phrases.len())
     }
 }
 
@@ -360,10 +406,14 @@ mod tests {
         for (k, ph) in [(1, [2, 3]), (1, [4, 5]), (9, [9, 9])] {
             p.insert(k, &ph);
         }
+        let stamp = VocabStamp {
+            entries: 10,
+            fingerprint: 77,
+        };
         let mut bytes = Vec::new();
-        assert_eq!(p.snapshot(&mut bytes).unwrap(), 3);
+        assert_eq!(p.snapshot(&mut bytes, stamp).unwrap(), 3);
         let q = pool(3, 100);
-        assert_eq!(q.restore(&mut bytes.as_slice()).unwrap(), 3);
+        assert_eq!(q.restore(&mut bytes.as_slice(), stamp).unwrap(), 3);
         assert_eq!(q.all(1), p.all(1));
         assert_eq!(q.all(9), p.all(9));
         let other = PhrasePool::new(PoolConfig {
@@ -371,13 +421,41 @@ mod tests {
             ..PoolConfig::default()
         });
         assert!(matches!(
-            other.restore(&mut bytes.as_slice()),
+            other.restore(&mut bytes.as_slice(), stamp),
             Err(SnapshotError::PhraseLen {
                 found: 2,
                 expected: 3
             })
         ));
-        assert!(q.restore(&mut &b"garbage!...."[..]).is_err());
+        assert!(q.restore(&mut &b"garbage!...."[..], stamp).is_err());
+        // Another vocabulary, a token outside it, or a cut-off file: refused, and the pool
+        // is left as it was.
+        let fresh = pool(3, 100);
+        let foreign = VocabStamp {
+            fingerprint: 78,
+            ..stamp
+        };
+        assert!(matches!(
+            fresh.restore(&mut bytes.as_slice(), foreign),
+            Err(SnapshotError::Vocabulary { .. })
+        ));
+        let small = VocabStamp {
+            entries: 9,
+            ..stamp
+        };
+        let mut small_bytes = Vec::new();
+        p.snapshot(&mut small_bytes, small).unwrap();
+        assert!(matches!(
+            fresh.restore(&mut small_bytes.as_slice(), small),
+            Err(SnapshotError::Token(9))
+        ));
+        for cut in [bytes.len() - 1, bytes.len() - 9, 30] {
+            assert!(
+                fresh.restore(&mut &bytes[..cut], stamp).is_err(),
+                "cut at {cut}"
+            );
+        }
+        assert_eq!(fresh.len(), 0, "a failed restore inserted phrases");
     }
 
     #[test]

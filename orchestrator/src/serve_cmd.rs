@@ -4,7 +4,7 @@
 use crate::{DecodeArgs, ModelArgs};
 use anyhow::{Context, Result};
 use clap::Args;
-use decoding::{DraftBackend, PhrasePool, Strategy, TargetBackend};
+use decoding::{DraftBackend, PhrasePool, Strategy, TargetBackend, VocabStamp};
 use orchestrator::api::GenerateService;
 use orchestrator::embedded::{self, Embedded};
 use orchestrator::pipeline::{Pipeline, Runner};
@@ -114,8 +114,10 @@ async fn serve_with(a: ServeArgs) -> Result<()> {
             }
         }
     };
+    // Snapshots hold token ids: they are kept with the tokenizer they belong to.
+    let stamp = stamp_of(service.validator().tokenizer());
     if let Some(p) = &a.pool_snapshot {
-        restore(&pool, p)?;
+        restore(&pool, p, stamp);
     }
     if !a.skip_profile {
         // Before taking traffic, so the timings are of an idle deployment.
@@ -147,23 +149,59 @@ async fn serve_with(a: ServeArgs) -> Result<()> {
         h.await.context("the HTTP server task")??;
     }
     if let Some(p) = &a.pool_snapshot {
-        let mut f = std::fs::File::create(p).with_context(|| format!("writing {}", p.display()))?;
-        let n = pool.snapshot(&mut f)?;
+        let n = write_snapshot(&pool, p, stamp)
+            .with_context(|| format!("writing the pool snapshot {}", p.display()))?;
         tracing::info!(phrases = n, path = %p.display(), "pool snapshot written");
     }
     Ok(())
 }
 
-fn restore(pool: &PhrasePool, p: &Path) -> Result<()> {
-    if !p.exists() {
-        return Ok(());
+fn stamp_of(tokenizer: &tokenizers::Tokenizer) -> VocabStamp {
+    let v = engine::vocab::Vocabulary::of_tokenizer(tokenizer, "the tokenizer");
+    VocabStamp {
+        entries: v.len() as u32,
+        fingerprint: v.fingerprint(v.len()),
     }
-    let mut f = std::fs::File::open(p).with_context(|| format!("reading {}", p.display()))?;
-    let n = pool
-        .restore(&mut f)
-        .with_context(|| format!("restoring the pool from {}", p.display()))?;
-    tracing::info!(phrases = n, "pool restored (warm start)");
-    Ok(())
+}
+
+/// Writes the snapshot beside `path`, syncs it and renames it over `path`: a kill at any
+/// moment leaves either the old snapshot or the new one, never a torn file.
+pub fn write_snapshot(pool: &PhrasePool, path: &Path, stamp: VocabStamp) -> Result<usize> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let file = std::fs::File::create(&tmp)?;
+    let mut out = std::io::BufWriter::new(file);
+    let n = pool.snapshot(&mut out, stamp)?;
+    let file = out.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && let Ok(d) = std::fs::File::open(dir)
+    {
+        // The rename itself, durable.
+        let _ = d.sync_all();
+    }
+    Ok(n)
+}
+
+/// Restores a snapshot if there is one. A damaged or foreign one is not a reason to stay
+/// down (a crash loop): the server starts with an empty pool and says why.
+fn restore(pool: &PhrasePool, p: &Path, stamp: VocabStamp) {
+    if !p.exists() {
+        return;
+    }
+    let restored = std::fs::File::open(p)
+        .map_err(decoding::pool::SnapshotError::from)
+        .and_then(|f| pool.restore(&mut std::io::BufReader::new(f), stamp));
+    match restored {
+        Ok(n) => tracing::info!(phrases = n, "pool restored (warm start)"),
+        Err(e) => tracing::warn!(
+            path = %p.display(),
+            "pool snapshot not used ({e}); starting with an empty pool"
+        ),
+    }
 }
 
 /// The API service, the pool to snapshot, and the runner to profile.
@@ -260,4 +298,62 @@ async fn remote(a: &ServeArgs, url: &str, phrase_len: usize) -> Result<Served> {
         pool,
         runner,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use decoding::PoolConfig;
+
+    fn pool() -> PhrasePool {
+        PhrasePool::new(PoolConfig {
+            phrase_len: 2,
+            ..PoolConfig::default()
+        })
+    }
+
+    const STAMP: VocabStamp = VocabStamp {
+        entries: 50,
+        fingerprint: 0xfeed,
+    };
+
+    #[test]
+    fn snapshots_are_replaced_whole_and_bad_ones_leave_the_pool_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pool.bin");
+        let first = pool();
+        first.insert(1, &[2, 3]);
+        assert_eq!(write_snapshot(&first, &path, STAMP).unwrap(), 1);
+        // A writer killed mid-write leaves its temporary file; the snapshot is untouched.
+        std::fs::write(dir.path().join("pool.bin.tmp"), b"OUROPOOL torn").unwrap();
+        let back = pool();
+        restore(&back, &path, STAMP);
+        assert_eq!(back.all(1), first.all(1));
+        // The next write replaces both.
+        first.insert(4, &[5, 6]);
+        assert_eq!(write_snapshot(&first, &path, STAMP).unwrap(), 2);
+        assert!(!dir.path().join("pool.bin.tmp").exists());
+
+        // Foreign (another tokenizer), damaged, or not a snapshot at all: the server starts
+        // with an empty pool.
+        for bytes in [
+            None,
+            Some(std::fs::read(&path).unwrap()[..40].to_vec()),
+            Some(b"hello".to_vec()),
+        ] {
+            if let Some(b) = &bytes {
+                std::fs::write(&path, b).unwrap();
+            }
+            let stamp = match bytes {
+                None => VocabStamp {
+                    fingerprint: 1,
+                    ..STAMP
+                },
+                Some(_) => STAMP,
+            };
+            let fresh = pool();
+            restore(&fresh, &path, stamp);
+            assert_eq!(fresh.len(), 0);
+        }
+    }
 }
