@@ -19,6 +19,14 @@ pub mod limits {
     pub const MAX_TOPK: usize = 16;
     /// Most trie nodes per verify tree.
     pub const MAX_TRIE_BUDGET: usize = 256;
+    /// Most stop strings per request, and bytes per stop string.
+    pub const MAX_STOP_STRINGS: usize = 16;
+    pub const MAX_STOP_BYTES: usize = 256;
+    /// Most chat messages per request.
+    pub const MAX_CHAT_MESSAGES: usize = 1024;
+    /// Most bytes of text (a prompt, or all chat messages together) per request, checked
+    /// before tokenizing it.
+    pub const MAX_TEXT_BYTES: usize = 4 << 20;
 }
 
 /// A request field that failed its check.

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokenizers::Tokenizer;
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status};
@@ -25,6 +25,9 @@ use tracing::Instrument;
 pub struct GenerateService {
     runner: Arc<dyn Runner>,
     validator: Validator,
+    /// One per request whose decoding work runs; none left: RESOURCE_EXHAUSTED.
+    admission: Arc<Semaphore>,
+    most_running: usize,
 }
 
 impl GenerateService {
@@ -38,7 +41,28 @@ impl GenerateService {
         Self {
             validator: Validator::new(runner.clone(), tokenizer, chat, eos, defaults),
             runner,
+            admission: Arc::new(Semaphore::new(Semaphore::MAX_PERMITS)),
+            most_running: Semaphore::MAX_PERMITS,
         }
+    }
+
+    /// Refuses requests past `n` running at once (RESOURCE_EXHAUSTED, HTTP 429); those
+    /// running finish as they would.
+    pub fn with_max_running(mut self, n: usize) -> Self {
+        let n = n.clamp(1, Semaphore::MAX_PERMITS);
+        self.admission = Arc::new(Semaphore::new(n));
+        self.most_running = n;
+        self
+    }
+
+    /// A place for one more request, held until its decoding work ends.
+    fn admit(&self) -> Result<OwnedSemaphorePermit, Status> {
+        self.admission.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "this server runs at most {} requests at once; try again shortly",
+                self.most_running
+            ))
+        })
     }
 
     /// Runs a request; `chunks` receives text deltas and tokens as they are committed.
@@ -50,6 +74,7 @@ impl GenerateService {
             stop,
         }: ValidRequest,
         chunks: Option<mpsc::UnboundedSender<Result<pb::GenerateStreamResponse, Status>>>,
+        place: OwnedSemaphorePermit,
     ) -> Result<Finished, Status> {
         let scan = Arc::new(Mutex::new(StopScan::new(
             self.validator.tokenizer().clone(),
@@ -68,7 +93,7 @@ impl GenerateService {
         let caller = Caller::default();
         let gone = caller.gone.clone();
         let sink: BoxedSink = Box::new(move |tokens: &[u32], sources: &[TokenSource]| {
-            let _running = &running;
+            let _running = (&running, &place);
             if gone.load(Ordering::Relaxed) {
                 return Flow::Stop;
             }
@@ -309,7 +334,11 @@ impl GenerateService {
     pub async fn complete(&self, r: pb::GenerateRequest) -> Result<pb::GenerateResponse, Status> {
         let valid = self.validator.validate(r).await?;
         let span = request_span(&valid);
-        let f = self.run(valid, None).instrument(span.clone()).await?;
+        let place = self.admit()?;
+        let f = self
+            .run(valid, None, place)
+            .instrument(span.clone())
+            .await?;
         span.record("completion_tokens", f.tokens.len());
         Ok(pb::GenerateResponse {
             text: f.text,
@@ -334,12 +363,13 @@ impl GenerateService {
                 "logprobs: not with streaming yet (ask Generate for the whole answer)".into(),
             ));
         }
+        let place = self.admit()?;
         let (tx, rx) = mpsc::unbounded_channel();
         let service = self.clone();
         let span = request_span(&valid);
         let task_span = span.clone();
         let task = async move {
-            let last = match service.run(valid, Some(tx.clone())).await {
+            let last = match service.run(valid, Some(tx.clone()), place).await {
                 Ok(f) => {
                     span.record("completion_tokens", f.tokens.len());
                     Ok(pb::GenerateStreamResponse {

@@ -24,19 +24,19 @@ struct Cli {
 enum Command {
     /// Generate a continuation of one prompt, with the models in this process or on a
     /// running orchestrator (--endpoint).
-    Generate(generate_cmd::GenerateArgs),
+    Generate(Box<generate_cmd::GenerateArgs>),
     /// Serve the public gRPC API, with the models in this process or on remote services.
-    Serve(serve_cmd::ServeArgs),
+    Serve(Box<serve_cmd::ServeArgs>),
 }
 
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Generate(a) => {
             telemetry::init_logging();
-            generate_cmd::run(a)
+            generate_cmd::run(*a)
         }
         // The server sets up logging and span export inside its runtime.
-        Command::Serve(a) => serve_cmd::run(a),
+        Command::Serve(a) => serve_cmd::run(*a),
     }
 }
 

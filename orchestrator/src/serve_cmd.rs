@@ -49,6 +49,10 @@ pub struct ServeArgs {
     /// Skip timing the backends at start; `auto` requests then decode greedily.
     #[arg(long, env = "OURO_SKIP_PROFILE")]
     skip_profile: bool,
+    /// Most requests running at once; past it new ones get RESOURCE_EXHAUSTED (HTTP 429)
+    /// while those running finish.
+    #[arg(long, env = "OURO_MAX_RUNNING_REQUESTS", default_value_t = 256)]
+    max_running_requests: usize,
     /// Most seconds one call to a target service may take (a verify, a prefill).
     #[arg(long, env = "OURO_TARGET_CALL_TIMEOUT_S", default_value_t = CallLimits::TARGET.call.as_secs_f64())]
     target_call_timeout_s: f64,
@@ -114,6 +118,7 @@ async fn serve_with(a: ServeArgs) -> Result<()> {
             }
         }
     };
+    let service = service.with_max_running(a.max_running_requests);
     // Snapshots hold token ids: they are kept with the tokenizer they belong to.
     let stamp = stamp_of(service.validator().tokenizer());
     if let Some(p) = &a.pool_snapshot {

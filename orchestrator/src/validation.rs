@@ -7,13 +7,25 @@
 
 use crate::chat::ChatTemplate;
 use crate::pipeline::Runner;
-use decoding::validate::{FieldError, check_vocab};
+use decoding::validate::{FieldError, check_vocab, limits};
 use decoding::{DecodeParams, LookaheadParams, SamplingParams, Strategy};
 use proto::convert::{field_status, sampling_from_pb, status_of};
 use proto::v1 as pb;
 use std::sync::Arc;
 use tokenizers::Tokenizer;
 use tonic::Status;
+
+/// Text past [`limits::MAX_TEXT_BYTES`] is refused before it is tokenized.
+fn text_size(name: &str, bytes: usize) -> Result<(), Status> {
+    if bytes > limits::MAX_TEXT_BYTES {
+        return Err(field(FieldError::new(
+            name,
+            format!("at most {} bytes of text", limits::MAX_TEXT_BYTES),
+            format!("{bytes} bytes"),
+        )));
+    }
+    Ok(())
+}
 
 /// A seed for a sampled request that gave none: random, below 2^53 so that JSON clients
 /// (whose numbers are doubles) can give it back exactly.
@@ -119,6 +131,20 @@ impl Validator {
                 "\"\"",
             )));
         }
+        if r.stop.len() > limits::MAX_STOP_STRINGS {
+            return Err(field(FieldError::new(
+                "stop",
+                format!("at most {} strings", limits::MAX_STOP_STRINGS),
+                r.stop.len(),
+            )));
+        }
+        if let Some(i) = r.stop.iter().position(|s| s.len() > limits::MAX_STOP_BYTES) {
+            return Err(field(FieldError::new(
+                format!("stop[{i}]"),
+                format!("at most {} bytes", limits::MAX_STOP_BYTES),
+                format!("{} bytes", r.stop[i].len()),
+            )));
+        }
         let sampling = match &r.sampling {
             // The server's default sampling, with a seed of the request's own.
             None if !d.sampling.is_greedy() => SamplingParams {
@@ -177,12 +203,28 @@ impl Validator {
                     "none",
                 )));
             }
-            Some(Input::Prompt(p)) => encode(&p, "prompt")?,
+            Some(Input::Prompt(p)) => {
+                text_size("prompt", p.len())?;
+                encode(&p, "prompt")?
+            }
             Some(Input::TokenIds(t)) => {
                 check_vocab(&t.ids, vocab, "token_ids").map_err(|e| status_of(&e))?;
                 t.ids
             }
             Some(Input::Chat(c)) => {
+                if c.messages.len() > limits::MAX_CHAT_MESSAGES {
+                    return Err(field(FieldError::new(
+                        "chat.messages",
+                        format!("at most {} messages", limits::MAX_CHAT_MESSAGES),
+                        c.messages.len(),
+                    )));
+                }
+                let bytes = c
+                    .messages
+                    .iter()
+                    .map(|m| m.role.len() + m.content.len())
+                    .sum();
+                text_size("chat.messages", bytes)?;
                 let text = self.render_chat(&c.messages)?;
                 encode(&text, "chat")?
             }
@@ -357,6 +399,51 @@ mod tests {
             (
                 "stop[1]",
                 Box::new(|r| r.stop = vec!["a".into(), String::new()]),
+                Code::InvalidArgument,
+            ),
+            (
+                "stop",
+                Box::new(|r| r.stop = vec!["a".into(); limits::MAX_STOP_STRINGS + 1]),
+                Code::InvalidArgument,
+            ),
+            (
+                "stop[0]",
+                Box::new(|r| r.stop = vec!["a".repeat(limits::MAX_STOP_BYTES + 1)]),
+                Code::InvalidArgument,
+            ),
+            (
+                "prompt",
+                Box::new(|r| {
+                    r.input = Some(pb::generate_request::Input::Prompt(
+                        "w1 ".repeat(limits::MAX_TEXT_BYTES / 3 + 1),
+                    ))
+                }),
+                Code::InvalidArgument,
+            ),
+            (
+                "chat.messages",
+                Box::new(|r| {
+                    let m = pb::ChatMessage {
+                        role: "user".into(),
+                        content: "w1".into(),
+                    };
+                    r.input = Some(pb::generate_request::Input::Chat(pb::ChatMessages {
+                        messages: vec![m; limits::MAX_CHAT_MESSAGES + 1],
+                    }))
+                }),
+                Code::InvalidArgument,
+            ),
+            (
+                "chat.messages",
+                Box::new(|r| {
+                    let m = pb::ChatMessage {
+                        role: "user".into(),
+                        content: "w1 ".repeat(limits::MAX_TEXT_BYTES / 3 + 1),
+                    };
+                    r.input = Some(pb::generate_request::Input::Chat(pb::ChatMessages {
+                        messages: vec![m],
+                    }))
+                }),
                 Code::InvalidArgument,
             ),
             (

@@ -1,5 +1,6 @@
 //! A request whose caller leaves (a dropped call, a gRPC deadline) stops its decoding work
-//! at the next commit, and `ouro_requests_running` returns to zero when that work ends.
+//! at the next commit, and `ouro_requests_running` returns to zero when that work ends;
+//! past the most requests running at once, new ones are refused until places free up.
 //! The runner here works like the real pipeline: on a task of its own, detached from the
 //! call, committing a token every few milliseconds until its sink says stop.
 
@@ -18,6 +19,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 const ENOUGH: usize = 100_000;
+
+/// The tests read the process-wide `ouro_requests_running` gauge: one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 #[derive(Default)]
 struct Slow {
@@ -123,6 +127,7 @@ async fn ended(runner: &Slow, n: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn work_stops_when_the_caller_leaves() {
+    let _one = SERIAL.lock().await;
     let runner = Arc::new(Slow::default());
     let s = service(runner.clone());
     let running = || telemetry::metrics().in_flight.get();
@@ -165,4 +170,31 @@ async fn work_stops_when_the_caller_leaves() {
     let g = s.complete(whole).await.unwrap();
     assert_eq!(g.token_ids.len(), 20);
     assert_eq!(running(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_past_the_limit_are_refused_until_one_ends() {
+    let _one = SERIAL.lock().await;
+    use futures::StreamExt;
+    let runner = Arc::new(Slow::default());
+    let s = service(runner.clone()).with_max_running(1);
+    let mut first = s.stream(long_request()).await.unwrap();
+    // It runs: its first tokens arrive.
+    assert!(first.next().await.unwrap().is_ok());
+    let refused = s.complete(long_request()).await.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    let Err(refused) = s.stream(long_request()).await else {
+        panic!("a second stream is refused")
+    };
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+    // The first client leaves: its work stops and its place frees.
+    drop(first);
+    ended(&runner, 1).await;
+    let mut short = long_request();
+    short.max_new_tokens = Some(5);
+    assert_eq!(s.complete(short).await.unwrap().token_ids.len(), 5);
 }
