@@ -3,6 +3,12 @@
 use crate::error::{EngineError, Result};
 use serde::Deserialize;
 
+/// Most positions a model may declare (Qwen2.5 and Llama 3.1 declare 128K; this leaves
+/// room for longer ones while refusing values that only a damaged file would hold).
+pub const MAX_CONTEXT: usize = 1 << 24;
+/// Most any one model dimension may be.
+pub const MAX_DIMENSION: usize = 1 << 24;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Architecture {
     Llama,
@@ -80,6 +86,28 @@ impl ModelConfig {
         }
         if self.max_position == 0 {
             return Err(bad("context length is 0".into()));
+        }
+        // RoPE tables and KV budgets are sized from it: an absurd value would ask for
+        // memory no machine has rather than fail.
+        if self.max_position > MAX_CONTEXT {
+            return Err(bad(format!(
+                "context length {} is beyond the {MAX_CONTEXT} positions this runtime supports \
+                 (cap it with LoadOptions::max_context)",
+                self.max_position
+            )));
+        }
+        // Sizes that multiply into tensor shapes must not overflow.
+        for (what, n) in [
+            ("hidden size", self.hidden_size),
+            ("feed-forward size", self.intermediate_size),
+            ("vocabulary", self.vocab_size),
+            ("head dimension", self.head_dim),
+            ("attention heads", self.num_heads),
+            ("layers", self.num_layers),
+        ] {
+            if n > MAX_DIMENSION {
+                return Err(bad(format!("{what} {n} is beyond {MAX_DIMENSION}")));
+            }
         }
         Ok(())
     }

@@ -32,11 +32,25 @@ impl GgufFile {
         let path = path.as_ref();
         let file = File::open(path).map_err(io_err(path))?;
         let mut reader = BufReader::new(file);
-        let content = Content::read(&mut reader).map_err(|e| EngineError::BadFile {
+        let bad = |reason: String| EngineError::BadFile {
             path: path.to_path_buf(),
             format: "GGUF",
-            reason: e.to_string(),
-        })?;
+            reason,
+        };
+        // candle's reader divides by the file's alignment and trusts its sizes: a damaged
+        // or hostile header can make it panic. That is this file's fault, reported as such.
+        let read =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(&mut reader)));
+        let content = match read {
+            Ok(r) => r.map_err(|e| bad(e.to_string()))?,
+            Err(_) => {
+                return Err(bad(
+                    "its header made the GGUF reader fail (a zero alignment or impossible sizes)"
+                        .into(),
+                ));
+            }
+        };
+        check_tensor_shapes(&content).map_err(bad)?;
         Ok(Self {
             path: path.to_path_buf(),
             content,
@@ -174,6 +188,28 @@ impl GgufFile {
         }
         ids
     }
+}
+
+/// Every tensor has dimensions, none of them 0, and a product that fits in memory's
+/// address range (candle multiplies them unchecked).
+fn check_tensor_shapes(content: &Content) -> std::result::Result<(), String> {
+    for (name, info) in &content.tensor_infos {
+        let dims = info.shape.dims();
+        if dims.is_empty() || dims.contains(&0) {
+            return Err(format!("tensor '{name}' has an empty shape {dims:?}"));
+        }
+        let elems = dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+        let bytes = elems.and_then(|e| {
+            let block = info.ggml_dtype.block_size();
+            (e / block).checked_mul(info.ggml_dtype.type_size())
+        });
+        if bytes.is_none_or(|b| b > isize::MAX as usize) {
+            return Err(format!(
+                "tensor '{name}' has dimensions {dims:?} too large to address"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Writes a copy of a GGUF file with its Q4_1/Q5_0/Q5_1 tensors requantized to Q8_0,

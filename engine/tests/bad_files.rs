@@ -112,3 +112,70 @@ fn broken_hf_folders_are_reported() {
     candle_core::safetensors::save(&map, p.join("model.safetensors")).unwrap();
     assert!(load_err(&p).contains("unsupported type U8"));
 }
+
+/// Hostile headers: each gives an error naming the problem, never a panic, an abort or an
+/// allocation of what the header claims.
+#[test]
+fn hostile_gguf_headers_are_refused() {
+    use candle_core::quantized::gguf_file::Value;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(Architecture::Llama);
+    let w = random_weights(&cfg, 1, false, false).unwrap();
+    let with = |name: &str, meta: Vec<(String, Value)>| {
+        let p = dir.path().join(name);
+        engine::testing::write_gguf_with_metadata(&p, &cfg, &w, GgmlDType::F32, meta).unwrap();
+        p
+    };
+
+    // Alignment 0: candle's reader divides by it.
+    let p = with(
+        "align0.gguf",
+        vec![("general.alignment".into(), Value::U32(0))],
+    );
+    let err = load_err(&p);
+    assert!(
+        err.contains("not a valid GGUF") && err.contains("alignment"),
+        "{err}"
+    );
+
+    // A context length no machine has memory for (RoPE tables are sized from it).
+    let p = with(
+        "context.gguf",
+        vec![("llama.context_length".into(), Value::U64(1 << 40))],
+    );
+    let err = load_err(&p);
+    assert!(err.contains("context length 1099511627776"), "{err}");
+
+    // A tensor with a 0 dimension.
+    let mut empty = w.clone();
+    let e = empty.iter_mut().find(|(r, _)| *r == Role::Embed).unwrap();
+    e.1 = candle_core::Tensor::zeros((0, cfg.hidden_size), candle_core::DType::F32, &Device::Cpu)
+        .unwrap();
+    let p = dir.path().join("zero-dim.gguf");
+    write_gguf(&p, &cfg, &empty, GgmlDType::F32).unwrap();
+    let err = load_err(&p);
+    assert!(
+        err.contains("token_embd.weight") && err.contains("empty shape"),
+        "{err}"
+    );
+
+    // Dimensions whose product overflows: rewrite the embedding's two u64 dimensions.
+    let good = dir.path().join("good.gguf");
+    write_gguf(&good, &cfg, &w, GgmlDType::F32).unwrap();
+    let mut bytes = std::fs::read(&good).unwrap();
+    let name = b"token_embd.weight";
+    let at = bytes.windows(name.len()).position(|x| x == name).unwrap() + name.len();
+    // n_dims (u32) = 2, then the dimensions (u64 each).
+    assert_eq!(&bytes[at..at + 4], &2u32.to_le_bytes());
+    for d in 0..2 {
+        let o = at + 4 + 8 * d;
+        bytes[o..o + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    }
+    let p = dir.path().join("overflow.gguf");
+    std::fs::write(&p, bytes).unwrap();
+    let err = load_err(&p);
+    assert!(
+        err.contains("token_embd.weight") && err.contains("too large"),
+        "{err}"
+    );
+}
