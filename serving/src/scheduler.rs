@@ -10,6 +10,7 @@ use decoding::{DecodingError, DraftTree, Result, SamplingParams, ServerTiming, S
 use decoding::{TargetSession, VerifyOutcome};
 use engine::{ForwardOutput, KvState, LanguageModel, OutputSpec, SeqInput, Visibility};
 use std::collections::{HashSet, VecDeque};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::sync::{Arc, MutexGuard};
 use std::thread::JoinHandle;
@@ -411,18 +412,49 @@ fn forward<M: LanguageModel>(
         }))
         .collect();
     let trees = ready.len();
-    let results: Vec<Result<ForwardOutput>> = match model.forward_batch(&mut batch) {
-        Ok(outs) => outs.into_iter().map(Ok).collect(),
-        Err(e) if batch.len() == 1 => vec![Err(e.into())],
-        Err(_) => batch
+    // A panic inside the model (a bug, a kernel fault) fails the calls of that forward
+    // with INTERNAL and leaves this worker, and every other session, running.
+    let lens: Vec<usize> = batch.iter().map(|(c, _)| c.len()).collect();
+    let whole = catch_unwind(AssertUnwindSafe(|| model.forward_batch(&mut batch)));
+    let results: Vec<Result<ForwardOutput>> = match whole {
+        Ok(Ok(outs)) => outs.into_iter().map(Ok).collect(),
+        Ok(Err(e)) if batch.len() == 1 => vec![Err(e.into())],
+        Err(p) if batch.len() == 1 => {
+            let _ = batch[0].0.truncate(lens[0]);
+            vec![Err(panicked(p))]
+        }
+        // Each part alone, so one bad part cannot fail the others. A panic may have left
+        // rows past a cache's length: cut back to where the forward found it.
+        Ok(Err(_)) | Err(_) => batch
             .into_iter()
-            .map(|(cache, input)| Ok(model.forward(cache, input)?))
+            .zip(lens)
+            .map(|((cache, input), len)| {
+                let _ = cache.truncate(len);
+                match catch_unwind(AssertUnwindSafe(|| model.forward(&mut *cache, input))) {
+                    Ok(r) => Ok(r?),
+                    Err(p) => {
+                        let _ = cache.truncate(len);
+                        Err(panicked(p))
+                    }
+                }
+            })
             .collect(),
     };
     let mut results = results.into_iter();
     let outs = results.by_ref().take(trees).collect();
     let prefilled = results.map(|r| r.map(|_| ())).collect();
     (outs, prefilled)
+}
+
+/// The error of a forward that panicked, with the panic's message.
+fn panicked(payload: Box<dyn std::any::Any + Send>) -> DecodingError {
+    let msg = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into());
+    tracing::error!("the model's forward panicked: {msg}");
+    DecodingError::Backend(format!("the model's forward panicked: {msg}"))
 }
 
 /// A verify job whose tree passed the session's checks.

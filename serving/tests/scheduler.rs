@@ -229,3 +229,108 @@ async fn an_abandoned_open_stops_prefilling() {
     // Only the first chunk of the abandoned prompt ran.
     assert_eq!(model.log(), vec![vec![8], vec![4]]);
 }
+
+/// A token that makes the model panic when it is anywhere in a forward.
+const MARK: u32 = 499;
+
+/// The gated mock model, panicking on a forward that carries [`MARK`]; it logs every
+/// forward it is given, the panicking ones too.
+struct Panicky(Gated, Mutex<Vec<Vec<usize>>>);
+
+impl LanguageModel for Panicky {
+    type Cache = <MockModel as LanguageModel>::Cache;
+
+    fn info(&self) -> &ModelInfo {
+        self.0.info()
+    }
+
+    fn new_cache(&self) -> Self::Cache {
+        self.0.new_cache()
+    }
+
+    fn forward_batch(
+        &self,
+        batch: &mut [(&mut Self::Cache, SeqInput<'_>)],
+    ) -> engine::Result<Vec<ForwardOutput>> {
+        let rows = batch.iter().map(|(_, i)| i.tokens.len()).collect();
+        self.1.lock().unwrap_or_else(|e| e.into_inner()).push(rows);
+        if batch.iter().any(|(_, i)| i.tokens.contains(&MARK)) {
+            panic!("the marker token reached the model");
+        }
+        self.0.forward_batch(batch)
+    }
+}
+
+/// A panic in the model fails only the call that caused it: the trees batched with it are
+/// served, the sessions keep their caches, and the worker goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_forward_fails_only_its_own_call() {
+    let model = Arc::new(Panicky(Gated::new(), Mutex::default()));
+    let sessions = Arc::new(SessionTable::new(SessionLimits::default()));
+    let config = SchedulerConfig {
+        max_batch_tokens: 512,
+        batch_wait: Duration::ZERO,
+        prefill_chunk: 8,
+    };
+    let scheduler = Scheduler::start(model.clone(), sessions.clone(), config);
+    let greedy = SamplingParams::greedy();
+    let inner = &model.0.inner;
+    let (pa, pb) = (prompt(5, 3), prompt(6, 4));
+    let a = scheduler.open(pa.clone()).await.unwrap();
+    let b = scheduler.open(pb.clone()).await.unwrap();
+    let mut a_local = TargetSession::open(inner, &pa).unwrap();
+    let mut b_local = TargetSession::open(inner, &pb).unwrap();
+
+    // Hold the worker in a long prefill, queue A's poisoned tree and B's good one, then
+    // let them go into one forward.
+    let before = model.0.log().len();
+    model.0.set_closed(true);
+    let long = prompt(30, 5);
+    let mut open_c = Box::pin(scheduler.open(long));
+    poll_once(&mut open_c).await;
+    let gated = model.clone();
+    tokio::task::spawn_blocking(move || gated.0.wait_for_forwards(before + 1))
+        .await
+        .unwrap();
+    let bad = DraftTree::from_parts(vec![a_local.last, MARK, 7], vec![-1, 0, 1]).unwrap();
+    let good = DraftTree::from_parts(vec![b_local.last, 8, 9], vec![-1, 0, 1]).unwrap();
+    let mut verify_a = Box::pin(scheduler.verify(a, sessions.get(a).unwrap(), bad, greedy, None));
+    let mut verify_b =
+        Box::pin(scheduler.verify(b, sessions.get(b).unwrap(), good.clone(), greedy, None));
+    poll_once(&mut verify_a).await;
+    poll_once(&mut verify_b).await;
+    model.0.set_closed(false);
+
+    let err = verify_a.await.unwrap_err();
+    assert!(err.to_string().contains("panicked"), "{err}");
+    assert_eq!(
+        proto::convert::status_of(&err).code(),
+        tonic::Code::Internal
+    );
+    let (got_b, _) = verify_b.await.unwrap();
+    assert_eq!(got_b, b_local.verify(inner, &good, &greedy, None).unwrap());
+    open_c.await.unwrap();
+    // They did share a forward (the one that panicked), then went alone.
+    let given = model.1.lock().unwrap().clone();
+    let shared = given.iter().position(|f| f.len() >= 2 && f[..2] == [3, 3]);
+    assert!(shared.is_some(), "{given:?}");
+    assert!(
+        given[shared.unwrap() + 1..].starts_with(&[vec![3], vec![3]]),
+        "{given:?}"
+    );
+
+    // A's cache is as it was: its next (good) tree verifies as on a session that never
+    // saw the poisoned one, and the worker serves B as before.
+    let next = DraftTree::from_parts(vec![a_local.last, 4, 2], vec![-1, 0, 0]).unwrap();
+    let (got_a, _) = scheduler
+        .verify(a, sessions.get(a).unwrap(), next.clone(), greedy, None)
+        .await
+        .unwrap();
+    assert_eq!(got_a, a_local.verify(inner, &next, &greedy, None).unwrap());
+    let again = DraftTree::from_parts(vec![b_local.last, 1], vec![-1, 0]).unwrap();
+    let (got_b, _) = scheduler
+        .verify(b, sessions.get(b).unwrap(), again.clone(), greedy, None)
+        .await
+        .unwrap();
+    assert_eq!(got_b, b_local.verify(inner, &again, &greedy, None).unwrap());
+}
