@@ -28,6 +28,8 @@ pub struct GenerateService {
     /// One per request whose decoding work runs; none left: RESOURCE_EXHAUSTED.
     admission: Arc<Semaphore>,
     most_running: usize,
+    /// When set, callers must carry one of these keys (checked by the front ends).
+    api_keys: Option<Arc<crate::auth::ApiKeys>>,
 }
 
 impl GenerateService {
@@ -43,6 +45,29 @@ impl GenerateService {
             runner,
             admission: Arc::new(Semaphore::new(Semaphore::MAX_PERMITS)),
             most_running: Semaphore::MAX_PERMITS,
+            api_keys: None,
+        }
+    }
+
+    /// Requires one of `keys` from every caller of both front ends.
+    pub fn with_api_keys(mut self, keys: crate::auth::ApiKeys) -> Self {
+        self.api_keys = Some(Arc::new(keys));
+        self
+    }
+
+    pub fn api_keys(&self) -> Option<&Arc<crate::auth::ApiKeys>> {
+        self.api_keys.as_ref()
+    }
+
+    /// UNAUTHENTICATED unless the call carries a key (when keys are set).
+    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let Some(keys) = &self.api_keys else {
+            return Ok(());
+        };
+        let header = |name: &str| request.metadata().get(name).and_then(|v| v.to_str().ok());
+        match keys.admits(header("authorization"), header("x-api-key")) {
+            true => Ok(()),
+            false => Err(Status::unauthenticated(crate::auth::REFUSED)),
         }
     }
 
@@ -487,8 +512,9 @@ impl GenerateService {
 impl Ouroboros for GenerateService {
     async fn info(
         &self,
-        _: Request<pb::InfoRequest>,
+        request: Request<pb::InfoRequest>,
     ) -> Result<Response<pb::InfoResponse>, Status> {
+        self.authorize(&request)?;
         Ok(Response::new(GenerateService::info(self)))
     }
 
@@ -496,6 +522,7 @@ impl Ouroboros for GenerateService {
         &self,
         request: Request<pb::TokenizeRequest>,
     ) -> Result<Response<pb::TokenizeResponse>, Status> {
+        self.authorize(&request)?;
         GenerateService::tokenize(self, request.into_inner())
             .await
             .map(Response::new)
@@ -505,6 +532,7 @@ impl Ouroboros for GenerateService {
         &self,
         request: Request<pb::DetokenizeRequest>,
     ) -> Result<Response<pb::DetokenizeResponse>, Status> {
+        self.authorize(&request)?;
         GenerateService::detokenize(self, request.into_inner())
             .await
             .map(Response::new)
@@ -514,6 +542,7 @@ impl Ouroboros for GenerateService {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<pb::GenerateResponse>, Status> {
+        self.authorize(&request)?;
         self.complete(request.into_inner()).await.map(Response::new)
     }
 
@@ -523,6 +552,7 @@ impl Ouroboros for GenerateService {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
+        self.authorize(&request)?;
         let chunks = self.stream(request.into_inner()).await?;
         Ok(Response::new(Box::pin(chunks)))
     }

@@ -53,6 +53,11 @@ pub fn router(service: GenerateService) -> Router {
         .route("/info", get(info))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
+        // The routes above need a key when keys are set; probes and scrapers do not.
+        .route_layer(axum::middleware::from_fn_with_state(
+            served.clone(),
+            require_key,
+        ))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .with_state(served)
@@ -69,6 +74,25 @@ pub async fn serve(
         .with_graceful_shutdown(shutdown)
         .await?;
     Ok(())
+}
+
+async fn require_key(
+    State(s): State<Arc<Served>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some(keys) = s.service.api_keys() {
+        let header = |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok());
+        if !keys.admits(header("authorization"), header("x-api-key")) {
+            return error(ApiError {
+                status: 401,
+                message: crate::auth::REFUSED.into(),
+                param: None,
+                code: Some("invalid_api_key"),
+            });
+        }
+    }
+    next.run(request).await
 }
 
 fn error(e: ApiError) -> Response {

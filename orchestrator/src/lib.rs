@@ -2,6 +2,7 @@
 //! (embedded) and remote (gRPC) backends, and the shared phrase pool.
 
 pub mod api;
+pub mod auth;
 pub mod chat;
 pub mod cli;
 pub mod embedded;
@@ -20,7 +21,8 @@ use proto::v1::ouroboros_server::OuroborosServer;
 use std::future::Future;
 use tokio::net::TcpListener;
 
-/// Serves the public API on `listener` (with gRPC health and reflection) until `shutdown`.
+/// Serves the public API on `listener` (with gRPC health and reflection) until `shutdown`;
+/// with API keys set on the service, calls without one get UNAUTHENTICATED.
 pub async fn serve(
     service: api::GenerateService,
     listener: TcpListener,

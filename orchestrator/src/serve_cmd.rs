@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use decoding::{DraftBackend, PhrasePool, Strategy, TargetBackend, VocabStamp};
 use orchestrator::api::GenerateService;
+use orchestrator::auth::ApiKeys;
 use orchestrator::embedded::{self, Embedded};
 use orchestrator::pipeline::{Pipeline, Runner};
 use orchestrator::remote::{CallLimits, RemoteDraft, RemoteTarget};
@@ -53,6 +54,13 @@ pub struct ServeArgs {
     /// while those running finish.
     #[arg(long, env = "OURO_MAX_RUNNING_REQUESTS", default_value_t = 256)]
     max_running_requests: usize,
+    /// A file of API keys (one per line): callers of the public API (gRPC and HTTP, not
+    /// health or metrics) must send one as `authorization: Bearer KEY`.
+    #[arg(long, env = "OURO_API_KEYS_FILE")]
+    api_keys_file: Option<PathBuf>,
+    /// API keys, comma-separated (better given by the variable than on a command line).
+    #[arg(long, env = "OURO_API_KEYS", hide_env_values = true)]
+    api_keys: Option<String>,
     /// Most seconds one call to a target service may take (a verify, a prefill).
     #[arg(long, env = "OURO_TARGET_CALL_TIMEOUT_S", default_value_t = CallLimits::TARGET.call.as_secs_f64())]
     target_call_timeout_s: f64,
@@ -119,6 +127,16 @@ async fn serve_with(a: ServeArgs) -> Result<()> {
         }
     };
     let service = service.with_max_running(a.max_running_requests);
+    let service = match ApiKeys::load(a.api_keys_file.as_deref(), a.api_keys.as_deref())? {
+        Some(keys) => {
+            tracing::info!("API keys required");
+            service.with_api_keys(keys)
+        }
+        None => {
+            tracing::warn!("no API keys: anyone who reaches the API can call it");
+            service
+        }
+    };
     // Snapshots hold token ids: they are kept with the tokenizer they belong to.
     let stamp = stamp_of(service.validator().tokenizer());
     if let Some(p) = &a.pool_snapshot {

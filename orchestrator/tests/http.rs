@@ -408,3 +408,94 @@ async fn logprobs_are_the_same_under_every_strategy() {
     .await;
     assert!(plain["choices"][0]["logprobs"].is_null());
 }
+
+/// With API keys set, the API needs one (401 / UNAUTHENTICATED without); health, metrics
+/// and gRPC health stay open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_are_required_when_set() {
+    let (_dir, s) = service();
+    let s = s.with_api_keys(orchestrator::auth::ApiKeys::new(["sesame"]).unwrap());
+    let call = |path: &str, key: Option<&str>| {
+        let mut r = Request::post(path).header("content-type", "application/json");
+        if let Some(k) = key {
+            r = r.header("authorization", format!("Bearer {k}"));
+        }
+        let body = Body::from(json!({"prompt": "w1", "max_tokens": 2}).to_string());
+        orchestrator::http::router(s.clone()).oneshot(r.body(body).unwrap())
+    };
+    let refused = call("/v1/completions", None).await.unwrap();
+    assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+    let bytes = refused.into_body().collect().await.unwrap().to_bytes();
+    let e: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(e["error"]["code"], "invalid_api_key");
+    assert_eq!(
+        call("/v1/completions", Some("open"))
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        call("/v1/completions", Some("sesame"))
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        call("/tokenize", None).await.unwrap().status(),
+        StatusCode::UNAUTHORIZED
+    );
+    for open in ["/health", "/metrics"] {
+        let r = orchestrator::http::router(s.clone())
+            .oneshot(Request::get(open).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{open}");
+    }
+
+    // gRPC on loopback.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = format!("http://{}", l.local_addr().unwrap());
+    tokio::spawn(orchestrator::serve(s.clone(), l, std::future::pending()));
+    let mut c = proto::v1::ouroboros_client::OuroborosClient::connect(addr.clone())
+        .await
+        .unwrap();
+    let request = || pb::GenerateRequest {
+        input: Some(pb::generate_request::Input::Prompt("w1 w2".into())),
+        max_new_tokens: Some(2),
+        ..Default::default()
+    };
+    let e = c.generate(request()).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    assert!(c.info(pb::InfoRequest::default()).await.is_err());
+    let mut with_key = tonic::Request::new(request());
+    with_key
+        .metadata_mut()
+        .insert("authorization", "Bearer sesame".parse().unwrap());
+    assert_eq!(
+        c.generate(with_key)
+            .await
+            .unwrap()
+            .into_inner()
+            .token_ids
+            .len(),
+        2
+    );
+    let channel = tonic::transport::Endpoint::from_shared(addr)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+}

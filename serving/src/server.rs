@@ -31,9 +31,12 @@ where
     reporter.set_serving::<S>().await;
     // Reflection in both versions: grpcurl and grpcui speak v1, older tools (and Postman)
     // only v1alpha.
+    // Each server lists its own service only (the public server does not advertise the
+    // internal protocols).
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .with_service_name(S::NAME)
     };
     let (reflection_v1, reflection_v1alpha) =
         (reflection().build_v1()?, reflection().build_v1alpha()?);
