@@ -67,7 +67,7 @@ impl ApiKeys {
         match given {
             Some(k) if !k.is_empty() => {
                 let d = digest(k);
-                self.digests.iter().any(|known| *known == d)
+                self.digests.contains(&d)
             }
             _ => false,
         }
