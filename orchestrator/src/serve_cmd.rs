@@ -52,6 +52,10 @@ pub struct ServeArgs {
     skip_profile: bool,
     /// Most requests running at once; past it new ones get RESOURCE_EXHAUSTED (HTTP 429)
     /// while those running finish.
+    /// At start, how long to keep retrying draft and target services that do not answer
+    /// yet (they may still be loading their models), with backoff; 0 fails at once.
+    #[arg(long, env = "OURO_BACKEND_WAIT_S", default_value_t = 600)]
+    backend_wait_s: u64,
     #[arg(long, env = "OURO_MAX_RUNNING_REQUESTS", default_value_t = 256)]
     max_running_requests: usize,
     /// A file of API keys (one per line): callers of the public API (gRPC and HTTP, not
@@ -179,6 +183,30 @@ async fn serve_with(a: ServeArgs) -> Result<()> {
     Ok(())
 }
 
+/// Retries `connect` with backoff (0.5 s, doubling to 15 s) until it succeeds or `wait`
+/// has passed: a fresh deployment's services may still be loading their models.
+async fn patiently<T, F, Fut>(what: &str, wait: Duration, mut connect: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let started = std::time::Instant::now();
+    let mut delay = Duration::from_millis(500);
+    loop {
+        match connect().await {
+            Ok(t) => return Ok(t),
+            Err(e) if started.elapsed() + delay > wait => {
+                return Err(e.context(format!("{what} did not answer within {wait:?}")));
+            }
+            Err(e) => {
+                tracing::warn!("waiting for {what} ({e:#}); trying again in {delay:?}");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(15));
+            }
+        }
+    }
+}
+
 fn stamp_of(tokenizer: &tokenizers::Tokenizer) -> VocabStamp {
     let v = engine::vocab::Vocabulary::of_tokenizer(tokenizer, "the tokenizer");
     VocabStamp {
@@ -265,22 +293,27 @@ async fn remote(a: &ServeArgs, url: &str, phrase_len: usize) -> Result<Served> {
     };
     let eos = embedded::stop_ids(Path::new(""), &tokenizer)?;
     let refresh = Duration::from_secs(a.discovery_refresh_s);
-    let target = Replicas::connect(
-        url,
-        move |u| async move { RemoteTarget::connect_for(&u, entries, target_limits).await },
-        <RemoteTarget as TargetBackend>::info,
-        refresh,
-    )
+    let wait = Duration::from_secs(a.backend_wait_s);
+    let target = patiently("the target service", wait, || {
+        Replicas::connect(
+            url,
+            move |u| async move { RemoteTarget::connect_for(&u, entries, target_limits).await },
+            <RemoteTarget as TargetBackend>::info,
+            refresh,
+        )
+    })
     .await?;
     vocabulary::check_service(&vocab, "target", &target.info())?;
     let reported = target.read_first(|t| t.chat_template().cloned()).flatten();
     let drafts = |spec: String| async move {
-        Replicas::connect(
-            &spec,
-            move |u| async move { RemoteDraft::connect_for(&u, entries, draft_limits).await },
-            <RemoteDraft as DraftBackend>::info,
-            refresh,
-        )
+        patiently("the draft service", wait, || {
+            Replicas::connect(
+                &spec,
+                move |u| async move { RemoteDraft::connect_for(&u, entries, draft_limits).await },
+                <RemoteDraft as DraftBackend>::info,
+                refresh,
+            )
+        })
         .await
         .map(Arc::new)
     };

@@ -8,6 +8,7 @@
 mod common;
 
 use candle_core::quantized::GgmlDType;
+use common::{Procs, binary, free_port, wait_for};
 use engine::Architecture;
 use engine::testing::{random_weights, tiny_config, write_gguf};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
@@ -21,8 +22,7 @@ use orchestrator::remote::{RemoteDraft, RemoteTarget};
 use proto::v1 as pb;
 use proto::v1::ouroboros_client::OuroborosClient;
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_stream::wrappers::TcpListenerStream;
@@ -81,74 +81,6 @@ impl TraceService for Collector {
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-/// Child processes, killed when the test ends however it ends.
-struct Procs(Vec<(String, Child)>);
-
-impl Procs {
-    fn spawn(&mut self, what: &str, cmd: &mut Command) {
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {what}: {e}"));
-        self.0.push((what.to_string(), child));
-    }
-
-    /// Fails the test at once if a process died (instead of waiting out a timeout).
-    fn check_alive(&mut self) {
-        for (what, c) in &mut self.0 {
-            if let Ok(Some(status)) = c.try_wait() {
-                panic!("{what} exited early with {status}");
-            }
-        }
-    }
-}
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for (_, c) in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// The binaries beside `ouro` in cargo's output folder (built by `cargo build
-/// --workspace`, as scripts/test.sh does first).
-fn binary(name: &str) -> PathBuf {
-    let ouro = Path::new(env!("CARGO_BIN_EXE_ouro"));
-    let p = ouro.with_file_name(name);
-    assert!(
-        p.exists(),
-        "{} is missing: build the workspace first (cargo build --release --workspace)",
-        p.display()
-    );
-    p
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Retries `connect` until it answers or a minute passes.
-async fn wait_for<F, Fut, T>(procs: &mut Procs, what: &str, mut connect: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<T>>,
-{
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        procs.check_alive();
-        match connect().await {
-            Ok(v) => return v,
-            Err(e) if Instant::now() > deadline => panic!("{what} not answering: {e:#}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

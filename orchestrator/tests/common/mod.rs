@@ -1,3 +1,75 @@
-//! Helpers shared by the orchestrator's integration tests.
+//! Helpers shared by the orchestrator's integration tests (each test binary uses some).
+#![allow(dead_code)]
 
 pub use orchestrator::testing::word_tokenizer;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+/// Child processes, killed when the test ends however it ends.
+pub struct Procs(pub Vec<(String, Child)>);
+
+impl Procs {
+    pub fn spawn(&mut self, what: &str, cmd: &mut Command) {
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {what}: {e}"));
+        self.0.push((what.to_string(), child));
+    }
+
+    /// Fails the test at once if a process died (instead of waiting out a timeout).
+    pub fn check_alive(&mut self) {
+        for (what, c) in &mut self.0 {
+            if let Ok(Some(status)) = c.try_wait() {
+                panic!("{what} exited early with {status}");
+            }
+        }
+    }
+}
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The binaries beside `ouro` in cargo's output folder (built by `cargo build
+/// --workspace`, as scripts/test.sh does first).
+pub fn binary(name: &str) -> PathBuf {
+    let ouro = Path::new(env!("CARGO_BIN_EXE_ouro"));
+    let p = ouro.with_file_name(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace first (cargo build --release --workspace)",
+        p.display()
+    );
+    p
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Retries `connect` until it answers or a minute passes.
+pub async fn wait_for<F, Fut, T>(procs: &mut Procs, what: &str, mut connect: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        procs.check_alive();
+        match connect().await {
+            Ok(v) => return v,
+            Err(e) if Instant::now() > deadline => panic!("{what} not answering: {e:#}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
