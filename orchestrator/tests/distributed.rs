@@ -690,11 +690,7 @@ async fn a_hung_draft_service_times_out_into_exact_target_only() {
     use std::sync::atomic::Ordering;
     use std::time::{Duration, Instant};
     let dir = tempfile::tempdir().unwrap();
-    let cfg = tiny_config(Architecture::Qwen2);
-    let w = random_weights(&cfg, 17, true, false).unwrap();
-    let (tp, dp) = (dir.path().join("t.gguf"), dir.path().join("d.gguf"));
-    write_gguf(&tp, &cfg, &w, GgmlDType::F32).unwrap();
-    write_gguf(&dp, &cfg, &w, GgmlDType::Q8_0).unwrap();
+    let (tp, dp) = common::tiny_pair(dir.path(), 17);
     let (tl, ta) = listener().await;
     tokio::spawn(target_service::serve(
         TargetGrpc::new(model(&tp).await, TargetConfig::default()),

@@ -6,10 +6,8 @@
 mod common;
 
 use candle_core::Device;
-use candle_core::quantized::GgmlDType;
 use decoding::{DecodeParams, LookaheadParams, Strategy, TargetBackend};
-use engine::testing::{random_weights, tiny_config, write_gguf};
-use engine::{Architecture, LoadOptions, Transformer};
+use engine::{LoadOptions, Transformer};
 use orchestrator::api::GenerateService;
 use orchestrator::chat::ChatTemplate;
 use orchestrator::embedded::{Limits, LocalPipeline, fresh_pipeline};
@@ -38,11 +36,7 @@ fn load(path: &std::path::Path) -> Arc<Transformer> {
 /// on loopback like `ouro serve`.
 async fn embedded(target: TargetConfig) -> Server {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = tiny_config(Architecture::Qwen2);
-    let w = random_weights(&cfg, 23, true, false).unwrap();
-    let (tp, dp) = (dir.path().join("t.gguf"), dir.path().join("d.gguf"));
-    write_gguf(&tp, &cfg, &w, GgmlDType::F32).unwrap();
-    write_gguf(&dp, &cfg, &w, GgmlDType::Q8_0).unwrap();
+    let (tp, dp) = common::tiny_pair(dir.path(), 23);
     let lookahead = LookaheadParams {
         level: 4,
         window: 3,

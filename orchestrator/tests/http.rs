@@ -7,10 +7,8 @@ mod common;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use candle_core::Device;
-use candle_core::quantized::GgmlDType;
 use decoding::{DecodeParams, LookaheadParams, Strategy};
-use engine::testing::{random_weights, tiny_config, write_gguf};
-use engine::{Architecture, LoadOptions, Transformer};
+use engine::{LoadOptions, Transformer};
 use http_body_util::BodyExt;
 use orchestrator::api::GenerateService;
 use orchestrator::chat::ChatTemplate;
@@ -28,11 +26,7 @@ fn load(path: &std::path::Path) -> Arc<Transformer> {
 
 fn service() -> (tempfile::TempDir, GenerateService) {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = tiny_config(Architecture::Qwen2);
-    let w = random_weights(&cfg, 23, true, false).unwrap();
-    let (tp, dp) = (dir.path().join("t.gguf"), dir.path().join("d.gguf"));
-    write_gguf(&tp, &cfg, &w, GgmlDType::F32).unwrap();
-    write_gguf(&dp, &cfg, &w, GgmlDType::Q8_0).unwrap();
+    let (tp, dp) = common::tiny_pair(dir.path(), 23);
     let lookahead = LookaheadParams {
         level: 4,
         window: 3,

@@ -1,6 +1,9 @@
 //! Helpers shared by the orchestrator's integration tests (each test binary uses some).
 #![allow(dead_code)]
 
+use candle_core::quantized::GgmlDType;
+use engine::Architecture;
+use engine::testing::{random_weights, tiny_config, write_gguf};
 pub use orchestrator::testing::word_tokenizer;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -72,4 +75,15 @@ where
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
+}
+
+/// A tiny random target (f32) and its 8-bit copy as the draft, written into `dir`: the
+/// draft mostly agrees with the target and sometimes does not.
+pub fn tiny_pair(dir: &Path, seed: u64) -> (PathBuf, PathBuf) {
+    let cfg = tiny_config(Architecture::Qwen2);
+    let w = random_weights(&cfg, seed, true, false).unwrap();
+    let (tp, dp) = (dir.join("t.gguf"), dir.join("d.gguf"));
+    write_gguf(&tp, &cfg, &w, GgmlDType::F32).unwrap();
+    write_gguf(&dp, &cfg, &w, GgmlDType::Q8_0).unwrap();
+    (tp, dp)
 }
