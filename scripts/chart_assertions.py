@@ -114,12 +114,41 @@ def main():
 
     # Models: fetched by an init container into an emptyDir by default, a shared claim
     # without fetching in the scaled example.
+    volume = lambda spec, name: next(v for v in spec["volumes"] if v["name"] == name)
     spec = dep(default, "target")["spec"]["template"]["spec"]
     assert spec["initContainers"][0]["command"] == ["/app/scripts/fetch-models.sh"]
-    assert spec["volumes"][0] == {"name": "models", "emptyDir": {}}
+    assert volume(spec, "models") == {"name": "models", "emptyDir": {}}
     spec = dep(scaled, "target")["spec"]["template"]["spec"]
     assert "initContainers" not in spec
-    assert spec["volumes"][0]["persistentVolumeClaim"]["claimName"] == "ouroboros-models"
+    assert volume(spec, "models")["persistentVolumeClaim"]["claimName"] == "ouroboros-models"
+
+    # Every container runs non-root on a read-only root filesystem, without privilege
+    # escalation or capabilities, under the runtime's default seccomp profile; /tmp is an
+    # emptyDir (pip and the fetch script write there).
+    for m in (default, scaled):
+        for c in components:
+            spec = dep(m, c)["spec"]["template"]["spec"]
+            assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+            assert spec["securityContext"]["runAsNonRoot"] is True
+            assert volume(spec, "tmp") == {"name": "tmp", "emptyDir": {}}
+            for ct in spec["containers"] + spec.get("initContainers", []):
+                sc = ct["securityContext"]
+                assert sc["readOnlyRootFilesystem"] is True, (c, ct["name"])
+                assert sc["allowPrivilegeEscalation"] is False
+                assert sc["capabilities"] == {"drop": ["ALL"]}
+                assert {"name": "tmp", "mountPath": "/tmp"} in ct["volumeMounts"], (c, ct["name"])
+
+    # Only orchestrator pods reach draft and target on their gRPC ports; metrics stay open.
+    for c, port in (("draft", 50053), ("target", 50052)):
+        np = default[("NetworkPolicy", f"demo-ouroboros-{c}")]["spec"]
+        assert np["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == c
+        assert np["policyTypes"] == ["Ingress"]
+        grpc_rule, metrics_rule = np["ingress"]
+        (src,) = grpc_rule["from"]
+        assert src["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "orchestrator"
+        assert grpc_rule["ports"] == [{"port": port, "protocol": "TCP"}]
+        assert "from" not in metrics_rule and metrics_rule["ports"][0]["port"] == 9090
+    assert ("NetworkPolicy", "demo-ouroboros-orchestrator") not in default
 
     # Observability options: off by default; the scaled example scrapes every component
     # through a ServiceMonitor on its Service's metrics port and traces to a collector,

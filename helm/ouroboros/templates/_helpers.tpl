@@ -79,6 +79,8 @@ spec:
         runAsNonRoot: true
         runAsUser: 10001
         fsGroup: 10001
+        seccompProfile:
+          type: RuntimeDefault
       terminationGracePeriodSeconds: {{ $v.terminationGracePeriodSeconds | default (add ($v.drainTimeoutSeconds | default 30) 30) }}
       {{- if $root.Values.models.fetch.enabled }}
       initContainers:
@@ -88,12 +90,19 @@ spec:
           command: ["/app/scripts/fetch-models.sh"]
           args:
             {{- toYaml $root.Values.models.fetch.args | nindent 12 }}
+          securityContext:
+            {{- include "ouroboros.containerSecurity" . | nindent 12 }}
           env:
             - name: OURO_MODELS_DIR
               value: {{ $root.Values.models.mountPath | quote }}
+            # pip's cache and the script's scratch files (the root filesystem is read-only).
+            - name: HOME
+              value: /tmp
           volumeMounts:
             - name: models
               mountPath: {{ $root.Values.models.mountPath }}
+            - name: tmp
+              mountPath: /tmp
       {{- end }}
       containers:
         - name: {{ .component }}
@@ -101,6 +110,8 @@ spec:
           imagePullPolicy: {{ $root.Values.image.pullPolicy }}
           command:
             {{- toYaml .command | nindent 12 }}
+          securityContext:
+            {{- include "ouroboros.containerSecurity" . | nindent 12 }}
           args:
             {{- $metrics := list }}
             {{- if $root.Values.metrics.enabled }}
@@ -181,7 +192,11 @@ spec:
           volumeMounts:
             - name: models
               mountPath: {{ $root.Values.models.mountPath }}
+            - name: tmp
+              mountPath: /tmp
       volumes:
+        - name: tmp
+          emptyDir: {}
         - name: models
           {{- if $claim }}
           persistentVolumeClaim:
@@ -303,4 +318,13 @@ spec:
     matchLabels:
       {{- include "ouroboros.selector" (dict "root" $root "component" .component) | nindent 6 }}
 {{- end }}
+{{- end -}}
+
+{{/* Every container: non-root, read-only root filesystem, no privilege escalation, no capabilities. */}}
+{{- define "ouroboros.containerSecurity" -}}
+runAsNonRoot: true
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+capabilities:
+  drop: [ALL]
 {{- end -}}
