@@ -28,6 +28,9 @@ pub struct ServerTiming {
     pub queue: f64,
     pub forward: f64,
     pub total: f64,
+    /// Verify calls: trees (one per session) in the forward that served the call; 0 where
+    /// not reported.
+    pub batch_trees: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]

@@ -40,6 +40,7 @@ pub fn timed<R>(f: impl FnOnce() -> Result<R>) -> Result<(R, ServerTiming)> {
             queue: 0.0,
             forward: t,
             total: t,
+            batch_trees: 0,
         },
     ))
 }

@@ -323,51 +323,76 @@ fn the_trie_strategy_is_exact_for_any_trie_contents() {
     }
 }
 
+/// Sampled decoding through every strategy equals plain sampling with the same seed, with
+/// a draft that agrees with the target, one that mostly agrees and an adversarial one; and
+/// drafted tokens are really accepted under sampling (speculation is not quietly off).
 #[test]
 fn seeded_sampling_is_lossless() {
     let target = target_model();
-    let draft = target.clone();
-    for (temperature, top_k, top_p) in [(0.7, 0, 1.0), (1.0, 5, 1.0), (1.3, 0, 0.9)] {
-        for seed in [1u64, 2, 3] {
-            let sampling = SamplingParams {
-                temperature,
-                top_k,
-                top_p,
-                seed,
-            };
-            for strategy in [
-                Strategy::Greedy,
-                Strategy::Speculative,
-                Strategy::Trie,
-                Strategy::Ouroboros,
-                Strategy::Auto,
-            ] {
-                let la = LookaheadParams {
-                    level: 4,
-                    window: 4,
-                    guess: 4,
+    let drafts = [
+        ("perfect", target.clone()),
+        // The same weights made less sure of themselves: agrees often, not always.
+        ("weak", Arc::new(MockModel::new(VOCAB, 2048, 0.4, 1))),
+        (
+            "adversarial",
+            Arc::new(MockModel::new(VOCAB, 2048, 0.7, 99)),
+        ),
+    ];
+    let mut accepted = std::collections::HashMap::new();
+    for (name, draft) in &drafts {
+        for (temperature, top_k, top_p) in [(0.7, 0, 1.0), (1.0, 5, 1.0), (1.3, 0, 0.9)] {
+            for seed in [1u64, 2, 3] {
+                let sampling = SamplingParams {
+                    temperature,
+                    top_k,
+                    top_p,
+                    seed,
                 };
-                let pool = pool(la.phrase_len());
-                for prompt in prompts() {
-                    let params = DecodeParams {
-                        strategy,
-                        max_new_tokens: 40,
-                        sampling,
-                        gamma: 5,
-                        lookahead: la,
-                        topk: 2,
-                        ..DecodeParams::default()
+                for strategy in [
+                    Strategy::Greedy,
+                    Strategy::Speculative,
+                    Strategy::Trie,
+                    Strategy::Ouroboros,
+                    Strategy::Auto,
+                ] {
+                    let la = LookaheadParams {
+                        level: 4,
+                        window: 4,
+                        guess: 4,
                     };
-                    let want = plain_decode(&target, &prompt, 40, &sampling);
-                    let out = run(&target, &draft, &pool, &prompt, &params);
-                    assert_eq!(
-                        out.tokens, want,
-                        "{strategy:?} {sampling:?} prompt {prompt:?}"
-                    );
+                    let pool = pool(la.phrase_len());
+                    for prompt in prompts() {
+                        let params = DecodeParams {
+                            strategy,
+                            max_new_tokens: 40,
+                            sampling,
+                            gamma: 5,
+                            lookahead: la,
+                            topk: 2,
+                            ..DecodeParams::default()
+                        };
+                        let want = plain_decode(&target, &prompt, 40, &sampling);
+                        let out = run(&target, draft, &pool, &prompt, &params);
+                        assert_eq!(
+                            out.tokens, want,
+                            "{name} draft, {strategy:?} {sampling:?} prompt {prompt:?}"
+                        );
+                        if strategy == Strategy::Speculative {
+                            *accepted.entry(*name).or_insert(0) += out.stats.accepted;
+                        }
+                    }
                 }
             }
         }
     }
+    eprintln!("accepted draft tokens under sampling, speculative: {accepted:?}");
+    // A draft that agrees gets tokens accepted under sampling; a weak one too, less often.
+    assert!(accepted["perfect"] > 100, "{accepted:?}");
+    assert!(accepted["weak"] > 0, "{accepted:?}");
+    assert!(
+        accepted["perfect"] > accepted["adversarial"],
+        "{accepted:?}"
+    );
 }
 
 #[test]

@@ -42,6 +42,7 @@ fn timing(started: Instant, forward: f64) -> Option<proto::common::v1::ServerTim
         queue_s: 0.0,
         forward_s: forward,
         total_s: started.elapsed().as_secs_f64(),
+        batch_trees: 0,
     })
 }
 

@@ -18,6 +18,7 @@ impl From<ServerTiming> for pb::ServerTiming {
             queue_s: t.queue,
             forward_s: t.forward,
             total_s: t.total,
+            batch_trees: t.batch_trees,
         }
     }
 }
@@ -28,6 +29,7 @@ impl From<pb::ServerTiming> for ServerTiming {
             queue: t.queue_s,
             forward: t.forward_s,
             total: t.total_s,
+            batch_trees: t.batch_trees,
         }
     }
 }

@@ -346,6 +346,7 @@ impl<M: LanguageModel> Worker<M> {
         let (outs, prefilled) =
             span.in_scope(|| forward(&*self.model, &mut guards, &ready, &mut chunks));
         let forward_s = started.elapsed().as_secs_f64();
+        let trees = ready.len();
         // Unfinished prefills go back to the front, in their order.
         for ((p, _), result) in chunks.into_iter().zip(prefilled).rev() {
             match result {
@@ -379,6 +380,7 @@ impl<M: LanguageModel> Worker<M> {
                     .as_secs_f64(),
                 forward: forward_s,
                 total: job.enqueued.elapsed().as_secs_f64(),
+                batch_trees: trees as u32,
             };
             let _ = job.reply.send(result.map(|o| (o, timing)));
         }

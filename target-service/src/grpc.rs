@@ -1,6 +1,7 @@
 //! `ouroboros.target.v1.TargetService` over the serving crate's target runtime (the same
 //! one the embedded server runs), with health and reflection.
 
+use decoding::ServerTiming;
 use engine::LanguageModel;
 use proto::convert::status_of;
 use proto::target::v1 as pb;
@@ -33,11 +34,10 @@ impl<M: LanguageModel + 'static> TargetGrpc<M> {
     }
 }
 
-fn timing(started: Instant, forward: f64, queue: f64) -> Option<proto::common::v1::ServerTiming> {
+fn timing(started: Instant, t: ServerTiming) -> Option<proto::common::v1::ServerTiming> {
     Some(proto::common::v1::ServerTiming {
-        queue_s: queue,
-        forward_s: forward,
         total_s: started.elapsed().as_secs_f64(),
+        ..t.into()
     })
 }
 
@@ -83,7 +83,13 @@ impl<M: LanguageModel + 'static> TargetService for TargetGrpc<M> {
         let forward = started.elapsed().as_secs_f64();
         Ok(Response::new(pb::OpenSessionResponse {
             session_id: id,
-            timing: timing(started, forward, 0.0),
+            timing: timing(
+                started,
+                ServerTiming {
+                    forward,
+                    ..ServerTiming::default()
+                },
+            ),
         }))
     }
 
@@ -104,7 +110,7 @@ impl<M: LanguageModel + 'static> TargetService for TargetGrpc<M> {
             accepted: outcome.accepted,
             bonus: outcome.bonus,
             outputs: outcome.outputs,
-            timing: timing(started, t.forward, t.queue),
+            timing: timing(started, t),
             logprobs: outcome.logprobs.iter().map(Into::into).collect(),
         }))
     }
