@@ -386,6 +386,34 @@ async fn stream_equals_unary_and_stop_strings_cut() {
     assert_eq!(g.text, whole.text[..cut]);
     assert_eq!(g.token_ids[..], whole.token_ids[..g.token_ids.len()]);
     assert_eq!(g.token_sources.len(), g.token_ids.len());
+
+    // Stop strings that span token boundaries, streamed: two whole tokens' text, and one
+    // that starts inside a token and ends inside the next. The stream must hold back text
+    // that may begin a stop string, so what it sent adds up to the cut answer exactly.
+    let tail = |w: &str| w[w.len().saturating_sub(2)..].to_string();
+    for stop in [
+        format!(" {} {}", words[4], words[5]),
+        format!("{} {}", tail(words[6]), &words[7][..1]),
+    ] {
+        let cut = whole
+            .text
+            .find(&stop)
+            .expect("the stop string is in the answer");
+        let mut r = request(prompt, pb::Strategy::Ouroboros, None);
+        r.stop = vec![stop.clone()];
+        let mut stream = c.generate_stream(r).await.unwrap().into_inner();
+        let (mut text, mut finish) = (String::new(), 0);
+        while let Some(m) = stream.message().await.unwrap() {
+            text.push_str(&m.text);
+            assert!(
+                whole.text[..cut].starts_with(&text),
+                "{stop:?}: sent {text:?}, past the cut"
+            );
+            finish = finish.max(m.finish_reason);
+        }
+        assert_eq!(text, whole.text[..cut], "{stop:?}");
+        assert_eq!(finish, pb::FinishReason::Stop as i32, "{stop:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
