@@ -147,6 +147,23 @@ mod tests {
         let picks: std::collections::HashSet<u32> =
             (0..40).map(|pos| p.choose(&logits, pos)).collect();
         assert!(picks.len() > 10, "uniform logits should spread: {picks:?}");
+        // Another seed draws another sequence; the same seed the same one.
+        let run = |seed| -> Vec<u32> {
+            let q = SamplingParams { seed, ..p };
+            (0..40).map(|pos| q.choose(&logits, pos)).collect()
+        };
+        assert_eq!(run(7), run(7));
+        for other in [8, 9, 1 << 40] {
+            let same = run(7)
+                .iter()
+                .zip(run(other))
+                .filter(|(a, b)| **a == *b)
+                .count();
+            assert!(
+                same < 10,
+                "seed {other} repeats seed 7 at {same} of 40 positions"
+            );
+        }
     }
 
     #[test]

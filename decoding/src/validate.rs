@@ -27,6 +27,8 @@ pub mod limits {
     /// Most bytes of text (a prompt, or all chat messages together) per request, checked
     /// before tokenizing it.
     pub const MAX_TEXT_BYTES: usize = 4 << 20;
+    /// Most pool phrases one draft call may carry to a draft service's replica.
+    pub const MAX_POOL_DELTA: usize = 1 << 16;
 }
 
 /// A request field that failed its check.

@@ -461,7 +461,13 @@ fn the_sink_can_stop_generation() {
     ))
     .unwrap();
     assert_eq!(out.finish, FinishReason::Stop);
+    // It ended with the batch the sink stopped on: the sink saw every token returned and
+    // nothing was committed after, well before the 256-token budget; and they are greedy's.
     assert!(out.tokens.len() >= 10);
+    assert_eq!(out.tokens.len(), seen);
+    assert!(seen < 10 + params.gamma + params.topk * 4, "{seen} tokens");
+    let want = plain_decode(&target, &[1, 2], seen, &SamplingParams::greedy());
+    assert_eq!(out.tokens, want);
 }
 
 #[test]

@@ -6,7 +6,7 @@
 use crate::convert::sampling_from_pb;
 use crate::draft::v1 as draft_pb;
 use crate::target::v1 as target_pb;
-use decoding::validate::{in_range, limits, unit_floor};
+use decoding::validate::{FieldError, at_most, in_range, limits, unit_floor};
 use decoding::{
     DecodingError, DraftLength, DraftRequest, DraftTree, LookaheadParams, Ngram, SamplingParams,
     SessionId,
@@ -54,6 +54,29 @@ impl TryFrom<draft_pb::DraftRequest> for DraftCall {
         let lookahead = r.lookahead.as_ref().map(LookaheadParams::from);
         if let Some(la) = &lookahead {
             la.validate()?;
+        }
+        // The delta feeds a pool replica per phrase length: one length per call, one that
+        // a lookahead level allows, and bounded in count.
+        at_most("pool_delta", r.pool_delta.len(), limits::MAX_POOL_DELTA)?;
+        if let Some(first) = r.pool_delta.first() {
+            let len = first.tokens.len();
+            let allowed = (*limits::LEVELS.start() - 1)..=(*limits::LEVELS.end() - 1);
+            if let Some(i) = r
+                .pool_delta
+                .iter()
+                .position(|p| p.tokens.len() != len || !allowed.contains(&p.tokens.len()))
+            {
+                return Err(FieldError::new(
+                    format!("pool_delta[{i}].tokens"),
+                    format!(
+                        "{len} tokens, one phrase length of {}..={} for the whole call",
+                        allowed.start(),
+                        allowed.end()
+                    ),
+                    r.pool_delta[i].tokens.len(),
+                )
+                .into());
+            }
         }
         Ok(Self {
             session: r.session_id,
@@ -106,6 +129,10 @@ mod tests {
                 top_p: p,
                 ..Default::default()
             })
+        };
+        let phrase = |n: usize| crate::common::v1::Phrase {
+            key: 1,
+            tokens: vec![2; n],
         };
         let lookahead = |level, window, guess| {
             Some(Lookahead {
@@ -171,6 +198,21 @@ mod tests {
                 "guess",
                 draft(&|r| r.lookahead = lookahead(4, 4, 65)),
                 "lookahead.guess",
+            ),
+            (
+                "delta too big",
+                draft(&|r| r.pool_delta = vec![phrase(3); limits::MAX_POOL_DELTA + 1]),
+                "pool_delta",
+            ),
+            (
+                "delta lengths mixed",
+                draft(&|r| r.pool_delta = vec![phrase(3), phrase(3), phrase(4)]),
+                "pool_delta[2].tokens",
+            ),
+            (
+                "delta length out of range",
+                draft(&|r| r.pool_delta = vec![phrase(40)]),
+                "pool_delta[0].tokens",
             ),
         ];
         for (what, r, field) in cases {
