@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 use clap::Parser;
 use decoding::PoolConfig;
-use draft_service::{DraftConfig, DraftGrpc, serve};
+use draft_service::{DraftConfig, DraftGrpc, serve_draining};
 use engine::LoadOptions;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -102,11 +102,10 @@ async fn run_service(a: Args) -> Result<()> {
     tracing::info!(listen = %a.listen, "draft service ready");
     let grpc = DraftGrpc::new(Arc::new(m), config);
     let sessions = grpc.sessions().clone();
-    let shutdown = async move {
-        serving::server::terminated().await;
+    let drain = async move {
         serving::server::drain_sessions(&sessions, Duration::from_secs(a.drain_timeout_s)).await;
     };
-    serve(grpc, listener, shutdown).await
+    serve_draining(grpc, listener, serving::server::terminated(), drain).await
 }
 
 #[cfg(test)]

@@ -27,8 +27,38 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
+    serve_draining(service, listener, shutdown, async {}).await
+}
+
+/// As [`serve`], with a drain between the stop signal and the end: once `stop` completes,
+/// health says NOT_SERVING (so balancers and orchestrators send nothing new) while the
+/// calls of open sessions go on until `drain` completes.
+pub async fn serve_draining<S>(
+    service: S,
+    listener: TcpListener,
+    stop: impl Future<Output = ()> + Send,
+    drain: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+        + NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<S>().await;
+    let shutdown = async move {
+        stop.await;
+        reporter.set_not_serving::<S>().await;
+        reporter
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+        tracing::info!("stopping: health says NOT_SERVING while open sessions drain");
+        drain.await;
+    };
     // Reflection in both versions: grpcurl and grpcui speak v1, older tools (and Postman)
     // only v1alpha.
     // Each server lists its own service only (the public server does not advertise the

@@ -133,5 +133,15 @@ pub async fn serve<M: LanguageModel + 'static>(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    serving::server::serve(TargetServiceServer::new(service), listener, shutdown).await
+    serve_draining(service, listener, shutdown, async {}).await
+}
+
+/// As [`serve`]; after `stop`, health says NOT_SERVING until `drain` ends the server.
+pub async fn serve_draining<M: LanguageModel + 'static>(
+    service: TargetGrpc<M>,
+    listener: TcpListener,
+    stop: impl Future<Output = ()> + Send,
+    drain: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    serving::server::serve_draining(TargetServiceServer::new(service), listener, stop, drain).await
 }

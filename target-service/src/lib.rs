@@ -4,5 +4,5 @@
 
 pub mod grpc;
 
-pub use grpc::{TargetGrpc, serve};
+pub use grpc::{TargetGrpc, serve, serve_draining};
 pub use serving::TargetConfig;

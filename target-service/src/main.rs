@@ -8,7 +8,7 @@ use serving::args::TargetLimitsArgs;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use target_service::{TargetConfig, TargetGrpc, serve};
+use target_service::{TargetConfig, TargetGrpc, serve_draining};
 
 #[derive(Parser)]
 #[command(
@@ -113,11 +113,10 @@ async fn run<M: engine::LanguageModel + 'static>(
 ) -> Result<()> {
     tracing::info!(listen, "target service ready");
     let sessions = grpc.sessions().clone();
-    let shutdown = async move {
-        serving::server::terminated().await;
+    let drain = async move {
         serving::server::drain_sessions(&sessions, drain_limit).await;
     };
-    serve(grpc, listener, shutdown).await
+    serve_draining(grpc, listener, serving::server::terminated(), drain).await
 }
 
 #[cfg(test)]

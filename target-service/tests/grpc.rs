@@ -415,3 +415,72 @@ async fn kv_budget_refuses_new_sessions_but_keeps_existing_ones() {
     };
     assert!(c.verify(r).await.is_ok());
 }
+
+/// On the stop signal health turns NOT_SERVING (so nothing new is routed here) while an
+/// open session's calls still go on until the drain ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_says_not_serving_while_draining() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let model = Arc::new(MockModel::new(64, 512, 0.7, 3));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (drained, drain) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(target_service::serve_draining(
+        TargetGrpc::new(model.clone(), TargetConfig::default()),
+        listener,
+        async {
+            let _ = stopped.await;
+        },
+        async {
+            let _ = drain.await;
+        },
+    ));
+    let channel = tonic::transport::Endpoint::from_shared(addr)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel.clone());
+    let mut c = TargetServiceClient::new(channel);
+    let status = |name: &str| HealthCheckRequest {
+        service: name.to_string(),
+    };
+    let name = "ouroboros.target.v1.TargetService";
+    let serving = ServingStatus::Serving as i32;
+    for n in ["", name] {
+        assert_eq!(
+            health.check(status(n)).await.unwrap().into_inner().status,
+            serving
+        );
+    }
+    let id = open(&mut c, &[1, 2, 3]).await;
+    stop.send(()).unwrap();
+    let not_serving = ServingStatus::NotServing as i32;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while health
+        .check(status(name))
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        != not_serving
+    {
+        assert!(std::time::Instant::now() < deadline, "health never changed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        health.check(status("")).await.unwrap().into_inner().status,
+        not_serving
+    );
+    // The open session still verifies during the drain.
+    let t = DraftTree::from_parts(vec![3, 5], vec![-1, 0]).unwrap();
+    assert!(c.verify(request(id, &t, None)).await.is_ok());
+    drained.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .expect("the server stops after the drain")
+        .unwrap()
+        .unwrap();
+}
