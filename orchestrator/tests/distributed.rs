@@ -5,13 +5,12 @@
 
 mod common;
 
-use candle_core::Device;
 use candle_core::quantized::GgmlDType;
 use candle_core::quantized::gguf_file::Value;
 use decoding::{DecodeParams, LookaheadParams, PhrasePool, PoolConfig, ProfileOptions, Strategy};
 use draft_service::{DraftConfig, DraftGrpc};
+use engine::Architecture;
 use engine::testing::{random_weights, tiny_config, write_gguf, write_gguf_with_metadata};
-use engine::{Architecture, LoadOptions};
 use orchestrator::api::GenerateService;
 use orchestrator::chat::ChatTemplate;
 use orchestrator::pipeline::Pipeline;
@@ -64,10 +63,6 @@ struct Cluster {
     stop_draft: Option<oneshot::Sender<()>>,
 }
 
-async fn model(path: &std::path::Path) -> Arc<engine::Transformer> {
-    Arc::new(engine::load_model(path, &LoadOptions::default(), &Device::Cpu).unwrap())
-}
-
 async fn cluster() -> Cluster {
     let dir = tempfile::tempdir().unwrap();
     let cfg = tiny_config(Architecture::Qwen2);
@@ -82,14 +77,14 @@ async fn cluster() -> Cluster {
         ..TargetConfig::default()
     };
     tokio::spawn(target_service::serve(
-        TargetGrpc::new(model(&tp).await, target_config),
+        TargetGrpc::new(common::load(&tp), target_config),
         tl,
         std::future::pending(),
     ));
     let (dl, da) = listener().await;
     let (stop_draft, stopped) = oneshot::channel::<()>();
     tokio::spawn(draft_service::serve(
-        DraftGrpc::new(model(&dp).await, DraftConfig::default()),
+        DraftGrpc::new(common::load(&dp), DraftConfig::default()),
         dl,
         async {
             let _ = stopped.await;
@@ -98,7 +93,7 @@ async fn cluster() -> Cluster {
     // The lookahead baseline runs the target model in a draft service.
     let (ll, la) = listener().await;
     tokio::spawn(draft_service::serve(
-        DraftGrpc::new(model(&tp).await, DraftConfig::default()),
+        DraftGrpc::new(common::load(&tp), DraftConfig::default()),
         ll,
         std::future::pending(),
     ));
@@ -621,7 +616,7 @@ async fn a_tokenizer_the_services_do_not_share_is_refused() {
         ..TargetConfig::default()
     };
     tokio::spawn(target_service::serve(
-        TargetGrpc::new(model(&tp).await, target_config),
+        TargetGrpc::new(common::load(&tp), target_config),
         tl,
         std::future::pending(),
     ));
@@ -631,7 +626,7 @@ async fn a_tokenizer_the_services_do_not_share_is_refused() {
         ..DraftConfig::default()
     };
     tokio::spawn(draft_service::serve(
-        DraftGrpc::new(model(&dp).await, draft_config),
+        DraftGrpc::new(common::load(&dp), draft_config),
         dl,
         std::future::pending(),
     ));
@@ -721,13 +716,13 @@ async fn a_hung_draft_service_times_out_into_exact_target_only() {
     let (tp, dp) = common::tiny_pair(dir.path(), 17);
     let (tl, ta) = listener().await;
     tokio::spawn(target_service::serve(
-        TargetGrpc::new(model(&tp).await, TargetConfig::default()),
+        TargetGrpc::new(common::load(&tp), TargetConfig::default()),
         tl,
         std::future::pending(),
     ));
     let (dl, da) = listener().await;
     tokio::spawn(draft_service::serve(
-        DraftGrpc::new(model(&dp).await, DraftConfig::default()),
+        DraftGrpc::new(common::load(&dp), DraftConfig::default()),
         dl,
         std::future::pending(),
     ));

@@ -5,12 +5,9 @@
 
 mod common;
 
-use candle_core::Device;
-use decoding::{DecodeParams, LookaheadParams, Strategy, TargetBackend};
-use engine::{LoadOptions, Transformer};
-use orchestrator::api::GenerateService;
-use orchestrator::chat::ChatTemplate;
-use orchestrator::embedded::{Limits, LocalPipeline, fresh_pipeline};
+use decoding::TargetBackend;
+use engine::Transformer;
+use orchestrator::embedded::{Limits, LocalPipeline};
 use proto::v1 as pb;
 use proto::v1::ouroboros_client::OuroborosClient;
 use serving::TargetConfig;
@@ -28,42 +25,11 @@ struct Server {
     client: OuroborosClient<Channel>,
 }
 
-fn load(path: &std::path::Path) -> Arc<Transformer> {
-    Arc::new(engine::load_model(path, &LoadOptions::default(), &Device::Cpu).unwrap())
-}
-
 /// The embedded pipeline over a tiny target (f32) and its 8-bit copy as the draft, served
 /// on loopback like `ouro serve`.
 async fn embedded(target: TargetConfig) -> Server {
     let dir = tempfile::tempdir().unwrap();
-    let (tp, dp) = common::tiny_pair(dir.path(), 23);
-    let lookahead = LookaheadParams {
-        level: 4,
-        window: 3,
-        guess: 3,
-    };
-    let limits = Limits { target };
-    let pipeline = Arc::new(fresh_pipeline(
-        &load(&tp),
-        Some(&load(&dp)),
-        lookahead.phrase_len(),
-        &limits,
-    ));
-    let defaults = DecodeParams {
-        strategy: Strategy::Ouroboros,
-        max_new_tokens: 32,
-        gamma: 4,
-        lookahead,
-        topk: 2,
-        ..DecodeParams::default()
-    };
-    let service = GenerateService::new(
-        pipeline.clone(),
-        Arc::new(common::word_tokenizer(VOCAB)),
-        Arc::new(ChatTemplate::chatml()),
-        vec![],
-        defaults,
-    );
+    let (pipeline, service) = common::embedded_service(dir.path(), Limits { target }, 32);
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(orchestrator::serve(service, l, std::future::pending()));

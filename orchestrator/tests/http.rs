@@ -6,53 +6,18 @@ mod common;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use candle_core::Device;
-use decoding::{DecodeParams, LookaheadParams, Strategy};
-use engine::{LoadOptions, Transformer};
 use http_body_util::BodyExt;
 use orchestrator::api::GenerateService;
-use orchestrator::chat::ChatTemplate;
-use orchestrator::embedded::{Limits, fresh_pipeline};
+use orchestrator::embedded::Limits;
 use proto::v1 as pb;
 use serde_json::{Value, json};
-use std::sync::Arc;
 use tower::ServiceExt;
 
 const VOCAB: usize = 96;
 
-fn load(path: &std::path::Path) -> Arc<Transformer> {
-    Arc::new(engine::load_model(path, &LoadOptions::default(), &Device::Cpu).unwrap())
-}
-
 fn service() -> (tempfile::TempDir, GenerateService) {
     let dir = tempfile::tempdir().unwrap();
-    let (tp, dp) = common::tiny_pair(dir.path(), 23);
-    let lookahead = LookaheadParams {
-        level: 4,
-        window: 3,
-        guess: 3,
-    };
-    let pipeline = Arc::new(fresh_pipeline(
-        &load(&tp),
-        Some(&load(&dp)),
-        lookahead.phrase_len(),
-        &Limits::default(),
-    ));
-    let defaults = DecodeParams {
-        strategy: Strategy::Ouroboros,
-        max_new_tokens: 24,
-        gamma: 4,
-        lookahead,
-        topk: 2,
-        ..DecodeParams::default()
-    };
-    let service = GenerateService::new(
-        pipeline,
-        Arc::new(common::word_tokenizer(VOCAB)),
-        Arc::new(ChatTemplate::chatml()),
-        vec![],
-        defaults,
-    );
+    let (_, service) = common::embedded_service(dir.path(), Limits::default(), 24);
     (dir, service)
 }
 

@@ -1,12 +1,18 @@
 //! Helpers shared by the orchestrator's integration tests (each test binary uses some).
 #![allow(dead_code)]
 
+use candle_core::Device;
 use candle_core::quantized::GgmlDType;
-use engine::Architecture;
+use decoding::{DecodeParams, LookaheadParams, Strategy};
 use engine::testing::{random_weights, tiny_config, write_gguf};
+use engine::{Architecture, LoadOptions, Transformer};
+use orchestrator::api::GenerateService;
+use orchestrator::chat::ChatTemplate;
+use orchestrator::embedded::{Limits, LocalPipeline, fresh_pipeline};
 pub use orchestrator::testing::word_tokenizer;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Child processes, killed when the test ends however it ends.
@@ -86,4 +92,47 @@ pub fn tiny_pair(dir: &Path, seed: u64) -> (PathBuf, PathBuf) {
     write_gguf(&tp, &cfg, &w, GgmlDType::F32).unwrap();
     write_gguf(&dp, &cfg, &w, GgmlDType::Q8_0).unwrap();
     (tp, dp)
+}
+
+pub fn load(path: &Path) -> Arc<Transformer> {
+    Arc::new(engine::load_model(path, &LoadOptions::default(), &Device::Cpu).unwrap())
+}
+
+/// The embedded pipeline (the serving runtimes in this process) over [`tiny_pair`] in
+/// `dir`, and the public service over it: Ouroboros by default, `max_new_tokens` tokens,
+/// lookahead 4/3/3, the word tokenizer and ChatML.
+pub fn embedded_service(
+    dir: &Path,
+    limits: Limits,
+    max_new_tokens: usize,
+) -> (Arc<LocalPipeline<Transformer>>, GenerateService) {
+    let (tp, dp) = tiny_pair(dir, 23);
+    let lookahead = LookaheadParams {
+        level: 4,
+        window: 3,
+        guess: 3,
+    };
+    let pipeline = Arc::new(fresh_pipeline(
+        &load(&tp),
+        Some(&load(&dp)),
+        lookahead.phrase_len(),
+        &limits,
+    ));
+    let defaults = DecodeParams {
+        strategy: Strategy::Ouroboros,
+        max_new_tokens,
+        gamma: 4,
+        lookahead,
+        topk: 2,
+        ..DecodeParams::default()
+    };
+    let vocab = tiny_config(Architecture::Qwen2).vocab_size;
+    let service = GenerateService::new(
+        pipeline.clone(),
+        Arc::new(word_tokenizer(vocab)),
+        Arc::new(ChatTemplate::chatml()),
+        vec![],
+        defaults,
+    );
+    (pipeline, service)
 }
