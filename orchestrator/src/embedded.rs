@@ -111,7 +111,11 @@ pub fn stop_ids(target: &Path, tok: &Tokenizer) -> Result<Vec<u32>> {
 /// the draft's vocabularies.
 pub fn load_tokenizer(paths: &ModelPaths) -> Result<Tokenizer> {
     let (tokenizer, vocabulary) = vocabulary::open(paths.tokenizer.as_deref(), &paths.target)?;
-    let mut models = vec![("target", paths.target.as_path())];
+    // The target's own tokenizer is its vocabulary: only another one is checked against it.
+    let mut models = Vec::new();
+    if paths.tokenizer.as_ref().is_some_and(|t| *t != paths.target) {
+        models.push(("target", paths.target.as_path()));
+    }
     if let Some(d) = &paths.draft {
         check_file(d, "draft model")?;
         models.push(("draft", d.as_path()));
