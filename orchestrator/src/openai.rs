@@ -245,9 +245,9 @@ pub fn parse_completion(body: &[u8]) -> Result<Parsed, ApiError> {
     Ok(parsed)
 }
 
-pub fn parse_chat(body: &[u8]) -> Result<Parsed, ApiError> {
-    let b: ChatBody = from_json(body)?;
-    let Some(Value::Array(items)) = given(&b.messages) else {
+/// OpenAI's `messages`: each a role and its content, a string or text parts.
+fn chat_messages(messages: Option<&Value>) -> Result<Vec<pb::ChatMessage>, ApiError> {
+    let Some(Value::Array(items)) = messages.filter(|v| !v.is_null()) else {
         return Err(ApiError::bad("messages", "required: an array of messages"));
     };
     let mut messages = Vec::with_capacity(items.len());
@@ -282,6 +282,12 @@ pub fn parse_chat(body: &[u8]) -> Result<Parsed, ApiError> {
             content,
         });
     }
+    Ok(messages)
+}
+
+pub fn parse_chat(body: &[u8]) -> Result<Parsed, ApiError> {
+    let b: ChatBody = from_json(body)?;
+    let messages = chat_messages(b.messages.as_ref())?;
     let wanted = match given(&b.common.logprobs) {
         Some(v) => boolean(v, "logprobs")?,
         None => false,
@@ -305,10 +311,9 @@ pub fn parse_tokenize(body: &[u8]) -> Result<pb::TokenizeRequest, ApiError> {
     use pb::tokenize_request::Input;
     let input = match (v.get("prompt"), v.get("messages")) {
         (Some(p), None) => Input::Text(string(p, "prompt")?.to_string()),
-        (None, Some(_)) => match parse_chat(body)?.request.input {
-            Some(pb::generate_request::Input::Chat(c)) => Input::Chat(c),
-            _ => return Err(ApiError::bad("messages", "expected chat messages")),
-        },
+        (None, m @ Some(_)) => Input::Chat(pb::ChatMessages {
+            messages: chat_messages(m)?,
+        }),
         _ => return Err(ApiError::bad("prompt", "give either prompt or messages")),
     };
     Ok(pb::TokenizeRequest { input: Some(input) })
