@@ -28,9 +28,12 @@ pub struct ServerTiming {
     pub queue: f64,
     pub forward: f64,
     pub total: f64,
-    /// Verify calls: trees (one per session) in the forward that served the call; 0 where
-    /// not reported.
+    /// Verify calls: trees (one per session) in the forward that served the call; draft
+    /// calls: the most sessions one of the call's forwards carried; 0 where not reported.
     pub batch_trees: u32,
+    /// Verify calls: the tree rows of those trees, this call's included (prefill chunks
+    /// in the same forward are not counted); 0 where not reported.
+    pub batch_rows: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]

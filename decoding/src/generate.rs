@@ -226,6 +226,7 @@ async fn commit_loop<T: TargetBackend, D: DraftBackend>(
             verify_s,
             round_s: started.elapsed().as_secs_f64(),
             remaining,
+            timing,
         };
         rounds.learn(shared.pool, &round, &verdict);
         let from_trie = |n: usize| round.from_trie.get(n) == Some(&true);

@@ -41,6 +41,7 @@ pub fn timed<R>(f: impl FnOnce() -> Result<R>) -> Result<(R, ServerTiming)> {
             forward: t,
             total: t,
             batch_trees: 0,
+            batch_rows: 0,
         },
     ))
 }

@@ -19,6 +19,7 @@ impl From<ServerTiming> for pb::ServerTiming {
             forward_s: t.forward,
             total_s: t.total,
             batch_trees: t.batch_trees,
+            batch_rows: t.batch_rows,
         }
     }
 }
@@ -30,6 +31,7 @@ impl From<pb::ServerTiming> for ServerTiming {
             forward: t.forward_s,
             total: t.total_s,
             batch_trees: t.batch_trees,
+            batch_rows: t.batch_rows,
         }
     }
 }

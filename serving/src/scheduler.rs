@@ -347,6 +347,7 @@ impl<M: LanguageModel> Worker<M> {
             span.in_scope(|| forward(&*self.model, &mut guards, &ready, &mut chunks));
         let forward_s = started.elapsed().as_secs_f64();
         let trees = ready.len();
+        let tree_rows: usize = ready.iter().map(|r| r.job.tree.len()).sum();
         // Unfinished prefills go back to the front, in their order.
         for ((p, _), result) in chunks.into_iter().zip(prefilled).rev() {
             match result {
@@ -381,6 +382,7 @@ impl<M: LanguageModel> Worker<M> {
                 forward: forward_s,
                 total: job.enqueued.elapsed().as_secs_f64(),
                 batch_trees: trees as u32,
+                batch_rows: tree_rows as u32,
             };
             let _ = job.reply.send(result.map(|o| (o, timing)));
         }
@@ -414,25 +416,38 @@ fn forward<M: LanguageModel>(
         }))
         .collect();
     let trees = ready.len();
-    // A panic inside the model (a bug, a kernel fault) fails the calls of that forward
-    // with INTERNAL and leaves this worker, and every other session, running.
+    let mut results = forward_isolated(model, &mut batch).into_iter();
+    let outs = results.by_ref().take(trees).collect();
+    let prefilled = results.map(|r| r.map(|_| ())).collect();
+    (outs, prefilled)
+}
+
+/// One batched forward whose parts fail alone: if the batch fails, each part runs by
+/// itself, so one bad part cannot fail the others. A panic inside the model (a bug, a
+/// kernel fault) fails the parts it hit with INTERNAL and leaves the calling worker, and
+/// every other session, running; a part that failed leaves its cache at the length the
+/// forward found it.
+pub(crate) fn forward_isolated<M: LanguageModel>(
+    model: &M,
+    batch: &mut [(&mut M::Cache, SeqInput<'_>)],
+) -> Vec<Result<ForwardOutput>> {
     let lens: Vec<usize> = batch.iter().map(|(c, _)| c.len()).collect();
-    let whole = catch_unwind(AssertUnwindSafe(|| model.forward_batch(&mut batch)));
-    let results: Vec<Result<ForwardOutput>> = match whole {
+    let whole = catch_unwind(AssertUnwindSafe(|| model.forward_batch(batch)));
+    match whole {
         Ok(Ok(outs)) => outs.into_iter().map(Ok).collect(),
         Ok(Err(e)) if batch.len() == 1 => vec![Err(e.into())],
         Err(p) if batch.len() == 1 => {
             let _ = batch[0].0.truncate(lens[0]);
             vec![Err(panicked(p))]
         }
-        // Each part alone, so one bad part cannot fail the others. A panic may have left
-        // rows past a cache's length: cut back to where the forward found it.
+        // A panic may have left rows past a cache's length: cut back first.
         Ok(Err(_)) | Err(_) => batch
-            .into_iter()
+            .iter_mut()
             .zip(lens)
             .map(|((cache, input), len)| {
                 let _ = cache.truncate(len);
-                match catch_unwind(AssertUnwindSafe(|| model.forward(&mut *cache, input))) {
+                let one = catch_unwind(AssertUnwindSafe(|| model.forward(cache, input.clone())));
+                match one {
                     Ok(r) => Ok(r?),
                     Err(p) => {
                         let _ = cache.truncate(len);
@@ -441,11 +456,7 @@ fn forward<M: LanguageModel>(
                 }
             })
             .collect(),
-    };
-    let mut results = results.into_iter();
-    let outs = results.by_ref().take(trees).collect();
-    let prefilled = results.map(|r| r.map(|_| ())).collect();
-    (outs, prefilled)
+    }
 }
 
 /// The error of a forward that panicked, with the panic's message.

@@ -84,6 +84,8 @@ pub(crate) struct Verdict<'v> {
     pub round_s: f64,
     /// Tokens the request may still commit, before this round's.
     pub remaining: usize,
+    /// The target's account of the verify (its batch among them).
+    pub timing: crate::backend::ServerTiming,
 }
 
 /// The strategy of one request: its round builder and what it keeps across rounds.

@@ -38,7 +38,11 @@ pub enum RoundKind {
 pub struct Prediction {
     pub kind: RoundKind,
     pub tokens: f64,
+    /// As the session waits for the round (what its wall time is checked against).
     pub seconds: f64,
+    /// What the round costs the server under the load it was planned for
+    /// ([`super::Pricing`]); `seconds` when alone.
+    pub cost: f64,
 }
 
 /// Predicted and realized totals of one kind of round. The model behind a prediction

@@ -9,8 +9,12 @@ pub struct TreePlan {
     pub keep: Vec<bool>,
     /// Expected committed tokens (accepted guesses plus the target's own token).
     pub expected_tokens: f64,
-    /// Expected seconds of the verify.
+    /// What the verify is expected to cost ([`super::Pricing::verify`]): the seconds the
+    /// rate is made of.
     pub seconds: f64,
+    /// Seconds the session is expected to wait for it; `seconds` unless the caller sets
+    /// it (under load, [`super::Pricing::verify_wall`]).
+    pub wait_seconds: f64,
 }
 
 impl TreePlan {
@@ -23,7 +27,8 @@ impl TreePlan {
         Prediction {
             kind,
             tokens: self.expected_tokens,
-            seconds: self.seconds,
+            seconds: self.wait_seconds,
+            cost: self.seconds,
         }
     }
 
@@ -72,10 +77,12 @@ pub fn choose_nodes(
         keep[i] = true;
         expected += reach[i];
     }
+    let seconds = verify_cost(best.1 + 1);
     TreePlan {
         keep,
         expected_tokens: expected,
-        seconds: verify_cost(best.1 + 1),
+        seconds,
+        wait_seconds: seconds,
     }
 }
 

@@ -214,6 +214,7 @@ impl<'t> AutoRounds<'t> {
 
     pub fn learn(&mut self, pool: &PhrasePool, round: &Round, verdict: &Verdict<'_>) {
         let (t, greedy, v) = (self.tuner, self.greedy, verdict.outcome);
+        t.observe_load(&verdict.timing, round.tree.len());
         t.learn(greedy, &round.tree, &round.guesses, &v.path);
         let opening_s = self.predicted.map_or(0.0, |(_, s)| s);
         if let Some((p, opening_s)) = self.predicted.take() {
@@ -413,7 +414,7 @@ async fn build<T: TargetBackend, D: DraftBackend>(
 /// Scores a round of [`Policy::Drafting`] and the trees the other policies would have
 /// verified in its place against the `committed` tokens (accepted and the target's own).
 /// The verify took `verify_s` for `nodes` nodes; the others' verifies are priced by the
-/// cost profile, scaled to that. The zero-cost guesses' outcome teaches their acceptance
+/// cost profile under the current load (the time the session waits), scaled to that. The zero-cost guesses' outcome teaches their acceptance
 /// as if verified, where it is known (the path stopped short of the committed tokens).
 fn score_alternatives(
     tuner: &AutoTuner,
@@ -424,9 +425,9 @@ fn score_alternatives(
     nodes: usize,
     opening_s: f64,
 ) {
-    let profile = tuner.profile();
-    let scale = verify_s / profile.verify_cost(nodes).max(1e-12);
-    let verify = |tree: &DraftTree| profile.verify_cost(tree.len()) * scale;
+    let pricing = tuner.pricing();
+    let scale = verify_s / pricing.verify_wall(nodes).max(1e-12);
+    let verify = |tree: &DraftTree| pricing.verify_wall(tree.len()) * scale;
     seg.scores.add(
         Policy::Drafting,
         committed.len(),

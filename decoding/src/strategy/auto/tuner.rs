@@ -19,14 +19,17 @@ use std::sync::Mutex;
 
 use super::calibration::*;
 use super::config::AutoConfig;
+use super::load::*;
 use super::plan::*;
 use super::policy::*;
 use super::profile::*;
-/// The cost profile and the acceptance counts that every `auto` request shares.
+/// The cost profile, the target's load and the acceptance counts that every `auto`
+/// request shares.
 #[derive(Debug)]
 pub struct AutoTuner {
     profile: CostProfile,
     config: AutoConfig,
+    load: Mutex<LoadGauge>,
     /// Greedy and sampled decoding accept differently; index 0 is greedy.
     calibration: [Mutex<Calibration>; 2],
 }
@@ -40,6 +43,7 @@ impl AutoTuner {
         Self {
             profile,
             config,
+            load: Mutex::default(),
             calibration: [
                 Mutex::new(Calibration::new(config)),
                 Mutex::new(Calibration::new(config)),
@@ -53,6 +57,24 @@ impl AutoTuner {
 
     pub fn config(&self) -> &AutoConfig {
         &self.config
+    }
+
+    /// The target's load as the verifies of late reported it.
+    pub fn load(&self) -> Load {
+        self.load.lock().unwrap_or_else(|e| e.into_inner()).now()
+    }
+
+    /// Folds in the load beside a verify of `rows` nodes (see [`Load::of_verify`]).
+    pub fn observe_load(&self, timing: &crate::backend::ServerTiming, rows: usize) {
+        if let Some(seen) = Load::of_verify(timing, rows) {
+            let mut g = self.load.lock().unwrap_or_else(|e| e.into_inner());
+            g.observe(seen, std::time::Instant::now());
+        }
+    }
+
+    /// What rounds cost now: the profile priced under the current load.
+    pub fn pricing(&self) -> Pricing<'_> {
+        Pricing::new(&self.profile, self.load())
     }
 
     fn calibration(&self, greedy: bool) -> std::sync::MutexGuard<'_, Calibration> {
@@ -101,7 +123,10 @@ impl AutoTuner {
                 .collect();
             (accept, trust)
         };
-        choose_nodes(parents, &accept, |n| self.profile.verify_cost(n), trust)
+        let pricing = self.pricing();
+        let mut plan = choose_nodes(parents, &accept, |n| pricing.verify(n), trust);
+        plan.wait_seconds = pricing.verify_wall(plan.nodes());
+        plan
     }
 
     /// How many tokens to ask the draft model for, if drafting is expected to beat
@@ -132,7 +157,7 @@ impl AutoTuner {
         max_gamma: usize,
         backlog: DraftBacklog,
     ) -> Option<(usize, Prediction)> {
-        let plain = 1.0 / self.profile.verify_cost(1);
+        let plain = 1.0 / self.pricing().verify(1);
         self.best_gamma(greedy, max_gamma, backlog)
             .filter(|&(rate, _, _)| rate > plain)
             .map(|(_, g, p)| (g, p))
@@ -147,7 +172,8 @@ impl AutoTuner {
         max_gamma: usize,
         backlog: DraftBacklog,
     ) -> Option<(f64, usize, Prediction)> {
-        let cost = self.profile.draft?;
+        let pricing = self.pricing();
+        let (catch_up_cost, catch_up_wait) = pricing.catch_up()?;
         let c = self.calibration(greedy);
         let floor = match c.tries(Guess::Draft(0)) < self.config.explore_tries {
             true => self.config.optimistic_draft,
@@ -165,18 +191,21 @@ impl AutoTuner {
             // tokens left to earn it back. This round carries its share. (Charged whole
             // to the round, a backlog would stop drafting for good once it was long.)
             let share = (expected / backlog.remaining.max(1) as f64).min(1.0);
-            let round = self.profile.draft_cost(g)? + self.profile.verify_cost(g + 1);
-            let catch_up = cost.catch_up * backlog.pending as f64;
-            let backlog_share = cost.catch_up * (backlog.pending + backlog.unopened) as f64 * share;
+            let round = pricing.draft(g)? + pricing.verify(g + 1);
+            let backlog_share = catch_up_cost * (backlog.pending + backlog.unopened) as f64 * share;
             let rate = expected / (round + backlog_share).max(1e-12);
             if best.is_none_or(|(r, _, _)| rate > r) {
                 // The round as the caller observes it: with the catch-up, which it pays
                 // in this round's draft call, and without the opening, which it pays
                 // apart.
+                let pending = backlog.pending as f64;
                 let p = Prediction {
                     kind: RoundKind::Drafted,
                     tokens: expected,
-                    seconds: round + catch_up,
+                    seconds: pricing.draft_wall(g)?
+                        + pricing.verify_wall(g + 1)
+                        + catch_up_wait * pending,
+                    cost: round + catch_up_cost * pending,
                 };
                 best = Some((rate, g, p));
             }
@@ -190,21 +219,21 @@ impl AutoTuner {
     /// worth (the round's predicted seconds per token), no longer pays for that token's
     /// draft forward and verify row. 0 without a draft.
     pub fn draft_stop(&self, greedy: bool, gamma: usize, p: &Prediction) -> f32 {
-        let Some(cost) = self.profile.draft else {
+        let pricing = self.pricing();
+        let Some(per_token) = pricing.draft_per_token() else {
             return 0.0;
         };
         if gamma == 0 || p.tokens <= 0.0 {
             return 0.0;
         }
-        let row =
-            (self.profile.verify_cost(gamma + 1) - self.profile.verify_cost(1)) / gamma as f64;
-        let token_worth = p.seconds / p.tokens;
+        let row = (pricing.verify(gamma + 1) - pricing.verify(1)) / gamma as f64;
+        let token_worth = p.cost / p.tokens;
         let c = self.calibration(greedy);
         let next = c.estimate(Guess::Draft(0));
         // The floor on the chance of reaching the next token, which is the draft's
         // probabilities' product raised to the learnt power; the draft checks the
         // product itself, so the floor goes the other way.
-        let reach = (cost.per_token + row) / (next * token_worth).max(1e-12);
+        let reach = (per_token + row) / (next * token_worth).max(1e-12);
         let floor = reach.clamp(0.0, 1.0).powf(1.0 / c.confidence_power());
         floor.clamp(0.0, self.config.max_draft_stop) as f32
     }
@@ -346,6 +375,7 @@ mod tests {
             keep: vec![true],
             expected_tokens: r,
             seconds: 1.0,
+            wait_seconds: 1.0,
         }
     }
 
@@ -469,6 +499,64 @@ mod tests {
         assert_eq!(kept(&[0.99, 0.99, 0.05, 0.99, 0.99, 0.99]), 3);
         // probabilities for the first tokens only: the rest go by their depth
         assert!(kept(&[0.99, 0.99]) >= by_depth);
+    }
+
+    #[test]
+    fn a_loaded_target_gets_fewer_drafted_tokens_and_smaller_trees() {
+        // Rows at 0.1 of a step (a GPU-like profile, where wide trees pay alone), a draft
+        // token at 0.1 of a step.
+        let costs = || profile(&[(1, 1.0), (64, 7.3)], Some((0.0, 0.1)));
+        let idle = AutoTuner::new(costs());
+        let busy = AutoTuner::new(costs());
+        // Eight sessions of 2-row trees in every forward: 14 rows beside each.
+        let timing = crate::backend::ServerTiming {
+            batch_trees: 8,
+            batch_rows: 16,
+            ..Default::default()
+        };
+        busy.observe_load(&timing, 2);
+        assert_eq!(
+            busy.load(),
+            Load {
+                trees: 8.0,
+                other_rows: 14.0
+            }
+        );
+        // A verify reported without its batch (an in-process target) leaves it idle.
+        idle.observe_load(&crate::backend::ServerTiming::default(), 2);
+        assert_eq!(idle.load(), Load::IDLE);
+
+        let parents = [-1, 0, 1, 2, 3, 4, 5, 0, 7];
+        let guesses: Vec<Vec<Guess>> = std::iter::once(Vec::new())
+            .chain((0..6).map(|i| vec![Guess::Draft(i)]))
+            .chain([vec![Guess::Pool(0)], vec![Guess::Pool(1)]])
+            .collect();
+        let nodes = |t: &AutoTuner| {
+            t.plan(true, &parents, &guesses, &[], RoundKind::Drafted)
+                .nodes()
+        };
+        let (idle_nodes, busy_nodes) = (nodes(&idle), nodes(&busy));
+        assert!(busy_nodes < idle_nodes, "{busy_nodes} vs {idle_nodes}");
+        let gamma = |t: &AutoTuner| t.drafting_gamma(true, 8, in_step(100)).map(|(g, _)| g);
+        let idle_gamma = gamma(&idle).expect("alone, drafting pays");
+        assert!(
+            gamma(&busy).is_none_or(|g| g < idle_gamma),
+            "{:?} vs {idle_gamma}",
+            gamma(&busy)
+        );
+        // The prediction a busy round is checked against is the time the session waits
+        // for the shared forward, longer than what it was priced at.
+        let plan = busy.plan(true, &parents, &guesses, &[], RoundKind::Drafted);
+        let p = plan.prediction(RoundKind::Drafted);
+        assert!(p.seconds > p.cost, "{p:?}");
+        assert!((p.seconds - busy.profile().verify_cost(14 + plan.nodes())).abs() < 1e-12);
+        // When the load goes (a second later, forwards of this session alone), the same
+        // tuner plans as an idle one again.
+        busy.load.lock().unwrap().observe(
+            Load::IDLE,
+            std::time::Instant::now() + std::time::Duration::from_secs(60),
+        );
+        assert_eq!(nodes(&busy), idle_nodes);
     }
 
     #[test]
@@ -841,6 +929,7 @@ mod tests {
             kind: RoundKind::Drafted,
             tokens: 4.0,
             seconds: 1.0,
+            cost: 1.0,
         };
         let t = AutoTuner::new(profile(&[(1, 1.0), (9, 1.16)], Some((0.0, 0.1))));
         let floor = t.draft_stop(true, 8, &p);
@@ -873,6 +962,7 @@ mod tests {
             kind: RoundKind::Drafted,
             tokens: 4.0,
             seconds: 1.0,
+            cost: 1.0,
         };
         let cost = || AutoTuner::new(profile(&[(1, 1.0), (9, 1.16)], Some((0.0, 0.1))));
         let fresh = cost();
