@@ -4,10 +4,11 @@
 
 use crate::backend::{DraftOutcome, DraftRequest};
 use crate::error::Result;
+use crate::lookahead::{LookaheadParams, StepPlan};
 use crate::lookahead::{Window, finish_step, plan_step};
 use crate::pool::PhrasePool;
 use crate::validate::{FieldError, check_tokens, check_vocab};
-use engine::{KvState, LanguageModel, OutputSpec, SeqInput};
+use engine::{ForwardOutput, KvState, LanguageModel, OutputSpec, SeqInput};
 
 /// The draft's per-session state: its own view of the text (committed tokens, then what
 /// it drafted), a KV cache over a prefix of it, and the lookahead window.
@@ -50,13 +51,31 @@ impl<C: KvState> DraftSession<C> {
 
     /// Drafts at least `gamma` tokens (fewer at EOS or the context limit), one
     /// (lookahead) step per forward. The draft's pool is read for phrases and fed with
-    /// the window's n-grams.
+    /// the window's n-grams. (A scheduler runs the same steps of many sessions' calls in
+    /// shared forwards: [`Self::begin`], [`Self::plan`], [`Self::finish`].)
     pub fn draft<M: LanguageModel<Cache = C>>(
         &mut self,
         model: &M,
         pool: &PhrasePool,
         request: &DraftRequest,
     ) -> Result<DraftOutcome> {
+        let mut call = self.begin(model, pool, request)?;
+        let max_pos = model.info().max_position;
+        while let Some(step) = self.plan(max_pos, usize::MAX, pool, &call)? {
+            let out = model.forward(&mut self.cache, step.input())?;
+            self.finish(pool, &mut call, &step, &out)?;
+        }
+        Ok(self.outcome(&mut call))
+    }
+
+    /// Starts a draft call: checks the request, takes in the newly committed tokens and
+    /// the caller's phrases, and sets the lookahead window up.
+    pub fn begin<M: LanguageModel<Cache = C>>(
+        &mut self,
+        model: &M,
+        pool: &PhrasePool,
+        request: &DraftRequest,
+    ) -> Result<DraftCall> {
         if let Some(la) = &request.lookahead {
             la.validate()?;
             if la.phrase_len() != pool.phrase_len() {
@@ -85,92 +104,203 @@ impl<C: KvState> DraftSession<C> {
         if request.lookahead.is_none() {
             self.window = None;
         }
-        let max_pos = model.info().max_position;
-        let mut outcome = DraftOutcome::default();
         let stop_below = match (&self.window, request.length.stop_below()) {
             (None, f) if f > 0.0 => Some(f),
             _ => None,
         };
-        let mut reach = 1.0f32;
-        while self.seq.len() - self.committed < request.length.tokens().max(1) {
-            if self.seq.len() >= max_pos {
+        Ok(DraftCall {
+            want: request.length.tokens().max(1),
+            eos: request.eos.clone(),
+            lookahead: request.lookahead,
+            stop_below,
+            reach: 1.0,
+            ended: false,
+            outcome: DraftOutcome::default(),
+        })
+    }
+
+    /// The call's next step (the rows of one forward over this session's cache), or
+    /// `None` when it has drafted enough, ended, or reached the context limit. Text the
+    /// cache has not seen beyond `chunk` tokens is caught up on first, `chunk` rows per
+    /// step without outputs, so that a long catch-up shares forwards with other sessions'
+    /// steps instead of holding them up.
+    pub fn plan(
+        &mut self,
+        max_pos: usize,
+        chunk: usize,
+        pool: &PhrasePool,
+        call: &DraftCall,
+    ) -> Result<Option<DraftStep>> {
+        if call.ended || self.seq.len() - self.committed >= call.want || self.seq.len() >= max_pos {
+            return Ok(None);
+        }
+        let base = self.cache.len();
+        let pending = &self.seq[base..];
+        let chunk = chunk.max(1);
+        if pending.len() > chunk.saturating_add(1) {
+            let tokens = pending[..chunk].to_vec();
+            let positions = (base as u32..(base + chunk) as u32).collect();
+            return Ok(Some(DraftStep {
+                work: Work::CatchUp { tokens, positions },
+                base,
+                windowed: false,
+                confidence: false,
+                max_pos,
+            }));
+        }
+        let u = *pending.last().expect("the last token is never cached");
+        let p = self.seq.len() - 1;
+        // The window and phrases only fit while their positions stay in the context.
+        let room = |extra: usize| p + extra < max_pos;
+        let window = self
+            .window
+            .as_ref()
+            .filter(|w| room(w.params().level + w.params().window));
+        let phrases = match (&window, call.lookahead) {
+            (Some(w), Some(la)) if w.is_steady() && la.guess > 0 && room(la.level) => {
+                pool.newest(u, la.guess)
+            }
+            _ => Vec::new(),
+        };
+        let mut plan = plan_step(pending, base as u32, window, &phrases)?;
+        let mut windowed = window.is_some();
+        if base + plan.tokens.len() > max_pos {
+            // Near the context limit the cache cannot hold the extra rows.
+            windowed = false;
+            plan = plan_step(pending, base as u32, None, &[])?;
+        }
+        Ok(Some(DraftStep {
+            work: Work::Step(plan),
+            base,
+            windowed,
+            confidence: call.stop_below.is_some(),
+            max_pos,
+        }))
+    }
+
+    /// Takes in a step's forward: the emitted tokens, the window's advance, the KV rows
+    /// worth keeping and the n-grams harvested.
+    pub fn finish(
+        &mut self,
+        pool: &PhrasePool,
+        call: &mut DraftCall,
+        step: &DraftStep,
+        out: &ForwardOutput,
+    ) -> Result<()> {
+        call.outcome.forwards += 1;
+        let Work::Step(plan) = &step.work else {
+            // A catch-up's rows are all kept: the cache has them now.
+            return Ok(());
+        };
+        // Without a window a step emits the one token of its one output row.
+        let confidence = match (call.stop_below, &out.confidence) {
+            (Some(_), Some(c)) => c.first().copied(),
+            _ => None,
+        };
+        let window = match step.windowed {
+            true => self.window.as_mut(),
+            false => None,
+        };
+        let result = finish_step(plan, &out.argmax, window)?;
+        let keep: Vec<usize> = result.keep_rows.iter().map(|r| step.base + r).collect();
+        self.cache.keep(step.base, &keep)?;
+        pool.insert_all(&result.harvested);
+        call.outcome.harvested.extend(result.harvested);
+        call.outcome.phrase_hits += result.phrase_hits as u32;
+        if let (Some(floor), Some(c)) = (call.stop_below, confidence) {
+            call.outcome.confidence.push(c);
+            call.reach *= c;
+            call.ended = call.reach < floor;
+        }
+        for t in result.emitted {
+            self.seq.push(t);
+            if call.eos.contains(&t) || self.seq.len() >= step.max_pos {
+                call.ended = true;
                 break;
             }
-            let base = self.cache.len();
-            let pending = self.seq[base..].to_vec();
-            let u = *pending.last().expect("the last token is never cached");
-            let p = self.seq.len() - 1;
-            // The window and phrases only fit while their positions stay in the context.
-            let room = |extra: usize| p + extra < max_pos;
-            let window = self
-                .window
-                .as_mut()
-                .filter(|w| room(w.params().level + w.params().window));
-            let phrases = match (&window, request.lookahead) {
-                (Some(w), Some(la)) if w.is_steady() && la.guess > 0 && room(la.level) => {
-                    pool.newest(u, la.guess)
-                }
-                _ => Vec::new(),
-            };
-            let mut plan = plan_step(&pending, base as u32, window.as_deref(), &phrases)?;
-            let mut window = window;
-            if base + plan.tokens.len() > max_pos {
-                // Near the context limit the cache cannot hold the extra rows.
-                window = None;
-                plan = plan_step(&pending, base as u32, None, &[])?;
+        }
+        if self.cache.len() >= self.seq.len() {
+            // cut after EOS: drop KV entries of tokens past the end
+            self.cache.truncate(self.seq.len() - 1)?;
+        }
+        Ok(())
+    }
+
+    /// What the call drafted (taken out of it: call this once, when it is done).
+    pub fn outcome(&self, call: &mut DraftCall) -> DraftOutcome {
+        let mut outcome = std::mem::take(&mut call.outcome);
+        outcome.tokens = self.seq[self.committed..].to_vec();
+        // A step cut short by EOS or the context emitted fewer tokens than it scored.
+        outcome.confidence.truncate(outcome.tokens.len());
+        outcome
+    }
+
+    /// KV memory this session holds.
+    pub fn memory_bytes(&self) -> usize {
+        self.cache.memory_bytes()
+    }
+}
+
+/// One draft call in progress ([`DraftSession::begin`]): what it asked for and what it
+/// has drafted so far.
+pub struct DraftCall {
+    /// Tokens to draft (at least, or at most with a confidence floor).
+    want: usize,
+    eos: Vec<u32>,
+    lookahead: Option<LookaheadParams>,
+    /// The floor on the drafted tokens' probability product, when the call has one.
+    stop_below: Option<f32>,
+    reach: f32,
+    ended: bool,
+    outcome: DraftOutcome,
+}
+
+/// One planned step of a draft call: the rows of one forward over its session's cache.
+pub struct DraftStep {
+    work: Work,
+    /// The cache's length when the step was planned: its rows go after it.
+    base: usize,
+    /// The step carries the lookahead window.
+    windowed: bool,
+    confidence: bool,
+    /// The model's context: emitting stops there.
+    max_pos: usize,
+}
+
+enum Work {
+    /// Text the cache has not seen, without outputs.
+    CatchUp {
+        tokens: Vec<u32>,
+        positions: Vec<u32>,
+    },
+    /// A (lookahead) decoding step.
+    Step(StepPlan),
+}
+
+impl DraftStep {
+    pub fn input(&self) -> SeqInput<'_> {
+        match &self.work {
+            Work::CatchUp { tokens, positions } => {
+                SeqInput::chain(tokens, positions, OutputSpec::none())
             }
-            let input = SeqInput {
+            Work::Step(plan) => SeqInput {
                 tokens: &plan.tokens,
                 positions: &plan.positions,
                 visibility: &plan.visibility,
                 outputs: OutputSpec {
                     rows: Some(plan.output_rows().collect()),
                     logits: false,
-                    confidence: stop_below.is_some(),
+                    confidence: self.confidence,
                 },
-            };
-            let out = model.forward(&mut self.cache, input)?;
-            outcome.forwards += 1;
-            // Without a window a step emits the one token of its one output row.
-            let confidence = match (stop_below, &out.confidence) {
-                (Some(_), Some(c)) => c.first().copied(),
-                _ => None,
-            };
-            let step = finish_step(&plan, &out.argmax, window)?;
-            let keep: Vec<usize> = step.keep_rows.iter().map(|r| base + r).collect();
-            self.cache.keep(base, &keep)?;
-            pool.insert_all(&step.harvested);
-            outcome.harvested.extend(step.harvested);
-            outcome.phrase_hits += step.phrase_hits as u32;
-            let mut ended = false;
-            if let (Some(floor), Some(c)) = (stop_below, confidence) {
-                outcome.confidence.push(c);
-                reach *= c;
-                ended = reach < floor;
-            }
-            for t in step.emitted {
-                self.seq.push(t);
-                if request.eos.contains(&t) || self.seq.len() >= max_pos {
-                    ended = true;
-                    break;
-                }
-            }
-            if self.cache.len() >= self.seq.len() {
-                // cut after EOS: drop KV entries of tokens past the end
-                self.cache.truncate(self.seq.len() - 1)?;
-            }
-            if ended {
-                break;
-            }
+            },
         }
-        outcome.tokens = self.seq[self.committed..].to_vec();
-        // A step cut short by EOS or the context emitted fewer tokens than it scored.
-        outcome.confidence.truncate(outcome.tokens.len());
-        Ok(outcome)
     }
 
-    /// KV memory this session holds.
-    pub fn memory_bytes(&self) -> usize {
-        self.cache.memory_bytes()
+    /// Rows the step runs.
+    pub fn rows(&self) -> usize {
+        match &self.work {
+            Work::CatchUp { tokens, .. } => tokens.len(),
+            Work::Step(plan) => plan.tokens.len(),
+        }
     }
 }

@@ -28,7 +28,7 @@ pub use backend::{
     BackendInfo, DraftBackend, DraftLength, DraftOutcome, DraftRequest, ServerTiming, SessionId,
     TargetBackend, VerifyOutcome,
 };
-pub use draft::DraftSession;
+pub use draft::{DraftCall, DraftSession, DraftStep};
 pub use error::{DecodingError, Result};
 pub use generate::{Shared, generate};
 pub use local::{LocalDraft, LocalTarget};

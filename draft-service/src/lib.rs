@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 pub use serving::DraftConfig;
 
@@ -43,6 +44,7 @@ fn timing(started: Instant, forward: f64) -> Option<proto::common::v1::ServerTim
         forward_s: forward,
         total_s: started.elapsed().as_secs_f64(),
         batch_trees: 0,
+        batch_rows: 0,
     })
 }
 
@@ -94,22 +96,21 @@ impl<M: LanguageModel + 'static> DraftService for DraftGrpc<M> {
         &self,
         request: Request<pb::DraftRequest>,
     ) -> Result<Response<pb::DraftResponse>, Status> {
-        let started = Instant::now();
         let DraftCall { session, request } =
             DraftCall::try_from(request.into_inner()).map_err(|e| status_of(&e))?;
-        let runtime = self.runtime.clone();
-        let span = tracing::debug_span!("lookahead", gamma = request.length.tokens());
-        let outcome = serving::server::blocking(move || {
-            span.in_scope(|| runtime.draft_blocking(session, &request))
-        })
-        .await?;
-        let forward = started.elapsed().as_secs_f64();
+        let span = tracing::debug_span!("draft", gamma = request.length.tokens());
+        let (outcome, timing) = self
+            .runtime
+            .draft_call(session, request)
+            .instrument(span)
+            .await
+            .map_err(|e| status_of(&e))?;
         Ok(Response::new(pb::DraftResponse {
             tokens: outcome.tokens,
             harvested: outcome.harvested.iter().map(Into::into).collect(),
             forwards: outcome.forwards,
             phrase_hits: outcome.phrase_hits,
-            timing: timing(started, forward),
+            timing: Some(timing.into()),
             confidence: outcome.confidence,
         }))
     }

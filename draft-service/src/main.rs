@@ -38,6 +38,10 @@ struct Args {
     pool_per_key: usize,
     #[arg(long, env = "OURO_DRAFT_POOL_MAX_PHRASES", default_value_t = PoolConfig::default().max_phrases)]
     pool_max_phrases: usize,
+    /// Rows of text a session has not seen (its prompt, on its first call) that one
+    /// batched forward catches up on; the other sessions' steps go on beside it.
+    #[arg(long, env = "OURO_DRAFT_CATCH_UP_CHUNK", default_value_t = serving::draft_scheduler::CATCH_UP_CHUNK, value_parser = clap::value_parser!(u64).range(1..))]
+    catch_up_chunk: u64,
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9090).
     #[arg(long, env = "OURO_DRAFT_METRICS_LISTEN")]
     metrics_listen: Option<String>,
@@ -75,6 +79,7 @@ async fn run_service(a: Args) -> Result<()> {
             ..PoolConfig::default()
         },
         vocabulary: None,
+        catch_up_chunk: a.catch_up_chunk as usize,
     };
     if let Some(addr) = &a.metrics_listen {
         telemetry::start_metrics(addr).await?;

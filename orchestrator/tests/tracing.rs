@@ -2,8 +2,8 @@
 //! `ouro serve` run as three processes exporting over OTLP to a collector in this test
 //! (the opentelemetry-proto trace service). One `Generate` that carries a client
 //! `traceparent` must come back as one trace: the orchestrator's request, rounds, draft
-//! and verify calls, the draft service's lookahead and the target's batched forward, each
-//! linked to its parent across the process boundaries.
+//! and verify calls, the draft service's call and its batched forwards, the target's
+//! batched forward, each linked to its parent across the process boundaries.
 
 mod common;
 
@@ -276,7 +276,7 @@ async fn one_generate_is_one_trace_across_the_three_services() {
     }
     // Across the wire: the target's Verify under the orchestrator's verify call, its
     // batched forward under that (the prompt's prefill has forwards of its own, below);
-    // the draft service's Draft under the draft call, its lookahead under that.
+    // the draft service's Draft under the draft call, its call and forwards under that.
     let verifies = named(TARGET, "ouroboros.target.v1.TargetService/Verify");
     assert_eq!(verifies.len(), rounds.len(), "{}", describe());
     for v in &verifies {
@@ -310,13 +310,19 @@ async fn one_generate_is_one_trace_across_the_three_services() {
         let p = parent_of(d).unwrap();
         assert_eq!((p.service.as_str(), p.name.as_str()), (ORCH, "draft"));
     }
-    for l in named(DRAFT, "lookahead") {
+    for l in named(DRAFT, "draft") {
         assert_eq!(
             parent_of(l).unwrap().name,
             "ouroboros.draft.v1.DraftService/Draft"
         );
     }
-    assert_eq!(named(DRAFT, "lookahead").len(), drafts.len());
+    assert_eq!(named(DRAFT, "draft").len(), drafts.len());
+    // The draft's forwards run on its scheduler, each under the first call it serves.
+    let draft_forwards = named(DRAFT, "draft forward");
+    assert!(draft_forwards.len() >= drafts.len(), "{}", describe());
+    for f in &draft_forwards {
+        assert_eq!(parent_of(f).unwrap().name, "draft", "{}", describe());
+    }
     // Session set-up is in the trace too: the target's prefill under its OpenSession.
     let opens = named(TARGET, "ouroboros.target.v1.TargetService/OpenSession");
     assert_eq!(opens.len(), 1, "{}", describe());

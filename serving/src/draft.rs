@@ -1,11 +1,14 @@
-//! The draft runtime: a small model, its session table and the phrase pools it drafts
-//! with. The draft service serves it over gRPC (one pool replica per phrase length, kept
+//! The draft runtime: a small model, its session table, the phrase pools it drafts
+//! with, and the scheduler that runs concurrent calls' steps in shared forwards
+//! ([`crate::draft_scheduler`]). The draft service serves it over gRPC (one pool replica per phrase length, kept
 //! current by the orchestrator's deltas); the embedded `ouro serve` calls it in process,
 //! sharing the orchestrator's pool.
 
+pub use crate::draft_scheduler::DraftSessions;
+use crate::draft_scheduler::{CATCH_UP_CHUNK, DraftScheduler};
 use crate::sessions::{SessionLimits, SessionTable, start_evictor};
 use dashmap::DashMap;
-use decoding::local::{info_of, timed};
+use decoding::local::info_of;
 use decoding::{
     BackendInfo, DraftBackend, DraftOutcome, DraftRequest, DraftSession, LookaheadParams,
     PhrasePool, PoolConfig, Result, ServerTiming, SessionId,
@@ -24,6 +27,8 @@ pub struct DraftConfig {
     pub pool: PoolConfig,
     /// The model's vocabulary strings, fingerprinted for callers by Info.
     pub vocabulary: Option<Arc<Vocabulary>>,
+    /// Rows of unseen text a session catches up on per forward.
+    pub catch_up_chunk: usize,
 }
 
 impl Default for DraftConfig {
@@ -34,11 +39,10 @@ impl Default for DraftConfig {
             session_ttl: Duration::from_secs(300),
             pool: PoolConfig::default(),
             vocabulary: None,
+            catch_up_chunk: CATCH_UP_CHUNK as usize,
         }
     }
 }
-
-pub type DraftSessions<M> = SessionTable<DraftSession<<M as LanguageModel>::Cache>>;
 
 /// Where drafting reads and feeds phrases.
 enum Pools {
@@ -53,6 +57,7 @@ pub struct DraftRuntime<M: LanguageModel + 'static> {
     sessions: Arc<DraftSessions<M>>,
     pools: Pools,
     config: DraftConfig,
+    scheduler: DraftScheduler<M>,
 }
 
 impl<M: LanguageModel + 'static> DraftRuntime<M> {
@@ -73,11 +78,14 @@ impl<M: LanguageModel + 'static> DraftRuntime<M> {
             ttl: Some(config.session_ttl),
         }));
         start_evictor(&sessions, "draft");
+        let scheduler =
+            DraftScheduler::start(model.clone(), sessions.clone(), config.catch_up_chunk);
         Self {
             model,
             sessions,
             pools,
             config,
+            scheduler,
         }
     }
 
@@ -131,22 +139,21 @@ impl<M: LanguageModel + 'static> DraftRuntime<M> {
         Ok(id)
     }
 
-    /// Drafts for a session with the pool its request's phrases belong to. Runs the model
-    /// on the calling thread: call it off the async workers.
-    pub fn draft_blocking(
+    /// Drafts for a session with the pool its request's phrases belong to, on the
+    /// scheduler's thread, in forwards shared with the other sessions' calls.
+    pub async fn draft_call(
         &self,
         session: SessionId,
-        request: &DraftRequest,
-    ) -> Result<DraftOutcome> {
+        request: DraftRequest,
+    ) -> Result<(DraftOutcome, ServerTiming)> {
         let len = match (&request.lookahead, request.pool_delta.first()) {
             (Some(la), _) => la.phrase_len(),
             (None, Some(n)) => n.phrase.len(),
             (None, None) => LookaheadParams::default().phrase_len(),
         };
         let pool = self.pool(len);
-        let r = self
-            .sessions
-            .with(session, |s| s.draft(&*self.model, &pool, request));
+        let slot = self.sessions.get(session)?;
+        let r = self.scheduler.draft(session, slot, request, pool).await;
         self.publish();
         r
     }
@@ -177,7 +184,7 @@ impl<M: LanguageModel + 'static> DraftBackend for DraftRuntime<M> {
         session: SessionId,
         request: DraftRequest,
     ) -> Result<(DraftOutcome, ServerTiming)> {
-        timed(|| self.draft_blocking(session, &request))
+        self.draft_call(session, request).await
     }
 
     async fn close(&self, session: SessionId) -> Result<()> {

@@ -5,6 +5,7 @@
 
 pub mod args;
 pub mod draft;
+pub mod draft_scheduler;
 pub mod scheduler;
 pub mod server;
 pub mod sessions;
