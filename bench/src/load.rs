@@ -1,7 +1,10 @@
 //! `ouro-load`: concurrent `GenerateStream` requests against a running server (the
 //! embedded `ouro serve` or a deployment's orchestrator). The same prompts run at each
-//! concurrency level, one level after another; a level's aggregate throughput is every
-//! token streamed over the level's wall time, and each level is set against the first.
+//! concurrency level, one level after another, and within a level each strategy in turn
+//! (interleaved, so a drift of the machine's speed touches every strategy alike). A
+//! level's aggregate throughput is every token streamed over the level's wall time; each
+//! level is set against the same strategy's first, and `auto` against the best other
+//! strategy at the same level.
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
@@ -32,15 +35,16 @@ pub struct LoadArgs {
     pub concurrency: Vec<usize>,
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: u32,
-    #[arg(long, value_enum, default_value_t = StrategyArg::Auto)]
-    pub strategy: StrategyArg,
+    /// Strategies, run one after another at each level.
+    #[arg(long = "strategy", value_enum, value_delimiter = ',', default_values_t = [StrategyArg::Auto])]
+    pub strategies: Vec<StrategyArg>,
     /// Send each prompt as a user message in the model's chat template.
     #[arg(long)]
     pub chat: bool,
     /// Deadline of one request, in seconds.
     #[arg(long, default_value_t = 600)]
     pub timeout_s: u64,
-    /// Write load.md and load.json here.
+    /// Write load.md, load.json and load.png here.
     #[arg(long)]
     pub out: Option<PathBuf>,
 }
@@ -53,25 +57,75 @@ pub struct Sample {
     pub total_s: f64,
 }
 
-/// One concurrency level's figures.
+/// One strategy's figures at one concurrency level.
 #[derive(Debug, Clone, Serialize)]
 pub struct Level {
+    pub strategy: String,
     pub concurrency: usize,
     pub requests: usize,
     pub tokens: usize,
     pub wall_s: f64,
     /// Tokens of all requests over the level's wall time.
     pub aggregate_tok_s: f64,
-    /// This level's aggregate over the first level's.
+    /// This level's aggregate over the same strategy's first level's.
     pub vs_first: f64,
     pub mean_ttft_s: f64,
     /// A request's own tokens over its own time, averaged.
     pub mean_request_tok_s: f64,
+    /// Request latency (first byte sent to last token received), median and 99th
+    /// percentile (nearest rank).
+    pub p50_latency_s: f64,
+    pub p99_latency_s: f64,
+}
+
+impl Level {
+    fn new(strategy: &str, concurrency: usize, samples: &[Sample], wall_s: f64) -> Self {
+        let tokens: usize = samples.iter().map(|s| s.tokens).sum();
+        let n = samples.len().max(1) as f64;
+        let mut latency: Vec<f64> = samples.iter().map(|s| s.total_s).collect();
+        latency.sort_by(f64::total_cmp);
+        Self {
+            strategy: strategy.to_string(),
+            concurrency,
+            requests: samples.len(),
+            tokens,
+            wall_s,
+            aggregate_tok_s: tokens as f64 / wall_s.max(1e-9),
+            vs_first: 1.0,
+            mean_ttft_s: samples.iter().map(|s| s.ttft_s).sum::<f64>() / n,
+            mean_request_tok_s: samples
+                .iter()
+                .map(|s| s.tokens as f64 / s.total_s.max(1e-9))
+                .sum::<f64>()
+                / n,
+            p50_latency_s: percentile(&latency, 50.0),
+            p99_latency_s: percentile(&latency, 99.0),
+        }
+    }
+}
+
+/// The nearest-rank percentile of sorted values (0 for none).
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// A strategy's name as the command line spells it.
+fn name(s: StrategyArg) -> String {
+    clap::ValueEnum::to_possible_value(&s)
+        .map(|v| v.get_name().to_string())
+        .unwrap_or_else(|| format!("{s:?}"))
 }
 
 pub fn run(a: LoadArgs) -> Result<()> {
     if a.requests == 0 || a.concurrency.is_empty() || a.concurrency.contains(&0) {
         bail!("--requests and every --concurrency level must be at least 1");
+    }
+    if a.strategies.is_empty() {
+        bail!("--strategy needs at least one strategy");
     }
     let prompts = match &a.prompts {
         Some(p) => crate::prompts::read(p)?,
@@ -86,7 +140,7 @@ pub fn run(a: LoadArgs) -> Result<()> {
     let prompts: Vec<String> = prompts.iter().cycle().take(a.requests).cloned().collect();
     let rt = tokio::runtime::Runtime::new()?;
     let levels = rt.block_on(run_levels(&a, &prompts))?;
-    let table = table(&levels);
+    let table = format!("{}\n{}", table(&levels), summary(&levels));
     print!("{table}");
     if let Some(dir) = &a.out {
         std::fs::create_dir_all(dir)?;
@@ -101,6 +155,9 @@ pub fn run(a: LoadArgs) -> Result<()> {
             dir.join("load.json"),
             serde_json::to_string_pretty(&levels)?,
         )?;
+        if let Err(e) = chart(&levels, &crate::report::machine(), &dir.join("load.png")) {
+            eprintln!("warning: no chart ({e:#})");
+        }
     }
     Ok(())
 }
@@ -113,62 +170,69 @@ async fn run_levels(a: &LoadArgs, prompts: &[String]) -> Result<Vec<Level>> {
         .await
         .with_context(|| format!("connecting to {}", a.endpoint))?;
     let client = OuroborosClient::new(channel);
-    // One short request first, so no level pays for the server's first-call set-up.
-    one(client.clone(), request(a, &prompts[0], 4)).await?;
-    let reqs: Arc<Vec<pb::GenerateRequest>> = Arc::new(
-        prompts
-            .iter()
-            .map(|p| request(a, p, a.max_new_tokens))
-            .collect(),
-    );
+    // One short request per strategy first, so no level pays for the server's
+    // first-call set-up.
+    for &s in &a.strategies {
+        one(client.clone(), request(a, s, &prompts[0], 4)).await?;
+    }
     let mut levels: Vec<Level> = Vec::new();
     for &c in &a.concurrency {
-        eprintln!("concurrency {c}: {} requests ...", prompts.len());
-        let next = Arc::new(AtomicUsize::new(0));
-        let started = Instant::now();
-        let workers: Vec<_> = (0..c.min(prompts.len()))
-            .map(|_| {
-                let (client, next, reqs) = (client.clone(), next.clone(), reqs.clone());
-                tokio::spawn(async move {
-                    let mut samples = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(r) = reqs.get(i) else {
-                            return Ok::<_, anyhow::Error>(samples);
-                        };
-                        samples.push(one(client.clone(), r.clone()).await?);
-                    }
-                })
-            })
-            .collect();
-        let mut samples = Vec::new();
-        for w in workers {
-            samples.extend(w.await??);
+        for &strategy in &a.strategies {
+            let label = name(strategy);
+            eprintln!("concurrency {c}, {label}: {} requests ...", prompts.len());
+            let reqs: Arc<Vec<pb::GenerateRequest>> = Arc::new(
+                prompts
+                    .iter()
+                    .map(|p| request(a, strategy, p, a.max_new_tokens))
+                    .collect(),
+            );
+            let started = Instant::now();
+            let samples = run_level(&client, reqs, c).await?;
+            let mut level = Level::new(&label, c, &samples, started.elapsed().as_secs_f64());
+            if let Some(first) = levels.iter().find(|l| l.strategy == label) {
+                level.vs_first = level.aggregate_tok_s / first.aggregate_tok_s.max(1e-9);
+            }
+            levels.push(level);
         }
-        let wall_s = started.elapsed().as_secs_f64();
-        let tokens: usize = samples.iter().map(|s| s.tokens).sum();
-        let n = samples.len() as f64;
-        let aggregate = tokens as f64 / wall_s;
-        let first = levels.first().map_or(aggregate, |l| l.aggregate_tok_s);
-        levels.push(Level {
-            concurrency: c,
-            requests: samples.len(),
-            tokens,
-            wall_s,
-            aggregate_tok_s: aggregate,
-            vs_first: aggregate / first,
-            mean_ttft_s: samples.iter().map(|s| s.ttft_s).sum::<f64>() / n,
-            mean_request_tok_s: samples
-                .iter()
-                .map(|s| s.tokens as f64 / s.total_s)
-                .sum::<f64>()
-                / n,
-        });
     }
     Ok(levels)
 }
 
-fn request(a: &LoadArgs, prompt: &str, max_new_tokens: u32) -> pb::GenerateRequest {
+/// Runs every request with `c` streams open at once; each request's figures.
+async fn run_level(
+    client: &OuroborosClient<Channel>,
+    reqs: Arc<Vec<pb::GenerateRequest>>,
+    c: usize,
+) -> Result<Vec<Sample>> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let workers: Vec<_> = (0..c.min(reqs.len()))
+        .map(|_| {
+            let (client, next, reqs) = (client.clone(), next.clone(), reqs.clone());
+            tokio::spawn(async move {
+                let mut samples = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(r) = reqs.get(i) else {
+                        return Ok::<_, anyhow::Error>(samples);
+                    };
+                    samples.push(one(client.clone(), r.clone()).await?);
+                }
+            })
+        })
+        .collect();
+    let mut samples = Vec::new();
+    for w in workers {
+        samples.extend(w.await??);
+    }
+    Ok(samples)
+}
+
+fn request(
+    a: &LoadArgs,
+    strategy: StrategyArg,
+    prompt: &str,
+    max_new_tokens: u32,
+) -> pb::GenerateRequest {
     let input = if a.chat {
         pb::generate_request::Input::Chat(pb::ChatMessages {
             messages: vec![pb::ChatMessage {
@@ -182,7 +246,7 @@ fn request(a: &LoadArgs, prompt: &str, max_new_tokens: u32) -> pb::GenerateReque
     pb::GenerateRequest {
         input: Some(input),
         max_new_tokens: Some(max_new_tokens),
-        strategy: pb::Strategy::from(a.strategy) as i32,
+        strategy: pb::Strategy::from(strategy) as i32,
         ..Default::default()
     }
 }
@@ -208,12 +272,13 @@ async fn one(mut client: OuroborosClient<Channel>, r: pb::GenerateRequest) -> Re
 
 pub fn table(levels: &[Level]) -> String {
     let mut t = String::from(
-        "| concurrency | requests | tokens | wall s | aggregate tok/s | vs first | mean TTFT s | mean tok/s per request |\n\
-         |---|---|---|---|---|---|---|---|\n",
+        "| strategy | concurrency | requests | tokens | wall s | aggregate tok/s | vs first | mean TTFT s | mean tok/s per request | p50 latency s | p99 latency s |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for l in levels {
         t.push_str(&format!(
-            "| {} | {} | {} | {:.1} | {:.2} | {:.2}x | {:.2} | {:.2} |\n",
+            "| {} | {} | {} | {} | {:.1} | {:.2} | {:.2}x | {:.2} | {:.2} | {:.2} | {:.2} |\n",
+            l.strategy,
             l.concurrency,
             l.requests,
             l.tokens,
@@ -221,8 +286,172 @@ pub fn table(levels: &[Level]) -> String {
             l.aggregate_tok_s,
             l.vs_first,
             l.mean_ttft_s,
-            l.mean_request_tok_s
+            l.mean_request_tok_s,
+            l.p50_latency_s,
+            l.p99_latency_s
         ));
     }
     t
+}
+
+/// Aggregate tok/s by level, a column per strategy, and where `auto` ran beside others,
+/// auto over the best of them at that level.
+pub fn summary(levels: &[Level]) -> String {
+    let mut strategies: Vec<&str> = Vec::new();
+    let mut concurrency: Vec<usize> = Vec::new();
+    for l in levels {
+        if !strategies.contains(&l.strategy.as_str()) {
+            strategies.push(&l.strategy);
+        }
+        if !concurrency.contains(&l.concurrency) {
+            concurrency.push(l.concurrency);
+        }
+    }
+    let versus = strategies.contains(&"auto") && strategies.len() > 1;
+    let mut t = format!("| concurrency | {} |", strategies.join(" | "));
+    if versus {
+        t.push_str(" auto / best other |");
+    }
+    t.push('\n');
+    t.push_str(&"|---".repeat(1 + strategies.len() + usize::from(versus)));
+    t.push_str("|\n");
+    let rate = |s: &str, c: usize| {
+        levels
+            .iter()
+            .find(|l| l.strategy == s && l.concurrency == c)
+            .map(|l| l.aggregate_tok_s)
+    };
+    for &c in &concurrency {
+        t.push_str(&format!("| {c} |"));
+        for s in &strategies {
+            match rate(s, c) {
+                Some(r) => t.push_str(&format!(" {r:.2} |")),
+                None => t.push_str(" - |"),
+            }
+        }
+        if versus {
+            let best = strategies
+                .iter()
+                .filter(|&&s| s != "auto")
+                .filter_map(|s| rate(s, c))
+                .fold(0.0f64, f64::max);
+            match rate("auto", c) {
+                Some(a) if best > 0.0 => t.push_str(&format!(" {:.2}x |", a / best)),
+                _ => t.push_str(" - |"),
+            }
+        }
+        t.push('\n');
+    }
+    t
+}
+
+/// Aggregate tok/s against concurrency, one line per strategy.
+pub fn chart(levels: &[Level], caption: &str, path: &std::path::Path) -> Result<()> {
+    use plotters::prelude::*;
+    let draw = |e: DrawingAreaErrorKind<_>| anyhow::anyhow!("drawing the chart: {e:?}");
+    let most_c = levels.iter().map(|l| l.concurrency).max().unwrap_or(1) as f64;
+    let top = levels
+        .iter()
+        .map(|l| l.aggregate_tok_s)
+        .fold(1.0f64, f64::max)
+        * 1.15;
+    let root = BitMapBackend::new(path, (720, 440)).into_drawing_area();
+    root.fill(&WHITE).map_err(draw)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("aggregate tok/s by concurrency ({caption})"),
+            ("sans-serif", 17),
+        )
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(48)
+        .build_cartesian_2d(0.0..most_c * 1.05, 0.0..top)
+        .map_err(draw)?;
+    chart
+        .configure_mesh()
+        .x_desc("concurrent streams")
+        .y_desc("tok/s")
+        .draw()
+        .map_err(draw)?;
+    let mut names: Vec<&str> = Vec::new();
+    for l in levels {
+        if !names.contains(&l.strategy.as_str()) {
+            names.push(&l.strategy);
+        }
+    }
+    for (i, s) in names.iter().enumerate() {
+        let colour = Palette99::pick(i).to_rgba();
+        let points: Vec<(f64, f64)> = levels
+            .iter()
+            .filter(|l| l.strategy == *s)
+            .map(|l| (l.concurrency as f64, l.aggregate_tok_s))
+            .collect();
+        chart
+            .draw_series(LineSeries::new(points.clone(), colour.stroke_width(2)))
+            .map_err(draw)?
+            .label(s.to_string())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], colour));
+        chart
+            .draw_series(
+                points
+                    .into_iter()
+                    .map(|p| Circle::new(p, 3, colour.filled())),
+            )
+            .map_err(draw)?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(draw)?;
+    root.present().map_err(draw)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn level(strategy: &str, c: usize, tok_s: f64) -> Level {
+        let samples = [Sample {
+            tokens: 10,
+            ttft_s: 0.1,
+            total_s: 1.0,
+        }];
+        let mut l = Level::new(strategy, c, &samples, 1.0);
+        l.aggregate_tok_s = tok_s;
+        l
+    }
+
+    #[test]
+    fn percentiles_take_the_nearest_rank() {
+        let xs: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&xs, 50.0), 50.0);
+        assert_eq!(percentile(&xs, 99.0), 99.0);
+        assert_eq!(percentile(&[3.0], 99.0), 3.0);
+        assert_eq!(percentile(&[1.0, 2.0, 9.0], 99.0), 9.0);
+        assert_eq!(percentile(&[], 50.0), 0.0);
+    }
+
+    #[test]
+    fn the_summary_sets_auto_against_the_best_other_strategy_per_level() {
+        let levels = [
+            level("greedy", 1, 20.0),
+            level("speculative", 1, 25.0),
+            level("auto", 1, 24.0),
+            level("greedy", 8, 40.0),
+            level("speculative", 8, 16.0),
+            level("auto", 8, 39.0),
+        ];
+        let t = summary(&levels);
+        assert!(
+            t.contains("| concurrency | greedy | speculative | auto | auto / best other |"),
+            "{t}"
+        );
+        assert!(t.contains("| 1 | 20.00 | 25.00 | 24.00 | 0.96x |"), "{t}");
+        assert!(t.contains("| 8 | 40.00 | 16.00 | 39.00 | 0.97x |"), "{t}");
+        // without auto, or alone, there is nothing to set it against
+        assert!(!summary(&levels[..2]).contains("auto / best"));
+    }
 }
