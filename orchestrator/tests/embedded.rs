@@ -1,6 +1,7 @@
 //! The embedded server (`ouro serve` without endpoints) over loopback gRPC, with tiny
-//! random models: it runs the serving crate's target runtime, so concurrent requests share
-//! batched forwards and still equal plain greedy decoding token for token, sessions past
+//! random models: it runs the serving crate's target runtime, so concurrent requests of
+//! every strategy (auto among them, seeded sampling too) share batched forwards and still
+//! produce exactly what they produce alone, token for token, sessions past
 //! the limit are refused with RESOURCE_EXHAUSTED, and idle sessions expire after the TTL.
 
 mod common;
@@ -85,42 +86,99 @@ fn prompts() -> Vec<Vec<u32>> {
     ]
 }
 
+/// Seeded sampling at temperature 0.9: the same seed gives the same text whatever the
+/// strategy, alone or beside others.
+fn sampled(mut r: pb::GenerateRequest, seed: u64) -> pb::GenerateRequest {
+    r.sampling = Some(proto::common::v1::Sampling {
+        temperature: 0.9,
+        top_p: 0.95,
+        top_k: 0,
+        seed: Some(seed),
+    });
+    r
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_requests_share_forwards_and_equal_plain_greedy() {
+async fn sixteen_concurrent_requests_of_mixed_strategies_equal_what_they_produce_alone() {
     // A short wait gathers the trees of the other open sessions into each forward.
     let mut server = embedded(TargetConfig {
         batch_wait: Duration::from_millis(2),
         ..TargetConfig::default()
     })
     .await;
+    // auto on a profile where rows are nearly free, so that it drafts and builds wide
+    // trees alone, and plans with the load it sees beside it.
+    let profile = decoding::CostProfile::new(
+        vec![(1, 0.010), (64, 0.012)],
+        Some(decoding::DraftCost {
+            per_call: 0.0,
+            per_token: 0.001,
+            catch_up: 0.0005,
+        }),
+    )
+    .unwrap();
+    let _ = server.pipeline.tuner.set(decoding::AutoTuner::new(profile));
     let prompts = prompts();
-    let mut plain = Vec::new();
-    for p in &prompts {
-        plain.push(greedy(&mut server, p).await);
+    use pb::Strategy as S;
+    let strategies = [
+        S::Greedy,
+        S::Speculative,
+        S::Auto,
+        S::Ouroboros,
+        S::Trie,
+        S::Lookahead,
+    ];
+    // Requests 0..16: prompt, strategy, and from the seventh on, where the strategy
+    // samples, seeded sampling with the prompt's seed (so that requests 7 and 15, 9 and
+    // 13 sample one prompt with one seed under two strategies).
+    let requests: Vec<(usize, pb::GenerateRequest)> = (0..16)
+        .map(|i| {
+            let (p, s) = (i % prompts.len(), strategies[i % strategies.len()]);
+            let r = request(&prompts[p], s);
+            match i >= 6 && matches!(s, S::Greedy | S::Speculative | S::Ouroboros) {
+                true => (p, sampled(r, 1000 + p as u64)),
+                false => (p, r),
+            }
+        })
+        .collect();
+    let mut alone = Vec::new();
+    for (p, r) in &requests {
+        let ids = streamed(server.client.clone(), r.clone()).await;
+        assert_eq!(ids.len(), 32, "request on prompt {p} alone");
+        alone.push(ids);
+    }
+    // Greedy requests alone equal plain greedy; sampled ones with one seed agree across
+    // strategies.
+    for (i, (p, r)) in requests.iter().enumerate() {
+        if r.sampling.is_none() {
+            assert_eq!(
+                alone[i],
+                greedy(&mut server, &prompts[*p]).await,
+                "request {i}"
+            );
+        } else if let Some(j) = (0..i).find(|&j| requests[j].1.sampling == r.sampling) {
+            assert_eq!(
+                alone[i], alone[j],
+                "requests {j} and {i}: one seed, two texts"
+            );
+        }
     }
     let m = telemetry::metrics();
     let (trees_before, forwards_before) = (
         m.batch_trees.get_sample_sum(),
         m.batch_trees.get_sample_count(),
     );
-    use pb::Strategy as S;
-    let strategies = [
-        S::Greedy,
-        S::Speculative,
-        S::Ouroboros,
-        S::Trie,
-        S::Lookahead,
-    ];
-    let mut running = Vec::new();
-    for i in 0..8 {
-        let (p, s) = (i % prompts.len(), strategies[i % strategies.len()]);
-        let c = server.client.clone();
-        let r = request(&prompts[p], s);
-        running.push((p, s, tokio::spawn(streamed(c, r))));
-    }
-    for (p, s, task) in running {
+    let running: Vec<_> = requests
+        .iter()
+        .map(|(_, r)| tokio::spawn(streamed(server.client.clone(), r.clone())))
+        .collect();
+    for (i, task) in running.into_iter().enumerate() {
         let ids = task.await.unwrap();
-        assert_eq!(ids, plain[p], "{s:?} on prompt {p}, concurrently");
+        let strategy = requests[i].1.strategy;
+        assert_eq!(
+            ids, alone[i],
+            "request {i} (strategy {strategy}) concurrently"
+        );
     }
     let trees = m.batch_trees.get_sample_sum() - trees_before;
     let forwards = (m.batch_trees.get_sample_count() - forwards_before) as f64;
