@@ -34,6 +34,9 @@ pub struct ServerTiming {
     /// Verify calls: the tree rows of those trees, this call's included (prefill chunks
     /// in the same forward are not counted); 0 where not reported.
     pub batch_rows: u32,
+    /// Verify calls: the sessions open at the target when the forward ran (prefilling
+    /// ones included); 0 where not reported.
+    pub open_sessions: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]

@@ -42,6 +42,7 @@ pub fn timed<R>(f: impl FnOnce() -> Result<R>) -> Result<(R, ServerTiming)> {
             total: t,
             batch_trees: 0,
             batch_rows: 0,
+            open_sessions: 0,
         },
     ))
 }

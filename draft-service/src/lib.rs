@@ -45,6 +45,7 @@ fn timing(started: Instant, forward: f64) -> Option<proto::common::v1::ServerTim
         total_s: started.elapsed().as_secs_f64(),
         batch_trees: 0,
         batch_rows: 0,
+        open_sessions: 0,
     })
 }
 

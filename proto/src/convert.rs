@@ -20,6 +20,7 @@ impl From<ServerTiming> for pb::ServerTiming {
             total_s: t.total,
             batch_trees: t.batch_trees,
             batch_rows: t.batch_rows,
+            open_sessions: t.open_sessions,
         }
     }
 }
@@ -32,6 +33,7 @@ impl From<pb::ServerTiming> for ServerTiming {
             total: t.total_s,
             batch_trees: t.batch_trees,
             batch_rows: t.batch_rows,
+            open_sessions: t.open_sessions,
         }
     }
 }

@@ -274,6 +274,7 @@ impl<M: LanguageModel> Worker<M> {
                 total: a.job.enqueued.elapsed().as_secs_f64(),
                 batch_trees: a.most_sessions as u32,
                 batch_rows: 0,
+                open_sessions: 0,
             };
             tracing::trace!(parent: &a.job.span, sessions = a.most_sessions, "draft call done");
             let _ = a.job.reply.send(result.map(|o| (o, timing)));

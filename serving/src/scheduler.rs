@@ -348,6 +348,7 @@ impl<M: LanguageModel> Worker<M> {
         let forward_s = started.elapsed().as_secs_f64();
         let trees = ready.len();
         let tree_rows: usize = ready.iter().map(|r| r.job.tree.len()).sum();
+        let open_sessions = self.sessions.len() + self.prefills.len();
         // Unfinished prefills go back to the front, in their order.
         for ((p, _), result) in chunks.into_iter().zip(prefilled).rev() {
             match result {
@@ -383,6 +384,7 @@ impl<M: LanguageModel> Worker<M> {
                 total: job.enqueued.elapsed().as_secs_f64(),
                 batch_trees: trees as u32,
                 batch_rows: tree_rows as u32,
+                open_sessions: open_sessions as u32,
             };
             let _ = job.reply.send(result.map(|o| (o, timing)));
         }

@@ -18,7 +18,11 @@
 //! server's throughput, since extra tokens per forward are weighed against the forward's
 //! growth in all `B` sessions' time. Predictions that are checked against the round's
 //! wall time use the waiting time. The load comes back with every verify (the trees and
-//! rows of the forward that served it) and is kept as a time-weighted average.
+//! rows of the forward that served it, and the sessions open at the target) and is kept
+//! as a time-weighted average. `B` is the larger of the trees in the forward and the
+//! sessions open, and every other open session is counted for at least one row: a
+//! session that is drafting, or still prefilling, is absent from this forward but shares
+//! the next ones.
 
 use super::profile::CostProfile;
 use crate::backend::ServerTiming;
@@ -47,9 +51,13 @@ impl Load {
     /// What one verify reported, for a tree of `rows` nodes; `None` where the target
     /// does not report its batches (in-process targets without a scheduler).
     pub fn of_verify(timing: &ServerTiming, rows: usize) -> Option<Load> {
-        (timing.batch_trees > 0).then(|| Load {
-            trees: timing.batch_trees as f64,
-            other_rows: (timing.batch_rows as f64 - rows as f64).max(0.0),
+        (timing.batch_trees > 0).then(|| {
+            let trees = timing.batch_trees.max(timing.open_sessions) as f64;
+            let beside = timing.batch_rows as f64 - rows as f64;
+            Load {
+                trees,
+                other_rows: beside.max(trees - 1.0).max(0.0),
+            }
         })
     }
 
@@ -258,12 +266,28 @@ mod tests {
         let t = ServerTiming {
             batch_trees: 4,
             batch_rows: 10,
+            open_sessions: 4,
             ..Default::default()
         };
         assert_eq!(
             Load::of_verify(&t, 3),
             Some(Load {
                 trees: 4.0,
+                other_rows: 7.0
+            })
+        );
+        // Alone in the forward while seven other sessions draft or prefill: they count,
+        // a row each.
+        let t = ServerTiming {
+            batch_trees: 1,
+            batch_rows: 3,
+            open_sessions: 8,
+            ..Default::default()
+        };
+        assert_eq!(
+            Load::of_verify(&t, 3),
+            Some(Load {
+                trees: 8.0,
                 other_rows: 7.0
             })
         );
