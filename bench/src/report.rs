@@ -36,10 +36,14 @@ pub struct Row {
     pub mismatched_prompts: u64,
     /// `auto`: tokens committed under each of its policies (`decoding::Policy::ALL` order).
     pub policy_tokens: [u64; 3],
+    /// Seconds of the model calls as a cost table prices them (`--cost-model`; 0 without).
+    pub projected_s: f64,
     /// Filled in when the run ends.
     pub tok_s: f64,
     pub speedup: f64,
     pub tokens_per_forward: f64,
+    pub projected_tok_s: f64,
+    pub projected_speedup: f64,
 }
 
 fn ratio(x: u64, y: u64) -> f64 {
@@ -101,11 +105,15 @@ impl Row {
         })
     }
 
-    /// Derived figures, against the reference row's speed.
-    pub fn finish(&mut self, greedy_tok_s: f64) {
+    /// Derived figures, against the reference row's speeds (measured and projected).
+    pub fn finish(&mut self, greedy_tok_s: f64, greedy_projected_tok_s: f64) {
         self.tok_s = self.tokens as f64 / self.seconds.max(1e-9);
         self.speedup = self.tok_s / greedy_tok_s.max(1e-9);
         self.tokens_per_forward = ratio(self.tokens, self.target_forwards);
+        if self.projected_s > 0.0 {
+            self.projected_tok_s = self.tokens as f64 / self.projected_s;
+            self.projected_speedup = self.projected_tok_s / greedy_projected_tok_s.max(1e-9);
+        }
     }
 
     /// Time outside drafting, verifying and the prefill: the loop, lookups, bookkeeping.
@@ -237,6 +245,8 @@ pub struct Report<'a> {
     pub cost_profile: Option<String>,
     /// [`drafting_bounds`], where the run measured a cost profile.
     pub drafting_bounds: Option<String>,
+    /// [`projection`], where the run was priced with a cost table.
+    pub projection: Option<String>,
     pub seconds: f64,
     pub rows: &'a [Row],
 }
@@ -262,6 +272,10 @@ impl Report<'_> {
         if let Some(b) = &self.drafting_bounds {
             m.push('\n');
             m.push_str(b);
+        }
+        if let Some(p) = &self.projection {
+            m.push('\n');
+            m.push_str(p);
         }
         let shares: Vec<String> = self
             .rows
@@ -292,6 +306,32 @@ impl Report<'_> {
         }
         Ok(())
     }
+}
+
+/// The rows priced with the cost table described by `source`: projected against measured
+/// speed, and the projected speedups over greedy.
+pub fn projection(rows: &[Row], source: &str) -> Option<String> {
+    if rows.iter().all(|r| r.projected_s <= 0.0) {
+        return None;
+    }
+    let mut m = format!(
+        "Projected with the cost table ({source}): every model call priced by the table, \
+         the orchestrator's own time left out.\n\n\
+         | strategy | measured tok/s | projected tok/s | projected / measured | measured speedup | projected speedup |\n\
+         |---|---|---|---|---|---|\n"
+    );
+    for r in rows.iter().filter(|r| r.projected_s > 0.0) {
+        m.push_str(&format!(
+            "| {} | {:.2} | {:.2} | {:.2} | {:.2}x | {:.2}x |\n",
+            r.name,
+            r.tok_s,
+            r.projected_tok_s,
+            r.projected_tok_s / r.tok_s.max(1e-9),
+            r.speedup,
+            r.projected_speedup
+        ));
+    }
+    Some(m)
 }
 
 /// Draws `speedup.png` again beside a `bench.json` written earlier.
@@ -388,11 +428,11 @@ mod tests {
         greedy_stats.total_s = 4.0;
         greedy_stats.target_forwards = 10;
         greedy.add(&greedy_stats, 10);
-        greedy.finish(2.5);
+        greedy.finish(2.5, 0.0);
         let mut auto = Row::new("auto");
         auto.add(&s, 10);
         auto.add(&s, 10);
-        auto.finish(greedy.tok_s);
+        auto.finish(greedy.tok_s, 0.0);
         assert_eq!(auto.offered_at, vec![8, 4]);
         assert!((auto.speedup - 2.0).abs() < 1e-9);
         assert!((auto.tokens_per_forward - 2.0).abs() < 1e-9);
@@ -448,6 +488,7 @@ mod tests {
             max_new_tokens: 8,
             cost_profile: None,
             drafting_bounds: None,
+            projection: None,
             seconds: 1.0,
             rows: &rows,
         };

@@ -3,6 +3,7 @@
 //! token with plain greedy decoding. Every strategy keeps pools and trie of its own, warmed
 //! only by its own earlier prompts.
 
+use crate::cost_model::CostTable;
 use crate::report::{Report, Row};
 use crate::sweep;
 use anyhow::{Context, Result, bail};
@@ -58,6 +59,15 @@ pub struct BenchArgs {
     /// a draft service started as processes on loopback (the binaries next to `ouro-bench`).
     #[arg(long)]
     distributed: bool,
+    /// Price every model call of the run with this cost table (JSON: costs by context and
+    /// rows, see `results/cost-models/`) and report projected speeds beside the measured
+    /// ones; auto plans with the table instead of timing this machine.
+    #[arg(long, value_name = "FILE", conflicts_with = "measure_cost_model")]
+    cost_model: Option<PathBuf>,
+    /// Time this machine's cost table (at contexts of 64 and 512 tokens) through the
+    /// run's own backends, write it here, and price the run with it.
+    #[arg(long, value_name = "FILE")]
+    measure_cost_model: Option<PathBuf>,
     #[command(flatten)]
     model: ModelArgs,
     #[command(flatten)]
@@ -278,7 +288,26 @@ fn run_with<T: LanguageModel + 'static>(e: &Embedded<T>, a: &BenchArgs) -> Resul
         // Wait until both have loaded: nothing is timed while they compete for the CPU.
         rt.block_on(svc.pipeline(phrase_len))?;
     }
-    let mut profile = None;
+    let table = match (&a.cost_model, &a.measure_cost_model) {
+        (Some(path), _) => Some(CostTable::read(path)?),
+        (None, Some(path)) => {
+            let t = measure_table(e)?;
+            t.write(path)?;
+            eprintln!("wrote this machine's cost table to {}", path.display());
+            Some(t)
+        }
+        (None, None) => None,
+    };
+    // auto plans with the table at the prompts' mean length, where there is one.
+    let mut profile = match &table {
+        Some(t) => {
+            let mean = prompts_mean_len(e, a, &prompts)?;
+            let p = t.profile_at(mean, TABLE_PROFILE_ROWS)?;
+            eprintln!("auto plans with the cost table at context {mean}: {}", p.describe());
+            Some(p)
+        }
+        None => None,
+    };
     let mut remote_profile = None;
     let mut runners: Vec<Arc<dyn Runner>> = Vec::new();
     for v in &plan {
@@ -286,7 +315,9 @@ fn run_with<T: LanguageModel + 'static>(e: &Embedded<T>, a: &BenchArgs) -> Resul
         let runner: Arc<dyn Runner> = match &services {
             Some(svc) if v.distributed => {
                 let p = rt.block_on(svc.pipeline(phrase_len))?;
-                if auto {
+                if auto && let Some(c) = table.as_ref().and(profile.clone()) {
+                    let _ = p.tuner.set(decoding::AutoTuner::new(c));
+                } else if auto {
                     // Measured over the network, as a deployment measures it.
                     let c = rt.block_on(
                         p.measure_costs_here(&orchestrator::embedded::profile_options()),
@@ -350,6 +381,9 @@ fn run_with<T: LanguageModel + 'static>(e: &Embedded<T>, a: &BenchArgs) -> Resul
             let sink = Box::new(|_: &[u32], _: &[decoding::TokenSource]| Flow::Continue);
             let g = rt.block_on(runner.run(prompt.clone(), params.clone(), sink))?;
             row.add(&g.stats, g.tokens.len());
+            if let Some(t) = &table {
+                row.projected_s += t.price(&g.stats.calls);
+            }
             match &reference {
                 None => reference = Some(g.tokens.clone()),
                 Some(r) if params.sampling.is_greedy() && *r != g.tokens => {
@@ -394,12 +428,24 @@ fn run_with<T: LanguageModel + 'static>(e: &Embedded<T>, a: &BenchArgs) -> Resul
     progress.finish();
     let seconds = started.elapsed().as_secs_f64();
     let base = rows[0].tokens as f64 / rows[0].seconds.max(1e-9);
+    let projected_base = match rows[0].projected_s {
+        s if s > 0.0 => rows[0].tokens as f64 / s,
+        _ => 0.0,
+    };
     for r in &mut rows {
-        r.finish(base);
+        r.finish(base, projected_base);
     }
     print!("{}", crate::report::table(&rows));
+    let projection = table
+        .as_ref()
+        .and_then(|t| crate::report::projection(&rows, &t.source));
+    if let Some(p) = &projection {
+        print!("\n{p}");
+    }
+    // Bounds from another machine's table would mix its costs with these measurements.
     let bounds = profile
         .as_ref()
+        .filter(|_| a.cost_model.is_none())
         .and_then(|p| crate::report::drafting_bounds(&rows, p));
     if let Some(b) = &bounds {
         print!("\n{b}");
@@ -443,6 +489,7 @@ fn run_with<T: LanguageModel + 'static>(e: &Embedded<T>, a: &BenchArgs) -> Resul
                 }
             },
             drafting_bounds: bounds,
+            projection,
             seconds,
             rows: &rows,
         };
@@ -453,6 +500,59 @@ fn run_with<T: LanguageModel + 'static>(e: &Embedded<T>, a: &BenchArgs) -> Resul
         );
     }
     Ok(())
+}
+
+/// Rows of the profile auto gets from a cost table.
+const TABLE_PROFILE_ROWS: usize = 64;
+
+/// Contexts at which `--measure-cost-model` times this machine.
+const TABLE_CONTEXTS: [usize; 2] = [64, 512];
+
+/// Prompt rows of the prefill `--measure-cost-model` times.
+const TABLE_PREFILL_ROWS: usize = 256;
+
+/// This machine's cost table: the auto profile's timings (through the run's own in-process
+/// backends) at each of [`TABLE_CONTEXTS`], and a prefill's cost per prompt row.
+fn measure_table<T: LanguageModel + 'static>(e: &Embedded<T>) -> Result<CostTable> {
+    let prefill_row = e.measure_prefill_row(TABLE_PREFILL_ROWS)?;
+    eprintln!(
+        "prefill: {:.2} ms per prompt row ({TABLE_PREFILL_ROWS} rows)",
+        prefill_row * 1e3
+    );
+    let mut at = Vec::new();
+    for context in TABLE_CONTEXTS {
+        let opts = decoding::ProfileOptions {
+            prompt_len: context,
+            ..orchestrator::embedded::profile_options()
+        };
+        let p = e.measure_costs_with(&opts)?;
+        eprintln!("context {context}: {}", p.describe());
+        at.push((context, p, prefill_row));
+    }
+    CostTable::from_profiles(
+        format!(
+            "measured on {} by `ouro-bench --measure-cost-model` (the auto profile's timings \
+             through the in-process backends at each context, a {TABLE_PREFILL_ROWS}-row prefill)",
+            crate::report::machine()
+        ),
+        &at,
+    )
+}
+
+/// The mean token count of the prompts as the run sends them.
+fn prompts_mean_len<T: LanguageModel + 'static>(
+    e: &Embedded<T>,
+    a: &BenchArgs,
+    prompts: &[String],
+) -> Result<usize> {
+    let mut total = 0;
+    for text in prompts {
+        total += match a.chat {
+            true => e.encode(&e.chat_prompt(text)?)?.len(),
+            false => e.encode(text)?.len(),
+        };
+    }
+    Ok(total / prompts.len().max(1))
 }
 
 /// The rows of a run: greedy (the reference) first, then the strategies, or the sweep's

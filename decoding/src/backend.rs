@@ -119,6 +119,10 @@ pub struct DraftOutcome {
     pub phrase_hits: u32,
     /// With `stop_below` set, the draft model's probability of each of `tokens`.
     pub confidence: Vec<f32>,
+    /// Rows its forwards ran in all, and how many of them were committed text the
+    /// session had not seen (0 where not reported).
+    pub rows: u32,
+    pub caught_up: u32,
 }
 
 pub trait TargetBackend: Send + Sync {

@@ -108,6 +108,8 @@ impl<C: KvState> DraftSession<C> {
             (None, f) if f > 0.0 => Some(f),
             _ => None,
         };
+        // Everything before the last committed token that the cache lacks.
+        let unseen = (self.seq.len() - 1).saturating_sub(self.cache.len());
         Ok(DraftCall {
             want: request.length.tokens().max(1),
             eos: request.eos.clone(),
@@ -115,7 +117,10 @@ impl<C: KvState> DraftSession<C> {
             stop_below,
             reach: 1.0,
             ended: false,
-            outcome: DraftOutcome::default(),
+            outcome: DraftOutcome {
+                caught_up: unseen as u32,
+                ..DraftOutcome::default()
+            },
         })
     }
 
@@ -188,6 +193,7 @@ impl<C: KvState> DraftSession<C> {
         out: &ForwardOutput,
     ) -> Result<()> {
         call.outcome.forwards += 1;
+        call.outcome.rows += step.rows() as u32;
         let Work::Step(plan) = &step.work else {
             // A catch-up's rows are all kept: the cache has them now.
             return Ok(());

@@ -96,6 +96,9 @@ pub async fn generate<T: TargetBackend, D: DraftBackend>(
         .instrument(tracing::debug_span!("prefill", tokens = prompt.len()))
         .await?;
     stats.prefill_s = started.elapsed().as_secs_f64();
+    stats.calls.push(crate::stats::ModelCall::Prefill {
+        rows: prompt.len().saturating_sub(1) as u32,
+    });
     let mut sessions = OpenSessions {
         target,
         target_id,
@@ -212,7 +215,7 @@ async fn commit_loop<T: TargetBackend, D: DraftBackend>(
         round_span.record("nodes", tree.len());
         round_span.record("accepted", v.path.len());
         let verify_s = t0.elapsed().as_secs_f64();
-        stats.add_verify(timing, verify_s, tree.len());
+        stats.add_verify(timing, verify_s, tree.len(), text.len() - 1);
         // The walk may leave the chain at any node when other paths hang off the root.
         let on_chain = v
             .path

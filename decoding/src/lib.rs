@@ -37,7 +37,7 @@ pub use lookahead::LookaheadParams;
 pub use params::{DecodeParams, FinishReason, Flow, Generation, Strategy, TokenSink, TokenSource};
 pub use pool::{Ngram, PhrasePool, PoolConfig, VocabStamp};
 pub use sampling::SamplingParams;
-pub use stats::SpecStats;
+pub use stats::{ModelCall, SpecStats};
 pub use strategy::auto;
 pub use tree::DraftTree;
 pub use trie::{PromptTrie, TrieCache, TrieConfig, TrieDraft};

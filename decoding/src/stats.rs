@@ -52,6 +52,33 @@ pub struct SpecStats {
     /// Caller wall time minus the servers' own time, over all calls.
     pub network_s: f64,
     pub total_s: f64,
+    /// Every model call of the request, in order, for pricing the run with a cost table
+    /// afterwards (`ouro-bench --cost-model`).
+    pub calls: Vec<ModelCall>,
+}
+
+/// What one model call of a request ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelCall {
+    /// The target's prefill: the prompt's tokens but the last.
+    Prefill { rows: u32 },
+    /// A verify of a tree of `rows` nodes, `context` tokens already in the target's cache.
+    Verify { rows: u32, context: u32 },
+    /// A draft call: `forwards` draft forwards of `rows` rows in all, `caught_up` of them
+    /// committed text the draft had not seen.
+    Draft {
+        forwards: u32,
+        rows: u32,
+        caught_up: u32,
+    },
+    /// The lookahead baseline's call on its target host: `forwards` target forwards of
+    /// `rows` rows in all, `caught_up` of them committed text, at `context` tokens.
+    Lookahead {
+        forwards: u32,
+        rows: u32,
+        caught_up: u32,
+        context: u32,
+    },
 }
 
 impl SpecStats {
@@ -97,11 +124,27 @@ impl SpecStats {
         self.draft_phrase_hits += o.phrase_hits as u64;
         self.draft_s += wall;
         self.network_s += (wall - server.total).max(0.0);
+        self.calls.push(ModelCall::Draft {
+            forwards: o.forwards,
+            rows: o.rows,
+            caught_up: o.caught_up,
+        });
     }
 
-    pub(crate) fn add_verify(&mut self, server: ServerTiming, wall: f64, nodes: usize) {
+    /// A verify of `nodes` nodes whose root is token `context` (0-based) of the text.
+    pub(crate) fn add_verify(
+        &mut self,
+        server: ServerTiming,
+        wall: f64,
+        nodes: usize,
+        context: usize,
+    ) {
         self.target_forwards += 1;
         self.tree_nodes += nodes as u64;
+        self.calls.push(ModelCall::Verify {
+            rows: nodes as u32,
+            context: context as u32,
+        });
         self.verify_s += wall;
         self.network_s += (wall - server.total).max(0.0);
     }
@@ -130,9 +173,22 @@ impl SpecStats {
         }
     }
 
-    /// Target-only lookahead: every host forward is a target forward.
-    pub(crate) fn add_lookahead(&mut self, o: &DraftOutcome, server: ServerTiming, wall: f64) {
+    /// Target-only lookahead: every host forward is a target forward; `context` tokens
+    /// were committed before the call.
+    pub(crate) fn add_lookahead(
+        &mut self,
+        o: &DraftOutcome,
+        server: ServerTiming,
+        wall: f64,
+        context: usize,
+    ) {
         self.target_forwards += o.forwards as u64;
+        self.calls.push(ModelCall::Lookahead {
+            forwards: o.forwards,
+            rows: o.rows,
+            caught_up: o.caught_up,
+            context: context as u32,
+        });
         self.draft_phrase_hits += o.phrase_hits as u64;
         self.verify_s += wall;
         self.network_s += (wall - server.total).max(0.0);

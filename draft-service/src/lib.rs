@@ -113,6 +113,8 @@ impl<M: LanguageModel + 'static> DraftService for DraftGrpc<M> {
             phrase_hits: outcome.phrase_hits,
             timing: Some(timing.into()),
             confidence: outcome.confidence,
+            rows: outcome.rows,
+            caught_up: outcome.caught_up,
         }))
     }
 

@@ -387,6 +387,37 @@ impl<T: LanguageModel + 'static> Embedded<T> {
         Ok(p)
     }
 
+    /// Times a cost profile with `opts` through this pipeline's backends, without keeping
+    /// it (a cost table's entry at one context, say).
+    pub fn measure_costs_with(
+        &self,
+        opts: &decoding::ProfileOptions,
+    ) -> Result<decoding::CostProfile> {
+        let p = &self.pipeline;
+        let measured = decoding::auto::measure(&*p.target, p.draft.as_deref(), opts);
+        futures::executor::block_on(measured).context("measuring a cost profile")
+    }
+
+    /// Seconds per prompt row of a target prefill of `rows` rows (the median of three,
+    /// through this pipeline's target backend).
+    pub fn measure_prefill_row(&self, rows: usize) -> Result<f64> {
+        use decoding::TargetBackend;
+        let target = &self.pipeline.target;
+        let vocab = target.info().vocab_size.clamp(1, 4096);
+        let mut times = Vec::new();
+        for rep in 0..3 {
+            let tokens: Vec<u32> = (0..=rows)
+                .map(|i| ((i * 37 + 11 + rep) % vocab) as u32)
+                .collect();
+            let t0 = std::time::Instant::now();
+            let id = futures::executor::block_on(target.open(&tokens))?;
+            times.push(t0.elapsed().as_secs_f64());
+            futures::executor::block_on(target.close(id))?;
+        }
+        times.sort_by(f64::total_cmp);
+        Ok(times[1] / rows.max(1) as f64)
+    }
+
     /// Runs one request with the strategy in `params`.
     pub fn run(
         &self,

@@ -275,6 +275,8 @@ impl DraftBackend for RemoteDraft {
             forwards: r.forwards,
             phrase_hits: r.phrase_hits,
             confidence: r.confidence,
+            rows: r.rows,
+            caught_up: r.caught_up,
         };
         Ok((outcome, timing_of(r.timing)))
     }

@@ -51,7 +51,8 @@ pub(crate) async fn run<D: DraftBackend>(
             Ok(r) => r,
             Err(e) => break Err(e),
         };
-        stats.add_lookahead(&o, timing, t0.elapsed().as_secs_f64());
+        let context = (prompt.len() + out.len()).saturating_sub(1);
+        stats.add_lookahead(&o, timing, t0.elapsed().as_secs_f64(), context);
         let mut new = o.tokens;
         if new.is_empty() {
             break Ok(FinishReason::ContextFull);

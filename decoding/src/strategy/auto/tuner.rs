@@ -216,7 +216,7 @@ impl AutoTuner {
     /// The floor for the draft's running confidence (the product of its tokens'
     /// probabilities) in a round predicted as `p` with up to `gamma` draft tokens: below
     /// it, the chance that the target accepts one more draft token, times what a token is
-    /// worth (the round's predicted seconds per token), no longer pays for that token's
+    /// worth (the round's predicted cost per token), no longer pays for that token's
     /// draft forward and verify row. 0 without a draft.
     pub fn draft_stop(&self, greedy: bool, gamma: usize, p: &Prediction) -> f32 {
         let pricing = self.pricing();
