@@ -401,6 +401,7 @@ pub fn chart(levels: &[Level], caption: &str, path: &std::path::Path) -> Result<
     }
     chart
         .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .draw()
