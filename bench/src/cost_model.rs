@@ -13,8 +13,9 @@
 //! What is not priced: the orchestrator's own work between calls (lookups, sampling,
 //! bookkeeping), which a projection leaves out and a measurement does not; and the extra
 //! rows of a lookahead window in a draft forward (the draft's forwards are priced as
-//! one-row steps, so strategies that run lookahead in the draft, Ouroboros, are priced
-//! low).
+//! one-row steps, which understates what Ouroboros's drafts cost). `auto` planning with a
+//! table of other hardware still corrects its predictions, and scores its policies, by
+//! this machine's wall time: its choices there are skewed towards this machine's.
 
 use anyhow::{Context, Result, bail};
 use decoding::{CostProfile, DraftCost, ModelCall};

@@ -64,8 +64,8 @@ pub struct BenchArgs {
     /// ones; auto plans with the table instead of timing this machine.
     #[arg(long, value_name = "FILE", conflicts_with = "measure_cost_model")]
     cost_model: Option<PathBuf>,
-    /// Time this machine's cost table (at contexts of 64 and 512 tokens) through the
-    /// run's own backends, write it here, and price the run with it.
+    /// After the run, time this machine's cost table (at contexts of 64 and 512 tokens)
+    /// through the run's own backends, write it here, and price the run with it.
     #[arg(long, value_name = "FILE")]
     measure_cost_model: Option<PathBuf>,
     #[command(flatten)]
@@ -278,6 +278,8 @@ fn run_with<T: LanguageModel + 'static>(e: &Embedded<T>, a: &BenchArgs) -> Resul
     let prompts = load_prompts(a)?;
     let plan = plan(a, &e.eos)?;
     let mut rows: Vec<Row> = plan.iter().map(|v| Row::new(&v.name)).collect();
+    // Each row's requests' model calls, to price once the table is known.
+    let mut calls: Vec<Vec<Vec<decoding::ModelCall>>> = vec![Vec::new(); plan.len()];
     let rt = tokio::runtime::Runtime::new()?;
     let services = match a.distributed {
         true => Some(Services::start(&a.model.paths())?),
@@ -288,15 +290,9 @@ fn run_with<T: LanguageModel + 'static>(e: &Embedded<T>, a: &BenchArgs) -> Resul
         // Wait until both have loaded: nothing is timed while they compete for the CPU.
         rt.block_on(svc.pipeline(phrase_len))?;
     }
-    let table = match (&a.cost_model, &a.measure_cost_model) {
-        (Some(path), _) => Some(CostTable::read(path)?),
-        (None, Some(path)) => {
-            let t = measure_table(e)?;
-            t.write(path)?;
-            eprintln!("wrote this machine's cost table to {}", path.display());
-            Some(t)
-        }
-        (None, None) => None,
+    let mut table = match &a.cost_model {
+        Some(path) => Some(CostTable::read(path)?),
+        None => None,
     };
     // auto plans with the table at the prompts' mean length, where there is one.
     let mut profile = match &table {
@@ -381,8 +377,8 @@ fn run_with<T: LanguageModel + 'static>(e: &Embedded<T>, a: &BenchArgs) -> Resul
             let sink = Box::new(|_: &[u32], _: &[decoding::TokenSource]| Flow::Continue);
             let g = rt.block_on(runner.run(prompt.clone(), params.clone(), sink))?;
             row.add(&g.stats, g.tokens.len());
-            if let Some(t) = &table {
-                row.projected_s += t.price(&g.stats.calls);
+            if a.cost_model.is_some() || a.measure_cost_model.is_some() {
+                calls[j].push(g.stats.calls.clone());
             }
             match &reference {
                 None => reference = Some(g.tokens.clone()),
@@ -427,6 +423,18 @@ fn run_with<T: LanguageModel + 'static>(e: &Embedded<T>, a: &BenchArgs) -> Resul
     }
     progress.finish();
     let seconds = started.elapsed().as_secs_f64();
+    if let Some(path) = &a.measure_cost_model {
+        // Measured now, warm and in the same minutes as the run it prices.
+        let t = measure_table(e)?;
+        t.write(path)?;
+        eprintln!("wrote this machine's cost table to {}", path.display());
+        table = Some(t);
+    }
+    if let Some(t) = &table {
+        for (row, requests) in rows.iter_mut().zip(&calls) {
+            row.projected_s = requests.iter().map(|c| t.price(c)).sum();
+        }
+    }
     let base = rows[0].tokens as f64 / rows[0].seconds.max(1e-9);
     let projected_base = match rows[0].projected_s {
         s if s > 0.0 => rows[0].tokens as f64 / s,
