@@ -110,7 +110,11 @@ impl CostTable {
         if self.contexts.is_empty() {
             bail!("no contexts");
         }
-        if !self.contexts.windows(2).all(|w| w[0].context < w[1].context) {
+        if !self
+            .contexts
+            .windows(2)
+            .all(|w| w[0].context < w[1].context)
+        {
             bail!("contexts must ascend");
         }
         let drafts = self.contexts.iter().filter(|c| c.draft.is_some()).count();
@@ -355,7 +359,10 @@ mod tests {
         };
         let wide = planned_nodes(h100.profile_at(200, 64).unwrap());
         let narrow = planned_nodes(cpu.profile_at(200, 64).unwrap());
-        assert!(wide > narrow, "{wide} nodes under the H100 table, {narrow} here");
+        assert!(
+            wide > narrow,
+            "{wide} nodes under the H100 table, {narrow} here"
+        );
         assert_eq!(wide, 9, "rows nearly free: every guess is verified");
     }
 

@@ -299,7 +299,10 @@ fn run_with<T: LanguageModel + 'static>(e: &Embedded<T>, a: &BenchArgs) -> Resul
         Some(t) => {
             let mean = prompts_mean_len(e, a, &prompts)?;
             let p = t.profile_at(mean, TABLE_PROFILE_ROWS)?;
-            eprintln!("auto plans with the cost table at context {mean}: {}", p.describe());
+            eprintln!(
+                "auto plans with the cost table at context {mean}: {}",
+                p.describe()
+            );
             Some(p)
         }
         None => None,

@@ -53,7 +53,9 @@ async fn main() -> anyhow::Result<()> {
         for s in 0..n {
             let (rt, barrier) = (rt.clone(), barrier.clone());
             tasks.push(tokio::spawn(async move {
-                let prompt: Vec<u32> = (0..64).map(|i| 200 + ((i + 11 * s as u32) * 37) % 5000).collect();
+                let prompt: Vec<u32> = (0..64)
+                    .map(|i| 200 + ((i + 11 * s as u32) * 37) % 5000)
+                    .collect();
                 let id = rt.open(&prompt).await?;
                 let (mut o, _) = rt.draft(id, request(Vec::new(), gamma)).await?;
                 barrier.wait().await;

@@ -8,6 +8,7 @@
 
 use crate::scheduler::forward_isolated;
 use crate::sessions::{SessionTable, SlotRef, lock};
+use crate::worker::WorkerHandle;
 use decoding::{
     DecodingError, DraftCall, DraftOutcome, DraftRequest, DraftSession, DraftStep, PhrasePool,
     Result, ServerTiming, SessionId,
@@ -15,8 +16,7 @@ use decoding::{
 use engine::{LanguageModel, SeqInput};
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, Sender, channel};
-use std::thread::JoinHandle;
+use std::sync::mpsc::Receiver;
 use std::time::Instant;
 use tokio::sync::oneshot;
 use tracing::Span;
@@ -51,32 +51,23 @@ struct Active<M: LanguageModel> {
 
 /// Handle to the worker; dropping it stops the worker after the calls under way.
 pub struct DraftScheduler<M: LanguageModel> {
-    /// `None` once dropping began: closing the channel ends the worker's loop.
-    jobs: Option<Sender<DraftJob<M>>>,
-    worker: Option<JoinHandle<()>>,
+    worker: WorkerHandle<DraftJob<M>>,
 }
 
 impl<M: LanguageModel + 'static> DraftScheduler<M> {
     /// A worker that catches sessions up `chunk` rows per step.
     pub fn start(model: Arc<M>, sessions: Arc<DraftSessions<M>>, chunk: usize) -> Self {
-        let (tx, rx) = channel();
-        let worker = std::thread::Builder::new()
-            .name("draft-scheduler".into())
-            .spawn(move || {
-                Worker {
-                    model,
-                    sessions,
-                    chunk: chunk.max(1),
-                    active: Vec::new(),
-                    waiting: VecDeque::new(),
-                }
-                .run(rx)
-            })
-            .expect("spawning the draft scheduler thread");
-        Self {
-            jobs: Some(tx),
-            worker: Some(worker),
-        }
+        let worker = WorkerHandle::spawn("draft-scheduler", move |rx| {
+            Worker {
+                model,
+                sessions,
+                chunk: chunk.max(1),
+                active: Vec::new(),
+                waiting: VecDeque::new(),
+            }
+            .run(rx)
+        });
+        Self { worker }
     }
 
     /// Drafts for session `id` (whose slot is `slot`) with `pool`'s phrases.
@@ -97,18 +88,10 @@ impl<M: LanguageModel + 'static> DraftScheduler<M> {
             span: Span::current(),
             reply,
         };
-        let jobs = self.jobs.as_ref().ok_or_else(stopped)?;
-        jobs.send(job).map_err(|_| stopped())?;
-        rx.await.map_err(|_| stopped())?
-    }
-}
-
-impl<M: LanguageModel> Drop for DraftScheduler<M> {
-    fn drop(&mut self) {
-        self.jobs = None;
-        if let Some(w) = self.worker.take() {
-            let _ = w.join();
+        if !self.worker.send(job) {
+            return Err(stopped());
         }
+        rx.await.map_err(|_| stopped())?
     }
 }
 

@@ -10,6 +10,7 @@ pub mod scheduler;
 pub mod server;
 pub mod sessions;
 pub mod target;
+mod worker;
 
 pub use draft::{DraftConfig, DraftRuntime};
 pub use scheduler::{Scheduler, SchedulerConfig};

@@ -6,14 +6,14 @@
 //! delays the open sessions' rounds by at most one chunk per forward.
 
 use crate::sessions::{SessionTable, Slot, SlotRef, lock};
+use crate::worker::WorkerHandle;
 use decoding::{DecodingError, DraftTree, Result, SamplingParams, ServerTiming, SessionId};
 use decoding::{TargetSession, VerifyOutcome};
 use engine::{ForwardOutput, KvState, LanguageModel, OutputSpec, SeqInput, Visibility};
 use std::collections::{HashSet, VecDeque};
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, MutexGuard};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use tracing::Span;
@@ -56,22 +56,15 @@ struct VerifyJob<M: LanguageModel> {
 
 /// Handle to the worker; dropping it stops the worker after the queued jobs.
 pub struct Scheduler<M: LanguageModel> {
-    /// `None` once dropping began: closing the channel ends the worker's loop.
-    jobs: Option<Sender<Job<M>>>,
-    worker: Option<JoinHandle<()>>,
+    worker: WorkerHandle<Job<M>>,
 }
 
 impl<M: LanguageModel + 'static> Scheduler<M> {
     pub fn start(model: Arc<M>, sessions: Arc<TargetSessions<M>>, config: SchedulerConfig) -> Self {
-        let (tx, rx) = channel();
-        let worker = std::thread::Builder::new()
-            .name("verify-scheduler".into())
-            .spawn(move || Worker::new(model, sessions, config).run(rx))
-            .expect("spawning the scheduler thread");
-        Self {
-            jobs: Some(tx),
-            worker: Some(worker),
-        }
+        let worker = WorkerHandle::spawn("verify-scheduler", move |rx| {
+            Worker::new(model, sessions, config).run(rx)
+        });
+        Self { worker }
     }
 
     /// Prefills a new session on the worker, chunk by chunk alongside the verifies.
@@ -108,16 +101,9 @@ impl<M: LanguageModel + 'static> Scheduler<M> {
     }
 
     fn send(&self, job: Job<M>) -> Result<()> {
-        let jobs = self.jobs.as_ref().ok_or_else(stopped)?;
-        jobs.send(job).map_err(|_| stopped())
-    }
-}
-
-impl<M: LanguageModel> Drop for Scheduler<M> {
-    fn drop(&mut self) {
-        self.jobs = None;
-        if let Some(w) = self.worker.take() {
-            let _ = w.join();
+        match self.worker.send(job) {
+            true => Ok(()),
+            false => Err(stopped()),
         }
     }
 }
