@@ -403,11 +403,11 @@ impl<T: LanguageModel + 'static> Embedded<T> {
     pub fn measure_prefill_row(&self, rows: usize) -> Result<f64> {
         use decoding::TargetBackend;
         let target = &self.pipeline.target;
-        let vocab = target.info().vocab_size.clamp(1, 4096);
+        let vocab = target.info().vocab_size;
         let mut times = Vec::new();
         for rep in 0..3 {
             let tokens: Vec<u32> = (0..=rows)
-                .map(|i| ((i * 37 + 11 + rep) % vocab) as u32)
+                .map(|i| decoding::auto::profile::filler(i + rep, vocab))
                 .collect();
             let t0 = std::time::Instant::now();
             let id = futures::executor::block_on(target.open(&tokens))?;

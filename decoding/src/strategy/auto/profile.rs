@@ -172,7 +172,7 @@ impl Default for ProfileOptions {
 
 /// Deterministic filler tokens spread over the start of the vocabulary (every model has
 /// those ids); the content does not matter for the timing.
-pub(super) fn filler(i: usize, vocab: usize) -> u32 {
+pub fn filler(i: usize, vocab: usize) -> u32 {
     let span = vocab.clamp(1, 4096);
     ((i * 37 + 11) % span) as u32
 }
