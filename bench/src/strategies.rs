@@ -24,6 +24,9 @@ pub struct BenchArgs {
     /// Prompt file: one JSON string per line. Default: a few built-in code prompts.
     #[arg(long)]
     prompts: Option<PathBuf>,
+    /// Skip this many prompts first (for slices such as problems 41-56: --skip 40).
+    #[arg(long, default_value_t = 0)]
+    skip: usize,
     /// At most this many prompts.
     #[arg(long)]
     limit: Option<usize>,
@@ -39,6 +42,11 @@ pub struct BenchArgs {
     /// Send each prompt as a user message in the model's chat template.
     #[arg(long)]
     chat: bool,
+    /// Only write the prompts as the run would send them (after the chat template, with
+    /// --chat) to this file, one JSON string per line, and exit: other runners (the
+    /// llama.cpp peer script) then get exactly the same text.
+    #[arg(long, value_name = "FILE")]
+    dump_prompts: Option<PathBuf>,
     /// Write bench.md (table), bench.json (all figures) and speedup.png (chart) here.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -240,6 +248,7 @@ fn load_prompts(a: &BenchArgs) -> Result<Vec<String>> {
         None => BUILTIN_PROMPTS.iter().map(|s| s.to_string()).collect(),
         Some(p) => crate::prompts::read(p)?,
     };
+    prompts.drain(..a.skip.min(prompts.len()));
     let quick = a.quick.then_some(QUICK_PROMPTS);
     if let Some(n) = [a.limit, quick].into_iter().flatten().min() {
         prompts.truncate(n);
@@ -276,6 +285,20 @@ const WARM_UP_TOKENS: usize = 8;
 
 fn run_with<T: LanguageModel + 'static>(e: &Embedded<T>, a: &BenchArgs) -> Result<()> {
     let prompts = load_prompts(a)?;
+    if let Some(path) = &a.dump_prompts {
+        let mut text = String::new();
+        for p in &prompts {
+            let sent = match a.chat {
+                true => e.chat_prompt(p)?,
+                false => p.clone(),
+            };
+            text.push_str(&serde_json::to_string(&sent)?);
+            text.push('\n');
+        }
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {} prompts to {}", prompts.len(), path.display());
+        return Ok(());
+    }
     let plan = plan(a, &e.eos)?;
     let mut rows: Vec<Row> = plan.iter().map(|v| Row::new(&v.name)).collect();
     // Each row's requests' model calls, to price once the table is known.
