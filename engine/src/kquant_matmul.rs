@@ -4,8 +4,9 @@
 //! bytes per weight instead of 0.56, Q6_K tiles 1.25 instead of 0.82) and pass over the
 //! weights once per 4 input rows, so a 5-row verify tree reads the model twice. A decode
 //! step here is bound by memory bandwidth, not arithmetic. These tiles keep the scales as
-//! small integers (0.63 and 1.08 bytes per weight) and let up to [`ROW_BLOCK`] input rows
-//! share every load, so a verify tree of a few nodes costs little more than one row.
+//! small integers and the Q6_K quants as 4 + 2 bits (0.58 and 0.83 bytes per weight,
+//! within 3 % of the file's blocks) and let up to [`ROW_BLOCK`] input rows share every
+//! load, so a verify tree of a few nodes costs little more than one row.
 //!
 //! Layout: a tile holds 16 output rows (one 32-bit lane each) by one 256-value block, its
 //! quants interleaved so that one `vpdpbusd` multiplies 4 consecutive inputs into all 16
@@ -39,7 +40,7 @@ const ROW_BLOCK_AVX2: usize = 4;
 const Q4K_BLOCK_BYTES: usize = 144;
 const Q6K_BLOCK_BYTES: usize = 210;
 
-/// 16 rows x 256 values of Q4_K.
+/// 16 rows x 256 values of Q4_K: 2368 bytes, 0.58 per weight (the file's blocks: 0.56).
 #[repr(C, align(64))]
 #[derive(Clone)]
 struct Q4Tile {
@@ -48,21 +49,28 @@ struct Q4Tile {
     qs: [u8; QK / 8 * TILE_ROWS * 4],
     /// `[sub-block of 32 (8)][row]`, 6-bit scales.
     scales: [[u8; TILE_ROWS]; 8],
-    /// `[pair of sub-blocks (4)][row][2]`: 6-bit mins as i16 pairs for `vpdpwssd`.
-    mins: [[i16; TILE_ROWS * 2]; 4],
-    d: [f32; TILE_ROWS],
-    dmin: [f32; TILE_ROWS],
+    /// `[pair of sub-blocks (4)][row][2]`: 6-bit mins, widened to i16 pairs for
+    /// `vpdpwssd` when used.
+    mins: [[u8; TILE_ROWS * 2]; 4],
+    /// The blocks' f16 scales, as the file has them.
+    d: [u16; TILE_ROWS],
+    dmin: [u16; TILE_ROWS],
 }
 
-/// 16 rows x 256 values of Q6_K.
+/// 16 rows x 256 values of Q6_K: 3392 bytes, 0.83 per weight (the file's blocks: 0.82).
 #[repr(C, align(64))]
 #[derive(Clone)]
 struct Q6Tile {
-    /// `[group of 4 values (64)][row (16)][4 bytes]`: 6-bit quants, 0..63 (value - 32).
-    qs: [u8; QK / 4 * TILE_ROWS * 4],
+    /// The quants' low 4 bits, `[pair of 4-value groups (32)][row (16)][4 bytes]`: byte `j`
+    /// of pair `p` holds value `8p + j` in its low nibble and `8p + 4 + j` in its high one.
+    ql: [u8; QK / 8 * TILE_ROWS * 4],
+    /// Their high 2 bits, `[sub-block of 16 (16)][row][4 bytes]`: bits `2i..2i + 2` of
+    /// byte `j` of sub-block `s` belong to value `16s + 4i + j`.
+    qh: [u8; QK / 16 * TILE_ROWS * 4],
     /// `[sub-block of 16 (16)][row]`.
     scales: [[i8; TILE_ROWS]; 16],
-    d: [f32; TILE_ROWS],
+    /// The blocks' f16 scales.
+    d: [u16; TILE_ROWS],
 }
 
 enum Tiles {
@@ -95,7 +103,10 @@ fn isa() -> Option<Isa> {
                 && is_x86_feature_detected!("avx512vnni")
             {
                 Some(Isa::Avx512)
-            } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            } else if is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+            {
                 Some(Isa::Avx2)
             } else {
                 None
@@ -300,16 +311,16 @@ fn pack_q4_tile(blocks: &[&[u8]; TILE_ROWS]) -> Q4Tile {
         qs: [0; QK / 8 * TILE_ROWS * 4],
         scales: [[0; TILE_ROWS]; 8],
         mins: [[0; TILE_ROWS * 2]; 4],
-        d: [0.0; TILE_ROWS],
-        dmin: [0.0; TILE_ROWS],
+        d: [0; TILE_ROWS],
+        dmin: [0; TILE_ROWS],
     };
     for (r, raw) in blocks.iter().enumerate() {
         let b = decode_q4k(raw);
-        t.d[r] = b.d;
-        t.dmin[r] = b.dmin;
+        t.d[r] = f16::from_f32(b.d).to_bits();
+        t.dmin[r] = f16::from_f32(b.dmin).to_bits();
         for s in 0..8 {
             t.scales[s][r] = b.scales[s];
-            t.mins[s / 2][r * 2 + s % 2] = b.mins[s] as i16;
+            t.mins[s / 2][r * 2 + s % 2] = b.mins[s];
         }
         for g in 0..QK / 8 {
             for j in 0..4 {
@@ -322,19 +333,28 @@ fn pack_q4_tile(blocks: &[&[u8]; TILE_ROWS]) -> Q4Tile {
 
 fn pack_q6_tile(blocks: &[&[u8]; TILE_ROWS]) -> Q6Tile {
     let mut t = Q6Tile {
-        qs: [0; QK / 4 * TILE_ROWS * 4],
+        ql: [0; QK / 8 * TILE_ROWS * 4],
+        qh: [0; QK / 16 * TILE_ROWS * 4],
         scales: [[0; TILE_ROWS]; 16],
-        d: [0.0; TILE_ROWS],
+        d: [0; TILE_ROWS],
     };
     for (r, raw) in blocks.iter().enumerate() {
         let b = decode_q6k(raw);
-        t.d[r] = b.d;
+        t.d[r] = f16::from_f32(b.d).to_bits();
         for s in 0..16 {
             t.scales[s][r] = b.scales[s];
         }
-        for g in 0..QK / 4 {
+        for p in 0..QK / 8 {
             for j in 0..4 {
-                t.qs[(g * TILE_ROWS + r) * 4 + j] = b.q[4 * g + j];
+                t.ql[(p * TILE_ROWS + r) * 4 + j] =
+                    (b.q[8 * p + j] & 0x0F) | ((b.q[8 * p + 4 + j] & 0x0F) << 4);
+            }
+        }
+        for s in 0..QK / 16 {
+            for j in 0..4 {
+                t.qh[(s * TILE_ROWS + r) * 4 + j] = (0..4)
+                    .map(|i| (b.q[16 * s + 4 * i + j] >> 4) << (2 * i))
+                    .fold(0, |a, v| a | v);
             }
         }
     }
@@ -349,15 +369,22 @@ fn unpack_q4_row(t: &Q4Tile, r: usize, out: &mut [f32]) {
         let q = if j < 4 { byte & 0x0F } else { byte >> 4 };
         let s = v / 32;
         let min = t.mins[s / 2][r * 2 + s % 2] as f32;
-        *o = t.d[r] * t.scales[s][r] as f32 * q as f32 - t.dmin[r] * min;
+        let (d, dmin) = (
+            f16::from_bits(t.d[r]).to_f32(),
+            f16::from_bits(t.dmin[r]).to_f32(),
+        );
+        *o = d * t.scales[s][r] as f32 * q as f32 - dmin * min;
     }
 }
 
 #[cfg(test)]
 fn unpack_q6_row(t: &Q6Tile, r: usize, out: &mut [f32]) {
     for (v, o) in out.iter_mut().enumerate() {
-        let q = t.qs[(v / 4 * TILE_ROWS + r) * 4 + v % 4] as i32 - 32;
-        *o = t.d[r] * t.scales[v / 16][r] as f32 * q as f32;
+        let (g, j) = (v / 4, v % 4);
+        let low = (t.ql[(g / 2 * TILE_ROWS + r) * 4 + j] >> (4 * (g % 2))) & 0x0F;
+        let high = (t.qh[(v / 16 * TILE_ROWS + r) * 4 + j] >> (2 * (g % 4))) & 3;
+        let q = (low | (high << 4)) as i32 - 32;
+        *o = f16::from_bits(t.d[r]).to_f32() * t.scales[v / 16][r] as f32 * q as f32;
     }
 }
 
@@ -498,21 +525,30 @@ fn multiply_many(isa: Isa, input: &QuantizedInput, jobs: &mut [(&KQuantMatrix, &
     });
 }
 
-/// Tiles ahead of the one being multiplied to ask the memory for: a tile spans 40 to 69
-/// cache lines and the hardware prefetcher stops at every 4 KiB page, so without this the
-/// rows' arithmetic and the weights' arrival take turns instead of overlapping.
+/// Tiles ahead of the one being multiplied whose memory is asked for early. The hardware
+/// prefetcher follows the tiles' sequential reads but stops at every 4 KiB page, so where
+/// that tile starts a new page, its first lines are asked for. (Asking for every line of
+/// every tile, 37 to 53 instructions per tile, made a one-row product bound by them
+/// instead of by memory.)
 #[cfg(target_arch = "x86_64")]
-const PREFETCH_TILES: usize = 2;
+const PREFETCH_TILES: usize = 4;
+/// Lines asked for at the start of a page.
+#[cfg(target_arch = "x86_64")]
+const PAGE_LINES: usize = 4;
 
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn prefetch<T>(tiles: &[T], at: usize) {
     use core::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
     if let Some(t) = tiles.get(at) {
-        let p = t as *const T as *const i8;
-        for line in (0..std::mem::size_of::<T>()).step_by(64) {
-            // SAFETY: a prefetch never faults, and `p + line` stays inside the tile.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(line)) };
+        let start = t as *const T as usize;
+        let page = (start + 4095) & !4095;
+        if page < start + std::mem::size_of::<T>() {
+            for line in 0..PAGE_LINES {
+                // SAFETY: a prefetch never faults, and the line lies inside the tile or the
+                // one after it.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>((page + line * 64) as *const i8) };
+            }
         }
     }
 }
@@ -604,6 +640,14 @@ mod avx512 {
         }
     }
 
+    /// 6-bit quants from a vector of low nibbles (bits 0..4 of `lo`) and one of high bits
+    /// (bits 4..6 of `hi`).
+    #[inline(always)]
+    unsafe fn six(lo: __m512i, hi: __m512i, low4: __m512i, high2: __m512i) -> __m512i {
+        // 0xF8: a | (b & c), per bit.
+        unsafe { _mm512_ternarylogic_epi32::<0xF8>(_mm512_and_si512(lo, low4), hi, high2) }
+    }
+
     /// 4 input bytes at `p`, broadcast to every lane.
     #[inline(always)]
     unsafe fn bcast4(p: *const i8) -> __m512i {
@@ -643,14 +687,14 @@ mod avx512 {
             }
             let mut imin = [_mm512_setzero_si512(); R];
             for p in 0..4 {
-                let mins = _mm512_load_si512(t.mins[p].as_ptr() as *const _);
+                let mins = _mm512_cvtepu8_epi16(_mm256_load_si256(t.mins[p].as_ptr() as *const _));
                 for i in 0..R {
                     let s = _mm512_set1_epi32(*sums32_pairs[i].add(p));
                     imin[i] = _mm512_dpwssd_epi32(imin[i], mins, s);
                 }
             }
-            let d = _mm512_load_ps(t.d.as_ptr());
-            let dmin = _mm512_load_ps(t.dmin.as_ptr());
+            let d = _mm512_cvtph_ps(_mm256_load_si256(t.d.as_ptr() as *const _));
+            let dmin = _mm512_cvtph_ps(_mm256_load_si256(t.dmin.as_ptr() as *const _));
             for i in 0..R {
                 let dxi = _mm512_set1_ps(dx[i]);
                 acc[i] = _mm512_fmadd_ps(facc[i], _mm512_mul_ps(d, dxi), acc[i]);
@@ -672,12 +716,33 @@ mod avx512 {
         acc: &mut [__m512; R],
     ) {
         unsafe {
+            let (low4, high2) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0x30));
             let mut facc = [_mm512_setzero_ps(); R];
             for sub in 0..16 {
+                // The 16 values of the sub-block as four 4-value groups of 6-bit quants:
+                // low nibbles from two `ql` vectors, high bits shifted up from one `qh`.
+                let l0 = _mm512_load_si512(t.ql.as_ptr().add(sub * 128) as *const _);
+                let l1 = _mm512_load_si512(t.ql.as_ptr().add(sub * 128 + 64) as *const _);
+                let h = _mm512_load_si512(t.qh.as_ptr().add(sub * 64) as *const _);
+                let groups = [
+                    six(l0, _mm512_slli_epi16::<4>(h), low4, high2),
+                    six(
+                        _mm512_srli_epi16::<4>(l0),
+                        _mm512_slli_epi16::<2>(h),
+                        low4,
+                        high2,
+                    ),
+                    six(l1, h, low4, high2),
+                    six(
+                        _mm512_srli_epi16::<4>(l1),
+                        _mm512_srli_epi16::<2>(h),
+                        low4,
+                        high2,
+                    ),
+                ];
                 let mut isum = [_mm512_setzero_si512(); R];
-                for g4 in 0..4 {
+                for (g4, wq) in groups.into_iter().enumerate() {
                     let g = sub * 4 + g4;
-                    let wq = _mm512_load_si512(t.qs.as_ptr().add(g * 64) as *const _);
                     for i in 0..R {
                         isum[i] = _mm512_dpbusd_epi32(isum[i], wq, bcast4(qs[i].add(g * 4)));
                     }
@@ -694,7 +759,7 @@ mod avx512 {
                     facc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(centered), sc, facc[i]);
                 }
             }
-            let d = _mm512_load_ps(t.d.as_ptr());
+            let d = _mm512_cvtph_ps(_mm256_load_si256(t.d.as_ptr() as *const _));
             for i in 0..R {
                 acc[i] = _mm512_fmadd_ps(facc[i], _mm512_mul_ps(d, _mm512_set1_ps(dx[i])), acc[i]);
             }
@@ -714,7 +779,7 @@ mod avx2 {
     use core::arch::x86_64::*;
 
     /// Output columns `16 nt..16 nt + 16` of every input row.
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn tile_strip(
         w: &KQuantMatrix,
         x: &QuantizedInput,
@@ -739,7 +804,7 @@ mod avx2 {
         }
     }
 
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn strip<const R: usize>(
         w: &KQuantMatrix,
         x: &QuantizedInput,
@@ -777,7 +842,7 @@ mod avx2 {
     }
 
     /// [`super::quantize_block`] with 8 lanes.
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn quantize_block(x: &[f32], q: &mut [i8]) -> f32 {
         debug_assert!(x.len() == QK && q.len() == QK);
         unsafe {
@@ -813,10 +878,22 @@ mod avx2 {
         }
     }
 
+    /// 6-bit quants, as in the AVX-512 kernel.
+    #[inline(always)]
+    unsafe fn six(lo: __m256i, hi: __m256i, low4: __m256i, high2: __m256i) -> __m256i {
+        unsafe { _mm256_or_si256(_mm256_and_si256(lo, low4), _mm256_and_si256(hi, high2)) }
+    }
+
     /// 4 input bytes at `p`, broadcast to every lane.
     #[inline(always)]
     unsafe fn bcast4(p: *const i8) -> __m256i {
         unsafe { _mm256_set1_epi32(std::ptr::read_unaligned(p as *const i32)) }
+    }
+
+    /// 8 f16 values at `p` as 8 floats.
+    #[inline(always)]
+    unsafe fn halfs_to_ps(p: *const u16) -> __m256 {
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const _)) }
     }
 
     /// 8 bytes at `p` as 8 floats (`signed` or not).
@@ -866,14 +943,16 @@ mod avx2 {
             }
             let mut imin = [_mm256_setzero_si256(); R];
             for p in 0..4 {
-                let mins = _mm256_loadu_si256(t.mins[p].as_ptr().add(half * 16) as *const _);
+                let mins = _mm256_cvtepu8_epi16(_mm_loadu_si128(
+                    t.mins[p].as_ptr().add(half * 16) as *const _
+                ));
                 for i in 0..R {
                     let s = _mm256_set1_epi32(*sums32_pairs[i].add(p));
                     imin[i] = _mm256_add_epi32(imin[i], _mm256_madd_epi16(mins, s));
                 }
             }
-            let d = _mm256_loadu_ps(t.d.as_ptr().add(half * 8));
-            let dmin = _mm256_loadu_ps(t.dmin.as_ptr().add(half * 8));
+            let d = halfs_to_ps(t.d.as_ptr().add(half * 8));
+            let dmin = halfs_to_ps(t.dmin.as_ptr().add(half * 8));
             for i in 0..R {
                 let dxi = _mm256_set1_ps(dx[i]);
                 acc[i] = _mm256_fmadd_ps(facc[i], _mm256_mul_ps(d, dxi), acc[i]);
@@ -897,14 +976,34 @@ mod avx2 {
     ) {
         unsafe {
             let ones = _mm256_set1_epi16(1);
+            let (low4, high2) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
             let mut facc = [_mm256_setzero_ps(); R];
             for sub in 0..16 {
+                // As in the AVX-512 kernel, on this half's 8 rows.
+                let at = |offset: usize| offset + half * 32;
+                let l0 = _mm256_loadu_si256(t.ql.as_ptr().add(at(sub * 128)) as *const _);
+                let l1 = _mm256_loadu_si256(t.ql.as_ptr().add(at(sub * 128 + 64)) as *const _);
+                let h = _mm256_loadu_si256(t.qh.as_ptr().add(at(sub * 64)) as *const _);
+                let groups = [
+                    six(l0, _mm256_slli_epi16::<4>(h), low4, high2),
+                    six(
+                        _mm256_srli_epi16::<4>(l0),
+                        _mm256_slli_epi16::<2>(h),
+                        low4,
+                        high2,
+                    ),
+                    six(l1, h, low4, high2),
+                    six(
+                        _mm256_srli_epi16::<4>(l1),
+                        _mm256_srli_epi16::<2>(h),
+                        low4,
+                        high2,
+                    ),
+                ];
                 let mut isum = [_mm256_setzero_si256(); R];
                 for g2 in 0..2 {
                     let g = sub * 4 + g2 * 2;
-                    let w0 = _mm256_loadu_si256(t.qs.as_ptr().add(g * 64 + half * 32) as *const _);
-                    let w1 =
-                        _mm256_loadu_si256(t.qs.as_ptr().add((g + 1) * 64 + half * 32) as *const _);
+                    let (w0, w1) = (groups[g2 * 2], groups[g2 * 2 + 1]);
                     for i in 0..R {
                         let a = _mm256_maddubs_epi16(w0, bcast4(qs[i].add(g * 4)));
                         let b = _mm256_maddubs_epi16(w1, bcast4(qs[i].add(g * 4 + 4)));
@@ -920,7 +1019,7 @@ mod avx2 {
                     facc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(centered), sc, facc[i]);
                 }
             }
-            let d = _mm256_loadu_ps(t.d.as_ptr().add(half * 8));
+            let d = halfs_to_ps(t.d.as_ptr().add(half * 8));
             for i in 0..R {
                 acc[i] = _mm256_fmadd_ps(facc[i], _mm256_mul_ps(d, _mm256_set1_ps(dx[i])), acc[i]);
             }
