@@ -4,6 +4,7 @@
 //! over draft/target backend traits.
 
 pub mod backend;
+pub mod copy;
 pub mod draft;
 pub mod error;
 pub mod generate;

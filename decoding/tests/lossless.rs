@@ -323,6 +323,32 @@ fn the_trie_strategy_is_exact_for_any_trie_contents() {
     }
 }
 
+/// Text that repeats (here the mock's favourite token follows from the previous token
+/// alone, so the output soon runs in a cycle) is copied: the trie strategy commits more
+/// tokens per forward than its trie nodes could give, and exactly plain greedy's tokens.
+#[test]
+fn the_trie_strategy_copies_repeated_text() {
+    let target = Arc::new(MockModel::new(VOCAB, 2048, 1.0, 3));
+    let prompt = vec![1, 2, 3];
+    let n = 200;
+    let params = DecodeParams {
+        strategy: Strategy::Trie,
+        max_new_tokens: n,
+        trie_budget: 2,
+        ..DecodeParams::default()
+    };
+    let want = plain_decode(&target, &prompt, n, &SamplingParams::greedy());
+    let trie = TrieCache::default();
+    let out = run_with_trie(&target, &target, &pool(3), &trie, &prompt, &params);
+    assert_eq!(out.tokens, want);
+    let per_forward = out.stats.mean_accepted_length();
+    assert!(
+        per_forward > (params.trie_budget + 1) as f64 * 2.0,
+        "{per_forward:.2} tokens per forward: at most {} without copies",
+        params.trie_budget + 1
+    );
+}
+
 /// Sampled decoding through every strategy equals plain sampling with the same seed, with
 /// a draft that agrees with the target, one that mostly agrees and an adversarial one; and
 /// drafted tokens are really accepted under sampling (speculation is not quietly off).

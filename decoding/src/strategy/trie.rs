@@ -1,7 +1,11 @@
 //! Trie drafting (PIA): continuations of the committed text from the prompt's trie and the
-//! trie of earlier outputs, verified as one tree by the target alone.
+//! trie of earlier outputs, and beside them the request's copy guess ([`crate::copy`]),
+//! verified as one tree by the target alone. Copied nodes count as trie nodes in the
+//! statistics and their accepted tokens as [`crate::TokenSource::Trie`]: both are lookups
+//! in the text.
 
 use super::Round;
+use crate::copy;
 use crate::generate::Loop;
 use crate::stats::SpecStats;
 use crate::trie::TrieCache;
@@ -52,5 +56,23 @@ pub(crate) fn round(
     let root = *text.last().expect("the text is not empty");
     let mut round = Round::chain(root, Vec::new());
     attach(&mut round, stats, trie, state, text, budget, room);
+    // As many copied tokens as the match behind them was long: a long repeated context
+    // earns a long guess, a short one a short guess.
+    if let Some(c) = copy::find(text, budget.min(COPY_LEN)) {
+        let take = c
+            .matched
+            .min(c.tokens.len())
+            .min(room.saturating_sub(round.tree.len()));
+        let before = round.tree.len();
+        let nodes = round.tree.add_path(0, &c.tokens[..take]);
+        round.from_trie.resize(round.tree.len(), false);
+        for n in nodes {
+            round.from_trie[n] = true;
+        }
+        stats.trie_nodes += (round.tree.len() - before) as u64;
+    }
     round
 }
+
+/// The longest copy guess of the trie strategy.
+const COPY_LEN: usize = 16;

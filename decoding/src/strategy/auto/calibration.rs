@@ -14,12 +14,16 @@ pub enum Guess {
     /// A trie continuation, by the share of the text's continuations it had and by how
     /// many continuations that share was counted on.
     Trie { share: u8, support: u8 },
+    /// A copy guess's token ([`crate::copy`]), by how long the match behind it was.
+    Copy { class: u8 },
 }
 
 pub(super) const POSITIONS: usize = 16;
 pub(super) const SHARE_BUCKETS: usize = 5;
 pub(super) const SUPPORT_BUCKETS: usize = 4;
-pub(super) const BUCKETS: usize = 2 * POSITIONS + SHARE_BUCKETS * SUPPORT_BUCKETS;
+/// Classes of copy matches: 4-7 tokens, 8-15, 16-31, 32 (the cap).
+pub(super) const COPY_CLASSES: usize = 4;
+pub(super) const BUCKETS: usize = 2 * POSITIONS + SHARE_BUCKETS * SUPPORT_BUCKETS + COPY_CLASSES;
 /// Buckets of the draft's probability for its own token, in which acceptance is counted
 /// to learn how far that probability can be trusted.
 pub(super) const CONFIDENCE_BUCKETS: usize = 10;
@@ -116,6 +120,17 @@ impl Guess {
         }
     }
 
+    /// A copied token whose guess matched `matched` tokens of the text.
+    pub fn copy(matched: usize) -> Self {
+        let class = match matched {
+            0..=7 => 0,
+            8..=15 => 1,
+            16..=31 => 2,
+            _ => 3,
+        };
+        Guess::Copy { class }
+    }
+
     pub(super) fn bucket(self) -> usize {
         match self {
             Guess::Draft(i) => i.min(POSITIONS - 1),
@@ -125,12 +140,18 @@ impl Guess {
                     + (share as usize).min(SHARE_BUCKETS - 1) * SUPPORT_BUCKETS
                     + (support as usize).min(SUPPORT_BUCKETS - 1)
             }
+            Guess::Copy { class } => {
+                2 * POSITIONS
+                    + SHARE_BUCKETS * SUPPORT_BUCKETS
+                    + (class as usize).min(COPY_CLASSES - 1)
+            }
         }
     }
 
     /// Acceptance expected before any evidence: drafts of a same-family model agree
     /// often, pool phrases seldom, trie continuations about as often as the text went
-    /// their way, less when that was seen once.
+    /// their way, less when that was seen once; copied tokens the more often the longer
+    /// the match behind them.
     pub(super) fn prior(self) -> f64 {
         match self {
             Guess::Draft(_) => 0.75,
@@ -140,6 +161,7 @@ impl Guess {
                 let seen_once = if support == 0 { 0.8 } else { 1.0 };
                 0.7 * mid * seen_once
             }
+            Guess::Copy { class } => [0.5, 0.65, 0.8, 0.9][(class as usize).min(COPY_CLASSES - 1)],
         }
     }
 }

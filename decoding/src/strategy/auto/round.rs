@@ -8,6 +8,7 @@ use super::{
     AutoTuner, DraftBacklog, Guess, Policy, PolicyScores, Prediction, RoundKind, would_commit,
 };
 use crate::backend::{DraftBackend, TargetBackend};
+use crate::copy::{self, CopyGuess};
 use crate::generate::{Loop, OpenSessions, Shared};
 use crate::params::DecodeParams;
 use crate::pool::PhrasePool;
@@ -42,6 +43,7 @@ impl Round {
         root: u32,
         drafted: &[u32],
         found: &TrieDraft,
+        copied: Option<&CopyGuess>,
         phrases: &[Vec<u32>],
         depth: usize,
         room: usize,
@@ -58,6 +60,16 @@ impl Round {
         for (i, node) in attached.into_iter().enumerate() {
             if let Some(n) = node {
                 guesses[n].push(Guess::trie(found.counts[i], found.totals[i]));
+                from_trie[n] = true;
+            }
+        }
+        if let Some(c) = copied {
+            let fit = room.saturating_sub(tree.len()).min(depth);
+            let nodes = tree.add_path(0, &c.tokens[..c.tokens.len().min(fit)]);
+            guesses.resize(tree.len(), Vec::new());
+            from_trie.resize(tree.len(), false);
+            for n in nodes {
+                guesses[n].push(Guess::copy(c.matched));
                 from_trie[n] = true;
             }
         }
@@ -277,6 +289,9 @@ impl<'t> AutoRounds<'t> {
     }
 }
 
+/// The longest copy guess `auto` considers (its plan keeps what pays).
+const COPY_LEN: usize = 32;
+
 /// An `auto` round: gathers the zero-cost guesses, drafts when `policy` says so (under
 /// [`Policy::Mixed`], when the profile says the draft's tokens are worth their time), and
 /// keeps the nodes that pay for their rows. Under [`Policy::Drafting`] it also keeps the
@@ -311,6 +326,8 @@ async fn build<T: TargetBackend, D: DraftBackend>(
     };
     let mut found = TrieDraft::default();
     let mut phrases = Vec::new();
+    // The copy guess at its longest: the plan keeps the part that pays for its rows.
+    let copied = copy::find(text, budget.min(COPY_LEN));
     if budget > 0 {
         if let Some(p) = &state.prompt_trie {
             found = trie.draft(Some(p), text, tuner.config().trie_nodes.min(room), budget);
@@ -323,7 +340,7 @@ async fn build<T: TargetBackend, D: DraftBackend>(
             stats.pool_hits += u64::from(!phrases.is_empty());
         }
     }
-    let zero_cost = Round::from_guesses(root, &[], &found, &phrases, budget, room);
+    let zero_cost = Round::from_guesses(root, &[], &found, copied.as_ref(), &phrases, budget, room);
     let zero_cost_plan = tuner.plan(
         greedy,
         &zero_cost.tree.parents,
@@ -369,8 +386,8 @@ async fn build<T: TargetBackend, D: DraftBackend>(
         predicted = p;
     }
     // The draft's chain with the given zero-cost guesses beside it, the nodes that pay.
-    let with_draft = |found: &TrieDraft, phrases: &[Vec<u32>]| {
-        let mut r = Round::from_guesses(root, &drafted, found, phrases, budget, room);
+    let with_draft = |found: &TrieDraft, copied: Option<&CopyGuess>, phrases: &[Vec<u32>]| {
+        let mut r = Round::from_guesses(root, &drafted, found, copied, phrases, budget, room);
         r.confidence = confidence.clone();
         let plan = tuner.plan(
             greedy,
@@ -385,8 +402,8 @@ async fn build<T: TargetBackend, D: DraftBackend>(
         _ if drafted.is_empty() => zero_cost.clone(),
         // The chain goes alone: zero-cost nodes beside it cost rows that the per-round
         // estimates over-value, which is what scoring `Mixed` beside it measures.
-        Policy::Drafting => with_draft(&TrieDraft::default(), &[]),
-        _ => with_draft(&found, &phrases),
+        Policy::Drafting => with_draft(&TrieDraft::default(), None, &[]),
+        _ => with_draft(&found, copied.as_ref(), &phrases),
     };
     if policy == Policy::Drafting {
         // Mixed would have drafted the same tokens (the same length is best for both).
@@ -395,7 +412,7 @@ async fn build<T: TargetBackend, D: DraftBackend>(
                 .draft_gamma(greedy, gamma, &zero_cost_plan, backlog)
                 .is_some();
         let mixed = match mixed_drafts {
-            true => with_draft(&found, &phrases).tree,
+            true => with_draft(&found, copied.as_ref(), &phrases).tree,
             false => zero_cost.tree.clone(),
         };
         round.alternatives = Some(Alternatives {
