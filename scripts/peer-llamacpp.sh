@@ -30,12 +30,12 @@ if [ ! -x "$tools/venv/bin/cmake" ]; then
   "$tools/venv/bin/pip" install -q cmake ninja
 fi
 export PATH="$PWD/$tools/venv/bin:$PATH"
-if [ ! -x "$tools/build/bin/llama-speculative-simple" ]; then
+if [ ! -x "$tools/build/bin/llama-speculative-simple" ] || [ ! -x "$tools/build/bin/llama-completion" ]; then
   log "building llama.cpp (Release, native CPU flags)"
   cmake -S "$src" -B "$tools/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
     -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF \
     -DBUILD_SHARED_LIBS=OFF >/dev/null
-  ninja -C "$tools/build" llama-speculative-simple llama-bench
+  ninja -C "$tools/build" llama-completion llama-speculative-simple
 fi
 cargo build --release --locked --bins
 python3 scripts/peer_llamacpp.py --models "$models" "$@"
