@@ -285,20 +285,28 @@ const WARM_UP_TOKENS: usize = 8;
 
 fn run_with<T: LanguageModel + 'static>(e: &Embedded<T>, a: &BenchArgs) -> Result<()> {
     let prompts = load_prompts(a)?;
+    // The prompts as the run sends them (through the chat template with --chat).
+    let sent = match a.chat {
+        true => prompts
+            .iter()
+            .map(|p| e.chat_prompt(p))
+            .collect::<Result<Vec<_>>>()?,
+        false => prompts.clone(),
+    };
     if let Some(path) = &a.dump_prompts {
         let mut text = String::new();
-        for p in &prompts {
-            let sent = match a.chat {
-                true => e.chat_prompt(p)?,
-                false => p.clone(),
-            };
-            text.push_str(&serde_json::to_string(&sent)?);
+        for p in &sent {
+            text.push_str(&serde_json::to_string(p)?);
             text.push('\n');
         }
         std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
         eprintln!("wrote {} prompts to {}", prompts.len(), path.display());
         return Ok(());
     }
+    let encoded = sent
+        .iter()
+        .map(|text| e.encode(text))
+        .collect::<Result<Vec<_>>>()?;
     let plan = plan(a, &e.eos)?;
     let mut rows: Vec<Row> = plan.iter().map(|v| Row::new(&v.name)).collect();
     // Each row's requests' model calls, to price once the table is known.
@@ -320,7 +328,7 @@ fn run_with<T: LanguageModel + 'static>(e: &Embedded<T>, a: &BenchArgs) -> Resul
     // auto plans with the table at the prompts' mean length, where there is one.
     let mut profile = match &table {
         Some(t) => {
-            let mean = prompts_mean_len(e, a, &prompts)?;
+            let mean = encoded.iter().map(Vec::len).sum::<usize>() / encoded.len().max(1);
             let p = t.profile_at(mean, TABLE_PROFILE_ROWS)?;
             eprintln!(
                 "auto plans with the cost table at context {mean}: {}",
@@ -368,13 +376,6 @@ fn run_with<T: LanguageModel + 'static>(e: &Embedded<T>, a: &BenchArgs) -> Resul
     // candle packs quantized weights for its fast kernels on first use, a second or more
     // per model: without a warm-up the first prompt's first row of each model pays it.
     // Each runner decodes a few tokens of the first prompt, then forgets them.
-    let encoded = prompts
-        .iter()
-        .map(|text| match a.chat {
-            true => e.encode(&e.chat_prompt(text)?),
-            false => e.encode(text),
-        })
-        .collect::<Result<Vec<_>>>()?;
     if let Some(prompt) = encoded.first() {
         let warm = Instant::now();
         for (v, runner) in plan.iter().zip(&runners) {
@@ -571,22 +572,6 @@ fn measure_table<T: LanguageModel + 'static>(e: &Embedded<T>) -> Result<CostTabl
         ),
         &at,
     )
-}
-
-/// The mean token count of the prompts as the run sends them.
-fn prompts_mean_len<T: LanguageModel + 'static>(
-    e: &Embedded<T>,
-    a: &BenchArgs,
-    prompts: &[String],
-) -> Result<usize> {
-    let mut total = 0;
-    for text in prompts {
-        total += match a.chat {
-            true => e.encode(&e.chat_prompt(text)?)?.len(),
-            false => e.encode(text)?.len(),
-        };
-    }
-    Ok(total / prompts.len().max(1))
 }
 
 /// The rows of a run: greedy (the reference) first, then the strategies, or the sweep's
