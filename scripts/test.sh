@@ -8,7 +8,7 @@
 # (tests/e2e/run.sh), and ends with a smoke run of the benchmark harness (`ouro-bench
 # --quick`, the 0.5B model as target and draft).
 # Tests that print SKIPPED (a model file missing) are counted apart and named; outside
-# scripts/may-skip.txt they fail the run.
+# scripts/may-skip.txt they fail the run. Kernels this CPU cannot run are named too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The 1.5B target (1.1 GB) too, so the tests on the real target run here as well.
@@ -27,6 +27,14 @@ awk -v skipped="$(printf '%s' "$skipped" | grep -c . || true)" '
   END { printf "%d passed, %d failed, %d skipped, %d ignored\n", p - skipped, f, skipped, g }' "$log"
 if [ -n "$skipped" ]; then
   echo "skipped tests:"; printf '  %s\n' $skipped
+fi
+# Kernel tests run every kernel this CPU runs and name the ones it cannot (not a skip:
+# what runs here was checked, the portable paths always).
+not_run=$(grep -o 'KERNEL NOT RUN: .*' "$log" | sort -u || true)
+if [ -n "$not_run" ]; then
+  echo "kernels this CPU cannot run, so not tested here:"; printf '%s\n' "$not_run" | sed 's/^KERNEL NOT RUN: /  /'
+else
+  echo "kernels: every SIMD kernel ran on this CPU"
 fi
 # A test may skip here only if scripts/may-skip.txt names it.
 allowed=$(grep -v '^#' scripts/may-skip.txt | grep . || true)

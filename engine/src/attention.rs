@@ -134,6 +134,22 @@ pub(crate) fn attend(
     visibility: &Visibility,
     scale: f32,
 ) -> Result<Tensor> {
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = std::arch::is_x86_feature_detected!("avx2");
+    #[cfg(not(target_arch = "x86_64"))]
+    let avx2 = false;
+    attend_on(avx2, q, k, v, visibility, scale)
+}
+
+/// [`attend`] with the rows compiled for AVX2 (`avx2`, which this CPU must run) or not.
+fn attend_on(
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))] avx2: bool,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    visibility: &Visibility,
+    scale: f32,
+) -> Result<Tensor> {
     let (_, hq, n, d) = q.dims4()?;
     let (_, hkv, t, _) = k.dims4()?;
     let past = t.checked_sub(n).ok_or_else(|| {
@@ -153,8 +169,6 @@ pub(crate) fn attend(
     };
     let visible_new = visibility.dense(n);
     let mut out = vec![0f32; n * hq * d];
-    #[cfg(target_arch = "x86_64")]
-    let avx2 = std::arch::is_x86_feature_detected!("avx2");
     let mut scores = Vec::with_capacity(t);
     // Single-threaded: candle's matmul workers are still spinning between ops, and a
     // second pool here only fights them for the cores.
@@ -170,7 +184,7 @@ pub(crate) fn attend(
         let keys = (0..past).chain((0..n).filter(|&j| row[j]).map(|j| past + j));
         #[cfg(target_arch = "x86_64")]
         if avx2 {
-            // SAFETY: the CPU supports AVX2 (checked above).
+            // SAFETY: the CPU supports AVX2 (the callers' promise).
             unsafe { attend_row_avx2(query, keys, &kv, scale, &mut scores, dst) };
             continue;
         }
@@ -222,6 +236,45 @@ mod tests {
             .unwrap()
     }
 
+    /// Whether the AVX2 rows can run here, naming them where not.
+    fn avx2_runs(test: &str) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        let yes = std::arch::is_x86_feature_detected!("avx2");
+        #[cfg(not(target_arch = "x86_64"))]
+        let yes = false;
+        if !yes {
+            crate::testing::kernel_not_run(test, "attention AVX2", "no avx2");
+        }
+        yes
+    }
+
+    /// The AVX2 build of a row runs the portable code's operations in the same order, so
+    /// both give the same bits: machines with and without AVX2 verify alike.
+    #[test]
+    fn the_avx2_rows_give_the_portable_bits() {
+        if !avx2_runs("the_avx2_rows_give_the_portable_bits") {
+            return;
+        }
+        let (hq, hkv, d, past, n) = (4, 2, 24, 13, 6);
+        let (k, v) = (
+            tensor((1, hkv, past + n, d), 4),
+            tensor((1, hkv, past + n, d), 5),
+        );
+        let q = tensor((1, hq, n, d), 6);
+        for vis in [
+            Visibility::Causal,
+            Visibility::Tree(vec![-1, 0, 1, 0, 3, 3]),
+        ] {
+            let fast = attend_on(true, &q, &k, &v, &vis, 0.2).unwrap();
+            let plain = attend_on(false, &q, &k, &v, &vis, 0.2).unwrap();
+            assert_eq!(
+                fast.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                plain.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                "{vis:?}"
+            );
+        }
+    }
+
     #[test]
     fn matches_softmax_attention_and_each_row_alone() {
         let (hq, hkv, d, past, n) = (6, 2, 20, 9, 5);
@@ -234,8 +287,18 @@ mod tests {
         );
         let q = tensor((1, hq, n, d), 3);
         let scale = 1.0 / (d as f64).sqrt();
-        for vis in [Visibility::Causal, Visibility::Tree(vec![-1, 0, 0, 2, -1])] {
-            let got = attend(&q, &k, &v, &vis, scale as f32).unwrap();
+        let avx2 = avx2_runs("matches_softmax_attention_and_each_row_alone");
+        for (avx2, vis) in [false, true]
+            .into_iter()
+            .filter(|&a| !a || avx2)
+            .flat_map(|a| {
+                [
+                    (a, Visibility::Causal),
+                    (a, Visibility::Tree(vec![-1, 0, 0, 2, -1])),
+                ]
+            })
+        {
+            let got = attend_on(avx2, &q, &k, &v, &vis, scale as f32).unwrap();
             let want = reference(&q, &k, &v, &vis, scale);
             let diff = (&got - &want)
                 .unwrap()
@@ -247,11 +310,12 @@ mod tests {
                 .unwrap()
                 .to_scalar::<f32>()
                 .unwrap();
-            assert!(diff < 1e-5, "{vis:?}: {diff}");
+            assert!(diff < 1e-5, "avx2 {avx2} {vis:?}: {diff}");
             // Row 3 of a chain alone (its keys: the cache and new rows 0..=3) must give
             // bit for bit what it gave among five rows.
             if vis == Visibility::Causal {
-                let alone = attend(
+                let alone = attend_on(
+                    avx2,
                     &q.narrow(2, 3, 1).unwrap(),
                     &kbuf.narrow(2, 0, past + 4).unwrap(),
                     &vbuf.narrow(2, 0, past + 4).unwrap(),

@@ -59,6 +59,11 @@ impl F16Matrix {
 
     /// Row-major `(m, n)` product of row-major `(m, k)` input.
     fn multiply(&self, xs: &[f32], m: usize) -> Vec<f32> {
+        self.multiply_on(simd(), xs, m)
+    }
+
+    /// [`Self::multiply`] on the kernel `simd`, which this CPU must run.
+    fn multiply_on(&self, simd: Simd, xs: &[f32], m: usize) -> Vec<f32> {
         let (n, k) = (self.n, self.k);
         // Each task fills its columns for every row, column-major, then the parts are
         // laid out row-major.
@@ -69,7 +74,7 @@ impl F16Matrix {
                 let cols = COLS_PER_TASK.min(n - c0);
                 let mut part = vec![0f32; cols * m];
                 let w = &self.w[c0 * k..(c0 + cols) * k];
-                multiply_block(xs, m, k, w, cols, &mut part);
+                multiply_block(simd, xs, m, k, w, cols, &mut part);
                 (c0, part)
             })
             .collect();
@@ -86,25 +91,35 @@ impl F16Matrix {
     }
 }
 
-/// `out[c * m + r] = x[r] . w[c]` for `cols` weight rows.
-fn multiply_block(xs: &[f32], m: usize, k: usize, w: &[f16], cols: usize, out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    match simd() {
+/// `out[c * m + r] = x[r] . w[c]` for `cols` weight rows, on `simd`.
+fn multiply_block(
+    simd: Simd,
+    xs: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f16],
+    cols: usize,
+    out: &mut [f32],
+) {
+    match simd {
+        #[cfg(target_arch = "x86_64")]
         Simd::Avx512 => {
-            // SAFETY: the CPU has AVX-512F (checked in `simd`); the kernel checks its slices.
+            // SAFETY: the CPU has AVX-512F (callers pass what `simd` found, or tests what
+            // `tests::runnable` found); the kernel checks its slices.
             let kernel = |r, c, x: &[f32], w: &[f16], s: &mut [f32]| unsafe {
                 avx512::block(r, c, x, w, k, s)
             };
             return blocked(xs, m, k, w, cols, out, kernel);
         }
+        #[cfg(target_arch = "x86_64")]
         Simd::Avx2 => {
-            // SAFETY: the CPU has AVX2, FMA and F16C (checked in `simd`); as above.
+            // SAFETY: the CPU has AVX2, FMA and F16C (as above).
             let kernel = |r, c, x: &[f32], w: &[f16], s: &mut [f32]| unsafe {
                 avx2::block(r, c, x, w, k, s)
             };
             return blocked(xs, m, k, w, cols, out, kernel);
         }
-        Simd::None => {}
+        _ => {}
     }
     for c in 0..cols {
         let wc = &w[c * k..(c + 1) * k];
@@ -148,30 +163,41 @@ fn blocked(
     }
 }
 
-/// The widest f16 kernel this CPU runs.
-#[cfg(target_arch = "x86_64")]
-#[derive(Clone, Copy)]
+/// The f16 kernels: two instruction sets and the portable loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Simd {
     Avx512,
     Avx2,
     None,
 }
 
+/// Whether this CPU runs the AVX2 kernel.
 #[cfg(target_arch = "x86_64")]
+fn has_avx2() -> bool {
+    is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+}
+
+/// The widest f16 kernel this CPU runs.
 fn simd() -> Simd {
-    static HAS: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
-    *HAS.get_or_init(|| {
-        if is_x86_feature_detected!("avx512f") {
-            Simd::Avx512
-        } else if is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-        {
-            Simd::Avx2
-        } else {
-            Simd::None
-        }
-    })
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| {
+            if is_x86_feature_detected!("avx512f") {
+                Simd::Avx512
+            } else if has_avx2() {
+                Simd::Avx2
+            } else {
+                Simd::None
+            }
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        Simd::None
+    }
 }
 
 /// The SIMD kernels' lane layout in plain code (without fused multiply-adds: a software
@@ -385,6 +411,29 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::kernel_not_run;
+
+    /// Every kernel this CPU runs, the portable one last; names the ones it cannot run.
+    fn runnable(test: &str) -> Vec<Simd> {
+        let mut out = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f") {
+                out.push(Simd::Avx512);
+            } else {
+                kernel_not_run(test, "f16 AVX-512", "no avx512f");
+            }
+            if has_avx2() {
+                out.push(Simd::Avx2);
+            } else {
+                kernel_not_run(test, "f16 AVX2", "no avx2, fma or f16c");
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        kernel_not_run(test, "f16 AVX-512 and AVX2", "not an x86-64 CPU");
+        out.push(Simd::None);
+        out
+    }
 
     fn matrix(n: usize, k: usize) -> F16Matrix {
         let w = (0..n * k)
@@ -402,11 +451,17 @@ mod tests {
     #[test]
     fn products_match_a_float64_reference() {
         // widths with and without a 16-lane tail, heights with and without a 4-row tail
+        for simd in runnable("products_match_a_float64_reference") {
+            products_match_on(simd);
+        }
+    }
+
+    fn products_match_on(simd: Simd) {
         for (n, k) in [(9, 48), (70, 37), (130, 16), (5, 3)] {
             let w = matrix(n, k);
             for m in [1, 3, 4, 6, 9] {
                 let xs = input(m, k, n);
-                let got = w.multiply(&xs, m);
+                let got = w.multiply_on(simd, &xs, m);
                 for r in 0..m {
                     for c in 0..n {
                         let want: f64 = (0..k)
@@ -415,7 +470,7 @@ mod tests {
                         let g = got[r * n + c] as f64;
                         assert!(
                             (g - want).abs() <= 1e-4 * (1.0 + want.abs()),
-                            "({n}, {k}) m {m} row {r} col {c}: {g} vs {want}"
+                            "{simd:?} ({n}, {k}) m {m} row {r} col {c}: {g} vs {want}"
                         );
                     }
                 }
@@ -435,23 +490,31 @@ mod tests {
         finish(lanes, &x[body..], &w[body..])
     }
 
-    #[cfg(target_arch = "x86_64")]
     #[test]
-    fn every_simd_kernel_gives_the_same_bits() {
+    fn every_kernel_gives_the_same_bits_as_its_plain_code() {
         // AVX-512 and AVX2 machines must agree to the bit (one fixed per-lane sequence of
-        // fused multiply-adds), so a tree verified on one decodes as on the other.
-        if matches!(simd(), Simd::None) {
-            return;
-        }
+        // fused multiply-adds), so a tree verified on one decodes as on the other. The
+        // portable loop has no fused multiply-adds (a software one would be far slower):
+        // it is held to its own plain-code sequence.
         let (n, k) = (70, 100);
         let w = matrix(n, k);
-        for m in [1, 2, 3, 5] {
-            let xs = input(m, k, 3);
-            let got = w.multiply(&xs, m);
-            for r in 0..m {
-                for c in 0..n {
-                    let want = fused_dot(&xs[r * k..(r + 1) * k], &w.w[c * k..(c + 1) * k]);
-                    assert_eq!(got[r * n + c].to_bits(), want.to_bits(), "m {m} ({r}, {c})");
+        for simd in runnable("every_kernel_gives_the_same_bits_as_its_plain_code") {
+            let reference = match simd {
+                Simd::None => portable_dot,
+                _ => fused_dot,
+            };
+            for m in [1, 2, 3, 5] {
+                let xs = input(m, k, 3);
+                let got = w.multiply_on(simd, &xs, m);
+                for r in 0..m {
+                    for c in 0..n {
+                        let want = reference(&xs[r * k..(r + 1) * k], &w.w[c * k..(c + 1) * k]);
+                        assert_eq!(
+                            got[r * n + c].to_bits(),
+                            want.to_bits(),
+                            "{simd:?} m {m} ({r}, {c})"
+                        );
+                    }
                 }
             }
         }
@@ -461,12 +524,18 @@ mod tests {
     fn a_row_gives_the_same_bits_alone_or_among_others() {
         let (n, k) = (150, 100);
         let w = matrix(n, k);
-        for m in [2, 3, 4, 5, 8, 13] {
-            let xs = input(m, k, m);
-            let together = w.multiply(&xs, m);
-            for r in 0..m {
-                let alone = w.multiply(&xs[r * k..(r + 1) * k], 1);
-                assert_eq!(alone, together[r * n..(r + 1) * n], "m {m} row {r}");
+        for simd in runnable("a_row_gives_the_same_bits_alone_or_among_others") {
+            for m in [2, 3, 4, 5, 8, 13] {
+                let xs = input(m, k, m);
+                let together = w.multiply_on(simd, &xs, m);
+                for r in 0..m {
+                    let alone = w.multiply_on(simd, &xs[r * k..(r + 1) * k], 1);
+                    assert_eq!(
+                        alone,
+                        together[r * n..(r + 1) * n],
+                        "{simd:?} m {m} row {r}"
+                    );
+                }
             }
         }
     }

@@ -1030,17 +1030,27 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::kernel_not_run;
 
-    /// Every kernel this CPU runs (an AVX-512 CPU runs the AVX2 ones too). Where none does,
-    /// says so: the tests that need one have nothing to check there.
+    /// Every kernel this CPU runs (an AVX-512 CPU runs the AVX2 ones too); names the ones
+    /// it cannot run. Without either, K-quant matrices stay on candle's portable kernels
+    /// (`from_qtensor` is not called), and what runs here anyway is the tiles' layout and
+    /// the scalar input quantization, the references the kernels are held to.
     fn runnable(test: &str) -> Vec<Isa> {
         let all = match isa() {
             Some(Isa::Avx512) => vec![Isa::Avx512, Isa::Avx2],
             Some(Isa::Avx2) => vec![Isa::Avx2],
             None => vec![],
         };
-        if all.is_empty() {
-            eprintln!("{test}: skipped, this CPU has neither AVX-512 VNNI nor AVX2");
+        if !all.contains(&Isa::Avx512) {
+            kernel_not_run(
+                test,
+                "K-quant AVX-512 VNNI",
+                "no avx512f, avx512bw or avx512vnni",
+            );
+        }
+        if !all.contains(&Isa::Avx2) {
+            kernel_not_run(test, "K-quant AVX2", "no avx2, fma or f16c");
         }
         all
     }
@@ -1195,11 +1205,64 @@ mod tests {
         }
     }
 
+    /// A tensor-parallel rank multiplies its share of the input blocks and the all-reduce
+    /// adds the ranks' sums; the whole product carries one sum through every block in fused
+    /// multiply-adds. Same 8-bit inputs, same weights: only the rounding of the partial sums
+    /// differs, by a few ulps of the terms' magnitude (`tests/tensor_parallel.rs` says where
+    /// that leads).
+    #[test]
+    fn a_row_split_product_differs_only_in_rounding() {
+        for isa in runnable("a_row_split_product_differs_only_in_rounding") {
+            for dtype in [GgmlDType::Q4K, GgmlDType::Q6K] {
+                let (n, k, m) = (64, 1024, 5);
+                let dense =
+                    (Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap() + 0.1).unwrap();
+                let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu).unwrap();
+                let product = |from: usize, len: usize| {
+                    let w = dense.narrow(1, from, len).unwrap();
+                    let w = KQuantMatrix::from_qtensor(&QTensor::quantize(&w, dtype).unwrap())
+                        .unwrap()
+                        .unwrap();
+                    let x = x.narrow(1, from, len).unwrap().contiguous().unwrap();
+                    KQuantMatrix::forward_many_on(isa, &x, &[&w]).unwrap()[0]
+                        .to_vec2::<f32>()
+                        .unwrap()
+                };
+                let whole = product(0, k);
+                let (left, right) = (product(0, 512), product(512, 512));
+                let scale = x
+                    .abs()
+                    .unwrap()
+                    .matmul(&dense.abs().unwrap().t().unwrap())
+                    .unwrap()
+                    .to_vec2::<f32>()
+                    .unwrap();
+                let mut differ = 0;
+                for r in 0..m {
+                    for c in 0..n {
+                        let split = left[r][c] + right[r][c];
+                        let gap = (whole[r][c] - split).abs();
+                        assert!(
+                            gap <= 4.0 * f32::EPSILON * scale[r][c],
+                            "{isa:?} {dtype:?} ({r}, {c}): {} vs {split}",
+                            whole[r][c]
+                        );
+                        differ += usize::from(gap > 0.0);
+                    }
+                }
+                println!(
+                    "{isa:?} {dtype:?}: {differ} of {} outputs differ in their last bits",
+                    m * n
+                );
+            }
+        }
+    }
+
     #[test]
     fn instruction_sets_give_the_same_bits() {
+        // Needs both kernels; `runnable` names the one missing where it is not so.
         let isas = runnable("instruction_sets_give_the_same_bits");
         if isas.len() < 2 {
-            eprintln!("instruction_sets_give_the_same_bits: skipped, needs an AVX-512 VNNI CPU");
             return;
         }
         for dtype in [GgmlDType::Q4K, GgmlDType::Q6K] {

@@ -99,6 +99,26 @@ pub fn write_gguf_with_metadata(
     matrix_dtype: GgmlDType,
     extra: Vec<(String, Value)>,
 ) -> Result<()> {
+    write_gguf_by_role(path, cfg, weights, |_| matrix_dtype, extra)
+}
+
+/// The block type of each matrix as llama.cpp's Q4_K_M files have them: Q6_K for the
+/// value projections, the down projections and the output head, Q4_K for the rest.
+pub fn q4_k_m(role: Role) -> GgmlDType {
+    match role {
+        Role::V(_) | Role::Down(_) | Role::LmHead => GgmlDType::Q6K,
+        _ => GgmlDType::Q4K,
+    }
+}
+
+/// `write_gguf_with_metadata` with each matrix's block type chosen by its role.
+pub fn write_gguf_by_role(
+    path: &Path,
+    cfg: &ModelConfig,
+    weights: &[(Role, Tensor)],
+    matrix_dtype: impl Fn(Role) -> GgmlDType,
+    extra: Vec<(String, Value)>,
+) -> Result<()> {
     let a = cfg.arch.name();
     let u = |x: usize| Value::U32(x as u32);
     let mut meta: Vec<(String, Value)> = vec![
@@ -122,7 +142,7 @@ pub fn write_gguf_with_metadata(
     let mut tensors = Vec::new();
     for (role, t) in weights {
         let q = if t.rank() == 2 {
-            QTensor::quantize(t, matrix_dtype)?
+            QTensor::quantize(t, matrix_dtype(*role))?
         } else {
             QTensor::quantize(t, GgmlDType::F32)?
         };
@@ -218,6 +238,13 @@ pub fn hf_equivalent(cfg: &ModelConfig) -> ModelConfig {
         rope_style: RopeStyle::Neox,
         ..cfg.clone()
     }
+}
+
+/// Tells the test summary (`scripts/test.sh` lists these lines) that `test` could not run
+/// `kernel` on this CPU, and why. Not a skip: the test ran every kernel this CPU runs,
+/// the portable one included.
+pub fn kernel_not_run(test: &str, kernel: &str, why: &str) {
+    println!("KERNEL NOT RUN: {kernel} in {test} ({why})");
 }
 
 /// A fetched model file by name, or None after printing the SKIPPED line that the test
