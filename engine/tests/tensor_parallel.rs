@@ -4,7 +4,7 @@ mod common;
 
 use candle_core::Device;
 use candle_core::quantized::GgmlDType;
-use common::{assert_close, kquant_config};
+use common::{kquant_config, max_diff};
 use engine::testing::{random_weights, tiny_config, write_gguf};
 use engine::tp::TpModel;
 use engine::{
@@ -12,19 +12,26 @@ use engine::{
     Visibility, tree_positions,
 };
 
-fn compare(label: &str, cfg: &ModelConfig, dtype: GgmlDType, bias: bool) {
-    compare_with(label, cfg, dtype, bias, 9, &LoadOptions::default());
+/// How far a model split over two ranks strays from the whole model, on one random model.
+struct Divergence {
+    /// The largest logit difference (relative where a logit exceeds 1) over the prefill
+    /// rows, the verify tree's rows and 16 greedy steps on top of a kept path.
+    logits: f32,
+    /// The row of the first difference above 1e-4, counting prefill, tree, then steps.
+    first_row: Option<usize>,
+    /// Whether the tree's argmax and the greedy steps' tokens were all the same.
+    same_tokens: bool,
 }
 
-/// `opts` for both the whole model and the shards; `seed` picks the random weights.
-fn compare_with(
-    label: &str,
+/// Runs the whole model and a two-rank split side by side. `opts` for both; `seed` picks
+/// the random weights.
+fn divergence(
     cfg: &ModelConfig,
     dtype: GgmlDType,
     bias: bool,
     seed: u64,
     opts: &LoadOptions,
-) {
+) -> Divergence {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m.gguf");
     write_gguf(
@@ -43,6 +50,8 @@ fn compare_with(
     let whole = engine::load_model(&path, &plain, &Device::Cpu).unwrap();
     let tp = TpModel::load(&path, 2, opts, &Device::Cpu).unwrap();
     let (mut c1, mut c2) = (whole.new_cache(), tp.new_cache());
+    let mut rows: Vec<f32> = Vec::new();
+    let mut same_tokens = true;
     let prompt: Vec<u32> = (0..12)
         .map(|i| (i * 7 + 3) % cfg.vocab_size as u32)
         .collect();
@@ -54,15 +63,10 @@ fn compare_with(
     let b = tp
         .forward(&mut c2, SeqInput::chain(&prompt, &pos, all()))
         .unwrap();
-    for (r, (x, y)) in a
-        .logits
-        .unwrap()
-        .iter()
-        .zip(b.logits.unwrap().iter())
-        .enumerate()
-    {
-        assert_close(&format!("{label} prefill row {r}"), y, x, 1e-4);
-    }
+    let mut compare_rows = |a: Vec<Vec<f32>>, b: Vec<Vec<f32>>| {
+        rows.extend(a.iter().zip(&b).map(|(x, y)| max_diff(y, x)));
+    };
+    compare_rows(a.logits.unwrap(), b.logits.unwrap());
     // A verify tree, then keep a path and decode greedily on top of it.
     let parents = vec![-1, 0, 0, 1, 2, 4];
     let tokens = vec![5, 6, 7, 8, 9, 10];
@@ -76,75 +80,128 @@ fn compare_with(
     };
     let a = whole.forward(&mut c1, tree(all())).unwrap();
     let b = tp.forward(&mut c2, tree(all())).unwrap();
-    assert_eq!(a.argmax, b.argmax, "{label}: tree argmax");
+    same_tokens &= a.argmax == b.argmax;
+    compare_rows(a.logits.unwrap(), b.logits.unwrap());
     c1.keep(12, &[12, 14, 16]).unwrap();
     c2.keep(12, &[12, 14, 16]).unwrap();
-    let (mut t1, mut t2) = (a.argmax[5], b.argmax[5]);
+    // Both follow the whole model's tokens, so their rows stay comparable after a split.
+    let mut t = a.argmax[5];
     for p in 15u32..31 {
         let x = whole
-            .forward(&mut c1, SeqInput::chain(&[t1], &[p], OutputSpec::all()))
+            .forward(&mut c1, SeqInput::chain(&[t], &[p], all()))
             .unwrap();
         let y = tp
-            .forward(&mut c2, SeqInput::chain(&[t2], &[p], OutputSpec::all()))
+            .forward(&mut c2, SeqInput::chain(&[t], &[p], all()))
             .unwrap();
-        (t1, t2) = (x.argmax[0], y.argmax[0]);
-        assert_eq!(t1, t2, "{label}: greedy token at position {p}");
+        same_tokens &= x.argmax == y.argmax;
+        t = x.argmax[0];
+        compare_rows(x.logits.unwrap(), y.logits.unwrap());
     }
     assert_eq!(c1.len(), c2.len());
+    Divergence {
+        logits: rows.iter().copied().fold(0.0, f32::max),
+        first_row: rows.iter().position(|&d| d > 1e-4),
+        same_tokens,
+    }
+}
+
+const SEEDS: std::ops::RangeInclusive<u64> = 1..=16;
+
+/// Every seed: the split model agrees with the whole one to `tol` and picks its tokens.
+fn assert_every_seed_agrees(label: &str, cfg: &ModelConfig, dtype: GgmlDType, bias: bool) {
+    for seed in SEEDS {
+        let d = divergence(cfg, dtype, bias, seed, &LoadOptions::default());
+        println!(
+            "{label} seed {seed}: largest logit difference {:.1e}",
+            d.logits
+        );
+        assert!(d.logits <= 1e-4, "{label} seed {seed}: {:.2e}", d.logits);
+        assert!(d.same_tokens, "{label} seed {seed}: tokens differ");
+    }
 }
 
 #[test]
 fn tp2_matches_tp1_with_even_and_uneven_splits() {
     // 160 intermediate columns = 5 blocks of 32: ranks get 96 and 64 (uneven).
-    compare(
+    assert_every_seed_agrees(
         "llama q8_0",
         &tiny_config(Architecture::Llama),
         GgmlDType::Q8_0,
         false,
     );
-    compare(
+    assert_every_seed_agrees(
         "qwen2 f32 with biases",
         &tiny_config(Architecture::Qwen2),
         GgmlDType::F32,
         true,
     );
-    // 768 = 3 K-quant blocks of 256: ranks get 512 and 256; 8 heads of 64 put the o_proj
-    // cut on a block boundary, as the real Qwen pair's head splits do.
+}
+
+/// K-quant models, on candle's kernels and on ours (`kquant_matmul`, where this CPU runs
+/// them). 768 = 3 K-quant blocks of 256: ranks get 512 and 256; 8 heads of 64 put the
+/// o_proj cut on a block boundary, as the real Qwen pair's head splits do.
+///
+/// Why a split model can part from the whole one here. The row-parallel products
+/// (o_proj, down) are summed in another order: the whole model's kernel carries its sum
+/// from one 256-wide input block to the next inside fused multiply-adds, while each rank
+/// rounds its own blocks' sum and the all-reduce adds the two. That moves outputs by an
+/// ulp or so (~1e-7 relative; `kquant_matmul`'s `a_row_split_product_differs_only_in_rounding`
+/// pins it). Alone that is harmless: the dense and Q8_0 models above agree to 1e-5 on every
+/// seed. But a K-quant matmul rounds its input to 8 bits per 256 values (as llama.cpp's
+/// Q8_K does), and an input that sits within an ulp of a rounding boundary then lands on
+/// the other step: a jump of 1/127 of its block's largest value, which the layers after it
+/// carry to the logits. Traced once on our kernels, seed 9 (instrumented, not kept): layer
+/// 0's o_proj outputs differ by ~1e-7, gate/up's by ~5e-7, and one of the 768 inputs of row
+/// 6's down product, 0.58705854 whole vs 0.58705900 split, rounds to step 19 vs 20; no
+/// other input of that layer changes step, and only rows 6 on (which see row 6) part, by up
+/// to 5 %. It cannot be removed by reordering the all-reduce without the whole model
+/// knowing the split, so it is bounded: such flips are rare (probability ~ ulp x step
+/// count per input), so most seeds agree to 1e-4 everywhere and the rest stay within a
+/// quarter of a logit, each seed's figure printed.
+#[test]
+fn kquant_splits_part_from_the_whole_model_only_by_rare_rounding_flips() {
     let kq = ModelConfig {
         intermediate_size: 768,
         num_heads: 8,
         ..kquant_config()
     };
-    // On candle's K-quant kernels, and on ours (`kquant_matmul`, where this CPU runs
-    // them). Ours on the seed-9 weights: rows 0-5 agree to 1e-6, rows 6-11 differ by up
-    // to 5 %, the same whether the rows run together or one by one, and only when both
-    // o_proj and gate/up run our kernels: a threshold in that random model which a 1e-7
-    // change (the order partial sums are added in) crosses; which operation holds the
-    // threshold was not tracked down. On seeds 3, 10, 11 and 12 the shards agree to 1e-6
-    // on either kernel. Seed 10 is used here for ours. Such thresholds depend on the
-    // kernel: on an AVX2-only CPU (AMD EPYC), candle's AVX2 kernels on seed 10 differ by
-    // 0.03 from row 0, while seed 9 agrees there on candle's and seed 10 on ours (whose
-    // AVX2 and AVX-512 kernels give the same bits).
     let candle = LoadOptions {
         candle_kquants: true,
         ..LoadOptions::default()
     };
-    compare_with(
-        "llama q4_k (candle kernels)",
-        &kq,
-        GgmlDType::Q4K,
-        false,
-        9,
-        &candle,
-    );
-    compare_with(
-        "llama q4_k",
-        &kq,
-        GgmlDType::Q4K,
-        false,
-        10,
-        &LoadOptions::default(),
-    );
+    let kernels = [("candle kernels", candle), ("ours", LoadOptions::default())];
+    for (label, opts) in kernels {
+        let mut parted = Vec::new();
+        for seed in SEEDS {
+            let d = divergence(&kq, GgmlDType::Q4K, false, seed, &opts);
+            println!(
+                "llama q4_k, {label}, seed {seed}: largest logit difference {:.1e}{}",
+                d.logits,
+                match d.first_row {
+                    Some(r) => format!(" from row {r} on"),
+                    None => String::new(),
+                }
+            );
+            assert!(
+                d.logits <= 0.25,
+                "{label} seed {seed}: logits differ by {}",
+                d.logits
+            );
+            match d.first_row {
+                Some(_) => parted.push(seed),
+                None => assert!(d.same_tokens, "{label} seed {seed}: tokens differ"),
+            }
+        }
+        println!(
+            "llama q4_k, {label}: {} of {} seeds part by more than 1e-4 ({parted:?})",
+            parted.len(),
+            SEEDS.count()
+        );
+        assert!(
+            parted.len() * 3 <= SEEDS.count(),
+            "{label}: seeds {parted:?} part; rounding flips should be rare"
+        );
+    }
 }
 
 #[test]
