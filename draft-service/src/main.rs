@@ -80,6 +80,7 @@ async fn run_service(a: Args) -> Result<()> {
         },
         vocabulary: None,
         catch_up_chunk: a.catch_up_chunk as usize,
+        ..DraftConfig::default()
     };
     if let Some(addr) = &a.metrics_listen {
         telemetry::start_metrics(addr).await?;

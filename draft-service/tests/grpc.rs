@@ -124,8 +124,13 @@ async fn drafts_equal_the_models_greedy_continuation() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_draft_requests_get_statuses_and_idle_sessions_expire() {
     let (_dir, model) = tiny_model();
+    // Idle time is read from a clock the test moves, so however slowly the calls below run
+    // on a loaded machine, the session expires when the test says and not before.
+    let clock = serving::Clock::manual();
+    let ttl = Duration::from_millis(100);
     let config = DraftConfig {
-        session_ttl: Duration::from_millis(100),
+        session_ttl: ttl,
+        clock: clock.clone(),
         ..DraftConfig::default()
     };
     let mut c = start(model, config).await;
@@ -240,7 +245,24 @@ async fn bad_draft_requests_get_statuses_and_idle_sessions_expire() {
         .unwrap()
         .into_inner();
     assert!(info.pool_phrases >= 1);
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Idle for less than the TTL: still there (and the call resets its idle time).
+    clock.advance(ttl / 2);
+    tokio::time::sleep(ttl).await;
+    c.draft(base.clone()).await.expect("idle for half the TTL");
+    // Idle for longer: evicted by the evictor's next pass (every quarter TTL of real time).
+    clock.advance(ttl * 2);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let info = c.info(pb::InfoRequest::default()).await.unwrap();
+        if info.into_inner().sessions == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the idle session was never evicted"
+        );
+        tokio::time::sleep(ttl / 4).await;
+    }
     let s = c.draft(base).await.expect_err("expired");
-    assert_eq!(s.code(), Code::NotFound);
+    assert_eq!(s.code(), Code::NotFound, "{}", s.message());
 }

@@ -61,6 +61,8 @@ struct Cluster {
     _dir: tempfile::TempDir,
     client: OuroborosClient<Channel>,
     stop_draft: Option<oneshot::Sender<()>>,
+    /// The draft service's task: ends once it has stopped serving.
+    draft_served: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
 async fn cluster() -> Cluster {
@@ -83,7 +85,7 @@ async fn cluster() -> Cluster {
     ));
     let (dl, da) = listener().await;
     let (stop_draft, stopped) = oneshot::channel::<()>();
-    tokio::spawn(draft_service::serve(
+    let draft_served = tokio::spawn(draft_service::serve(
         DraftGrpc::new(common::load(&dp), DraftConfig::default()),
         dl,
         async {
@@ -161,6 +163,7 @@ async fn cluster() -> Cluster {
         _dir: dir,
         client,
         stop_draft: Some(stop_draft),
+        draft_served: Some(draft_served),
     }
 }
 
@@ -571,7 +574,14 @@ async fn lost_draft_service_falls_back_to_exact_target_only() {
     let prompt = &prompts()[1];
     let plain = generate(&mut cl.client, request(prompt, pb::Strategy::Greedy, None)).await;
     cl.stop_draft.take().unwrap().send(()).unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // Gone for sure before the next request, however slow the machine: the service's task
+    // has returned.
+    let served = cl.draft_served.take().unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(60), served)
+        .await
+        .expect("the draft service stops")
+        .unwrap()
+        .unwrap();
     let g = generate(
         &mut cl.client,
         request(prompt, pb::Strategy::Ouroboros, None),
@@ -727,8 +737,10 @@ async fn a_hung_draft_service_times_out_into_exact_target_only() {
         std::future::pending(),
     ));
     let (proxy, frozen) = freezable_proxy(da).await;
+    // 2 s: a draft call on these tiny models takes milliseconds, so even a loaded machine
+    // does not time one out before the freeze; the default (10 s) would blow the bound below.
     let limits = CallLimits {
-        call: Duration::from_millis(500),
+        call: Duration::from_secs(2),
         ..CallLimits::DRAFT
     };
     let pool = || Arc::new(PhrasePool::new(PoolConfig::default()));

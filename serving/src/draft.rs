@@ -6,7 +6,7 @@
 
 pub use crate::draft_scheduler::DraftSessions;
 use crate::draft_scheduler::{CATCH_UP_CHUNK, DraftScheduler};
-use crate::sessions::{SessionLimits, SessionTable, start_evictor};
+use crate::sessions::{Clock, SessionLimits, SessionTable, start_evictor};
 use dashmap::DashMap;
 use decoding::local::info_of;
 use decoding::{
@@ -23,6 +23,8 @@ pub struct DraftConfig {
     pub max_sessions: usize,
     pub kv_budget_bytes: usize,
     pub session_ttl: Duration,
+    /// What idle times are measured on (the system's clock; tests move their own).
+    pub clock: Clock,
     /// Shape of each pool replica (its phrase length comes from the requests).
     pub pool: PoolConfig,
     /// The model's vocabulary strings, fingerprinted for callers by Info.
@@ -37,6 +39,7 @@ impl Default for DraftConfig {
             max_sessions: 64,
             kv_budget_bytes: 2 << 30,
             session_ttl: Duration::from_secs(300),
+            clock: Clock::system(),
             pool: PoolConfig::default(),
             vocabulary: None,
             catch_up_chunk: CATCH_UP_CHUNK as usize,
@@ -72,11 +75,12 @@ impl<M: LanguageModel + 'static> DraftRuntime<M> {
     }
 
     fn with_pools(model: Arc<M>, config: DraftConfig, pools: Pools) -> Self {
-        let sessions = Arc::new(SessionTable::new(SessionLimits {
+        let limits = SessionLimits {
             max_sessions: config.max_sessions,
             max_bytes: config.kv_budget_bytes,
             ttl: Some(config.session_ttl),
-        }));
+        };
+        let sessions = Arc::new(SessionTable::with_clock(limits, config.clock.clone()));
         start_evictor(&sessions, "draft");
         let scheduler =
             DraftScheduler::start(model.clone(), sessions.clone(), config.catch_up_chunk);

@@ -14,5 +14,5 @@ mod worker;
 
 pub use draft::{DraftConfig, DraftRuntime};
 pub use scheduler::{Scheduler, SchedulerConfig};
-pub use sessions::{SessionLimits, SessionState, SessionTable};
+pub use sessions::{Clock, SessionLimits, SessionState, SessionTable};
 pub use target::{TargetConfig, TargetRuntime};

@@ -28,6 +28,57 @@ impl Default for SessionLimits {
     }
 }
 
+/// Where a session table reads the time: the system's clock, or one a test moves by hand
+/// (so idle-time eviction can be tested without racing a loaded machine).
+#[derive(Clone, Default)]
+pub struct Clock {
+    /// A manual clock's reading: how far it was advanced from its start.
+    manual: Option<Arc<Mutex<Duration>>>,
+}
+
+impl Clock {
+    /// The system's monotonic clock.
+    pub fn system() -> Self {
+        Self::default()
+    }
+
+    /// A clock that stands still until [`Clock::advance`] moves it forward.
+    pub fn manual() -> Self {
+        Self {
+            manual: Some(Arc::new(Mutex::new(Duration::ZERO))),
+        }
+    }
+
+    /// Moves a manual clock forward; does nothing to the system's.
+    pub fn advance(&self, by: Duration) {
+        if let Some(m) = &self.manual {
+            *lock(m) += by;
+        }
+    }
+
+    pub fn now(&self) -> Instant {
+        match &self.manual {
+            None => Instant::now(),
+            Some(m) => manual_epoch() + *lock(m),
+        }
+    }
+}
+
+impl std::fmt::Debug for Clock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.manual {
+            None => f.write_str("Clock::system"),
+            Some(m) => write!(f, "Clock::manual(+{:?})", *lock(m)),
+        }
+    }
+}
+
+/// The instant every manual clock starts at.
+fn manual_epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
 /// One session's state with its bookkeeping.
 pub struct Slot<S> {
     pub state: S,
@@ -52,6 +103,7 @@ pub struct SessionTable<S> {
     /// Set when the server shuts down: open sessions run to their end, new ones go
     /// elsewhere.
     draining: AtomicBool,
+    clock: Clock,
 }
 
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -60,6 +112,11 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl<S: SessionState> SessionTable<S> {
     pub fn new(limits: SessionLimits) -> Self {
+        Self::with_clock(limits, Clock::system())
+    }
+
+    /// A table whose idle times are read from `clock`.
+    pub fn with_clock(limits: SessionLimits, clock: Clock) -> Self {
         // Ids start at a time-derived offset so a restarted server does not accept a
         // stale id from before the restart as one of its own.
         let start = SystemTime::now()
@@ -73,6 +130,7 @@ impl<S: SessionState> SessionTable<S> {
             bytes: AtomicUsize::new(0),
             limits,
             draining: AtomicBool::new(false),
+            clock,
         }
     }
 
@@ -139,7 +197,7 @@ impl<S: SessionState> SessionTable<S> {
         self.bytes.fetch_add(bytes, Ordering::Relaxed);
         let slot = Slot {
             state,
-            last_used: Instant::now(),
+            last_used: self.clock.now(),
             bytes,
             closed: false,
         };
@@ -183,7 +241,7 @@ impl<S: SessionState> SessionTable<S> {
 
     /// Records that work on a locked session ended and what memory it now holds.
     fn finish_work(&self, slot: &mut Slot<S>) {
-        slot.last_used = Instant::now();
+        slot.last_used = self.clock.now();
         if !slot.closed {
             let bytes = slot.state.memory_bytes();
             self.bytes.fetch_add(bytes, Ordering::Relaxed);
@@ -217,11 +275,12 @@ impl<S: SessionState> SessionTable<S> {
             return 0;
         };
         let mut evicted = 0;
+        let now = self.clock.now();
         self.map.retain(|_, slot| {
             let Ok(mut g) = slot.try_lock() else {
                 return true;
             };
-            if g.last_used.elapsed() <= ttl {
+            if now.saturating_duration_since(g.last_used) <= ttl {
                 return true;
             }
             self.release(&mut g);
@@ -273,5 +332,46 @@ pub fn start_evictor<S: SessionState + Send + 'static>(
         });
     if let Err(e) = spawned {
         tracing::warn!("no {what} session evictor ({e}); idle sessions stay until closed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Held;
+    impl SessionState for Held {
+        fn memory_bytes(&self) -> usize {
+            7
+        }
+    }
+
+    #[test]
+    fn sessions_idle_past_the_ttl_on_the_tables_clock_are_evicted() {
+        let clock = Clock::manual();
+        let ttl = Duration::from_secs(60);
+        let limits = SessionLimits {
+            ttl: Some(ttl),
+            ..SessionLimits::default()
+        };
+        let table = SessionTable::with_clock(limits, clock.clone());
+        let old = table.insert(Held);
+        clock.advance(ttl / 2);
+        let young = table.insert(Held);
+        assert_eq!(table.bytes(), 14);
+        // Real time is not the table's: nothing is idle yet.
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(table.evict_idle(), 0);
+        clock.advance(ttl / 2 + Duration::from_millis(1));
+        assert_eq!(table.evict_idle(), 1);
+        assert!(table.get(old).is_err() && table.get(young).is_ok());
+        assert_eq!(table.bytes(), 7);
+        // Work resets the idle time.
+        table.with(young, |_| Ok(())).unwrap();
+        clock.advance(ttl);
+        assert_eq!(table.evict_idle(), 0);
+        clock.advance(Duration::from_millis(1));
+        assert_eq!(table.evict_idle(), 1);
+        assert!(table.is_empty());
     }
 }

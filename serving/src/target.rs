@@ -4,7 +4,7 @@
 //! same limits and expire idle ones.
 
 use crate::scheduler::{Scheduler, SchedulerConfig, TargetSessions};
-use crate::sessions::{SessionLimits, SessionTable, start_evictor};
+use crate::sessions::{Clock, SessionLimits, SessionTable, start_evictor};
 use decoding::local::info_of;
 use decoding::validate::{FieldError, check_vocab};
 use decoding::{
@@ -25,6 +25,8 @@ pub struct TargetConfig {
     pub max_batch_tokens: usize,
     pub kv_budget_bytes: usize,
     pub session_ttl: Duration,
+    /// What idle times are measured on (the system's clock; tests move their own).
+    pub clock: Clock,
     pub batch_wait: Duration,
     /// Most rows of new sessions' prompts prefilled in one forward.
     pub prefill_chunk: usize,
@@ -43,6 +45,7 @@ impl Default for TargetConfig {
             max_batch_tokens: 512,
             kv_budget_bytes: 4 << 30,
             session_ttl: Duration::from_secs(300),
+            clock: Clock::system(),
             batch_wait: Duration::ZERO,
             prefill_chunk: 64,
             chat_template: None,
@@ -61,11 +64,12 @@ pub struct TargetRuntime<M: LanguageModel + 'static> {
 impl<M: LanguageModel + 'static> TargetRuntime<M> {
     /// Starts the scheduler's worker and the idle-session evictor.
     pub fn new(model: Arc<M>, config: TargetConfig) -> Self {
-        let sessions = Arc::new(SessionTable::new(SessionLimits {
+        let limits = SessionLimits {
             max_sessions: config.max_sessions,
             max_bytes: config.kv_budget_bytes,
             ttl: Some(config.session_ttl),
-        }));
+        };
+        let sessions = Arc::new(SessionTable::with_clock(limits, config.clock.clone()));
         start_evictor(&sessions, "target");
         let scheduler = Scheduler::start(
             model.clone(),
