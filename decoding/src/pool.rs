@@ -428,6 +428,16 @@ mod tests {
             })
         ));
         assert!(q.restore(&mut &b"garbage!...."[..], stamp).is_err());
+        // Another format version (an older server's file, or a newer one's): refused by
+        // name, whatever follows.
+        for version in [SNAPSHOT_VERSION - 1, SNAPSHOT_VERSION + 1] {
+            let mut other = bytes.clone();
+            other[8..12].copy_from_slice(&version.to_le_bytes());
+            let fresh = pool(3, 100);
+            let e = fresh.restore(&mut other.as_slice(), stamp).unwrap_err();
+            assert!(matches!(e, SnapshotError::Format(v) if v == version), "{e}");
+            assert_eq!(fresh.len(), 0);
+        }
         // Another vocabulary, a token outside it, or a cut-off file: refused, and the pool
         // is left as it was.
         let fresh = pool(3, 100);

@@ -201,6 +201,70 @@ mod tests {
         }
     }
 
+    /// Top-k and top-p keep the right tokens and draw them with the right frequencies: the
+    /// temperature's softmax renormalized over the kept ones. The reference is computed here
+    /// from the definitions (the k most likely; the fewest most likely whose mass reaches p).
+    #[test]
+    fn top_k_and_top_p_draw_from_the_renormalized_softmax() {
+        let logits = [1.0f32, 3.0, 0.5, 2.5, -1.0, 2.0];
+        let t = 0.8f64;
+        let probs = |kept: &[usize]| -> Vec<f64> {
+            let w: Vec<f64> = (0..logits.len())
+                .map(|i| match kept.contains(&i) {
+                    true => (logits[i] as f64 / t).exp(),
+                    false => 0.0,
+                })
+                .collect();
+            let total: f64 = w.iter().sum();
+            w.iter().map(|x| x / total).collect()
+        };
+        // By likelihood: 1, 3, 5, 0, 2, 4.
+        let order = [1usize, 3, 5, 0, 2, 4];
+        let full = probs(&order);
+        let nucleus = |p: f64| {
+            let mut mass = 0.0;
+            let n = order.iter().take_while(|&&i| {
+                let short = mass < p;
+                mass += full[i];
+                short
+            });
+            n.count()
+        };
+        let cases = [
+            (3, 1.0, order[..3].to_vec()),
+            (0, 0.75, order[..nucleus(0.75)].to_vec()),
+            (0, 0.95, order[..nucleus(0.95)].to_vec()),
+            (4, 0.9, order[..4.min(nucleus(0.9))].to_vec()),
+            (1, 1.0, vec![1]),
+        ];
+        for (top_k, top_p, kept) in cases {
+            let want = probs(&kept);
+            let n = 40_000u64;
+            let mut seen = [0u64; 6];
+            for draw in 0..n {
+                let q = SamplingParams {
+                    temperature: t as f32,
+                    top_k,
+                    top_p,
+                    seed: draw / 8,
+                };
+                seen[q.choose(&logits, (draw % 8) as u32) as usize] += 1;
+            }
+            for (i, (&count, &p)) in seen.iter().zip(&want).enumerate() {
+                let f = count as f64 / n as f64;
+                // Five standard deviations of a frequency over n draws.
+                let sd = (p * (1.0 - p) / n as f64).sqrt();
+                assert!(
+                    (f - p).abs() <= 5.0 * sd + 1e-9,
+                    "top_k {top_k} top_p {top_p} token {i}: frequency {f:.4}, probability {p:.4}"
+                );
+                if p == 0.0 {
+                    assert_eq!(count, 0, "top_k {top_k} top_p {top_p}: token {i} drawn");
+                }
+            }
+        }
+    }
+
     #[test]
     fn bad_parameters_are_refused() {
         let bad = SamplingParams {
