@@ -233,8 +233,6 @@ async fn commit_loop<T: TargetBackend, D: DraftBackend>(
         };
         rounds.learn(shared.pool, &round, &verdict);
         let from_trie = |n: usize| round.from_trie.get(n) == Some(&true);
-        stats.add_acceptance(round.drafted.len(), on_chain, v.path.len() - on_chain);
-        stats.trie_accepted += v.path.iter().filter(|&&n| from_trie(n)).count() as u64;
 
         let mut new = v.accepted;
         new.push(v.bonus);
@@ -255,6 +253,11 @@ async fn commit_loop<T: TargetBackend, D: DraftBackend>(
         new_sources.push(TokenSource::Target);
         let finish = cut_at_end(&mut new, &params.eos, remaining);
         new_sources.truncate(new.len());
+        // The statistics count what was committed: accepted tokens past an EOS are not.
+        let kept = v.path.len().min(new.len());
+        let kept_on_chain = on_chain.min(kept);
+        stats.add_acceptance(round.drafted.len(), kept_on_chain, kept - kept_on_chain);
+        stats.trie_accepted += v.path[..kept].iter().filter(|&&n| from_trie(n)).count() as u64;
         if params.logprobs.is_some() {
             if v.logprobs.len() < new.len() {
                 return Err(DecodingError::Backend(format!(

@@ -448,6 +448,61 @@ fn generation_ends_after_the_first_eos() {
     }
 }
 
+/// Sampling and EOS together: every strategy that samples, with a draft that agrees only sometimes,
+/// ends right after the first EOS of the target's own sampled continuation, with exactly its
+/// tokens, whether the EOS came from the target or from accepted draft or pool tokens.
+#[test]
+fn sampled_generation_ends_after_the_first_eos() {
+    let target = target_model();
+    let weak = Arc::new(MockModel::new(VOCAB, 2048, 0.4, 1));
+    let prompt = vec![1, 2, 3, 4, 5];
+    let la = LookaheadParams {
+        level: 4,
+        window: 4,
+        guess: 4,
+    };
+    let mut ended_by_draft = 0;
+    for seed in [4u64, 5, 6] {
+        let sampling = SamplingParams {
+            temperature: 0.8,
+            top_k: 8,
+            top_p: 0.95,
+            seed,
+        };
+        let want = plain_decode(&target, &prompt, 80, &sampling);
+        // An EOS some way in, at its first occurrence.
+        let eos = want[20];
+        let end = want.iter().position(|&t| t == eos).unwrap() + 1;
+        // Every strategy that samples (lookahead decodes greedily only).
+        for strategy in [
+            Strategy::Greedy,
+            Strategy::Speculative,
+            Strategy::Trie,
+            Strategy::Ouroboros,
+            Strategy::Auto,
+        ] {
+            let params = DecodeParams {
+                strategy,
+                max_new_tokens: 80,
+                eos: vec![eos],
+                sampling,
+                gamma: 5,
+                lookahead: la,
+                topk: 2,
+                ..DecodeParams::default()
+            };
+            let out = run(&target, &weak, &pool(la.phrase_len()), &prompt, &params);
+            assert_eq!(out.tokens, want[..end], "{strategy:?} seed {seed}");
+            assert_eq!(out.finish, FinishReason::Eos, "{strategy:?} seed {seed}");
+            if out.sources.last() != Some(&TokenSource::Target) {
+                ended_by_draft += 1;
+            }
+        }
+    }
+    println!("EOS accepted from a drafted or guessed token in {ended_by_draft} runs");
+    assert!(ended_by_draft > 0, "no run ended on an accepted guess");
+}
+
 #[test]
 fn the_sink_can_stop_generation() {
     let target = target_model();
