@@ -12,6 +12,7 @@ use decoding::{
     BackendInfo, DecodingError, DraftBackend, DraftOutcome, DraftRequest, DraftTree, Result,
     SamplingParams, ServerTiming, SessionId, TargetBackend, VerifyOutcome,
 };
+use futures::future::BoxFuture;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, Weak};
@@ -35,6 +36,15 @@ struct Inner<B> {
 /// A backend over every replica that `spec` names.
 pub struct Replicas<B> {
     inner: Arc<Inner<B>>,
+}
+
+/// Turns a spec into replica URLs: [`resolve`] (DNS) when serving; tests pass their own.
+pub type Resolver =
+    Arc<dyn Fn(String) -> BoxFuture<'static, anyhow::Result<Vec<String>>> + Send + Sync>;
+
+/// [`resolve`] as a [`Resolver`].
+pub fn dns() -> Resolver {
+    Arc::new(|spec: String| Box::pin(async move { resolve(&spec).await }))
 }
 
 /// Every `scheme://address:port` that the URLs in `spec` (comma-separated) resolve to.
@@ -68,6 +78,7 @@ pub async fn resolve(spec: &str) -> anyhow::Result<Vec<String>> {
 impl<B: Send + Sync + 'static> Replicas<B> {
     /// Connects to every address of `spec`; at least one must answer. `info` reads a
     /// replica's model; replicas whose model differs from the first one's are left out.
+    /// With a nonzero `refresh`, the names are resolved again that often.
     pub async fn connect<C, F>(
         spec: &str,
         connect: C,
@@ -78,9 +89,24 @@ impl<B: Send + Sync + 'static> Replicas<B> {
         C: Fn(String) -> F + Send + Sync + 'static,
         F: Future<Output = anyhow::Result<B>> + Send + 'static,
     {
+        Self::connect_resolving(spec, dns(), connect, info, refresh).await
+    }
+
+    /// [`Self::connect`] with the addresses from `resolver` instead of DNS.
+    pub async fn connect_resolving<C, F>(
+        spec: &str,
+        resolver: Resolver,
+        connect: C,
+        info: fn(&B) -> BackendInfo,
+        refresh: Duration,
+    ) -> anyhow::Result<Self>
+    where
+        C: Fn(String) -> F + Send + Sync + 'static,
+        F: Future<Output = anyhow::Result<B>> + Send + 'static,
+    {
         let mut live = Vec::new();
         let mut first_info = None;
-        for url in resolve(spec).await? {
+        for url in resolver(spec.to_string()).await? {
             match connect(url.clone()).await {
                 Ok(b) => {
                     let i = info(&b);
@@ -119,6 +145,7 @@ impl<B: Send + Sync + 'static> Replicas<B> {
             tokio::spawn(keep_fresh(
                 Arc::downgrade(&inner),
                 spec.to_string(),
+                resolver,
                 connect,
                 info,
                 refresh,
@@ -204,6 +231,7 @@ fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 async fn keep_fresh<B, C, F>(
     inner: Weak<Inner<B>>,
     spec: String,
+    resolver: Resolver,
     connect: C,
     info: fn(&B) -> BackendInfo,
     every: Duration,
@@ -215,8 +243,14 @@ async fn keep_fresh<B, C, F>(
     loop {
         tokio::time::sleep(every).await;
         let Some(inner) = inner.upgrade() else { return };
-        let urls = match resolve(&spec).await {
-            Ok(u) => u,
+        // A name that resolves to nothing for a moment (every pod restarting) keeps the
+        // replicas there are: better a stale address than none to try.
+        let urls = match resolver(spec.clone()).await {
+            Ok(u) if !u.is_empty() => u,
+            Ok(_) => {
+                tracing::warn!("re-resolving {spec}: no address; keeping the replicas");
+                continue;
+            }
             Err(e) => {
                 tracing::warn!("re-resolving {spec}: {e:#}");
                 continue;

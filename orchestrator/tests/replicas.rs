@@ -1,5 +1,6 @@
 //! TargetSessions spread over several target replicas and stay on theirs: outputs equal a single
-//! replica's, a draining replica gets no new sessions, and host names resolve to replicas.
+//! replica's, a draining replica gets no new sessions, host names resolve to replicas, and
+//! the replica set follows what the names resolve to over time.
 
 use candle_core::Device;
 use candle_core::quantized::GgmlDType;
@@ -146,4 +147,93 @@ async fn host_names_resolve_to_replicas() {
         .is_err(),
         "nothing answers on port 1"
     );
+}
+
+/// The periodic re-resolution: a pod that appears behind the name is connected and takes
+/// new sessions; one that disappears takes no more, while a session already on it goes on
+/// there; one serving another model is left out. The names resolve through the test's own
+/// resolver, which it changes as DNS would when pods come and go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_follow_what_the_names_resolve_to() {
+    use orchestrator::replicas::Resolver;
+    use std::sync::Mutex;
+    let dir = tempfile::tempdir().unwrap();
+    let model = |arch, name: &str| {
+        let cfg = tiny_config(arch);
+        let path = dir.path().join(name);
+        let w = random_weights(&cfg, 5, false, false).unwrap();
+        write_gguf(&path, &cfg, &w, GgmlDType::F32).unwrap();
+        path
+    };
+    let (same, other) = (
+        model(Architecture::Llama, "t.gguf"),
+        model(Architecture::Qwen2, "o.gguf"),
+    );
+    let (a, sa) = target(&same).await;
+    let (b, sb) = target(&same).await;
+    let (c, sc) = target(&other).await;
+    let names = Arc::new(Mutex::new(vec![a.clone()]));
+    let now = names.clone();
+    let resolver: Resolver = Arc::new(move |_spec| {
+        let urls = now.lock().unwrap().clone();
+        Box::pin(async move { Ok(urls) })
+    });
+    let r = Replicas::connect_resolving(
+        "http://target-headless:50051",
+        resolver,
+        |u| async move { RemoteTarget::connect(&u).await },
+        <RemoteTarget as TargetBackend>::info,
+        Duration::from_millis(20),
+    )
+    .await
+    .unwrap();
+    let on_a = r.open(&[1, 2, 3]).await.unwrap();
+    assert_eq!(sa.len(), 1);
+
+    // Polls (the refresh runs every 20 ms; the deadline only bounds a broken one).
+    let until = |want: Vec<String>| {
+        let r = &r;
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while r.urls() != want {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "replicas {:?}, want {want:?}",
+                    r.urls()
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    // A pod appears: it is connected and, having fewer sessions, takes the next ones.
+    *names.lock().unwrap() = vec![a.clone(), b.clone()];
+    until(vec![a.clone(), b.clone()]).await;
+    let on_b = r.open(&[4, 5]).await.unwrap();
+    assert_eq!((sa.len(), sb.len()), (1, 1));
+
+    // The first pod goes, and one serving another model appears: new sessions all go to
+    // the one left, the other model's pod is never used, and the session on the pod that
+    // went is still served there.
+    *names.lock().unwrap() = vec![b.clone(), c.clone()];
+    until(vec![b.clone()]).await;
+    let mut more = Vec::new();
+    for i in 0..3u32 {
+        more.push(r.open(&[i + 6, 7]).await.unwrap());
+    }
+    assert_eq!((sa.len(), sb.len(), sc.len()), (1, 4, 0));
+    r.close(on_a).await.unwrap();
+    assert_eq!(
+        sa.len(),
+        0,
+        "the call went to the pod that holds the session"
+    );
+    for id in more.into_iter().chain([on_b]) {
+        r.close(id).await.unwrap();
+    }
+    assert_eq!(sb.len(), 0);
+
+    // A name that resolves to nothing keeps the replicas there are.
+    names.lock().unwrap().clear();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(r.urls(), vec![b.clone()]);
 }
