@@ -241,6 +241,24 @@ async fn every_strategy_equals_plain_decoding_over_grpc() {
             let g = generate(c, request(&prompt, s, Some(sampling))).await;
             assert_eq!(g.token_ids, plain.token_ids, "sampling {s:?}");
         }
+        // Sampling with a stop string (two words of the sampled answer, so it spans a
+        // token boundary): every strategy stops at the same place, the sampled tokens up to
+        // there unchanged.
+        let words: Vec<&str> = plain.text.split(' ').collect();
+        let stop = format!(" {} {}", words[3], words[4]);
+        let cut = plain.text.find(&stop).unwrap();
+        for s in [S::Greedy, S::Speculative, S::Trie, S::Ouroboros, S::Auto] {
+            let mut r = request(&prompt, s, Some(sampling));
+            r.stop = vec![stop.clone()];
+            let g = generate(c, r).await;
+            assert_eq!(g.text, plain.text[..cut], "sampling {s:?}, stop {stop:?}");
+            assert_eq!(g.finish_reason, pb::FinishReason::Stop as i32, "{s:?}");
+            assert_eq!(
+                g.token_ids[..],
+                plain.token_ids[..g.token_ids.len()],
+                "{s:?}"
+            );
+        }
         // Log-probabilities over the wire: the target service's rows, the same under
         // every strategy, sampled or not.
         let with_logprobs = |s, sampling| pb::GenerateRequest {

@@ -1,5 +1,7 @@
-//! `ouro serve` started before its target service (as a fresh `helm install` starts them)
-//! waits for it with backoff instead of exiting, then serves.
+//! `ouro serve` as a process: started before its target service (as a fresh `helm install`
+//! starts them) it waits for it with backoff instead of exiting, then serves; sent SIGTERM
+//! (as Kubernetes stops a pod) with a request in flight, it finishes that request, then
+//! exits cleanly.
 
 mod common;
 
@@ -66,4 +68,102 @@ async fn the_orchestrator_waits_for_a_target_that_starts_later() {
         .unwrap()
         .into_inner();
     assert_eq!(r.token_ids.len(), 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_the_request_in_flight_finish_then_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    // Big enough that 400 tokens take a while (~1 ms each), so the signal lands mid-way.
+    let cfg = engine::ModelConfig {
+        hidden_size: 256,
+        intermediate_size: 768,
+        num_layers: 4,
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 64,
+        ..tiny_config(Architecture::Qwen2)
+    };
+    let w = random_weights(&cfg, 5, true, false).unwrap();
+    let target = dir.path().join("t.gguf");
+    write_gguf(&target, &cfg, &w, GgmlDType::F32).unwrap();
+    let tokenizer = dir.path().join("tokenizer.json");
+    common::word_tokenizer(cfg.vocab_size)
+        .save(&tokenizer, false)
+        .unwrap();
+    let po = free_port();
+    let mut procs = Procs(Vec::new());
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_ouro"));
+    serve
+        .arg("serve")
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{po}"),
+            "--http-listen",
+            "off",
+        ])
+        .arg("--target")
+        .arg(&target)
+        .args(["--draft", "none", "--skip-profile"])
+        .arg("--tokenizer")
+        .arg(&tokenizer)
+        .env("RUST_LOG", "warn");
+    procs.spawn("ouro serve", &mut serve);
+    let url = format!("http://127.0.0.1:{po}");
+    let mut client = wait_for(&mut procs, "ouro serve", || async {
+        Ok(OuroborosClient::connect(url.clone()).await?)
+    })
+    .await;
+    let n = 400;
+    let mut stream = client
+        .generate_stream(pb::GenerateRequest {
+            input: Some(pb::generate_request::Input::Prompt("w3 w4 w5".into())),
+            max_new_tokens: Some(n),
+            strategy: pb::Strategy::Greedy as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().expect("a first message");
+    let mut tokens = first.token_ids.len();
+    let pid = procs.0[0].1.id().to_string();
+    let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(killed.success());
+    let (mut after, mut last) = (0, None);
+    while let Some(m) = stream
+        .message()
+        .await
+        .expect("the stream goes on after SIGTERM")
+    {
+        tokens += m.token_ids.len();
+        after += 1;
+        if m.finish_reason != 0 {
+            last = Some(m);
+        }
+    }
+    println!(
+        "SIGTERM after {} of {n} tokens; {after} messages after it",
+        first.token_ids.len()
+    );
+    assert!(
+        after > 1,
+        "the request had ended before the signal: nothing was tested"
+    );
+    let last = last.expect("a final message");
+    assert_eq!(last.finish_reason, pb::FinishReason::Length as i32);
+    assert_eq!(tokens, n as usize, "every token arrived");
+    // Then the process ends, cleanly.
+    let (_, child) = &mut procs.0[0];
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still running after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status}");
 }
