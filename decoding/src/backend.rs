@@ -128,6 +128,12 @@ pub struct DraftOutcome {
 pub trait TargetBackend: Send + Sync {
     fn info(&self) -> BackendInfo;
 
+    /// Most nodes one verify may carry, where the backend has a limit: the decoding loop
+    /// never builds a larger tree.
+    fn max_tree_nodes(&self) -> Option<usize> {
+        None
+    }
+
     /// Starts a session on `committed` (at least one token); all but the last are
     /// prefilled, the last becomes the root of the first tree.
     fn open(&self, committed: &[u32]) -> impl Future<Output = Result<SessionId>> + Send;

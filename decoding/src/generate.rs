@@ -173,6 +173,12 @@ async fn commit_loop<T: TargetBackend, D: DraftBackend>(
     done: &mut Committed,
 ) -> Result<FinishReason> {
     let max_pos = sessions.target.info().max_position;
+    // The target's own limit on a tree (every strategy keeps its tree within `nodes`).
+    let max_nodes = sessions
+        .target
+        .max_tree_nodes()
+        .unwrap_or(usize::MAX)
+        .max(1);
     let use_trie = Rounds::uses_trie(params);
     let mut state = Loop {
         params,
@@ -192,8 +198,10 @@ async fn commit_loop<T: TargetBackend, D: DraftBackend>(
         if room == 0 {
             return Ok(FinishReason::ContextFull);
         }
+        // A tree's nodes: below the context limit and within the target's limit.
+        let nodes = room.min(max_nodes);
         // Drafting beyond what may still be committed is wasted work.
-        let budget = remaining.saturating_sub(1).min(room - 1);
+        let budget = remaining.saturating_sub(1).min(nodes - 1);
         // One span per round, parent of its draft call and its verify.
         let round_span = tracing::debug_span!(
             "round",
@@ -202,7 +210,7 @@ async fn commit_loop<T: TargetBackend, D: DraftBackend>(
         );
         let started = Instant::now();
         let round = rounds
-            .build(sessions, stats, shared, &mut state, &text, budget, room)
+            .build(sessions, stats, shared, &mut state, &text, budget, nodes)
             .instrument(round_span.clone())
             .await;
         let tree = &round.tree;

@@ -80,6 +80,8 @@ fn timing_of(t: Option<common::ServerTiming>) -> ServerTiming {
 pub struct RemoteTarget {
     client: TargetServiceClient<Channel>,
     info: BackendInfo,
+    /// The service's limit on one verify's tree (from its Info; 0 there: none said).
+    max_tree_nodes: Option<usize>,
     chat_template: Option<ChatTemplateSource>,
     url: String,
 }
@@ -113,6 +115,7 @@ impl RemoteTarget {
             .map(ChatTemplateSource::from);
         Ok(Self {
             client,
+            max_tree_nodes: (info.max_tree_nodes > 0).then_some(info.max_tree_nodes as usize),
             info: info_of(info.model, url)?,
             chat_template,
             url: url.to_string(),
@@ -132,6 +135,10 @@ impl RemoteTarget {
 impl TargetBackend for RemoteTarget {
     fn info(&self) -> BackendInfo {
         self.info.clone()
+    }
+
+    fn max_tree_nodes(&self) -> Option<usize> {
+        self.max_tree_nodes
     }
 
     async fn open(&self, committed: &[u32]) -> Result<SessionId> {

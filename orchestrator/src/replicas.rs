@@ -292,6 +292,14 @@ impl<B: TargetBackend + 'static> TargetBackend for Replicas<B> {
         self.inner.info.clone()
     }
 
+    /// The smallest limit of the replicas there are: a session may land on any of them.
+    fn max_tree_nodes(&self) -> Option<usize> {
+        read(&self.inner.live)
+            .iter()
+            .filter_map(|r| r.backend.max_tree_nodes())
+            .min()
+    }
+
     async fn open(&self, committed: &[u32]) -> Result<SessionId> {
         open_on_replicas!(self, committed)
     }

@@ -824,3 +824,90 @@ async fn a_hung_draft_service_times_out_into_exact_target_only() {
     );
     frozen.store(false, Ordering::SeqCst);
 }
+
+/// A target that takes small trees only (`max_tree_nodes` 6, reported by its Info): the
+/// orchestrator never sends a larger one, whatever the request's parameters allow (a draft
+/// of 16, 64 trie nodes, 4 pool phrases), and the cost profile times no larger tree. Every
+/// strategy then decodes exactly what greedy does (the service refuses a larger tree, so
+/// a request that built one would fail).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn trees_stay_within_the_targets_node_limit() {
+    use orchestrator::pipeline::Runner;
+    let dir = tempfile::tempdir().unwrap();
+    let (tp, dp) = common::tiny_pair(dir.path(), 17);
+    let (tl, ta) = listener().await;
+    let small = TargetConfig {
+        max_tree_nodes: 6,
+        ..TargetConfig::default()
+    };
+    tokio::spawn(target_service::serve(
+        TargetGrpc::new(common::load(&tp), small),
+        tl,
+        std::future::pending(),
+    ));
+    let (dl, da) = listener().await;
+    tokio::spawn(draft_service::serve(
+        DraftGrpc::new(common::load(&dp), DraftConfig::default()),
+        dl,
+        std::future::pending(),
+    ));
+    let target = RemoteTarget::connect(&format!("http://{ta}"))
+        .await
+        .unwrap();
+    assert_eq!(decoding::TargetBackend::max_tree_nodes(&target), Some(6));
+    let pool = || Arc::new(PhrasePool::new(PoolConfig::default()));
+    let pipeline = Pipeline {
+        target: Arc::new(target),
+        draft: Some(Arc::new(
+            RemoteDraft::connect(&format!("http://{da}")).await.unwrap(),
+        )),
+        lookahead: None::<Arc<RemoteDraft>>,
+        pool: pool(),
+        lookahead_pool: pool(),
+        trie: Default::default(),
+        tuner: Default::default(),
+        blocking: false,
+    };
+    let profile = pipeline
+        .measure_costs(ProfileOptions {
+            reps: 1,
+            prompt_len: 16,
+            ..ProfileOptions::default()
+        })
+        .await
+        .unwrap();
+    assert!(!profile.describe().is_empty());
+    let mut none = |_: &[u32], _: &[decoding::TokenSource]| decoding::Flow::Continue;
+    for prompt in prompts() {
+        let params = |strategy| DecodeParams {
+            strategy,
+            max_new_tokens: 40,
+            gamma: 16,
+            topk: 4,
+            trie_budget: 64,
+            ..DecodeParams::default()
+        };
+        let plain = pipeline
+            .generate(&prompt, &params(Strategy::Greedy), &mut none)
+            .await
+            .unwrap();
+        for s in [
+            Strategy::Speculative,
+            Strategy::Trie,
+            Strategy::Ouroboros,
+            Strategy::Auto,
+        ] {
+            let g = pipeline
+                .generate(&prompt, &params(s), &mut none)
+                .await
+                .unwrap_or_else(|e| panic!("{s:?}: {e}"));
+            assert_eq!(g.tokens, plain.tokens, "{s:?} on {prompt:?}");
+            assert!(
+                g.stats.tree_nodes <= 6 * g.stats.target_forwards,
+                "{s:?}: {} nodes in {} verifies",
+                g.stats.tree_nodes,
+                g.stats.target_forwards
+            );
+        }
+    }
+}

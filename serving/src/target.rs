@@ -159,6 +159,10 @@ impl<M: LanguageModel + 'static> TargetRuntime<M> {
 }
 
 impl<M: LanguageModel + 'static> TargetBackend for TargetRuntime<M> {
+    fn max_tree_nodes(&self) -> Option<usize> {
+        Some(self.config.max_tree_nodes)
+    }
+
     fn info(&self) -> BackendInfo {
         info_of(&*self.model)
     }

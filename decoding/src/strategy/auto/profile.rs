@@ -189,6 +189,17 @@ pub async fn measure<T: TargetBackend, D: DraftBackend>(
     draft: Option<&D>,
     opts: &ProfileOptions,
 ) -> Result<CostProfile> {
+    // Trees larger than the target takes are never built, so not timed either.
+    let limit = target.max_tree_nodes().unwrap_or(usize::MAX);
+    let opts = &ProfileOptions {
+        verify_sizes: opts
+            .verify_sizes
+            .iter()
+            .copied()
+            .filter(|&n| n <= limit)
+            .collect(),
+        ..opts.clone()
+    };
     let ascending = opts.verify_sizes.windows(2).all(|w| w[0] < w[1]);
     if opts.reps == 0 || opts.prompt_len == 0 || opts.verify_sizes.first() != Some(&1) || !ascending
     {
