@@ -4,6 +4,7 @@
 
 use crate::chat::ChatTemplate;
 use crate::pipeline::{BoxedSink, Runner};
+use crate::remote::{REQUEST_DEADLINE, request_deadline};
 use crate::text::StopScan;
 use crate::validation::{ValidRequest, Validator};
 use decoding::{DecodeParams, FinishReason, Flow, Generation, SpecStats, TokenSource};
@@ -13,7 +14,7 @@ use proto::v1::ouroboros_server::Ouroboros;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokenizers::Tokenizer;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::Stream;
@@ -412,6 +413,8 @@ impl GenerateService {
             };
             let _ = tx.send(last);
         };
+        // The request's deadline goes with it onto its task.
+        let task = REQUEST_DEADLINE.scope(request_deadline(), task);
         tokio::spawn(task.instrument(task_span));
         Ok(UnboundedReceiverStream::new(rx))
     }
@@ -543,7 +546,11 @@ impl Ouroboros for GenerateService {
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<pb::GenerateResponse>, Status> {
         self.authorize(&request)?;
-        self.complete(request.into_inner()).await.map(Response::new)
+        let deadline = deadline_of(request.metadata());
+        REQUEST_DEADLINE
+            .scope(deadline, self.complete(request.into_inner()))
+            .await
+            .map(Response::new)
     }
 
     type GenerateStreamStream = StreamOf<pb::GenerateStreamResponse>;
@@ -553,7 +560,62 @@ impl Ouroboros for GenerateService {
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
         self.authorize(&request)?;
-        let chunks = self.stream(request.into_inner()).await?;
+        let deadline = deadline_of(request.metadata());
+        let chunks = REQUEST_DEADLINE
+            .scope(deadline, self.stream(request.into_inner()))
+            .await?;
         Ok(Response::new(Box::pin(chunks)))
+    }
+}
+
+/// The deadline a gRPC client set (its `grpc-timeout` header: up to 8 digits and a unit,
+/// H M S m u n), as an instant; none for a missing or malformed header.
+fn deadline_of(metadata: &tonic::metadata::MetadataMap) -> Option<std::time::Instant> {
+    let v = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    let d = match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    };
+    std::time::Instant::now().checked_add(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_become_deadlines() {
+        let of = |v: &str| {
+            let mut m = tonic::metadata::MetadataMap::new();
+            m.insert("grpc-timeout", v.parse().unwrap());
+            deadline_of(&m).map(|d| d.saturating_duration_since(Instant::now()))
+        };
+        let near = |got: Option<Duration>, want: Duration| {
+            let got = got.expect("a deadline");
+            assert!(
+                got <= want && want - got < Duration::from_secs(1),
+                "{got:?}"
+            );
+        };
+        near(of("1500m"), Duration::from_millis(1500));
+        near(of("2S"), Duration::from_secs(2));
+        near(of("3M"), Duration::from_secs(180));
+        near(of("1H"), Duration::from_secs(3600));
+        near(of("250000u"), Duration::from_millis(250));
+        near(of("99999999n"), Duration::from_nanos(99_999_999));
+        for bad in ["", "m", "12", "123456789S", "1.5S", "-1S", "5x"] {
+            assert_eq!(of(bad), None, "{bad:?}");
+        }
+        assert_eq!(deadline_of(&tonic::metadata::MetadataMap::new()), None);
     }
 }

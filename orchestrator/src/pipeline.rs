@@ -2,6 +2,7 @@
 //! optionally a draft, optionally a lookahead host (the target model in a draft role, for
 //! the target-only lookahead baseline), and the pools shared across requests.
 
+use crate::remote::{REQUEST_DEADLINE, request_deadline};
 use decoding::{
     AutoTuner, BackendInfo, CostProfile, DecodeParams, DecodingError, DraftBackend, Generation,
     PhrasePool, ProfileOptions, Shared, Strategy, TargetBackend, TrieCache, generate,
@@ -197,6 +198,8 @@ where
         mut sink: BoxedSink,
     ) -> BoxFuture<'static, decoding::Result<Generation>> {
         let pipeline = self.clone();
-        self.spawn(async move { pipeline.generate(&prompt, &params, &mut *sink).await })
+        // The request's deadline bounds its internal calls on the task that runs it.
+        let work = async move { pipeline.generate(&prompt, &params, &mut *sink).await };
+        self.spawn(REQUEST_DEADLINE.scope(request_deadline(), work))
     }
 }

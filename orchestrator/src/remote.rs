@@ -14,9 +14,53 @@ use proto::draft::v1 as dpb;
 use proto::draft::v1::draft_service_client::DraftServiceClient;
 use proto::target::v1 as tpb;
 use proto::target::v1::target_service_client::TargetServiceClient;
-use std::time::Duration;
+use std::future::Future;
+use std::time::{Duration, Instant};
 use telemetry::traces::traced;
 use tonic::transport::{Channel, Endpoint};
+
+tokio::task_local! {
+    /// The deadline of the public request that internal calls serve, where its client set
+    /// one: every call ends by then, whatever its own limit.
+    pub static REQUEST_DEADLINE: Option<Instant>;
+}
+
+/// The deadline of the request being served here, if any.
+pub fn request_deadline() -> Option<Instant> {
+    REQUEST_DEADLINE.try_with(|d| *d).ok().flatten()
+}
+
+/// A call's message: the caller's trace context, and the request's remaining time for the
+/// service to stop by.
+fn outgoing<T>(message: T) -> tonic::Request<T> {
+    let mut r = traced(message);
+    if let Some(d) = request_deadline() {
+        r.set_timeout(d.saturating_duration_since(Instant::now()));
+    }
+    r
+}
+
+/// A call cut at the request's deadline even when the peer never answers (the channel's
+/// own limit may be far longer).
+trait WithinDeadline<R>: Future<Output = std::result::Result<R, tonic::Status>> + Sized {
+    async fn within_deadline(self) -> std::result::Result<R, tonic::Status> {
+        let Some(d) = request_deadline() else {
+            return self.await;
+        };
+        let left = d.saturating_duration_since(Instant::now());
+        let passed = || tonic::Status::deadline_exceeded("the request's deadline passed");
+        match tokio::time::timeout(left, self).await {
+            Ok(Ok(r)) => Ok(r),
+            // The channel's own timer (the request carries the same deadline) may fire
+            // first; either way it was the request's deadline.
+            Ok(Err(_)) if Instant::now() >= d => Err(passed()),
+            Ok(Err(s)) => Err(s),
+            Err(_) => Err(passed()),
+        }
+    }
+}
+
+impl<R, F: Future<Output = std::result::Result<R, tonic::Status>>> WithinDeadline<R> for F {}
 
 /// Deadlines of an internal channel: a call past `call` fails with DEADLINE_EXCEEDED (a
 /// draft's failure sends its request on target-only; a target's ends the request), and an
@@ -145,9 +189,10 @@ impl TargetBackend for RemoteTarget {
         let r = self
             .client
             .clone()
-            .open_session(traced(tpb::OpenSessionRequest {
+            .open_session(outgoing(tpb::OpenSessionRequest {
                 tokens: committed.to_vec(),
             }))
+            .within_deadline()
             .await
             .map_err(|s| error_of(&s, None))?;
         Ok(r.into_inner().session_id)
@@ -163,13 +208,14 @@ impl TargetBackend for RemoteTarget {
         let r = self
             .client
             .clone()
-            .verify(traced(tpb::VerifyRequest {
+            .verify(outgoing(tpb::VerifyRequest {
                 session_id: session,
                 tokens: tree.tokens.clone(),
                 parents: tree.parents.clone(),
                 sampling: sampling_to_pb(sampling),
                 logprobs: logprobs.map(|n| n as u32),
             }))
+            .within_deadline()
             .await
             .map_err(|s| error_of(&s, Some(session)))?
             .into_inner();
@@ -194,9 +240,10 @@ impl TargetBackend for RemoteTarget {
     async fn close(&self, session: SessionId) -> Result<()> {
         self.client
             .clone()
-            .close_session(traced(tpb::CloseSessionRequest {
+            .close_session(outgoing(tpb::CloseSessionRequest {
                 session_id: session,
             }))
+            .within_deadline()
             .await
             .map_err(|s| error_of(&s, Some(session)))?;
         Ok(())
@@ -248,9 +295,10 @@ impl DraftBackend for RemoteDraft {
         let r = self
             .client
             .clone()
-            .open_session(traced(dpb::OpenSessionRequest {
+            .open_session(outgoing(dpb::OpenSessionRequest {
                 tokens: committed.to_vec(),
             }))
+            .within_deadline()
             .await
             .map_err(|s| error_of(&s, None))?;
         Ok(r.into_inner().session_id)
@@ -264,7 +312,7 @@ impl DraftBackend for RemoteDraft {
         let r = self
             .client
             .clone()
-            .draft(traced(dpb::DraftRequest {
+            .draft(outgoing(dpb::DraftRequest {
                 session_id: session,
                 new_committed: request.new_committed,
                 gamma: request.length.tokens() as u32,
@@ -273,6 +321,7 @@ impl DraftBackend for RemoteDraft {
                 eos: request.eos,
                 stop_below: request.length.stop_below(),
             }))
+            .within_deadline()
             .await
             .map_err(|s| error_of(&s, Some(session)))?
             .into_inner();
@@ -291,9 +340,10 @@ impl DraftBackend for RemoteDraft {
     async fn close(&self, session: SessionId) -> Result<()> {
         self.client
             .clone()
-            .close_session(traced(dpb::CloseSessionRequest {
+            .close_session(outgoing(dpb::CloseSessionRequest {
                 session_id: session,
             }))
+            .within_deadline()
             .await
             .map_err(|s| error_of(&s, Some(session)))?;
         Ok(())

@@ -911,3 +911,132 @@ async fn trees_stay_within_the_targets_node_limit() {
         }
     }
 }
+
+/// A client's deadline bounds the internal calls of its request: with the target frozen
+/// mid-request (a hung process, a blackholed node), the decoding work ends at the
+/// request's deadline instead of waiting out the target call's own limit (60 s here), and
+/// over gRPC the client gets DEADLINE_EXCEEDED at its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_clients_deadline_bounds_the_internal_calls() {
+    use orchestrator::pipeline::Runner;
+    use orchestrator::remote::REQUEST_DEADLINE;
+    use std::sync::atomic::Ordering;
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let (tp, _) = common::tiny_pair(dir.path(), 17);
+    let (tl, ta) = listener().await;
+    tokio::spawn(target_service::serve(
+        TargetGrpc::new(common::load(&tp), TargetConfig::default()),
+        tl,
+        std::future::pending(),
+    ));
+    let (proxy, frozen) = freezable_proxy(ta).await;
+    let limits = CallLimits {
+        call: Duration::from_secs(60),
+        ..CallLimits::TARGET
+    };
+    let target = RemoteTarget::connect_for(&format!("http://{proxy}"), 0, limits)
+        .await
+        .unwrap();
+    let pool = || Arc::new(PhrasePool::new(PoolConfig::default()));
+    let pipeline = Pipeline {
+        target: Arc::new(target),
+        draft: None::<Arc<RemoteDraft>>,
+        lookahead: None::<Arc<RemoteDraft>>,
+        pool: pool(),
+        lookahead_pool: pool(),
+        trie: Default::default(),
+        tuner: Default::default(),
+        blocking: false,
+    };
+    let params = DecodeParams {
+        strategy: Strategy::Greedy,
+        max_new_tokens: 400,
+        ..DecodeParams::default()
+    };
+    // Freeze the target after a few tokens; the request has 1.5 s in all.
+    let f = frozen.clone();
+    let mut seen = 0;
+    let sink = Box::new(move |t: &[u32], _: &[decoding::TokenSource]| {
+        seen += t.len();
+        if seen >= 4 {
+            f.store(true, Ordering::SeqCst);
+        }
+        decoding::Flow::Continue
+    });
+    let started = Instant::now();
+    let deadline = started + Duration::from_millis(1500);
+    // As the service calls it: inside the request's scope.
+    let run = async {
+        pipeline
+            .run(prompts()[0].clone(), params.clone(), sink)
+            .await
+    };
+    let ended = REQUEST_DEADLINE.scope(Some(deadline), run).await;
+    let took = started.elapsed();
+    let e = ended.expect_err("the frozen target cannot finish the request");
+    assert!(took < Duration::from_secs(10), "the work ran {took:?}: {e}");
+    assert!(
+        took >= Duration::from_millis(1400),
+        "ended early, at {took:?}: {e}"
+    );
+    frozen.store(false, Ordering::SeqCst);
+
+    // Over gRPC: the client's deadline (its grpc-timeout) reaches the work the same way.
+    // One request may run at a time, and its place is held until its work ends: the next
+    // request is let in only because the frozen one's work stopped at its deadline.
+    let service = GenerateService::new(
+        Arc::new(pipeline),
+        Arc::new(common::word_tokenizer(VOCAB)),
+        Arc::new(ChatTemplate::chatml()),
+        vec![],
+        params,
+    )
+    .with_max_running(1);
+    let (l, addr) = listener().await;
+    tokio::spawn(orchestrator::serve(service, l, std::future::pending()));
+    let mut client = OuroborosClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    frozen.store(true, Ordering::SeqCst);
+    let mut r = tonic::Request::new(request(&prompts()[1], pb::Strategy::Greedy, None));
+    r.set_timeout(Duration::from_millis(800));
+    let s = client.generate(r).await.expect_err("the target is frozen");
+    // The client's own timer or the server's answer, whichever came first.
+    match s.code() {
+        Code::DeadlineExceeded | Code::Cancelled => {}
+        Code::Unavailable => assert!(s.message().contains("deadline passed"), "{s:?}"),
+        _ => panic!("{s:?}"),
+    }
+    // Still frozen: a next request is let in (and then times out itself) only once the
+    // first one's work has stopped; while that work held its place it would be refused.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut r = tonic::Request::new(request(&prompts()[1], pb::Strategy::Greedy, None));
+        r.set_timeout(Duration::from_millis(300));
+        let s = client.generate(r).await.expect_err("the target is frozen");
+        if s.code() != Code::ResourceExhausted {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the timed-out request's work still holds its place: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    frozen.store(false, Ordering::SeqCst);
+    // The probe's own work ends at its deadline too, a moment after its client gave up.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let g = loop {
+        match client
+            .generate(request(&prompts()[1], pb::Strategy::Greedy, None))
+            .await
+        {
+            Err(s) if s.code() == Code::ResourceExhausted && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => break other.unwrap().into_inner(),
+        }
+    };
+    assert_eq!(g.token_ids.len(), 32);
+}
