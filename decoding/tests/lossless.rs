@@ -14,6 +14,15 @@ use std::sync::Arc;
 
 const VOCAB: usize = 40;
 
+/// Every strategy that samples (lookahead decodes greedily only).
+const SAMPLING: [Strategy; 5] = [
+    Strategy::Greedy,
+    Strategy::Speculative,
+    Strategy::Trie,
+    Strategy::Ouroboros,
+    Strategy::Auto,
+];
+
 fn target_model() -> Arc<MockModel> {
     Arc::new(MockModel::new(VOCAB, 2048, 0.7, 1))
 }
@@ -374,13 +383,7 @@ fn seeded_sampling_is_lossless() {
                     top_p,
                     seed,
                 };
-                for strategy in [
-                    Strategy::Greedy,
-                    Strategy::Speculative,
-                    Strategy::Trie,
-                    Strategy::Ouroboros,
-                    Strategy::Auto,
-                ] {
+                for strategy in SAMPLING {
                     let la = LookaheadParams {
                         level: 4,
                         window: 4,
@@ -473,14 +476,7 @@ fn sampled_generation_ends_after_the_first_eos() {
         // An EOS some way in, at its first occurrence.
         let eos = want[20];
         let end = want.iter().position(|&t| t == eos).unwrap() + 1;
-        // Every strategy that samples (lookahead decodes greedily only).
-        for strategy in [
-            Strategy::Greedy,
-            Strategy::Speculative,
-            Strategy::Trie,
-            Strategy::Ouroboros,
-            Strategy::Auto,
-        ] {
+        for strategy in SAMPLING {
             let params = DecodeParams {
                 strategy,
                 max_new_tokens: 80,

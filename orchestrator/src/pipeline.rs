@@ -24,19 +24,31 @@ pub trait Runner: Send + Sync + 'static {
     fn cost_profile(&self) -> Option<CostProfile> {
         None
     }
-    fn has_draft(&self) -> bool;
-    fn has_lookahead(&self) -> bool;
+    // The defaults describe a runner with a target only: no draft, no lookahead host, no
+    // caches, nothing to profile.
+    fn has_draft(&self) -> bool {
+        false
+    }
+    fn has_lookahead(&self) -> bool {
+        false
+    }
     /// Phrases in the shared pool and nodes in the shared trie.
-    fn cache_sizes(&self) -> (usize, usize);
+    fn cache_sizes(&self) -> (usize, usize) {
+        (0, 0)
+    }
     /// Whether the `auto` strategy has its cost profile.
-    fn has_auto(&self) -> bool;
+    fn has_auto(&self) -> bool {
+        false
+    }
     /// Forgets what earlier requests taught: the phrase pools and the output trie.
-    fn clear_caches(&self);
+    fn clear_caches(&self) {}
     /// Times the backends (what `auto` decides from) and keeps the profile.
     fn measure_costs(
         &self,
-        opts: ProfileOptions,
-    ) -> BoxFuture<'static, decoding::Result<CostProfile>>;
+        _opts: ProfileOptions,
+    ) -> BoxFuture<'static, decoding::Result<CostProfile>> {
+        Box::pin(async { Err(DecodingError::invalid("this runner has nothing to profile")) })
+    }
     /// Runs one request to the end; `sink` sees committed tokens as they come.
     fn run(
         &self,

@@ -272,7 +272,7 @@ impl Validator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use decoding::{BackendInfo, CostProfile, Generation, ProfileOptions};
+    use decoding::{BackendInfo, Generation};
     use futures::future::BoxFuture;
     use proto::common::v1::{Lookahead, Sampling};
     use tonic::Code;
@@ -291,22 +291,6 @@ mod tests {
         }
         fn has_draft(&self) -> bool {
             true
-        }
-        fn has_lookahead(&self) -> bool {
-            false
-        }
-        fn cache_sizes(&self) -> (usize, usize) {
-            (0, 0)
-        }
-        fn has_auto(&self) -> bool {
-            false
-        }
-        fn clear_caches(&self) {}
-        fn measure_costs(
-            &self,
-            _: ProfileOptions,
-        ) -> BoxFuture<'static, decoding::Result<CostProfile>> {
-            unreachable!("validation measures nothing")
         }
         fn run(
             &self,

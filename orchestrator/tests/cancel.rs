@@ -4,10 +4,7 @@
 //! The runner here works like the real pipeline: on a task of its own, detached from the
 //! call, committing a token every few milliseconds until its sink says stop.
 
-use decoding::{
-    BackendInfo, CostProfile, DecodeParams, Flow, Generation, ProfileOptions, SpecStats,
-    TokenSource,
-};
+use decoding::{BackendInfo, DecodeParams, Flow, Generation, SpecStats, TokenSource};
 use futures::future::BoxFuture;
 use orchestrator::api::GenerateService;
 use orchestrator::chat::ChatTemplate;
@@ -38,25 +35,6 @@ impl Runner for Slow {
             max_position: 1 << 20,
             vocab: None,
         }
-    }
-    fn has_draft(&self) -> bool {
-        false
-    }
-    fn has_lookahead(&self) -> bool {
-        false
-    }
-    fn cache_sizes(&self) -> (usize, usize) {
-        (0, 0)
-    }
-    fn has_auto(&self) -> bool {
-        false
-    }
-    fn clear_caches(&self) {}
-    fn measure_costs(
-        &self,
-        _: ProfileOptions,
-    ) -> BoxFuture<'static, decoding::Result<CostProfile>> {
-        unreachable!("nothing to measure")
     }
     fn run(
         &self,

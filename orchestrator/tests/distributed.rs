@@ -695,6 +695,46 @@ async fn a_tokenizer_the_services_do_not_share_is_refused() {
 
 /// A TCP proxy that can freeze: it stops moving bytes both ways without closing anything,
 /// as a SIGSTOPped process or a blackholed node looks to its peers.
+/// A target service on loopback over the model at `path`, serving until the test ends.
+async fn serve_target(path: &std::path::Path, config: TargetConfig) -> SocketAddr {
+    let (l, addr) = listener().await;
+    tokio::spawn(target_service::serve(
+        TargetGrpc::new(common::load(path), config),
+        l,
+        std::future::pending(),
+    ));
+    addr
+}
+
+/// A draft service on loopback over the model at `path`, serving until the test ends.
+async fn serve_draft(path: &std::path::Path) -> SocketAddr {
+    let (l, addr) = listener().await;
+    tokio::spawn(draft_service::serve(
+        DraftGrpc::new(common::load(path), DraftConfig::default()),
+        l,
+        std::future::pending(),
+    ));
+    addr
+}
+
+/// A pipeline over remote services: the target, a draft where given, fresh pools.
+fn remote_pipeline(
+    target: RemoteTarget,
+    draft: Option<RemoteDraft>,
+) -> Pipeline<RemoteTarget, RemoteDraft, RemoteDraft> {
+    let pool = || Arc::new(PhrasePool::new(PoolConfig::default()));
+    Pipeline {
+        target: Arc::new(target),
+        draft: draft.map(Arc::new),
+        lookahead: None,
+        pool: pool(),
+        lookahead_pool: pool(),
+        trie: Default::default(),
+        tuner: Default::default(),
+        blocking: false,
+    }
+}
+
 async fn freezable_proxy(to: SocketAddr) -> (SocketAddr, Arc<std::sync::atomic::AtomicBool>) {
     let frozen = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (l, addr) = listener().await;
@@ -742,18 +782,8 @@ async fn a_hung_draft_service_times_out_into_exact_target_only() {
     use std::time::{Duration, Instant};
     let dir = tempfile::tempdir().unwrap();
     let (tp, dp) = common::tiny_pair(dir.path(), 17);
-    let (tl, ta) = listener().await;
-    tokio::spawn(target_service::serve(
-        TargetGrpc::new(common::load(&tp), TargetConfig::default()),
-        tl,
-        std::future::pending(),
-    ));
-    let (dl, da) = listener().await;
-    tokio::spawn(draft_service::serve(
-        DraftGrpc::new(common::load(&dp), DraftConfig::default()),
-        dl,
-        std::future::pending(),
-    ));
+    let ta = serve_target(&tp, TargetConfig::default()).await;
+    let da = serve_draft(&dp).await;
     let (proxy, frozen) = freezable_proxy(da).await;
     // 2 s: a draft call on these tiny models takes milliseconds, so even a loaded machine
     // does not time one out before the freeze; the default (10 s) would blow the bound below.
@@ -761,25 +791,16 @@ async fn a_hung_draft_service_times_out_into_exact_target_only() {
         call: Duration::from_secs(2),
         ..CallLimits::DRAFT
     };
-    let pool = || Arc::new(PhrasePool::new(PoolConfig::default()));
-    let pipeline = Pipeline {
-        target: Arc::new(
-            RemoteTarget::connect(&format!("http://{ta}"))
-                .await
-                .unwrap(),
-        ),
-        draft: Some(Arc::new(
+    let pipeline = remote_pipeline(
+        RemoteTarget::connect(&format!("http://{ta}"))
+            .await
+            .unwrap(),
+        Some(
             RemoteDraft::connect_for(&format!("http://{proxy}"), 0, limits)
                 .await
                 .unwrap(),
-        )),
-        lookahead: None::<Arc<RemoteDraft>>,
-        pool: pool(),
-        lookahead_pool: pool(),
-        trie: Default::default(),
-        tuner: Default::default(),
-        blocking: false,
-    };
+        ),
+    );
     let prompt = &prompts()[0];
     let params = |strategy| DecodeParams {
         strategy,
@@ -845,29 +866,13 @@ async fn trees_stay_within_the_targets_node_limit() {
         tl,
         std::future::pending(),
     ));
-    let (dl, da) = listener().await;
-    tokio::spawn(draft_service::serve(
-        DraftGrpc::new(common::load(&dp), DraftConfig::default()),
-        dl,
-        std::future::pending(),
-    ));
+    let da = serve_draft(&dp).await;
     let target = RemoteTarget::connect(&format!("http://{ta}"))
         .await
         .unwrap();
     assert_eq!(decoding::TargetBackend::max_tree_nodes(&target), Some(6));
-    let pool = || Arc::new(PhrasePool::new(PoolConfig::default()));
-    let pipeline = Pipeline {
-        target: Arc::new(target),
-        draft: Some(Arc::new(
-            RemoteDraft::connect(&format!("http://{da}")).await.unwrap(),
-        )),
-        lookahead: None::<Arc<RemoteDraft>>,
-        pool: pool(),
-        lookahead_pool: pool(),
-        trie: Default::default(),
-        tuner: Default::default(),
-        blocking: false,
-    };
+    let draft = RemoteDraft::connect(&format!("http://{da}")).await.unwrap();
+    let pipeline = remote_pipeline(target, Some(draft));
     let profile = pipeline
         .measure_costs(ProfileOptions {
             reps: 1,
@@ -924,12 +929,7 @@ async fn the_clients_deadline_bounds_the_internal_calls() {
     use std::time::{Duration, Instant};
     let dir = tempfile::tempdir().unwrap();
     let (tp, _) = common::tiny_pair(dir.path(), 17);
-    let (tl, ta) = listener().await;
-    tokio::spawn(target_service::serve(
-        TargetGrpc::new(common::load(&tp), TargetConfig::default()),
-        tl,
-        std::future::pending(),
-    ));
+    let ta = serve_target(&tp, TargetConfig::default()).await;
     let (proxy, frozen) = freezable_proxy(ta).await;
     let limits = CallLimits {
         call: Duration::from_secs(60),
@@ -938,17 +938,7 @@ async fn the_clients_deadline_bounds_the_internal_calls() {
     let target = RemoteTarget::connect_for(&format!("http://{proxy}"), 0, limits)
         .await
         .unwrap();
-    let pool = || Arc::new(PhrasePool::new(PoolConfig::default()));
-    let pipeline = Pipeline {
-        target: Arc::new(target),
-        draft: None::<Arc<RemoteDraft>>,
-        lookahead: None::<Arc<RemoteDraft>>,
-        pool: pool(),
-        lookahead_pool: pool(),
-        trie: Default::default(),
-        tuner: Default::default(),
-        blocking: false,
-    };
+    let pipeline = remote_pipeline(target, None);
     let params = DecodeParams {
         strategy: Strategy::Greedy,
         max_new_tokens: 400,

@@ -7,10 +7,7 @@
 //! The runner at the API seam replays a fixed token sequence in batches of a chosen size,
 //! as the real loop commits a round's tokens at once; the tokenizer is the fetched Qwen one.
 
-use decoding::{
-    BackendInfo, CostProfile, DecodeParams, Flow, Generation, ProfileOptions, SpecStats,
-    TokenSource,
-};
+use decoding::{BackendInfo, DecodeParams, Flow, Generation, SpecStats, TokenSource};
 use futures::future::BoxFuture;
 use orchestrator::api::GenerateService;
 use orchestrator::chat::ChatTemplate;
@@ -36,25 +33,6 @@ impl Runner for Replay {
             max_position: 1 << 20,
             vocab: None,
         }
-    }
-    fn has_draft(&self) -> bool {
-        false
-    }
-    fn has_lookahead(&self) -> bool {
-        false
-    }
-    fn cache_sizes(&self) -> (usize, usize) {
-        (0, 0)
-    }
-    fn has_auto(&self) -> bool {
-        false
-    }
-    fn clear_caches(&self) {}
-    fn measure_costs(
-        &self,
-        _: ProfileOptions,
-    ) -> BoxFuture<'static, decoding::Result<CostProfile>> {
-        unreachable!("nothing to measure")
     }
     fn run(
         &self,

@@ -11,36 +11,50 @@ use engine::Architecture;
 use engine::testing::{random_weights, tiny_config, write_gguf};
 use proto::v1 as pb;
 use proto::v1::ouroboros_client::OuroborosClient;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
+
+/// A random model of `cfg` and a tokenizer for it, written into `dir`.
+fn tiny_files(dir: &Path, cfg: engine::ModelConfig) -> (PathBuf, PathBuf) {
+    let w = random_weights(&cfg, 5, true, false).unwrap();
+    let target = dir.join("t.gguf");
+    write_gguf(&target, &cfg, &w, GgmlDType::F32).unwrap();
+    let tokenizer = dir.join("tokenizer.json");
+    common::word_tokenizer(cfg.vocab_size)
+        .save(&tokenizer, false)
+        .unwrap();
+    (target, tokenizer)
+}
+
+/// `ouro serve` on `port` (gRPC only, no profile) with `tokenizer`; the caller adds its
+/// backends.
+fn ouro_serve(port: u16, tokenizer: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ouro"));
+    c.arg("serve")
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--http-listen",
+            "off",
+        ])
+        .arg("--tokenizer")
+        .arg(tokenizer)
+        .arg("--skip-profile")
+        .env("RUST_LOG", "warn");
+    c
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_orchestrator_waits_for_a_target_that_starts_later() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = tiny_config(Architecture::Qwen2);
-    let w = random_weights(&cfg, 5, true, false).unwrap();
-    let target = dir.path().join("t.gguf");
-    write_gguf(&target, &cfg, &w, GgmlDType::F32).unwrap();
-    let tokenizer = dir.path().join("tokenizer.json");
-    common::word_tokenizer(cfg.vocab_size)
-        .save(&tokenizer, false)
-        .unwrap();
+    let (target, tokenizer) = tiny_files(dir.path(), tiny_config(Architecture::Qwen2));
     let (pt, po) = (free_port(), free_port());
     let mut procs = Procs(Vec::new());
-    let mut serve = Command::new(env!("CARGO_BIN_EXE_ouro"));
+    let mut serve = ouro_serve(po, &tokenizer);
     serve
-        .arg("serve")
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{po}"),
-            "--http-listen",
-            "off",
-        ])
         .args(["--target-endpoint", &format!("http://127.0.0.1:{pt}")])
-        .arg("--tokenizer")
-        .arg(&tokenizer)
-        .args(["--skip-profile", "--backend-wait-s", "120"])
-        .env("RUST_LOG", "warn");
+        .args(["--backend-wait-s", "120"]);
     procs.spawn("ouro serve", &mut serve);
     // Nothing answers on the target's port yet: the orchestrator keeps waiting.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -83,30 +97,11 @@ async fn sigterm_lets_the_request_in_flight_finish_then_exits() {
         head_dim: 64,
         ..tiny_config(Architecture::Qwen2)
     };
-    let w = random_weights(&cfg, 5, true, false).unwrap();
-    let target = dir.path().join("t.gguf");
-    write_gguf(&target, &cfg, &w, GgmlDType::F32).unwrap();
-    let tokenizer = dir.path().join("tokenizer.json");
-    common::word_tokenizer(cfg.vocab_size)
-        .save(&tokenizer, false)
-        .unwrap();
+    let (target, tokenizer) = tiny_files(dir.path(), cfg);
     let po = free_port();
     let mut procs = Procs(Vec::new());
-    let mut serve = Command::new(env!("CARGO_BIN_EXE_ouro"));
-    serve
-        .arg("serve")
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{po}"),
-            "--http-listen",
-            "off",
-        ])
-        .arg("--target")
-        .arg(&target)
-        .args(["--draft", "none", "--skip-profile"])
-        .arg("--tokenizer")
-        .arg(&tokenizer)
-        .env("RUST_LOG", "warn");
+    let mut serve = ouro_serve(po, &tokenizer);
+    serve.arg("--target").arg(&target).args(["--draft", "none"]);
     procs.spawn("ouro serve", &mut serve);
     let url = format!("http://127.0.0.1:{po}");
     let mut client = wait_for(&mut procs, "ouro serve", || async {
