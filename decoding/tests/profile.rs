@@ -1,10 +1,89 @@
 //! Measuring a cost profile through the backends: every size is timed, and a context too
 //! short for the measurement is refused.
 
-use decoding::{LocalDraft, LocalTarget, PhrasePool, PoolConfig, ProfileOptions, auto::measure};
+use decoding::{
+    BackendInfo, DraftTree, LocalDraft, LocalTarget, PhrasePool, PoolConfig, ProfileOptions,
+    Result, SamplingParams, ServerTiming, SessionId, TargetBackend, VerifyOutcome, auto::measure,
+};
 use engine::MockModel;
 use futures::executor::block_on;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// A target that records the size of every tree it verifies and takes 2 ms plus 0.5 ms
+/// per node to do it, so what the profile measured can be checked against what it did.
+struct Slow {
+    inner: LocalTarget<MockModel>,
+    sizes: Mutex<Vec<usize>>,
+}
+
+impl TargetBackend for Slow {
+    fn info(&self) -> BackendInfo {
+        self.inner.info()
+    }
+    async fn open(&self, committed: &[u32]) -> Result<SessionId> {
+        self.inner.open(committed).await
+    }
+    async fn verify(
+        &self,
+        session: SessionId,
+        tree: &DraftTree,
+        sampling: &SamplingParams,
+        logprobs: Option<usize>,
+    ) -> Result<(VerifyOutcome, ServerTiming)> {
+        self.sizes.lock().unwrap().push(tree.len());
+        std::thread::sleep(Duration::from_micros(2000 + 500 * tree.len() as u64));
+        self.inner.verify(session, tree, sampling, logprobs).await
+    }
+    async fn close(&self, session: SessionId) -> Result<()> {
+        self.inner.close(session).await
+    }
+}
+
+/// The profile comes from the backend's own calls: every size it reports was verified
+/// (once untimed, then `reps` times), and its costs carry the backend's time.
+#[test]
+fn the_profile_holds_what_the_backend_took() {
+    let model = Arc::new(MockModel::new(40, 2048, 0.7, 1));
+    let target = Slow {
+        inner: LocalTarget::new(model),
+        sizes: Mutex::new(Vec::new()),
+    };
+    let opts = ProfileOptions {
+        verify_sizes: vec![1, 4, 16],
+        draft_tokens: vec![],
+        reps: 2,
+        prompt_len: 16,
+        ..ProfileOptions::default()
+    };
+    let p = block_on(measure::<_, LocalDraft<MockModel>>(&target, None, &opts)).unwrap();
+    let sizes = target.sizes.lock().unwrap().clone();
+    for &(n, _) in p.verify_points() {
+        let times = sizes.iter().filter(|&&s| s == n).count();
+        assert!(
+            times > opts.reps,
+            "size {n} verified {times} times: {sizes:?}"
+        );
+        // At least the time the backend slept for it.
+        let slept = (2000.0 + 500.0 * n as f64) * 1e-6;
+        assert!(
+            p.verify_cost(n) >= slept,
+            "size {n}: {} s",
+            p.verify_cost(n)
+        );
+        assert!(
+            p.verify_cost(n) < slept + 0.5,
+            "size {n}: {} s",
+            p.verify_cost(n)
+        );
+    }
+    // 16 nodes cost 7.5 ms more than one in the backend: the profile shows most of it.
+    assert!(
+        p.verify_cost(16) - p.verify_cost(1) > 0.005,
+        "{}",
+        p.describe()
+    );
+}
 
 #[test]
 fn a_profile_is_measured_through_the_backends() {
