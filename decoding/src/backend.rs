@@ -134,6 +134,11 @@ pub trait TargetBackend: Send + Sync {
         None
     }
 
+    /// Whether the backend answers now (for health checks); in process it always does.
+    fn reachable(&self) -> impl Future<Output = bool> + Send {
+        async { true }
+    }
+
     /// Starts a session on `committed` (at least one token); all but the last are
     /// prefilled, the last becomes the root of the first tree.
     fn open(&self, committed: &[u32]) -> impl Future<Output = Result<SessionId>> + Send;

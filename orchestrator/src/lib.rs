@@ -30,3 +30,14 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     serving::server::serve(OuroborosServer::new(service), listener, shutdown).await
 }
+
+/// As [`serve`], with health following `ready` (NOT_SERVING while no target answers).
+pub async fn serve_ready(
+    service: api::GenerateService,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+    ready: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let server = OuroborosServer::new(service);
+    serving::server::serve_ready(server, listener, shutdown, async {}, Some(ready)).await
+}

@@ -49,6 +49,10 @@ pub trait Runner: Send + Sync + 'static {
     ) -> BoxFuture<'static, decoding::Result<CostProfile>> {
         Box::pin(async { Err(DecodingError::invalid("this runner has nothing to profile")) })
     }
+    /// Whether the target answers now (the server's health follows it).
+    fn reachable(&self) -> BoxFuture<'static, bool> {
+        Box::pin(async { true })
+    }
     /// Runs one request to the end; `sink` sees committed tokens as they come.
     fn run(
         &self,
@@ -163,6 +167,11 @@ where
 {
     fn target_info(&self) -> BackendInfo {
         self.target.info()
+    }
+
+    fn reachable(&self) -> BoxFuture<'static, bool> {
+        let target = self.target.clone();
+        Box::pin(async move { target.reachable().await })
     }
 
     fn draft_info(&self) -> Option<BackendInfo> {

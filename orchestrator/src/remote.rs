@@ -185,6 +185,16 @@ impl TargetBackend for RemoteTarget {
         self.max_tree_nodes
     }
 
+    /// An Info call answered within 2 s.
+    async fn reachable(&self) -> bool {
+        let mut client = self.client.clone();
+        let call = client.info(tpb::InfoRequest::default());
+        matches!(
+            tokio::time::timeout(Duration::from_secs(2), call).await,
+            Ok(Ok(_))
+        )
+    }
+
     async fn open(&self, committed: &[u32]) -> Result<SessionId> {
         let r = self
             .client

@@ -300,6 +300,17 @@ impl<B: TargetBackend + 'static> TargetBackend for Replicas<B> {
             .min()
     }
 
+    /// Whether any replica answers.
+    async fn reachable(&self) -> bool {
+        let live = read(&self.inner.live).clone();
+        for r in live {
+            if r.backend.reachable().await {
+                return true;
+            }
+        }
+        false
+    }
+
     async fn open(&self, committed: &[u32]) -> Result<SessionId> {
         open_on_replicas!(self, committed)
     }

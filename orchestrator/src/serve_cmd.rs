@@ -40,6 +40,10 @@ pub struct ServeArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9090).
     #[arg(long, env = "OURO_METRICS_LISTEN")]
     metrics_listen: Option<String>,
+    /// Check this often whether a target replica answers; health says NOT_SERVING while
+    /// none does (0: never check).
+    #[arg(long, env = "OURO_HEALTH_CHECK_S", default_value_t = 5)]
+    health_check_s: u64,
     /// Resolve endpoint names again this often, to follow replicas that come and go
     /// (0: only at start).
     #[arg(long, env = "OURO_DISCOVERY_REFRESH_S", default_value_t = 15)]
@@ -171,7 +175,28 @@ async fn serve_with(a: ServeArgs) -> Result<()> {
         ))
     });
     tracing::info!(listen = %a.listen, "ouroboros API ready");
-    orchestrator::serve(service, listener, on_stop(stopped)).await?;
+    // Health follows whether the target answers (in process it always does).
+    let (up, ready) = tokio::sync::watch::channel(true);
+    if a.health_check_s > 0 {
+        let every = Duration::from_secs(a.health_check_s);
+        let runner = runner.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let now = runner.reachable().await;
+                if now != *up.borrow() {
+                    match now {
+                        true => tracing::info!("a target answers again: SERVING"),
+                        false => tracing::warn!("no target answers: NOT_SERVING"),
+                    }
+                }
+                if up.send(now).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    orchestrator::serve_ready(service, listener, on_stop(stopped), ready).await?;
     if let Some(h) = http {
         h.await.context("the HTTP server task")??;
     }

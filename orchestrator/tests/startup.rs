@@ -1,5 +1,6 @@
 //! `ouro serve` as a process: started before its target service (as a fresh `helm install`
-//! starts them) it waits for it with backoff instead of exiting, then serves; sent SIGTERM
+//! starts them) it waits for it with backoff instead of exiting, then serves, its health
+//! NOT_SERVING while the target is gone and SERVING when it is back; sent SIGTERM
 //! (as Kubernetes stops a pod) with a request in flight, it finishes that request, then
 //! exits cleanly.
 
@@ -14,6 +15,8 @@ use proto::v1::ouroboros_client::OuroborosClient;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
+use tonic_health::ServingStatus;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 /// A random model of `cfg` and a tokenizer for it, written into `dir`.
 fn tiny_files(dir: &Path, cfg: engine::ModelConfig) -> (PathBuf, PathBuf) {
@@ -46,7 +49,7 @@ fn ouro_serve(port: u16, tokenizer: &Path) -> Command {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_orchestrator_waits_for_a_target_that_starts_later() {
+async fn the_orchestrator_waits_for_a_target_that_starts_later_and_its_health_follows_it() {
     let dir = tempfile::tempdir().unwrap();
     let (target, tokenizer) = tiny_files(dir.path(), tiny_config(Architecture::Qwen2));
     let (pt, po) = (free_port(), free_port());
@@ -54,7 +57,7 @@ async fn the_orchestrator_waits_for_a_target_that_starts_later() {
     let mut serve = ouro_serve(po, &tokenizer);
     serve
         .args(["--target-endpoint", &format!("http://127.0.0.1:{pt}")])
-        .args(["--backend-wait-s", "120"]);
+        .args(["--backend-wait-s", "120", "--health-check-s", "1"]);
     procs.spawn("ouro serve", &mut serve);
     // Nothing answers on the target's port yet: the orchestrator keeps waiting.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -71,6 +74,67 @@ async fn the_orchestrator_waits_for_a_target_that_starts_later() {
         Ok(OuroborosClient::connect(url.clone()).await?)
     })
     .await;
+    let r = client
+        .generate(pb::GenerateRequest {
+            input: Some(pb::generate_request::Input::Prompt("w3 w4 w5".into())),
+            max_new_tokens: Some(6),
+            strategy: pb::Strategy::Greedy as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.token_ids.len(), 6);
+
+    // Health follows the target (checked every second here): the target gone, NOT_SERVING;
+    // back on its port, SERVING again, and requests are served.
+    let channel = tonic::transport::Channel::from_shared(url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let health = HealthClient::new(channel);
+    let status_becomes = |want: ServingStatus, procs: &mut Procs| {
+        let mut health = health.clone();
+        procs.check_alive();
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                let now = health
+                    .check(HealthCheckRequest::default())
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .status;
+                if now == want as i32 {
+                    return;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "health stays {now}, want {want:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    status_becomes(ServingStatus::Serving, &mut procs).await;
+    let (_, mut gone) = procs.0.pop().unwrap();
+    gone.kill().unwrap();
+    gone.wait().unwrap();
+    status_becomes(ServingStatus::NotServing, &mut procs).await;
+    // Not ready, but alive: a liveness probe does not restart it for its target's absence.
+    let alive = health
+        .clone()
+        .check(HealthCheckRequest {
+            service: serving::server::LIVENESS.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(alive, ServingStatus::Serving as i32);
+    procs.spawn("target-service", &mut cmd);
+    status_becomes(ServingStatus::Serving, &mut procs).await;
     let r = client
         .generate(pb::GenerateRequest {
             input: Some(pb::generate_request::Input::Prompt("w3 w4 w5".into())),

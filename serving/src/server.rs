@@ -4,6 +4,7 @@
 use crate::sessions::{SessionState, SessionTable};
 use std::convert::Infallible;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -48,10 +49,65 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
+    serve_ready(service, listener, stop, drain, None).await
+}
+
+/// The health service name that says SERVING while the process runs (liveness probes);
+/// the overall status ("") and the API's name follow readiness and the drain.
+pub const LIVENESS: &str = "liveness";
+
+/// As [`serve_draining`], with health following `ready` too (SERVING while it says true)
+/// until the stop.
+pub async fn serve_ready<S>(
+    service: S,
+    listener: TcpListener,
+    stop: impl Future<Output = ()> + Send,
+    drain: impl Future<Output = ()> + Send,
+    ready: Option<tokio::sync::watch::Receiver<bool>>,
+) -> anyhow::Result<()>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+        + NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<S>().await;
+    // For liveness probes: the process answers, whatever its backends (a pod whose target
+    // is away is not ready, but restarting it would not bring the target back).
+    reporter
+        .set_service_status(LIVENESS, tonic_health::ServingStatus::Serving)
+        .await;
+    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let follower = ready.map(|mut ready| {
+        let (reporter, stopping) = (reporter.clone(), stopping.clone());
+        tokio::spawn(async move {
+            loop {
+                let up = *ready.borrow_and_update();
+                if stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
+                let status = match up {
+                    true => tonic_health::ServingStatus::Serving,
+                    false => tonic_health::ServingStatus::NotServing,
+                };
+                reporter.set_service_status(S::NAME, status).await;
+                reporter.set_service_status("", status).await;
+                if ready.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+    });
     let shutdown = async move {
         stop.await;
+        stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(f) = follower {
+            f.abort();
+        }
         reporter.set_not_serving::<S>().await;
         reporter
             .set_service_status("", tonic_health::ServingStatus::NotServing)

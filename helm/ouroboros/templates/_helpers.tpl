@@ -174,6 +174,8 @@ spec:
           livenessProbe:
             grpc:
               port: {{ $v.port }}
+              # SERVING while the process answers; readiness follows the backends.
+              service: liveness
             periodSeconds: 10
             timeoutSeconds: 5
             failureThreshold: 6
