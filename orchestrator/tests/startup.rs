@@ -48,6 +48,21 @@ fn ouro_serve(port: u16, tokenizer: &Path) -> Command {
     c
 }
 
+/// Asks for six greedy tokens, and gets them.
+async fn six_tokens(client: &mut OuroborosClient<tonic::transport::Channel>) {
+    let r = client
+        .generate(pb::GenerateRequest {
+            input: Some(pb::generate_request::Input::Prompt("w3 w4 w5".into())),
+            max_new_tokens: Some(6),
+            strategy: pb::Strategy::Greedy as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.token_ids.len(), 6);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_orchestrator_waits_for_a_target_that_starts_later_and_its_health_follows_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -74,17 +89,7 @@ async fn the_orchestrator_waits_for_a_target_that_starts_later_and_its_health_fo
         Ok(OuroborosClient::connect(url.clone()).await?)
     })
     .await;
-    let r = client
-        .generate(pb::GenerateRequest {
-            input: Some(pb::generate_request::Input::Prompt("w3 w4 w5".into())),
-            max_new_tokens: Some(6),
-            strategy: pb::Strategy::Greedy as i32,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(r.token_ids.len(), 6);
+    six_tokens(&mut client).await;
 
     // Health follows the target (checked every second here): the target gone, NOT_SERVING;
     // back on its port, SERVING again, and requests are served.
@@ -135,17 +140,7 @@ async fn the_orchestrator_waits_for_a_target_that_starts_later_and_its_health_fo
     assert_eq!(alive, ServingStatus::Serving as i32);
     procs.spawn("target-service", &mut cmd);
     status_becomes(ServingStatus::Serving, &mut procs).await;
-    let r = client
-        .generate(pb::GenerateRequest {
-            input: Some(pb::generate_request::Input::Prompt("w3 w4 w5".into())),
-            max_new_tokens: Some(6),
-            strategy: pb::Strategy::Greedy as i32,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(r.token_ids.len(), 6);
+    six_tokens(&mut client).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
