@@ -94,6 +94,7 @@ impl ChatTemplate {
                 .iter()
                 .map(|m| (m.role.as_str(), m.content.as_str())),
         )
+        .map_err(|e| format!("chat.messages: {e}"))
     }
 
     /// The prompt for `(role, content)` turns, ending where the assistant's reply begins.

@@ -88,14 +88,9 @@ impl Validator {
 
     /// Messages rendered in the model's chat template, the assistant's turn opened.
     pub fn render_chat(&self, messages: &[pb::ChatMessage]) -> Result<String, Status> {
-        self.chat.render(messages).map_err(|e| {
-            // The checks before rendering name their field; the template's own errors not.
-            let message = match e.starts_with("chat.messages") {
-                true => e,
-                false => format!("chat.messages: {e}"),
-            };
-            field_status("chat.messages", message)
-        })
+        self.chat
+            .render(messages)
+            .map_err(|e| field_status("chat.messages", e))
     }
 
     /// Checks `r` and tokenizes its input (on the blocking pool).
