@@ -181,18 +181,21 @@ async fn serve_with(a: ServeArgs) -> Result<()> {
         let every = Duration::from_secs(a.health_check_s);
         let runner = runner.clone();
         tokio::spawn(async move {
-            loop {
+            while !up.is_closed() {
                 tokio::time::sleep(every).await;
                 let now = runner.reachable().await;
-                if now != *up.borrow() {
+                // Health is told of changes only.
+                up.send_if_modified(|was| {
+                    if *was == now {
+                        return false;
+                    }
                     match now {
                         true => tracing::info!("a target answers again: SERVING"),
                         false => tracing::warn!("no target answers: NOT_SERVING"),
                     }
-                }
-                if up.send(now).is_err() {
-                    return;
-                }
+                    *was = now;
+                    true
+                });
             }
         });
     }

@@ -4,7 +4,6 @@
 use crate::sessions::{SessionState, SessionTable};
 use std::convert::Infallible;
 use std::future::Future;
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -12,43 +11,55 @@ use tonic::body::Body;
 use tonic::codegen::{Service, http};
 use tonic::server::NamedService;
 
-/// Serves `service` on `listener`, with gRPC health (reporting it serving) and reflection
-/// over our descriptor set, until `shutdown` completes.
-pub async fn serve<S>(
-    service: S,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send,
-) -> anyhow::Result<()>
-where
-    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
-        + NamedService
+/// A gRPC service a server can host: what tonic's router takes, named for health and
+/// reflection.
+pub trait GrpcService:
+    Service<
+        http::Request<Body>,
+        Response = http::Response<Body>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + NamedService
+    + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S> GrpcService for S where
+    S: Service<
+            http::Request<Body>,
+            Response = http::Response<Body>,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + NamedService
         + Clone
         + Send
         + Sync
-        + 'static,
-    S::Future: Send + 'static,
+        + 'static
 {
+}
+
+/// Serves `service` on `listener`, with gRPC health (reporting it serving) and reflection
+/// over our descriptor set, until `shutdown` completes.
+pub async fn serve<S: GrpcService>(
+    service: S,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
     serve_draining(service, listener, shutdown, async {}).await
 }
 
 /// As [`serve`], with a drain between the stop signal and the end: once `stop` completes,
 /// health says NOT_SERVING (so balancers and orchestrators send nothing new) while the
 /// calls of open sessions go on until `drain` completes.
-pub async fn serve_draining<S>(
+pub async fn serve_draining<S: GrpcService>(
     service: S,
     listener: TcpListener,
     stop: impl Future<Output = ()> + Send,
     drain: impl Future<Output = ()> + Send,
-) -> anyhow::Result<()>
-where
-    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
-        + NamedService
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
-{
+) -> anyhow::Result<()> {
     serve_ready(service, listener, stop, drain, None).await
 }
 
@@ -58,22 +69,13 @@ pub const LIVENESS: &str = "liveness";
 
 /// As [`serve_draining`], with health following `ready` too (SERVING while it says true)
 /// until the stop.
-pub async fn serve_ready<S>(
+pub async fn serve_ready<S: GrpcService>(
     service: S,
     listener: TcpListener,
     stop: impl Future<Output = ()> + Send,
     drain: impl Future<Output = ()> + Send,
     ready: Option<tokio::sync::watch::Receiver<bool>>,
-) -> anyhow::Result<()>
-where
-    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
-        + NamedService
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
-{
+) -> anyhow::Result<()> {
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<S>().await;
     // For liveness probes: the process answers, whatever its backends (a pod whose target
@@ -81,15 +83,11 @@ where
     reporter
         .set_service_status(LIVENESS, tonic_health::ServingStatus::Serving)
         .await;
-    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let follower = ready.map(|mut ready| {
-        let (reporter, stopping) = (reporter.clone(), stopping.clone());
+        let reporter = reporter.clone();
         tokio::spawn(async move {
             loop {
                 let up = *ready.borrow_and_update();
-                if stopping.load(std::sync::atomic::Ordering::SeqCst) {
-                    return;
-                }
                 let status = match up {
                     true => tonic_health::ServingStatus::Serving,
                     false => tonic_health::ServingStatus::NotServing,
@@ -104,9 +102,10 @@ where
     });
     let shutdown = async move {
         stop.await;
-        stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Gone before the drain's status is set, so it cannot set SERVING after it.
         if let Some(f) = follower {
             f.abort();
+            let _ = f.await;
         }
         reporter.set_not_serving::<S>().await;
         reporter
