@@ -18,6 +18,8 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 use telemetry::traces::traced;
 use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 tokio::task_local! {
     /// The deadline of the public request that internal calls serve, where its client set
@@ -123,6 +125,8 @@ fn timing_of(t: Option<common::ServerTiming>) -> ServerTiming {
 #[derive(Clone)]
 pub struct RemoteTarget {
     client: TargetServiceClient<Channel>,
+    /// The service's gRPC health, on the same channel.
+    health: HealthClient<Channel>,
     info: BackendInfo,
     /// The service's limit on one verify's tree (from its Info; 0 there: none said).
     max_tree_nodes: Option<usize>,
@@ -144,7 +148,8 @@ impl RemoteTarget {
         vocab_entries: usize,
         limits: CallLimits,
     ) -> anyhow::Result<Self> {
-        let mut client = TargetServiceClient::new(channel(url, limits).await?);
+        let channel = channel(url, limits).await?;
+        let mut client = TargetServiceClient::new(channel.clone());
         let info = client
             .info(tpb::InfoRequest {
                 vocab_fingerprint_entries: vocab_entries as u32,
@@ -159,6 +164,7 @@ impl RemoteTarget {
             .map(ChatTemplateSource::from);
         Ok(Self {
             client,
+            health: HealthClient::new(channel),
             max_tree_nodes: (info.max_tree_nodes > 0).then_some(info.max_tree_nodes as usize),
             info: info_of(info.model, url)?,
             chat_template,
@@ -185,14 +191,15 @@ impl TargetBackend for RemoteTarget {
         self.max_tree_nodes
     }
 
-    /// An Info call answered within 2 s.
+    /// Its gRPC health says SERVING within 2 s (a draining service is not reachable for
+    /// new sessions either).
     async fn reachable(&self) -> bool {
-        let mut client = self.client.clone();
-        let call = client.info(tpb::InfoRequest::default());
-        matches!(
-            tokio::time::timeout(Duration::from_secs(2), call).await,
-            Ok(Ok(_))
-        )
+        let mut health = self.health.clone();
+        let call = health.check(HealthCheckRequest::default());
+        match tokio::time::timeout(Duration::from_secs(2), call).await {
+            Ok(Ok(r)) => r.into_inner().status == ServingStatus::Serving as i32,
+            _ => false,
+        }
     }
 
     async fn open(&self, committed: &[u32]) -> Result<SessionId> {
