@@ -6,47 +6,15 @@
 
 mod common;
 
-use candle_core::quantized::GgmlDType;
-use common::{Procs, binary, free_port, wait_for};
+use common::{Procs, binary, free_port, ouro_serve, tiny_files, wait_for};
 use engine::Architecture;
-use engine::testing::{random_weights, tiny_config, write_gguf};
+use engine::testing::tiny_config;
 use proto::v1 as pb;
 use proto::v1::ouroboros_client::OuroborosClient;
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 use tonic_health::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-
-/// A random model of `cfg` and a tokenizer for it, written into `dir`.
-fn tiny_files(dir: &Path, cfg: engine::ModelConfig) -> (PathBuf, PathBuf) {
-    let w = random_weights(&cfg, 5, true, false).unwrap();
-    let target = dir.join("t.gguf");
-    write_gguf(&target, &cfg, &w, GgmlDType::F32).unwrap();
-    let tokenizer = dir.join("tokenizer.json");
-    common::word_tokenizer(cfg.vocab_size)
-        .save(&tokenizer, false)
-        .unwrap();
-    (target, tokenizer)
-}
-
-/// `ouro serve` on `port` (gRPC only, no profile) with `tokenizer`; the caller adds its
-/// backends.
-fn ouro_serve(port: u16, tokenizer: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_ouro"));
-    c.arg("serve")
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--http-listen",
-            "off",
-        ])
-        .arg("--tokenizer")
-        .arg(tokenizer)
-        .arg("--skip-profile")
-        .env("RUST_LOG", "warn");
-    c
-}
 
 /// Asks for six greedy tokens, and gets them.
 async fn six_tokens(client: &mut OuroborosClient<tonic::transport::Channel>) {
@@ -146,17 +114,7 @@ async fn the_orchestrator_waits_for_a_target_that_starts_later_and_its_health_fo
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_the_request_in_flight_finish_then_exits() {
     let dir = tempfile::tempdir().unwrap();
-    // Big enough that 400 tokens take a while (~1 ms each), so the signal lands mid-way.
-    let cfg = engine::ModelConfig {
-        hidden_size: 256,
-        intermediate_size: 768,
-        num_layers: 4,
-        num_heads: 4,
-        num_kv_heads: 2,
-        head_dim: 64,
-        ..tiny_config(Architecture::Qwen2)
-    };
-    let (target, tokenizer) = tiny_files(dir.path(), cfg);
+    let (target, tokenizer) = tiny_files(dir.path(), common::slower_config());
     let po = free_port();
     let mut procs = Procs(Vec::new());
     let mut serve = ouro_serve(po, &tokenizer);

@@ -204,6 +204,18 @@ pub fn status_of(e: &DecodingError) -> Status {
     Status::new(code, e.to_string())
 }
 
+/// Whether `s` is the client's report of a failed transport rather than an answer.
+fn broken_connection(s: &Status) -> bool {
+    let mut cause = std::error::Error::source(s);
+    while let Some(e) = cause {
+        if e.is::<tonic::transport::Error>() || e.is::<std::io::Error>() {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
+}
+
 /// The error a remote backend reports for a status it received about `session`.
 pub fn error_of(s: &Status, session: Option<u64>) -> DecodingError {
     let msg = s.message().to_string();
@@ -214,6 +226,11 @@ pub fn error_of(s: &Status, session: Option<u64>) -> DecodingError {
         (Code::ResourceExhausted, _) => DecodingError::Exhausted(msg),
         (Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled, _) => {
             DecodingError::Unavailable(msg)
+        }
+        // The connection broke under the call (the peer died mid-answer): the client's
+        // own status, as unreachable as a refused connection.
+        (Code::Unknown, _) if broken_connection(s) => {
+            DecodingError::Unavailable(format!("the connection broke: {msg}"))
         }
         (code, _) => DecodingError::Backend(format!("{code:?}: {msg}")),
     }

@@ -12,8 +12,8 @@ use hyper::body::Bytes;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use std::convert::Infallible;
 use std::sync::OnceLock;
@@ -53,6 +53,7 @@ pub struct Metrics {
     pub trie_hits: IntCounterVec,
     pub trie_nodes: IntGauge,
     pub in_flight: IntGauge,
+    pub session_failovers: IntCounter,
     // Draft and target services, by service ("draft" / "target").
     pub sessions: IntGaugeVec,
     pub kv_bytes: IntGaugeVec,
@@ -167,6 +168,15 @@ impl Metrics {
             ),
             trie_nodes: gauge(&r, "trie_nodes", "Nodes in the shared output trie."),
             in_flight: gauge(&r, "requests_running", "Generate requests in progress."),
+            session_failovers: {
+                let c = IntCounter::new(
+                    "session_failovers_total",
+                    "Sessions re-opened on another replica after theirs failed.",
+                )
+                .expect("valid metric");
+                r.register(Box::new(c.clone())).expect("unique metric");
+                c
+            },
             sessions: {
                 let g = IntGaugeVec::new(Opts::new("sessions", "Open sessions."), &["service"])
                     .expect("valid metric");

@@ -136,3 +136,47 @@ pub fn embedded_service(
     );
     (pipeline, service)
 }
+
+/// A random model of `cfg` and a tokenizer for it, written into `dir`.
+pub fn tiny_files(dir: &Path, cfg: engine::ModelConfig) -> (PathBuf, PathBuf) {
+    let w = random_weights(&cfg, 5, true, false).unwrap();
+    let target = dir.join("t.gguf");
+    write_gguf(&target, &cfg, &w, GgmlDType::F32).unwrap();
+    let tokenizer = dir.join("tokenizer.json");
+    word_tokenizer(cfg.vocab_size)
+        .save(&tokenizer, false)
+        .unwrap();
+    (target, tokenizer)
+}
+
+/// `ouro serve` on `port` (gRPC only, no profile) with `tokenizer`; the caller adds its
+/// backends.
+pub fn ouro_serve(port: u16, tokenizer: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ouro"));
+    c.arg("serve")
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--http-listen",
+            "off",
+        ])
+        .arg("--tokenizer")
+        .arg(tokenizer)
+        .arg("--skip-profile")
+        .env("RUST_LOG", "warn");
+    c
+}
+
+/// A random model big enough that 400 tokens take a while (~1 ms each), so a signal sent
+/// after the first ones lands mid-way.
+pub fn slower_config() -> engine::ModelConfig {
+    engine::ModelConfig {
+        hidden_size: 256,
+        intermediate_size: 768,
+        num_layers: 4,
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 64,
+        ..tiny_config(Architecture::Qwen2)
+    }
+}
