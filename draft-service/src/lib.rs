@@ -11,7 +11,7 @@ use serving::DraftRuntime;
 use serving::draft::DraftSessions;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
@@ -138,12 +138,23 @@ pub async fn serve<M: LanguageModel + 'static>(
     serve_draining(service, listener, shutdown, async {}).await
 }
 
-/// As [`serve`]; after `stop`, health says NOT_SERVING until `drain` ends the server.
+/// As [`serve`]; after `stop`, health says NOT_SERVING until `drain` ends the server, and
+/// while the model's worker has stopped.
 pub async fn serve_draining<M: LanguageModel + 'static>(
     service: DraftGrpc<M>,
     listener: TcpListener,
     stop: impl Future<Output = ()> + Send,
     drain: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    serving::server::serve_draining(DraftServiceServer::new(service), listener, stop, drain).await
+    let runtime = service.runtime.clone();
+    let ready = serving::server::follow(move || runtime.alive(), Duration::from_secs(1));
+    let server = DraftServiceServer::new(service);
+    serving::server::serve_ready(
+        server,
+        listener,
+        stop,
+        drain,
+        Some((ready, serving::server::Signal::Life)),
+    )
+    .await
 }

@@ -31,13 +31,16 @@ pub async fn serve(
     serving::server::serve(OuroborosServer::new(service), listener, shutdown).await
 }
 
-/// As [`serve`], with health following `ready` (NOT_SERVING while no target answers).
+/// As [`serve`], with health following `ready` (NOT_SERVING while no target answers),
+/// which says `signal`: readiness when the target is remote (it may come back), life
+/// when it runs in this process (its worker cannot).
 pub async fn serve_ready(
     service: api::GenerateService,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
     ready: tokio::sync::watch::Receiver<bool>,
+    signal: serving::server::Signal,
 ) -> anyhow::Result<()> {
     let server = OuroborosServer::new(service);
-    serving::server::serve_ready(server, listener, shutdown, async {}, Some(ready)).await
+    serving::server::serve_ready(server, listener, shutdown, async {}, Some((ready, signal))).await
 }

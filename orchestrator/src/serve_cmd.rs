@@ -175,7 +175,7 @@ async fn serve_with(a: ServeArgs) -> Result<()> {
         ))
     });
     tracing::info!(listen = %a.listen, "ouroboros API ready");
-    // Health follows whether the target answers (in process it always does).
+    // Health follows whether the target answers (in process: whether its worker runs).
     let (up, ready) = tokio::sync::watch::channel(true);
     if a.health_check_s > 0 {
         let every = Duration::from_secs(a.health_check_s);
@@ -199,7 +199,11 @@ async fn serve_with(a: ServeArgs) -> Result<()> {
             }
         });
     }
-    orchestrator::serve_ready(service, listener, on_stop(stopped), ready).await?;
+    let signal = match a.target_endpoint {
+        Some(_) => serving::server::Signal::Readiness,
+        None => serving::server::Signal::Life,
+    };
+    orchestrator::serve_ready(service, listener, on_stop(stopped), ready, signal).await?;
     if let Some(h) = http {
         h.await.context("the HTTP server task")??;
     }

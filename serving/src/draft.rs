@@ -105,6 +105,11 @@ impl<M: LanguageModel + 'static> DraftRuntime<M> {
         &self.config
     }
 
+    /// Whether its worker runs (health says NOT_SERVING when not).
+    pub fn alive(&self) -> bool {
+        self.scheduler.alive()
+    }
+
     /// Session count and KV memory into the metrics.
     pub fn publish(&self) {
         crate::server::publish_sessions("draft", &self.sessions);

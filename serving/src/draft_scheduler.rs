@@ -55,6 +55,11 @@ pub struct DraftScheduler<M: LanguageModel> {
 }
 
 impl<M: LanguageModel + 'static> DraftScheduler<M> {
+    /// Whether the worker runs: if not, every call fails and health must say so.
+    pub fn alive(&self) -> bool {
+        self.worker.alive()
+    }
+
     /// A worker that catches sessions up `chunk` rows per step.
     pub fn start(model: Arc<M>, sessions: Arc<DraftSessions<M>>, chunk: usize) -> Self {
         let worker = WorkerHandle::spawn("draft-scheduler", move |rx| {

@@ -100,6 +100,11 @@ impl<M: LanguageModel + 'static> Scheduler<M> {
         rx.await.map_err(|_| stopped())?
     }
 
+    /// Whether the worker runs: if not, every call fails and health must say so.
+    pub fn alive(&self) -> bool {
+        self.worker.alive()
+    }
+
     fn send(&self, job: Job<M>) -> Result<()> {
         match self.worker.send(job) {
             true => Ok(()),
@@ -350,18 +355,30 @@ impl<M: LanguageModel> Worker<M> {
             .zip(outs.into_iter().zip(guards.iter_mut()))
         {
             let job = r.job;
+            let mut damaged = false;
             let result = out.and_then(|out| {
                 self.sessions.work_on(job.id, guard, |s| {
-                    s.verify_finish(
-                        &job.tree,
-                        &r.positions,
-                        r.base,
-                        &out,
-                        &job.sampling,
-                        job.logprobs,
-                    )
+                    let finish = || {
+                        s.verify_finish(
+                            &job.tree,
+                            &r.positions,
+                            r.base,
+                            &out,
+                            &job.sampling,
+                            job.logprobs,
+                        )
+                    };
+                    catch_unwind(AssertUnwindSafe(finish)).unwrap_or_else(|p| {
+                        damaged = true;
+                        Err(panicked("reading the forward's outcome", p))
+                    })
                 })
             });
+            // A panic half-way may have left the cache half-updated: the session is closed
+            // (a caller that knows its tokens opens it again, exactly).
+            if damaged {
+                self.sessions.close_locked(job.id, guard);
+            }
             let timing = ServerTiming {
                 queue: started
                     .saturating_duration_since(job.enqueued)
@@ -426,7 +443,7 @@ pub(crate) fn forward_isolated<M: LanguageModel>(
         Ok(Err(e)) if batch.len() == 1 => vec![Err(e.into())],
         Err(p) if batch.len() == 1 => {
             let _ = batch[0].0.truncate(lens[0]);
-            vec![Err(panicked(p))]
+            vec![Err(panicked("the model's forward", p))]
         }
         // A panic may have left rows past a cache's length: cut back first.
         Ok(Err(_)) | Err(_) => batch
@@ -439,7 +456,7 @@ pub(crate) fn forward_isolated<M: LanguageModel>(
                     Ok(r) => Ok(r?),
                     Err(p) => {
                         let _ = cache.truncate(len);
-                        Err(panicked(p))
+                        Err(panicked("the model's forward", p))
                     }
                 }
             })
@@ -447,15 +464,15 @@ pub(crate) fn forward_isolated<M: LanguageModel>(
     }
 }
 
-/// The error of a forward that panicked, with the panic's message.
-fn panicked(payload: Box<dyn std::any::Any + Send>) -> DecodingError {
+/// The error of `what` that panicked, with the panic's message.
+fn panicked(what: &str, payload: Box<dyn std::any::Any + Send>) -> DecodingError {
     let msg = payload
         .downcast_ref::<&str>()
         .map(|s| s.to_string())
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "no message".into());
-    tracing::error!("the model's forward panicked: {msg}");
-    DecodingError::Backend(format!("the model's forward panicked: {msg}"))
+    tracing::error!("{what} panicked: {msg}");
+    DecodingError::Backend(format!("{what} panicked: {msg}"))
 }
 
 /// A verify job whose tree passed the session's checks.

@@ -63,18 +63,54 @@ pub async fn serve_draining<S: GrpcService>(
     serve_ready(service, listener, stop, drain, None).await
 }
 
-/// The health service name that says SERVING while the process runs (liveness probes);
-/// the overall status ("") and the API's name follow readiness and the drain.
+/// A signal for [`serve_ready`]: `check` asked every `every`, changes sent on. Its task
+/// ends when the receiver is gone.
+pub fn follow(
+    check: impl Fn() -> bool + Send + 'static,
+    every: Duration,
+) -> tokio::sync::watch::Receiver<bool> {
+    let (tx, rx) = tokio::sync::watch::channel(check());
+    tokio::spawn(async move {
+        while !tx.is_closed() {
+            tokio::time::sleep(every).await;
+            let now = check();
+            tx.send_if_modified(|was| {
+                let changed = *was != now;
+                if changed {
+                    tracing::warn!(ready = now, "readiness changed; health follows");
+                }
+                *was = now;
+                changed
+            });
+        }
+    });
+    rx
+}
+
+/// The health service name for liveness probes: SERVING while the process can serve
+/// once what it waits for is back; the overall status ("") and the API's name follow
+/// readiness and the drain.
 pub const LIVENESS: &str = "liveness";
 
-/// As [`serve_draining`], with health following `ready` too (SERVING while it says true)
+/// What a signal given to [`serve_ready`] says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// Whether the server can serve now; when not, something outside it may come back (an
+    /// orchestrator's target): not ready, but alive.
+    Readiness,
+    /// Whether the process can serve at all (its model worker runs); when not, nothing
+    /// but a restart helps: neither ready nor alive.
+    Life,
+}
+
+/// As [`serve_draining`], with health following `follow` too (SERVING while it says true)
 /// until the stop.
 pub async fn serve_ready<S: GrpcService>(
     service: S,
     listener: TcpListener,
     stop: impl Future<Output = ()> + Send,
     drain: impl Future<Output = ()> + Send,
-    ready: Option<tokio::sync::watch::Receiver<bool>>,
+    follow: Option<(tokio::sync::watch::Receiver<bool>, Signal)>,
 ) -> anyhow::Result<()> {
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<S>().await;
@@ -83,7 +119,7 @@ pub async fn serve_ready<S: GrpcService>(
     reporter
         .set_service_status(LIVENESS, tonic_health::ServingStatus::Serving)
         .await;
-    let follower = ready.map(|mut ready| {
+    let follower = follow.map(|(mut ready, signal)| {
         let reporter = reporter.clone();
         tokio::spawn(async move {
             loop {
@@ -94,6 +130,9 @@ pub async fn serve_ready<S: GrpcService>(
                 };
                 reporter.set_service_status(S::NAME, status).await;
                 reporter.set_service_status("", status).await;
+                if signal == Signal::Life {
+                    reporter.set_service_status(LIVENESS, status).await;
+                }
                 if ready.changed().await.is_err() {
                     return;
                 }

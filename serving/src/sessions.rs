@@ -268,6 +268,12 @@ impl<S: SessionState> SessionTable<S> {
         Ok(())
     }
 
+    /// Closes a session whose lock the caller holds (a call that left it unusable).
+    pub fn close_locked(&self, id: SessionId, slot: &mut Slot<S>) {
+        self.map.remove(&id);
+        self.release(slot);
+    }
+
     /// Evicts sessions idle for longer than the TTL; busy sessions are not idle. Returns
     /// how many went.
     pub fn evict_idle(&self) -> usize {

@@ -100,6 +100,11 @@ impl<M: LanguageModel + 'static> TargetRuntime<M> {
         &self.config
     }
 
+    /// Whether its worker runs (health says NOT_SERVING when not).
+    pub fn alive(&self) -> bool {
+        self.scheduler.alive()
+    }
+
     /// Session count and KV memory into the metrics.
     pub fn publish(&self) {
         crate::server::publish_sessions("target", &self.sessions);
@@ -165,6 +170,11 @@ impl<M: LanguageModel + 'static> TargetBackend for TargetRuntime<M> {
 
     fn info(&self) -> BackendInfo {
         info_of(&*self.model)
+    }
+
+    /// Whether its worker runs.
+    async fn reachable(&self) -> bool {
+        self.alive()
     }
 
     async fn open(&self, committed: &[u32]) -> Result<SessionId> {

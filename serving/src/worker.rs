@@ -24,6 +24,12 @@ impl<J: Send + 'static> WorkerHandle<J> {
         }
     }
 
+    /// Whether the worker thread still runs (it ends when dropped, or when something
+    /// outside the model's isolated forwards panicked).
+    pub(crate) fn alive(&self) -> bool {
+        self.worker.as_ref().is_some_and(|w| !w.is_finished())
+    }
+
     /// Hands `job` to the worker; `false` when it has stopped.
     pub(crate) fn send(&self, job: J) -> bool {
         self.jobs.as_ref().is_some_and(|j| j.send(job).is_ok())

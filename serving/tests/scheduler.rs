@@ -6,6 +6,7 @@ mod common;
 
 use common::{Gated, poll_once};
 use decoding::{DraftTree, SamplingParams, TargetSession};
+use engine::mock::Doomed;
 use engine::{ForwardOutput, LanguageModel, MockModel, ModelInfo, SeqInput};
 use serving::scheduler::{Scheduler, SchedulerConfig};
 use serving::sessions::SessionLimits;
@@ -256,4 +257,141 @@ async fn a_panicking_forward_fails_only_its_own_call() {
         .await
         .unwrap();
     assert_eq!(got_b, b_local.verify(inner, &again, &greedy, None).unwrap());
+}
+
+/// The gated mock model returning no logits rows for a sequence that carries [`MARK`]
+/// (a model bug the outcome's reading trips over when log-probabilities are asked for).
+struct Rowless(Gated);
+
+impl LanguageModel for Rowless {
+    type Cache = <MockModel as LanguageModel>::Cache;
+
+    fn info(&self) -> &ModelInfo {
+        self.0.info()
+    }
+
+    fn new_cache(&self) -> Self::Cache {
+        self.0.new_cache()
+    }
+
+    fn forward_batch(
+        &self,
+        batch: &mut [(&mut Self::Cache, SeqInput<'_>)],
+    ) -> engine::Result<Vec<ForwardOutput>> {
+        let marked: Vec<bool> = batch
+            .iter()
+            .map(|(_, i)| i.tokens.contains(&MARK))
+            .collect();
+        let mut outs = self.0.forward_batch(batch)?;
+        for (out, marked) in outs.iter_mut().zip(marked) {
+            if marked {
+                out.logits = Some(Vec::new());
+            }
+        }
+        Ok(outs)
+    }
+}
+
+/// A panic while a forward's outcome is read (after the model answered) fails that call
+/// with INTERNAL and closes its session, whose cache it may have left half-updated (a
+/// caller holding the tokens re-opens it exactly); the other session in the same forward
+/// is served and the worker goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_reading_an_outcome_fails_its_call_and_closes_only_its_session() {
+    let model = Arc::new(Rowless(Gated::new()));
+    let sessions = Arc::new(SessionTable::new(SessionLimits::default()));
+    let config = SchedulerConfig {
+        max_batch_tokens: 512,
+        batch_wait: Duration::ZERO,
+        prefill_chunk: 8,
+    };
+    let scheduler = Scheduler::start(model.clone(), sessions.clone(), config);
+    let greedy = SamplingParams::greedy();
+    let inner = &model.0.inner;
+    let (pa, pb) = (prompt(5, 3), prompt(6, 4));
+    let a = scheduler.open(pa.clone()).await.unwrap();
+    let b = scheduler.open(pb.clone()).await.unwrap();
+    let a_local = TargetSession::open(inner, &pa).unwrap();
+    let mut b_local = TargetSession::open(inner, &pb).unwrap();
+
+    // Both trees in one forward: hold the worker in a prefill while they queue.
+    let before = model.0.log().len();
+    model.0.set_closed(true);
+    let mut long = Box::pin(scheduler.open(prompt(30, 5)));
+    poll_once(&mut long).await;
+    let gated = model.clone();
+    tokio::task::spawn_blocking(move || gated.0.wait_for_forwards(before + 1))
+        .await
+        .unwrap();
+    let bad = DraftTree::from_parts(vec![a_local.last, MARK, 7], vec![-1, 0, 1]).unwrap();
+    let good = DraftTree::from_parts(vec![b_local.last, 8, 9], vec![-1, 0, 1]).unwrap();
+    let mut verify_a =
+        Box::pin(scheduler.verify(a, sessions.get(a).unwrap(), bad, greedy, Some(1)));
+    let mut verify_b =
+        Box::pin(scheduler.verify(b, sessions.get(b).unwrap(), good.clone(), greedy, Some(1)));
+    poll_once(&mut verify_a).await;
+    poll_once(&mut verify_b).await;
+    model.0.set_closed(false);
+
+    let err = verify_a.await.unwrap_err();
+    assert!(err.to_string().contains("outcome"), "{err}");
+    assert_eq!(
+        proto::convert::status_of(&err).code(),
+        tonic::Code::Internal
+    );
+    assert!(sessions.get(a).is_err(), "the damaged session is closed");
+    let (got_b, _) = verify_b.await.unwrap();
+    assert_eq!(
+        got_b,
+        b_local.verify(inner, &good, &greedy, Some(1)).unwrap()
+    );
+    long.await.unwrap();
+    assert!(scheduler.alive());
+    let again = DraftTree::from_parts(vec![b_local.last, 1], vec![-1, 0]).unwrap();
+    let (got_b, _) = scheduler
+        .verify(b, sessions.get(b).unwrap(), again.clone(), greedy, None)
+        .await
+        .unwrap();
+    assert_eq!(got_b, b_local.verify(inner, &again, &greedy, None).unwrap());
+}
+
+/// A worker that died says so: `alive` turns false (health follows it) and calls get
+/// UNAVAILABLE instead of waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_worker_is_seen_and_its_calls_are_unavailable() {
+    let model = Arc::new(Doomed::new(
+        MockModel::new(500, 4096, 0.5, 3),
+        "verify-scheduler",
+    ));
+    let sessions = Arc::new(SessionTable::new(SessionLimits::default()));
+    let config = SchedulerConfig {
+        max_batch_tokens: 512,
+        batch_wait: Duration::ZERO,
+        prefill_chunk: 8,
+    };
+    let scheduler = Scheduler::start(model.clone(), sessions.clone(), config);
+    let a = scheduler.open(prompt(5, 3)).await.unwrap();
+    assert!(scheduler.alive());
+    model.arm();
+    let t = DraftTree::from_parts(vec![7, 8], vec![-1, 0]).unwrap();
+    let greedy = SamplingParams::greedy();
+    let err = scheduler
+        .verify(a, sessions.get(a).unwrap(), t.clone(), greedy, None)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        proto::convert::status_of(&err).code(),
+        tonic::Code::Unavailable,
+        "{err}"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while scheduler.alive() {
+        assert!(std::time::Instant::now() < deadline, "still alive");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let err = scheduler
+        .verify(a, sessions.get(a).unwrap(), t, greedy, None)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("stopped"), "{err}");
 }

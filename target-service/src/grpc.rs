@@ -11,7 +11,7 @@ use serving::scheduler::TargetSessions;
 use serving::{TargetConfig, TargetRuntime};
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
@@ -137,11 +137,23 @@ pub async fn serve<M: LanguageModel + 'static>(
 }
 
 /// As [`serve`]; after `stop`, health says NOT_SERVING until `drain` ends the server.
+/// Health also says NOT_SERVING if the model's worker stops (checked every second), so
+/// that Kubernetes restarts a pod that can no longer serve.
 pub async fn serve_draining<M: LanguageModel + 'static>(
     service: TargetGrpc<M>,
     listener: TcpListener,
     stop: impl Future<Output = ()> + Send,
     drain: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    serving::server::serve_draining(TargetServiceServer::new(service), listener, stop, drain).await
+    let runtime = service.runtime.clone();
+    let ready = serving::server::follow(move || runtime.alive(), Duration::from_secs(1));
+    let server = TargetServiceServer::new(service);
+    serving::server::serve_ready(
+        server,
+        listener,
+        stop,
+        drain,
+        Some((ready, serving::server::Signal::Life)),
+    )
+    .await
 }

@@ -484,3 +484,54 @@ async fn health_says_not_serving_while_draining() {
         .unwrap()
         .unwrap();
 }
+
+/// A target whose model worker died cannot serve again: its health turns NOT_SERVING, the
+/// `liveness` name too (Kubernetes takes the pod out of service and restarts it; the
+/// orchestrator moves its sessions to other replicas), and calls get UNAVAILABLE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_says_not_serving_when_the_worker_dies() {
+    use engine::mock::Doomed;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let model = Arc::new(Doomed::new(
+        MockModel::new(64, 512, 0.7, 3),
+        "verify-scheduler",
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(serve(
+        TargetGrpc::new(model.clone(), TargetConfig::default()),
+        listener,
+        std::future::pending(),
+    ));
+    let channel = tonic::transport::Endpoint::from_shared(addr)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel.clone());
+    let mut c = TargetServiceClient::new(channel);
+    let mut status = async |name: &str| {
+        let r = HealthCheckRequest {
+            service: name.to_string(),
+        };
+        health.check(r).await.unwrap().into_inner().status
+    };
+    let name = "ouroboros.target.v1.TargetService";
+    assert_eq!(status(name).await, ServingStatus::Serving as i32);
+    let id = open(&mut c, &[1, 2, 3]).await;
+    model.arm();
+    let t = DraftTree::from_parts(vec![3, 5], vec![-1, 0]).unwrap();
+    let (code, msg) = code_of(c.verify(request(id, &t, None)).await).await;
+    assert_eq!(code, Code::Unavailable, "{msg}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while status(name).await != ServingStatus::NotServing as i32 {
+        assert!(std::time::Instant::now() < deadline, "health never changed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status("").await, ServingStatus::NotServing as i32);
+    assert_eq!(
+        status(serving::server::LIVENESS).await,
+        ServingStatus::NotServing as i32
+    );
+}

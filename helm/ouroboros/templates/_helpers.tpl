@@ -174,7 +174,8 @@ spec:
           livenessProbe:
             grpc:
               port: {{ $v.port }}
-              # SERVING while the process answers; readiness follows the backends.
+              # SERVING while the process can serve: a service whose model worker stopped
+              # fails it (and is restarted); the orchestrator's readiness follows its targets.
               service: liveness
             periodSeconds: 10
             timeoutSeconds: 5
