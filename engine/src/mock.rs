@@ -195,6 +195,51 @@ impl LanguageModel for MockModel {
     }
 }
 
+/// A mock model for fault tests: once armed, reading its facts on the thread named
+/// `thread` panics (as a bug outside a forward would), so that thread dies.
+pub struct Doomed {
+    model: MockModel,
+    thread: &'static str,
+    armed: std::sync::atomic::AtomicBool,
+}
+
+impl Doomed {
+    pub fn new(model: MockModel, thread: &'static str) -> Self {
+        Self {
+            model,
+            thread,
+            armed: Default::default(),
+        }
+    }
+
+    pub fn arm(&self) {
+        self.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl LanguageModel for Doomed {
+    type Cache = MockCache;
+
+    fn info(&self) -> &ModelInfo {
+        let here = std::thread::current().name() == Some(self.thread);
+        if here && self.armed.load(std::sync::atomic::Ordering::SeqCst) {
+            panic!("armed: the {} thread dies", self.thread);
+        }
+        self.model.info()
+    }
+
+    fn new_cache(&self) -> MockCache {
+        self.model.new_cache()
+    }
+
+    fn forward_batch(
+        &self,
+        batch: &mut [(&mut MockCache, SeqInput<'_>)],
+    ) -> Result<Vec<ForwardOutput>> {
+        self.model.forward_batch(batch)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -289,50 +334,5 @@ mod tests {
             run(&siblings, &[2, 3]),
             "a wrong position went unnoticed"
         );
-    }
-}
-
-/// A mock model for fault tests: once armed, reading its facts on the thread named
-/// `thread` panics (as a bug outside a forward would), so that thread dies.
-pub struct Doomed {
-    model: MockModel,
-    thread: &'static str,
-    armed: std::sync::atomic::AtomicBool,
-}
-
-impl Doomed {
-    pub fn new(model: MockModel, thread: &'static str) -> Self {
-        Self {
-            model,
-            thread,
-            armed: Default::default(),
-        }
-    }
-
-    pub fn arm(&self) {
-        self.armed.store(true, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-impl LanguageModel for Doomed {
-    type Cache = MockCache;
-
-    fn info(&self) -> &ModelInfo {
-        let here = std::thread::current().name() == Some(self.thread);
-        if here && self.armed.load(std::sync::atomic::Ordering::SeqCst) {
-            panic!("armed: the {} thread dies", self.thread);
-        }
-        self.model.info()
-    }
-
-    fn new_cache(&self) -> MockCache {
-        self.model.new_cache()
-    }
-
-    fn forward_batch(
-        &self,
-        batch: &mut [(&mut MockCache, SeqInput<'_>)],
-    ) -> Result<Vec<ForwardOutput>> {
-        self.model.forward_batch(batch)
     }
 }
