@@ -27,7 +27,8 @@ struct Args {
     device: String,
     #[arg(long, env = "OURO_DRAFT_MAX_SESSIONS", default_value_t = 64)]
     max_sessions: usize,
-    /// KV memory budget in MiB; new sessions are refused while it is full.
+    /// KV memory budget in MiB: new sessions are refused while it is full, and so is
+    /// a call that would grow a session's cache past it.
     #[arg(long, env = "OURO_DRAFT_KV_BUDGET_MB", default_value_t = 2048)]
     kv_budget_mb: usize,
     /// Sessions idle this long are evicted.

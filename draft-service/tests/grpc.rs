@@ -266,3 +266,53 @@ async fn bad_draft_requests_get_statuses_and_idle_sessions_expire() {
     let s = c.draft(base).await.expect_err("expired");
     assert_eq!(s.code(), Code::NotFound, "{}", s.message());
 }
+
+/// The KV budget holds while draft sessions grow: a draft that would take a session's
+/// cache past its capacity, and the sessions past the budget, is refused with
+/// RESOURCE_EXHAUSTED (the orchestrator goes on target-only); a session within its
+/// memory drafts as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_budget_holds_while_draft_sessions_grow() {
+    let (_dir, model) = tiny_model();
+    let cfg = tiny_config(Architecture::Llama);
+    // One session's cache at its first capacity (256 entries, f32).
+    let one = 2 * cfg.num_layers * cfg.num_kv_heads * 256 * cfg.head_dim * 4;
+    let config = DraftConfig {
+        kv_budget_bytes: one * 5 / 2,
+        ..DraftConfig::default()
+    };
+    let mut c = start(model.clone(), config).await;
+    let mut open = async |tokens: Vec<u32>| {
+        c.open_session(pb::OpenSessionRequest { tokens })
+            .await
+            .unwrap()
+            .into_inner()
+            .session_id
+    };
+    let long: Vec<u32> = (0..250).map(|i| (i * 7 + 3) % 64).collect();
+    let a = open(long).await;
+    let b = open(vec![1, 2, 3]).await;
+    let draft = |session_id, gamma| pb::DraftRequest {
+        session_id,
+        new_committed: Vec::new(),
+        gamma,
+        lookahead: None,
+        pool_delta: Vec::new(),
+        eos: Vec::new(),
+        stop_below: 0.0,
+    };
+    // A session's cache is filled on its first draft: B's takes one session's memory.
+    let r = c.draft(draft(b, 4)).await.unwrap().into_inner();
+    let want = greedy(&*model, &[1, 2, 3], 8);
+    assert_eq!(r.tokens, want[..4]);
+    // A's takes another; its tenth token after 250 would take it past 256 entries, and
+    // the cache would double past the budget of two and a half.
+    let e = c.draft(draft(a, 10)).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("more bytes for its draft"), "{e:?}");
+    // B within its memory drafts on.
+    let mut next = draft(b, 4);
+    next.new_committed = want[..4].to_vec();
+    let r = c.draft(next).await.unwrap().into_inner();
+    assert_eq!(r.tokens, want[4..]);
+}

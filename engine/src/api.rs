@@ -140,6 +140,9 @@ pub trait KvState: Send {
     fn keep(&mut self, base: usize, rows: &[usize]) -> Result<()>;
     /// Bytes of memory held, for admission control.
     fn memory_bytes(&self) -> usize;
+    /// Bytes it would hold once `extra` more entries are written (its growth policy
+    /// applied), so a server can refuse a forward that would overrun its memory budget.
+    fn memory_bytes_after(&self, extra: usize) -> usize;
 }
 
 pub(crate) fn check_keep(len: usize, base: usize, rows: &[usize]) -> Result<()> {

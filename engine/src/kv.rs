@@ -61,10 +61,7 @@ impl KvCache {
         if needed <= self.capacity {
             return Ok(());
         }
-        let grown = needed
-            .next_multiple_of(GROW_STEP)
-            .max(self.capacity * 2)
-            .min(self.max_len);
+        let grown = self.grown_capacity(needed);
         let shape = (1, self.kv_heads, grown, self.head_dim);
         let mut layers = Vec::with_capacity(self.num_layers);
         for layer in 0..self.num_layers {
@@ -82,6 +79,21 @@ impl KvCache {
         self.layers = layers;
         self.capacity = grown;
         Ok(())
+    }
+
+    /// The capacity that holds `needed` entries: steps of [`GROW_STEP`] or doubling.
+    fn grown_capacity(&self, needed: usize) -> usize {
+        if needed <= self.capacity {
+            return self.capacity;
+        }
+        needed
+            .next_multiple_of(GROW_STEP)
+            .max(self.capacity * 2)
+            .min(self.max_len)
+    }
+
+    fn bytes_for(&self, capacity: usize) -> usize {
+        2 * self.num_layers * self.kv_heads * capacity * self.head_dim * self.dtype.size_in_bytes()
     }
 
     /// Writes `k`/`v` of shape `(1, kv_heads, n, head_dim)` after the committed entries of
@@ -148,10 +160,12 @@ impl KvState for KvCache {
     }
 
     fn memory_bytes(&self) -> usize {
-        2 * self.num_layers
-            * self.kv_heads
-            * self.capacity
-            * self.head_dim
-            * self.dtype.size_in_bytes()
+        self.bytes_for(self.capacity)
+    }
+
+    fn memory_bytes_after(&self, extra: usize) -> usize {
+        // Past the context limit the forward fails anyway; that is not a memory question.
+        let needed = (self.len + extra).min(self.max_len);
+        self.bytes_for(self.grown_capacity(needed))
     }
 }

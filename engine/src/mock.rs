@@ -51,6 +51,17 @@ impl KvState for MockCache {
     fn memory_bytes(&self) -> usize {
         self.entries.capacity() * std::mem::size_of::<Entry>()
     }
+
+    /// As a `Vec` grows: to what is needed, or double, whichever is more.
+    fn memory_bytes_after(&self, extra: usize) -> usize {
+        let (needed, cap) = (self.entries.len() + extra, self.entries.capacity());
+        let grown = if needed <= cap {
+            cap
+        } else {
+            needed.max(2 * cap)
+        };
+        grown * std::mem::size_of::<Entry>()
+    }
 }
 
 fn mix(mut h: u64) -> u64 {

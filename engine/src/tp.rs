@@ -66,6 +66,13 @@ impl KvState for TpCache {
     fn memory_bytes(&self) -> usize {
         self.shards.iter().map(|s| lock(s).memory_bytes()).sum()
     }
+
+    fn memory_bytes_after(&self, extra: usize) -> usize {
+        self.shards
+            .iter()
+            .map(|s| lock(s).memory_bytes_after(extra))
+            .sum()
+    }
 }
 
 struct OwnedSeq {

@@ -22,8 +22,12 @@ type Table = Arc<serving::scheduler::TargetSessions<engine::Transformer>>;
 
 /// A target service on loopback; returns its URL and its session table.
 async fn target(model: &std::path::Path) -> (String, Table) {
+    target_with(model, TargetConfig::default()).await
+}
+
+async fn target_with(model: &std::path::Path, config: TargetConfig) -> (String, Table) {
     let m = Arc::new(engine::load_model(model, &LoadOptions::default(), &Device::Cpu).unwrap());
-    let grpc = TargetGrpc::new(m, TargetConfig::default());
+    let grpc = TargetGrpc::new(m, config);
     let sessions = grpc.sessions().clone();
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", l.local_addr().unwrap());
@@ -43,9 +47,13 @@ async fn replicas(spec: &str) -> Replicas<RemoteTarget> {
 }
 
 async fn greedy<T: TargetBackend>(t: &T, prompt: &[u32]) -> Vec<u32> {
+    greedy_n(t, prompt, 12).await
+}
+
+async fn greedy_n<T: TargetBackend>(t: &T, prompt: &[u32], n: usize) -> Vec<u32> {
     let params = DecodeParams {
         strategy: Strategy::Greedy,
-        max_new_tokens: 12,
+        max_new_tokens: n,
         ..DecodeParams::default()
     };
     let (pool, trie) = (PhrasePool::new(Default::default()), TrieCache::default());
@@ -236,4 +244,38 @@ async fn replicas_follow_what_the_names_resolve_to() {
     names.lock().unwrap().clear();
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(r.urls(), vec![b.clone()]);
+}
+
+/// A replica without the memory to grow a session (its KV budget, 1.5 sessions at the
+/// first cache capacity, is full once the cache would double) hands it over: the session
+/// is opened on the other replica with every token it held and goes on there, with the
+/// output one replica alone gives; the full replica gets its memory back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_moves_when_its_replica_has_no_memory_to_grow_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(Architecture::Llama);
+    let w = random_weights(&cfg, 5, false, false).unwrap();
+    let path = dir.path().join("t.gguf");
+    write_gguf(&path, &cfg, &w, GgmlDType::F32).unwrap();
+    let one = 2 * cfg.num_layers * cfg.num_kv_heads * 256 * cfg.head_dim * 4;
+    let small = TargetConfig {
+        kv_budget_bytes: one * 3 / 2,
+        ..TargetConfig::default()
+    };
+    let (a, sa) = target_with(&path, small).await;
+    let (b, sb) = target(&path).await;
+    let both = replicas(&format!("{a}, {b}")).await;
+    let alone = replicas(&b).await;
+    // 249 cached prompt tokens: the 8th token after them takes the cache past 256.
+    let prompt: Vec<u32> = (0..250).map(|i| (i * 7 + 3) % 64).collect();
+    let before = telemetry::metrics().session_failovers.get();
+    let got = greedy_n(&both, &prompt, 16).await;
+    assert_eq!(got, greedy_n(&alone, &prompt, 16).await);
+    assert_eq!(telemetry::metrics().session_failovers.get(), before + 1);
+    assert_eq!(
+        (sa.len(), sa.bytes()),
+        (0, 0),
+        "the full replica got its memory back"
+    );
+    assert_eq!(sb.len(), 0);
 }

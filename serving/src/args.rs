@@ -16,7 +16,8 @@ pub struct TargetLimitsArgs {
     /// Most rows in one batched forward.
     #[arg(long, env = "OURO_TARGET_MAX_BATCH_TOKENS", default_value_t = 512)]
     pub max_batch_tokens: usize,
-    /// KV memory budget in MiB; new sessions are refused while it is full.
+    /// KV memory budget in MiB: new sessions are refused while it is full, and so is
+    /// a call that would grow a session's cache past it.
     #[arg(long, env = "OURO_TARGET_KV_BUDGET_MB", default_value_t = 4096)]
     pub kv_budget_mb: usize,
     /// Sessions idle this long are evicted.

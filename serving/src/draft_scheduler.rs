@@ -168,6 +168,7 @@ impl<M: LanguageModel> Worker<M> {
         // Plan each call's next step; calls with none left (or whose caller left) end.
         let mut steps: Vec<Option<DraftStep>> = Vec::with_capacity(self.active.len());
         let mut ended: Vec<Option<Result<DraftOutcome>>> = Vec::with_capacity(self.active.len());
+        let mut budget = self.sessions.budget(0);
         for (a, g) in self.active.iter_mut().zip(guards.iter_mut()) {
             if a.job.reply.is_closed() {
                 steps.push(None);
@@ -177,9 +178,18 @@ impl<M: LanguageModel> Worker<M> {
                 continue;
             }
             let chunk = self.chunk;
-            let planned = self.sessions.work_on(a.job.id, g, |s| {
-                s.plan(max_pos, chunk, &a.job.pool, &a.call)
-            });
+            let planned = self
+                .sessions
+                .work_on(a.job.id, g, |s| {
+                    s.plan(max_pos, chunk, &a.job.pool, &a.call)
+                })
+                .and_then(|step| match step {
+                    Some(step) => {
+                        budget.grow(&g.state.cache, step.rows(), "its draft")?;
+                        Ok(Some(step))
+                    }
+                    None => Ok(None),
+                });
             match planned {
                 Ok(Some(step)) => {
                     steps.push(Some(step));

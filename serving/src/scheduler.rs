@@ -5,7 +5,7 @@
 //! New sessions prefill in chunks that ride along in those forwards, so a long prompt
 //! delays the open sessions' rounds by at most one chunk per forward.
 
-use crate::sessions::{SessionTable, Slot, SlotRef, lock};
+use crate::sessions::{Budget, SessionTable, Slot, SlotRef, lock};
 use crate::worker::WorkerHandle;
 use decoding::{DecodingError, DraftTree, Result, SamplingParams, ServerTiming, SessionId};
 use decoding::{TargetSession, VerifyOutcome};
@@ -285,18 +285,31 @@ impl<M: LanguageModel> Worker<M> {
         batch
     }
 
-    fn run_batch(&mut self, jobs: Vec<VerifyJob<M>>, mut chunks: Vec<(Prefill<M>, usize)>) {
+    fn run_batch(&mut self, jobs: Vec<VerifyJob<M>>, chunks: Vec<(Prefill<M>, usize)>) {
         let started = Instant::now();
         let max_pos = self.model.info().max_position;
         let slots: Vec<_> = jobs.iter().map(|j| j.slot.clone()).collect();
         let mut ready = Vec::new();
         let mut guards = Vec::new();
+        // The KV budget holds while sessions grow: what prefilling sessions hold counts
+        // too, and a part whose growth would overrun it is refused.
+        let prefilling: usize = (self.prefills.iter())
+            .chain(chunks.iter().map(|(p, _)| p))
+            .map(|p| p.session.memory_bytes())
+            .sum();
+        let mut budget = self.sessions.budget(prefilling);
+        let mut chunks = admit_chunks(&mut budget, chunks);
         for (job, slot) in jobs.into_iter().zip(&slots) {
             let guard = lock(slot);
             let prepared = self
                 .sessions
                 .check_open(job.id, &guard)
-                .and_then(|_| guard.state.verify_input(&job.tree, max_pos));
+                .and_then(|_| guard.state.verify_input(&job.tree, max_pos))
+                .and_then(|p| {
+                    let cache = &guard.state.cache;
+                    budget.grow(cache, job.tree.len(), "its tree")?;
+                    Ok(p)
+                });
             match prepared {
                 Ok((positions, visibility)) => {
                     let base = guard.state.cache.len();
@@ -394,6 +407,22 @@ impl<M: LanguageModel> Worker<M> {
     }
 }
 
+/// The prefill chunks whose growth `budget` admits; the others' opens are refused.
+fn admit_chunks<M: LanguageModel>(
+    budget: &mut Budget,
+    chunks: Vec<(Prefill<M>, usize)>,
+) -> Vec<(Prefill<M>, usize)> {
+    let mut fit = Vec::with_capacity(chunks.len());
+    for (p, rows) in chunks {
+        match budget.grow(&p.session.cache, rows, "its prompt") {
+            Ok(()) => fit.push((p, rows)),
+            Err(e) => {
+                let _ = p.reply.send(Err(e));
+            }
+        }
+    }
+    fit
+}
 /// One batched forward over the trees and the prefill chunks: the trees' outputs, and
 /// whether each chunk went into its cache. If the batch fails, each part runs alone, so
 /// one bad part cannot fail the others.

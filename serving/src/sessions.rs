@@ -268,6 +268,15 @@ impl<S: SessionState> SessionTable<S> {
         Ok(())
     }
 
+    /// The budget one forward's parts grow within: what the sessions hold, plus `beside`
+    /// held outside the table (sessions still prefilling).
+    pub fn budget(&self, beside: usize) -> Budget {
+        Budget {
+            used: self.bytes() + beside,
+            max: self.limits.max_bytes,
+        }
+    }
+
     /// Closes a session whose lock the caller holds (a call that left it unusable).
     pub fn close_locked(&self, id: SessionId, slot: &mut Slot<S>) {
         self.map.remove(&id);
@@ -294,6 +303,32 @@ impl<S: SessionState> SessionTable<S> {
             false
         });
         evicted
+    }
+}
+
+/// KV memory in use and the most there may be, as one forward's parts are admitted: the
+/// budget holds while sessions grow.
+pub struct Budget {
+    used: usize,
+    max: usize,
+}
+
+impl Budget {
+    /// Takes the memory `cache` needs for `rows` more entries, or refuses (the caller's
+    /// session keeps what it had).
+    pub fn grow(&mut self, cache: &impl engine::KvState, rows: usize, what: &str) -> Result<()> {
+        let growth = cache
+            .memory_bytes_after(rows)
+            .saturating_sub(cache.memory_bytes());
+        if growth > 0 && self.used + growth > self.max {
+            return Err(DecodingError::Exhausted(format!(
+                "KV memory budget is full: the session needs {growth} more bytes for {what} \
+                 ({rows} rows) and {} of {} are in use; retry later or on another replica",
+                self.used, self.max
+            )));
+        }
+        self.used += growth;
+        Ok(())
     }
 }
 

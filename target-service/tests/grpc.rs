@@ -390,11 +390,22 @@ async fn idle_sessions_expire_and_full_service_refuses_new_ones() {
     open(&mut c, &[1]).await;
 }
 
+/// KV bytes of `n` sessions of the tiny model at its first cache capacity (256 entries,
+/// f32).
+fn sessions_bytes(n: f64) -> usize {
+    let cfg = tiny_config(Architecture::Qwen2);
+    let one = 2 * cfg.num_layers * cfg.num_kv_heads * 256 * cfg.head_dim * 4;
+    (one as f64 * n) as usize
+}
+
+/// A budget of one session: a second is refused, while the open one keeps verifying
+/// within the memory it holds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kv_budget_refuses_new_sessions_but_keeps_existing_ones() {
-    let model = Arc::new(MockModel::new(50, 64, 0.5, 1));
+    let dir = tempfile::tempdir().unwrap();
+    let model = load(&tiny_gguf(dir.path()));
     let config = TargetConfig {
-        kv_budget_bytes: 1,
+        kv_budget_bytes: sessions_bytes(1.0),
         ..TargetConfig::default()
     };
     let mut c = start(model, config).await;
@@ -406,14 +417,43 @@ async fn kv_budget_refuses_new_sessions_but_keeps_existing_ones() {
     .await;
     assert_eq!(got, Code::ResourceExhausted, "{msg}");
     assert!(msg.contains("KV memory budget"), "{msg}");
-    let r = pb::VerifyRequest {
-        session_id: a,
-        tokens: vec![4, 5],
-        parents: vec![-1, 0],
-        sampling: None,
-        logprobs: None,
+    let t = DraftTree::from_parts(vec![4, 5], vec![-1, 0]).unwrap();
+    assert!(c.verify(request(a, &t, None)).await.is_ok());
+}
+
+/// The budget holds while sessions grow: a tree that would take a session's cache past
+/// its capacity, and the sessions past the budget, is refused with RESOURCE_EXHAUSTED and
+/// leaves the session as it was; the other session is unaffected; once memory frees,
+/// the same tree verifies, exactly as in process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_budget_holds_while_sessions_grow() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = load(&tiny_gguf(dir.path()));
+    let config = TargetConfig {
+        kv_budget_bytes: sessions_bytes(2.5),
+        ..TargetConfig::default()
     };
-    assert!(c.verify(r).await.is_ok());
+    let mut c = start(model.clone(), config).await;
+    let long: Vec<u32> = (0..250).map(|i| (i * 7 + 3) % 64).collect();
+    let a = open(&mut c, &long).await;
+    let b = open(&mut c, &[1, 2, 3]).await;
+    // 249 entries + 10 rows: past the first 256, so the cache would double.
+    let mut local = TargetSession::open(&*model, &long).unwrap();
+    let t = tree(local.last, 10, 64, 5);
+    let (got, msg) = code_of(c.verify(request(a, &t, None)).await).await;
+    assert_eq!(got, Code::ResourceExhausted, "{msg}");
+    assert!(msg.contains("more bytes for its tree"), "{msg}");
+    let small = DraftTree::from_parts(vec![3, 5, 6], vec![-1, 0, 1]).unwrap();
+    assert!(c.verify(request(b, &small, None)).await.is_ok());
+    c.close_session(pb::CloseSessionRequest { session_id: b })
+        .await
+        .unwrap();
+    let got = c.verify(request(a, &t, None)).await.unwrap().into_inner();
+    let greedy = SamplingParams::greedy();
+    assert_eq!(
+        outcome(got),
+        local.verify(&*model, &t, &greedy, None).unwrap()
+    );
 }
 
 /// On the stop signal health turns NOT_SERVING (so nothing new is routed here) while an
