@@ -2,6 +2,10 @@
 //! weights and one shard of every session's KV cache (its key/value heads). A forward is
 //! broadcast to all ranks; row-parallel layers meet in an all-reduce; rank 0 produces the
 //! outputs. All ranks sum partials in the same order, so they stay bit-identical.
+//!
+//! A rank that fails (an error or a panic in its shard) breaks the all-reduce's meeting
+//! point, so the ranks waiting there fail the forward too instead of waiting forever; the
+//! next forward starts afresh.
 
 use crate::api::{ForwardOutput, KvState, LanguageModel, ModelInfo, OutputSpec, SeqInput};
 use crate::error::{EngineError, Result};
@@ -9,9 +13,11 @@ use crate::kv::KvCache;
 use crate::mask::Visibility;
 use crate::transformer::{AllReduce, LoadOptions, Shard, Transformer};
 use candle_core::{Device, Tensor};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
-use std::sync::{Arc, Barrier, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -19,18 +25,78 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// A barrier that a failing rank can break: then every rank waiting at it, or arriving
+/// later in the same forward, gets an error instead of waiting for a rank that will never
+/// come.
+struct Meeting {
+    world: usize,
+    state: Mutex<MeetingState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct MeetingState {
+    arrived: usize,
+    generation: u64,
+    broken: bool,
+}
+
+impl Meeting {
+    fn new(world: usize) -> Self {
+        Self {
+            world,
+            state: Mutex::default(),
+            changed: Condvar::new(),
+        }
+    }
+
+    fn wait(&self) -> Result<()> {
+        let broken = || EngineError::Rank("another rank failed this forward".into());
+        let mut s = lock(&self.state);
+        if s.broken {
+            return Err(broken());
+        }
+        let generation = s.generation;
+        s.arrived += 1;
+        if s.arrived == self.world {
+            s.arrived = 0;
+            s.generation += 1;
+            self.changed.notify_all();
+            return Ok(());
+        }
+        while s.generation == generation && !s.broken {
+            s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        match s.generation == generation {
+            true => Err(broken()),
+            false => Ok(()),
+        }
+    }
+
+    /// A rank failed: nobody waits here for the rest of this forward.
+    fn break_off(&self) {
+        lock(&self.state).broken = true;
+        self.changed.notify_all();
+    }
+
+    /// Every rank has left the forward: the next one meets afresh.
+    fn reset(&self) {
+        *lock(&self.state) = MeetingState::default();
+    }
+}
+
 /// All-reduce between threads: every rank posts its partial, then sums all partials in
 /// rank order.
 struct ThreadAllReduce {
     slots: Vec<Mutex<Vec<f32>>>,
-    barrier: Barrier,
+    meeting: Meeting,
 }
 
 impl AllReduce for ThreadAllReduce {
     fn sum(&self, rank: usize, t: &Tensor) -> Result<Tensor> {
         let data: Vec<f32> = t.flatten_all()?.to_vec1()?;
         *lock(&self.slots[rank]) = data;
-        self.barrier.wait();
+        self.meeting.wait()?;
         let mut acc = lock(&self.slots[0]).clone();
         for slot in &self.slots[1..] {
             for (a, b) in acc.iter_mut().zip(lock(slot).iter()) {
@@ -38,7 +104,7 @@ impl AllReduce for ThreadAllReduce {
             }
         }
         // Nobody may post the next partial before everyone has read this one.
-        self.barrier.wait();
+        self.meeting.wait()?;
         Ok(Tensor::from_vec(acc, t.shape(), t.device())?)
     }
 }
@@ -99,23 +165,51 @@ struct Job {
     done: Sender<Result<()>>,
 }
 
+/// One rank's part of a forward. If it fails, error or panic, the meeting point is broken
+/// so that no other rank waits for it.
 fn run_shard(
     model: &Transformer,
+    rank: usize,
     seqs: &[OwnedSeq],
     caches: &[Arc<Mutex<KvCache>>],
+    shared: &Shared,
 ) -> Result<Tensor> {
-    let mut guards: Vec<MutexGuard<'_, KvCache>> = caches.iter().map(|c| lock(c)).collect();
-    let mut batch: Vec<(&mut KvCache, SeqInput<'_>)> = guards
-        .iter_mut()
-        .zip(seqs)
-        .map(|(g, s)| (&mut **g, s.view()))
-        .collect();
-    model.forward_hidden(&mut batch)
+    let run = || {
+        if shared.faults[rank].swap(false, Ordering::SeqCst) {
+            panic!("fault injected into rank {rank}");
+        }
+        let mut guards: Vec<MutexGuard<'_, KvCache>> = caches.iter().map(|c| lock(c)).collect();
+        let mut batch: Vec<(&mut KvCache, SeqInput<'_>)> = guards
+            .iter_mut()
+            .zip(seqs)
+            .map(|(g, s)| (&mut **g, s.view()))
+            .collect();
+        model.forward_hidden(&mut batch)
+    };
+    let result = catch_unwind(AssertUnwindSafe(run)).unwrap_or_else(|p| {
+        let msg = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        Err(EngineError::Rank(format!("rank {rank} panicked: {msg}")))
+    });
+    if result.is_err() {
+        shared.all_reduce.meeting.break_off();
+    }
+    result
+}
+
+/// What the ranks share: the all-reduce, and faults armed for tests.
+struct Shared {
+    all_reduce: Arc<ThreadAllReduce>,
+    faults: Vec<AtomicBool>,
 }
 
 pub struct TpModel {
     leader: Transformer,
     workers: Vec<(Sender<Job>, JoinHandle<()>)>,
+    shared: Arc<Shared>,
     /// One forward at a time: the all-reduce pairs up ranks by call order.
     running: Mutex<()>,
     world: usize,
@@ -145,7 +239,11 @@ impl TpModel {
         let path = path.as_ref();
         let ar = Arc::new(ThreadAllReduce {
             slots: (0..world).map(|_| Mutex::new(Vec::new())).collect(),
-            barrier: Barrier::new(world),
+            meeting: Meeting::new(world),
+        });
+        let shared = Arc::new(Shared {
+            all_reduce: ar.clone(),
+            faults: (0..world).map(|_| AtomicBool::new(false)).collect(),
         });
         let mut shards = Vec::with_capacity(world);
         for (rank, device) in devices.iter().enumerate() {
@@ -160,12 +258,14 @@ impl TpModel {
         let mut workers = Vec::new();
         for (i, model) in shards.enumerate() {
             let (tx, rx): (Sender<Job>, Receiver<Job>) = channel();
+            let shared = shared.clone();
+            let rank = i + 1;
             let handle = std::thread::Builder::new()
-                .name(format!("tp-rank-{}", i + 1))
+                .name(format!("tp-rank-{rank}"))
                 .spawn(move || {
                     for job in rx {
-                        let res = run_shard(&model, &job.seqs, &job.caches).map(|_| ());
-                        let _ = job.done.send(res);
+                        let res = run_shard(&model, rank, &job.seqs, &job.caches, &shared);
+                        let _ = job.done.send(res.map(|_| ()));
                     }
                 })
                 .map_err(|e| EngineError::Rank(format!("cannot start rank thread: {e}")))?;
@@ -174,6 +274,7 @@ impl TpModel {
         Ok(Self {
             leader,
             workers,
+            shared,
             running: Mutex::new(()),
             world,
         })
@@ -182,6 +283,18 @@ impl TpModel {
     pub fn world(&self) -> usize {
         self.world
     }
+
+    /// For fault tests: `rank`'s part of the next forward panics.
+    pub fn inject_panic(&self, rank: usize) {
+        if let Some(f) = self.shared.faults.get(rank) {
+            f.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Whether `e` only says that another rank failed.
+fn broken_meeting(e: &EngineError) -> bool {
+    matches!(e, EngineError::Rank(m) if m.starts_with("another rank failed"))
 }
 
 impl LanguageModel for TpModel {
@@ -243,12 +356,27 @@ impl LanguageModel for TpModel {
             replies.push(rx);
         }
         let leader_caches: Vec<_> = batch.iter().map(|(c, _)| c.shards[0].clone()).collect();
-        let hidden = run_shard(&self.leader, &seqs, &leader_caches);
+        let hidden = run_shard(&self.leader, 0, &seqs, &leader_caches, &self.shared);
+        // Every rank has left the forward (failed or not) before the next may start.
+        let mut failed = None;
         for (rank, rx) in replies.into_iter().enumerate() {
-            rx.recv()
-                .map_err(|_| EngineError::Rank(format!("rank {} died mid-forward", rank + 1)))??;
+            let reply = rx
+                .recv()
+                .map_err(|_| EngineError::Rank(format!("rank {} died mid-forward", rank + 1)))
+                .and_then(|r| r);
+            match (reply, &failed) {
+                (Err(e), None) => failed = Some(e),
+                // The first failure is the cause; the others only found the meeting broken.
+                (Err(e), Some(f)) if broken_meeting(f) && !broken_meeting(&e) => failed = Some(e),
+                _ => {}
+            }
         }
-        let hidden = hidden?;
+        self.shared.all_reduce.meeting.reset();
+        let hidden = match (hidden, failed) {
+            (Err(e), _) if !broken_meeting(&e) => return Err(e),
+            (_, Some(e)) => return Err(e),
+            (hidden, None) => hidden?,
+        };
         let inputs: Vec<SeqInput<'_>> = seqs.iter().map(|s| s.view()).collect();
         self.leader.outputs(&hidden, &inputs)
     }

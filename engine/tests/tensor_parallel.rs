@@ -224,3 +224,50 @@ fn tp_larger_than_kv_heads_is_refused() {
         "{err}"
     );
 }
+
+/// A rank that fails mid-forward (a panic in its shard) fails that forward on every rank,
+/// the leader included, instead of leaving the others waiting in the all-reduce for ever;
+/// the forward after it runs as if nothing had happened.
+#[test]
+fn a_failing_rank_fails_the_forward_on_every_rank_instead_of_hanging() {
+    use std::sync::Arc;
+    use std::sync::mpsc::channel;
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(Architecture::Llama);
+    let path = dir.path().join("m.gguf");
+    write_gguf(
+        &path,
+        &cfg,
+        &random_weights(&cfg, 1, false, false).unwrap(),
+        GgmlDType::F32,
+    )
+    .unwrap();
+    let tp = Arc::new(TpModel::load(&path, 2, &LoadOptions::default(), &Device::Cpu).unwrap());
+    let prompt: Vec<u32> = (0..12).map(|i| (i * 7 + 3) % 64).collect();
+    // One forward of the prompt on a fresh cache, on another thread, within a minute.
+    let run = || {
+        let (tx, rx) = channel();
+        let (tp, prompt) = (tp.clone(), prompt.clone());
+        std::thread::spawn(move || {
+            let pos: Vec<u32> = (0..prompt.len() as u32).collect();
+            let mut cache = tp.new_cache();
+            let input = SeqInput::chain(&prompt, &pos, OutputSpec::all().with_logits());
+            let _ = tx.send(tp.forward(&mut cache, input));
+        });
+        rx.recv_timeout(Duration::from_secs(60))
+            .expect("the forward hung")
+    };
+    let before = run().unwrap();
+    for rank in [1, 0] {
+        tp.inject_panic(rank);
+        let err = run().unwrap_err();
+        assert!(
+            err.to_string().contains(&format!("rank {rank} panicked")),
+            "rank {rank}: {err}"
+        );
+        let after = run().unwrap();
+        assert_eq!(after.argmax, before.argmax);
+        assert_eq!(after.logits, before.logits);
+    }
+}
