@@ -1,8 +1,8 @@
 """Assertions on the Helm chart's rendered manifests (called by scripts/test-chart.sh).
 
 usage: chart_assertions.py RENDER_DIR BIN_DIR
-RENDER_DIR holds default.yaml, scaled.yaml (examples/scaled.yaml) and more-drafts.yaml
-(default values with draft.replicas=7); BIN_DIR the built service binaries, whose --help
+RENDER_DIR holds default.yaml, scaled.yaml (examples/scaled.yaml), more-drafts.yaml
+(default values with draft.replicas=7) and tls.yaml (examples/tls.yaml); BIN_DIR the built service binaries, whose --help
 must know every flag the chart passes.
 """
 import os
@@ -31,6 +31,7 @@ def main():
     default = load(os.path.join(render, "default.yaml"))
     scaled = load(os.path.join(render, "scaled.yaml"))
     more = load(os.path.join(render, "more-drafts.yaml"))
+    tls = load(os.path.join(render, "tls.yaml"))
     dep = lambda m, c: m[("Deployment", f"demo-ouroboros-{c}")]
     svc = lambda m, c: m[("Service", f"demo-ouroboros-{c}")]
     components = ["orchestrator", "draft", "target"]
@@ -172,6 +173,44 @@ def main():
         assert env["OTEL_TRACES_SAMPLER_ARG"] == "0.25"
         assert "$(POD_NAME)" in env["OTEL_RESOURCE_ATTRIBUTES"] and "POD_NAME" in env
 
+    # TLS: off by default (no TLS variables, probes on the serving port). In the TLS example
+    # every component serves TLS from its Secret, mounted read-only and readable by the
+    # pod's group only, answers plaintext health on port 8086 where its probes go; the
+    # services require client certificates (mutual TLS) that the orchestrator presents,
+    # and their NetworkPolicies let probes reach the health port.
+    for c in components:
+        env = {e["name"] for e in container(dep(default, c))["env"]}
+        assert not [e for e in env if "TLS" in e or e == "OURO_HEALTH_LISTEN"], c
+        ct = container(dep(tls, c))
+        env = {e["name"]: e.get("value") for e in ct["env"]}
+        assert env["OURO_TLS_CERT"] == "/etc/ouro/tls/tls.crt", c
+        assert env["OURO_TLS_KEY"] == "/etc/ouro/tls/tls.key", c
+        assert env["OURO_HEALTH_LISTEN"] == "0.0.0.0:8086", c
+        assert {"name": "health", "containerPort": 8086, "protocol": "TCP"} in ct["ports"]
+        for p in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert ct[p]["grpc"]["port"] == 8086, (c, p)
+        assert {"name": "tls", "mountPath": "/etc/ouro/tls", "readOnly": True} in ct["volumeMounts"]
+        spec = dep(tls, c)["spec"]["template"]["spec"]
+        secret = volume(spec, "tls")["secret"]
+        want = "ouroboros-public-tls" if c == "orchestrator" else "ouroboros-internal-tls"
+        assert secret == {"secretName": want, "defaultMode": 0o440}, (c, secret)
+        if c == "orchestrator":
+            assert "OURO_TLS_CLIENT_CA" not in env
+            assert env["OURO_BACKEND_TLS_CA"] == "/etc/ouro/backend-tls/ca.crt"
+            assert env["OURO_BACKEND_TLS_CERT"] == "/etc/ouro/backend-tls/tls.crt"
+            assert env["OURO_BACKEND_TLS_KEY"] == "/etc/ouro/backend-tls/tls.key"
+            assert volume(spec, "backend-tls")["secret"]["secretName"] == "ouroboros-orchestrator-tls"
+        else:
+            assert env["OURO_TLS_CLIENT_CA"] == "/etc/ouro/tls/ca.crt", c
+            assert not [e for e in env if e.startswith("OURO_BACKEND_TLS")], c
+            rules = tls[("NetworkPolicy", f"demo-ouroboros-{c}")]["spec"]["ingress"]
+            assert {"ports": [{"port": 8086, "protocol": "TCP"}]} in rules, c
+    # The chart's variable names are flags the binaries know (their --help lists them).
+    tls_flags = {"OURO_TLS_CERT": "--tls-cert", "OURO_TLS_KEY": "--tls-key",
+                 "OURO_TLS_CLIENT_CA": "--tls-client-ca", "OURO_HEALTH_LISTEN": "--health-listen",
+                 "OURO_BACKEND_TLS_CA": "--backend-tls-ca", "OURO_BACKEND_TLS_CERT": "--backend-tls-cert",
+                 "OURO_BACKEND_TLS_KEY": "--backend-tls-key"}
+
     # Every flag the chart passes is one the binary knows.
     binary = {"orchestrator": "ouro", "draft": "draft-service", "target": "target-service"}
     for c in components:
@@ -185,6 +224,9 @@ def main():
         for a in args:
             if a.startswith("--"):
                 assert f"{a} " in helptext or f"{a}\n" in helptext or f"{a}=" in helptext, f"{binary[c]}: {a}"
+        for e in container(dep(tls, c))["env"]:
+            if e["name"] in tls_flags:
+                assert f"[env: {e['name']}=" in helptext, f"{binary[c]}: {e['name']}"
         assert ct["command"] == [f"/app/bin/{binary[c]}"]
     print("chart assertions passed")
 

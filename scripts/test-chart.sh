@@ -31,15 +31,18 @@ chart=helm/ouroboros
 out=$(mktemp -d); trap 'rm -rf "$out"' EXIT
 "$helm" lint --strict "$chart"
 "$helm" lint --strict "$chart" -f "$chart/examples/scaled.yaml"
+"$helm" lint --strict "$chart" -f "$chart/examples/tls.yaml"
 "$helm" template demo "$chart" > "$out/default.yaml"
 "$helm" template demo "$chart" -f "$chart/examples/scaled.yaml" > "$out/scaled.yaml"
 "$helm" template demo "$chart" --set draft.replicas=7 > "$out/more-drafts.yaml"
-for f in default scaled more-drafts; do
+"$helm" template demo "$chart" -f "$chart/examples/tls.yaml" > "$out/tls.yaml"
+for f in default scaled more-drafts tls; do
   "$venv/bin/kubernetes-validate" --quiet --strict -k 1.30 "$out/$f.yaml"
 done
 # Values the schema must refuse.
 for bad in target.tp=0 draft.replicaz=3 image.pullPolicy=Sometimes \
-    tracing.otlpEndpoint=collector:4317 tracing.samplerArg=2 metrics.serviceMonitor.interval=often; do
+    tracing.otlpEndpoint=collector:4317 tracing.samplerArg=2 metrics.serviceMonitor.interval=often \
+    tls.enabled=true tls.healthPort=0 tls.internalSecret=Not_A_Name; do
   if "$helm" template demo "$chart" --set "$bad" > /dev/null 2>&1; then
     log "the schema accepted --set $bad"; exit 1
   fi

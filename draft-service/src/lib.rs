@@ -135,7 +135,7 @@ pub async fn serve<M: LanguageModel + 'static>(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    serve_draining(service, listener, shutdown, async {}).await
+    serve_draining(service, listener, shutdown, async {}, Default::default()).await
 }
 
 /// As [`serve`]; after `stop`, health says NOT_SERVING until `drain` ends the server, and
@@ -145,6 +145,7 @@ pub async fn serve_draining<M: LanguageModel + 'static>(
     listener: TcpListener,
     stop: impl Future<Output = ()> + Send,
     drain: impl Future<Output = ()> + Send,
+    listening: serving::server::Listening,
 ) -> anyhow::Result<()> {
     let runtime = service.runtime.clone();
     let ready = serving::server::follow(move || runtime.alive(), Duration::from_secs(1));
@@ -155,6 +156,7 @@ pub async fn serve_draining<M: LanguageModel + 'static>(
         stop,
         drain,
         Some((ready, serving::server::Signal::Life)),
+        listening,
     )
     .await
 }

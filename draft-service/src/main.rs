@@ -49,6 +49,8 @@ struct Args {
     /// On SIGTERM, refuse new sessions and wait up to this long for open ones to end.
     #[arg(long, env = "OURO_DRAFT_DRAIN_TIMEOUT_S", default_value_t = 60)]
     drain_timeout_s: u64,
+    #[command(flatten)]
+    tls: serving::tls::TlsArgs,
     /// Predict only the first N vocabulary entries (a cheaper output head; the target
     /// still checks every draft token). Leave unset on a service that hosts the target
     /// for `--lookahead-endpoint`, whose tokens nobody checks.
@@ -106,13 +108,21 @@ async fn run_service(a: Args) -> Result<()> {
         vocabulary: engine::vocab::Vocabulary::of_model(&a.model)?.map(Arc::new),
         ..config
     };
-    tracing::info!(listen = %a.listen, "draft service ready");
+    let listening = a.tls.listening()?;
+    tracing::info!(listen = %a.listen, tls = listening.tls.is_some(), "draft service ready");
     let grpc = DraftGrpc::new(Arc::new(m), config);
     let sessions = grpc.sessions().clone();
     let drain = async move {
         serving::server::drain_sessions(&sessions, Duration::from_secs(a.drain_timeout_s)).await;
     };
-    serve_draining(grpc, listener, serving::server::terminated(), drain).await
+    serve_draining(
+        grpc,
+        listener,
+        serving::server::terminated(),
+        drain,
+        listening,
+    )
+    .await
 }
 
 #[cfg(test)]

@@ -40,7 +40,9 @@ pub async fn serve_ready(
     shutdown: impl Future<Output = ()> + Send,
     ready: tokio::sync::watch::Receiver<bool>,
     signal: serving::server::Signal,
+    listening: serving::server::Listening,
 ) -> anyhow::Result<()> {
     let server = OuroborosServer::new(service);
-    serving::server::serve_ready(server, listener, shutdown, async {}, Some((ready, signal))).await
+    let follow = Some((ready, signal));
+    serving::server::serve_ready(server, listener, shutdown, async {}, follow, listening).await
 }

@@ -17,7 +17,7 @@ use proto::target::v1::target_service_client::TargetServiceClient;
 use std::future::Future;
 use std::time::{Duration, Instant};
 use telemetry::traces::traced;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
@@ -67,12 +67,14 @@ impl<R, F: Future<Output = std::result::Result<R, tonic::Status>>> WithinDeadlin
 /// Deadlines of an internal channel: a call past `call` fails with DEADLINE_EXCEEDED (a
 /// draft's failure sends its request on target-only; a target's ends the request), and an
 /// HTTP/2 ping every `keepalive` finds a peer that stopped answering (a hung process, a
-/// blackholed node) even while no call is waiting.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// blackholed node) even while no call is waiting. With `tls`, the channel speaks TLS (and
+/// presents a client certificate where the configuration has one: mutual TLS).
+#[derive(Debug, Clone)]
 pub struct CallLimits {
     pub connect: Duration,
     pub call: Duration,
     pub keepalive: Duration,
+    pub tls: Option<ClientTlsConfig>,
 }
 
 impl CallLimits {
@@ -82,20 +84,32 @@ impl CallLimits {
         connect: Duration::from_secs(5),
         call: Duration::from_secs(120),
         keepalive: Duration::from_secs(20),
+        tls: None,
     };
     /// Draft calls are short; a hung draft should cost little before the fallback.
     pub const DRAFT: Self = Self {
         connect: Duration::from_secs(5),
         call: Duration::from_secs(10),
         keepalive: Duration::from_secs(20),
+        tls: None,
     };
 }
 
-/// Connects a channel to `url` ("http://host:port") under `limits`, failing fast when
-/// nothing answers; it reconnects by itself later.
-pub async fn channel(url: &str, limits: CallLimits) -> anyhow::Result<Channel> {
-    let endpoint = Endpoint::from_shared(url.to_string())
-        .with_context(|| format!("bad endpoint {url}"))?
+/// Connects a channel to `url` ("http://host:port"; https with TLS) under `limits`,
+/// failing fast when nothing answers; it reconnects by itself later.
+pub async fn channel(url: &str, limits: &CallLimits) -> anyhow::Result<Channel> {
+    let url = match (&limits.tls, url.strip_prefix("http://")) {
+        (Some(_), Some(rest)) => format!("https://{rest}"),
+        _ => url.to_string(),
+    };
+    let mut endpoint =
+        Endpoint::from_shared(url.clone()).with_context(|| format!("bad endpoint {url}"))?;
+    if let Some(tls) = &limits.tls {
+        endpoint = endpoint
+            .tls_config(tls.clone())
+            .with_context(|| format!("TLS for {url}"))?;
+    }
+    let endpoint = endpoint
         .connect_timeout(limits.connect)
         .timeout(limits.call)
         .http2_keep_alive_interval(limits.keepalive)
@@ -106,6 +120,61 @@ pub async fn channel(url: &str, limits: CallLimits) -> anyhow::Result<Channel> {
         .connect()
         .await
         .with_context(|| format!("connecting to {url}"))
+}
+
+/// TLS toward the draft and target services (`ouro serve` in remote mode).
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct BackendTlsArgs {
+    /// Talk TLS to the draft and target services, trusting certificates this CA (PEM)
+    /// signed.
+    #[arg(long, env = "OURO_BACKEND_TLS_CA")]
+    pub backend_tls_ca: Option<std::path::PathBuf>,
+    /// Mutual TLS: present this certificate (PEM) to the services; needs
+    /// --backend-tls-key.
+    #[arg(long, env = "OURO_BACKEND_TLS_CERT", requires_all = ["backend_tls_key", "backend_tls_ca"])]
+    pub backend_tls_cert: Option<std::path::PathBuf>,
+    /// The private key of --backend-tls-cert (PEM).
+    #[arg(long, env = "OURO_BACKEND_TLS_KEY", requires = "backend_tls_cert")]
+    pub backend_tls_key: Option<std::path::PathBuf>,
+    /// The name the services' certificates carry (default: each endpoint's host name as
+    /// given, before it is resolved to addresses).
+    #[arg(long, env = "OURO_BACKEND_TLS_SERVER_NAME")]
+    pub backend_tls_server_name: Option<String>,
+}
+
+impl BackendTlsArgs {
+    /// The client TLS for the services at `spec` (comma-separated URLs, checked against
+    /// the first one's host name); none without --backend-tls-ca.
+    pub fn for_endpoint(&self, spec: &str) -> anyhow::Result<Option<ClientTlsConfig>> {
+        let Some(ca) = &self.backend_tls_ca else {
+            return Ok(None);
+        };
+        let read = |p: &std::path::Path, what: &str| {
+            std::fs::read(p).with_context(|| format!("reading the {what} {}", p.display()))
+        };
+        let name = match &self.backend_tls_server_name {
+            Some(n) => n.clone(),
+            None => {
+                let first = spec.split(',').map(str::trim).next().unwrap_or_default();
+                let uri: tonic::codegen::http::Uri = first
+                    .parse()
+                    .with_context(|| format!("bad endpoint {first}"))?;
+                uri.host()
+                    .with_context(|| format!("endpoint {first} has no host"))?
+                    .trim_matches(['[', ']'])
+                    .to_string()
+            }
+        };
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read(ca, "backend CA")?))
+            .domain_name(name);
+        if let (Some(cert), Some(key)) = (&self.backend_tls_cert, &self.backend_tls_key) {
+            let identity =
+                Identity::from_pem(read(cert, "client certificate")?, read(key, "client key")?);
+            tls = tls.identity(identity);
+        }
+        Ok(Some(tls))
+    }
 }
 
 fn info_of(m: Option<common::ModelInfo>, url: &str) -> anyhow::Result<BackendInfo> {
@@ -138,7 +207,7 @@ impl RemoteTarget {
     /// Connects and reads the service's Info (its vocabulary fingerprinted over all its
     /// entries).
     pub async fn connect(url: &str) -> anyhow::Result<Self> {
-        Self::connect_for(url, 0, CallLimits::TARGET).await
+        Self::connect_for(url, 0, &CallLimits::TARGET).await
     }
 
     /// Connects under `limits`, asking for the fingerprint of the first `vocab_entries`
@@ -146,7 +215,7 @@ impl RemoteTarget {
     pub async fn connect_for(
         url: &str,
         vocab_entries: usize,
-        limits: CallLimits,
+        limits: &CallLimits,
     ) -> anyhow::Result<Self> {
         let channel = channel(url, limits).await?;
         let mut client = TargetServiceClient::new(channel.clone());
@@ -275,14 +344,14 @@ pub struct RemoteDraft {
 
 impl RemoteDraft {
     pub async fn connect(url: &str) -> anyhow::Result<Self> {
-        Self::connect_for(url, 0, CallLimits::DRAFT).await
+        Self::connect_for(url, 0, &CallLimits::DRAFT).await
     }
 
     /// As `RemoteTarget::connect_for`.
     pub async fn connect_for(
         url: &str,
         vocab_entries: usize,
-        limits: CallLimits,
+        limits: &CallLimits,
     ) -> anyhow::Result<Self> {
         let mut client = DraftServiceClient::new(channel(url, limits).await?);
         let info = client

@@ -76,6 +76,12 @@ pub struct ServeArgs {
     /// target-only (still exact; `draft_fallback` says why).
     #[arg(long, env = "OURO_DRAFT_CALL_TIMEOUT_S", default_value_t = CallLimits::DRAFT.call.as_secs_f64())]
     draft_call_timeout_s: f64,
+    /// TLS (and mutual TLS) on the public gRPC API.
+    #[command(flatten)]
+    tls: serving::tls::TlsArgs,
+    /// TLS toward the draft and target services.
+    #[command(flatten)]
+    backend_tls: orchestrator::remote::BackendTlsArgs,
     #[command(flatten)]
     model: ModelArgs,
     /// The in-process target runtime's limits (embedded mode; the same flags and
@@ -103,6 +109,7 @@ async fn serve_with(a: ServeArgs) -> Result<()> {
     if let Some(addr) = &a.metrics_listen {
         telemetry::start_metrics(addr).await?;
     }
+    let listening = a.tls.listening()?;
     let listener = tokio::net::TcpListener::bind(&a.listen)
         .await
         .with_context(|| format!("binding {}", a.listen))?;
@@ -203,7 +210,15 @@ async fn serve_with(a: ServeArgs) -> Result<()> {
         Some(_) => serving::server::Signal::Readiness,
         None => serving::server::Signal::Life,
     };
-    orchestrator::serve_ready(service, listener, on_stop(stopped), ready, signal).await?;
+    orchestrator::serve_ready(
+        service,
+        listener,
+        on_stop(stopped),
+        ready,
+        signal,
+        listening,
+    )
+    .await?;
     if let Some(h) = http {
         h.await.context("the HTTP server task")??;
     }
@@ -315,21 +330,29 @@ async fn remote(a: &ServeArgs, url: &str, phrase_len: usize) -> Result<Served> {
             .filter(|d| !d.is_zero())
             .with_context(|| format!("--{flag}: a positive number of seconds, got {s}"))
     };
-    let target_limits = CallLimits {
+    let target_limits = Arc::new(CallLimits {
         call: seconds(a.target_call_timeout_s, "target-call-timeout-s")?,
+        tls: a.backend_tls.for_endpoint(url)?,
         ..CallLimits::TARGET
-    };
-    let draft_limits = CallLimits {
-        call: seconds(a.draft_call_timeout_s, "draft-call-timeout-s")?,
-        ..CallLimits::DRAFT
+    });
+    let draft_limits = |spec: &str| -> Result<Arc<CallLimits>> {
+        Ok(Arc::new(CallLimits {
+            call: seconds(a.draft_call_timeout_s, "draft-call-timeout-s")?,
+            tls: a.backend_tls.for_endpoint(spec)?,
+            ..CallLimits::DRAFT
+        }))
     };
     let eos = embedded::stop_ids(Path::new(""), &tokenizer)?;
     let refresh = Duration::from_secs(a.discovery_refresh_s);
     let wait = Duration::from_secs(a.backend_wait_s);
     let target = patiently("the target service", wait, || {
+        let limits = target_limits.clone();
         Replicas::connect(
             url,
-            move |u| async move { RemoteTarget::connect_for(&u, entries, target_limits).await },
+            move |u| {
+                let limits = limits.clone();
+                async move { RemoteTarget::connect_for(&u, entries, &limits).await }
+            },
             <RemoteTarget as TargetBackend>::info,
             refresh,
         )
@@ -337,11 +360,15 @@ async fn remote(a: &ServeArgs, url: &str, phrase_len: usize) -> Result<Served> {
     .await?;
     vocabulary::check_service(&vocab, "target", &target.info())?;
     let reported = target.read_first(|t| t.chat_template().cloned()).flatten();
-    let drafts = |spec: String| async move {
+    let drafts = |spec: String, limits: Arc<CallLimits>| async move {
         patiently("the draft service", wait, || {
+            let limits = limits.clone();
             Replicas::connect(
                 &spec,
-                move |u| async move { RemoteDraft::connect_for(&u, entries, draft_limits).await },
+                move |u| {
+                    let limits = limits.clone();
+                    async move { RemoteDraft::connect_for(&u, entries, &limits).await }
+                },
                 <RemoteDraft as DraftBackend>::info,
                 refresh,
             )
@@ -350,11 +377,11 @@ async fn remote(a: &ServeArgs, url: &str, phrase_len: usize) -> Result<Served> {
         .map(Arc::new)
     };
     let draft = match &a.draft_endpoint {
-        Some(u) => Some(drafts(u.clone()).await?),
+        Some(u) => Some(drafts(u.clone(), draft_limits(u)?).await?),
         None => None,
     };
     let lookahead = match &a.lookahead_endpoint {
-        Some(u) => Some(drafts(u.clone()).await?),
+        Some(u) => Some(drafts(u.clone(), draft_limits(u)?).await?),
         None => None,
     };
     for (role, d) in [("draft", &draft), ("lookahead", &lookahead)] {

@@ -661,9 +661,10 @@ async fn a_tokenizer_the_services_do_not_share_is_refused() {
 
     // The target's own words, fewer than its table (a tokenizer smaller than the model).
     let ours = Vocabulary::of_tokenizer(&common::word_tokenizer(64), "w-words");
-    let target = RemoteTarget::connect_for(&format!("http://{ta}"), ours.len(), CallLimits::TARGET)
-        .await
-        .unwrap();
+    let target =
+        RemoteTarget::connect_for(&format!("http://{ta}"), ours.len(), &CallLimits::TARGET)
+            .await
+            .unwrap();
     let info = decoding::TargetBackend::info(&target);
     assert_eq!(info.vocab.map(|v| v.fingerprinted), Some(64));
     check_service(&ours, "target", &info).unwrap();
@@ -679,14 +680,14 @@ async fn a_tokenizer_the_services_do_not_share_is_refused() {
     // The draft differs from the target at id 40: refused for the full table, accepted by
     // a tokenizer that stops before it.
     let all = Vocabulary::of_tokenizer(&common::word_tokenizer(VOCAB), "w-words");
-    let draft = RemoteDraft::connect_for(&format!("http://{da}"), all.len(), CallLimits::DRAFT)
+    let draft = RemoteDraft::connect_for(&format!("http://{da}"), all.len(), &CallLimits::DRAFT)
         .await
         .unwrap();
     let refused = check_service(&all, "draft", &decoding::DraftBackend::info(&draft))
         .unwrap_err()
         .to_string();
     assert!(refused.contains("draft service"), "{refused}");
-    let draft = RemoteDraft::connect_for(&format!("http://{da}"), 40, CallLimits::DRAFT)
+    let draft = RemoteDraft::connect_for(&format!("http://{da}"), 40, &CallLimits::DRAFT)
         .await
         .unwrap();
     let first_40 = Vocabulary::of_tokenizer(&common::word_tokenizer(40), "w-words");
@@ -796,7 +797,7 @@ async fn a_hung_draft_service_times_out_into_exact_target_only() {
             .await
             .unwrap(),
         Some(
-            RemoteDraft::connect_for(&format!("http://{proxy}"), 0, limits)
+            RemoteDraft::connect_for(&format!("http://{proxy}"), 0, &limits)
                 .await
                 .unwrap(),
         ),
@@ -935,7 +936,7 @@ async fn the_clients_deadline_bounds_the_internal_calls() {
         call: Duration::from_secs(60),
         ..CallLimits::TARGET
     };
-    let target = RemoteTarget::connect_for(&format!("http://{proxy}"), 0, limits)
+    let target = RemoteTarget::connect_for(&format!("http://{proxy}"), 0, &limits)
         .await
         .unwrap();
     let pipeline = remote_pipeline(target, None);

@@ -10,6 +10,7 @@ pub mod scheduler;
 pub mod server;
 pub mod sessions;
 pub mod target;
+pub mod tls;
 mod worker;
 
 pub use draft::{DraftConfig, DraftRuntime};

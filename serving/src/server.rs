@@ -2,6 +2,7 @@
 //! metrics, SIGTERM and the graceful drain.
 
 use crate::sessions::{SessionState, SessionTable};
+pub use crate::tls::Listening;
 use std::convert::Infallible;
 use std::future::Future;
 use std::time::Duration;
@@ -60,7 +61,7 @@ pub async fn serve_draining<S: GrpcService>(
     stop: impl Future<Output = ()> + Send,
     drain: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    serve_ready(service, listener, stop, drain, None).await
+    serve_ready(service, listener, stop, drain, None, Listening::default()).await
 }
 
 /// A signal for [`serve_ready`]: `check` asked every `every`, changes sent on. Its task
@@ -104,13 +105,14 @@ pub enum Signal {
 }
 
 /// As [`serve_draining`], with health following `follow` too (SERVING while it says true)
-/// until the stop.
+/// until the stop, and TLS (with a plaintext health port) as `listening` says.
 pub async fn serve_ready<S: GrpcService>(
     service: S,
     listener: TcpListener,
     stop: impl Future<Output = ()> + Send,
     drain: impl Future<Output = ()> + Send,
     follow: Option<(tokio::sync::watch::Receiver<bool>, Signal)>,
+    listening: Listening,
 ) -> anyhow::Result<()> {
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<S>().await;
@@ -164,7 +166,23 @@ pub async fn serve_ready<S: GrpcService>(
     };
     let (reflection_v1, reflection_v1alpha) =
         (reflection().build_v1()?, reflection().build_v1alpha()?);
+    // Health alone in plaintext, for probes that cannot speak TLS; it ends with the server.
+    let plain_health = match &listening.health_listen {
+        Some(addr) => {
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("binding the health port {addr}: {e}"))?;
+            let server = tonic::transport::Server::builder()
+                .add_service(health.clone())
+                .serve_with_incoming(TcpListenerStream::new(l));
+            Some(tokio::spawn(server))
+        }
+        None => None,
+    };
     let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = listening.tls {
+        server = server.tls_config(tls)?;
+    }
     if telemetry::traces::exporting() {
         // A span per call, continuing the caller's trace (no span work when not exporting).
         server = server.trace_fn(telemetry::traces::grpc_server_span);
@@ -176,6 +194,9 @@ pub async fn serve_ready<S: GrpcService>(
         .add_service(service)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await?;
+    if let Some(h) = plain_health {
+        h.abort();
+    }
     Ok(())
 }
 

@@ -37,6 +37,8 @@ struct Args {
     /// On SIGTERM, refuse new sessions and wait up to this long for open ones to end.
     #[arg(long, env = "OURO_TARGET_DRAIN_TIMEOUT_S", default_value_t = 60)]
     drain_timeout_s: u64,
+    #[command(flatten)]
+    tls: serving::tls::TlsArgs,
     /// Dequantize GGUF weights to dense f16 at load (the unquantized deployment).
     #[arg(long, env = "OURO_TARGET_F16")]
     f16: bool,
@@ -71,6 +73,7 @@ async fn run_service(a: Args) -> Result<()> {
     if let Some(addr) = &a.metrics_listen {
         telemetry::start_metrics(addr).await?;
     }
+    let listening = a.tls.listening()?;
     let listener = tokio::net::TcpListener::bind(&a.listen)
         .await
         .with_context(|| format!("binding {}", a.listen))?;
@@ -84,23 +87,13 @@ async fn run_service(a: Args) -> Result<()> {
     if a.tp > 1 {
         let m = TpModel::load_on(&a.model, &opts, &devices)
             .with_context(|| format!("loading {}", a.model.display()))?;
-        run(
-            TargetGrpc::new(Arc::new(m), config),
-            listener,
-            &a.listen,
-            drain_limit,
-        )
-        .await
+        let grpc = TargetGrpc::new(Arc::new(m), config);
+        run(grpc, listener, listening, &a.listen, drain_limit).await
     } else {
         let m = engine::load_model(&a.model, &opts, &devices[0])
             .with_context(|| format!("loading {}", a.model.display()))?;
-        run(
-            TargetGrpc::new(Arc::new(m), config),
-            listener,
-            &a.listen,
-            drain_limit,
-        )
-        .await
+        let grpc = TargetGrpc::new(Arc::new(m), config);
+        run(grpc, listener, listening, &a.listen, drain_limit).await
     }
 }
 
@@ -108,15 +101,27 @@ async fn run_service(a: Args) -> Result<()> {
 async fn run<M: engine::LanguageModel + 'static>(
     grpc: TargetGrpc<M>,
     listener: tokio::net::TcpListener,
+    listening: serving::server::Listening,
     listen: &str,
     drain_limit: Duration,
 ) -> Result<()> {
-    tracing::info!(listen, "target service ready");
+    tracing::info!(
+        listen,
+        tls = listening.tls.is_some(),
+        "target service ready"
+    );
     let sessions = grpc.sessions().clone();
     let drain = async move {
         serving::server::drain_sessions(&sessions, drain_limit).await;
     };
-    serve_draining(grpc, listener, serving::server::terminated(), drain).await
+    serve_draining(
+        grpc,
+        listener,
+        serving::server::terminated(),
+        drain,
+        listening,
+    )
+    .await
 }
 
 #[cfg(test)]

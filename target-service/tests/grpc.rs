@@ -476,6 +476,7 @@ async fn health_says_not_serving_while_draining() {
         async {
             let _ = drain.await;
         },
+        Default::default(),
     ));
     let channel = tonic::transport::Endpoint::from_shared(addr)
         .unwrap()

@@ -45,6 +45,19 @@ A Deployment for one component.
 {{- if and (eq .component "target") $v.gpu.enabled -}}
 {{- $image = printf "%s%s" $image $v.gpu.imageTagSuffix -}}
 {{- end -}}
+{{- /* TLS: the Secret this component serves with, and the orchestrator's toward the services. */ -}}
+{{- $tls := $root.Values.tls -}}
+{{- $serverSecret := "" -}}
+{{- $clientSecret := "" -}}
+{{- if eq .component "orchestrator" -}}
+{{- $serverSecret = $tls.publicSecret -}}
+{{- if $tls.enabled -}}
+{{- $clientSecret = required "tls.enabled needs tls.clientSecret (its ca.crt verifies the services)" $tls.clientSecret -}}
+{{- end -}}
+{{- else if $tls.enabled -}}
+{{- $serverSecret = required "tls.enabled needs tls.internalSecret" $tls.internalSecret -}}
+{{- end -}}
+{{- $probePort := ternary $tls.healthPort $v.port (ne $serverSecret "") -}}
 apiVersion: apps/v1
 kind: Deployment
 metadata:
@@ -143,6 +156,28 @@ spec:
               value: {{ .samplerArg | quote }}
             {{- end }}
             {{- end }}
+            {{- if $serverSecret }}
+            - name: OURO_TLS_CERT
+              value: /etc/ouro/tls/tls.crt
+            - name: OURO_TLS_KEY
+              value: /etc/ouro/tls/tls.key
+            {{- if and $tls.mutual (ne .component "orchestrator") }}
+            - name: OURO_TLS_CLIENT_CA
+              value: /etc/ouro/tls/ca.crt
+            {{- end }}
+            - name: OURO_HEALTH_LISTEN
+              value: {{ printf "0.0.0.0:%v" $tls.healthPort | quote }}
+            {{- end }}
+            {{- if $clientSecret }}
+            - name: OURO_BACKEND_TLS_CA
+              value: /etc/ouro/backend-tls/ca.crt
+            {{- if $tls.mutual }}
+            - name: OURO_BACKEND_TLS_CERT
+              value: /etc/ouro/backend-tls/tls.crt
+            - name: OURO_BACKEND_TLS_KEY
+              value: /etc/ouro/backend-tls/tls.key
+            {{- end }}
+            {{- end }}
             {{- with $v.env }}
             {{- toYaml . | nindent 12 }}
             {{- end }}
@@ -160,20 +195,26 @@ spec:
               containerPort: {{ $root.Values.metrics.port }}
               protocol: TCP
             {{- end }}
+            {{- if $serverSecret }}
+            # gRPC health in plaintext: the kubelet's gRPC probes cannot speak TLS.
+            - name: health
+              containerPort: {{ $tls.healthPort }}
+              protocol: TCP
+            {{- end }}
           # gRPC health (grpc.health.v1) answers once the model is loaded and serving.
           startupProbe:
             grpc:
-              port: {{ $v.port }}
+              port: {{ $probePort }}
             periodSeconds: {{ $v.startupProbe.periodSeconds }}
             failureThreshold: {{ $v.startupProbe.failureThreshold }}
           readinessProbe:
             grpc:
-              port: {{ $v.port }}
+              port: {{ $probePort }}
             periodSeconds: 5
             failureThreshold: 2
           livenessProbe:
             grpc:
-              port: {{ $v.port }}
+              port: {{ $probePort }}
               # SERVING while the process can serve: a service whose model worker stopped
               # fails it (and is restarted); the orchestrator's readiness follows its targets.
               service: liveness
@@ -197,9 +238,33 @@ spec:
               mountPath: {{ $root.Values.models.mountPath }}
             - name: tmp
               mountPath: /tmp
+            {{- if $serverSecret }}
+            - name: tls
+              mountPath: /etc/ouro/tls
+              readOnly: true
+            {{- end }}
+            {{- if $clientSecret }}
+            - name: backend-tls
+              mountPath: /etc/ouro/backend-tls
+              readOnly: true
+            {{- end }}
       volumes:
         - name: tmp
           emptyDir: {}
+        {{- if $serverSecret }}
+        - name: tls
+          secret:
+            secretName: {{ $serverSecret }}
+            # Readable by the pod's group (fsGroup) only.
+            defaultMode: 0440
+        {{- end }}
+        {{- if $clientSecret }}
+        - name: backend-tls
+          secret:
+            secretName: {{ $clientSecret }}
+            # Readable by the pod's group (fsGroup) only.
+            defaultMode: 0440
+        {{- end }}
         - name: models
           {{- if $claim }}
           persistentVolumeClaim:
