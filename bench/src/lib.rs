@@ -6,5 +6,6 @@ pub mod cost_model;
 pub mod load;
 pub mod prompts;
 pub mod report;
+pub mod soak;
 pub mod strategies;
 pub mod sweep;

@@ -173,7 +173,7 @@ impl GenerateService {
         let seed = (!params.sampling.is_greedy()).then_some(params.sampling.seed);
         let g = self.runner.run(prompt, params, sink).await;
         drop(caller);
-        let g = g.map_err(|e| status_of(&e))?;
+        let g = g.map_err(|e| failed(&e))?;
         record(
             &g.stats,
             started.elapsed().as_secs_f64(),
@@ -417,6 +417,17 @@ impl GenerateService {
         let task = REQUEST_DEADLINE.scope(request_deadline(), task);
         tokio::spawn(task.instrument(task_span));
         Ok(UnboundedReceiverStream::new(rx))
+    }
+}
+
+/// The status of a request that failed: DEADLINE_EXCEEDED once its client's deadline has
+/// passed (whatever internal call noticed it first), else the error's own.
+fn failed(e: &decoding::DecodingError) -> Status {
+    match request_deadline() {
+        Some(d) if std::time::Instant::now() >= d => {
+            Status::deadline_exceeded(format!("the request's deadline passed: {e}"))
+        }
+        _ => status_of(e),
     }
 }
 

@@ -56,8 +56,12 @@ impl<B> Replica<B> {
         lock(&self.resting_until).is_some_and(|t| now < t)
     }
 
-    /// It could not be reached: pass it over for a while, longer each time in a row.
+    /// It could not be reached: pass it over for a while, longer each time in a row (the
+    /// calls of many sessions failing at once, while it rests already, count once).
     fn failed(&self) {
+        if self.resting(Instant::now()) {
+            return;
+        }
         let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
         let pause = backoff(n);
         tracing::warn!(url = %self.url, failures = n, "replica failed; passed over for {pause:?}");
@@ -237,7 +241,7 @@ impl<B: Send + Sync + 'static> Replicas<B> {
         committed: &[u32],
         ops: &impl SessionOps<B>,
     ) -> Result<(Arc<Replica<B>>, SessionId)> {
-        let mut last = DecodingError::Unavailable("no replica is connected".into());
+        let mut last = DecodingError::Unavailable("no replica to open it on".into());
         for r in order {
             match ops.open(&r.backend, committed).await {
                 Ok(remote) => {
@@ -626,8 +630,16 @@ mod tests {
         let now = Instant::now();
         assert!(!r.resting(now));
         r.failed();
+        // Failures while it rests (many sessions' calls at once) count once.
         r.failed();
+        assert_eq!(r.failures.load(Ordering::Relaxed), 1);
         assert!(r.resting(Instant::now()));
+        assert!(!r.resting(Instant::now() + Duration::from_millis(1100)));
+        // Its rest over, it fails again: a longer rest.
+        *lock(&r.resting_until) = None;
+        r.failed();
+        assert_eq!(r.failures.load(Ordering::Relaxed), 2);
+        assert!(r.resting(Instant::now() + Duration::from_millis(1100)));
         assert!(!r.resting(Instant::now() + Duration::from_millis(2100)));
         r.answered();
         assert!(!r.resting(Instant::now()));

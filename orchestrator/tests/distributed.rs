@@ -993,10 +993,10 @@ async fn the_clients_deadline_bounds_the_internal_calls() {
     let mut r = tonic::Request::new(request(&prompts()[1], pb::Strategy::Greedy, None));
     r.set_timeout(Duration::from_millis(800));
     let s = client.generate(r).await.expect_err("the target is frozen");
-    // The client's own timer or the server's answer, whichever came first.
+    // The client's own timer or the server's answer (DEADLINE_EXCEEDED too, whichever
+    // internal call noticed it), whichever came first.
     match s.code() {
         Code::DeadlineExceeded | Code::Cancelled => {}
-        Code::Unavailable => assert!(s.message().contains("deadline passed"), "{s:?}"),
         _ => panic!("{s:?}"),
     }
     // Still frozen: a next request is let in (and then times out itself) only once the

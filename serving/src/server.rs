@@ -88,9 +88,9 @@ pub fn follow(
     rx
 }
 
-/// The health service name for liveness probes: SERVING while the process can serve
-/// once what it waits for is back; the overall status ("") and the API's name follow
-/// readiness and the drain.
+/// The health service name for liveness probes: SERVING unless the process cannot serve
+/// again without a restart (a [`Signal::Life`] said so); the overall status ("") and the
+/// API's name follow readiness and the drain.
 pub const LIVENESS: &str = "liveness";
 
 /// What a signal given to [`serve_ready`] says.
@@ -187,17 +187,17 @@ pub async fn serve_ready<S: GrpcService>(
         // A span per call, continuing the caller's trace (no span work when not exporting).
         server = server.trace_fn(telemetry::traces::grpc_server_span);
     }
-    server
+    let served = server
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(service)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await?;
+        .await;
     if let Some(h) = plain_health {
         h.abort();
     }
-    Ok(())
+    Ok(served?)
 }
 
 /// Session count and KV memory of a draft or target service into the metrics.
