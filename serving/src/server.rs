@@ -88,6 +88,20 @@ pub fn follow(
     rx
 }
 
+/// A model service: [`serve_ready`] with health following `alive` (asked every second)
+/// as a [`Signal::Life`], so a pod whose model worker stopped is restarted.
+pub async fn serve_model<S: GrpcService>(
+    service: S,
+    alive: impl Fn() -> bool + Send + 'static,
+    listener: TcpListener,
+    stop: impl Future<Output = ()> + Send,
+    drain: impl Future<Output = ()> + Send,
+    listening: Listening,
+) -> anyhow::Result<()> {
+    let alive = Some((follow(alive, Duration::from_secs(1)), Signal::Life));
+    serve_ready(service, listener, stop, drain, alive, listening).await
+}
+
 /// The health service name for liveness probes: SERVING unless the process cannot serve
 /// again without a restart (a [`Signal::Life`] said so); the overall status ("") and the
 /// API's name follow readiness and the drain.

@@ -157,11 +157,27 @@ async fn an_abandoned_open_stops_prefilling() {
 /// A token that makes the model panic when it is anywhere in a forward.
 const MARK: u32 = 499;
 
-/// The gated mock model, panicking on a forward that carries [`MARK`]; it logs every
-/// forward it is given, the panicking ones too.
-struct Panicky(Gated, Mutex<Vec<Vec<usize>>>);
+/// What the marked mock model does with a forward that carries [`MARK`].
+#[derive(Clone, Copy, PartialEq)]
+enum Fault {
+    /// Panics inside the forward.
+    Panic,
+    /// Answers, but with no logits rows for that sequence (a model bug the outcome's
+    /// reading trips over when log-probabilities are asked for).
+    NoRows,
+}
 
-impl LanguageModel for Panicky {
+/// The gated mock model with a fault on forwards that carry [`MARK`]; it logs every
+/// forward it is given, the faulty ones too.
+struct Marked(Gated, Mutex<Vec<Vec<usize>>>, Fault);
+
+impl Marked {
+    fn new(fault: Fault) -> Self {
+        Self(Gated::new(), Mutex::default(), fault)
+    }
+}
+
+impl LanguageModel for Marked {
     type Cache = <MockModel as LanguageModel>::Cache;
 
     fn info(&self) -> &ModelInfo {
@@ -178,10 +194,20 @@ impl LanguageModel for Panicky {
     ) -> engine::Result<Vec<ForwardOutput>> {
         let rows = batch.iter().map(|(_, i)| i.tokens.len()).collect();
         self.1.lock().unwrap_or_else(|e| e.into_inner()).push(rows);
-        if batch.iter().any(|(_, i)| i.tokens.contains(&MARK)) {
+        let marked: Vec<bool> = batch
+            .iter()
+            .map(|(_, i)| i.tokens.contains(&MARK))
+            .collect();
+        if self.2 == Fault::Panic && marked.contains(&true) {
             panic!("the marker token reached the model");
         }
-        self.0.forward_batch(batch)
+        let mut outs = self.0.forward_batch(batch)?;
+        for (out, marked) in outs.iter_mut().zip(marked) {
+            if marked {
+                out.logits = Some(Vec::new());
+            }
+        }
+        Ok(outs)
     }
 }
 
@@ -189,7 +215,7 @@ impl LanguageModel for Panicky {
 /// served, the sessions keep their caches, and the worker goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_forward_fails_only_its_own_call() {
-    let model = Arc::new(Panicky(Gated::new(), Mutex::default()));
+    let model = Arc::new(Marked::new(Fault::Panic));
     let sessions = Arc::new(SessionTable::new(SessionLimits::default()));
     let config = SchedulerConfig {
         max_batch_tokens: 512,
@@ -259,46 +285,13 @@ async fn a_panicking_forward_fails_only_its_own_call() {
     assert_eq!(got_b, b_local.verify(inner, &again, &greedy, None).unwrap());
 }
 
-/// The gated mock model returning no logits rows for a sequence that carries [`MARK`]
-/// (a model bug the outcome's reading trips over when log-probabilities are asked for).
-struct Rowless(Gated);
-
-impl LanguageModel for Rowless {
-    type Cache = <MockModel as LanguageModel>::Cache;
-
-    fn info(&self) -> &ModelInfo {
-        self.0.info()
-    }
-
-    fn new_cache(&self) -> Self::Cache {
-        self.0.new_cache()
-    }
-
-    fn forward_batch(
-        &self,
-        batch: &mut [(&mut Self::Cache, SeqInput<'_>)],
-    ) -> engine::Result<Vec<ForwardOutput>> {
-        let marked: Vec<bool> = batch
-            .iter()
-            .map(|(_, i)| i.tokens.contains(&MARK))
-            .collect();
-        let mut outs = self.0.forward_batch(batch)?;
-        for (out, marked) in outs.iter_mut().zip(marked) {
-            if marked {
-                out.logits = Some(Vec::new());
-            }
-        }
-        Ok(outs)
-    }
-}
-
 /// A panic while a forward's outcome is read (after the model answered) fails that call
 /// with INTERNAL and closes its session, whose cache it may have left half-updated (a
 /// caller holding the tokens re-opens it exactly); the other session in the same forward
 /// is served and the worker goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panic_reading_an_outcome_fails_its_call_and_closes_only_its_session() {
-    let model = Arc::new(Rowless(Gated::new()));
+    let model = Arc::new(Marked::new(Fault::NoRows));
     let sessions = Arc::new(SessionTable::new(SessionLimits::default()));
     let config = SchedulerConfig {
         max_batch_tokens: 512,

@@ -11,7 +11,7 @@ use serving::scheduler::TargetSessions;
 use serving::{TargetConfig, TargetRuntime};
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
@@ -147,15 +147,7 @@ pub async fn serve_draining<M: LanguageModel + 'static>(
     listening: serving::server::Listening,
 ) -> anyhow::Result<()> {
     let runtime = service.runtime.clone();
-    let ready = serving::server::follow(move || runtime.alive(), Duration::from_secs(1));
     let server = TargetServiceServer::new(service);
-    serving::server::serve_ready(
-        server,
-        listener,
-        stop,
-        drain,
-        Some((ready, serving::server::Signal::Life)),
-        listening,
-    )
-    .await
+    let alive = move || runtime.alive();
+    serving::server::serve_model(server, alive, listener, stop, drain, listening).await
 }
