@@ -73,6 +73,11 @@ impl Round {
                 from_trie[n] = true;
             }
         }
+        // A node the draft chain holds counts as drafted, whatever else proposed it too
+        // (the statistics' trie nodes and trie-accepted tokens are the trie's own).
+        for &n in &chain {
+            from_trie[n] = false;
+        }
         let mut candidates = Vec::new();
         for c in phrases {
             let fit = room.saturating_sub(tree.len()).min(depth);
@@ -469,4 +474,33 @@ fn score_alternatives(
         zero_cost,
         "policies scored"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Trie and copy guesses that run along the draft chain leave its nodes drafted: only
+    /// the nodes they add are the trie's (every proposer is still remembered per node).
+    #[test]
+    fn guesses_along_the_draft_chain_leave_its_nodes_drafted() {
+        let found = TrieDraft {
+            tokens: vec![5, 6, 7],
+            parents: vec![-1, 0, 1],
+            matched: 2,
+            counts: vec![3, 3, 2],
+            totals: vec![4, 3, 3],
+        };
+        let copied = CopyGuess {
+            tokens: vec![5, 9],
+            matched: 8,
+        };
+        let r = Round::from_guesses(1, &[5, 6], &found, Some(&copied), &[], 8, 16);
+        // Nodes: root, 5, 6 (the chain), 7 (the trie's), 9 (the copy's).
+        assert_eq!(r.tree.tokens, vec![1, 5, 6, 7, 9]);
+        assert_eq!(r.chain, vec![1, 2]);
+        assert_eq!(r.from_trie, vec![false, false, false, true, true]);
+        assert_eq!(r.guesses[1].len(), 3, "drafted, the trie's and the copy's");
+        assert_eq!(r.guesses[3].len(), 1);
+    }
 }
