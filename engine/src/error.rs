@@ -50,3 +50,13 @@ impl EngineError {
         EngineError::InvalidInput(msg.into())
     }
 }
+
+/// The message a panic carried (its `&str` or `String` payload), for errors that report a
+/// caught panic.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into())
+}

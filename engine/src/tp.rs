@@ -187,11 +187,7 @@ fn run_shard(
         model.forward_hidden(&mut batch)
     };
     let result = catch_unwind(AssertUnwindSafe(run)).unwrap_or_else(|p| {
-        let msg = p
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| p.downcast_ref::<String>().cloned())
-            .unwrap_or_default();
+        let msg = crate::error::panic_message(&*p);
         Err(EngineError::Rank(format!("rank {rank} panicked: {msg}")))
     });
     if result.is_err() {

@@ -423,6 +423,7 @@ fn admit_chunks<M: LanguageModel>(
     }
     fit
 }
+
 /// One batched forward over the trees and the prefill chunks: the trees' outputs, and
 /// whether each chunk went into its cache. If the batch fails, each part runs alone, so
 /// one bad part cannot fail the others.
@@ -495,11 +496,7 @@ pub(crate) fn forward_isolated<M: LanguageModel>(
 
 /// The error of `what` that panicked, with the panic's message.
 fn panicked(what: &str, payload: Box<dyn std::any::Any + Send>) -> DecodingError {
-    let msg = payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "no message".into());
+    let msg = engine::error::panic_message(&*payload);
     tracing::error!("{what} panicked: {msg}");
     DecodingError::Backend(format!("{what} panicked: {msg}"))
 }
