@@ -8,15 +8,20 @@ use common::{Gated, poll_once};
 use decoding::{DraftTree, SamplingParams, TargetSession};
 use engine::mock::Doomed;
 use engine::{ForwardOutput, LanguageModel, MockModel, ModelInfo, SeqInput};
-use serving::scheduler::{Scheduler, SchedulerConfig};
+use serving::scheduler::{Scheduler, SchedulerConfig, VerifyReply};
 use serving::sessions::SessionLimits;
 use serving::sessions::SessionTable;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-type TargetSessions = SessionTable<TargetSession<<Gated as LanguageModel>::Cache>>;
+type TargetSessions<M> = SessionTable<TargetSession<<M as LanguageModel>::Cache>>;
 
-fn start(model: Arc<Gated>, prefill_chunk: usize) -> (Scheduler<Gated>, Arc<TargetSessions>) {
+fn start<M: LanguageModel + 'static>(
+    model: Arc<M>,
+    prefill_chunk: usize,
+) -> (Scheduler<M>, Arc<TargetSessions<M>>) {
     let sessions = Arc::new(SessionTable::new(SessionLimits::default()));
     let config = SchedulerConfig {
         max_batch_tokens: 512,
@@ -211,45 +216,97 @@ impl LanguageModel for Marked {
     }
 }
 
-/// A panic in the model fails only the call that caused it: the trees batched with it are
-/// served, the sessions keep their caches, and the worker goes on.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_panicking_forward_fails_only_its_own_call() {
-    let model = Arc::new(Marked::new(Fault::Panic));
-    let sessions = Arc::new(SessionTable::new(SessionLimits::default()));
-    let config = SchedulerConfig {
-        max_batch_tokens: 512,
-        batch_wait: Duration::ZERO,
-        prefill_chunk: 8,
-    };
-    let scheduler = Scheduler::start(model.clone(), sessions.clone(), config);
+/// Two sessions on the marked model, A's tree carrying [`MARK`] and B's a good one,
+/// verified in one forward (both queued while a long prefill holds the worker), greedy,
+/// with `logprobs`; the calls and the prefill still to be awaited.
+struct MarkedForward {
+    model: Arc<Marked>,
+    scheduler: Arc<Scheduler<Marked>>,
+    sessions: Arc<TargetSessions<Marked>>,
+    a: u64,
+    b: u64,
+    /// In-process sessions on the same prompts, for the expected outcomes.
+    a_local: TargetSession<<Marked as LanguageModel>::Cache>,
+    b_local: TargetSession<<Marked as LanguageModel>::Cache>,
+    good: DraftTree,
+    verify_a: Pending<VerifyReply>,
+    verify_b: Pending<VerifyReply>,
+    long: Pending<decoding::Result<u64>>,
+}
+
+/// A call begun (polled once, so its job is with the worker) and still to be awaited.
+type Pending<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+async fn marked_beside_good(fault: Fault, logprobs: Option<usize>) -> MarkedForward {
+    let model = Arc::new(Marked::new(fault));
+    let (scheduler, sessions) = start(model.clone(), 8);
+    let scheduler = Arc::new(scheduler);
     let greedy = SamplingParams::greedy();
     let inner = &model.0.inner;
     let (pa, pb) = (prompt(5, 3), prompt(6, 4));
     let a = scheduler.open(pa.clone()).await.unwrap();
     let b = scheduler.open(pb.clone()).await.unwrap();
-    let mut a_local = TargetSession::open(inner, &pa).unwrap();
-    let mut b_local = TargetSession::open(inner, &pb).unwrap();
+    let a_local = TargetSession::open(inner, &pa).unwrap();
+    let b_local = TargetSession::open(inner, &pb).unwrap();
 
     // Hold the worker in a long prefill, queue A's poisoned tree and B's good one, then
     // let them go into one forward.
     let before = model.0.log().len();
     model.0.set_closed(true);
-    let long = prompt(30, 5);
-    let mut open_c = Box::pin(scheduler.open(long));
-    poll_once(&mut open_c).await;
+    let s = scheduler.clone();
+    let mut long: Pending<_> = Box::pin(async move { s.open(prompt(30, 5)).await });
+    poll_once(&mut long).await;
     let gated = model.clone();
     tokio::task::spawn_blocking(move || gated.0.wait_for_forwards(before + 1))
         .await
         .unwrap();
     let bad = DraftTree::from_parts(vec![a_local.last, MARK, 7], vec![-1, 0, 1]).unwrap();
     let good = DraftTree::from_parts(vec![b_local.last, 8, 9], vec![-1, 0, 1]).unwrap();
-    let mut verify_a = Box::pin(scheduler.verify(a, sessions.get(a).unwrap(), bad, greedy, None));
-    let mut verify_b =
-        Box::pin(scheduler.verify(b, sessions.get(b).unwrap(), good.clone(), greedy, None));
+    let verify = |id, tree| {
+        let (s, slot) = (scheduler.clone(), sessions.get(id).unwrap());
+        let call: Pending<_> =
+            Box::pin(async move { s.verify(id, slot, tree, greedy, logprobs).await });
+        call
+    };
+    let mut verify_a = verify(a, bad);
+    let mut verify_b = verify(b, good.clone());
     poll_once(&mut verify_a).await;
     poll_once(&mut verify_b).await;
     model.0.set_closed(false);
+    MarkedForward {
+        model,
+        scheduler,
+        sessions,
+        a,
+        b,
+        a_local,
+        b_local,
+        good,
+        verify_a,
+        verify_b,
+        long,
+    }
+}
+
+/// A panic in the model fails only the call that caused it: the trees batched with it are
+/// served, the sessions keep their caches, and the worker goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_forward_fails_only_its_own_call() {
+    let greedy = SamplingParams::greedy();
+    let MarkedForward {
+        model,
+        scheduler,
+        sessions,
+        a,
+        b,
+        mut a_local,
+        mut b_local,
+        good,
+        verify_a,
+        verify_b,
+        long: open_c,
+    } = marked_beside_good(Fault::Panic, None).await;
+    let inner = &model.0.inner;
 
     let err = verify_a.await.unwrap_err();
     assert!(err.to_string().contains("panicked"), "{err}");
@@ -291,40 +348,21 @@ async fn a_panicking_forward_fails_only_its_own_call() {
 /// is served and the worker goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panic_reading_an_outcome_fails_its_call_and_closes_only_its_session() {
-    let model = Arc::new(Marked::new(Fault::NoRows));
-    let sessions = Arc::new(SessionTable::new(SessionLimits::default()));
-    let config = SchedulerConfig {
-        max_batch_tokens: 512,
-        batch_wait: Duration::ZERO,
-        prefill_chunk: 8,
-    };
-    let scheduler = Scheduler::start(model.clone(), sessions.clone(), config);
     let greedy = SamplingParams::greedy();
+    let MarkedForward {
+        model,
+        scheduler,
+        sessions,
+        a,
+        b,
+        mut b_local,
+        good,
+        verify_a,
+        verify_b,
+        long,
+        ..
+    } = marked_beside_good(Fault::NoRows, Some(1)).await;
     let inner = &model.0.inner;
-    let (pa, pb) = (prompt(5, 3), prompt(6, 4));
-    let a = scheduler.open(pa.clone()).await.unwrap();
-    let b = scheduler.open(pb.clone()).await.unwrap();
-    let a_local = TargetSession::open(inner, &pa).unwrap();
-    let mut b_local = TargetSession::open(inner, &pb).unwrap();
-
-    // Both trees in one forward: hold the worker in a prefill while they queue.
-    let before = model.0.log().len();
-    model.0.set_closed(true);
-    let mut long = Box::pin(scheduler.open(prompt(30, 5)));
-    poll_once(&mut long).await;
-    let gated = model.clone();
-    tokio::task::spawn_blocking(move || gated.0.wait_for_forwards(before + 1))
-        .await
-        .unwrap();
-    let bad = DraftTree::from_parts(vec![a_local.last, MARK, 7], vec![-1, 0, 1]).unwrap();
-    let good = DraftTree::from_parts(vec![b_local.last, 8, 9], vec![-1, 0, 1]).unwrap();
-    let mut verify_a =
-        Box::pin(scheduler.verify(a, sessions.get(a).unwrap(), bad, greedy, Some(1)));
-    let mut verify_b =
-        Box::pin(scheduler.verify(b, sessions.get(b).unwrap(), good.clone(), greedy, Some(1)));
-    poll_once(&mut verify_a).await;
-    poll_once(&mut verify_b).await;
-    model.0.set_closed(false);
 
     let err = verify_a.await.unwrap_err();
     assert!(err.to_string().contains("outcome"), "{err}");
@@ -356,13 +394,7 @@ async fn a_dead_worker_is_seen_and_its_calls_are_unavailable() {
         MockModel::new(500, 4096, 0.5, 3),
         "verify-scheduler",
     ));
-    let sessions = Arc::new(SessionTable::new(SessionLimits::default()));
-    let config = SchedulerConfig {
-        max_batch_tokens: 512,
-        batch_wait: Duration::ZERO,
-        prefill_chunk: 8,
-    };
-    let scheduler = Scheduler::start(model.clone(), sessions.clone(), config);
+    let (scheduler, sessions) = start(model.clone(), 8);
     let a = scheduler.open(prompt(5, 3)).await.unwrap();
     assert!(scheduler.alive());
     model.arm();
