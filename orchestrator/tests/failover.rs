@@ -52,6 +52,17 @@ async fn a_stream_moves_to_another_target_replica_when_its_own_is_killed() {
             .env("RUST_LOG", "warn");
         procs.spawn(&format!("target {i}"), &mut cmd);
     }
+    // Both replicas answer before `ouro serve` starts: one that is not up yet when it
+    // connects is left out (names are not resolved again here).
+    for (port, _) in targets {
+        let url = format!("http://127.0.0.1:{port}");
+        wait_for(&mut procs, "a target", || async {
+            let c =
+                proto::target::v1::target_service_client::TargetServiceClient::connect(url.clone());
+            Ok(c.await?)
+        })
+        .await;
+    }
     let mut serve = ouro_serve(po, &tokenizer);
     serve
         .args([
