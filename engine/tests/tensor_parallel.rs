@@ -49,12 +49,16 @@ fn divergence(
     };
     let whole = engine::load_model(&path, &plain, &Device::Cpu).unwrap();
     let tp = TpModel::load(&path, 2, opts, &Device::Cpu).unwrap();
+    compare(&whole, &tp, cfg.vocab_size)
+}
+
+/// Runs `whole` and `tp` side by side on the same inputs: a prefill, a verify tree, a kept
+/// path and 16 greedy steps (both following `whole`'s tokens).
+fn compare<A: LanguageModel, B: LanguageModel>(whole: &A, tp: &B, vocab: usize) -> Divergence {
     let (mut c1, mut c2) = (whole.new_cache(), tp.new_cache());
     let mut rows: Vec<f32> = Vec::new();
     let mut same_tokens = true;
-    let prompt: Vec<u32> = (0..12)
-        .map(|i| (i * 7 + 3) % cfg.vocab_size as u32)
-        .collect();
+    let prompt: Vec<u32> = (0..12).map(|i| (i * 7 + 3) % vocab as u32).collect();
     let pos: Vec<u32> = (0..12).collect();
     let all = || OutputSpec::all().with_logits();
     let a = whole
@@ -269,5 +273,114 @@ fn a_failing_rank_fails_the_forward_on_every_rank_instead_of_hanging() {
         let after = run().unwrap();
         assert_eq!(after.argmax, before.argmax);
         assert_eq!(after.logits, before.logits);
+    }
+}
+
+/// The same comparisons with the ranks on GPUs (one each), their partial sums meeting in
+/// NCCL's all-reduce on the devices. Built with `--features cuda`, run by
+/// scripts/gpu-check.sh on a machine with two GPUs or more.
+#[cfg(feature = "cuda")]
+mod gpu {
+    use super::*;
+    use engine::tp::Reduction;
+
+    /// Two GPUs, or None after saying why the test did nothing.
+    fn two_gpus() -> Option<Vec<Device>> {
+        let n = candle_core::cuda::cudarc::driver::CudaContext::device_count().unwrap_or(0);
+        if n < 2 {
+            println!("SKIPPED: {n} GPU(s); tensor parallelism over NCCL needs two");
+            return None;
+        }
+        Some((0..2).map(|i| Device::new_cuda(i).unwrap()).collect())
+    }
+
+    fn model(
+        dir: &std::path::Path,
+        cfg: &ModelConfig,
+        dtype: GgmlDType,
+        seed: u64,
+    ) -> std::path::PathBuf {
+        let path = dir.join(format!("m{seed}.gguf"));
+        write_gguf(
+            &path,
+            cfg,
+            &random_weights(cfg, seed, true, false).unwrap(),
+            dtype,
+        )
+        .unwrap();
+        path
+    }
+
+    /// NCCL's sum of two partials is the host's (a + b either way), so both reductions
+    /// give the same logits bit for bit; and the split model stays with the whole model on
+    /// one GPU as closely as the CPU split does.
+    #[test]
+    #[ignore = "needs two NVIDIA GPUs: scripts/gpu-check.sh runs it"]
+    fn nccl_tp2_equals_host_tp2_and_follows_the_whole_model() {
+        let Some(gpus) = two_gpus() else { return };
+        let dir = tempfile::tempdir().unwrap();
+        let opts = LoadOptions::default();
+        for (label, cfg, dtype) in [
+            (
+                "qwen2 f32",
+                tiny_config(Architecture::Qwen2),
+                GgmlDType::F32,
+            ),
+            (
+                "llama q8_0",
+                tiny_config(Architecture::Llama),
+                GgmlDType::Q8_0,
+            ),
+        ] {
+            for seed in 1..=4 {
+                let path = model(dir.path(), &cfg, dtype, seed);
+                let nccl = TpModel::load_with(&path, &opts, &gpus, Reduction::Nccl).unwrap();
+                let host = TpModel::load_with(&path, &opts, &gpus, Reduction::Host).unwrap();
+                let d = compare(&nccl, &host, cfg.vocab_size);
+                println!(
+                    "{label} seed {seed}: NCCL against host sums {:.1e}",
+                    d.logits
+                );
+                assert_eq!(d.logits, 0.0, "{label} seed {seed}");
+                let whole = engine::load_model(&path, &opts, &gpus[0]).unwrap();
+                let d = compare(&whole, &nccl, cfg.vocab_size);
+                println!(
+                    "{label} seed {seed}: whole model against NCCL split {:.1e}",
+                    d.logits
+                );
+                assert!(d.logits <= 1e-4, "{label} seed {seed}: {:.2e}", d.logits);
+                assert!(d.same_tokens, "{label} seed {seed}: tokens differ");
+            }
+        }
+    }
+
+    /// A rank that fails on its GPU fails the forward everywhere instead of leaving the
+    /// other inside an NCCL all-reduce it will never finish; the next forward works.
+    #[test]
+    #[ignore = "needs two NVIDIA GPUs: scripts/gpu-check.sh runs it"]
+    fn a_failing_gpu_rank_fails_the_forward_instead_of_hanging_in_nccl() {
+        let Some(gpus) = two_gpus() else { return };
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = tiny_config(Architecture::Llama);
+        let path = model(dir.path(), &cfg, GgmlDType::F32, 1);
+        let tp =
+            TpModel::load_with(&path, &LoadOptions::default(), &gpus, Reduction::Nccl).unwrap();
+        let prompt = [1u32, 2, 3, 4];
+        let pos = [0u32, 1, 2, 3];
+        tp.inject_panic(1);
+        let mut cache = tp.new_cache();
+        let e = tp
+            .forward(
+                &mut cache,
+                SeqInput::chain(&prompt, &pos, OutputSpec::last(4)),
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("rank 1 panicked"), "{e}");
+        let mut cache = tp.new_cache();
+        tp.forward(
+            &mut cache,
+            SeqInput::chain(&prompt, &pos, OutputSpec::last(4)),
+        )
+        .unwrap();
     }
 }
