@@ -8,6 +8,7 @@ use crate::error::{EngineError, Result};
 use crate::f16_matmul::F16Matrix;
 use crate::kquant_matmul::{self, KQuantMatrix};
 use crate::kv::KvCache;
+use crate::mask::Visibility;
 use crate::weights::{
     RawWeight, Role, TensorSource, pad_for_tiles, requantize_padded, split_range,
 };
@@ -493,11 +494,7 @@ impl Transformer {
             let n = input.tokens.len();
             let mask = match invariant {
                 true => None,
-                false => input
-                    .visibility
-                    .additive_mask(n, cache.len())
-                    .map(|m| Tensor::from_vec(m, (n, cache.len() + n), &self.device))
-                    .transpose()?,
+                false => device_mask(input.visibility, n, cache.len(), &self.device)?,
             };
             masks.push(mask);
         }
@@ -644,6 +641,21 @@ impl Transformer {
 
 /// Masked attention of `n` new queries against a sequence's keys. Query heads are grouped
 /// under their key/value head (no copy of the cache for grouped-query attention).
+/// The additive mask `(n, past + n)` for the matmul attention, built on `device`: only the
+/// `n x n` pattern among the new tokens is copied there; the columns of the cache, which
+/// every new token sees, are zeros made on the device. None where nothing is hidden (one
+/// new token).
+fn device_mask(vis: &Visibility, n: usize, past: usize, device: &Device) -> Result<Option<Tensor>> {
+    let Some(block) = vis.additive_mask(n, 0) else {
+        return Ok(None);
+    };
+    let block = Tensor::from_vec(block, (n, n), device)?;
+    Ok(Some(match past {
+        0 => block,
+        _ => Tensor::cat(&[Tensor::zeros((n, past), DType::F32, device)?, block], 1)?,
+    }))
+}
+
 fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -725,6 +737,34 @@ impl LanguageModel for Transformer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_device_mask_is_the_whole_additive_mask() {
+        let shapes = [
+            (Visibility::Causal, 4),
+            (Visibility::Tree(vec![-1, 0, 0, 1, -1]), 5),
+            (
+                Visibility::Matrix {
+                    n: 3,
+                    visible: vec![true, false, true, true, true, false, false, true, true],
+                },
+                3,
+            ),
+        ];
+        for (vis, n) in shapes {
+            for past in [0, 1, 7] {
+                let got = device_mask(&vis, n, past, &Device::Cpu).unwrap().unwrap();
+                let want = vis.additive_mask(n, past).unwrap();
+                assert_eq!(got.dims(), &[n, past + n]);
+                assert_eq!(got.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want);
+            }
+        }
+        assert!(
+            device_mask(&Visibility::Causal, 1, 9, &Device::Cpu)
+                .unwrap()
+                .is_none()
+        );
+    }
 
     #[test]
     fn rows_are_split_or_paired_only_where_candle_would_switch_kernels() {
