@@ -22,9 +22,13 @@ pub struct ModelArgs {
     /// metadata, the model folder or the tokenizer's folder; ChatML where there is none).
     #[arg(long, env = "OURO_CHAT_TEMPLATE")]
     pub chat_template: Option<PathBuf>,
-    /// Tensor-parallel ranks for the target (threads).
+    /// Tensor-parallel ranks for the target (threads; one GPU each with --device cuda).
     #[arg(long, env = "OURO_TARGET_TP", default_value_t = 1)]
     pub tp: usize,
+    /// Where the models run: cpu, cuda or cuda:N (the target's rank r on GPU N + r, the
+    /// draft on GPU N). cuda needs a binary built with --features cuda.
+    #[arg(long, env = "OURO_DEVICE", default_value = "cpu")]
+    pub device: String,
     /// Dequantize the target's GGUF weights to dense f16 at load (the unquantized
     /// deployment; about 3 GB for the 1.5B target).
     #[arg(long, env = "OURO_TARGET_F16")]
@@ -58,6 +62,7 @@ impl ModelArgs {
             },
             chat_template: self.chat_template.clone(),
             tokenizer: self.tokenizer.clone(),
+            device: self.device.clone(),
         }
     }
 }

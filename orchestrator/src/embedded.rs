@@ -71,6 +71,15 @@ pub struct ModelPaths {
     pub tokenizer: Option<PathBuf>,
     /// A Jinja file that replaces the model's own chat template.
     pub chat_template: Option<PathBuf>,
+    /// `cpu`, `cuda` or `cuda:N` (see `engine::device::devices`).
+    pub device: String,
+}
+
+impl ModelPaths {
+    /// The devices of `ranks` target ranks (the draft goes on the first).
+    pub fn devices(&self, ranks: usize) -> Result<Vec<Device>> {
+        Ok(engine::device::devices(&self.device, ranks)?)
+    }
 }
 
 pub fn pool_for(phrase_len: usize) -> Arc<PhrasePool> {
@@ -183,7 +192,8 @@ pub fn load_draft(paths: &ModelPaths) -> Result<Option<Arc<Transformer>>> {
             .transpose()?,
         ..LoadOptions::default()
     };
-    let m = engine::load_model(d, &opts, &Device::Cpu)
+    let device = paths.devices(1)?.remove(0);
+    let m = engine::load_model(d, &opts, &device)
         .with_context(|| format!("loading draft {}", d.display()));
     progress.finish();
     Ok(Some(Arc::new(m?)))
@@ -221,12 +231,9 @@ pub fn load_single(
     check_file(&paths.target, "target model")?;
     let tokenizer = load_tokenizer(paths)?;
     let progress = Progress::new(format!("loading the target {}", file_name(&paths.target)));
-    let m = engine::load_model(
-        &paths.target,
-        &target_options(paths, &progress),
-        &Device::Cpu,
-    )
-    .with_context(|| format!("loading target {}", paths.target.display()));
+    let device = paths.devices(1)?.remove(0);
+    let m = engine::load_model(&paths.target, &target_options(paths, &progress), &device)
+        .with_context(|| format!("loading target {}", paths.target.display()));
     progress.finish();
     let m = m?;
     assemble(Arc::new(m), tokenizer, paths, phrase_len, limits)
@@ -241,18 +248,14 @@ pub fn load_tp(
     check_file(&paths.target, "target model")?;
     let tokenizer = load_tokenizer(paths)?;
     let progress = Progress::new(format!("loading the target {}", file_name(&paths.target)));
-    let m = TpModel::load(
-        &paths.target,
-        world,
-        &target_options(paths, &progress),
-        &Device::Cpu,
-    )
-    .with_context(|| {
-        format!(
-            "loading target {} over {world} ranks",
-            paths.target.display()
-        )
-    })?;
+    let devices = paths.devices(world)?;
+    let m = TpModel::load_on(&paths.target, &target_options(paths, &progress), &devices)
+        .with_context(|| {
+            format!(
+                "loading target {} over {world} ranks",
+                paths.target.display()
+            )
+        })?;
     assemble(Arc::new(m), tokenizer, paths, phrase_len, limits)
 }
 
