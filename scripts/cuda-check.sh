@@ -31,9 +31,13 @@ if [ ! -x "$cuda/bin/nvcc" ] || [ ! -x "$cuda/nvvm/bin/cicc" ]; then
 fi
 export CUDA_HOME="$cuda" CUDA_PATH="$cuda" PATH="$cuda/bin:$PATH"
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
+# Every crate's cuda feature (scripts/gpu-check.sh builds with the same list).
+CUDA_FEATURES=engine/cuda,decoding/cuda,orchestrator/cuda,bench/cuda,target-service/cuda,draft-service/cuda
 log "$(nvcc --version | tail -2 | head -1), compute capability $CUDA_COMPUTE_CAP"
 # Its own target folder: the CPU build's artifacts stay as they are.
+# The whole workspace, tests included: the NCCL tensor parallelism (engine/src/tp.rs), the
+# GPU tests that scripts/gpu-check.sh runs (decoding/tests/gpu.rs, the `gpu` module of
+# engine/tests/tensor_parallel.rs) and the binaries' --device cuda paths.
 CARGO_TARGET_DIR="${OURO_CUDA_TARGET_DIR:-$PWD/target/cuda-check}" \
-  cargo check --release --locked -p engine -p target-service -p draft-service \
-  --features engine/cuda,target-service/cuda,draft-service/cuda --all-targets
+  cargo check --release --locked --workspace --all-targets --features "$CUDA_FEATURES"
 log "the cuda build type-checks"
