@@ -19,8 +19,8 @@
 #   scripts/gpu-check.sh [OUT_DIR]
 #
 # The CUDA toolkit: $CUDA_HOME, or /usr/local/cuda, or nvcc on PATH (the build links
-# cuBLAS, cuRAND and NVRTC from it; NCCL is loaded at run time, from libnccl.so.2). The
-# nvidia/cuda *-devel images have all of it (docker/Dockerfile.cuda).
+# cuBLAS, cuRAND, NVRTC, the CUDA runtime and NCCL from it). The nvidia/cuda *-devel images
+# have all of it (docker/Dockerfile.cuda).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 log() { printf '[gpu-check] %s\n' "$*" >&2; }

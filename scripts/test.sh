@@ -2,7 +2,7 @@
 # Runs the whole test suite on a fresh machine: fetches the small real models the tests
 # use (SmolLM2-135M, the Qwen2.5-Coder 0.5B draft and its tokenizer.json, the 1.5B target; about 1.7 GB,
 # once, into $OURO_MODELS_DIR), then builds and tests in one optimized profile, then checks
-# that the CUDA build compiles (scripts/cuda-check.sh: nvcc from PyPI into .tools/), checks
+# that the CUDA build compiles and links (scripts/cuda-check.sh: nvcc from PyPI into .tools/), checks
 # the Helm chart (scripts/test-chart.sh: helm and the validator are fetched into .tools/)
 # and runs the three services as real processes under a Python grpcio client
 # (tests/e2e/run.sh), and ends with a smoke run of the benchmark harness (`ouro-bench
