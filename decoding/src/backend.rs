@@ -98,6 +98,10 @@ impl DraftLength {
 pub struct DraftRequest {
     /// Committed tokens appended since the previous call (or since `open`).
     pub new_committed: Vec<u32>,
+    /// Committed tokens to take back first: the caller sent them as committed ahead of
+    /// the target's verdict (overlapped drafting) and the target did not accept them all.
+    /// Less than the tokens the session holds.
+    pub rewind: usize,
     pub length: DraftLength,
     /// Lookahead decoding inside the draft model; `None` decodes one token per forward.
     pub lookahead: Option<LookaheadParams>,

@@ -31,8 +31,19 @@ impl<C: KvState> DraftSession<C> {
         })
     }
 
-    /// Appends committed tokens, keeping KV entries of drafted tokens that were accepted.
-    fn sync(&mut self, new_committed: &[u32]) -> Result<()> {
+    /// Takes back the last `rewind` committed tokens (they become drafted ones again),
+    /// then appends committed tokens, keeping KV entries of drafted tokens that were
+    /// accepted.
+    fn sync(&mut self, rewind: usize, new_committed: &[u32]) -> Result<()> {
+        if rewind >= self.committed {
+            return Err(FieldError::new(
+                "rewind",
+                format!("less than the {} tokens the session holds", self.committed),
+                rewind,
+            )
+            .into());
+        }
+        self.committed -= rewind;
         let drafted = &self.seq[self.committed..];
         let same = drafted
             .iter()
@@ -97,7 +108,7 @@ impl<C: KvState> DraftSession<C> {
             "new_committed",
         )?;
         pool.insert_all(&request.pool_delta);
-        self.sync(&request.new_committed)?;
+        self.sync(request.rewind, &request.new_committed)?;
         if let (Some(la), None) = (request.lookahead, &self.window) {
             self.window = Some(Window::new(la, &self.seq, 0));
         }

@@ -93,6 +93,7 @@ async fn drafts_follow_greedy(lookahead: Option<Lookahead>) -> (u32, usize) {
                 pool_delta: Vec::new(),
                 eos: Vec::new(),
                 stop_below: 0.0,
+                rewind: 0,
             })
             .await
             .unwrap()
@@ -150,6 +151,7 @@ async fn bad_draft_requests_get_statuses_and_idle_sessions_expire() {
         pool_delta: vec![],
         eos: vec![],
         stop_below: 0.0,
+        rewind: 0,
     };
     let cases = [
         (
@@ -209,6 +211,15 @@ async fn bad_draft_requests_get_statuses_and_idle_sessions_expire() {
             },
             Code::InvalidArgument,
             "vocabulary",
+        ),
+        (
+            "rewind past the session's first token",
+            pb::DraftRequest {
+                rewind: 3,
+                ..base.clone()
+            },
+            Code::InvalidArgument,
+            "rewind",
         ),
         (
             "unknown session",
@@ -300,6 +311,7 @@ async fn kv_budget_holds_while_draft_sessions_grow() {
         pool_delta: Vec::new(),
         eos: Vec::new(),
         stop_below: 0.0,
+        rewind: 0,
     };
     // A session's cache is filled on its first draft: B's takes one session's memory.
     let r = c.draft(draft(b, 4)).await.unwrap().into_inner();

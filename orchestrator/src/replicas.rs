@@ -289,6 +289,15 @@ impl<B: Send + Sync + 'static> Replicas<B> {
         }
     }
 
+    /// The session's last `n` tokens were sent ahead of the target's verdict and taken
+    /// back (a draft's `rewind`); at least one token stays.
+    fn takes_back(&self, session: SessionId, n: usize) {
+        if let Some(mut p) = self.inner.sessions.get_mut(&session) {
+            let keep = p.tokens.len().saturating_sub(n).max(1);
+            p.tokens.truncate(keep);
+        }
+    }
+
     /// Runs `call` on the session's replica; when that replica fails in a way another
     /// could make good (down, lost the session, out of memory for it), the session is
     /// opened again on another replica with every token it held, and `call` runs there.
@@ -451,6 +460,7 @@ impl<B: DraftBackend> SessionCall<B> for Draft {
         let mut request = self.0.clone();
         if moved {
             request.new_committed.clear();
+            request.rewind = 0;
         }
         backend.draft(session, request).await
     }
@@ -607,6 +617,7 @@ impl<B: DraftBackend + 'static> DraftBackend for Replicas<B> {
         session: SessionId,
         request: DraftRequest,
     ) -> Result<(DraftOutcome, ServerTiming)> {
+        self.takes_back(session, request.rewind);
         self.holds(session, request.new_committed.iter().copied());
         self.call_with_failover(session, None, &DraftOps, &Draft(request))
             .await

@@ -82,6 +82,7 @@ impl TryFrom<draft_pb::DraftRequest> for DraftCall {
             session: r.session_id,
             request: DraftRequest {
                 new_committed: r.new_committed,
+                rewind: r.rewind as usize,
                 length: DraftLength::new(r.gamma as usize, r.stop_below),
                 lookahead,
                 pool_delta: r.pool_delta.into_iter().map(Ngram::from).collect(),

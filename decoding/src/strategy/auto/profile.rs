@@ -298,6 +298,7 @@ pub(super) async fn timed_draft<D: DraftBackend>(
 ) -> Result<(Vec<u32>, f64)> {
     let request = DraftRequest {
         new_committed,
+        rewind: 0,
         length: DraftLength::AtLeast(gamma),
         lookahead: None,
         pool_delta: Vec::new(),
