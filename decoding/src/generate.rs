@@ -15,7 +15,7 @@ use crate::params::{
 };
 use crate::pool::{Ngram, PhrasePool};
 use crate::stats::SpecStats;
-use crate::strategy::{Rounds, Verdict, lookahead};
+use crate::strategy::{Rounds, Verdict, lookahead, overlap};
 use crate::trie::{PromptTrie, TrieCache};
 use std::time::Instant;
 use tracing::Instrument;
@@ -161,6 +161,14 @@ pub(crate) struct Loop<'p> {
     pub for_draft: Vec<u32>,
     /// Phrases learnt since the last draft call, for a remote draft's pool replica.
     pub delta: Vec<Ngram>,
+    /// Committed tokens the draft was told of too early (overlap): taken back at its next
+    /// call.
+    pub rewind: usize,
+    /// The next round's draft chain (and its confidence), drafted while the last verify
+    /// ran (overlap).
+    pub predrafted: Option<(Vec<u32>, Vec<f32>)>,
+    /// How the last draft call asked.
+    pub last_draft: Option<crate::strategy::overlap::DraftShape>,
 }
 
 async fn commit_loop<T: TargetBackend, D: DraftBackend>(
@@ -185,6 +193,9 @@ async fn commit_loop<T: TargetBackend, D: DraftBackend>(
         prompt_trie: use_trie.then(|| PromptTrie::new(prompt, shared.trie.config())),
         for_draft: Vec::new(),
         delta: Vec::new(),
+        rewind: 0,
+        predrafted: None,
+        last_draft: None,
     };
     if let Some(p) = &state.prompt_trie {
         stats.trie_prompt_nodes = p.len() as u64;
@@ -215,14 +226,37 @@ async fn commit_loop<T: TargetBackend, D: DraftBackend>(
             .await;
         let tree = &round.tree;
         let t0 = Instant::now();
-        let (v, timing) = sessions
-            .target
-            .verify(sessions.target_id, tree, &params.sampling, params.logprobs)
-            .instrument(tracing::debug_span!(parent: &round_span, "verify", nodes = tree.len()))
-            .await?;
+        let verify = async {
+            let r = sessions
+                .target
+                .verify(sessions.target_id, tree, &params.sampling, params.logprobs)
+                .instrument(tracing::debug_span!(parent: &round_span, "verify", nodes = tree.len()))
+                .await;
+            (r, t0.elapsed().as_secs_f64())
+        };
+        // Overlap: the draft drafts the next round while the target verifies this one.
+        let share_pool = sessions.draft.is_some_and(|(d, _)| d.wants_pool_delta());
+        let pre_request = match (params.strategy, sessions.draft) {
+            (Strategy::Speculative | Strategy::Ouroboros, Some(_)) => {
+                overlap::request(&mut state, &round, share_pool)
+            }
+            _ => None,
+        };
+        let ((verified, verify_s), pre) = match (pre_request, sessions.draft) {
+            (Some(request), Some((d, id))) => {
+                let span = tracing::debug_span!(parent: &round_span, "overlapped draft");
+                let pre = async {
+                    let r = d.draft(id, request).instrument(span).await;
+                    (r, t0.elapsed().as_secs_f64())
+                };
+                let (v, p) = futures::future::join(verify, pre).await;
+                (v, Some(p))
+            }
+            _ => (verify.await, None),
+        };
+        let (v, timing) = verified?;
         round_span.record("nodes", tree.len());
         round_span.record("accepted", v.path.len());
-        let verify_s = t0.elapsed().as_secs_f64();
         stats.add_verify(timing, verify_s, tree.len(), text.len() - 1);
         // The walk may leave the chain at any node when other paths hang off the root.
         let on_chain = v
@@ -283,7 +317,25 @@ async fn commit_loop<T: TargetBackend, D: DraftBackend>(
         if use_trie {
             shared.trie.record(&done.tokens, recorded);
         }
-        state.for_draft.extend_from_slice(&new);
+        match pre {
+            Some((Ok((o, timing)), wall)) => {
+                let p = shared.pool;
+                overlap::settle(
+                    &mut state,
+                    stats,
+                    p,
+                    &round,
+                    &new,
+                    (o, timing, wall),
+                    share_pool,
+                );
+            }
+            Some((Err(e), _)) => {
+                stats.fall_back(format!("draft failed: {e}"));
+                sessions.draft = None;
+            }
+            None => state.for_draft.extend_from_slice(&new),
+        }
         rounds.committed(shared.pool, sessions, &mut state, stats, &text, before);
         done.sources.extend_from_slice(&new_sources);
         if on_tokens(&new, &new_sources) == Flow::Stop {

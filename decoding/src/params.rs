@@ -77,6 +77,12 @@ pub struct DecodeParams {
     pub trie_budget: usize,
     /// Report each generated token's log-probability with this many alternatives.
     pub logprobs: Option<usize>,
+    /// Speculative and Ouroboros: while the target verifies a round's draft chain, the
+    /// draft already drafts the next round from the chain's end, as if the target accepted
+    /// it all (PEARL's post-verify); that work is used when the target did, and taken back
+    /// (the draft's `rewind`) when it did not. Pays where draft and target run on separate
+    /// hardware; the output is the same either way.
+    pub overlap: bool,
 }
 
 impl Default for DecodeParams {
@@ -93,6 +99,7 @@ impl Default for DecodeParams {
             harvest_committed: true,
             trie_budget: 4,
             logprobs: None,
+            overlap: false,
         }
     }
 }

@@ -44,6 +44,9 @@ pub struct SpecStats {
     pub trie_cache_bytes: u64,
     /// `auto` only: tokens committed under each policy, in `Policy::ALL` order.
     pub policy_tokens: [u64; 3],
+    /// Overlapped drafting: calls whose work the next round used, and calls taken back.
+    pub overlap_used: u64,
+    pub overlap_discarded: u64,
     /// Set when the draft was missing or failed and the request went on target-only.
     pub draft_fallback: Option<String>,
     pub prefill_s: f64,

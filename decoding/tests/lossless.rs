@@ -818,6 +818,7 @@ fn the_draft_stops_where_its_confidence_falls() {
         let id = block_on(draft.open(&prompt)).unwrap();
         let request = DraftRequest {
             new_committed: Vec::new(),
+            rewind: 0,
             length: DraftLength::new(12, stop_below),
             lookahead: None,
             pool_delta: Vec::new(),
@@ -844,4 +845,155 @@ fn the_draft_stops_where_its_confidence_falls() {
         }
     }
     assert!(cut_short >= 3, "the floors hardly ever cut the chain");
+}
+
+/// A draft session told of tokens too early and then told to take them back (`rewind`)
+/// drafts exactly what a session opened on the true text drafts: its cache keeps only
+/// what still holds. With lookahead too, and for a rewind whose tokens partly come back.
+#[test]
+fn a_rewound_draft_session_drafts_what_a_fresh_one_drafts() {
+    use decoding::{DraftBackend, DraftLength, DraftRequest};
+    let model = Arc::new(MockModel::new(VOCAB, 2048, 0.7, 5));
+    let prompt = [3u32, 9, 4, 1, 7];
+    for lookahead in [
+        None,
+        Some(LookaheadParams {
+            level: 3,
+            window: 2,
+            guess: 2,
+        }),
+    ] {
+        let g = lookahead.map_or(2, |l| l.phrase_len());
+        let ask = |new_committed: Vec<u32>, rewind: usize| DraftRequest {
+            new_committed,
+            rewind,
+            length: DraftLength::new(5, 0.0),
+            lookahead,
+            pool_delta: Vec::new(),
+            eos: Vec::new(),
+        };
+        let draft = LocalDraft::new(model.clone(), pool(g));
+        let id = block_on(draft.open(&prompt)).unwrap();
+        let first = block_on(draft.draft(id, ask(Vec::new(), 0)))
+            .unwrap()
+            .0
+            .tokens;
+        // The caller sends the chain as committed, and the draft drafts on from it ...
+        let ahead = block_on(draft.draft(id, ask(first.clone(), 0)))
+            .unwrap()
+            .0
+            .tokens;
+        assert!(!ahead.is_empty());
+        // ... but the target kept two of the chain's tokens and then chose another.
+        let other = (first[2] + 1) % VOCAB as u32;
+        let kept = vec![first[0], first[1], other];
+        let got = block_on(draft.draft(id, ask(kept.clone(), first.len())))
+            .unwrap()
+            .0
+            .tokens;
+        let fresh = LocalDraft::new(model.clone(), pool(g));
+        let mut text = prompt.to_vec();
+        text.extend_from_slice(&kept);
+        let fid = block_on(fresh.open(&text)).unwrap();
+        let want = block_on(fresh.draft(fid, ask(Vec::new(), 0)))
+            .unwrap()
+            .0
+            .tokens;
+        if lookahead.is_none() {
+            assert_eq!(got, want, "after a rewind");
+        } else {
+            // A lookahead window carries its guesses over; the model's own chain is the
+            // same however they were found, so compare the tokens the two agree to draft.
+            let n = got.len().min(want.len());
+            assert_eq!(got[..n], want[..n], "after a rewind, with lookahead");
+        }
+        // Taking back everything the session holds is refused, naming the field.
+        let e = block_on(draft.draft(id, ask(Vec::new(), 1_000))).unwrap_err();
+        assert!(e.to_string().contains("rewind"), "{e}");
+    }
+}
+
+/// Overlapped drafting (the draft drafts the next round while the target verifies): the
+/// output is plain decoding's, greedy and sampled, with drafts that agree (the early work
+/// is used) and drafts that do not (it is taken back).
+#[test]
+fn overlapped_drafting_is_exact_and_its_work_is_used_or_taken_back() {
+    let target = target_model();
+    let drafts = [
+        ("perfect", target.clone()),
+        ("weak", Arc::new(MockModel::new(VOCAB, 2048, 0.4, 1))),
+        (
+            "adversarial",
+            Arc::new(MockModel::new(VOCAB, 2048, 0.7, 99)),
+        ),
+    ];
+    let (mut used, mut discarded) = (std::collections::HashMap::new(), 0);
+    for (name, draft) in &drafts {
+        for strategy in [Strategy::Speculative, Strategy::Ouroboros] {
+            for sampling in [
+                SamplingParams::greedy(),
+                SamplingParams {
+                    temperature: 0.9,
+                    top_k: 0,
+                    top_p: 1.0,
+                    seed: 4,
+                },
+            ] {
+                for (gamma, draft_stop) in [(1, 0.0), (4, 0.0), (6, 0.3)] {
+                    let la = LookaheadParams {
+                        level: 4,
+                        window: 3,
+                        guess: 3,
+                    };
+                    let pool = pool(la.phrase_len());
+                    for prompt in prompts() {
+                        let params = DecodeParams {
+                            strategy,
+                            max_new_tokens: 50,
+                            sampling,
+                            gamma,
+                            draft_stop,
+                            lookahead: la,
+                            topk: 2,
+                            overlap: true,
+                            ..DecodeParams::default()
+                        };
+                        let want = plain_decode(&target, &prompt, 50, &sampling);
+                        let out = run(&target, draft, &pool, &prompt, &params);
+                        assert_eq!(
+                            out.tokens, want,
+                            "{name} {strategy:?} gamma {gamma} stop {draft_stop} {sampling:?} prompt {prompt:?}"
+                        );
+                        assert!(out.stats.draft_fallback.is_none(), "{name}");
+                        // Speculative drafts one chain of gamma tokens from the committed
+                        // text however it got there, so with the draft's bookkeeping right
+                        // (used work, rewinds) every round verifies the chain the serial
+                        // loop verifies.
+                        if strategy == Strategy::Speculative && draft_stop == 0.0 {
+                            let serial = DecodeParams {
+                                overlap: false,
+                                ..params.clone()
+                            };
+                            let s = run(&target, draft, &pool, &prompt, &serial).stats;
+                            let o = &out.stats;
+                            assert_eq!(
+                                (o.drafted, o.accepted, o.target_forwards),
+                                (s.drafted, s.accepted, s.target_forwards),
+                                "{name} gamma {gamma} {sampling:?}: rounds differ from the serial loop's"
+                            );
+                            assert!(o.draft_calls >= s.draft_calls, "{name}");
+                        }
+                        *used.entry(*name).or_insert(0) += out.stats.overlap_used;
+                        discarded += out.stats.overlap_discarded;
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("overlapped calls used: {used:?}; taken back: {discarded}");
+    // The perfect draft's early work is used round after round; the others' is often
+    // taken back, and the output stayed exact through both.
+    assert!(used["perfect"] > 200, "{used:?}");
+    assert!(used["perfect"] > used["adversarial"], "{used:?}");
+    assert!(discarded > 200, "{discarded}");
 }

@@ -336,6 +336,8 @@ pub fn stats_of(s: &SpecStats) -> pb::SpecStats {
         trie_prompt_nodes: s.trie_prompt_nodes,
         trie_cache_nodes: s.trie_cache_nodes,
         trie_cache_bytes: s.trie_cache_bytes,
+        overlap_used: s.overlap_used,
+        overlap_discarded: s.overlap_discarded,
     }
 }
 

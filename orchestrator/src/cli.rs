@@ -141,6 +141,10 @@ pub struct DecodeArgs {
     /// Sampling seed; when sampling without one, the server draws one (and reports it).
     #[arg(long, env = "OURO_SEED")]
     pub seed: Option<u64>,
+    /// Speculative and Ouroboros: the draft drafts the next round while the target
+    /// verifies this one (pays where draft and target run on separate hardware).
+    #[arg(long, env = "OURO_OVERLAP")]
+    pub overlap: bool,
 }
 
 /// Pool phrase length for a lookahead level (at least 1, even for a bad level, which the
@@ -177,6 +181,7 @@ impl DecodeArgs {
             harvest_committed: true,
             trie_budget: self.trie_budget,
             logprobs: None,
+            overlap: self.overlap,
         }
     }
 }

@@ -177,6 +177,7 @@ impl Validator {
             harvest_committed: d.harvest_committed,
             trie_budget: p.trie_budget.map_or(d.trie_budget, |k| k as usize),
             logprobs: r.logprobs.map(|n| n as usize),
+            overlap: d.overlap,
         };
         params.validate().map_err(|e| status_of(&e))?;
         Ok(ValidRequest {

@@ -66,6 +66,11 @@ struct Cluster {
 }
 
 async fn cluster() -> Cluster {
+    cluster_with(false).await
+}
+
+/// `overlap`: the server's default for overlapped drafting.
+async fn cluster_with(overlap: bool) -> Cluster {
     let dir = tempfile::tempdir().unwrap();
     let cfg = tiny_config(Architecture::Qwen2);
     let w = random_weights(&cfg, 17, true, false).unwrap();
@@ -147,6 +152,7 @@ async fn cluster() -> Cluster {
         gamma: 4,
         lookahead,
         topk: 2,
+        overlap,
         ..DecodeParams::default()
     };
     let service = GenerateService::new(
@@ -328,6 +334,44 @@ async fn every_strategy_equals_plain_decoding_over_grpc() {
     assert!(page.contains("ouro_sessions{service=\"target\"}"));
     assert!(m.batch_trees.get_sample_count() > 0);
     eprintln!("accepted draft tokens by strategy: {accepted:?}, trie tokens {trie_accepted}");
+}
+
+/// Overlapped drafting over gRPC (the draft service drafts the next round while the target
+/// service verifies this one): speculative and Ouroboros, greedy and sampled, equal plain
+/// decoding; the early work was used in some rounds and taken back in others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn overlapped_drafting_over_grpc_equals_plain_decoding() {
+    let mut cl = cluster_with(true).await;
+    let c = &mut cl.client;
+    use pb::Strategy as S;
+    let sampled = Sampling {
+        temperature: 0.9,
+        top_p: 0.95,
+        top_k: 0,
+        seed: Some(7),
+    };
+    let (mut used, mut discarded) = (0, 0);
+    for prompt in prompts() {
+        for sampling in [None, Some(sampled)] {
+            let plain = generate(c, request(&prompt, S::Greedy, sampling)).await;
+            for s in [S::Speculative, S::Ouroboros, S::Speculative, S::Ouroboros] {
+                let g = generate(c, request(&prompt, s, sampling)).await;
+                assert_eq!(
+                    g.token_ids, plain.token_ids,
+                    "{s:?} {sampling:?} on {prompt:?}"
+                );
+                let stats = g.stats.unwrap();
+                assert!(stats.draft_fallback.is_empty(), "{}", stats.draft_fallback);
+                used += stats.overlap_used;
+                discarded += stats.overlap_discarded;
+            }
+        }
+    }
+    eprintln!("overlapped draft calls: {used} used, {discarded} taken back");
+    assert!(
+        used > 0 && discarded > 0,
+        "used {used}, taken back {discarded}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

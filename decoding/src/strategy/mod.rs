@@ -16,6 +16,7 @@ pub mod auto;
 pub mod greedy;
 pub mod lookahead;
 pub mod ouroboros;
+pub(crate) mod overlap;
 pub mod speculative;
 pub mod trie;
 
@@ -198,8 +199,22 @@ pub(crate) async fn call_draft<T: TargetBackend, D: DraftBackend>(
     let Some((d, id)) = sessions.draft else {
         return Default::default();
     };
+    state.last_draft = Some(overlap::DraftShape {
+        gamma,
+        lookahead,
+        stop_below,
+    });
+    // Drafted while the last verify ran (overlap), and the target went its way.
+    if let Some((mut drafted, mut confidence)) = state.predrafted.take()
+        && !drafted.is_empty()
+    {
+        drafted.truncate(gamma);
+        confidence.truncate(drafted.len());
+        return (drafted, confidence);
+    }
     let share_pool = lookahead && d.wants_pool_delta();
     let request = DraftRequest {
+        rewind: std::mem::take(&mut state.rewind),
         new_committed: std::mem::take(&mut state.for_draft),
         length: DraftLength::new(gamma, stop_below),
         lookahead: lookahead.then_some(state.params.lookahead),
