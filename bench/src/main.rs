@@ -15,6 +15,8 @@ struct Cli {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Before any thread starts: the models' CPU workers fit the CPUs this process has.
+    engine::device::size_cpu_pools();
     telemetry::init_logging();
     bench::strategies::run(Cli::parse().args)
 }

@@ -62,13 +62,22 @@ struct Args {
     requantize: Option<String>,
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
+    // Before any thread starts: the model's CPU workers fit the CPUs this process has.
+    let pools = engine::device::size_cpu_pools();
     let a = Args::parse();
-    let telemetry = telemetry::init("ouroboros-draft");
-    let served = run_service(a).await;
-    telemetry.shutdown().await;
-    served
+    tokio::runtime::Runtime::new()?.block_on(async {
+        let telemetry = telemetry::init("ouroboros-draft");
+        if let Some(n) = pools {
+            tracing::info!(
+                threads = n,
+                "CPU worker pools sized to the CPUs this process may use"
+            );
+        }
+        let served = run_service(a).await;
+        telemetry.shutdown().await;
+        served
+    })
 }
 
 async fn run_service(a: Args) -> Result<()> {

@@ -30,6 +30,8 @@ enum Command {
 }
 
 fn main() -> Result<()> {
+    // Before any thread starts: the models' CPU workers fit the CPUs this process has.
+    engine::device::size_cpu_pools();
     match Cli::parse().command {
         Command::Generate(a) => {
             telemetry::init_logging();
