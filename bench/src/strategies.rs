@@ -67,6 +67,14 @@ pub struct BenchArgs {
     /// a draft service started as processes on loopback (the binaries next to `ouro-bench`).
     #[arg(long)]
     distributed: bool,
+    /// With --distributed: this machine as two one-core boxes, the target service pinned
+    /// to CPU 0 and the draft service to CPU 1 (taskset); the bench's loop floats.
+    #[arg(long, requires = "distributed")]
+    pin: bool,
+    /// With --distributed: also the distributed speculative and Ouroboros rows with
+    /// overlapped drafting (the draft drafts the next round while the target verifies).
+    #[arg(long, requires = "distributed")]
+    overlap_rows: bool,
     /// Price every model call of the run with this cost table (JSON: costs by context and
     /// rows, see `results/cost-models/`) and report projected speeds beside the measured
     /// ones; auto plans with the table instead of timing this machine.
@@ -101,6 +109,8 @@ struct Variant {
     trie_off: bool,
     /// Over the loopback services instead of in this process.
     distributed: bool,
+    /// Overlapped drafting on (whatever --overlap says for the other rows).
+    overlap: bool,
     /// A sweep row: one parameter changed from its flag.
     point: Option<sweep::Point>,
 }
@@ -113,6 +123,7 @@ impl Variant {
             cold: false,
             trie_off: false,
             distributed: false,
+            overlap: false,
             point: None,
         }
     }
@@ -125,6 +136,7 @@ impl Variant {
         if let Some(point) = &self.point {
             point.apply(&mut p);
         }
+        p.overlap |= self.overlap;
         p
     }
 }
@@ -152,7 +164,11 @@ fn free_port() -> Result<u16> {
 }
 
 impl Services {
-    fn start(paths: &embedded::ModelPaths) -> Result<Self> {
+    /// `pin`: the target on CPU 0, the draft on CPU 1.
+    fn start(paths: &embedded::ModelPaths, pin: bool) -> Result<Self> {
+        if pin && std::thread::available_parallelism().map_or(0, |n| n.get()) < 2 {
+            bail!("--pin needs two CPUs (the target's and the draft's)");
+        }
         let draft = paths
             .draft
             .as_deref()
@@ -178,7 +194,15 @@ impl Services {
                 );
             }
             let port = free_port()?;
-            let mut cmd = Command::new(&exe);
+            let mut cmd = match pin {
+                true => {
+                    let mut c = Command::new("taskset");
+                    let cpu = if bin == "target-service" { "0" } else { "1" };
+                    c.args(["-c", cpu]).arg(&exe);
+                    c
+                }
+                false => Command::new(&exe),
+            };
             cmd.arg("--model")
                 .arg(model)
                 .arg("--listen")
@@ -313,7 +337,7 @@ fn run_with<T: LanguageModel + 'static>(e: &Embedded<T>, a: &BenchArgs) -> Resul
     let mut calls: Vec<Vec<Vec<decoding::ModelCall>>> = vec![Vec::new(); plan.len()];
     let rt = tokio::runtime::Runtime::new()?;
     let services = match a.distributed {
-        true => Some(Services::start(&a.model.paths())?),
+        true => Some(Services::start(&a.model.paths(), a.pin)?),
         false => None,
     };
     let phrase_len = a.decode.phrase_len();
@@ -638,8 +662,9 @@ fn plan(a: &BenchArgs, eos: &[u32]) -> Result<Vec<Variant>> {
             .filter(|v| {
                 matches!(
                     v.strategy,
-                    Strategy::Greedy | Strategy::Speculative | Strategy::Auto
+                    Strategy::Greedy | Strategy::Speculative | Strategy::Ouroboros | Strategy::Auto
                 ) && !v.cold
+                    && v.point.is_none()
             })
             .map(|v| v.strategy)
             .collect();
@@ -648,6 +673,13 @@ fn plan(a: &BenchArgs, eos: &[u32]) -> Result<Vec<Variant>> {
                 distributed: true,
                 ..Variant::new(&format!("{} (distributed)", s.name()), s)
             });
+            if a.overlap_rows && matches!(s, Strategy::Speculative | Strategy::Ouroboros) {
+                plan.push(Variant {
+                    distributed: true,
+                    overlap: true,
+                    ..Variant::new(&format!("{} (distributed, overlap)", s.name()), s)
+                });
+            }
         }
     }
     Ok(plan)
