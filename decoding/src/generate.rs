@@ -238,7 +238,7 @@ async fn commit_loop<T: TargetBackend, D: DraftBackend>(
         let share_pool = sessions.draft.is_some_and(|(d, _)| d.wants_pool_delta());
         let pre_request = match (params.strategy, sessions.draft) {
             (Strategy::Speculative | Strategy::Ouroboros, Some(_)) => {
-                overlap::request(&mut state, &round, share_pool)
+                overlap::request(&mut state, stats, &round, share_pool)
             }
             _ => None,
         };

@@ -10,6 +10,12 @@
 //! and the next draft call takes the chain back (`rewind`) before it sends what was really
 //! committed, the draft keeping its cache where the two agree. The target decides every
 //! committed token either way, so the output is the same as without overlap.
+//!
+//! How far the early call drafts: as far as the draft gets while the target verifies (the
+//! request's mean verify time over its mean draft forward time, PEARL's speed ratio), at
+//! most the round's own length, plus the token the bonus takes. A call that runs past the
+//! verify delays the next round, and more so when the verdict throws it away; one that
+//! ends with the verify costs nothing either way.
 
 use super::Round;
 use crate::backend::{DraftLength, DraftOutcome, DraftRequest, ServerTiming};
@@ -29,6 +35,7 @@ pub(crate) struct DraftShape {
 /// has a draft chain; `share_pool` says whether the draft keeps a pool replica of its own.
 pub(crate) fn request(
     state: &mut Loop<'_>,
+    stats: &SpecStats,
     round: &Round,
     share_pool: bool,
 ) -> Option<DraftRequest> {
@@ -36,14 +43,15 @@ pub(crate) fn request(
     if !state.params.overlap || round.drafted.is_empty() {
         return None;
     }
+    let tokens = fits_in_a_verify(stats).map_or(shape.gamma, |n| n.clamp(1, shape.gamma));
     let mut new_committed = std::mem::take(&mut state.for_draft);
     new_committed.extend_from_slice(&round.drafted);
     let share_pool = shape.lookahead && share_pool;
     Some(DraftRequest {
         new_committed,
         rewind: std::mem::take(&mut state.rewind),
-        // One more than a round drafts: the first is the bonus token when all goes well.
-        length: DraftLength::new(shape.gamma + 1, shape.stop_below),
+        // One more: the first is the bonus token when all goes well.
+        length: DraftLength::new(tokens + 1, shape.stop_below),
         lookahead: shape.lookahead.then_some(state.params.lookahead),
         pool_delta: match share_pool {
             true => std::mem::take(&mut state.delta),
@@ -51,6 +59,18 @@ pub(crate) fn request(
         },
         eos: state.params.eos.clone(),
     })
+}
+
+/// Draft forwards that fit in one verify, by the request's means so far (None before
+/// both were timed).
+fn fits_in_a_verify(stats: &SpecStats) -> Option<usize> {
+    if stats.target_forwards == 0 || stats.draft_forwards == 0 || stats.draft_s <= 0.0 {
+        return None;
+    }
+    let verify = stats.verify_s / stats.target_forwards as f64;
+    let forward = stats.draft_s / stats.draft_forwards as f64;
+    // (A hair added so that a ratio of 3 computed as 2.999... counts 3.)
+    Some((verify / forward + 1e-9).floor() as usize)
 }
 
 /// What the overlapped call `outcome` is worth now that `new` (the round's committed
@@ -91,4 +111,23 @@ pub(crate) fn settle(
         stats.overlap_discarded += 1;
     }
     went_our_way
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_early_call_drafts_what_fits_in_a_verify() {
+        let mut stats = SpecStats::default();
+        assert_eq!(fits_in_a_verify(&stats), None, "nothing timed yet");
+        // 4 verifies of 0.3 s, 10 draft forwards of 0.1 s: three fit in a verify.
+        (stats.target_forwards, stats.verify_s) = (4, 1.2);
+        assert_eq!(fits_in_a_verify(&stats), None, "the draft not timed yet");
+        (stats.draft_forwards, stats.draft_s) = (10, 1.0);
+        assert_eq!(fits_in_a_verify(&stats), Some(3));
+        // A draft slower than the target: none fits (the call still drafts one).
+        stats.draft_s = 20.0;
+        assert_eq!(fits_in_a_verify(&stats), Some(0));
+    }
 }
