@@ -27,6 +27,19 @@ fn target_model() -> Arc<MockModel> {
     Arc::new(MockModel::new(VOCAB, 2048, 0.7, 1))
 }
 
+/// A draft that agrees with `target` (itself), one that mostly agrees (the same weights
+/// made less sure of themselves) and an adversarial one.
+fn three_drafts(target: &Arc<MockModel>) -> [(&'static str, Arc<MockModel>); 3] {
+    [
+        ("perfect", target.clone()),
+        ("weak", Arc::new(MockModel::new(VOCAB, 2048, 0.4, 1))),
+        (
+            "adversarial",
+            Arc::new(MockModel::new(VOCAB, 2048, 0.7, 99)),
+        ),
+    ]
+}
+
 /// Reference: the model alone, one token per forward, no tree, no pool.
 fn plain_decode(m: &MockModel, prompt: &[u32], n: usize, sampling: &SamplingParams) -> Vec<u32> {
     let mut cache = m.new_cache();
@@ -364,15 +377,7 @@ fn the_trie_strategy_copies_repeated_text() {
 #[test]
 fn seeded_sampling_is_lossless() {
     let target = target_model();
-    let drafts = [
-        ("perfect", target.clone()),
-        // The same weights made less sure of themselves: agrees often, not always.
-        ("weak", Arc::new(MockModel::new(VOCAB, 2048, 0.4, 1))),
-        (
-            "adversarial",
-            Arc::new(MockModel::new(VOCAB, 2048, 0.7, 99)),
-        ),
-    ];
+    let drafts = three_drafts(&target);
     let mut accepted = std::collections::HashMap::new();
     for (name, draft) in &drafts {
         for (temperature, top_k, top_p) in [(0.7, 0, 1.0), (1.0, 5, 1.0), (1.3, 0, 0.9)] {
@@ -919,14 +924,7 @@ fn a_rewound_draft_session_drafts_what_a_fresh_one_drafts() {
 #[test]
 fn overlapped_drafting_is_exact_and_its_work_is_used_or_taken_back() {
     let target = target_model();
-    let drafts = [
-        ("perfect", target.clone()),
-        ("weak", Arc::new(MockModel::new(VOCAB, 2048, 0.4, 1))),
-        (
-            "adversarial",
-            Arc::new(MockModel::new(VOCAB, 2048, 0.7, 99)),
-        ),
-    ];
+    let drafts = three_drafts(&target);
     let (mut used, mut discarded) = (std::collections::HashMap::new(), 0);
     for (name, draft) in &drafts {
         for strategy in [Strategy::Speculative, Strategy::Ouroboros] {

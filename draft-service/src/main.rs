@@ -63,21 +63,7 @@ struct Args {
 }
 
 fn main() -> Result<()> {
-    // Before any thread starts: the model's CPU workers fit the CPUs this process has.
-    let pools = engine::device::size_cpu_pools();
-    let a = Args::parse();
-    tokio::runtime::Runtime::new()?.block_on(async {
-        let telemetry = telemetry::init("ouroboros-draft");
-        if let Some(n) = pools {
-            tracing::info!(
-                threads = n,
-                "CPU worker pools sized to the CPUs this process may use"
-            );
-        }
-        let served = run_service(a).await;
-        telemetry.shutdown().await;
-        served
-    })
+    serving::server::service_main("ouroboros-draft", Args::parse, run_service)
 }
 
 async fn run_service(a: Args) -> Result<()> {

@@ -274,6 +274,33 @@ pub async fn drain_sessions<S: SessionState>(sessions: &SessionTable<S>, limit: 
     }
 }
 
+/// The `main` of a model service: sizes the CPU worker pools to the CPUs the process may
+/// use before any thread starts, then parses the arguments with `parse` and runs `serve`
+/// on a tokio runtime with telemetry (traces under `name`) set up and shut down around it.
+pub fn service_main<A, F>(
+    name: &'static str,
+    parse: impl FnOnce() -> A,
+    serve: impl FnOnce(A) -> F,
+) -> anyhow::Result<()>
+where
+    F: Future<Output = anyhow::Result<()>>,
+{
+    let pools = engine::device::size_cpu_pools();
+    let args = parse();
+    tokio::runtime::Runtime::new()?.block_on(async {
+        let telemetry = telemetry::init(name);
+        if let Some(n) = pools {
+            tracing::info!(
+                threads = n,
+                "CPU worker pools sized to the CPUs this process may use"
+            );
+        }
+        let served = serve(args).await;
+        telemetry.shutdown().await;
+        served
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
