@@ -672,6 +672,30 @@ fn bad_requests_are_refused() {
 
 /// One `auto` request of `n` tokens on the mock target, drafting with the target itself
 /// (a perfect draft) under `tuner`, with a fresh pool and the given trie.
+/// The hash model, each forward taking at least 2 ms: a draft whose calls cost real time,
+/// as a real draft's do (the mock's own forwards take microseconds).
+struct Slow(Arc<MockModel>);
+
+impl LanguageModel for Slow {
+    type Cache = engine::MockCache;
+
+    fn info(&self) -> &engine::ModelInfo {
+        self.0.info()
+    }
+
+    fn new_cache(&self) -> Self::Cache {
+        self.0.new_cache()
+    }
+
+    fn forward_batch(
+        &self,
+        batch: &mut [(&mut Self::Cache, SeqInput<'_>)],
+    ) -> engine::Result<Vec<engine::ForwardOutput>> {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        self.0.forward_batch(batch)
+    }
+}
+
 fn auto_request(
     target: &Arc<MockModel>,
     prompt: &[u32],
@@ -686,7 +710,9 @@ fn auto_request(
     };
     let t = LocalTarget::new(target.clone());
     let pool = pool(params.lookahead.phrase_len());
-    let d = LocalDraft::new(target.clone(), pool.clone());
+    // A perfect draft, but not a free one: the policies' scores, which are wall time,
+    // then part by what drafting costs instead of by microseconds of noise.
+    let d = LocalDraft::new(Arc::new(Slow(target.clone())), pool.clone());
     let shared = Shared {
         pool: &pool,
         trie,
