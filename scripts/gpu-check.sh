@@ -47,7 +47,6 @@ fi
 export CUDA_HOME="$cuda" CUDA_PATH="$cuda" PATH="$cuda/bin:$PATH"
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-$cap}"
 export LD_LIBRARY_PATH="$cuda/lib64:$cuda/lib:${LD_LIBRARY_PATH:-}"
-features=engine/cuda,decoding/cuda,orchestrator/cuda,bench/cuda,target-service/cuda,draft-service/cuda
 export CARGO_TARGET_DIR="${OURO_GPU_TARGET_DIR:-$PWD/target/gpu}"
 models="${OURO_MODELS_DIR:-$HOME/.cache/ouroboros/models}"
 
@@ -79,12 +78,13 @@ skip() {
   log "$1 not run: $2"
 }
 
-step build 900 cargo build --release --locked --features "$features" \
+# (cargo takes only the features of the packages a command selects and their dependencies.)
+step build 900 cargo build --release --locked --features engine/cuda,decoding/cuda,bench/cuda \
   -p decoding -p engine -p bench --tests --bins
-step exactness 600 cargo test --release --locked --features "$features" -p decoding \
+step exactness 600 cargo test --release --locked --features decoding/cuda -p decoding \
   --test gpu -- --ignored --nocapture --test-threads 1
 if [ "$gpus" -ge 2 ]; then
-  step tensor-parallel-nccl 600 cargo test --release --locked --features "$features" -p engine \
+  step tensor-parallel-nccl 600 cargo test --release --locked --features engine/cuda -p engine \
     --test tensor_parallel gpu:: -- --ignored --nocapture --test-threads 1
 else
   skip tensor-parallel-nccl "one GPU ($gpus)"
