@@ -664,7 +664,6 @@ fn plan(a: &BenchArgs, eos: &[u32]) -> Result<Vec<Variant>> {
                     v.strategy,
                     Strategy::Greedy | Strategy::Speculative | Strategy::Ouroboros | Strategy::Auto
                 ) && !v.cold
-                    && v.point.is_none()
             })
             .map(|v| v.strategy)
             .collect();

@@ -236,14 +236,11 @@ async fn commit_loop<T: TargetBackend, D: DraftBackend>(
         };
         // Overlap: the draft drafts the next round while the target verifies this one.
         let share_pool = sessions.draft.is_some_and(|(d, _)| d.wants_pool_delta());
-        let pre_request = match (params.strategy, sessions.draft) {
-            (Strategy::Speculative | Strategy::Ouroboros, Some(_)) => {
-                overlap::request(&mut state, stats, &round, share_pool)
-            }
-            _ => None,
-        };
-        let ((verified, verify_s), pre) = match (pre_request, sessions.draft) {
-            (Some(request), Some((d, id))) => {
+        let pre_request = sessions.draft.and_then(|(d, id)| {
+            overlap::request(&mut state, stats, &round, share_pool).map(|r| (d, id, r))
+        });
+        let ((verified, verify_s), pre) = match pre_request {
+            Some((d, id, request)) => {
                 let span = tracing::debug_span!(parent: &round_span, "overlapped draft");
                 let pre = async {
                     let r = d.draft(id, request).instrument(span).await;

@@ -42,6 +42,8 @@ fn gpu() -> Device {
 
 /// The fetched pair with code prompts, or a generated pair with token prompts.
 fn pair(device: &Device) -> Pair {
+    let load =
+        |p: &PathBuf| Arc::new(engine::load_model(p, &LoadOptions::default(), device).unwrap());
     let dir = engine::models::models_dir();
     let (t, d) = (dir.join(TARGET), dir.join(DRAFT));
     if t.exists() && d.exists() {
@@ -55,8 +57,6 @@ fn pair(device: &Device) -> Pair {
         .iter()
         .map(|p| engine::tokenizer::encode(&tok, p).unwrap())
         .collect();
-        let load =
-            |p: &PathBuf| Arc::new(engine::load_model(p, &LoadOptions::default(), device).unwrap());
         return Pair {
             target: load(&t),
             draft: load(&d),
@@ -87,8 +87,6 @@ fn pair(device: &Device) -> Pair {
     );
     write_gguf_by_role(&tp, &cfg, &weights, engine::testing::q4_k_m, vec![]).unwrap();
     write_gguf(&dp, &cfg, &weights, candle_core::quantized::GgmlDType::Q8_0).unwrap();
-    let load =
-        |p: &PathBuf| Arc::new(engine::load_model(p, &LoadOptions::default(), device).unwrap());
     let prompts = vec![
         (0..24).map(|i| (i * 37 + 5) % 512).collect(),
         vec![3, 4, 5, 3, 4, 5, 3, 4, 5, 3, 4, 5],

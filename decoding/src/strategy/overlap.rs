@@ -20,6 +20,7 @@
 use super::Round;
 use crate::backend::{DraftLength, DraftOutcome, DraftRequest, ServerTiming};
 use crate::generate::Loop;
+use crate::params::Strategy;
 use crate::pool::PhrasePool;
 use crate::stats::SpecStats;
 
@@ -40,7 +41,11 @@ pub(crate) fn request(
     share_pool: bool,
 ) -> Option<DraftRequest> {
     let shape = state.last_draft?;
-    if !state.params.overlap || round.drafted.is_empty() {
+    let chains = matches!(
+        state.params.strategy,
+        Strategy::Speculative | Strategy::Ouroboros
+    );
+    if !state.params.overlap || !chains || round.drafted.is_empty() {
         return None;
     }
     let tokens = fits_in_a_verify(stats).map_or(shape.gamma, |n| n.clamp(1, shape.gamma));
