@@ -38,6 +38,13 @@ pub struct LoadArgs {
     /// Strategies, run one after another at each level.
     #[arg(long = "strategy", value_enum, value_delimiter = ',', default_values_t = [StrategyArg::Auto])]
     pub strategies: Vec<StrategyArg>,
+    /// Each level takes the next `--requests` prompts of the file instead of the same
+    /// ones: a server that learns from what it answered (the output trie, the phrase
+    /// pool) then meets new prompts at every level. Within a level every strategy runs
+    /// the same prompts; put `auto` first to keep it from meeting answers the server
+    /// gave moments before on the same prompts.
+    #[arg(long)]
+    pub new_prompts_per_level: bool,
     /// Send each prompt as a user message in the model's chat template.
     #[arg(long)]
     pub chat: bool,
@@ -49,12 +56,47 @@ pub struct LoadArgs {
     pub out: Option<PathBuf>,
 }
 
+/// The warm-up requests' prompt.
+const WARM_UP: &str = "Name three colours.";
+
 /// One request's figures.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize)]
 pub struct Sample {
     pub tokens: usize,
     pub ttft_s: f64,
     pub total_s: f64,
+    /// What the server did for it, from the last message's statistics.
+    pub work: Work,
+}
+
+/// What the server reported doing for requests (summed): the rounds' shape, so a
+/// level's figures show how a strategy (`auto` above all) decoded under that load.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
+pub struct Work {
+    /// Target forwards after prefill (verify rounds).
+    pub target_forwards: u64,
+    /// Nodes of those rounds' trees, the root included.
+    pub tree_nodes: u64,
+    pub draft_calls: u64,
+    pub drafted_tokens: u64,
+}
+
+impl Work {
+    fn of(stats: &pb::SpecStats) -> Self {
+        Self {
+            target_forwards: stats.target_forwards,
+            tree_nodes: stats.tree_nodes,
+            draft_calls: stats.draft_calls,
+            drafted_tokens: stats.drafted_tokens,
+        }
+    }
+
+    fn add(&mut self, o: &Work) {
+        self.target_forwards += o.target_forwards;
+        self.tree_nodes += o.tree_nodes;
+        self.draft_calls += o.draft_calls;
+        self.drafted_tokens += o.drafted_tokens;
+    }
 }
 
 /// One strategy's figures at one concurrency level.
@@ -76,6 +118,8 @@ pub struct Level {
     /// percentile (nearest rank).
     pub p50_latency_s: f64,
     pub p99_latency_s: f64,
+    /// The requests' work, summed.
+    pub work: Work,
 }
 
 impl Level {
@@ -100,6 +144,10 @@ impl Level {
                 / n,
             p50_latency_s: percentile(&latency, 50.0),
             p99_latency_s: percentile(&latency, 99.0),
+            work: samples.iter().fold(Work::default(), |mut w, s| {
+                w.add(&s.work);
+                w
+            }),
         }
     }
 }
@@ -137,10 +185,32 @@ pub fn run(a: LoadArgs) -> Result<()> {
     if prompts.is_empty() {
         bail!("no prompts");
     }
-    let prompts: Vec<String> = prompts.iter().cycle().take(a.requests).cloned().collect();
+    let per_level = if a.new_prompts_per_level {
+        a.concurrency.len()
+    } else {
+        1
+    };
+    if per_level * a.requests > prompts.len() {
+        eprintln!(
+            "warning: {} prompts for {} requests: some prompts repeat",
+            prompts.len(),
+            per_level * a.requests
+        );
+    }
+    let prompts: Vec<String> = prompts
+        .iter()
+        .cycle()
+        .take(per_level * a.requests)
+        .cloned()
+        .collect();
     let rt = tokio::runtime::Runtime::new()?;
     let levels = rt.block_on(run_levels(&a, &prompts))?;
-    let table = format!("{}\n{}", table(&levels), summary(&levels));
+    let table = format!(
+        "{}\n{}\nWhat the server did, per committed token:\n\n{}",
+        table(&levels),
+        summary(&levels),
+        work_table(&levels)
+    );
     print!("{table}");
     if let Some(dir) = &a.out {
         std::fs::create_dir_all(dir)?;
@@ -171,17 +241,18 @@ async fn run_levels(a: &LoadArgs, prompts: &[String]) -> Result<Vec<Level>> {
         .with_context(|| format!("connecting to {}", a.endpoint))?;
     let client = OuroborosClient::new(channel);
     // One short request per strategy first, so no level pays for the server's
-    // first-call set-up.
+    // first-call set-up; on a text of its own, so no level's prompt is answered early.
     for &s in &a.strategies {
-        one(client.clone(), request(a, s, &prompts[0], 4)).await?;
+        one(client.clone(), request(a, s, WARM_UP, 4)).await?;
     }
     let mut levels: Vec<Level> = Vec::new();
-    for &c in &a.concurrency {
+    for (i, &c) in a.concurrency.iter().enumerate() {
+        let slice = level_prompts(prompts, a.requests, i);
         for &strategy in &a.strategies {
             let label = name(strategy);
-            eprintln!("concurrency {c}, {label}: {} requests ...", prompts.len());
+            eprintln!("concurrency {c}, {label}: {} requests ...", slice.len());
             let reqs: Arc<Vec<pb::GenerateRequest>> = Arc::new(
-                prompts
+                slice
                     .iter()
                     .map(|p| request(a, strategy, p, a.max_new_tokens))
                     .collect(),
@@ -196,6 +267,16 @@ async fn run_levels(a: &LoadArgs, prompts: &[String]) -> Result<Vec<Level>> {
         }
     }
     Ok(levels)
+}
+
+/// Level `i`'s requests: `prompts` holds one level's, or every level's one after another.
+fn level_prompts(prompts: &[String], requests: usize, i: usize) -> &[String] {
+    match prompts.len() > requests {
+        true => {
+            &prompts[(i * requests).min(prompts.len())..((i + 1) * requests).min(prompts.len())]
+        }
+        false => prompts,
+    }
 }
 
 /// Runs every request with `c` streams open at once; each request's figures.
@@ -255,19 +336,47 @@ fn request(
 async fn one(mut client: OuroborosClient<Channel>, r: pb::GenerateRequest) -> Result<Sample> {
     let started = Instant::now();
     let mut stream = client.generate_stream(r).await?.into_inner();
-    let (mut tokens, mut ttft) = (0, None);
+    let (mut tokens, mut ttft, mut work) = (0, None, Work::default());
     while let Some(m) = stream.message().await? {
         if !m.token_ids.is_empty() && ttft.is_none() {
             ttft = Some(started.elapsed().as_secs_f64());
         }
         tokens += m.token_ids.len();
+        if let Some(stats) = &m.stats {
+            work = Work::of(stats);
+        }
     }
     let total_s = started.elapsed().as_secs_f64();
     Ok(Sample {
         tokens,
         ttft_s: ttft.unwrap_or(total_s),
         total_s,
+        work,
     })
+}
+
+/// How each strategy decoded at each level: per committed token, the target's forwards
+/// (1 is plain decoding) and the draft's calls and drafted tokens; the trees' nodes per
+/// forward.
+pub fn work_table(levels: &[Level]) -> String {
+    let mut t = String::from(
+        "| strategy | concurrency | forwards / token | nodes / forward | draft calls / token | drafted / token |\n\
+         |---|---|---|---|---|---|\n",
+    );
+    for l in levels {
+        let w = &l.work;
+        let per_token = |x: u64| x as f64 / (l.tokens.max(1)) as f64;
+        t.push_str(&format!(
+            "| {} | {} | {:.3} | {:.2} | {:.3} | {:.3} |\n",
+            l.strategy,
+            l.concurrency,
+            per_token(w.target_forwards),
+            w.tree_nodes as f64 / w.target_forwards.max(1) as f64,
+            per_token(w.draft_calls),
+            per_token(w.drafted_tokens),
+        ));
+    }
+    t
 }
 
 pub fn table(levels: &[Level]) -> String {
@@ -419,10 +528,42 @@ mod tests {
             tokens: 10,
             ttft_s: 0.1,
             total_s: 1.0,
+            work: Work::default(),
         }];
         let mut l = Level::new(strategy, c, &samples, 1.0);
         l.aggregate_tok_s = tok_s;
         l
+    }
+
+    #[test]
+    fn levels_take_their_own_prompts_or_share_them() {
+        let p: Vec<String> = (0..6).map(|i| i.to_string()).collect();
+        assert_eq!(level_prompts(&p, 2, 1), &p[2..4]);
+        assert_eq!(level_prompts(&p, 2, 2), &p[4..6]);
+        assert_eq!(level_prompts(&p[..2], 2, 1), &p[..2]);
+    }
+
+    #[test]
+    fn the_work_table_shows_each_levels_rounds_per_token() {
+        let work = Work {
+            target_forwards: 5,
+            tree_nodes: 15,
+            draft_calls: 2,
+            drafted_tokens: 8,
+        };
+        let samples = [Sample {
+            tokens: 10,
+            ttft_s: 0.1,
+            total_s: 1.0,
+            work,
+        }; 2];
+        let l = Level::new("auto", 8, &samples, 1.0);
+        assert_eq!(l.work.target_forwards, 10);
+        let t = work_table(&[l]);
+        assert!(
+            t.contains("| auto | 8 | 0.500 | 3.00 | 0.200 | 0.800 |"),
+            "{t}"
+        );
     }
 
     #[test]

@@ -67,10 +67,15 @@ impl Realized {
     /// Realized over predicted tokens per second; 1 until rounds are seen, moving to the
     /// measured ratio as they accumulate (`reality_prior` rounds at the prediction).
     pub(super) fn factor(&self, cfg: &AutoConfig) -> f64 {
+        self.factor_with(cfg.reality_prior)
+    }
+
+    /// [`Self::factor`] with a prior of `prior` rounds at the prediction.
+    pub(super) fn factor_with(&self, prior: f64) -> f64 {
         if self.rounds == 0.0 || self.predicted_seconds <= 0.0 || self.predicted_tokens <= 0.0 {
             return 1.0;
         }
-        let w = cfg.reality_prior / self.rounds;
+        let w = prior / self.rounds;
         let tokens = self.tokens + w * self.predicted_tokens;
         let seconds = self.seconds + w * self.predicted_seconds;
         let predicted = self.predicted_tokens / self.predicted_seconds;
@@ -172,8 +177,13 @@ impl Guess {
 pub(super) struct Calibration {
     pub(super) hits: [f64; BUCKETS],
     pub(super) tries: [f64; BUCKETS],
-    /// Indexed by `RoundKind as usize`.
+    /// Indexed by `RoundKind as usize`. Their predictions are recorded at the speed the
+    /// plain steps show (`plain`), so each factor says how a kind of round fares against
+    /// a plain step now, not against the profile's start-up timing.
     pub(super) realized: [Realized; 2],
+    /// Plain greedy steps: their tokens are certain, so their factor is how much faster
+    /// (above 1) or slower the target runs than the profile says.
+    pub(super) plain: Realized,
     pub(super) policies: PolicyRecord,
     /// Draft tokens accepted and tried, by the draft's probability for them.
     pub(super) confident_hits: [f64; CONFIDENCE_BUCKETS],
@@ -188,6 +198,7 @@ impl Calibration {
             hits: [0.0; BUCKETS],
             tries: [0.0; BUCKETS],
             realized: Default::default(),
+            plain: Realized::default(),
             policies: PolicyRecord::default(),
             confident_hits: [0.0; CONFIDENCE_BUCKETS],
             confident_tries: [0.0; CONFIDENCE_BUCKETS],

@@ -42,6 +42,14 @@ pub struct AutoConfig {
     /// Per round of the other kind, what a kind's realized record keeps of its weight
     /// (half after about 70 rounds).
     pub reality_fade: f64,
+    /// Plain greedy steps (one-node rounds) measure how fast the target runs now against
+    /// the profile, which was timed once, at start-up: the prior's weight in steps, what
+    /// the record keeps per round of another kind (half after about 230), and below how
+    /// many steps' weight a round whose plan has guesses is verified plainly instead, so
+    /// that a workload where every round has guesses still measures plain steps.
+    pub plain_prior: f64,
+    pub plain_fade: f64,
+    pub plain_probe_below: f64,
     /// Most trie nodes a round considers before keeping the ones that pay.
     pub trie_nodes: usize,
 }
@@ -62,6 +70,9 @@ impl Default for AutoConfig {
             reality_prior: 8.0,
             reality_memory: 400.0,
             reality_fade: 0.99,
+            plain_prior: 2.0,
+            plain_fade: 0.997,
+            plain_probe_below: 8.0,
             trie_nodes: 48,
         }
     }

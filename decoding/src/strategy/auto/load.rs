@@ -5,11 +5,12 @@
 //! session's extra rows are no longer its own business: they make the shared forward
 //! dearer for every session in it. The rule, stated once:
 //!
-//! > With `B` trees per forward and `R` rows of other trees beside this session's, a
-//! > round of `n` nodes takes `c(R + n)`, as the session waits for it; what it costs
-//! > the server is one plain step, `c(1)`, plus its rows beyond the first scaled by
-//! > `B · c(1) / c(R + 1)`: `B` sessions' tokens are delayed by what the extra rows add
-//! > to a forward of `c(R + 1)`. Draft calls are scaled by the same factor (on shared
+//! > With `B` trees per forward, `R` rows of other trees beside this session's, and
+//! > each tree committing `t` tokens a forward, a round of `n` nodes takes `c(R + n)`,
+//! > as the session waits for it; what it costs the server is one plain step, `c(1)`,
+//! > plus its rows beyond the first scaled by `(1 + (B - 1) · t) · c(1) / c(R + 1)`:
+//! > the other sessions' `(B - 1) · t` tokens of a forward of `c(R + 1)` are delayed by
+//! > what the extra rows add to it. Draft calls are scaled by the same factor (on shared
 //! > cores they take the time of the target's forwards, over the network the draft
 //! > service is shared as well).
 //!
@@ -19,7 +20,11 @@
 //! growth in all `B` sessions' time. Predictions that are checked against the round's
 //! wall time use the waiting time. The load comes back with every verify (the trees and
 //! rows of the forward that served it, and the sessions open at the target) and is kept
-//! as a time-weighted average. `B` is the larger of the trees in the forward and the
+//! as a time-weighted average; `t` is what this session's verifies commit, as the other
+//! trees' own are not reported (other `auto` sessions commit alike; a plain session's 1
+//! makes the estimate err towards smaller trees under load). Without `t`, a forward
+//! full of trees that each commit two tokens was priced as if they committed one, and
+//! every session widened its tree where all of them together lost throughput. `B` is the larger of the trees in the forward and the
 //! sessions open, and every other open session is counted for at least one row: a
 //! session that is drafting, or still prefilling, is absent from this forward but shares
 //! the next ones.
@@ -40,23 +45,28 @@ pub struct Load {
     pub trees: f64,
     /// Rows of the other sessions' trees in those forwards.
     pub other_rows: f64,
+    /// Tokens a tree commits per forward: at least 1.
+    pub tree_tokens: f64,
 }
 
 impl Load {
     pub const IDLE: Load = Load {
         trees: 1.0,
         other_rows: 0.0,
+        tree_tokens: 1.0,
     };
 
-    /// What one verify reported, for a tree of `rows` nodes; `None` where the target
-    /// does not report its batches (in-process targets without a scheduler).
-    pub fn of_verify(timing: &ServerTiming, rows: usize) -> Option<Load> {
+    /// What one verify reported, for a tree of `rows` nodes that committed `tokens`;
+    /// `None` where the target does not report its batches (in-process targets without
+    /// a scheduler).
+    pub fn of_verify(timing: &ServerTiming, rows: usize, tokens: usize) -> Option<Load> {
         (timing.batch_trees > 0).then(|| {
             let trees = timing.batch_trees.max(timing.open_sessions) as f64;
             let beside = timing.batch_rows as f64 - rows as f64;
             Load {
                 trees,
                 other_rows: beside.max(trees - 1.0).max(0.0),
+                tree_tokens: tokens as f64,
             }
         })
     }
@@ -66,6 +76,7 @@ impl Load {
         Load {
             trees: ok(self.trees).unwrap_or(1.0).max(1.0),
             other_rows: ok(self.other_rows).unwrap_or(0.0).max(0.0),
+            tree_tokens: ok(self.tree_tokens).unwrap_or(1.0).max(1.0),
         }
     }
 }
@@ -105,6 +116,7 @@ impl LoadGauge {
         self.load = Load {
             trees: keep * self.load.trees + (1.0 - keep) * seen.trees,
             other_rows: keep * self.load.other_rows + (1.0 - keep) * seen.other_rows,
+            tree_tokens: keep * self.load.tree_tokens + (1.0 - keep) * seen.tree_tokens,
         };
         self.at = Some(at);
     }
@@ -125,7 +137,8 @@ impl<'p> Pricing<'p> {
         let load = load.sane();
         let others = load.other_rows.round() as usize;
         let shared = profile.verify_cost(others + 1);
-        let scale = load.trees * profile.verify_cost(1) / shared.max(1e-12);
+        let delayed = 1.0 + (load.trees - 1.0) * load.tree_tokens;
+        let scale = delayed * profile.verify_cost(1) / shared.max(1e-12);
         Self {
             profile,
             others,
@@ -214,6 +227,7 @@ mod tests {
             Load {
                 trees: 8.0,
                 other_rows: 7.0,
+                tree_tokens: 1.0,
             },
         );
         let shared = 0.010 + 0.003 * 7.0;
@@ -228,6 +242,35 @@ mod tests {
         assert!((busy.draft(2).unwrap() - scale * 0.008).abs() < 1e-12);
         // Dearer than alone: eight sessions wait for the extra rows.
         assert!(busy.verify(3) > p.verify_cost(3));
+        // Dearer still where the others' trees commit two tokens a forward: 14 tokens,
+        // not 7, wait for the extra rows besides the session's own.
+        let guessing = Pricing::new(
+            &p,
+            Load {
+                tree_tokens: 2.0,
+                ..busy_load()
+            },
+        );
+        let scale = (1.0 + 7.0 * 2.0) * 0.010 / shared;
+        assert!((guessing.scale() - scale).abs() < 1e-12);
+        assert!((guessing.verify(3) - (0.010 + scale * 0.006)).abs() < 1e-12);
+        // Alone, what the session's own tree commits changes nothing.
+        let alone = Pricing::new(
+            &p,
+            Load {
+                tree_tokens: 3.0,
+                ..Load::IDLE
+            },
+        );
+        assert!((alone.verify(3) - p.verify_cost(3)).abs() < 1e-12);
+    }
+
+    fn busy_load() -> Load {
+        Load {
+            trees: 8.0,
+            other_rows: 7.0,
+            tree_tokens: 1.0,
+        }
     }
 
     #[test]
@@ -238,6 +281,7 @@ mod tests {
         let busy = Load {
             trees: 8.0,
             other_rows: 14.0,
+            tree_tokens: 2.0,
         };
         // The first observation is taken whole.
         g.observe(busy, t0);
@@ -255,10 +299,12 @@ mod tests {
             Load {
                 trees: f64::NAN,
                 other_rows: -3.0,
+                tree_tokens: f64::INFINITY,
             },
             t0 + Duration::from_secs(120),
         );
         assert!((g.now().trees - 1.0).abs() < 1e-9 && g.now().other_rows < 1e-9);
+        assert!((g.now().tree_tokens - 1.0).abs() < 1e-9);
     }
 
     #[test]
@@ -270,10 +316,11 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            Load::of_verify(&t, 3),
+            Load::of_verify(&t, 3, 2),
             Some(Load {
                 trees: 4.0,
-                other_rows: 7.0
+                other_rows: 7.0,
+                tree_tokens: 2.0,
             })
         );
         // Alone in the forward while seven other sessions draft or prefill: they count,
@@ -285,12 +332,13 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            Load::of_verify(&t, 3),
+            Load::of_verify(&t, 3, 1),
             Some(Load {
                 trees: 8.0,
-                other_rows: 7.0
+                other_rows: 7.0,
+                tree_tokens: 1.0,
             })
         );
-        assert_eq!(Load::of_verify(&ServerTiming::default(), 3), None);
+        assert_eq!(Load::of_verify(&ServerTiming::default(), 3, 1), None);
     }
 }

@@ -231,7 +231,7 @@ impl<'t> AutoRounds<'t> {
 
     pub fn learn(&mut self, pool: &PhrasePool, round: &Round, verdict: &Verdict<'_>) {
         let (t, greedy, v) = (self.tuner, self.greedy, verdict.outcome);
-        t.observe_load(&verdict.timing, round.tree.len());
+        t.observe_load(&verdict.timing, round.tree.len(), v.path.len() + 1);
         t.learn(greedy, &round.tree, &round.guesses, &v.path);
         let opening_s = self.predicted.map_or(0.0, |(_, s)| s);
         if let Some((p, opening_s)) = self.predicted.take() {
@@ -246,6 +246,7 @@ impl<'t> AutoRounds<'t> {
                 ms = seconds * 1e3,
                 nodes = round.tree.len(),
                 verify_ms = verdict.verify_s * 1e3,
+                plain_speed = t.plain_speed(greedy),
                 "auto round"
             );
             t.observe(greedy, p, v.path.len() + 1, seconds);
@@ -346,15 +347,24 @@ async fn build<T: TargetBackend, D: DraftBackend>(
         }
     }
     let zero_cost = Round::from_guesses(root, &[], &found, copied.as_ref(), &phrases, budget, room);
-    let zero_cost_plan = tuner.plan(
+    let mut zero_cost_plan = tuner.plan(
         greedy,
         &zero_cost.tree.parents,
         &zero_cost.guesses,
         &[],
         RoundKind::ZeroCost,
     );
+    // Now and then a round that would verify guesses is a plain step instead, so that
+    // the plain steps' speed, which every other round is judged against, stays known
+    // (the drafting policy's audits are left whole).
+    let probe =
+        policy != Policy::Drafting && zero_cost_plan.nodes() > 1 && tuner.wants_plain_step(greedy);
+    if probe {
+        zero_cost_plan = tuner.plain_plan(zero_cost.tree.len());
+    }
     let zero_cost = zero_cost.retain(&zero_cost_plan.keep);
     let drafting = match policy {
+        _ if probe => None,
         _ if !can_draft || gamma == 0 => None,
         Policy::ZeroCost => None,
         Policy::Mixed => tuner.draft_gamma(greedy, gamma, &zero_cost_plan, backlog),

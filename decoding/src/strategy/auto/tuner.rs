@@ -64,9 +64,10 @@ impl AutoTuner {
         self.load.lock().unwrap_or_else(|e| e.into_inner()).now()
     }
 
-    /// Folds in the load beside a verify of `rows` nodes (see [`Load::of_verify`]).
-    pub fn observe_load(&self, timing: &crate::backend::ServerTiming, rows: usize) {
-        if let Some(seen) = Load::of_verify(timing, rows) {
+    /// Folds in the load beside a verify of `rows` nodes that committed `tokens` (see
+    /// [`Load::of_verify`]).
+    pub fn observe_load(&self, timing: &crate::backend::ServerTiming, rows: usize, tokens: usize) {
+        if let Some(seen) = Load::of_verify(timing, rows, tokens) {
             let mut g = self.load.lock().unwrap_or_else(|e| e.into_inner());
             g.observe(seen, std::time::Instant::now());
         }
@@ -127,6 +128,19 @@ impl AutoTuner {
         let mut plan = choose_nodes(parents, &accept, |n| pricing.verify(n), trust);
         plan.wait_seconds = pricing.verify_wall(plan.nodes());
         plan
+    }
+
+    /// The plan of a plain step over a candidate tree of `nodes` nodes: its root alone.
+    pub fn plain_plan(&self, nodes: usize) -> TreePlan {
+        let pricing = self.pricing();
+        let mut keep = vec![false; nodes.max(1)];
+        keep[0] = true;
+        TreePlan {
+            keep,
+            expected_tokens: 1.0,
+            seconds: pricing.verify(1),
+            wait_seconds: pricing.verify_wall(1),
+        }
     }
 
     /// How many tokens to ask the draft model for, if drafting is expected to beat
@@ -310,18 +324,30 @@ impl AutoTuner {
             return;
         }
         let mut c = self.calibration(greedy);
-        // A round with nothing but the root is a plain greedy step whose prediction is
-        // exact; counting it would only dilute what the rounds with guesses teach.
-        // Such a step is a round of neither kind, and fades both records: where zero-cost
-        // trees fell short enough to be planned away, they are tried again some time
-        // later.
+        // A round with nothing but the root is a plain greedy step: its tokens are
+        // certain, so it measures only the target's speed against the profile (which
+        // moves: the profile was timed once, and a VM's speed drifts). Such a step is a
+        // round of neither kind, and fades both records: where zero-cost trees fell short
+        // enough to be planned away, they are tried again some time later.
         if p.kind == RoundKind::ZeroCost && p.tokens <= 1.0 + 1e-9 {
+            c.plain.add(p, tokens as f64, seconds, &self.config);
             c.realized
                 .iter_mut()
                 .for_each(|r| r.fade(self.config.reality_fade));
             return;
         }
-        c.realized[p.kind as usize].add(p, tokens as f64, seconds, &self.config);
+        // The other rounds are held against what the profile predicts at the plain
+        // steps' speed: a target running faster than its profile makes every round beat
+        // its prediction, plain steps too, and only the part beyond theirs is the
+        // guesses' own (without this, trees that lose to plain steps kept being verified
+        // on a fast machine).
+        let speed = c.plain.factor_with(self.config.plain_prior);
+        c.plain.fade(self.config.plain_fade);
+        let at_speed = Prediction {
+            seconds: p.seconds / speed,
+            ..p
+        };
+        c.realized[p.kind as usize].add(at_speed, tokens as f64, seconds, &self.config);
         let other = match p.kind {
             RoundKind::Drafted => RoundKind::ZeroCost,
             RoundKind::ZeroCost => RoundKind::Drafted,
@@ -329,9 +355,23 @@ impl AutoTuner {
         c.realized[other as usize].fade(self.config.reality_fade);
     }
 
-    /// Realized over predicted rate of a kind of round so far (1 before any).
+    /// Realized over predicted rate of a kind of round so far, against a plain step's
+    /// (1 before any).
     pub fn reality(&self, greedy: bool, kind: RoundKind) -> f64 {
         self.calibration(greedy).realized[kind as usize].factor(&self.config)
+    }
+
+    /// How much faster than its profile the target runs plain steps now (1 before any).
+    pub fn plain_speed(&self, greedy: bool) -> f64 {
+        self.calibration(greedy)
+            .plain
+            .factor_with(self.config.plain_prior)
+    }
+
+    /// Whether a round whose plan has guesses should be a plain step instead: when too
+    /// few plain steps were seen of late to know the target's speed by.
+    pub fn wants_plain_step(&self, greedy: bool) -> bool {
+        self.calibration(greedy).plain.rounds < self.config.plain_probe_below
     }
 
     /// Counts the outcome of a verified tree: every node whose parent was accepted was
@@ -514,16 +554,17 @@ mod tests {
             batch_rows: 16,
             ..Default::default()
         };
-        busy.observe_load(&timing, 2);
+        busy.observe_load(&timing, 2, 1);
         assert_eq!(
             busy.load(),
             Load {
                 trees: 8.0,
-                other_rows: 14.0
+                other_rows: 14.0,
+                tree_tokens: 1.0,
             }
         );
         // A verify reported without its batch (an in-process target) leaves it idle.
-        idle.observe_load(&crate::backend::ServerTiming::default(), 2);
+        idle.observe_load(&crate::backend::ServerTiming::default(), 2, 1);
         assert_eq!(idle.load(), Load::IDLE);
 
         let parents = [-1, 0, 1, 2, 3, 4, 5, 0, 7];
@@ -759,6 +800,59 @@ mod tests {
         let after_many = t.reality(true, RoundKind::ZeroCost);
         assert!(after_many > 0.8, "{after_many}");
         assert_eq!(nodes(&t), 2);
+    }
+
+    /// On a target running faster than its profile every round beats its prediction,
+    /// plain steps too; trees that gain less than plain steps do are planned away.
+    #[test]
+    fn rounds_with_guesses_are_judged_against_plain_steps_at_the_speed_they_run_now() {
+        let parents = [-1, 0];
+        let guesses = vec![vec![], vec![Guess::trie(9, 10)]];
+        let run = |plain_s: f64| {
+            let t = AutoTuner::new(profile(&[(1, 1.0), (2, 1.5)], Some((0.0, 0.1))));
+            assert!(
+                t.wants_plain_step(true),
+                "nothing is known of plain steps yet"
+            );
+            let plain = t.plain_plan(2);
+            assert_eq!(plain.nodes(), 1);
+            for _ in 0..40 {
+                t.observe(true, plain.prediction(RoundKind::ZeroCost), 1, plain_s);
+            }
+            assert!(!t.wants_plain_step(true));
+            let tree = t.plan(true, &parents, &guesses, &[], RoundKind::ZeroCost);
+            assert_eq!(tree.nodes(), 2, "on paper the guess pays");
+            // the trees deliver the tokens promised, in 90 % of the profile's time
+            for _ in 0..40 {
+                let p = tree.prediction(RoundKind::ZeroCost);
+                t.observe(true, p, 2, 0.9 * p.seconds);
+            }
+            t
+        };
+        // plain steps as the profile says: the trees beat their prediction, and stay
+        let same = run(1.0);
+        assert!((same.plain_speed(true) - 1.0).abs() < 1e-9);
+        assert!(same.reality(true, RoundKind::ZeroCost) > 1.05);
+        let nodes = |t: &AutoTuner| {
+            t.plan(true, &parents, &guesses, &[], RoundKind::ZeroCost)
+                .nodes()
+        };
+        assert_eq!(nodes(&same), 2);
+        // plain steps at 60 % of the profile's time: the same trees lose to them
+        let fast = run(0.6);
+        assert!(fast.plain_speed(true) > 1.5, "{}", fast.plain_speed(true));
+        let trust = fast.reality(true, RoundKind::ZeroCost);
+        assert!(trust < 0.9, "{trust}");
+        assert_eq!(nodes(&fast), 1);
+        // without plain steps of late, a round with guesses is asked to be one
+        let mut rounds = 0;
+        while !fast.wants_plain_step(true) {
+            let p = fast.plan(true, &parents, &guesses, &[], RoundKind::Drafted);
+            fast.observe(true, p.prediction(RoundKind::Drafted), 2, p.seconds);
+            rounds += 1;
+            assert!(rounds < 2000, "plain steps are never asked for");
+        }
+        assert!(rounds > 20, "a plain step asked for after {rounds} rounds");
     }
 
     #[test]
