@@ -29,6 +29,12 @@ pub struct CostTable {
     pub source: String,
     /// Ascending by context.
     pub contexts: Vec<ContextCosts>,
+    /// (prompt rows, seconds) of a target prefill, rows ascending; where empty, a
+    /// prefill costs the first context's `prefill_row` per row. A prefill's cost per row
+    /// is not constant (on this machine a 256-row prompt cost 1.7x per row what the
+    /// run's 130-row prompts did), so a measured table times the run's own lengths.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prefill: Vec<(usize, f64)>,
 }
 
 /// The costs at one context length.
@@ -88,10 +94,15 @@ impl CostTable {
     }
 
     /// A table of the profiles measured at each context, with the seconds per prompt
-    /// row of a prefill there.
-    pub fn from_profiles(source: String, at: &[(usize, CostProfile, f64)]) -> Result<Self> {
+    /// row of a prefill there, and the prefill curve (see [`CostTable::prefill`]).
+    pub fn from_profiles(
+        source: String,
+        at: &[(usize, CostProfile, f64)],
+        prefill: Vec<(usize, f64)>,
+    ) -> Result<Self> {
         let t = CostTable {
             source,
+            prefill,
             contexts: at
                 .iter()
                 .map(|(context, p, prefill_row)| ContextCosts {
@@ -116,6 +127,14 @@ impl CostTable {
             .all(|w| w[0].context < w[1].context)
         {
             bail!("contexts must ascend");
+        }
+        if !self.prefill.windows(2).all(|w| w[0].0 < w[1].0)
+            || self
+                .prefill
+                .iter()
+                .any(|&(rows, s)| rows == 0 || !(s.is_finite() && s >= 0.0))
+        {
+            bail!("prefill rows must ascend from 1, its seconds finite and not negative");
         }
         let drafts = self.contexts.iter().filter(|c| c.draft.is_some()).count();
         if drafts != 0 && drafts != self.contexts.len() {
@@ -162,9 +181,23 @@ impl CostTable {
         (1.0 - w) * a.verify_cost(rows) + w * b.verify_cost(rows)
     }
 
-    /// Seconds of a target prefill of `rows` prompt rows (at the first context's rate).
+    /// Seconds of a target prefill of `rows` prompt rows: along the prefill curve
+    /// (linear between its points, below the first in proportion to it, beyond the last
+    /// with its last slope), or at the first context's rate per row without one.
     pub fn prefill(&self, rows: usize) -> f64 {
-        self.contexts[0].prefill_row * rows as f64
+        let c = &self.prefill;
+        let x = rows as f64;
+        let Some(&(r0, s0)) = c.first() else {
+            return self.contexts[0].prefill_row * x;
+        };
+        let i = c.partition_point(|&(r, _)| r <= rows);
+        let ((ra, sa), (rb, sb)) = match i {
+            0 => return s0 * x / r0 as f64,
+            i if i == c.len() && i == 1 => return s0 * x / r0 as f64,
+            i if i == c.len() => (c[i - 2], c[i - 1]),
+            i => (c[i - 1], c[i]),
+        };
+        sa + (sb - sa) * (x - ra as f64) / (rb - ra) as f64
     }
 
     /// The draft's costs at `context` (`None` without a draft).
@@ -256,6 +289,7 @@ mod tests {
         });
         CostTable {
             source: "hand-built".into(),
+            prefill: Vec::new(),
             contexts: vec![
                 ContextCosts {
                     context: 0,
@@ -306,6 +340,39 @@ mod tests {
     }
 
     #[test]
+    fn a_prefill_curve_prices_each_prompt_length_along_it() {
+        let mut t = table();
+        // without a curve: 1.5 ms per row
+        assert!((t.prefill(100) - 0.15).abs() < 1e-12);
+        t.prefill = vec![(64, 0.2), (256, 1.0)];
+        t.check().unwrap();
+        let at = |rows| t.prefill(rows);
+        assert!((at(64) - 0.2).abs() < 1e-12);
+        assert!((at(160) - 0.6).abs() < 1e-12, "halfway");
+        assert!(
+            (at(32) - 0.1).abs() < 1e-12,
+            "below the first, in proportion"
+        );
+        assert!((at(448) - 1.8).abs() < 1e-12, "beyond the last, its slope");
+        t.prefill = vec![(100, 0.5)];
+        assert!(
+            (t.prefill(300) - 1.5).abs() < 1e-12,
+            "one point: in proportion"
+        );
+        for bad in [
+            vec![(0, 0.1)],
+            vec![(64, 0.2), (64, 0.3)],
+            vec![(8, f64::NAN)],
+        ] {
+            t.prefill = bad;
+            assert!(t.check().is_err(), "{:?}", t.prefill);
+        }
+        // a table without a curve reads as before
+        let json = serde_json::to_string(&table()).unwrap();
+        assert!(!json.contains("\"prefill\""), "{json}");
+    }
+
+    #[test]
     fn tables_refuse_what_cannot_be_priced() {
         let mut t = table();
         t.contexts.swap(0, 1);
@@ -346,6 +413,7 @@ mod tests {
         // This machine's kind of table: rows at a third of a step each.
         let cpu = CostTable {
             source: "cpu-like".into(),
+            prefill: Vec::new(),
             contexts: vec![ContextCosts {
                 context: 64,
                 target: vec![(1, 0.045), (16, 0.27)],

@@ -45,6 +45,12 @@ pub struct LoadArgs {
     /// gave moments before on the same prompts.
     #[arg(long)]
     pub new_prompts_per_level: bool,
+    /// Runs of each level: within a level the strategies take turns this many times, and
+    /// each strategy's figures pool its runs (a VM's speed drifts by 10-30 % from minute to
+    /// minute; turns spread that over every strategy alike). With
+    /// `--new-prompts-per-level` every run takes new prompts too.
+    #[arg(long, default_value_t = 1)]
+    pub repeat: usize,
     /// Send each prompt as a user message in the model's chat template.
     #[arg(long)]
     pub chat: bool,
@@ -120,6 +126,8 @@ pub struct Level {
     pub p99_latency_s: f64,
     /// The requests' work, summed.
     pub work: Work,
+    /// Aggregate tok/s of each run pooled here (one without `--repeat`).
+    pub runs_tok_s: Vec<f64>,
 }
 
 impl Level {
@@ -148,6 +156,7 @@ impl Level {
                 w.add(&s.work);
                 w
             }),
+            runs_tok_s: vec![tokens as f64 / wall_s.max(1e-9)],
         }
     }
 }
@@ -169,8 +178,8 @@ fn name(s: StrategyArg) -> String {
 }
 
 pub fn run(a: LoadArgs) -> Result<()> {
-    if a.requests == 0 || a.concurrency.is_empty() || a.concurrency.contains(&0) {
-        bail!("--requests and every --concurrency level must be at least 1");
+    if a.requests == 0 || a.repeat == 0 || a.concurrency.is_empty() || a.concurrency.contains(&0) {
+        bail!("--requests, --repeat and every --concurrency level must be at least 1");
     }
     if a.strategies.is_empty() {
         bail!("--strategy needs at least one strategy");
@@ -186,7 +195,7 @@ pub fn run(a: LoadArgs) -> Result<()> {
         bail!("no prompts");
     }
     let per_level = if a.new_prompts_per_level {
-        a.concurrency.len()
+        a.concurrency.len() * a.repeat
     } else {
         1
     };
@@ -247,19 +256,32 @@ async fn run_levels(a: &LoadArgs, prompts: &[String]) -> Result<Vec<Level>> {
     }
     let mut levels: Vec<Level> = Vec::new();
     for (i, &c) in a.concurrency.iter().enumerate() {
-        let slice = level_prompts(prompts, a.requests, i);
-        for &strategy in &a.strategies {
+        // Per strategy: every run's samples and wall time.
+        let mut runs: Vec<Vec<(Vec<Sample>, f64)>> = vec![Vec::new(); a.strategies.len()];
+        for r in 0..a.repeat {
+            let slice = level_prompts(prompts, a.requests, i * a.repeat + r);
+            for (k, &strategy) in a.strategies.iter().enumerate() {
+                eprintln!(
+                    "concurrency {c}, {}, run {} of {}: {} requests ...",
+                    name(strategy),
+                    r + 1,
+                    a.repeat,
+                    slice.len()
+                );
+                let reqs: Arc<Vec<pb::GenerateRequest>> = Arc::new(
+                    slice
+                        .iter()
+                        .map(|p| request(a, strategy, p, a.max_new_tokens))
+                        .collect(),
+                );
+                let started = Instant::now();
+                let samples = run_level(&client, reqs, c).await?;
+                runs[k].push((samples, started.elapsed().as_secs_f64()));
+            }
+        }
+        for (&strategy, runs) in a.strategies.iter().zip(&runs) {
             let label = name(strategy);
-            eprintln!("concurrency {c}, {label}: {} requests ...", slice.len());
-            let reqs: Arc<Vec<pb::GenerateRequest>> = Arc::new(
-                slice
-                    .iter()
-                    .map(|p| request(a, strategy, p, a.max_new_tokens))
-                    .collect(),
-            );
-            let started = Instant::now();
-            let samples = run_level(&client, reqs, c).await?;
-            let mut level = Level::new(&label, c, &samples, started.elapsed().as_secs_f64());
+            let mut level = pooled(&label, c, runs);
             if let Some(first) = levels.iter().find(|l| l.strategy == label) {
                 level.vs_first = level.aggregate_tok_s / first.aggregate_tok_s.max(1e-9);
             }
@@ -267,6 +289,19 @@ async fn run_levels(a: &LoadArgs, prompts: &[String]) -> Result<Vec<Level>> {
         }
     }
     Ok(levels)
+}
+
+/// One strategy's runs at a level as one [`Level`]: every sample, the runs' wall times
+/// summed, and each run's own aggregate tok/s.
+fn pooled(strategy: &str, c: usize, runs: &[(Vec<Sample>, f64)]) -> Level {
+    let samples: Vec<Sample> = runs.iter().flat_map(|(s, _)| s.iter().copied()).collect();
+    let wall: f64 = runs.iter().map(|(_, w)| w).sum();
+    let mut level = Level::new(strategy, c, &samples, wall);
+    level.runs_tok_s = runs
+        .iter()
+        .map(|(s, w)| s.iter().map(|x| x.tokens).sum::<usize>() as f64 / w.max(1e-9))
+        .collect();
+    level
 }
 
 /// Level `i`'s requests: `prompts` holds one level's, or every level's one after another.
@@ -417,19 +452,23 @@ pub fn summary(levels: &[Level]) -> String {
         }
     }
     let versus = strategies.contains(&"auto") && strategies.len() > 1;
+    let repeated = versus && levels.iter().any(|l| l.runs_tok_s.len() > 1);
     let mut t = format!("| concurrency | {} |", strategies.join(" | "));
     if versus {
         t.push_str(" auto / best other |");
     }
+    if repeated {
+        t.push_str(" the same, run by run |");
+    }
     t.push('\n');
-    t.push_str(&"|---".repeat(1 + strategies.len() + usize::from(versus)));
+    t.push_str(&"|---".repeat(1 + strategies.len() + usize::from(versus) + usize::from(repeated)));
     t.push_str("|\n");
-    let rate = |s: &str, c: usize| {
+    let level = |s: &str, c: usize| {
         levels
             .iter()
             .find(|l| l.strategy == s && l.concurrency == c)
-            .map(|l| l.aggregate_tok_s)
     };
+    let rate = |s: &str, c: usize| level(s, c).map(|l| l.aggregate_tok_s);
     for &c in &concurrency {
         t.push_str(&format!("| {c} |"));
         for s in &strategies {
@@ -448,6 +487,23 @@ pub fn summary(levels: &[Level]) -> String {
                 Some(a) if best > 0.0 => t.push_str(&format!(" {:.2}x |", a / best)),
                 _ => t.push_str(" - |"),
             }
+        }
+        if repeated {
+            // Each run's auto against the best other strategy of the same run.
+            let runs = level("auto", c).map_or(&[][..], |l| &l.runs_tok_s[..]);
+            let ratios: Vec<String> = runs
+                .iter()
+                .enumerate()
+                .filter_map(|(r, a)| {
+                    let best = strategies
+                        .iter()
+                        .filter(|&&s| s != "auto")
+                        .filter_map(|s| level(s, c).and_then(|l| l.runs_tok_s.get(r)))
+                        .fold(0.0f64, |m, &x| m.max(x));
+                    (best > 0.0).then(|| format!("{:.2}", a / best))
+                })
+                .collect();
+            t.push_str(&format!(" {} |", ratios.join(", ")));
         }
         t.push('\n');
     }
@@ -595,5 +651,35 @@ mod tests {
         assert!(t.contains("| 8 | 40.00 | 16.00 | 39.00 | 0.97x |"), "{t}");
         // without auto, or alone, there is nothing to set it against
         assert!(!summary(&levels[..2]).contains("auto / best"));
+        assert!(!t.contains("run by run"), "{t}");
+    }
+
+    #[test]
+    fn repeated_runs_pool_and_the_summary_sets_each_run_apart() {
+        let sample = |tokens| Sample {
+            tokens,
+            ttft_s: 0.1,
+            total_s: 1.0,
+            work: Work::default(),
+        };
+        // auto: 10 tokens in 1 s, then 30 in 1 s; greedy 20 and 20
+        let auto = pooled(
+            "auto",
+            4,
+            &[(vec![sample(10)], 1.0), (vec![sample(30)], 1.0)],
+        );
+        let greedy = pooled(
+            "greedy",
+            4,
+            &[(vec![sample(20)], 1.0), (vec![sample(20)], 1.0)],
+        );
+        assert_eq!(auto.tokens, 40);
+        assert!((auto.aggregate_tok_s - 20.0).abs() < 1e-9);
+        assert_eq!(auto.runs_tok_s, vec![10.0, 30.0]);
+        let t = summary(&[greedy, auto]);
+        assert!(
+            t.contains("| 4 | 20.00 | 20.00 | 1.00x | 0.50, 1.50 |"),
+            "{t}"
+        );
     }
 }

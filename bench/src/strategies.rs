@@ -8,7 +8,7 @@ use crate::report::{Report, Row};
 use crate::sweep;
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use decoding::{Flow, Strategy};
+use decoding::{Flow, ModelCall, Strategy};
 use engine::LanguageModel;
 use orchestrator::cli::{DecodeArgs, ModelArgs, StrategyArg};
 use orchestrator::embedded::{self, Embedded};
@@ -476,7 +476,7 @@ fn run_with<T: LanguageModel + 'static>(e: &Embedded<T>, a: &BenchArgs) -> Resul
     let seconds = started.elapsed().as_secs_f64();
     if let Some(path) = &a.measure_cost_model {
         // Measured now, warm and in the same minutes as the run it prices.
-        let t = measure_table(e)?;
+        let t = measure_table(e, &calls)?;
         t.write(path)?;
         eprintln!("wrote this machine's cost table to {}", path.display());
         table = Some(t);
@@ -564,22 +564,65 @@ fn run_with<T: LanguageModel + 'static>(e: &Embedded<T>, a: &BenchArgs) -> Resul
 /// Rows of the profile auto gets from a cost table.
 const TABLE_PROFILE_ROWS: usize = 64;
 
-/// Contexts at which `--measure-cost-model` times this machine.
+/// Contexts at which `--measure-cost-model` times this machine when the run made no
+/// verify calls to take them from.
 const TABLE_CONTEXTS: [usize; 2] = [64, 512];
 
-/// Prompt rows of the prefill `--measure-cost-model` times.
-const TABLE_PREFILL_ROWS: usize = 256;
+/// Where a measured table is timed: the 10th, 50th and 90th percentile of the run's
+/// verify contexts (rounded to 16 tokens) and its shortest, median and longest prompts,
+/// so that the table is read where the run was, not extrapolated from elsewhere.
+fn table_points(calls: &[Vec<Vec<ModelCall>>]) -> (Vec<usize>, Vec<usize>) {
+    let mut contexts = Vec::new();
+    let mut prompts = Vec::new();
+    for call in calls.iter().flatten().flatten() {
+        match *call {
+            ModelCall::Verify { context, .. } => contexts.push(context as usize),
+            ModelCall::Prefill { rows } if rows > 0 => prompts.push(rows as usize),
+            _ => {}
+        }
+    }
+    let pick = |mut xs: Vec<usize>, at: &[f64], round: usize| {
+        xs.sort_unstable();
+        let mut out: Vec<usize> = at
+            .iter()
+            .filter_map(|&q| {
+                let i = ((xs.len() as f64 - 1.0) * q).round() as usize;
+                xs.get(i).map(|&x| (x.div_ceil(round) * round).max(round))
+            })
+            .collect();
+        out.dedup();
+        out
+    };
+    let mut contexts = pick(contexts, &[0.1, 0.5, 0.9], 16);
+    if contexts.is_empty() {
+        contexts = TABLE_CONTEXTS.to_vec();
+    }
+    (contexts, pick(prompts, &[0.0, 0.5, 1.0], 1))
+}
 
 /// This machine's cost table: the auto profile's timings (through the run's own in-process
-/// backends) at each of [`TABLE_CONTEXTS`], and a prefill's cost per prompt row.
-fn measure_table<T: LanguageModel + 'static>(e: &Embedded<T>) -> Result<CostTable> {
-    let prefill_row = e.measure_prefill_row(TABLE_PREFILL_ROWS)?;
-    eprintln!(
-        "prefill: {:.2} ms per prompt row ({TABLE_PREFILL_ROWS} rows)",
-        prefill_row * 1e3
-    );
+/// backends) at the contexts the run's verifies had, and the prefill at its prompts'
+/// lengths ([`table_points`]).
+fn measure_table<T: LanguageModel + 'static>(
+    e: &Embedded<T>,
+    calls: &[Vec<Vec<ModelCall>>],
+) -> Result<CostTable> {
+    let (contexts, prompts) = table_points(calls);
+    let mut prefill = Vec::new();
+    for rows in prompts {
+        let per_row = e.measure_prefill_row(rows)?;
+        eprintln!(
+            "prefill: {:.2} ms per prompt row ({rows} rows)",
+            per_row * 1e3
+        );
+        prefill.push((rows, per_row * rows as f64));
+    }
+    let prefill_row = match prefill.first() {
+        Some(&(rows, s)) => s / rows as f64,
+        None => e.measure_prefill_row(TABLE_CONTEXTS[1])?,
+    };
     let mut at = Vec::new();
-    for context in TABLE_CONTEXTS {
+    for context in contexts {
         let opts = decoding::ProfileOptions {
             prompt_len: context,
             ..orchestrator::embedded::profile_options()
@@ -591,10 +634,12 @@ fn measure_table<T: LanguageModel + 'static>(e: &Embedded<T>) -> Result<CostTabl
     CostTable::from_profiles(
         format!(
             "measured on {} by `ouro-bench --measure-cost-model` (the auto profile's timings \
-             through the in-process backends at each context, a {TABLE_PREFILL_ROWS}-row prefill)",
+             through the in-process backends at the run's verify contexts, prefills at its \
+             prompts' lengths)",
             crate::report::machine()
         ),
         &at,
+        prefill,
     )
 }
 
@@ -689,4 +734,33 @@ fn file_name(p: &std::path::Path) -> String {
         || p.display().to_string(),
         |f| f.to_string_lossy().into_owned(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_measured_table_is_timed_where_the_run_was() {
+        let verify = |context| ModelCall::Verify { rows: 1, context };
+        let request = |prompt: u32| {
+            std::iter::once(ModelCall::Prefill { rows: prompt })
+                .chain((0..10).map(|i| verify(prompt + i * 10)))
+                .collect::<Vec<_>>()
+        };
+        // two strategies' rows, two requests each: prompts of 100 and 200 rows
+        let calls = vec![
+            vec![request(100), request(200)],
+            vec![request(100), request(200)],
+        ];
+        let (contexts, prompts) = table_points(&calls);
+        // contexts 100..190 and 200..290, twice each: 10th percentile 120, median 200,
+        // 90th 270, rounded up to 16 tokens
+        assert_eq!(contexts, vec![128, 208, 272]);
+        assert_eq!(prompts, vec![100, 200]);
+        // a run without verifies is timed at the fixed contexts
+        let (contexts, prompts) = table_points(&[]);
+        assert_eq!(contexts, TABLE_CONTEXTS.to_vec());
+        assert!(prompts.is_empty());
+    }
 }
