@@ -37,6 +37,8 @@ pub struct ServerTiming {
     /// Verify calls: the sessions open at the target when the forward ran (prefilling
     /// ones included); 0 where not reported.
     pub open_sessions: u32,
+    /// Verify calls: prompt rows of prefill chunks that shared the forward.
+    pub batch_prefill_rows: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]

@@ -43,6 +43,7 @@ pub fn timed<R>(f: impl FnOnce() -> Result<R>) -> Result<(R, ServerTiming)> {
             batch_trees: 0,
             batch_rows: 0,
             open_sessions: 0,
+            batch_prefill_rows: 0,
         },
     ))
 }

@@ -46,6 +46,7 @@ fn timing(started: Instant, forward: f64) -> Option<proto::common::v1::ServerTim
         batch_trees: 0,
         batch_rows: 0,
         open_sessions: 0,
+        batch_prefill_rows: 0,
     })
 }
 

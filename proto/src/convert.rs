@@ -21,6 +21,7 @@ impl From<ServerTiming> for pb::ServerTiming {
             batch_trees: t.batch_trees,
             batch_rows: t.batch_rows,
             open_sessions: t.open_sessions,
+            batch_prefill_rows: t.batch_prefill_rows,
         }
     }
 }
@@ -34,6 +35,7 @@ impl From<pb::ServerTiming> for ServerTiming {
             batch_trees: t.batch_trees,
             batch_rows: t.batch_rows,
             open_sessions: t.open_sessions,
+            batch_prefill_rows: t.batch_prefill_rows,
         }
     }
 }

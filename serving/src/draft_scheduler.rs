@@ -273,6 +273,7 @@ impl<M: LanguageModel> Worker<M> {
                 batch_trees: a.most_sessions as u32,
                 batch_rows: 0,
                 open_sessions: 0,
+                batch_prefill_rows: 0,
             };
             tracing::trace!(parent: &a.job.span, sessions = a.most_sessions, "draft call done");
             let _ = a.job.reply.send(result.map(|o| (o, timing)));

@@ -353,6 +353,7 @@ impl<M: LanguageModel> Worker<M> {
         let trees = ready.len();
         let tree_rows: usize = ready.iter().map(|r| r.job.tree.len()).sum();
         let open_sessions = self.sessions.len() + self.prefills.len();
+        let prefill_rows: usize = chunks.iter().map(|(_, n)| n).sum();
         // Unfinished prefills go back to the front, in their order.
         for ((p, _), result) in chunks.into_iter().zip(prefilled).rev() {
             match result {
@@ -401,6 +402,7 @@ impl<M: LanguageModel> Worker<M> {
                 batch_trees: trees as u32,
                 batch_rows: tree_rows as u32,
                 open_sessions: open_sessions as u32,
+                batch_prefill_rows: prefill_rows as u32,
             };
             let _ = job.reply.send(result.map(|o| (o, timing)));
         }

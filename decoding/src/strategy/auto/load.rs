@@ -14,6 +14,13 @@
 //! > cores they take the time of the target's forwards, over the network the draft
 //! > service is shared as well).
 //!
+//! What a row adds to a forward under load is measured while serving, not taken from the
+//! profile alone: every verify reports its forward's seconds and rows, and a least-squares
+//! line through the recent forwards (those without prefill chunks) gives the seconds a row
+//! adds, as a share of the forward's; the profile's rows are priced at that share of its
+//! own shared forward. (A batched forward of many sessions' trees is not the profile's
+//! one-session forward of as many rows: each tree attends to its own cache.)
+//!
 //! Alone (`B` = 1, `R` = 0) both prices are the profile's own. Decisions (which nodes to
 //! verify, whether and how far to draft) maximise tokens per priced second, which is the
 //! server's throughput, since extra tokens per forward are weighed against the forward's
@@ -24,10 +31,10 @@
 //! trees' own are not reported (other `auto` sessions commit alike; a plain session's 1
 //! makes the estimate err towards smaller trees under load). Without `t`, a forward
 //! full of trees that each commit two tokens was priced as if they committed one, and
-//! every session widened its tree where all of them together lost throughput. `B` is the larger of the trees in the forward and the
-//! sessions open, and every other open session is counted for at least one row: a
-//! session that is drafting, or still prefilling, is absent from this forward but shares
-//! the next ones.
+//! every session widened its tree where all of them together lost throughput. `B` is
+//! the larger of the trees in the forward and the sessions open, and every other open
+//! session is counted for at least one row: a session that is drafting, or still
+//! prefilling, is absent from this forward but shares the next ones.
 
 use super::profile::CostProfile;
 use crate::backend::ServerTiming;
@@ -38,6 +45,14 @@ use std::time::Instant;
 /// end shows within a few rounds.
 pub const LOAD_MEMORY_S: f64 = 1.0;
 
+/// Seconds over which an older forward loses weight by a factor e in the live fit of
+/// forward time against rows: long enough for the rows to vary, short enough to follow
+/// the load.
+pub const FIT_MEMORY_S: f64 = 10.0;
+/// The forwards' weight, and the variance of their rows, the fit needs before it is used.
+const FIT_MIN_WEIGHT: f64 = 16.0;
+const FIT_MIN_SPREAD: f64 = 0.5;
+
 /// What the verifies of late shared their forwards with.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Load {
@@ -47,6 +62,9 @@ pub struct Load {
     pub other_rows: f64,
     /// Tokens a tree commits per forward: at least 1.
     pub tree_tokens: f64,
+    /// What one more row adds to a forward of `other_rows + 1` rows, as a share of it,
+    /// measured on the forwards of late; 0 where not known (the profile's is used).
+    pub row_share: f64,
 }
 
 impl Load {
@@ -54,6 +72,7 @@ impl Load {
         trees: 1.0,
         other_rows: 0.0,
         tree_tokens: 1.0,
+        row_share: 0.0,
     };
 
     /// What one verify reported, for a tree of `rows` nodes that committed `tokens`;
@@ -67,6 +86,7 @@ impl Load {
                 trees,
                 other_rows: beside.max(trees - 1.0).max(0.0),
                 tree_tokens: tokens as f64,
+                row_share: 0.0,
             }
         })
     }
@@ -77,15 +97,67 @@ impl Load {
             trees: ok(self.trees).unwrap_or(1.0).max(1.0),
             other_rows: ok(self.other_rows).unwrap_or(0.0).max(0.0),
             tree_tokens: ok(self.tree_tokens).unwrap_or(1.0).max(1.0),
+            row_share: ok(self.row_share).unwrap_or(0.0).max(0.0),
         }
     }
 }
 
-/// A time-weighted average of the [`Load`] observed.
+/// A least-squares line through (rows, seconds) of forwards, its sums decayed with time.
+#[derive(Debug, Clone, Copy, Default)]
+struct RowFit {
+    w: f64,
+    x: f64,
+    xx: f64,
+    y: f64,
+    xy: f64,
+}
+
+impl RowFit {
+    fn scale(&mut self, keep: f64) {
+        for v in [
+            &mut self.w,
+            &mut self.x,
+            &mut self.xx,
+            &mut self.y,
+            &mut self.xy,
+        ] {
+            *v *= keep;
+        }
+    }
+
+    fn add(&mut self, rows: f64, seconds: f64) {
+        self.w += 1.0;
+        self.x += rows;
+        self.xx += rows * rows;
+        self.y += seconds;
+        self.xy += rows * seconds;
+    }
+
+    /// The line's intercept and slope (seconds per row); `None` before there are enough
+    /// forwards of different sizes, or where the slope is not positive.
+    fn line(&self) -> Option<(f64, f64)> {
+        if self.w < FIT_MIN_WEIGHT {
+            return None;
+        }
+        let mx = self.x / self.w;
+        let my = self.y / self.w;
+        let var = self.xx / self.w - mx * mx;
+        if !(var >= FIT_MIN_SPREAD) {
+            return None;
+        }
+        let slope = (self.xy / self.w - mx * my) / var;
+        (slope.is_finite() && slope > 0.0).then_some((my - slope * mx, slope))
+    }
+}
+
+/// A time-weighted average of the [`Load`] observed, and the live fit of forward time
+/// against rows.
 #[derive(Debug, Clone, Copy)]
 pub struct LoadGauge {
     load: Load,
     at: Option<Instant>,
+    fit: RowFit,
+    fit_at: Option<Instant>,
 }
 
 impl Default for LoadGauge {
@@ -93,13 +165,39 @@ impl Default for LoadGauge {
         Self {
             load: Load::IDLE,
             at: None,
+            fit: RowFit::default(),
+            fit_at: None,
         }
     }
 }
 
 impl LoadGauge {
     pub fn now(&self) -> Load {
-        self.load
+        let row_share = match self.fit.line() {
+            Some((a, b)) => {
+                let forward = a + b * (self.load.other_rows + 1.0);
+                if forward > 0.0 { b / forward } else { 0.0 }
+            }
+            None => 0.0,
+        };
+        Load {
+            row_share,
+            ..self.load
+        }
+    }
+
+    /// Folds in a forward of `rows` tree rows (no prefill chunks) that took `seconds`,
+    /// seen at `at`: older forwards keep the weight `exp(-elapsed / FIT_MEMORY_S)`.
+    pub fn observe_forward(&mut self, rows: f64, seconds: f64, at: Instant) {
+        if !(rows.is_finite() && rows >= 1.0 && seconds.is_finite() && seconds > 0.0) {
+            return;
+        }
+        if let Some(before) = self.fit_at {
+            let dt = at.saturating_duration_since(before).as_secs_f64();
+            self.fit.scale((-dt / FIT_MEMORY_S).exp());
+        }
+        self.fit.add(rows, seconds);
+        self.fit_at = Some(at);
     }
 
     /// Folds in an observation made at `at`: the older average keeps the weight
@@ -117,6 +215,7 @@ impl LoadGauge {
             trees: keep * self.load.trees + (1.0 - keep) * seen.trees,
             other_rows: keep * self.load.other_rows + (1.0 - keep) * seen.other_rows,
             tree_tokens: keep * self.load.tree_tokens + (1.0 - keep) * seen.tree_tokens,
+            row_share: 0.0,
         };
         self.at = Some(at);
     }
@@ -128,6 +227,9 @@ pub struct Pricing<'p> {
     profile: &'p CostProfile,
     /// Other trees' rows, rounded to whole rows.
     others: usize,
+    /// Seconds (on the profile's clock) each row beyond a tree's first adds to the
+    /// shared forward, where the live fit says so; the profile's curve otherwise.
+    row_s: Option<f64>,
     /// What a second of this session's extra work costs the server, in seconds.
     scale: f64,
 }
@@ -139,9 +241,16 @@ impl<'p> Pricing<'p> {
         let shared = profile.verify_cost(others + 1);
         let delayed = 1.0 + (load.trees - 1.0) * load.tree_tokens;
         let scale = delayed * profile.verify_cost(1) / shared.max(1e-12);
+        // Under load, the measured share of a forward one row adds, within a factor 4 of
+        // the profile's own over the next 8 rows (a fit is a fit).
+        let row_s = (load.trees > 1.0 && load.row_share > 0.0).then(|| {
+            let own = (profile.verify_cost(others + 9) - shared) / 8.0;
+            (load.row_share * shared).clamp(own / 4.0, own * 4.0)
+        });
         Self {
             profile,
             others,
+            row_s,
             scale,
         }
     }
@@ -157,12 +266,24 @@ impl<'p> Pricing<'p> {
 
     /// Seconds this session waits for a verify of `nodes` nodes.
     pub fn verify_wall(&self, nodes: usize) -> f64 {
-        self.profile.verify_cost(self.others + nodes.max(1))
+        self.profile.verify_cost(self.others + 1) + self.extra_rows(nodes)
     }
 
     /// What a verify of `nodes` nodes costs the server, in seconds of a plain step.
     pub fn verify(&self, nodes: usize) -> f64 {
-        self.profile.verify_cost(1) + self.scale * (self.verify_wall(nodes) - self.verify_wall(1))
+        self.profile.verify_cost(1) + self.scale * self.extra_rows(nodes)
+    }
+
+    /// Seconds the rows of a tree of `nodes` nodes beyond its first add to the forward.
+    fn extra_rows(&self, nodes: usize) -> f64 {
+        let n = nodes.max(1);
+        match self.row_s {
+            Some(per_row) => per_row * (n - 1) as f64,
+            None => {
+                self.profile.verify_cost(self.others + n)
+                    - self.profile.verify_cost(self.others + 1)
+            }
+        }
     }
 
     /// What a draft call of `tokens` tokens costs the server; `None` without a draft.
@@ -228,6 +349,7 @@ mod tests {
                 trees: 8.0,
                 other_rows: 7.0,
                 tree_tokens: 1.0,
+                row_share: 0.0,
             },
         );
         let shared = 0.010 + 0.003 * 7.0;
@@ -270,7 +392,58 @@ mod tests {
             trees: 8.0,
             other_rows: 7.0,
             tree_tokens: 1.0,
+            row_share: 0.0,
         }
+    }
+
+    #[test]
+    fn under_load_rows_are_priced_at_the_share_of_a_forward_measured_while_serving() {
+        let p = profile();
+        let t0 = Instant::now();
+        let mut g = LoadGauge::default();
+        g.observe(busy_load(), t0);
+        // Forwards of 8 to 16 rows at 2 ms + 6 ms a row: a row adds 12 % to a forward of
+        // 8 rows (50 ms), where the profile's adds 9.7 % (3 ms to 31 ms).
+        for i in 0..40 {
+            let rows = 8.0 + (i % 9) as f64;
+            g.observe_forward(rows, 0.002 + 0.006 * rows, t0);
+        }
+        let load = g.now();
+        assert!((load.row_share - 0.006 / 0.050).abs() < 1e-9, "{load:?}");
+        let live = Pricing::new(&p, load);
+        let by_profile = Pricing::new(&p, busy_load());
+        let shared = 0.010 + 0.003 * 7.0;
+        // a row adds 12 % of the shared forward, on the profile's clock
+        let per_row = 0.006 / 0.050 * shared;
+        assert!((live.verify_wall(3) - (shared + 2.0 * per_row)).abs() < 1e-12);
+        assert!((live.verify(3) - (0.010 + live.scale() * 2.0 * per_row)).abs() < 1e-12);
+        assert!(live.verify(3) > by_profile.verify(3));
+        assert!((live.verify(1) - by_profile.verify(1)).abs() < 1e-12);
+        // alone the profile prices rows, whatever was measured under load
+        let alone = Pricing::new(
+            &p,
+            Load {
+                trees: 1.0,
+                other_rows: 0.0,
+                ..load
+            },
+        );
+        assert!((alone.verify(3) - p.verify_cost(3)).abs() < 1e-12);
+        // forwards all of one size say nothing about rows; prefills and nonsense are
+        // not counted
+        let mut flat = LoadGauge::default();
+        for _ in 0..40 {
+            flat.observe_forward(8.0, 0.05, t0);
+        }
+        flat.observe_forward(f64::NAN, 0.05, t0);
+        flat.observe_forward(4.0, -1.0, t0);
+        assert_eq!(flat.now().row_share, 0.0);
+        // old forwards fade: a minute later a few new ones are not yet enough
+        let mut late = g;
+        for i in 0..4 {
+            late.observe_forward(8.0 + i as f64, 0.5, t0 + Duration::from_secs(60));
+        }
+        assert_eq!(late.now().row_share, 0.0);
     }
 
     #[test]
@@ -282,6 +455,7 @@ mod tests {
             trees: 8.0,
             other_rows: 14.0,
             tree_tokens: 2.0,
+            row_share: 0.0,
         };
         // The first observation is taken whole.
         g.observe(busy, t0);
@@ -300,6 +474,7 @@ mod tests {
                 trees: f64::NAN,
                 other_rows: -3.0,
                 tree_tokens: f64::INFINITY,
+                row_share: 0.0,
             },
             t0 + Duration::from_secs(120),
         );
@@ -321,6 +496,7 @@ mod tests {
                 trees: 4.0,
                 other_rows: 7.0,
                 tree_tokens: 2.0,
+                row_share: 0.0,
             })
         );
         // Alone in the forward while seven other sessions draft or prefill: they count,
@@ -337,6 +513,7 @@ mod tests {
                 trees: 8.0,
                 other_rows: 7.0,
                 tree_tokens: 1.0,
+                row_share: 0.0,
             })
         );
         assert_eq!(Load::of_verify(&ServerTiming::default(), 3, 1), None);

@@ -68,8 +68,13 @@ impl AutoTuner {
     /// [`Load::of_verify`]).
     pub fn observe_load(&self, timing: &crate::backend::ServerTiming, rows: usize, tokens: usize) {
         if let Some(seen) = Load::of_verify(timing, rows, tokens) {
+            let now = std::time::Instant::now();
             let mut g = self.load.lock().unwrap_or_else(|e| e.into_inner());
-            g.observe(seen, std::time::Instant::now());
+            g.observe(seen, now);
+            // A forward that carried prefill chunks took longer than its tree rows say.
+            if timing.batch_prefill_rows == 0 {
+                g.observe_forward(timing.batch_rows as f64, timing.forward, now);
+            }
         }
     }
 
@@ -561,6 +566,7 @@ mod tests {
                 trees: 8.0,
                 other_rows: 14.0,
                 tree_tokens: 1.0,
+                row_share: 0.0,
             }
         );
         // A verify reported without its batch (an in-process target) leaves it idle.
