@@ -142,7 +142,7 @@ impl RowFit {
         let mx = self.x / self.w;
         let my = self.y / self.w;
         let var = self.xx / self.w - mx * mx;
-        if !(var >= FIT_MIN_SPREAD) {
+        if var.is_nan() || var < FIT_MIN_SPREAD {
             return None;
         }
         let slope = (self.xy / self.w - mx * my) / var;
