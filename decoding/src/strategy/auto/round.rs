@@ -247,6 +247,7 @@ impl<'t> AutoRounds<'t> {
                 nodes = round.tree.len(),
                 verify_ms = verdict.verify_s * 1e3,
                 plain_speed = t.plain_speed(greedy),
+                row_share = t.load().row_share,
                 "auto round"
             );
             t.observe(greedy, p, v.path.len() + 1, seconds);
