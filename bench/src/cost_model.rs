@@ -191,12 +191,12 @@ impl CostTable {
             return self.contexts[0].prefill_row * x;
         };
         let i = c.partition_point(|&(r, _)| r <= rows);
-        let ((ra, sa), (rb, sb)) = match i {
-            0 => return s0 * x / r0 as f64,
-            i if i == c.len() && i == 1 => return s0 * x / r0 as f64,
-            i if i == c.len() => (c[i - 2], c[i - 1]),
-            i => (c[i - 1], c[i]),
-        };
+        if i == 0 || c.len() == 1 {
+            return s0 * x / r0 as f64;
+        }
+        // The segment around `rows`, or the last one beyond it.
+        let j = i.min(c.len() - 1);
+        let ((ra, sa), (rb, sb)) = (c[j - 1], c[j]);
         sa + (sb - sa) * (x - ra as f64) / (rb - ra) as f64
     }
 

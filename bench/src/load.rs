@@ -469,6 +469,14 @@ pub fn summary(levels: &[Level]) -> String {
             .find(|l| l.strategy == s && l.concurrency == c)
     };
     let rate = |s: &str, c: usize| level(s, c).map(|l| l.aggregate_tok_s);
+    // The best of the strategies other than auto at level `c`, by `of`.
+    let best_other = |c: usize, of: &dyn Fn(&Level) -> Option<f64>| {
+        strategies
+            .iter()
+            .filter(|&&s| s != "auto")
+            .filter_map(|s| level(s, c).and_then(of))
+            .fold(0.0f64, f64::max)
+    };
     for &c in &concurrency {
         t.push_str(&format!("| {c} |"));
         for s in &strategies {
@@ -478,11 +486,7 @@ pub fn summary(levels: &[Level]) -> String {
             }
         }
         if versus {
-            let best = strategies
-                .iter()
-                .filter(|&&s| s != "auto")
-                .filter_map(|s| rate(s, c))
-                .fold(0.0f64, f64::max);
+            let best = best_other(c, &|l| Some(l.aggregate_tok_s));
             match rate("auto", c) {
                 Some(a) if best > 0.0 => t.push_str(&format!(" {:.2}x |", a / best)),
                 _ => t.push_str(" - |"),
@@ -495,11 +499,7 @@ pub fn summary(levels: &[Level]) -> String {
                 .iter()
                 .enumerate()
                 .filter_map(|(r, a)| {
-                    let best = strategies
-                        .iter()
-                        .filter(|&&s| s != "auto")
-                        .filter_map(|s| level(s, c).and_then(|l| l.runs_tok_s.get(r)))
-                        .fold(0.0f64, |m, &x| m.max(x));
+                    let best = best_other(c, &|l| l.runs_tok_s.get(r).copied());
                     (best > 0.0).then(|| format!("{:.2}", a / best))
                 })
                 .collect();
