@@ -24,11 +24,18 @@ pub type TargetSessions<M> = SessionTable<TargetSession<<M as LanguageModel>::Ca
 pub struct SchedulerConfig {
     /// Most tree nodes (rows) in one batched forward; a larger single tree runs alone.
     pub max_batch_tokens: usize,
-    /// How long to wait for more trees when fewer are queued than sessions are open.
+    /// How long to wait for more trees when fewer are queued than sessions are open;
+    /// never more than a tenth of the last forward ([`MAX_WAIT_SHARE`]).
     pub batch_wait: Duration,
     /// Most prompt rows of new sessions' prefills in one forward.
     pub prefill_chunk: usize,
 }
+
+/// The most a forward waits for late trees, as a share of the last forward's time: a
+/// tree that misses a forward waits a whole one, so a short wait pays where the sessions'
+/// work between verifies is shorter than it, and costs at most this share where a
+/// session is away (drafting, say).
+pub const MAX_WAIT_SHARE: f64 = 0.1;
 
 /// What a verify job gets back: the outcome, and its queue and forward time.
 pub type VerifyReply = Result<(VerifyOutcome, ServerTiming)>;
@@ -124,6 +131,8 @@ struct Worker<M: LanguageModel> {
     queue: VecDeque<VerifyJob<M>>,
     /// Admitted sessions still prefilling, first come first served.
     prefills: VecDeque<Prefill<M>>,
+    /// How long the last forward took.
+    last_forward: Duration,
 }
 
 /// A session being prefilled; it enters the session table when its prompt is in the cache.
@@ -150,6 +159,7 @@ impl<M: LanguageModel> Worker<M> {
             config,
             queue: VecDeque::new(),
             prefills: VecDeque::new(),
+            last_forward: Duration::ZERO,
         }
     }
 
@@ -243,12 +253,20 @@ impl<M: LanguageModel> Worker<M> {
         chunks
     }
 
-    /// Waits up to `batch_wait` for trees of other open sessions.
+    /// Waits up to `batch_wait` (at most [`MAX_WAIT_SHARE`] of the last forward) for trees
+    /// of other open sessions. Without it, on cores that the forward shares with the
+    /// sessions, a session whose work between verifies takes a moment longer than the
+    /// others' misses the forward that starts as soon as the first tree is in, and waits
+    /// for the whole next one.
     fn gather(&mut self, rx: &Receiver<Job<M>>) {
-        if self.config.batch_wait.is_zero() {
+        let wait = self
+            .config
+            .batch_wait
+            .min(self.last_forward.mul_f64(MAX_WAIT_SHARE));
+        if wait.is_zero() {
             return;
         }
-        let deadline = Instant::now() + self.config.batch_wait;
+        let deadline = Instant::now() + wait;
         while self.queue.len() < self.sessions.len() && self.rows() < self.config.max_batch_tokens {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
@@ -350,6 +368,7 @@ impl<M: LanguageModel> Worker<M> {
         let (outs, prefilled) =
             span.in_scope(|| forward(&*self.model, &mut guards, &ready, &mut chunks));
         let forward_s = started.elapsed().as_secs_f64();
+        self.last_forward = started.elapsed();
         let trees = ready.len();
         let tree_rows: usize = ready.iter().map(|r| r.job.tree.len()).sum();
         let open_sessions = self.sessions.len() + self.prefills.len();

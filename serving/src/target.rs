@@ -46,7 +46,7 @@ impl Default for TargetConfig {
             kv_budget_bytes: 4 << 30,
             session_ttl: Duration::from_secs(300),
             clock: Clock::system(),
-            batch_wait: Duration::ZERO,
+            batch_wait: Duration::from_millis(2),
             prefill_chunk: 64,
             chat_template: None,
             vocabulary: None,

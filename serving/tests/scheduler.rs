@@ -159,6 +159,116 @@ async fn an_abandoned_open_stops_prefilling() {
     assert_eq!(model.log(), vec![vec![8], vec![4]]);
 }
 
+/// Runs one verify of session `id` whose forward the test holds in the model for `hold`,
+/// so that the scheduler's last forward took at least that long.
+async fn held_verify(
+    model: &Arc<Gated>,
+    scheduler: &Scheduler<Gated>,
+    sessions: &TargetSessions<Gated>,
+    id: u64,
+    local: &mut TargetSession<<MockModel as LanguageModel>::Cache>,
+    hold: Duration,
+) {
+    let greedy = SamplingParams::greedy();
+    model.set_closed(true);
+    let n = model.log().len() + 1;
+    let tree = DraftTree::from_parts(vec![local.last], vec![-1]).unwrap();
+    let slot = sessions.get(id).unwrap();
+    let mut verify = Box::pin(scheduler.verify(id, slot, tree.clone(), greedy, None));
+    poll_once(&mut verify).await;
+    let gated = model.clone();
+    tokio::task::spawn_blocking(move || gated.wait_for_forwards(n))
+        .await
+        .unwrap();
+    tokio::time::sleep(hold).await;
+    model.set_closed(false);
+    let (got, _) = verify.await.unwrap();
+    assert_eq!(
+        got,
+        local.verify(&model.inner, &tree, &greedy, None).unwrap()
+    );
+}
+
+/// Two open sessions, A and B, after a forward the test held for two seconds; then A's
+/// one-node tree, and B's `b_after` later (or none): how many forwards they took, and
+/// how long A's verify took.
+async fn a_late_tree(batch_wait: Duration, b_after: Option<Duration>) -> (usize, Duration) {
+    let model = Arc::new(Gated::new());
+    let sessions = Arc::new(SessionTable::new(SessionLimits::default()));
+    let config = SchedulerConfig {
+        max_batch_tokens: 512,
+        batch_wait,
+        prefill_chunk: 64,
+    };
+    let scheduler = Scheduler::start(model.clone(), sessions.clone(), config);
+    let (pa, pb) = (prompt(6, 8), prompt(7, 9));
+    let a = scheduler.open(pa.clone()).await.unwrap();
+    let b = scheduler.open(pb.clone()).await.unwrap();
+    let mut a_local = TargetSession::open(&model.inner, &pa).unwrap();
+    let mut b_local = TargetSession::open(&model.inner, &pb).unwrap();
+    held_verify(
+        &model,
+        &scheduler,
+        &sessions,
+        a,
+        &mut a_local,
+        Duration::from_secs(2),
+    )
+    .await;
+
+    let greedy = SamplingParams::greedy();
+    let before = model.log().len();
+    let tree_a = DraftTree::from_parts(vec![a_local.last], vec![-1]).unwrap();
+    let tree_b = DraftTree::from_parts(vec![b_local.last], vec![-1]).unwrap();
+    let verify_a = async {
+        let started = std::time::Instant::now();
+        let slot = sessions.get(a).unwrap();
+        let r = scheduler
+            .verify(a, slot, tree_a.clone(), greedy, None)
+            .await;
+        (r, started.elapsed())
+    };
+    let verify_b = async {
+        let after = b_after?;
+        tokio::time::sleep(after).await;
+        let slot = sessions.get(b).unwrap();
+        Some(
+            scheduler
+                .verify(b, slot, tree_b.clone(), greedy, None)
+                .await,
+        )
+    };
+    let ((got_a, took), got_b) = tokio::join!(verify_a, verify_b);
+    let want_a = a_local
+        .verify(&model.inner, &tree_a, &greedy, None)
+        .unwrap();
+    assert_eq!(got_a.unwrap().0, want_a);
+    if let Some(got_b) = got_b {
+        let want_b = b_local
+            .verify(&model.inner, &tree_b, &greedy, None)
+            .unwrap();
+        assert_eq!(got_b.unwrap().0, want_b);
+    }
+    (model.log().len() - before, took)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forward_waits_briefly_for_the_trees_of_open_sessions() {
+    // Without a wait, A's tree goes alone and B's, 50 ms later, takes a forward of its own.
+    let late = Some(Duration::from_millis(50));
+    let (forwards, _) = a_late_tree(Duration::ZERO, late).await;
+    assert_eq!(forwards, 2);
+    // With one, B's tree joins A's forward.
+    let wait = Duration::from_secs(30);
+    let (forwards, _) = a_late_tree(wait, late).await;
+    assert_eq!(forwards, 1);
+    // When B sends no tree, A's goes after at most a tenth of the last forward (200 ms
+    // here), not the 30 s asked.
+    let (forwards, took) = a_late_tree(wait, None).await;
+    assert_eq!(forwards, 1);
+    assert!(took < Duration::from_secs(5), "{took:?}");
+}
+
 /// A token that makes the model panic when it is anywhere in a forward.
 const MARK: u32 = 499;
 
