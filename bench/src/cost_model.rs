@@ -223,10 +223,17 @@ impl CostTable {
 
     /// Seconds of a request's calls. A draft call is priced at the context of the verify
     /// that follows it (the one it drafted for); a lookahead host call as `forwards`
-    /// target calls sharing its rows.
+    /// target calls sharing its rows; a draft session's opening as the draft catching up
+    /// on its text.
     pub fn price(&self, calls: &[ModelCall]) -> f64 {
+        self.price_from(calls, 0)
+    }
+
+    /// [`Self::price`] for calls made after `context` tokens of text (a part of a
+    /// request, priced as it goes).
+    pub fn price_from(&self, calls: &[ModelCall], context: usize) -> f64 {
         let mut total = 0.0;
-        let mut context = 0usize;
+        let mut context = context;
         for (i, call) in calls.iter().enumerate() {
             total += match *call {
                 ModelCall::Prefill { rows } => {
@@ -258,6 +265,13 @@ impl CostTable {
                         None => 0.0,
                     }
                 }
+                ModelCall::DraftOpen { rows } => {
+                    context = rows as usize;
+                    match self.draft(context) {
+                        Some(d) => d.per_call + d.catch_up * rows as f64,
+                        None => 0.0,
+                    }
+                }
                 ModelCall::Lookahead {
                     forwards,
                     rows,
@@ -272,6 +286,13 @@ impl CostTable {
             };
         }
         total
+    }
+}
+
+/// `auto` planning with a table learns its rounds' seconds from it.
+impl decoding::CallClock for CostTable {
+    fn seconds(&self, calls: &[ModelCall], context: usize) -> f64 {
+        self.price_from(calls, context)
     }
 }
 
@@ -314,6 +335,8 @@ mod tests {
         let calls = [
             // 10 rows of prompt, 1.5 ms each.
             ModelCall::Prefill { rows: 10 },
+            // The draft opens on the 11 tokens: 1 + 11 * 0.5 ms.
+            ModelCall::DraftOpen { rows: 11 },
             // A draft call of 4 forwards that caught up on 11 rows, priced at the next
             // verify's context (500): 1 + 4 * 2 + 11 * 0.5 ms.
             ModelCall::Draft {
@@ -334,9 +357,14 @@ mod tests {
                 context: 2000,
             },
         ];
-        let want = 0.015 + (0.001 + 0.008 + 0.0055) + 0.021 + 2.0 * 0.030;
+        let want = 0.015 + 0.0065 + (0.001 + 0.008 + 0.0055) + 0.021 + 2.0 * 0.030;
         let got = t.price(&calls);
         assert!((got - want).abs() < 1e-12, "{got} vs {want}");
+        // Priced as auto's clock, a round's part: the verify at its own context.
+        use decoding::CallClock;
+        let round = &calls[2..4];
+        let got = t.seconds(round, 400);
+        assert!((got - (0.0145 + 0.021)).abs() < 1e-12, "{got}");
     }
 
     #[test]

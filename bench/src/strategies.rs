@@ -369,13 +369,15 @@ fn run_with<T: LanguageModel + 'static>(e: &Embedded<T>, a: &BenchArgs) -> Resul
         let runner: Arc<dyn Runner> = match &services {
             Some(svc) if v.distributed => {
                 let p = rt.block_on(svc.pipeline(phrase_len))?;
-                if auto && let Some(c) = table.as_ref().and(profile.clone()) {
-                    let _ = p.tuner.set(decoding::AutoTuner::new(c));
+                if auto && let Some(t) = &table {
+                    let c = profile.clone().expect("the table's profile");
+                    let _ = p.tuner.set(priced_tuner(c, t));
                 } else if auto {
                     // Measured over the network, as a deployment measures it.
-                    let c = rt.block_on(
-                        p.measure_costs_here(&orchestrator::embedded::profile_options()),
-                    )?;
+                    let c = rt.block_on(p.measure_costs_here(
+                        &orchestrator::embedded::profile_options(),
+                        Default::default(),
+                    ))?;
                     eprintln!("distributed cost profile: {}", c.describe());
                     remote_profile = Some(c.describe());
                 }
@@ -390,7 +392,11 @@ fn run_with<T: LanguageModel + 'static>(e: &Embedded<T>, a: &BenchArgs) -> Resul
                     }
                     // Same hardware figures, acceptance counts of its own.
                     let c = profile.clone().expect("measured above");
-                    let _ = p.tuner.set(decoding::AutoTuner::new(c));
+                    let tuner = match &table {
+                        Some(t) => priced_tuner(c, t),
+                        None => decoding::AutoTuner::new(c),
+                    };
+                    let _ = p.tuner.set(tuner);
                 }
                 Arc::new(p)
             }
@@ -567,6 +573,12 @@ const TABLE_PROFILE_ROWS: usize = 64;
 /// Contexts at which `--measure-cost-model` times this machine when the run made no
 /// verify calls to take them from.
 const TABLE_CONTEXTS: [usize; 2] = [64, 512];
+
+/// `auto` planning with a cost table's `profile`, and learning its rounds' seconds from
+/// the table's prices rather than this machine's wall clock.
+fn priced_tuner(profile: decoding::CostProfile, table: &CostTable) -> decoding::AutoTuner {
+    decoding::AutoTuner::new(profile).priced_by(Arc::new(table.clone()))
+}
 
 /// Where a measured table is timed: the 10th, 50th and 90th percentile of the run's
 /// verify contexts (rounded to 16 tokens) and its shortest, median and longest prompts,

@@ -110,7 +110,10 @@ pub async fn generate<T: TargetBackend, D: DraftBackend>(
     } else if params.strategy.needs_draft() {
         match draft {
             Some(d) => match d.open(prompt).await {
-                Ok(id) => sessions.draft = Some((d, id)),
+                Ok(id) => {
+                    stats.add_draft_open(prompt.len());
+                    sessions.draft = Some((d, id));
+                }
                 Err(e) => stats.fall_back(format!("draft open failed: {e}")),
             },
             None => stats.fall_back("no draft backend".to_string()),
@@ -220,6 +223,7 @@ async fn commit_loop<T: TargetBackend, D: DraftBackend>(
             accepted = tracing::field::Empty
         );
         let started = Instant::now();
+        let first_call = stats.calls.len();
         let round = rounds
             .build(sessions, stats, shared, &mut state, &text, budget, nodes)
             .instrument(round_span.clone())
@@ -255,6 +259,17 @@ async fn commit_loop<T: TargetBackend, D: DraftBackend>(
         round_span.record("nodes", tree.len());
         round_span.record("accepted", v.path.len());
         stats.add_verify(timing, verify_s, tree.len(), text.len() - 1);
+        // The round's seconds as the strategy learns from them: the wall's, or under a
+        // priced clock (a cost table standing in for other hardware) its calls' prices.
+        let (verify_s, round_s) = match shared.tuner.and_then(AutoTuner::clock) {
+            Some(clock) => {
+                let calls = &stats.calls[first_call..];
+                let context = text.len() - 1;
+                let verify = clock.seconds(&calls[calls.len() - 1..], context);
+                (verify, clock.seconds(calls, context))
+            }
+            None => (verify_s, started.elapsed().as_secs_f64()),
+        };
         // The walk may leave the chain at any node when other paths hang off the root.
         let on_chain = v
             .path
@@ -266,7 +281,7 @@ async fn commit_loop<T: TargetBackend, D: DraftBackend>(
             outcome: &v,
             on_chain,
             verify_s,
-            round_s: started.elapsed().as_secs_f64(),
+            round_s,
             remaining,
             timing,
         };

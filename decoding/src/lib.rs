@@ -22,8 +22,8 @@ pub mod validate;
 pub mod verify;
 
 pub use auto::{
-    AutoTuner, ChainEstimate, CostProfile, DraftBacklog, DraftCost, Policy, PolicyScores,
-    Prediction, ProfileOptions, RoundKind, SEGMENT_TOKENS, would_commit,
+    AutoConfig, AutoTuner, CallClock, ChainEstimate, CostProfile, DraftBacklog, DraftCost, Policy,
+    PolicyScores, Prediction, ProfileOptions, RoundKind, SEGMENT_TOKENS, would_commit,
 };
 pub use backend::{
     BackendInfo, DraftBackend, DraftLength, DraftOutcome, DraftRequest, ServerTiming, SessionId,

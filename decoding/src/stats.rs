@@ -74,6 +74,8 @@ pub enum ModelCall {
         rows: u32,
         caught_up: u32,
     },
+    /// A draft session opened on `rows` tokens of text (the draft's prefill).
+    DraftOpen { rows: u32 },
     /// The lookahead baseline's call on its target host: `forwards` target forwards of
     /// `rows` rows in all, `caught_up` of them committed text, at `context` tokens.
     Lookahead {
@@ -119,6 +121,11 @@ impl SpecStats {
     pub fn fall_back(&mut self, why: String) {
         tracing::warn!("continuing target-only: {why}");
         self.draft_fallback.get_or_insert(why);
+    }
+
+    /// A draft session opened on `rows` tokens of text.
+    pub(crate) fn add_draft_open(&mut self, rows: usize) {
+        self.calls.push(ModelCall::DraftOpen { rows: rows as u32 });
     }
 
     pub(crate) fn add_draft(&mut self, o: &DraftOutcome, server: ServerTiming, wall: f64) {

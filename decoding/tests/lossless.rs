@@ -837,6 +837,66 @@ fn auto_sizes_its_rounds_by_the_cost_profile() {
     assert!(out.stats.mean_accepted_length() > 2.0);
 }
 
+/// Prices calls at a cost profile's own figures: a clock for `auto` that says its rounds
+/// took exactly what the profile predicts.
+#[derive(Debug)]
+struct ProfileClock(CostProfile);
+
+impl decoding::CallClock for ProfileClock {
+    fn seconds(&self, calls: &[decoding::ModelCall], _context: usize) -> f64 {
+        use decoding::ModelCall;
+        let d = self.0.draft().expect("a draft");
+        calls
+            .iter()
+            .map(|c| match *c {
+                ModelCall::Verify { rows, .. } => self.0.verify_cost(rows as usize),
+                ModelCall::Draft {
+                    forwards,
+                    caught_up,
+                    ..
+                } => d.per_call + d.per_token * forwards as f64 + d.catch_up * caught_up as f64,
+                ModelCall::DraftOpen { rows } => d.catch_up * rows as f64,
+                _ => 0.0,
+            })
+            .sum()
+    }
+}
+
+/// Under a priced clock `auto` learns from its rounds' prices, not from the wall: on a
+/// profile where nothing pays but plain steps, a mock model's steps (microseconds against
+/// the profile's second) run at the most the record allows above the profile on the wall
+/// clock, and exactly at it on the profile's own clock. The tokens are plain greedy's
+/// either way, and a drafting run's calls include the draft's opening, to be priced.
+#[test]
+fn auto_learns_from_a_priced_clock_where_one_is_given() {
+    let target = target_model();
+    let prompt: Vec<u32> = (0..30).map(|i| (i * 7 % VOCAB) as u32).collect();
+    let n = 60;
+    let want = plain_decode(&target, &prompt, n, &SamplingParams::greedy());
+    let dear = || tuner(&[(1, 1.0), (2, 2.0), (64, 64.0)], 1.0);
+    let wall = dear();
+    assert!(wall.clock().is_none());
+    let out = auto_request(&target, &prompt, n, &wall, &TrieCache::default());
+    assert_eq!(out.tokens, want);
+    assert_eq!(out.stats.tree_nodes, out.stats.target_forwards, "root only");
+    assert_eq!(wall.plain_speed(true), 4.0, "microseconds against a second");
+
+    let priced = dear().priced_by(Arc::new(ProfileClock(dear().profile().clone())));
+    let out = auto_request(&target, &prompt, n, &priced, &TrieCache::default());
+    assert_eq!(out.tokens, want);
+    assert_eq!(out.stats.tree_nodes, out.stats.target_forwards, "root only");
+    let speed = priced.plain_speed(true);
+    assert!((speed - 1.0).abs() < 1e-9, "{speed}");
+
+    let cheap = cheap_tuner();
+    let drafting = cheap.priced_by(Arc::new(ProfileClock(cheap_tuner().profile().clone())));
+    let out = auto_request(&target, &prompt, n, &drafting, &TrieCache::default());
+    assert_eq!(out.tokens, want);
+    assert!(out.stats.draft_calls > 0);
+    let is_open = |c: &&decoding::ModelCall| matches!(c, decoding::ModelCall::DraftOpen { .. });
+    assert_eq!(out.stats.calls.iter().filter(is_open).count(), 1);
+}
+
 /// With `stop_below`, the draft's chain is the plain chain cut right after the token whose
 /// running confidence fell below the floor, and each token comes with its probability.
 #[test]

@@ -384,8 +384,10 @@ impl<T: LanguageModel + 'static> Embedded<T> {
     /// Measures what verifies and draft calls cost on this machine (for `auto`), once.
     pub fn measure_costs(&self) -> Result<decoding::CostProfile> {
         let opts = profile_options();
-        let p = futures::executor::block_on(self.pipeline.measure_costs_here(&opts))
-            .context("measuring the cost profile")?;
+        let p = futures::executor::block_on(
+            self.pipeline.measure_costs_here(&opts, Default::default()),
+        )
+        .context("measuring the cost profile")?;
         eprintln!("cost profile: {}", p.describe());
         Ok(p)
     }

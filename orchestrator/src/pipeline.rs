@@ -4,8 +4,8 @@
 
 use crate::remote::{REQUEST_DEADLINE, request_deadline};
 use decoding::{
-    AutoTuner, BackendInfo, CostProfile, DecodeParams, DecodingError, DraftBackend, Generation,
-    PhrasePool, ProfileOptions, Shared, Strategy, TargetBackend, TrieCache, generate,
+    AutoConfig, AutoTuner, BackendInfo, CostProfile, DecodeParams, DecodingError, DraftBackend,
+    Generation, PhrasePool, ProfileOptions, Shared, Strategy, TargetBackend, TrieCache, generate,
 };
 use futures::future::BoxFuture;
 use std::sync::{Arc, OnceLock};
@@ -42,10 +42,12 @@ pub trait Runner: Send + Sync + 'static {
     }
     /// Forgets what earlier requests taught: the phrase pools and the output trie.
     fn clear_caches(&self) {}
-    /// Times the backends (what `auto` decides from) and keeps the profile.
+    /// Times the backends (what `auto` decides from) and keeps the profile, for `auto`
+    /// tuned by `config`.
     fn measure_costs(
         &self,
         _opts: ProfileOptions,
+        _config: AutoConfig,
     ) -> BoxFuture<'static, decoding::Result<CostProfile>> {
         Box::pin(async { Err(DecodingError::invalid("this runner has nothing to profile")) })
     }
@@ -129,13 +131,19 @@ where
     }
 
     /// Measures the cost profile through this pipeline's own backends (on the calling
-    /// task) and keeps it, unless one is kept already.
-    pub async fn measure_costs_here(&self, opts: &ProfileOptions) -> decoding::Result<CostProfile> {
+    /// task) and keeps it, with `auto` tuned by `config`, unless one is kept already.
+    pub async fn measure_costs_here(
+        &self,
+        opts: &ProfileOptions,
+        config: AutoConfig,
+    ) -> decoding::Result<CostProfile> {
         if let Some(t) = self.tuner.get() {
             return Ok(t.profile().clone());
         }
         let profile = decoding::auto::measure(&*self.target, self.draft.as_deref(), opts).await?;
-        let _ = self.tuner.set(AutoTuner::new(profile.clone()));
+        let _ = self
+            .tuner
+            .set(AutoTuner::with_config(profile.clone(), config));
         Ok(profile)
     }
 
@@ -207,9 +215,10 @@ where
     fn measure_costs(
         &self,
         opts: ProfileOptions,
+        config: AutoConfig,
     ) -> BoxFuture<'static, decoding::Result<CostProfile>> {
         let pipeline = self.clone();
-        self.spawn(async move { pipeline.measure_costs_here(&opts).await })
+        self.spawn(async move { pipeline.measure_costs_here(&opts, config).await })
     }
 
     fn run(

@@ -4,7 +4,7 @@
 use crate::{DecodeArgs, ModelArgs};
 use anyhow::{Context, Result};
 use clap::Args;
-use decoding::{DraftBackend, PhrasePool, Strategy, TargetBackend, VocabStamp};
+use decoding::{AutoConfig, DraftBackend, PhrasePool, Strategy, TargetBackend, VocabStamp};
 use orchestrator::api::GenerateService;
 use orchestrator::auth::ApiKeys;
 use orchestrator::embedded::{self, Embedded};
@@ -54,6 +54,11 @@ pub struct ServeArgs {
     /// Skip timing the backends at start; `auto` requests then decode greedily.
     #[arg(long, env = "OURO_SKIP_PROFILE")]
     skip_profile: bool,
+    /// How much more than their price `auto`'s guesses must promise when the target's
+    /// forwards are full of other sessions' trees (1 = their price alone; the margin
+    /// grows from 1 alone towards this as the sessions per forward grow).
+    #[arg(long, env = "OURO_AUTO_LOAD_MARGIN", default_value_t = AutoConfig::default().load_margin, value_parser = parse_margin)]
+    auto_load_margin: f64,
     /// Most requests running at once; past it new ones get RESOURCE_EXHAUSTED (HTTP 429)
     /// while those running finish.
     /// At start, how long to keep retrying draft and target services that do not answer
@@ -159,7 +164,14 @@ async fn serve_with(a: ServeArgs) -> Result<()> {
     }
     if !a.skip_profile {
         // Before taking traffic, so the timings are of an idle deployment.
-        match runner.measure_costs(embedded::profile_options()).await {
+        let config = AutoConfig {
+            load_margin: a.auto_load_margin,
+            ..AutoConfig::default()
+        };
+        match runner
+            .measure_costs(embedded::profile_options(), config)
+            .await
+        {
             Ok(p) => tracing::info!(profile = %p.describe(), "auto strategy ready"),
             Err(e) => tracing::warn!("no cost profile ({e}); auto requests decode greedily"),
         }
@@ -251,6 +263,17 @@ where
                 delay = (delay * 2).min(Duration::from_secs(15));
             }
         }
+    }
+}
+
+/// `--auto-load-margin`: a finite number of at least 1.
+fn parse_margin(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(m) if m.is_finite() && m >= 1.0 => Ok(m),
+        Ok(_) => Err(format!(
+            "{s}: the margin is at least 1 (1 asks nothing beyond the price)"
+        )),
+        Err(e) => Err(format!("{s}: {e}")),
     }
 }
 

@@ -144,7 +144,10 @@ async fn cluster_with(overlap: bool) -> Cluster {
         prompt_len: 16,
         ..ProfileOptions::default()
     };
-    let profile = pipeline.measure_costs_here(&quick).await.unwrap();
+    let profile = pipeline
+        .measure_costs_here(&quick, Default::default())
+        .await
+        .unwrap();
     assert!(profile.draft().is_some());
     let defaults = DecodeParams {
         strategy: Strategy::Ouroboros,
@@ -919,11 +922,14 @@ async fn trees_stay_within_the_targets_node_limit() {
     let draft = RemoteDraft::connect(&format!("http://{da}")).await.unwrap();
     let pipeline = remote_pipeline(target, Some(draft));
     let profile = pipeline
-        .measure_costs(ProfileOptions {
-            reps: 1,
-            prompt_len: 16,
-            ..ProfileOptions::default()
-        })
+        .measure_costs(
+            ProfileOptions {
+                reps: 1,
+                prompt_len: 16,
+                ..ProfileOptions::default()
+            },
+            Default::default(),
+        )
         .await
         .unwrap();
     assert!(!profile.describe().is_empty());

@@ -91,6 +91,15 @@ impl Load {
         })
     }
 
+    /// What guesses must promise beyond their price under this load, given `full`, the
+    /// margin asked of a full forward ([`super::AutoConfig::load_margin`]): 1 alone,
+    /// approaching `full` as the trees per forward grow.
+    pub fn margin(&self, full: f64) -> f64 {
+        let trees = self.sane().trees;
+        let full = if full.is_finite() { full.max(1.0) } else { 1.0 };
+        1.0 + (full - 1.0) * (1.0 - 1.0 / trees)
+    }
+
     fn sane(self) -> Load {
         let ok = |x: f64| x.is_finite().then_some(x);
         Load {

@@ -20,5 +20,5 @@ pub use config::AutoConfig;
 pub use load::{Load, LoadGauge, Pricing};
 pub use plan::{DraftBacklog, TreePlan, choose_nodes};
 pub use policy::{Policy, PolicyScores, SEGMENT_TOKENS, would_commit};
-pub use profile::{ChainEstimate, CostProfile, DraftCost, ProfileOptions, measure};
+pub use profile::{CallClock, ChainEstimate, CostProfile, DraftCost, ProfileOptions, measure};
 pub use tuner::AutoTuner;

@@ -408,3 +408,14 @@ pub(super) fn fit_draft_cost(points: &[(f64, f64)]) -> Option<DraftCost> {
         catch_up: 0.0,
     })
 }
+
+/// What `auto` learns its rounds' seconds from instead of the wall clock: the prices of the
+/// model calls they made, where a cost table stands in for other hardware
+/// (`ouro-bench --cost-model`). Without one, a run on this CPU planning with a GPU's
+/// table would hold every round against seconds of a machine it does not plan for, and
+/// its corrections would pull it back towards this CPU's choices.
+pub trait CallClock: Send + Sync + std::fmt::Debug {
+    /// Seconds of `calls`, one round's (or one call); `context` is the text's length
+    /// where a call carries none of its own.
+    fn seconds(&self, calls: &[crate::stats::ModelCall], context: usize) -> f64;
+}

@@ -248,6 +248,7 @@ impl<'t> AutoRounds<'t> {
                 verify_ms = verdict.verify_s * 1e3,
                 plain_speed = t.plain_speed(greedy),
                 row_share = t.load().row_share,
+                load_margin = t.load_margin(),
                 "auto round"
             );
             t.observe(greedy, p, v.path.len() + 1, seconds);
@@ -385,6 +386,11 @@ async fn build<T: TargetBackend, D: DraftBackend>(
             opening_s = t0.elapsed().as_secs_f64();
             match opened {
                 Ok(id) => {
+                    stats.add_draft_open(text.len());
+                    if let Some(clock) = tuner.clock() {
+                        let open = &stats.calls[stats.calls.len() - 1..];
+                        opening_s = clock.seconds(open, text.len());
+                    }
                     sessions.draft = Some((d, id));
                     state.for_draft.clear();
                 }
@@ -396,8 +402,12 @@ async fn build<T: TargetBackend, D: DraftBackend>(
         let stop = tuner.draft_stop(greedy, gamma, &p);
         let ask = if stop > 0.0 { gamma.max(g) } else { g };
         let t0 = Instant::now();
+        let first_call = stats.calls.len();
         (drafted, confidence) = call_draft(sessions, stats, pool, state, ask, false, stop).await;
-        draft_s = t0.elapsed().as_secs_f64();
+        draft_s = match tuner.clock() {
+            Some(clock) => clock.seconds(&stats.calls[first_call..], text.len()),
+            None => t0.elapsed().as_secs_f64(),
+        };
         // Charged to drafting even when the draft came back empty: that was its cost.
         predicted = p;
     }

@@ -32,6 +32,8 @@ pub struct AutoTuner {
     load: Mutex<LoadGauge>,
     /// Greedy and sampled decoding accept differently; index 0 is greedy.
     calibration: [Mutex<Calibration>; 2],
+    /// Where rounds' seconds come from, when not from the wall clock.
+    clock: Option<std::sync::Arc<dyn CallClock>>,
 }
 
 impl AutoTuner {
@@ -48,7 +50,23 @@ impl AutoTuner {
                 Mutex::new(Calibration::new(config)),
                 Mutex::new(Calibration::new(config)),
             ],
+            clock: None,
         }
+    }
+
+    /// The same tuner, learning its rounds' seconds from `clock` (the prices of their
+    /// model calls) instead of the wall clock: for planning with a cost table of other
+    /// hardware, whose profile this tuner should have been made with.
+    pub fn priced_by(self, clock: std::sync::Arc<dyn CallClock>) -> Self {
+        Self {
+            clock: Some(clock),
+            ..self
+        }
+    }
+
+    /// The priced clock, where there is one.
+    pub fn clock(&self) -> Option<&dyn CallClock> {
+        self.clock.as_deref()
     }
 
     pub fn profile(&self) -> &CostProfile {
@@ -95,12 +113,19 @@ impl AutoTuner {
         self.calibration(greedy).best(guesses)
     }
 
+    /// What guesses must promise beyond their price under the load now (see
+    /// [`AutoConfig::load_margin`]): 1 alone.
+    pub fn load_margin(&self) -> f64 {
+        self.load().margin(self.config.load_margin)
+    }
+
     /// Which nodes of a candidate tree to verify in a round of `kind`; `guesses[i]`
     /// proposed node `i`, and `confidence[j]` is the draft's probability for its `j`-th
     /// token where it gave one. A zero-cost tree is held to what such trees have
     /// delivered against their predictions, so that where they keep falling short the
     /// round is a plain greedy step instead of a slower one. (A drafted tree's draft is
-    /// paid for by then; only its nodes are chosen.)
+    /// paid for by then; only its nodes are chosen.) Under load every tree with guesses
+    /// is held to the load's margin besides.
     pub fn plan(
         &self,
         greedy: bool,
@@ -129,7 +154,9 @@ impl AutoTuner {
                 .collect();
             (accept, trust)
         };
-        let pricing = self.pricing();
+        let load = self.load();
+        let pricing = Pricing::new(&self.profile, load);
+        let trust = trust / load.margin(self.config.load_margin);
         let mut plan = choose_nodes(parents, &accept, |n| pricing.verify(n), trust);
         plan.wait_seconds = pricing.verify_wall(plan.nodes());
         plan
@@ -159,24 +186,31 @@ impl AutoTuner {
         without: &TreePlan,
         backlog: DraftBacklog,
     ) -> Option<(usize, Prediction)> {
+        let without_guesses = without.nodes() > 1;
         let (rate, g, p) = self.best_gamma(greedy, max_gamma, backlog)?;
+        // Under load both sides' guesses are held to the load's margin; a plain step
+        // has none.
+        let margin = self.load_margin();
         let c = self.calibration(greedy);
-        let without = without.tokens_per_second()
+        let mut without = without.tokens_per_second()
             * c.realized[RoundKind::ZeroCost as usize].factor(&self.config)
             / c.realized[RoundKind::Drafted as usize].factor(&self.config);
-        (rate > without * self.config.draft_margin).then_some((g, p))
+        if without_guesses {
+            without /= margin;
+        }
+        (rate / margin > without * self.config.draft_margin).then_some((g, p))
     }
 
     /// How many tokens to draft in a round of [`Policy::Drafting`]: the best length,
     /// whatever the zero-cost guesses promise, as long as drafting is expected to beat a
-    /// plain greedy step at all.
+    /// plain greedy step at all (by the load's margin under load).
     pub fn drafting_gamma(
         &self,
         greedy: bool,
         max_gamma: usize,
         backlog: DraftBacklog,
     ) -> Option<(usize, Prediction)> {
-        let plain = 1.0 / self.pricing().verify(1);
+        let plain = self.load_margin() / self.pricing().verify(1);
         self.best_gamma(greedy, max_gamma, backlog)
             .filter(|&(rate, _, _)| rate > plain)
             .map(|(_, g, p)| (g, p))
@@ -604,6 +638,71 @@ mod tests {
             std::time::Instant::now() + std::time::Duration::from_secs(60),
         );
         assert_eq!(nodes(&busy), idle_nodes);
+    }
+
+    #[test]
+    fn under_load_guesses_must_clear_the_margin_and_alone_they_need_not() {
+        let costs = || profile(&[(1, 1.0), (64, 7.3)], Some((0.0, 0.1)));
+        let config = AutoConfig {
+            load_margin: 1.5,
+            ..AutoConfig::default()
+        };
+        let with_margin = AutoTuner::with_config(costs(), config);
+        let no_margin = AutoConfig {
+            load_margin: 1.0,
+            ..AutoConfig::default()
+        };
+        let without = AutoTuner::with_config(costs(), no_margin);
+        // One pool guess whose odds (0.6 after its prior) pay for its row by less than
+        // the margin asks.
+        let parents = [-1, 0];
+        let guesses = vec![Vec::new(), vec![Guess::Pool(0)]];
+        for t in [&with_margin, &without] {
+            for _ in 0..40 {
+                t.calibration(true).record(Guess::Pool(0), true);
+            }
+            for _ in 0..20 {
+                t.calibration(true).record(Guess::Pool(0), false);
+            }
+        }
+        let nodes = |t: &AutoTuner| {
+            t.plan(true, &parents, &guesses, &[], RoundKind::ZeroCost)
+                .nodes()
+        };
+        // Alone the margin asks nothing: both keep the guess.
+        assert_eq!(with_margin.load_margin(), 1.0);
+        assert_eq!((nodes(&with_margin), nodes(&without)), (2, 2));
+        // Eight sessions of plain steps in every forward.
+        let timing = crate::backend::ServerTiming {
+            batch_trees: 8,
+            batch_rows: 8,
+            ..Default::default()
+        };
+        for t in [&with_margin, &without] {
+            t.observe_load(&timing, 1, 1);
+        }
+        let m = with_margin.load_margin();
+        assert!((m - (1.0 + 0.5 * (1.0 - 1.0 / 8.0))).abs() < 1e-12, "{m}");
+        assert_eq!(without.load_margin(), 1.0);
+        // The guess still pays for its row under this load, by less than the margin.
+        let plain = without.plain_plan(2);
+        let plan = without.plan(true, &parents, &guesses, &[], RoundKind::ZeroCost);
+        assert_eq!(plan.nodes(), 2);
+        let gain = plan.tokens_per_second() / plain.tokens_per_second();
+        assert!(gain > 1.0 && gain < m, "{gain} against {m}");
+        assert_eq!(nodes(&with_margin), 1);
+        // Drafting is held to it too: a draft whose best rate beats a plain step by less
+        // than the margin is not asked for.
+        let drafted = |t: &AutoTuner| t.drafting_gamma(true, 8, in_step(100)).is_some();
+        let margin_gamma = with_margin.best_gamma(true, 8, in_step(100));
+        let (rate, _, _) = margin_gamma.expect("a draft");
+        let over_plain = rate * with_margin.pricing().verify(1);
+        assert_eq!(
+            drafted(&with_margin),
+            over_plain > m,
+            "{over_plain} against {m}"
+        );
+        assert_eq!(drafted(&without), over_plain > 1.0);
     }
 
     #[test]
