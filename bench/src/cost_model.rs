@@ -10,12 +10,11 @@
 //! and the draft's seconds per call, per drafted token and per row caught up.
 //! Between listed contexts costs are interpolated linearly, beyond them the nearest is
 //! used; between listed row counts linearly, beyond the last with its last slope.
-//! What is not priced: the orchestrator's own work between calls (lookups, sampling,
-//! bookkeeping), which a projection leaves out and a measurement does not; and the extra
-//! rows of a lookahead window in a draft forward (the draft's forwards are priced as
-//! one-row steps, which understates what Ouroboros's drafts cost). `auto` planning with a
-//! table of other hardware still corrects its predictions, and scores its policies, by
-//! this machine's wall time: its choices there are skewed towards this machine's.
+//! A draft forward's rows beyond its one (a lookahead step's window and phrases) are
+//! priced at the catch-up's rate per row. What is not priced: the orchestrator's own work
+//! between calls (lookups, sampling, bookkeeping), which a projection leaves out and a
+//! measurement does not. `auto` planning with a table learns its rounds' seconds from the
+//! table too (a priced clock, [`decoding::CallClock`]), not from this machine's wall time.
 
 use anyhow::{Context, Result, bail};
 use decoding::{CostProfile, DraftCost, ModelCall};
@@ -222,9 +221,9 @@ impl CostTable {
     }
 
     /// Seconds of a request's calls. A draft call is priced at the context of the verify
-    /// that follows it (the one it drafted for); a lookahead host call as `forwards`
-    /// target calls sharing its rows; a draft session's opening as the draft catching up
-    /// on its text.
+    /// that follows it (the one it drafted for), its rows beyond one a forward at the
+    /// catch-up's rate; a lookahead host call as `forwards` target calls sharing its rows;
+    /// a draft session's opening as the draft catching up on its text.
     pub fn price(&self, calls: &[ModelCall]) -> f64 {
         self.price_from(calls, 0)
     }
@@ -246,8 +245,8 @@ impl CostTable {
                 }
                 ModelCall::Draft {
                     forwards,
+                    rows,
                     caught_up,
-                    ..
                 } => {
                     let at = calls[i..]
                         .iter()
@@ -257,10 +256,13 @@ impl CostTable {
                         })
                         .unwrap_or(context);
                     match self.draft(at) {
+                        // Rows beyond one a forward and the caught-up ones (a lookahead
+                        // step's window and phrases) at the catch-up's rate per row.
                         Some(d) => {
+                            let extra = rows.saturating_sub(forwards + caught_up);
                             d.per_call
                                 + d.per_token * forwards as f64
-                                + d.catch_up * caught_up as f64
+                                + d.catch_up * (caught_up + extra) as f64
                         }
                         None => 0.0,
                     }
@@ -365,6 +367,15 @@ mod tests {
         let round = &calls[2..4];
         let got = t.seconds(round, 400);
         assert!((got - (0.0145 + 0.021)).abs() < 1e-12, "{got}");
+        // A lookahead draft call: 2 forwards of 21 rows, 40 beyond one each, at the
+        // catch-up's rate: 1 + 2 * 2 + 40 * 0.5 ms.
+        let lookahead = ModelCall::Draft {
+            forwards: 2,
+            rows: 42,
+            caught_up: 0,
+        };
+        let got = t.seconds(&[lookahead], 400);
+        assert!((got - 0.025).abs() < 1e-12, "{got}");
     }
 
     #[test]

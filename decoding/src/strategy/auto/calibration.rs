@@ -16,6 +16,9 @@ pub enum Guess {
     Trie { share: u8, support: u8 },
     /// A copy guess's token ([`crate::copy`]), by how long the match behind it was.
     Copy { class: u8 },
+    /// A pool phrase's token at this depth below the draft chain's tip (0 first): the
+    /// phrases keyed by the last drafted token, as Ouroboros hangs them.
+    Suffix(usize),
 }
 
 pub(super) const POSITIONS: usize = 16;
@@ -23,7 +26,7 @@ pub(super) const SHARE_BUCKETS: usize = 5;
 pub(super) const SUPPORT_BUCKETS: usize = 4;
 /// Classes of copy matches: 4-7 tokens, 8-15, 16-31, 32 (the cap).
 pub(super) const COPY_CLASSES: usize = 4;
-pub(super) const BUCKETS: usize = 2 * POSITIONS + SHARE_BUCKETS * SUPPORT_BUCKETS + COPY_CLASSES;
+pub(super) const BUCKETS: usize = 3 * POSITIONS + SHARE_BUCKETS * SUPPORT_BUCKETS + COPY_CLASSES;
 /// Buckets of the draft's probability for its own token, in which acceptance is counted
 /// to learn how far that probability can be trusted.
 pub(super) const CONFIDENCE_BUCKETS: usize = 10;
@@ -150,6 +153,12 @@ impl Guess {
                     + SHARE_BUCKETS * SUPPORT_BUCKETS
                     + (class as usize).min(COPY_CLASSES - 1)
             }
+            Guess::Suffix(d) => {
+                2 * POSITIONS
+                    + SHARE_BUCKETS * SUPPORT_BUCKETS
+                    + COPY_CLASSES
+                    + d.min(POSITIONS - 1)
+            }
         }
     }
 
@@ -160,7 +169,7 @@ impl Guess {
     pub(super) fn prior(self) -> f64 {
         match self {
             Guess::Draft(_) => 0.75,
-            Guess::Pool(_) => 0.3,
+            Guess::Pool(_) | Guess::Suffix(_) => 0.3,
             Guess::Trie { share, support } => {
                 let mid = (share as f64 + 0.5) / SHARE_BUCKETS as f64;
                 let seen_once = if support == 0 { 0.8 } else { 1.0 };
@@ -188,7 +197,38 @@ pub(super) struct Calibration {
     /// Draft tokens accepted and tried, by the draft's probability for them.
     pub(super) confident_hits: [f64; CONFIDENCE_BUCKETS],
     pub(super) confident_tries: [f64; CONFIDENCE_BUCKETS],
+    /// What lookahead draft calls yielded.
+    pub(super) lookahead: LookaheadYield,
     pub(super) config: AutoConfig,
+}
+
+/// Lookahead draft calls so far (decayed sums): tokens drafted, forwards spent, and the
+/// rows those forwards ran beyond one each.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct LookaheadYield {
+    pub(super) calls: f64,
+    pub(super) tokens: f64,
+    pub(super) forwards: f64,
+    pub(super) extra_rows: f64,
+}
+
+impl LookaheadYield {
+    pub(super) fn add(&mut self, tokens: usize, forwards: usize, extra_rows: usize, memory: f64) {
+        self.calls += 1.0;
+        self.tokens += tokens as f64;
+        self.forwards += forwards as f64;
+        self.extra_rows += extra_rows as f64;
+        if self.calls > memory {
+            for x in [
+                &mut self.calls,
+                &mut self.tokens,
+                &mut self.forwards,
+                &mut self.extra_rows,
+            ] {
+                *x /= 2.0;
+            }
+        }
+    }
 }
 
 impl Calibration {
@@ -202,6 +242,7 @@ impl Calibration {
             policies: PolicyRecord::default(),
             confident_hits: [0.0; CONFIDENCE_BUCKETS],
             confident_tries: [0.0; CONFIDENCE_BUCKETS],
+            lookahead: LookaheadYield::default(),
         }
     }
 }

@@ -60,6 +60,13 @@ pub struct AutoConfig {
     /// streams, embedded (auto over greedy: 1.0 gave 0.96x, 1.2 1.01x, no guesses at all
     /// 0.98x).
     pub load_margin: f64,
+    /// Drafting with lookahead (the draft's Jacobi window and pool phrases, as Ouroboros
+    /// drafts) gives the same tokens as plain drafting in fewer, wider forwards: until it
+    /// has been tried `explore_tries` times it is judged as if each forward gave at least
+    /// this many tokens, then by what its calls gave. It is used where a drafted token
+    /// costs less that way, by `draft_margin`, with a step's extra rows priced as the
+    /// draft's catch-up rows: where rows are nearly free (GPUs), not on this CPU.
+    pub lookahead_yield_prior: f64,
     /// Most trie nodes a round considers before keeping the ones that pay.
     pub trie_nodes: usize,
 }
@@ -84,6 +91,7 @@ impl Default for AutoConfig {
             plain_fade: 0.997,
             plain_probe_below: 8.0,
             load_margin: 1.2,
+            lookahead_yield_prior: 2.0,
             trie_nodes: 48,
         }
     }

@@ -297,7 +297,13 @@ impl<'p> Pricing<'p> {
 
     /// What a draft call of `tokens` tokens costs the server; `None` without a draft.
     pub fn draft(&self, tokens: usize) -> Option<f64> {
-        self.draft_wall(tokens).map(|s| s * self.scale)
+        self.draft_at(tokens as f64)
+    }
+
+    /// [`Self::draft`] for a call whose tokens cost `tokens` plain draft tokens' time
+    /// (fewer where lookahead drafts them).
+    pub fn draft_at(&self, tokens: f64) -> Option<f64> {
+        self.draft_wall_at(tokens).map(|s| s * self.scale)
     }
 
     /// What one more drafted token costs the server; `None` without a draft.
@@ -307,7 +313,14 @@ impl<'p> Pricing<'p> {
 
     /// Seconds of a draft call of `tokens` tokens as the profile timed it.
     pub fn draft_wall(&self, tokens: usize) -> Option<f64> {
-        self.profile.draft_cost(tokens)
+        self.draft_wall_at(tokens as f64)
+    }
+
+    /// [`Self::draft_wall`] for `tokens` plain draft tokens' time.
+    pub fn draft_wall_at(&self, tokens: f64) -> Option<f64> {
+        self.profile
+            .draft()
+            .map(|d| d.per_call + d.per_token * tokens)
     }
 
     /// What catching the draft up on one token costs the server, and takes.

@@ -86,7 +86,7 @@ pub fn choose_nodes(
     }
 }
 
-/// What the draft would have to catch up on before drafting.
+/// What the draft would have to catch up on before drafting, and how it could draft.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct DraftBacklog {
     /// Committed tokens an open draft session has not seen.
@@ -95,4 +95,7 @@ pub struct DraftBacklog {
     pub unopened: usize,
     /// Tokens the request may still produce.
     pub remaining: usize,
+    /// Rows of one lookahead (Jacobi) draft step under the request's lookahead shape, where
+    /// the draft could draft that way (0 where it cannot).
+    pub lookahead_rows: usize,
 }

@@ -12,7 +12,7 @@ use crate::copy::{self, CopyGuess};
 use crate::generate::{Loop, OpenSessions, Shared};
 use crate::params::DecodeParams;
 use crate::pool::PhrasePool;
-use crate::stats::SpecStats;
+use crate::stats::{ModelCall, SpecStats};
 use crate::strategy::ouroboros::PoolLearner;
 use crate::strategy::{Round, Verdict, call_draft};
 use crate::tree::DraftTree;
@@ -104,6 +104,30 @@ impl Round {
             guesses,
             confidence: Vec::new(),
             alternatives: None,
+        }
+    }
+
+    /// Hangs `phrases` (the pool's, keyed by the last drafted token) from the draft
+    /// chain's tip, within `depth` tokens below the root and `room` nodes, as Ouroboros
+    /// does: where the whole chain is accepted they may carry the round further. They are
+    /// not candidates for the pool learner's refinement (those hang from the root).
+    fn hang_from_tip(&mut self, phrases: &[Vec<u32>], depth: usize, room: usize) {
+        let Some(&tip) = self.chain.last() else {
+            return;
+        };
+        for c in phrases {
+            let fit = room
+                .saturating_sub(self.tree.len())
+                .min(depth.saturating_sub(self.chain.len()));
+            if fit == 0 {
+                break;
+            }
+            let nodes = self.tree.add_path(tip, &c[..c.len().min(fit)]);
+            self.guesses.resize(self.tree.len(), Vec::new());
+            self.from_trie.resize(self.tree.len(), false);
+            for (d, &n) in nodes.iter().enumerate() {
+                self.guesses[n].push(Guess::Suffix(d));
+            }
         }
     }
 
@@ -327,10 +351,18 @@ async fn build<T: TargetBackend, D: DraftBackend>(
         Some(_) => (state.for_draft.len(), 0),
         None => (0, text.len()),
     };
+    // A lookahead step's rows: the input token, the window's levels, the pool phrases
+    // (where the request's phrases are the pool's).
+    let la = params.lookahead;
+    let lookahead_rows = match la.level >= 3 && la.phrase_len() == pool.phrase_len() {
+        true => 1 + la.window * (la.level - 2) + la.guess * la.phrase_len(),
+        false => 0,
+    };
     let backlog = DraftBacklog {
         pending,
         unopened,
         remaining: budget + 1,
+        lookahead_rows,
     };
     let mut found = TrieDraft::default();
     let mut phrases = Vec::new();
@@ -397,23 +429,55 @@ async fn build<T: TargetBackend, D: DraftBackend>(
                 Err(e) => stats.fall_back(format!("draft open failed: {e}")),
             }
         }
-        // Up to the most tokens allowed, cut where the draft's confidence says the next
-        // token would not pay: long runs where the text is predictable, short elsewhere.
-        let stop = tuner.draft_stop(greedy, gamma, &p);
+        // With lookahead where a token is cheaper that way (its steps give several
+        // tokens and no probability each: `g` tokens). Otherwise up to the most tokens
+        // allowed, cut where the draft's confidence says the next token would not pay:
+        // long runs where the text is predictable, short elsewhere.
+        let lookahead = tuner.lookahead_ratio(greedy, lookahead_rows).is_some();
+        let stop = match lookahead {
+            true => 0.0,
+            false => tuner.draft_stop(greedy, gamma, &p),
+        };
         let ask = if stop > 0.0 { gamma.max(g) } else { g };
         let t0 = Instant::now();
         let first_call = stats.calls.len();
-        (drafted, confidence) = call_draft(sessions, stats, pool, state, ask, false, stop).await;
+        (drafted, confidence) =
+            call_draft(sessions, stats, pool, state, ask, lookahead, stop).await;
+        let calls = &stats.calls[first_call..];
         draft_s = match tuner.clock() {
-            Some(clock) => clock.seconds(&stats.calls[first_call..], text.len()),
+            Some(clock) => clock.seconds(calls, text.len()),
             None => t0.elapsed().as_secs_f64(),
         };
+        if let (
+            true,
+            Some(&ModelCall::Draft {
+                forwards,
+                rows,
+                caught_up,
+            }),
+        ) = (lookahead, calls.last())
+        {
+            let n = |x: u32| x as usize;
+            tuner.learn_lookahead(greedy, drafted.len(), n(forwards), n(rows), n(caught_up));
+        }
         // Charged to drafting even when the draft came back empty: that was its cost.
         predicted = p;
     }
-    // The draft's chain with the given zero-cost guesses beside it, the nodes that pay.
+    // Pool phrases keyed by the last drafted token, to hang from the chain's tip.
+    let tip_phrases = match drafted.last() {
+        Some(&last) if params.topk > 0 => {
+            let found = pool.newest(last, params.topk);
+            stats.pool_lookups += 1;
+            stats.pool_hits += u64::from(!found.is_empty());
+            found
+        }
+        _ => Vec::new(),
+    };
+    // The draft's chain with the given zero-cost guesses beside it (and the phrases after
+    // its tip), the nodes that pay.
     let with_draft = |found: &TrieDraft, copied: Option<&CopyGuess>, phrases: &[Vec<u32>]| {
         let mut r = Round::from_guesses(root, &drafted, found, copied, phrases, budget, room);
+        r.hang_from_tip(&tip_phrases, budget, room);
         r.confidence = confidence.clone();
         let plan = tuner.plan(
             greedy,
@@ -523,5 +587,40 @@ mod tests {
         assert_eq!(r.from_trie, vec![false, false, false, true, true]);
         assert_eq!(r.guesses[1].len(), 3, "drafted, the trie's and the copy's");
         assert_eq!(r.guesses[3].len(), 1);
+    }
+
+    /// Phrases after the chain's tip hang from its last node, within the depth and room
+    /// left, each token a suffix guess at its depth below the tip; a round without a
+    /// chain takes none; retaining the chain's nodes but the tip's children keeps the
+    /// chain whole.
+    #[test]
+    fn phrases_hang_from_the_draft_chains_tip() {
+        let none = TrieDraft::default();
+        let mut r = Round::from_guesses(1, &[5, 6], &none, None, &[], 6, 16);
+        r.hang_from_tip(&[vec![7, 8, 9], vec![7, 3]], 6, 16);
+        // root, 5, 6 (the chain), then 7, 8, 9 below 6 and 3 below that 7 (the second
+        // phrase shares the first's 7): within 6 tokens of the root, 4 after the chain.
+        assert_eq!(r.tree.tokens, vec![1, 5, 6, 7, 8, 9, 3]);
+        assert_eq!(r.tree.parents, vec![-1, 0, 1, 2, 3, 4, 3]);
+        assert_eq!(r.guesses[3], vec![Guess::Suffix(0), Guess::Suffix(0)]);
+        assert_eq!(r.guesses[5], vec![Guess::Suffix(2)]);
+        assert_eq!(r.guesses[6], vec![Guess::Suffix(1)]);
+        assert!(r.candidates.is_empty() && r.from_trie.iter().all(|&t| !t));
+        let mut deep = Round::from_guesses(1, &[5, 6], &none, None, &[], 3, 16);
+        deep.hang_from_tip(&[vec![7, 8, 9]], 3, 16);
+        assert_eq!(
+            deep.tree.tokens,
+            vec![1, 5, 6, 7],
+            "depth 3: one suffix token"
+        );
+        let mut tight = Round::from_guesses(1, &[5, 6], &none, None, &[], 8, 4);
+        tight.hang_from_tip(&[vec![7, 8, 9]], 8, 4);
+        assert_eq!(tight.tree.len(), 4, "room for 4 nodes");
+        let mut plain = Round::from_guesses(1, &[], &none, None, &[], 8, 16);
+        plain.hang_from_tip(&[vec![7, 8]], 8, 16);
+        assert_eq!(plain.tree.len(), 1);
+        let kept = r.retain(&[true, true, true, false, false, false, false]);
+        assert_eq!(kept.chain, vec![1, 2]);
+        assert_eq!(kept.drafted, vec![5, 6]);
     }
 }

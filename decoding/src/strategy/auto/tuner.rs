@@ -228,6 +228,10 @@ impl AutoTuner {
         let pricing = self.pricing();
         let (catch_up_cost, catch_up_wait) = pricing.catch_up()?;
         let c = self.calibration(greedy);
+        // Drafted with lookahead where that makes a token cheaper: the same tokens.
+        let per_token = self
+            .lookahead_ratio_in(&c, backlog.lookahead_rows)
+            .unwrap_or(1.0);
         let floor = match c.tries(Guess::Draft(0)) < self.config.explore_tries {
             true => self.config.optimistic_draft,
             false => 0.0,
@@ -244,7 +248,7 @@ impl AutoTuner {
             // tokens left to earn it back. This round carries its share. (Charged whole
             // to the round, a backlog would stop drafting for good once it was long.)
             let share = (expected / backlog.remaining.max(1) as f64).min(1.0);
-            let round = pricing.draft(g)? + pricing.verify(g + 1);
+            let round = pricing.draft_at(g as f64 * per_token)? + pricing.verify(g + 1);
             let backlog_share = catch_up_cost * (backlog.pending + backlog.unopened) as f64 * share;
             let rate = expected / (round + backlog_share).max(1e-12);
             if best.is_none_or(|(r, _, _)| rate > r) {
@@ -255,7 +259,7 @@ impl AutoTuner {
                 let p = Prediction {
                     kind: RoundKind::Drafted,
                     tokens: expected,
-                    seconds: pricing.draft_wall(g)?
+                    seconds: pricing.draft_wall_at(g as f64 * per_token)?
                         + pricing.verify_wall(g + 1)
                         + catch_up_wait * pending,
                     cost: round + catch_up_cost * pending,
@@ -264,6 +268,53 @@ impl AutoTuner {
             }
         }
         best
+    }
+
+    /// What a drafted token costs with lookahead against without, where lookahead steps
+    /// of `rows` rows are possible (`rows` > 0) and make a token cheaper by the draft
+    /// margin; `None` where plain drafting is the cheaper (see
+    /// [`AutoConfig::lookahead_yield_prior`]).
+    pub fn lookahead_ratio(&self, greedy: bool, rows: usize) -> Option<f64> {
+        let c = self.calibration(greedy);
+        self.lookahead_ratio_in(&c, rows)
+    }
+
+    fn lookahead_ratio_in(&self, c: &Calibration, rows: usize) -> Option<f64> {
+        if rows == 0 {
+            return None;
+        }
+        let d = self.profile.draft()?;
+        let y = &c.lookahead;
+        let (mut per_forward, extra_rows) = match y.forwards > 0.0 {
+            true => (y.tokens / y.forwards, y.extra_rows / y.forwards),
+            false => (0.0, (rows - 1) as f64),
+        };
+        if y.calls < self.config.explore_tries {
+            per_forward = per_forward.max(self.config.lookahead_yield_prior);
+        }
+        let per_token = (d.per_token + d.catch_up * extra_rows) / per_forward.max(1e-9);
+        let ratio = per_token / d.per_token.max(1e-12);
+        (ratio.is_finite() && ratio * self.config.draft_margin < 1.0).then_some(ratio)
+    }
+
+    /// Counts a lookahead draft call: `tokens` drafted in `forwards` forwards that ran
+    /// `rows` rows in all (`caught_up` of them committed text the draft had not seen).
+    pub fn learn_lookahead(
+        &self,
+        greedy: bool,
+        tokens: usize,
+        forwards: usize,
+        rows: usize,
+        caught_up: usize,
+    ) {
+        if forwards == 0 {
+            return;
+        }
+        let extra = rows.saturating_sub(forwards + caught_up);
+        let memory = self.config.reality_memory;
+        self.calibration(greedy)
+            .lookahead
+            .add(tokens, forwards, extra, memory);
     }
 
     /// The floor for the draft's running confidence (the product of its tokens'
@@ -445,6 +496,7 @@ mod tests {
             pending: 0,
             unopened: 0,
             remaining,
+            lookahead_rows: 0,
         }
     }
 
@@ -706,6 +758,54 @@ mod tests {
     }
 
     #[test]
+    fn lookahead_drafts_where_a_step_s_extra_rows_are_nearly_free_and_it_yields() {
+        // A draft token 0.1 of a step; a caught-up row 0.1 of a draft token (GPU-like),
+        // or a third of one (this CPU's kind).
+        let with = |catch_up: f64| {
+            let verify = vec![(1, 1.0), (64, 1.3)];
+            let draft = DraftCost {
+                per_call: 0.0,
+                per_token: 0.1,
+                catch_up,
+            };
+            AutoTuner::new(CostProfile::new(verify, Some(draft)).unwrap())
+        };
+        let gpu = with(0.001);
+        let cpu = with(0.033);
+        let rows = 57;
+        // Untried, a step is taken to give 2 tokens: 0.1 + 56 * 0.001 for two tokens.
+        let r = gpu.lookahead_ratio(true, rows).expect("cheaper per token");
+        assert!((r - (0.1 + 56.0 * 0.001) / 2.0 / 0.1).abs() < 1e-12, "{r}");
+        assert_eq!(
+            cpu.lookahead_ratio(true, rows),
+            None,
+            "56 rows cost 18 tokens"
+        );
+        assert_eq!(gpu.lookahead_ratio(true, 0), None, "no lookahead here");
+        // The drafted round is priced at that ratio.
+        let backlog = DraftBacklog {
+            lookahead_rows: rows,
+            ..in_step(100)
+        };
+        let (g, p) = gpu.drafting_gamma(true, 8, backlog).expect("drafting pays");
+        let want = 0.1 * g as f64 * r + gpu.profile().verify_cost(g + 1);
+        assert!((p.seconds - want).abs() < 1e-12, "{p:?} against {want}");
+        // Tried, and giving one token a forward, it is no cheaper: plain drafting again.
+        for _ in 0..AutoConfig::default().explore_tries as usize {
+            gpu.learn_lookahead(true, 8, 8, 8 * rows + 5, 5);
+        }
+        assert_eq!(gpu.lookahead_ratio(true, rows), None);
+        // Giving three a forward, it is.
+        for _ in 0..400 {
+            gpu.learn_lookahead(true, 9, 3, 3 * rows, 0);
+        }
+        let r = gpu
+            .lookahead_ratio(true, rows)
+            .expect("three tokens a step");
+        assert!(r < 0.6, "{r}");
+    }
+
+    #[test]
     fn kept_nodes_always_form_a_tree() {
         // a child more likely than its parent's siblings but behind its own parent
         let parents = [-1, 0, 0, 1, 3];
@@ -763,6 +863,7 @@ mod tests {
             pending: 10,
             unopened: 0,
             remaining,
+            lookahead_rows: 0,
         };
         assert_eq!(cheap.draft_gamma(true, 8, &rate(1.0), behind(5)), None);
         let (g, p) = cheap
@@ -777,6 +878,7 @@ mod tests {
             pending: 0,
             unopened: 200,
             remaining,
+            lookahead_rows: 0,
         };
         assert_eq!(cheap.draft_gamma(true, 8, &rate(1.0), late(20)), None);
         assert!(
