@@ -1,8 +1,10 @@
 //! One `auto` round: the zero-cost guesses (trie continuations, pool phrases) gathered and
 //! planned on the cost profile, the draft called when the running policy says drafting
-//! pays, and after the verify what the tuner learns: acceptance per guess, the realized
-//! rate against the prediction, and under the drafting policy how the other policies
-//! would have done on the same text.
+//! pays (with lookahead where a drafted token is cheaper that way) and pool phrases hung
+//! after its chain's tip, and after the verify what the tuner learns: acceptance per
+//! guess, the realized rate against the prediction (seconds from the wall clock, or from
+//! a priced clock), and under the drafting policy how the other policies would have done
+//! on the same text.
 
 use super::{
     AutoTuner, DraftBacklog, Guess, Policy, PolicyScores, Prediction, RoundKind, would_commit,
