@@ -367,8 +367,8 @@ impl<M: LanguageModel> Worker<M> {
         }
         let (outs, prefilled) =
             span.in_scope(|| forward(&*self.model, &mut guards, &ready, &mut chunks));
-        let forward_s = started.elapsed().as_secs_f64();
         self.last_forward = started.elapsed();
+        let forward_s = self.last_forward.as_secs_f64();
         let trees = ready.len();
         let tree_rows: usize = ready.iter().map(|r| r.job.tree.len()).sum();
         let open_sessions = self.sessions.len() + self.prefills.len();

@@ -184,6 +184,23 @@ impl<'a> Rounds<'a> {
     }
 }
 
+/// The `topk` newest pool phrases keyed by `key` (none where `topk` is 0), the lookup
+/// counted in `stats`.
+pub(crate) fn pool_phrases(
+    pool: &PhrasePool,
+    stats: &mut SpecStats,
+    key: u32,
+    topk: usize,
+) -> Vec<Vec<u32>> {
+    if topk == 0 {
+        return Vec::new();
+    }
+    let found = pool.newest(key, topk);
+    stats.pool_lookups += 1;
+    stats.pool_hits += u64::from(!found.is_empty());
+    found
+}
+
 /// One draft call: the committed tokens the draft has not seen, at most `gamma` tokens back
 /// (and their probabilities where `stop_below` asked for them). A failed draft is dropped
 /// for the rest of the request, which carries on target-only and says so in `stats`.

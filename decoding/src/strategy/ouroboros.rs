@@ -10,7 +10,7 @@
 //!    own tokens, and n-grams of the committed text; a remote draft's replica gets them
 //!    with its next call.
 
-use super::{Round, Verdict, call_draft, trie};
+use super::{Round, Verdict, call_draft, pool_phrases, trie};
 use crate::backend::{DraftBackend, TargetBackend};
 use crate::generate::{Loop, OpenSessions, Shared};
 use crate::params::DecodeParams;
@@ -42,21 +42,14 @@ pub(crate) async fn round<T: TargetBackend, D: DraftBackend>(
     state.delta.clear();
     let root = *text.last().expect("the text is not empty");
     let mut round = Round::chain(root, drafted);
-    if params.topk > 0 {
-        let room_after = budget.saturating_sub(round.drafted.len());
-        let found = pool.newest(round.key, params.topk);
-        stats.pool_lookups += 1;
-        if !found.is_empty() {
-            stats.pool_hits += 1;
-        }
-        for c in found {
-            // Every node takes a cache row until the walk: stay within `room` nodes.
-            let fit = room.saturating_sub(round.tree.len()).min(room_after);
-            let c: Vec<u32> = c.into_iter().take(fit).collect();
-            if !c.is_empty() {
-                let nodes = round.tree.add_path(round.anchor, &c);
-                round.candidates.push((c, nodes));
-            }
+    let room_after = budget.saturating_sub(round.drafted.len());
+    for c in pool_phrases(pool, stats, round.key, params.topk) {
+        // Every node takes a cache row until the walk: stay within `room` nodes.
+        let fit = room.saturating_sub(round.tree.len()).min(room_after);
+        let c: Vec<u32> = c.into_iter().take(fit).collect();
+        if !c.is_empty() {
+            let nodes = round.tree.add_path(round.anchor, &c);
+            round.candidates.push((c, nodes));
         }
     }
     trie::attach(&mut round, stats, trie, state, text, budget, room);

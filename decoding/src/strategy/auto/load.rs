@@ -295,15 +295,10 @@ impl<'p> Pricing<'p> {
         }
     }
 
-    /// What a draft call of `tokens` tokens costs the server; `None` without a draft.
-    pub fn draft(&self, tokens: usize) -> Option<f64> {
-        self.draft_at(tokens as f64)
-    }
-
-    /// [`Self::draft`] for a call whose tokens cost `tokens` plain draft tokens' time
-    /// (fewer where lookahead drafts them).
-    pub fn draft_at(&self, tokens: f64) -> Option<f64> {
-        self.draft_wall_at(tokens).map(|s| s * self.scale)
+    /// What a draft call of `tokens` plain draft tokens' time costs the server (fewer
+    /// than it drafts where lookahead drafts them); `None` without a draft.
+    pub fn draft(&self, tokens: f64) -> Option<f64> {
+        self.draft_wall(tokens).map(|s| s * self.scale)
     }
 
     /// What one more drafted token costs the server; `None` without a draft.
@@ -311,16 +306,10 @@ impl<'p> Pricing<'p> {
         self.profile.draft().map(|d| d.per_token * self.scale)
     }
 
-    /// Seconds of a draft call of `tokens` tokens as the profile timed it.
-    pub fn draft_wall(&self, tokens: usize) -> Option<f64> {
-        self.draft_wall_at(tokens as f64)
-    }
-
-    /// [`Self::draft_wall`] for `tokens` plain draft tokens' time.
-    pub fn draft_wall_at(&self, tokens: f64) -> Option<f64> {
-        self.profile
-            .draft()
-            .map(|d| d.per_call + d.per_token * tokens)
+    /// Seconds of a draft call of `tokens` plain draft tokens' time as the profile timed
+    /// it.
+    pub fn draft_wall(&self, tokens: f64) -> Option<f64> {
+        self.profile.draft_cost(tokens)
     }
 
     /// What catching the draft up on one token costs the server, and takes.
@@ -358,7 +347,7 @@ mod tests {
             assert!((alone.verify(n) - p.verify_cost(n)).abs() < 1e-12);
             assert!((alone.verify_wall(n) - p.verify_cost(n)).abs() < 1e-12);
         }
-        assert_eq!(alone.draft(3), p.draft_cost(3));
+        assert_eq!(alone.draft(3.0), p.draft_cost(3.0));
     }
 
     #[test]
@@ -383,7 +372,7 @@ mod tests {
         // Priced: a plain step, plus the extra rows at the scale.
         assert!((busy.verify(1) - 0.010).abs() < 1e-12);
         assert!((busy.verify(3) - (0.010 + scale * 0.006)).abs() < 1e-12);
-        assert!((busy.draft(2).unwrap() - scale * 0.008).abs() < 1e-12);
+        assert!((busy.draft(2.0).unwrap() - scale * 0.008).abs() < 1e-12);
         // Dearer than alone: eight sessions wait for the extra rows.
         assert!(busy.verify(3) > p.verify_cost(3));
         // Dearer still where the others' trees commit two tokens a forward: 14 tokens,

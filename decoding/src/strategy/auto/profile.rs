@@ -79,9 +79,10 @@ impl CostProfile {
         }
     }
 
-    /// Seconds for a draft call producing `tokens` tokens, when there is a draft.
-    pub fn draft_cost(&self, tokens: usize) -> Option<f64> {
-        self.draft.map(|d| d.per_call + d.per_token * tokens as f64)
+    /// Seconds for a draft call producing `tokens` tokens, when there is a draft (a
+    /// fraction where each token costs less than a plain draft step: lookahead).
+    pub fn draft_cost(&self, tokens: f64) -> Option<f64> {
+        self.draft.map(|d| d.per_call + d.per_token * tokens)
     }
 
     /// The draft length (1..=`most` tokens) that decodes fastest here when each drafted
@@ -97,7 +98,7 @@ impl CostProfile {
         (1..=most.max(1))
             .filter_map(|gamma| {
                 let tokens: f64 = (0..=gamma).map(|i| a.powi(i as i32)).sum();
-                let seconds = self.draft_cost(gamma)? + self.verify_cost(gamma + 1);
+                let seconds = self.draft_cost(gamma as f64)? + self.verify_cost(gamma + 1);
                 Some(ChainEstimate {
                     gamma,
                     tokens,

@@ -16,7 +16,7 @@ use crate::params::DecodeParams;
 use crate::pool::PhrasePool;
 use crate::stats::{ModelCall, SpecStats};
 use crate::strategy::ouroboros::PoolLearner;
-use crate::strategy::{Round, Verdict, call_draft};
+use crate::strategy::{Round, Verdict, call_draft, pool_phrases};
 use crate::tree::DraftTree;
 use crate::trie::TrieDraft;
 use std::time::Instant;
@@ -376,11 +376,7 @@ async fn build<T: TargetBackend, D: DraftBackend>(
             stats.trie_lookups += 1;
             stats.trie_hits += u64::from(!found.is_empty());
         }
-        if params.topk > 0 {
-            phrases = pool.newest(root, params.topk);
-            stats.pool_lookups += 1;
-            stats.pool_hits += u64::from(!phrases.is_empty());
-        }
+        phrases = pool_phrases(pool, stats, root, params.topk);
     }
     let zero_cost = Round::from_guesses(root, &[], &found, copied.as_ref(), &phrases, budget, room);
     let mut zero_cost_plan = tuner.plan(
@@ -467,13 +463,8 @@ async fn build<T: TargetBackend, D: DraftBackend>(
     }
     // Pool phrases keyed by the last drafted token, to hang from the chain's tip.
     let tip_phrases = match drafted.last() {
-        Some(&last) if params.topk > 0 => {
-            let found = pool.newest(last, params.topk);
-            stats.pool_lookups += 1;
-            stats.pool_hits += u64::from(!found.is_empty());
-            found
-        }
-        _ => Vec::new(),
+        Some(&last) => pool_phrases(pool, stats, last, params.topk),
+        None => Vec::new(),
     };
     // The draft's chain with the given zero-cost guesses beside it (and the phrases after
     // its tip), the nodes that pay.

@@ -248,7 +248,7 @@ impl AutoTuner {
             // tokens left to earn it back. This round carries its share. (Charged whole
             // to the round, a backlog would stop drafting for good once it was long.)
             let share = (expected / backlog.remaining.max(1) as f64).min(1.0);
-            let round = pricing.draft_at(g as f64 * per_token)? + pricing.verify(g + 1);
+            let round = pricing.draft(g as f64 * per_token)? + pricing.verify(g + 1);
             let backlog_share = catch_up_cost * (backlog.pending + backlog.unopened) as f64 * share;
             let rate = expected / (round + backlog_share).max(1e-12);
             if best.is_none_or(|(r, _, _)| rate > r) {
@@ -259,7 +259,7 @@ impl AutoTuner {
                 let p = Prediction {
                     kind: RoundKind::Drafted,
                     tokens: expected,
-                    seconds: pricing.draft_wall_at(g as f64 * per_token)?
+                    seconds: pricing.draft_wall(g as f64 * per_token)?
                         + pricing.verify_wall(g + 1)
                         + catch_up_wait * pending,
                     cost: round + catch_up_cost * pending,
@@ -870,7 +870,7 @@ mod tests {
             .draft_gamma(true, 8, &rate(1.0), behind(100_000))
             .expect("the catch-up is earned back");
         // ... and the round it runs in is predicted with the catch-up in it
-        let round = cheap.profile.draft_cost(g).unwrap() + cheap.profile.verify_cost(g + 1);
+        let round = cheap.profile.draft_cost(g as f64).unwrap() + cheap.profile.verify_cost(g + 1);
         assert!((p.seconds - round - 10.0 * 0.5).abs() < 1e-9, "{p:?}");
         // ... and so does joining late with a long text and few tokens left, but not
         // with many tokens left to earn the prefill back
@@ -1094,7 +1094,7 @@ mod tests {
         };
         let (g, p) = t.draft_gamma(true, 8, &zero, unopened).expect("still pays");
         // the predicted round is the draft call and the verify, without the opening
-        let round = t.profile().draft_cost(g).unwrap() + t.profile().verify_cost(g + 1);
+        let round = t.profile().draft_cost(g as f64).unwrap() + t.profile().verify_cost(g + 1);
         assert!((p.seconds - round).abs() < 1e-12, "{p:?} vs {round}");
         let long_prompt = DraftBacklog {
             unopened: 10_000,
