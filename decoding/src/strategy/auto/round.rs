@@ -353,11 +353,11 @@ async fn build<T: TargetBackend, D: DraftBackend>(
         Some(_) => (state.for_draft.len(), 0),
         None => (0, text.len()),
     };
-    // A lookahead step's rows: the input token, the window's levels, the pool phrases
+    // A steady lookahead step's rows: the input token, the window's, the pool phrases
     // (where the request's phrases are the pool's).
     let la = params.lookahead;
     let lookahead_rows = match la.level >= 3 && la.phrase_len() == pool.phrase_len() {
-        true => 1 + la.window * (la.level - 2) + la.guess * la.phrase_len(),
+        true => 1 + la.window_rows() + la.guess * la.phrase_len(),
         false => 0,
     };
     let backlog = DraftBacklog {
