@@ -4,10 +4,11 @@
 //! 3. tensor-parallel decode, TP=1 vs TP=2.
 //!
 //!   cargo run --release -p engine --example bench_engine -- [MODEL.gguf] [--tokens N]
-//!       [--f16 | --requantize q4k] [--head-vocab N]
+//!       [--context N] [--f16 | --requantize q4k] [--head-vocab N]
 //!
 //! `--f16` holds the weights as dense f16 (the unquantized deployment), `--requantize`
 //! re-encodes them in other blocks at load; both run 1 and 2 only, on the engine alone.
+//! `--context` sets the prompt before the decode steps (32 tokens unless given).
 //! `--head-vocab` narrows the output head (then 1 runs on the engine alone).
 //! `--kernels` instead compares our Q4_K/Q6_K kernels with candle's on the same file
 //! (one-token decode and k-token forwards, interleaved).
@@ -24,26 +25,31 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-const PROMPT_LEN: u32 = 32;
+/// Prompt length before the timed decode steps (`--context`; 32 unless given).
+static PROMPT_LEN: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
 
-fn prompt() -> Vec<u32> {
-    (0..PROMPT_LEN).map(|i| 1000 + i * 13).collect()
+fn prompt_len() -> u32 {
+    *PROMPT_LEN.get_or_init(|| 32)
 }
 
-/// A greedy decoder on the engine after a 32-token prompt: each call runs one step and
-/// returns its milliseconds.
+fn prompt() -> Vec<u32> {
+    (0..prompt_len()).map(|i| 1000 + i * 13).collect()
+}
+
+/// A greedy decoder on the engine after the prompt: each call runs one step and returns
+/// its milliseconds.
 fn engine_stepper<M: LanguageModel>(m: &M) -> impl FnMut() -> f64 + '_ {
     let prompt = prompt();
-    let pos: Vec<u32> = (0..PROMPT_LEN).collect();
+    let pos: Vec<u32> = (0..prompt_len()).collect();
     let mut cache = m.new_cache();
     let mut t = m
         .forward(
             &mut cache,
-            SeqInput::chain(&prompt, &pos, OutputSpec::last(32)),
+            SeqInput::chain(&prompt, &pos, OutputSpec::last(prompt.len())),
         )
         .expect("prefill")
         .argmax[0];
-    let mut at = PROMPT_LEN;
+    let mut at = prompt_len();
     move || {
         let start = Instant::now();
         t = m
@@ -73,7 +79,7 @@ fn candle_stepper(path: &std::path::Path) -> impl FnMut() -> f64 {
             .unwrap()
     };
     let mut t = step(&prompt(), 0);
-    let mut at = PROMPT_LEN as usize;
+    let mut at = prompt_len() as usize;
     move || {
         let start = Instant::now();
         t = step(&[t], at);
@@ -150,6 +156,9 @@ fn main() {
                 eprintln!("{e}");
                 std::process::exit(2)
             }));
+        } else if a == "--context" {
+            let n = args.next().and_then(|s| s.parse().ok()).unwrap_or(32u32);
+            PROMPT_LEN.get_or_init(|| n.max(1));
         } else if a == "--tokens" {
             steps = args.next().and_then(|s| s.parse().ok()).unwrap_or(steps);
         } else {
@@ -192,7 +201,10 @@ fn main() {
         }
         let mut a = engine_stepper(&m);
         let ours = interleaved_ms(&mut [&mut a], steps)[0];
-        println!("\n## one-token decode ({steps} steps after a 32-token prompt, median)");
+        println!(
+            "\n## one-token decode ({steps} steps after a {}-token prompt, median)",
+            prompt_len()
+        );
         println!("engine: {ours:7.1} ms/token  {:6.1} tok/s", 1e3 / ours);
     } else {
         decode_against_candle(&m, &path, steps);
@@ -233,7 +245,8 @@ fn main() {
 /// One-token decode, the engine against candle-transformers' quantized_qwen2.
 fn decode_against_candle<M: LanguageModel>(m: &M, path: &std::path::Path, steps: usize) {
     println!(
-        "\n## one-token decode ({steps} steps after a 32-token prompt, interleaved step by step, median)"
+        "\n## one-token decode ({steps} steps after a {}-token prompt, interleaved step by step, median)",
+        prompt_len()
     );
     let (ours, theirs) = {
         let mut a = engine_stepper(m);

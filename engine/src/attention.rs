@@ -49,7 +49,32 @@ impl<'a> Rows<'a> {
         let at = self.start + head * self.head_stride + i * self.row_stride;
         &self.data[at..at + self.d]
     }
+
+    /// Asks for row `i` of `head` to be brought into cache (it need not exist: a
+    /// prefetch never faults).
+    #[inline(always)]
+    fn prefetch(&self, head: usize, i: usize) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use core::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+            let at = self.start + head * self.head_stride + i * self.row_stride;
+            let first = self.data.as_ptr().wrapping_add(at) as usize;
+            let mut line = first & !63;
+            while line < first + self.d * 4 {
+                // SAFETY: prefetching any address is allowed; it never faults.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(line as *const i8) };
+                line += 64;
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (head, i);
+    }
 }
+
+/// Keys ahead of the one being read whose key and value rows are asked for early: a
+/// decode step reads the whole cache once per layer, too little at a time for the
+/// hardware prefetcher of the VM in `results/engine-bench.md` to keep up.
+const PREFETCH_ROWS: usize = 4;
 
 #[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -90,13 +115,14 @@ fn attend_row(
     dst: &mut [f32],
 ) {
     scores.clear();
-    scores.extend(
-        keys.clone()
-            .map(|j| dot(query, kv.k.row(kv.head, j)) * scale),
-    );
+    scores.extend(keys.clone().map(|j| {
+        kv.k.prefetch(kv.head, j + PREFETCH_ROWS);
+        dot(query, kv.k.row(kv.head, j)) * scale
+    }));
     let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
     let mut total = 0f32;
     for (j, s) in keys.zip(scores.iter()) {
+        kv.v.prefetch(kv.head, j + PREFETCH_ROWS);
         let w = (s - max).exp();
         total += w;
         for (o, x) in dst.iter_mut().zip(kv.v.row(kv.head, j)) {
@@ -169,27 +195,40 @@ fn attend_on(
     };
     let visible_new = visibility.dense(n);
     let mut out = vec![0f32; n * hq * d];
-    let mut scores = Vec::with_capacity(t);
-    // Single-threaded: candle's matmul workers are still spinning between ops, and a
-    // second pool here only fights them for the cores.
-    for (cell, dst) in out.chunks_mut(d).enumerate() {
-        let (i, h) = (cell / hq, cell % hq);
-        let kv = KvHead {
-            k: &kr,
-            v: &vr,
-            head: h / group,
-        };
-        let query = qr.row(h, i);
-        let row = &visible_new[i * n..(i + 1) * n];
-        let keys = (0..past).chain((0..n).filter(|&j| row[j]).map(|j| past + j));
-        #[cfg(target_arch = "x86_64")]
-        if avx2 {
-            // SAFETY: the CPU supports AVX2 (the callers' promise).
-            unsafe { attend_row_avx2(query, keys, &kv, scale, &mut scores, dst) };
-            continue;
+    // The (row, head) cells in one contiguous share per thread of candle's worker pool,
+    // the one the matmuls use (its workers spin between ops, so a second pool would fight
+    // them for the cores); for one row that is one key/value group per thread, whose rows
+    // then come from memory once. A cell's arithmetic is the same on any thread, so the
+    // output is too.
+    let cells = n * hq;
+    let pool = candle_core::utils::barrier_pool();
+    let share = cells.div_ceil(pool.n_workers() + 1);
+    let dst_base = out.as_mut_ptr() as usize;
+    pool.execute_chunked(cells.div_ceil(share), |parts| {
+        let mut scores = Vec::with_capacity(t);
+        for cell in parts.flat_map(|p| p * share..cells.min((p + 1) * share)) {
+            let (i, h) = (cell / hq, cell % hq);
+            // SAFETY: `cell < n * hq`, so the `d` values at `cell * d` lie inside `out`,
+            // which outlives the pool call; each cell is handed to exactly one share.
+            let dst =
+                unsafe { std::slice::from_raw_parts_mut((dst_base as *mut f32).add(cell * d), d) };
+            let kv = KvHead {
+                k: &kr,
+                v: &vr,
+                head: h / group,
+            };
+            let query = qr.row(h, i);
+            let row = &visible_new[i * n..(i + 1) * n];
+            let keys = (0..past).chain((0..n).filter(|&j| row[j]).map(|j| past + j));
+            #[cfg(target_arch = "x86_64")]
+            if avx2 {
+                // SAFETY: the CPU supports AVX2 (the callers' promise).
+                unsafe { attend_row_avx2(query, keys, &kv, scale, &mut scores, dst) };
+                continue;
+            }
+            attend_row(query, keys, &kv, scale, &mut scores, dst);
         }
-        attend_row(query, keys, &kv, scale, &mut scores, dst);
-    }
+    });
     drop((qs, ks, vs));
     Ok(Tensor::from_vec(out, (n, hq * d), q.device())?)
 }
