@@ -531,7 +531,9 @@ fn multiply_many(isa: Isa, input: &QuantizedInput, jobs: &mut [(&KQuantMatrix, &
 /// prefetchers stop), a streamed one-row product ran at 19 GB/s on one thread and 34-38
 /// on two (Q4_K; Q6_K 16 and 29-31); with every line two tiles ahead at 39 and 47-50
 /// (Q6_K 40 and 47-53), and a one-token step of the 1.5B target took 24 ms instead of 33.
-/// One tile ahead or three to four did as well or up to 5 % worse.
+/// One tile ahead or three to four did as well or up to 5 % worse. (On the earlier VM of
+/// `results/engine-bench.md`, 29 GB/s, the page starts alone had measured best: its
+/// hardware prefetcher kept up within pages, and there every line cost more than it saved.)
 #[cfg(target_arch = "x86_64")]
 const PREFETCH_TILES: usize = 2;
 
