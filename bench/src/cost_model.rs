@@ -245,8 +245,8 @@ impl CostTable {
                 }
                 ModelCall::Draft {
                     forwards,
-                    rows,
                     caught_up,
+                    ..
                 } => {
                     let at = calls[i..]
                         .iter()
@@ -259,7 +259,7 @@ impl CostTable {
                         // Rows beyond one a forward and the caught-up ones (a lookahead
                         // step's window and phrases) at the catch-up's rate per row.
                         Some(d) => {
-                            let extra = rows.saturating_sub(forwards + caught_up);
+                            let extra = call.extra_draft_rows();
                             d.per_call
                                 + d.per_token * forwards as f64
                                 + d.catch_up * (caught_up + extra) as f64

@@ -86,6 +86,21 @@ pub enum ModelCall {
     },
 }
 
+impl ModelCall {
+    /// A draft call's rows beyond one a forward and the caught-up ones: a lookahead
+    /// step's window and phrases (0 for plain drafts and other calls).
+    pub fn extra_draft_rows(&self) -> u32 {
+        match *self {
+            ModelCall::Draft {
+                forwards,
+                rows,
+                caught_up,
+            } => rows.saturating_sub(forwards + caught_up),
+            _ => 0,
+        }
+    }
+}
+
 impl SpecStats {
     pub fn new(strategy: Strategy) -> Self {
         Self {

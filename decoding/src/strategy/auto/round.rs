@@ -446,17 +446,9 @@ async fn build<T: TargetBackend, D: DraftBackend>(
             Some(clock) => clock.seconds(calls, text.len()),
             None => t0.elapsed().as_secs_f64(),
         };
-        if let (
-            true,
-            Some(&ModelCall::Draft {
-                forwards,
-                rows,
-                caught_up,
-            }),
-        ) = (lookahead, calls.last())
-        {
-            let n = |x: u32| x as usize;
-            tuner.learn_lookahead(greedy, drafted.len(), n(forwards), n(rows), n(caught_up));
+        if let (true, Some(call @ &ModelCall::Draft { forwards, .. })) = (lookahead, calls.last()) {
+            let extra = call.extra_draft_rows() as usize;
+            tuner.learn_lookahead(greedy, drafted.len(), forwards as usize, extra);
         }
         // Charged to drafting even when the draft came back empty: that was its cost.
         predicted = p;

@@ -298,19 +298,12 @@ impl AutoTuner {
     }
 
     /// Counts a lookahead draft call: `tokens` drafted in `forwards` forwards that ran
-    /// `rows` rows in all (`caught_up` of them committed text the draft had not seen).
-    pub fn learn_lookahead(
-        &self,
-        greedy: bool,
-        tokens: usize,
-        forwards: usize,
-        rows: usize,
-        caught_up: usize,
-    ) {
+    /// `extra` rows beyond one each and the caught-up ones
+    /// ([`crate::stats::ModelCall::extra_draft_rows`]).
+    pub fn learn_lookahead(&self, greedy: bool, tokens: usize, forwards: usize, extra: usize) {
         if forwards == 0 {
             return;
         }
-        let extra = rows.saturating_sub(forwards + caught_up);
         let memory = self.config.reality_memory;
         self.calibration(greedy)
             .lookahead
@@ -792,12 +785,13 @@ mod tests {
         assert!((p.seconds - want).abs() < 1e-12, "{p:?} against {want}");
         // Tried, and giving one token a forward, it is no cheaper: plain drafting again.
         for _ in 0..AutoConfig::default().explore_tries as usize {
-            gpu.learn_lookahead(true, 8, 8, 8 * rows + 5, 5);
+            // 8 forwards of `rows` rows and 5 caught up: 8 * (rows - 1) beyond one each.
+            gpu.learn_lookahead(true, 8, 8, 8 * (rows - 1));
         }
         assert_eq!(gpu.lookahead_ratio(true, rows), None);
         // Giving three a forward, it is.
         for _ in 0..400 {
-            gpu.learn_lookahead(true, 9, 3, 3 * rows, 0);
+            gpu.learn_lookahead(true, 9, 3, 3 * (rows - 1));
         }
         let r = gpu
             .lookahead_ratio(true, rows)
