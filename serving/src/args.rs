@@ -23,10 +23,11 @@ pub struct TargetLimitsArgs {
     /// Sessions idle this long are evicted.
     #[arg(long, env = "OURO_TARGET_SESSION_TTL_S", default_value_t = 300)]
     pub session_ttl_s: u64,
-    /// Wait up to this long for trees of other open sessions before a forward, and never
-    /// more than a tenth of the last forward (0: batch only what is already queued). A
-    /// tree that misses a forward waits for the whole next one.
-    #[arg(long, env = "OURO_TARGET_BATCH_WAIT_US", default_value_t = 2000)]
+    /// Wait up to this long before a forward for the trees of open sessions expected back
+    /// within it (those that were away briefly last time), and never more than a tenth of
+    /// the last forward (0: batch only what is already queued). A tree that misses a
+    /// forward waits for the whole next one.
+    #[arg(long, env = "OURO_TARGET_BATCH_WAIT_US", default_value_t = 10_000)]
     pub batch_wait_us: u64,
     /// Prefill new sessions' prompts this many rows per forward, between the open
     /// sessions' trees (smaller: shorter stalls for them; larger: faster opens).

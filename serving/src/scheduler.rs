@@ -1,7 +1,7 @@
 //! The verify scheduler: one worker thread owns the model's forwards. Verify calls from
 //! different sessions that are waiting when the worker comes free run as one batched
 //! forward (linear layers over all rows, attention per session), so batching costs a lone
-//! request nothing; an optional short wait gathers more when other sessions are active.
+//! request nothing; a short wait gathers the trees of other sessions expected back soon.
 //! New sessions prefill in chunks that ride along in those forwards, so a long prompt
 //! delays the open sessions' rounds by at most one chunk per forward.
 
@@ -10,7 +10,7 @@ use crate::worker::WorkerHandle;
 use decoding::{DecodingError, DraftTree, Result, SamplingParams, ServerTiming, SessionId};
 use decoding::{TargetSession, VerifyOutcome};
 use engine::{ForwardOutput, KvState, LanguageModel, OutputSpec, SeqInput, Visibility};
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, MutexGuard};
@@ -24,8 +24,8 @@ pub type TargetSessions<M> = SessionTable<TargetSession<<M as LanguageModel>::Ca
 pub struct SchedulerConfig {
     /// Most tree nodes (rows) in one batched forward; a larger single tree runs alone.
     pub max_batch_tokens: usize,
-    /// How long to wait for more trees when fewer are queued than sessions are open;
-    /// never more than a tenth of the last forward ([`MAX_WAIT_SHARE`]).
+    /// How long a forward may wait for the trees of open sessions expected back soon
+    /// ([`Returns`]); never more than a tenth of the last forward ([`MAX_WAIT_SHARE`]).
     pub batch_wait: Duration,
     /// Most prompt rows of new sessions' prefills in one forward.
     pub prefill_chunk: usize,
@@ -133,6 +133,77 @@ struct Worker<M: LanguageModel> {
     prefills: VecDeque<Prefill<M>>,
     /// How long the last forward took.
     last_forward: Duration,
+    returns: Returns,
+}
+
+/// When each session's last verify was answered, and how long the session was away
+/// before the one before it came: which missing trees a forward can expect within its
+/// wait. A session that answers at once (a plain step, a round built from the pool) is
+/// back in a moment, so the forward waits for it; one that drafts between verifies is
+/// away longer than the wait allows, so the forward goes without it at once. Without
+/// the wait, on cores the sessions share with the forward, one session a moment late
+/// takes the next forward alone, and the sessions stay split into two alternating
+/// forwards (each twice as often, each costing a forward's weight reads).
+#[derive(Default)]
+struct Returns {
+    sessions: HashMap<SessionId, Away>,
+}
+
+#[derive(Default)]
+struct Away {
+    /// When its last verify was answered; `None` while its next tree is queued.
+    answered: Option<Instant>,
+    /// How long it took to send a tree after the previous answer.
+    last: Option<Duration>,
+}
+
+impl Returns {
+    fn arrived(&mut self, id: SessionId, at: Instant) {
+        let away = self.sessions.entry(id).or_default();
+        if let Some(answered) = away.answered.take() {
+            away.last = Some(at.saturating_duration_since(answered));
+        }
+    }
+
+    fn answered(&mut self, id: SessionId, at: Instant) {
+        self.sessions.entry(id).or_default().answered = Some(at);
+    }
+
+    /// Until when a forward starting `now` waits, at most until `limit`: for every open
+    /// session whose tree is not `queued` and is expected back by `limit`, until a little
+    /// after it is expected (half as long again as it was away last time, and a
+    /// millisecond). A session never answered yet is expected any moment (until `limit`);
+    /// one overdue past that allowance is doing something else (its client reading, a
+    /// draft call) and is not waited for. `None`: nobody to wait for.
+    fn wait_until(
+        &mut self,
+        open: &[SessionId],
+        queued: &HashSet<SessionId>,
+        now: Instant,
+        limit: Instant,
+    ) -> Option<Instant> {
+        self.sessions.retain(|id, _| open.contains(id));
+        let mut until = None;
+        for id in open.iter().filter(|id| !queued.contains(id)) {
+            let expected = match self.sessions.get(id) {
+                Some(Away {
+                    answered: Some(at),
+                    last: Some(away),
+                }) => {
+                    let back = *at + *away;
+                    let allowance = back + *away / 2 + Duration::from_millis(1);
+                    if back > limit || allowance < now {
+                        continue;
+                    }
+                    allowance.min(limit)
+                }
+                // Never answered, or in the scheduler's queue already: due now.
+                _ => limit,
+            };
+            until = until.max(Some(expected));
+        }
+        until
+    }
 }
 
 /// A session being prefilled; it enters the session table when its prompt is in the cache.
@@ -160,6 +231,7 @@ impl<M: LanguageModel> Worker<M> {
             queue: VecDeque::new(),
             prefills: VecDeque::new(),
             last_forward: Duration::ZERO,
+            returns: Returns::default(),
         }
     }
 
@@ -219,7 +291,10 @@ impl<M: LanguageModel> Worker<M> {
                     }
                 }
             }
-            Job::Verify(v) => self.queue.push_back(v),
+            Job::Verify(v) => {
+                self.returns.arrived(v.id, Instant::now());
+                self.queue.push_back(v);
+            }
         }
     }
 
@@ -253,11 +328,8 @@ impl<M: LanguageModel> Worker<M> {
         chunks
     }
 
-    /// Waits up to `batch_wait` (at most [`MAX_WAIT_SHARE`] of the last forward) for trees
-    /// of other open sessions. Without it, on cores that the forward shares with the
-    /// sessions, a session whose work between verifies takes a moment longer than the
-    /// others' misses the forward that starts as soon as the first tree is in, and waits
-    /// for the whole next one.
+    /// Waits up to `batch_wait` (at most [`MAX_WAIT_SHARE`] of the last forward) for the
+    /// trees of open sessions expected back within that time ([`Returns`]).
     fn gather(&mut self, rx: &Receiver<Job<M>>) {
         let wait = self
             .config
@@ -266,9 +338,17 @@ impl<M: LanguageModel> Worker<M> {
         if wait.is_zero() {
             return;
         }
-        let deadline = Instant::now() + wait;
-        while self.queue.len() < self.sessions.len() && self.rows() < self.config.max_batch_tokens {
-            let left = deadline.saturating_duration_since(Instant::now());
+        let now = Instant::now();
+        let open = self.sessions.ids();
+        loop {
+            if self.rows() >= self.config.max_batch_tokens {
+                return;
+            }
+            let queued: HashSet<SessionId> = self.queue.iter().map(|j| j.id).collect();
+            let Some(until) = self.returns.wait_until(&open, &queued, now, now + wait) else {
+                return;
+            };
+            let left = until.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(job) => self.accept(job),
                 Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => return,
@@ -424,6 +504,7 @@ impl<M: LanguageModel> Worker<M> {
                 batch_prefill_rows: prefill_rows as u32,
             };
             let _ = job.reply.send(result.map(|o| (o, timing)));
+            self.returns.answered(job.id, Instant::now());
         }
     }
 }
@@ -541,5 +622,80 @@ impl<M: LanguageModel> Ready<M> {
                 ..OutputSpec::all()
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// Sessions 1..=3 answered at `t0`, each after a first round away for `away[i]`.
+    fn returns(t0: Instant, away: [u64; 3]) -> Returns {
+        let mut r = Returns::default();
+        for (id, a) in (1..).zip(away) {
+            r.answered(id, t0 - ms(100));
+            r.arrived(id, t0 - ms(100) + ms(a));
+            r.answered(id, t0);
+        }
+        r
+    }
+
+    #[test]
+    fn a_forward_waits_for_the_sessions_expected_back_within_its_limit() {
+        let t0 = Instant::now();
+        let now = t0 + ms(1);
+        let limit = now + ms(7);
+        let none = HashSet::new();
+        // Back 2 ms after their answers last time: waited for until 2 + 1 + 1 ms after
+        // (the latest of them), well before the limit.
+        let mut r = returns(t0, [2, 2, 1]);
+        assert_eq!(
+            r.wait_until(&[1, 2, 3], &none, now, limit),
+            Some(t0 + ms(4))
+        );
+        // One that drafted for 50 ms last time is not waited for: the others are.
+        let mut r = returns(t0, [50, 2, 2]);
+        assert_eq!(
+            r.wait_until(&[1, 2, 3], &none, now, limit),
+            Some(t0 + ms(4))
+        );
+        assert_eq!(r.wait_until(&[1], &none, now, limit), None);
+        // Queued trees need no wait; a session never answered is due any moment.
+        let queued = HashSet::from([2, 3]);
+        assert_eq!(r.wait_until(&[1, 2, 3], &queued, now, limit), None);
+        assert_eq!(
+            r.wait_until(&[1, 2, 3, 9], &queued, now, limit),
+            Some(limit)
+        );
+        // An allowance is never past the limit.
+        let mut r = returns(t0, [6, 6, 6]);
+        assert_eq!(r.wait_until(&[1, 2, 3], &none, now, limit), Some(limit));
+    }
+
+    #[test]
+    fn an_overdue_or_closed_session_is_not_waited_for() {
+        let t0 = Instant::now();
+        let mut r = returns(t0, [2, 2, 2]);
+        // 20 ms after the answers, sessions back in 2 ms last time are doing something
+        // else (their clients reading, say).
+        let later = t0 + ms(20);
+        assert_eq!(
+            r.wait_until(&[1, 2, 3], &HashSet::new(), later, later + ms(7)),
+            None
+        );
+        // Closed sessions are forgotten.
+        assert_eq!(
+            r.wait_until(&[2], &HashSet::new(), t0, t0 + ms(7)),
+            Some(t0 + ms(4))
+        );
+        assert_eq!(r.sessions.len(), 1);
+        // A session's tree in the queue ends its absence: the next one is measured anew.
+        r.arrived(2, t0 + ms(3));
+        assert_eq!(r.sessions[&2].last, Some(ms(3)));
+        assert_eq!(r.sessions[&2].answered, None);
     }
 }

@@ -146,6 +146,11 @@ impl<S: SessionState> SessionTable<S> {
         self.map.is_empty()
     }
 
+    /// The open sessions' ids.
+    pub fn ids(&self) -> Vec<SessionId> {
+        self.map.iter().map(|e| *e.key()).collect()
+    }
+
     /// Memory the sessions reported, in bytes.
     pub fn bytes(&self) -> usize {
         self.bytes.load(Ordering::Relaxed)

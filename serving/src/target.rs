@@ -46,7 +46,7 @@ impl Default for TargetConfig {
             kv_budget_bytes: 4 << 30,
             session_ttl: Duration::from_secs(300),
             clock: Clock::system(),
-            batch_wait: Duration::from_millis(2),
+            batch_wait: Duration::from_millis(10),
             prefill_chunk: 64,
             chat_template: None,
             vocabulary: None,
