@@ -292,7 +292,9 @@ impl<M: LanguageModel> Worker<M> {
                 }
             }
             Job::Verify(v) => {
-                self.returns.arrived(v.id, Instant::now());
+                // When it was sent, not when the worker took it from the channel (after a
+                // forward it arrived during): the session's own time away.
+                self.returns.arrived(v.id, v.enqueued);
                 self.queue.push_back(v);
             }
         }
