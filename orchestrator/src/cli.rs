@@ -113,7 +113,7 @@ pub struct DecodeArgs {
     pub gamma: usize,
     /// Speculative: above 0, gamma is the most draft tokens per round, and the draft stops
     /// once the product of its tokens' probabilities falls below this (0 to 1).
-    #[arg(long, env = "OURO_DRAFT_STOP", default_value_t = 0.0)]
+    #[arg(long, env = "OURO_DRAFT_STOP", default_value_t = DecodeParams::default().draft_stop)]
     pub draft_stop: f32,
     /// Lookahead n-gram size N (phrases of N-1 tokens).
     #[arg(long, env = "OURO_LEVEL", default_value_t = 5)]
