@@ -136,9 +136,9 @@ struct Worker<M: LanguageModel> {
     returns: Returns,
 }
 
-/// When each session's last verify was answered, and how long the session was away
-/// before the one before it came: which missing trees a forward can expect within its
-/// wait. A session that answers at once (a plain step, a round built from the pool) is
+/// When each session's last verify was answered, and how long it took the session to
+/// send its next tree the time before: which missing trees a forward can expect within
+/// its wait. A session that answers at once (a plain step, a round built from the pool) is
 /// back in a moment, so the forward waits for it; one that drafts between verifies is
 /// away longer than the wait allows, so the forward goes without it at once. Without
 /// the wait, on cores the sessions share with the forward, one session a moment late
@@ -197,7 +197,8 @@ impl Returns {
                     }
                     allowance.min(limit)
                 }
-                // Never answered, or in the scheduler's queue already: due now.
+                // Never answered (just opened), or no time away measured yet: due any
+                // moment.
                 _ => limit,
             };
             until = until.max(Some(expected));
