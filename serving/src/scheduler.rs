@@ -169,6 +169,11 @@ impl Returns {
         self.sessions.entry(id).or_default().answered = Some(at);
     }
 
+    /// Forgets the sessions no longer `open`.
+    fn keep_only(&mut self, open: &[SessionId]) {
+        self.sessions.retain(|id, _| open.contains(id));
+    }
+
     /// Until when a forward starting `now` waits, at most until `limit`: for every open
     /// session whose tree is not `queued` and is expected back by `limit`, until a little
     /// after it is expected (half as long again as it was away last time, and a
@@ -176,13 +181,12 @@ impl Returns {
     /// one overdue past that allowance is doing something else (its client reading, a
     /// draft call) and is not waited for. `None`: nobody to wait for.
     fn wait_until(
-        &mut self,
+        &self,
         open: &[SessionId],
         queued: &HashSet<SessionId>,
         now: Instant,
         limit: Instant,
     ) -> Option<Instant> {
-        self.sessions.retain(|id, _| open.contains(id));
         let mut until = None;
         for id in open.iter().filter(|id| !queued.contains(id)) {
             let expected = match self.sessions.get(id) {
@@ -343,6 +347,7 @@ impl<M: LanguageModel> Worker<M> {
         }
         let now = Instant::now();
         let open = self.sessions.ids();
+        self.returns.keep_only(&open);
         loop {
             if self.rows() >= self.config.max_batch_tokens {
                 return;
@@ -655,13 +660,13 @@ mod tests {
         let none = HashSet::new();
         // Back 2 ms after their answers last time: waited for until 2 + 1 + 1 ms after
         // (the latest of them), well before the limit.
-        let mut r = returns(t0, [2, 2, 1]);
+        let r = returns(t0, [2, 2, 1]);
         assert_eq!(
             r.wait_until(&[1, 2, 3], &none, now, limit),
             Some(t0 + ms(4))
         );
         // One that drafted for 50 ms last time is not waited for: the others are.
-        let mut r = returns(t0, [50, 2, 2]);
+        let r = returns(t0, [50, 2, 2]);
         assert_eq!(
             r.wait_until(&[1, 2, 3], &none, now, limit),
             Some(t0 + ms(4))
@@ -675,7 +680,7 @@ mod tests {
             Some(limit)
         );
         // An allowance is never past the limit.
-        let mut r = returns(t0, [6, 6, 6]);
+        let r = returns(t0, [6, 6, 6]);
         assert_eq!(r.wait_until(&[1, 2, 3], &none, now, limit), Some(limit));
     }
 
@@ -691,6 +696,7 @@ mod tests {
             None
         );
         // Closed sessions are forgotten.
+        r.keep_only(&[2]);
         assert_eq!(
             r.wait_until(&[2], &HashSet::new(), t0, t0 + ms(7)),
             Some(t0 + ms(4))
