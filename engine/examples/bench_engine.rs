@@ -36,6 +36,26 @@ fn prompt() -> Vec<u32> {
     (0..prompt_len()).map(|i| 1000 + i * 13).collect()
 }
 
+/// Milliseconds of a whole prefill of the prompt into an empty cache (median of 3).
+fn prefill_ms<M: LanguageModel>(m: &M) -> f64 {
+    let prompt = prompt();
+    let pos: Vec<u32> = (0..prompt_len()).collect();
+    median(
+        (0..3)
+            .map(|_| {
+                let mut cache = m.new_cache();
+                let start = Instant::now();
+                m.forward(
+                    &mut cache,
+                    SeqInput::chain(&prompt, &pos, OutputSpec::last(prompt.len())),
+                )
+                .expect("prefill");
+                start.elapsed().as_secs_f64() * 1e3
+            })
+            .collect(),
+    )
+}
+
 /// A greedy decoder on the engine after the prompt: each call runs one step and returns
 /// its milliseconds.
 fn engine_stepper<M: LanguageModel>(m: &M) -> impl FnMut() -> f64 + '_ {
@@ -206,6 +226,12 @@ fn main() {
             prompt_len()
         );
         println!("engine: {ours:7.1} ms/token  {:6.1} tok/s", 1e3 / ours);
+        let prefill = prefill_ms(&m);
+        println!(
+            "prefill of the {}-token prompt: {prefill:.0} ms ({:.0} tok/s, median of 3)",
+            prompt_len(),
+            f64::from(prompt_len()) * 1e3 / prefill
+        );
     } else {
         decode_against_candle(&m, &path, steps);
         if std::env::var_os("OURO_BENCH_DECODE_ONLY").is_some() {
