@@ -1132,7 +1132,8 @@ mod tests {
             let q = random_q(dtype, n, k, 2);
             let w = KQuantMatrix::from_qtensor(&q).unwrap().unwrap();
             let dense = q.dequantize(&Device::Cpu).unwrap();
-            for m in [1usize, 3, 8, 12, 13] {
+            // Several passes of a row block (8 rows; 4 on AVX2), the last one short.
+            for m in [1usize, 3, 8, 12, 13, 16, 21] {
                 let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu).unwrap();
                 let got = forward(&w, &x).to_vec2::<f32>().unwrap();
                 // The reference sees the same 8-bit inputs, so only float rounding differs.
@@ -1268,16 +1269,18 @@ mod tests {
             let w = KQuantMatrix::from_qtensor(&random_q(dtype, 64, 768, 6))
                 .unwrap()
                 .unwrap();
-            let x = Tensor::randn(0f32, 2.0, (11, 768), &Device::Cpu).unwrap();
-            let outs: Vec<Vec<Vec<f32>>> = isas
-                .iter()
-                .map(|&isa| {
-                    KQuantMatrix::forward_many_on(isa, &x, &[&w]).unwrap()[0]
-                        .to_vec2()
-                        .unwrap()
-                })
-                .collect();
-            assert_eq!(outs[0], outs[1], "{dtype:?}");
+            for m in [11, 19] {
+                let x = Tensor::randn(0f32, 2.0, (m, 768), &Device::Cpu).unwrap();
+                let outs: Vec<Vec<Vec<f32>>> = isas
+                    .iter()
+                    .map(|&isa| {
+                        KQuantMatrix::forward_many_on(isa, &x, &[&w]).unwrap()[0]
+                            .to_vec2()
+                            .unwrap()
+                    })
+                    .collect();
+                assert_eq!(outs[0], outs[1], "{dtype:?} m={m}");
+            }
         }
     }
 }
