@@ -117,6 +117,15 @@ struct Scratch {
     totals: Vec<f32>,
 }
 
+impl Scratch {
+    /// Head `g`'s score for key `jj` (of `t`), and its largest so far.
+    #[inline(always)]
+    fn record(&mut self, g: usize, jj: usize, t: usize, score: f32) {
+        self.scores[g * t + jj] = score;
+        self.maxes[g] = self.maxes[g].max(score);
+    }
+}
+
 /// `e^x` for the softmax's `x <= 0` (a score less the row's largest), in plain `f32`
 /// operations that a vector of lanes repeats exactly ([`avx2::exp_neg`]), so the weights
 /// are the same bits with and without SIMD and on every machine (a C library's `expf`
@@ -228,9 +237,7 @@ fn scores(queries: &[&[f32]], kv: &KvHead<'_>, scale: f32, s: &mut Scratch) {
         }
         let key = kv.k.row(kv.head, s.keys[jj]);
         for (g, query) in queries.iter().enumerate() {
-            let score = dot(query, key) * scale;
-            s.scores[g * t + jj] = score;
-            s.maxes[g] = s.maxes[g].max(score);
+            s.record(g, jj, t, dot(query, key) * scale);
         }
     }
 }
@@ -322,10 +329,7 @@ mod avx2 {
                 let mut lanes = [0f32; LANES];
                 // SAFETY: `lanes` holds 8 floats.
                 unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), *a) };
-                let g = first + i;
-                let score = lanes.iter().sum::<f32>() * scale;
-                s.scores[g * t + jj] = score;
-                s.maxes[g] = s.maxes[g].max(score);
+                s.record(first + i, jj, t, lanes.iter().sum::<f32>() * scale);
             }
         }
     }
