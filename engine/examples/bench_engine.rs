@@ -36,20 +36,26 @@ fn prompt() -> Vec<u32> {
     (0..prompt_len()).map(|i| 1000 + i * 13).collect()
 }
 
-/// Milliseconds of a whole prefill of the prompt into an empty cache (median of 3).
-fn prefill_ms<M: LanguageModel>(m: &M) -> f64 {
+/// The prompt prefilled whole into `cache`: the greedy token after it.
+fn prefill<M: LanguageModel>(m: &M, cache: &mut M::Cache) -> u32 {
     let prompt = prompt();
     let pos: Vec<u32> = (0..prompt_len()).collect();
+    m.forward(
+        cache,
+        SeqInput::chain(&prompt, &pos, OutputSpec::last(prompt.len())),
+    )
+    .expect("prefill")
+    .argmax[0]
+}
+
+/// Milliseconds of a whole prefill of the prompt into an empty cache (median of 3).
+fn prefill_ms<M: LanguageModel>(m: &M) -> f64 {
     median(
         (0..3)
             .map(|_| {
                 let mut cache = m.new_cache();
                 let start = Instant::now();
-                m.forward(
-                    &mut cache,
-                    SeqInput::chain(&prompt, &pos, OutputSpec::last(prompt.len())),
-                )
-                .expect("prefill");
+                prefill(m, &mut cache);
                 start.elapsed().as_secs_f64() * 1e3
             })
             .collect(),
@@ -59,16 +65,8 @@ fn prefill_ms<M: LanguageModel>(m: &M) -> f64 {
 /// A greedy decoder on the engine after the prompt: each call runs one step and returns
 /// its milliseconds.
 fn engine_stepper<M: LanguageModel>(m: &M) -> impl FnMut() -> f64 + '_ {
-    let prompt = prompt();
-    let pos: Vec<u32> = (0..prompt_len()).collect();
     let mut cache = m.new_cache();
-    let mut t = m
-        .forward(
-            &mut cache,
-            SeqInput::chain(&prompt, &pos, OutputSpec::last(prompt.len())),
-        )
-        .expect("prefill")
-        .argmax[0];
+    let mut t = prefill(m, &mut cache);
     let mut at = prompt_len();
     move || {
         let start = Instant::now();
