@@ -100,10 +100,12 @@ impl DraftLength {
 pub struct DraftRequest {
     /// Committed tokens appended since the previous call (or since `open`).
     pub new_committed: Vec<u32>,
-    /// Committed tokens to take back first: the caller sent them as committed ahead of
-    /// the target's verdict (overlapped drafting) and the target did not accept them all.
-    /// Less than the tokens the session holds.
-    pub rewind: usize,
+    /// Where `new_committed` begins in the session's committed text: the committed tokens
+    /// the session holds from there on are taken back first. The caller sent them ahead
+    /// of the target's verdict (overlapped drafting) and the target did not accept them
+    /// all, or it cancelled that call and cannot know whether it ran. At least 1 and at
+    /// most the tokens the session holds; `None`: after all of them.
+    pub start: Option<usize>,
     pub length: DraftLength,
     /// Lookahead decoding inside the draft model; `None` decodes one token per forward.
     pub lookahead: Option<LookaheadParams>,

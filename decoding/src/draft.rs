@@ -31,19 +31,21 @@ impl<C: KvState> DraftSession<C> {
         })
     }
 
-    /// Takes back the last `rewind` committed tokens (they become drafted ones again),
+    /// Takes back the committed tokens from `start` on (they become drafted ones again),
     /// then appends committed tokens, keeping KV entries of drafted tokens that were
     /// accepted.
-    fn sync(&mut self, rewind: usize, new_committed: &[u32]) -> Result<()> {
-        if rewind >= self.committed {
-            return Err(FieldError::new(
-                "rewind",
-                format!("less than the {} tokens the session holds", self.committed),
-                rewind,
-            )
-            .into());
+    fn sync(&mut self, start: Option<usize>, new_committed: &[u32]) -> Result<()> {
+        if let Some(start) = start {
+            if start == 0 || start > self.committed {
+                return Err(FieldError::new(
+                    "start",
+                    format!("in 1..={} (the tokens the session holds)", self.committed),
+                    start,
+                )
+                .into());
+            }
+            self.committed = start;
         }
-        self.committed -= rewind;
         let drafted = &self.seq[self.committed..];
         let same = drafted
             .iter()
@@ -108,7 +110,7 @@ impl<C: KvState> DraftSession<C> {
             "new_committed",
         )?;
         pool.insert_all(&request.pool_delta);
-        self.sync(request.rewind, &request.new_committed)?;
+        self.sync(request.start, &request.new_committed)?;
         if let (Some(la), None) = (request.lookahead, &self.window) {
             self.window = Some(Window::new(la, &self.seq, 0));
         }

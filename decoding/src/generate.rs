@@ -17,6 +17,7 @@ use crate::pool::{Ngram, PhrasePool};
 use crate::stats::SpecStats;
 use crate::strategy::{Rounds, Verdict, lookahead, overlap};
 use crate::trie::{PromptTrie, TrieCache};
+use futures::future::Either;
 use std::time::Instant;
 use tracing::Instrument;
 
@@ -164,9 +165,12 @@ pub(crate) struct Loop<'p> {
     pub for_draft: Vec<u32>,
     /// Phrases learnt since the last draft call, for a remote draft's pool replica.
     pub delta: Vec<Ngram>,
-    /// Committed tokens the draft was told of too early (overlap): taken back at its next
-    /// call.
-    pub rewind: usize,
+    /// Where the draft's next call begins its committed tokens, when the draft was told of
+    /// tokens too early (overlap) and they are taken back: `for_draft` then holds every
+    /// committed token from there on.
+    pub start: Option<usize>,
+    /// The overlapped draft call under way beside the verify, if any.
+    pub early: Option<crate::strategy::overlap::EarlyCall>,
     /// The next round's draft chain (and its confidence), drafted while the last verify
     /// ran (overlap).
     pub predrafted: Option<(Vec<u32>, Vec<f32>)>,
@@ -196,7 +200,8 @@ async fn commit_loop<T: TargetBackend, D: DraftBackend>(
         prompt_trie: use_trie.then(|| PromptTrie::new(prompt, shared.trie.config())),
         for_draft: Vec::new(),
         delta: Vec::new(),
-        rewind: 0,
+        start: None,
+        early: None,
         predrafted: None,
         last_draft: None,
     };
@@ -240,21 +245,32 @@ async fn commit_loop<T: TargetBackend, D: DraftBackend>(
         };
         // Overlap: the draft drafts the next round while the target verifies this one.
         let share_pool = sessions.draft.is_some_and(|(d, _)| d.wants_pool_delta());
-        let pre_request = sessions.draft.and_then(|(d, id)| {
-            overlap::request(&mut state, stats, &round, share_pool).map(|r| (d, id, r))
+        let mut early = sessions.draft.and_then(|(d, id)| {
+            let request = overlap::request(&mut state, stats, &round, share_pool, text.len())?;
+            let span = tracing::debug_span!(parent: &round_span, "overlapped draft");
+            Some(Box::pin(async move {
+                let r = d.draft(id, request).instrument(span).await;
+                (r, t0.elapsed().as_secs_f64())
+            }))
         });
-        let ((verified, verify_s), pre) = match pre_request {
-            Some((d, id, request)) => {
-                let span = tracing::debug_span!(parent: &round_span, "overlapped draft");
-                let pre = async {
-                    let r = d.draft(id, request).instrument(span).await;
-                    (r, t0.elapsed().as_secs_f64())
-                };
-                let (v, p) = futures::future::join(verify, pre).await;
-                (v, Some(p))
+        // The early call's result if it ended before the verify.
+        let mut early_done = None;
+        let (verified, verify_s) = match early.as_mut() {
+            Some(call) => {
+                let verify = std::pin::pin!(verify);
+                match futures::future::select(verify, call.as_mut()).await {
+                    Either::Left((v, _)) => v,
+                    Either::Right((e, verify)) => {
+                        early_done = Some(e);
+                        verify.await
+                    }
+                }
             }
-            _ => (verify.await, None),
+            None => verify.await,
         };
+        if early_done.is_some() {
+            early = None;
+        }
         let (v, timing) = verified?;
         round_span.record("nodes", tree.len());
         round_span.record("accepted", v.path.len());
@@ -329,24 +345,25 @@ async fn commit_loop<T: TargetBackend, D: DraftBackend>(
         if use_trie {
             shared.trie.record(&done.tokens, recorded);
         }
-        match pre {
-            Some((Ok((o, timing)), wall)) => {
-                let p = shared.pool;
-                overlap::settle(
-                    &mut state,
-                    stats,
-                    p,
-                    &round,
-                    &new,
-                    (o, timing, wall),
-                    share_pool,
-                );
-            }
-            Some((Err(e), _)) => {
+        // The early call: waited for if the target took the whole chain, else stopped.
+        let early = match (early_done, early) {
+            (Some(e), _) => Some(e),
+            (None, Some(call)) if overlap::may_use(&round, &new) => Some(call.await),
+            _ => None,
+        };
+        match early
+            .map(|(r, wall)| r.map(|(o, timing)| (o, timing, wall)))
+            .transpose()
+        {
+            Err(e) => {
                 stats.fall_back(format!("draft failed: {e}"));
                 sessions.draft = None;
+                state.early = None;
             }
-            None => state.for_draft.extend_from_slice(&new),
+            Ok(early) => {
+                let p = shared.pool;
+                overlap::settle(&mut state, stats, p, &round, &new, early, share_pool);
+            }
         }
         rounds.committed(shared.pool, sessions, &mut state, stats, &text, before);
         done.sources.extend_from_slice(&new_sources);

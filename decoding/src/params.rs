@@ -83,7 +83,7 @@ pub struct DecodeParams {
     /// Speculative and Ouroboros: while the target verifies a round's draft chain, the
     /// draft already drafts the next round from the chain's end, as if the target accepted
     /// it all (PEARL's post-verify); that work is used when the target did, and taken back
-    /// (the draft's `rewind`) when it did not. Pays where draft and target run on separate
+    /// (from the draft's `start`) when it did not, the early call stopped without waiting for it. Pays where draft and target run on separate
     /// hardware; the output is the same either way.
     pub overlap: bool,
 }

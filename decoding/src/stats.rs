@@ -44,9 +44,11 @@ pub struct SpecStats {
     pub trie_cache_bytes: u64,
     /// `auto` only: tokens committed under each policy, in `Policy::ALL` order.
     pub policy_tokens: [u64; 3],
-    /// Overlapped drafting: calls whose work the next round used, and calls taken back.
+    /// Overlapped drafting: calls whose work the next round used, and calls taken back
+    /// (of which cancelled: stopped at the verdict, not waited for).
     pub overlap_used: u64,
     pub overlap_discarded: u64,
+    pub overlap_cancelled: u64,
     /// Set when the draft was missing or failed and the request went on target-only.
     pub draft_fallback: Option<String>,
     pub prefill_s: f64,

@@ -909,7 +909,7 @@ fn the_draft_stops_where_its_confidence_falls() {
         let id = block_on(draft.open(&prompt)).unwrap();
         let request = DraftRequest {
             new_committed: Vec::new(),
-            rewind: 0,
+            start: None,
             length: DraftLength::new(12, stop_below),
             lookahead: None,
             pool_delta: Vec::new(),
@@ -938,9 +938,11 @@ fn the_draft_stops_where_its_confidence_falls() {
     assert!(cut_short >= 3, "the floors hardly ever cut the chain");
 }
 
-/// A draft session told of tokens too early and then told to take them back (`rewind`)
-/// drafts exactly what a session opened on the true text drafts: its cache keeps only
-/// what still holds. With lookahead too, and for a rewind whose tokens partly come back.
+/// A draft session told of tokens too early and then told to take them back (a `start`
+/// before them) drafts exactly what a session opened on the true text drafts: its cache
+/// keeps only what still holds. With lookahead too, for a take-back whose tokens partly
+/// come back, and where the early call never reached the session (the caller cancelled
+/// it and cannot know): the same `start` is right either way.
 #[test]
 fn a_rewound_draft_session_drafts_what_a_fresh_one_drafts() {
     use decoding::{DraftBackend, DraftLength, DraftRequest};
@@ -955,52 +957,67 @@ fn a_rewound_draft_session_drafts_what_a_fresh_one_drafts() {
         }),
     ] {
         let g = lookahead.map_or(2, |l| l.phrase_len());
-        let ask = |new_committed: Vec<u32>, rewind: usize| DraftRequest {
+        let ask = |new_committed: Vec<u32>, start: Option<usize>| DraftRequest {
             new_committed,
-            rewind,
+            start,
             length: DraftLength::new(5, 0.0),
             lookahead,
             pool_delta: Vec::new(),
             eos: Vec::new(),
         };
-        let draft = LocalDraft::new(model.clone(), pool(g));
-        let id = block_on(draft.open(&prompt)).unwrap();
-        let first = block_on(draft.draft(id, ask(Vec::new(), 0)))
+        let fresh = LocalDraft::new(model.clone(), pool(g));
+        let fid = block_on(fresh.open(&prompt)).unwrap();
+        let first = block_on(fresh.draft(fid, ask(Vec::new(), None)))
             .unwrap()
             .0
             .tokens;
-        // The caller sends the chain as committed, and the draft drafts on from it ...
-        let ahead = block_on(draft.draft(id, ask(first.clone(), 0)))
-            .unwrap()
-            .0
-            .tokens;
-        assert!(!ahead.is_empty());
-        // ... but the target kept two of the chain's tokens and then chose another.
+        // The target kept two of the chain's tokens and then chose another.
         let other = (first[2] + 1) % VOCAB as u32;
         let kept = vec![first[0], first[1], other];
-        let got = block_on(draft.draft(id, ask(kept.clone(), first.len())))
-            .unwrap()
-            .0
-            .tokens;
-        let fresh = LocalDraft::new(model.clone(), pool(g));
         let mut text = prompt.to_vec();
         text.extend_from_slice(&kept);
         let fid = block_on(fresh.open(&text)).unwrap();
-        let want = block_on(fresh.draft(fid, ask(Vec::new(), 0)))
+        let want = block_on(fresh.draft(fid, ask(Vec::new(), None)))
             .unwrap()
             .0
             .tokens;
-        if lookahead.is_none() {
-            assert_eq!(got, want, "after a rewind");
-        } else {
-            // A lookahead window carries its guesses over; the model's own chain is the
-            // same however they were found, so compare the tokens the two agree to draft.
-            let n = got.len().min(want.len());
-            assert_eq!(got[..n], want[..n], "after a rewind, with lookahead");
+        for early_call_ran in [true, false] {
+            let draft = LocalDraft::new(model.clone(), pool(g));
+            let id = block_on(draft.open(&prompt)).unwrap();
+            let chain = block_on(draft.draft(id, ask(Vec::new(), None)))
+                .unwrap()
+                .0
+                .tokens;
+            assert_eq!(chain, first);
+            if early_call_ran {
+                // The caller sends the chain as committed, and the draft drafts on ...
+                let ahead = block_on(draft.draft(id, ask(first.clone(), None)))
+                    .unwrap()
+                    .0
+                    .tokens;
+                assert!(!ahead.is_empty());
+            }
+            // ... and then takes it back from where it began.
+            let got = block_on(draft.draft(id, ask(kept.clone(), Some(prompt.len()))))
+                .unwrap()
+                .0
+                .tokens;
+            let what = format!("early call ran: {early_call_ran}, lookahead: {lookahead:?}");
+            if lookahead.is_none() {
+                assert_eq!(got, want, "{what}");
+            } else {
+                // A lookahead window carries its guesses over; the model's own chain is
+                // the same however they were found, so compare what the two both drafted.
+                let n = got.len().min(want.len());
+                assert_eq!(got[..n], want[..n], "{what}");
+            }
+            // Taking back every token, or starting past the session's end, is refused,
+            // naming the field.
+            for start in [0, text.len() + 1] {
+                let e = block_on(draft.draft(id, ask(Vec::new(), Some(start)))).unwrap_err();
+                assert!(e.to_string().contains("start"), "{e}");
+            }
         }
-        // Taking back everything the session holds is refused, naming the field.
-        let e = block_on(draft.draft(id, ask(Vec::new(), 1_000))).unwrap_err();
-        assert!(e.to_string().contains("rewind"), "{e}");
     }
 }
 
@@ -1081,4 +1098,185 @@ fn overlapped_drafting_is_exact_and_its_work_is_used_or_taken_back() {
     assert!(used["perfect"] > 200, "{used:?}");
     assert!(used["perfect"] > used["adversarial"], "{used:?}");
     assert!(discarded > 200, "{discarded}");
+}
+
+/// A target whose verify lets other work run first (as a remote one does while its reply
+/// is on the way), so the overlapped draft call starts before the verdict.
+struct Yielding(LocalTarget<MockModel>);
+
+impl decoding::TargetBackend for Yielding {
+    fn info(&self) -> decoding::BackendInfo {
+        self.0.info()
+    }
+
+    async fn open(&self, committed: &[u32]) -> decoding::Result<decoding::SessionId> {
+        self.0.open(committed).await
+    }
+
+    async fn verify(
+        &self,
+        session: decoding::SessionId,
+        tree: &decoding::DraftTree,
+        sampling: &SamplingParams,
+        logprobs: Option<usize>,
+    ) -> decoding::Result<(decoding::VerifyOutcome, decoding::ServerTiming)> {
+        for _ in 0..3 {
+            yield_now().await;
+        }
+        self.0.verify(session, tree, sampling, logprobs).await
+    }
+
+    async fn close(&self, session: decoding::SessionId) -> decoding::Result<()> {
+        self.0.close(session).await
+    }
+}
+
+/// Returns `Pending` once, waking itself.
+async fn yield_now() {
+    let mut yielded = false;
+    futures::future::poll_fn(|cx| {
+        if yielded {
+            return std::task::Poll::Ready(());
+        }
+        yielded = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    })
+    .await
+}
+
+/// A draft that never answers a call sending committed tokens the target will not
+/// commit (an overlapped call whose chain the target rejects): it hangs until dropped,
+/// before or after drafting. A pool replica of its own where `replica` (as a remote
+/// draft keeps).
+struct DoomedCallsHang {
+    inner: LocalDraft<MockModel>,
+    truth: Vec<u32>,
+    replica: bool,
+    held: std::sync::Mutex<usize>,
+}
+
+impl decoding::DraftBackend for DoomedCallsHang {
+    fn info(&self) -> decoding::BackendInfo {
+        self.inner.info()
+    }
+
+    fn wants_pool_delta(&self) -> bool {
+        self.replica
+    }
+
+    async fn open(&self, committed: &[u32]) -> decoding::Result<decoding::SessionId> {
+        *self.held.lock().unwrap() = committed.len();
+        self.inner.open(committed).await
+    }
+
+    async fn draft(
+        &self,
+        session: decoding::SessionId,
+        request: decoding::DraftRequest,
+    ) -> decoding::Result<(decoding::DraftOutcome, decoding::ServerTiming)> {
+        let from = request.start.unwrap_or(*self.held.lock().unwrap());
+        let end = from + request.new_committed.len();
+        let doomed = self.truth.get(from..end) != Some(&request.new_committed[..]);
+        // Half of the doomed calls never reach the draft, the other half are drafted; with
+        // a replica, none reach it (its phrases go again: `overlap`'s unit tests).
+        if doomed && (self.replica || end.is_multiple_of(2)) {
+            return futures::future::pending().await;
+        }
+        *self.held.lock().unwrap() = end;
+        let out = self.inner.draft(session, request).await;
+        if doomed {
+            yield_now().await;
+            return futures::future::pending().await;
+        }
+        out
+    }
+
+    async fn close(&self, session: decoding::SessionId) -> decoding::Result<()> {
+        self.inner.close(session).await
+    }
+}
+
+/// Overlapped drafting stops an early call whose chain the target rejected instead of
+/// waiting for it, whether the call had started or not (here such calls never end): the
+/// output stays exact, and the next call takes the draft back to where the early call
+/// began (right whether or not it ran).
+#[test]
+fn a_rejected_overlapped_call_is_stopped_not_waited_for() {
+    let target = target_model();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let t = target.clone();
+    std::thread::spawn(move || {
+        let mut cancelled = 0;
+        let mut used = 0;
+        for (name, draft_model) in three_drafts(&t) {
+            for strategy in [Strategy::Speculative, Strategy::Ouroboros] {
+                for (yielding, replica) in [(false, false), (true, false), (true, true)] {
+                    let la = LookaheadParams {
+                        level: 4,
+                        window: 3,
+                        guess: 3,
+                    };
+                    let host = pool(la.phrase_len());
+                    for prompt in prompts() {
+                        let params = DecodeParams {
+                            strategy,
+                            max_new_tokens: 40,
+                            gamma: 4,
+                            lookahead: la,
+                            topk: 2,
+                            overlap: true,
+                            ..DecodeParams::default()
+                        };
+                        let want = plain_decode(&t, &prompt, 40, &SamplingParams::greedy());
+                        let draft_pool = match replica {
+                            true => pool(la.phrase_len()),
+                            false => host.clone(),
+                        };
+                        let d = DoomedCallsHang {
+                            inner: LocalDraft::new(draft_model.clone(), draft_pool),
+                            truth: [&prompt[..], &want[..]].concat(),
+                            replica,
+                            held: Default::default(),
+                        };
+                        let local = LocalTarget::new(t.clone());
+                        let yielding_target = Yielding(LocalTarget::new(t.clone()));
+                        let shared = Shared {
+                            pool: &host,
+                            trie: &TrieCache::default(),
+                            tuner: None,
+                        };
+                        let sink = &mut |_: &[u32], _: &[TokenSource]| Flow::Continue;
+                        let out = match yielding {
+                            true => block_on(generate(
+                                &yielding_target,
+                                Some(&d),
+                                shared,
+                                &prompt,
+                                &params,
+                                sink,
+                            )),
+                            false => {
+                                block_on(generate(&local, Some(&d), shared, &prompt, &params, sink))
+                            }
+                        }
+                        .unwrap();
+                        let what =
+                            format!("{name} {strategy:?} yielding {yielding} replica {replica}");
+                        assert_eq!(out.tokens, want, "{what}");
+                        assert!(out.stats.draft_fallback.is_none(), "{what}");
+                        cancelled += out.stats.overlap_cancelled;
+                        used += out.stats.overlap_used;
+                    }
+                }
+            }
+        }
+        let _ = tx.send((cancelled, used));
+    });
+    let (cancelled, used) = rx
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the loop waited for an overlapped call the verdict had made useless");
+    eprintln!("overlapped calls cancelled: {cancelled}, used: {used}");
+    assert!(cancelled > 100, "{cancelled}");
+    assert!(used > 100, "{used}");
 }

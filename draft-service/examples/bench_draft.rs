@@ -92,7 +92,7 @@ async fn main() -> anyhow::Result<()> {
                         pool_delta: Vec::new(),
                         eos: Vec::new(),
                         stop_below: 0.0,
-                        rewind: 0,
+                        start: None,
                     })
                     .await?
                     .into_inner();

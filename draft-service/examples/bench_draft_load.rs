@@ -17,7 +17,7 @@ use tokio::sync::Barrier;
 fn request(new_committed: Vec<u32>, gamma: usize) -> DraftRequest {
     DraftRequest {
         new_committed,
-        rewind: 0,
+        start: None,
         length: DraftLength::AtLeast(gamma),
         lookahead: None,
         pool_delta: Vec::new(),

@@ -93,7 +93,7 @@ async fn drafts_follow_greedy(lookahead: Option<Lookahead>) -> (u32, usize) {
                 pool_delta: Vec::new(),
                 eos: Vec::new(),
                 stop_below: 0.0,
-                rewind: 0,
+                start: None,
             })
             .await
             .unwrap()
@@ -151,7 +151,7 @@ async fn bad_draft_requests_get_statuses_and_idle_sessions_expire() {
         pool_delta: vec![],
         eos: vec![],
         stop_below: 0.0,
-        rewind: 0,
+        start: None,
     };
     let cases = [
         (
@@ -213,13 +213,22 @@ async fn bad_draft_requests_get_statuses_and_idle_sessions_expire() {
             "vocabulary",
         ),
         (
-            "rewind past the session's first token",
+            "start past the tokens the session holds",
             pb::DraftRequest {
-                rewind: 3,
+                start: Some(100),
                 ..base.clone()
             },
             Code::InvalidArgument,
-            "rewind",
+            "start",
+        ),
+        (
+            "start taking back the session's first token",
+            pb::DraftRequest {
+                start: Some(0),
+                ..base.clone()
+            },
+            Code::InvalidArgument,
+            "start",
         ),
         (
             "unknown session",
@@ -311,7 +320,7 @@ async fn kv_budget_holds_while_draft_sessions_grow() {
         pool_delta: Vec::new(),
         eos: Vec::new(),
         stop_below: 0.0,
-        rewind: 0,
+        start: None,
     };
     // A session's cache is filled on its first draft: B's takes one session's memory.
     let r = c.draft(draft(b, 4)).await.unwrap().into_inner();

@@ -338,6 +338,7 @@ pub fn stats_of(s: &SpecStats) -> pb::SpecStats {
         trie_cache_bytes: s.trie_cache_bytes,
         overlap_used: s.overlap_used,
         overlap_discarded: s.overlap_discarded,
+        overlap_cancelled: s.overlap_cancelled,
     }
 }
 

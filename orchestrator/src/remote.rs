@@ -401,7 +401,7 @@ impl DraftBackend for RemoteDraft {
             .draft(outgoing(dpb::DraftRequest {
                 session_id: session,
                 new_committed: request.new_committed,
-                rewind: request.rewind as u32,
+                start: request.start.map(|s| s as u64),
                 gamma: request.length.tokens() as u32,
                 lookahead: request.lookahead.as_ref().map(Into::into),
                 pool_delta: request.pool_delta.iter().map(Into::into).collect(),

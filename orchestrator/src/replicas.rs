@@ -289,12 +289,11 @@ impl<B: Send + Sync + 'static> Replicas<B> {
         }
     }
 
-    /// The session's last `n` tokens were sent ahead of the target's verdict and taken
-    /// back (a draft's `rewind`); at least one token stays.
-    fn takes_back(&self, session: SessionId, n: usize) {
+    /// The session's tokens from `start` on were sent ahead of the target's verdict and
+    /// are taken back (a draft's `start`); at least one token stays.
+    fn takes_back(&self, session: SessionId, start: usize) {
         if let Some(mut p) = self.inner.sessions.get_mut(&session) {
-            let keep = p.tokens.len().saturating_sub(n).max(1);
-            p.tokens.truncate(keep);
+            p.tokens.truncate(start.max(1));
         }
     }
 
@@ -460,7 +459,7 @@ impl<B: DraftBackend> SessionCall<B> for Draft {
         let mut request = self.0.clone();
         if moved {
             request.new_committed.clear();
-            request.rewind = 0;
+            request.start = None;
         }
         backend.draft(session, request).await
     }
@@ -617,7 +616,9 @@ impl<B: DraftBackend + 'static> DraftBackend for Replicas<B> {
         session: SessionId,
         request: DraftRequest,
     ) -> Result<(DraftOutcome, ServerTiming)> {
-        self.takes_back(session, request.rewind);
+        if let Some(start) = request.start {
+            self.takes_back(session, start);
+        }
         self.holds(session, request.new_committed.iter().copied());
         self.call_with_failover(session, None, &DraftOps, &Draft(request))
             .await

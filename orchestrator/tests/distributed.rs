@@ -341,7 +341,8 @@ async fn every_strategy_equals_plain_decoding_over_grpc() {
 
 /// Overlapped drafting over gRPC (the draft service drafts the next round while the target
 /// service verifies this one): speculative and Ouroboros, greedy and sampled, equal plain
-/// decoding; the early work was used in some rounds and taken back in others.
+/// decoding; the early work was used in some rounds and taken back in others, and some
+/// early calls were stopped at the verdict (cancelled mid-call over gRPC).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn overlapped_drafting_over_grpc_equals_plain_decoding() {
     let mut cl = cluster_with(true).await;
@@ -353,7 +354,7 @@ async fn overlapped_drafting_over_grpc_equals_plain_decoding() {
         top_k: 0,
         seed: Some(7),
     };
-    let (mut used, mut discarded) = (0, 0);
+    let (mut used, mut discarded, mut cancelled) = (0, 0, 0);
     for prompt in prompts() {
         for sampling in [None, Some(sampled)] {
             let plain = generate(c, request(&prompt, S::Greedy, sampling)).await;
@@ -367,13 +368,16 @@ async fn overlapped_drafting_over_grpc_equals_plain_decoding() {
                 assert!(stats.draft_fallback.is_empty(), "{}", stats.draft_fallback);
                 used += stats.overlap_used;
                 discarded += stats.overlap_discarded;
+                cancelled += stats.overlap_cancelled;
             }
         }
     }
-    eprintln!("overlapped draft calls: {used} used, {discarded} taken back");
+    eprintln!(
+        "overlapped draft calls: {used} used, {discarded} taken back ({cancelled} cancelled)"
+    );
     assert!(
-        used > 0 && discarded > 0,
-        "used {used}, taken back {discarded}"
+        used > 0 && discarded > 0 && cancelled > 0,
+        "used {used}, taken back {discarded}, cancelled {cancelled}"
     );
 }
 

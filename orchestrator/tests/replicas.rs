@@ -329,7 +329,7 @@ async fn a_draft_session_moves_when_its_replica_has_no_memory_to_grow_it() {
     let prompt: Vec<u32> = (0..250).map(|i| (i * 7 + 3) % 64).collect();
     let request = || DraftRequest {
         new_committed: Vec::new(),
-        rewind: 0,
+        start: None,
         length: DraftLength::AtLeast(10),
         lookahead: None,
         pool_delta: Vec::new(),

@@ -82,7 +82,7 @@ impl TryFrom<draft_pb::DraftRequest> for DraftCall {
             session: r.session_id,
             request: DraftRequest {
                 new_committed: r.new_committed,
-                rewind: r.rewind as usize,
+                start: r.start.map(|s| usize::try_from(s).unwrap_or(usize::MAX)),
                 length: DraftLength::new(r.gamma as usize, r.stop_below),
                 lookahead,
                 pool_delta: r.pool_delta.into_iter().map(Ngram::from).collect(),

@@ -16,7 +16,7 @@ fn prompt(n: usize, salt: u32) -> Vec<u32> {
 fn request(gamma: usize) -> DraftRequest {
     DraftRequest {
         new_committed: Vec::new(),
-        rewind: 0,
+        start: None,
         length: DraftLength::AtLeast(gamma),
         lookahead: None,
         pool_delta: Vec::new(),

@@ -40,7 +40,7 @@ pub(crate) async fn run<D: DraftBackend>(
         }
         let request = DraftRequest {
             new_committed: std::mem::take(&mut new_committed),
-            rewind: 0,
+            start: None,
             length: DraftLength::AtLeast(1),
             lookahead: Some(params.lookahead),
             pool_delta: Vec::new(),

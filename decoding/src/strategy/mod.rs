@@ -231,7 +231,7 @@ pub(crate) async fn call_draft<T: TargetBackend, D: DraftBackend>(
     }
     let share_pool = lookahead && d.wants_pool_delta();
     let request = DraftRequest {
-        rewind: std::mem::take(&mut state.rewind),
+        start: state.start.take(),
         new_committed: std::mem::take(&mut state.for_draft),
         length: DraftLength::new(gamma, stop_below),
         lookahead: lookahead.then_some(state.params.lookahead),

@@ -3,25 +3,28 @@
 //!
 //! While the target verifies round n's chain, the draft drafts round n+1 from the chain's
 //! end, as if the target accepted all of it: the call sends the chain as committed. When
-//! the verdict comes, the committed tokens either begin with the whole chain and go on as
-//! the draft went on (the target's bonus token is the draft's first token, and any pool
-//! candidates it accepted after the chain are the draft's next ones), and what the draft
-//! drafted beyond them is round n+1's chain without another draft call; or they do not,
-//! and the next draft call takes the chain back (`rewind`) before it sends what was really
-//! committed, the draft keeping its cache where the two agree. The target decides every
-//! committed token either way, so the output is the same as without overlap.
+//! the verdict comes, the committed tokens either begin with the whole chain (the early
+//! call may be worth its work: the loop waits for it), or they do not, and the loop stops
+//! the early call where it is, without waiting (the draft ends a call whose caller left
+//! at its next forward). The early work is used when the committed tokens go on as the
+//! draft went on (the target's bonus token is the draft's first token, and any pool
+//! candidates it accepted after the chain are the draft's next ones): what the draft
+//! drafted beyond them is round n+1's chain without another draft call. Otherwise the
+//! next draft call sends the committed tokens again from where the early call began
+//! (`start`), which is right whether or not a cancelled call ever reached the draft, and
+//! the draft keeps its cache where the two agree. The target decides every committed
+//! token either way, so the output is the same as without overlap.
 //!
 //! How far the early call drafts: as far as the draft gets while the target verifies (the
 //! request's mean verify time over its mean draft forward time, PEARL's speed ratio), at
 //! most the round's own length, plus the token the bonus takes. A call that runs past the
-//! verify delays the next round, and more so when the verdict throws it away; one that
-//! ends with the verify costs nothing either way.
+//! verify delays the next round when the target accepted the chain.
 
 use super::Round;
 use crate::backend::{DraftLength, DraftOutcome, DraftRequest, ServerTiming};
 use crate::generate::Loop;
 use crate::params::Strategy;
-use crate::pool::PhrasePool;
+use crate::pool::{Ngram, PhrasePool};
 use crate::stats::SpecStats;
 
 /// How the last draft call asked, for the overlapped call that repeats it.
@@ -32,13 +35,26 @@ pub(crate) struct DraftShape {
     pub stop_below: f32,
 }
 
+/// What an overlapped call sent, to send again when its work is not used.
+pub(crate) struct EarlyCall {
+    /// Where its committed tokens began in the text.
+    start: usize,
+    /// The committed tokens it sent before the chain.
+    unseen: Vec<u32>,
+    /// The pool phrases it carried: sent again when the call was cancelled, since it may
+    /// never have reached the draft.
+    pool_delta: Vec<Ngram>,
+}
+
 /// The draft call to run beside the verify of `round`, if overlap is on and the round
-/// has a draft chain; `share_pool` says whether the draft keeps a pool replica of its own.
+/// has a draft chain; `share_pool` says whether the draft keeps a pool replica of its own,
+/// `text_len` how many tokens are committed.
 pub(crate) fn request(
     state: &mut Loop<'_>,
     stats: &SpecStats,
     round: &Round,
     share_pool: bool,
+    text_len: usize,
 ) -> Option<DraftRequest> {
     let shape = state.last_draft?;
     let chains = matches!(
@@ -49,19 +65,26 @@ pub(crate) fn request(
         return None;
     }
     let tokens = fits_in_a_verify(stats).map_or(shape.gamma, |n| n.clamp(1, shape.gamma));
-    let mut new_committed = std::mem::take(&mut state.for_draft);
+    let unseen = std::mem::take(&mut state.for_draft);
+    let mut new_committed = unseen.clone();
     new_committed.extend_from_slice(&round.drafted);
     let share_pool = shape.lookahead && share_pool;
+    let pool_delta = match share_pool {
+        true => std::mem::take(&mut state.delta),
+        false => Vec::new(),
+    };
+    state.early = Some(EarlyCall {
+        start: text_len - unseen.len(),
+        unseen,
+        pool_delta: pool_delta.clone(),
+    });
     Some(DraftRequest {
         new_committed,
-        rewind: std::mem::take(&mut state.rewind),
+        start: state.start.take(),
         // One more: the first is the bonus token when all goes well.
         length: DraftLength::new(tokens + 1, shape.stop_below),
         lookahead: shape.lookahead.then_some(state.params.lookahead),
-        pool_delta: match share_pool {
-            true => std::mem::take(&mut state.delta),
-            false => Vec::new(),
-        },
+        pool_delta,
         eos: state.params.eos.clone(),
     })
 }
@@ -78,49 +101,185 @@ fn fits_in_a_verify(stats: &SpecStats) -> Option<usize> {
     Some((verify / forward + 1e-9).floor() as usize)
 }
 
-/// What the overlapped call `outcome` is worth now that `new` (the round's committed
-/// tokens) is known: the next round's chain when the draft went the target's way, else
-/// the chain taken back at the next call. Returns whether the work was used.
+/// Whether the early call beside `round` can still be of use once `new` (the round's
+/// committed tokens) is known: only if they begin with the whole chain and go on past it.
+pub(crate) fn may_use(round: &Round, new: &[u32]) -> bool {
+    let chain = round.drafted.len();
+    new.len() > chain && new[..chain] == round.drafted[..]
+}
+
+/// What the overlapped call was worth now that `new` (the round's committed tokens) is
+/// known: `early` is its outcome, or `None` when the loop cancelled it. The next round's
+/// chain when the draft went the target's way, else the committed tokens sent again from
+/// where the call began. Returns whether the work was used.
 pub(crate) fn settle(
     state: &mut Loop<'_>,
     stats: &mut SpecStats,
     pool: &PhrasePool,
     round: &Round,
     new: &[u32],
-    (outcome, timing, wall): (DraftOutcome, ServerTiming, f64),
+    early: Option<(DraftOutcome, ServerTiming, f64)>,
     share_pool: bool,
 ) -> bool {
-    stats.add_draft(&outcome, timing, wall);
-    if share_pool && state.last_draft.is_some_and(|s| s.lookahead) {
-        pool.insert_all(&outcome.harvested);
+    let Some(call) = state.early.take() else {
+        // No early call was made: the committed tokens go to the next call as usual.
+        state.for_draft.extend_from_slice(new);
+        return false;
+    };
+    match early {
+        Some((outcome, timing, wall)) => {
+            stats.add_draft(&outcome, timing, wall);
+            if share_pool && state.last_draft.is_some_and(|s| s.lookahead) {
+                pool.insert_all(&outcome.harvested);
+            }
+            let beyond = new.get(round.drafted.len()..).unwrap_or_default();
+            if may_use(round, new) && outcome.tokens.starts_with(beyond) {
+                // The draft holds the chain as committed and `beyond` as its own first
+                // tokens: sent as committed with the next call, they keep their cache
+                // entries.
+                let (tokens, confidence) = (outcome.tokens, outcome.confidence);
+                state.predrafted = Some((
+                    tokens[beyond.len()..].to_vec(),
+                    confidence.get(beyond.len()..).unwrap_or_default().to_vec(),
+                ));
+                state.for_draft = beyond.to_vec();
+                stats.overlap_used += 1;
+                return true;
+            }
+        }
+        None => {
+            stats.overlap_cancelled += 1;
+            let mut delta = call.pool_delta;
+            delta.append(&mut state.delta);
+            state.delta = delta;
+        }
     }
-    let chain = round.drafted.len();
-    let beyond = new.get(chain..).unwrap_or_default();
-    let went_our_way = new.len() > chain
-        && new[..chain] == round.drafted[..]
-        && outcome.tokens.starts_with(beyond);
-    if went_our_way {
-        // The draft holds the chain as committed and `beyond` as its own first tokens:
-        // sent as committed with the next call, they keep their cache entries.
-        let (tokens, confidence) = (outcome.tokens, outcome.confidence);
-        state.predrafted = Some((
-            tokens[beyond.len()..].to_vec(),
-            confidence.get(beyond.len()..).unwrap_or_default().to_vec(),
-        ));
-        state.for_draft = beyond.to_vec();
-        stats.overlap_used += 1;
-    } else {
-        state.rewind = chain;
-        state.for_draft = new.to_vec();
-        state.predrafted = None;
-        stats.overlap_discarded += 1;
-    }
-    went_our_way
+    state.start = Some(call.start);
+    state.for_draft = call.unseen;
+    state.for_draft.extend_from_slice(new);
+    state.predrafted = None;
+    stats.overlap_discarded += 1;
+    false
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::params::DecodeParams;
+    use crate::pool::PoolConfig;
+
+    fn phrase(key: u32) -> Ngram {
+        Ngram {
+            key,
+            phrase: vec![key + 1, key + 2],
+        }
+    }
+
+    /// The early call of a round whose chain is 1 2 3, with committed tokens 7 8 the draft
+    /// has not seen (the text holds 20 tokens) and phrase 10 learnt for its replica; then
+    /// the verdict `new` and the call's end (`None`: cancelled), with phrase 30 learnt in
+    /// between. Returns the state after, whether the work was used, and the request.
+    fn one_round(
+        new: &[u32],
+        outcome: Option<Vec<u32>>,
+    ) -> (Loop<'static>, SpecStats, bool, DraftRequest) {
+        static PARAMS: std::sync::LazyLock<DecodeParams> =
+            std::sync::LazyLock::new(|| DecodeParams {
+                strategy: Strategy::Ouroboros,
+                overlap: true,
+                ..DecodeParams::default()
+            });
+        let mut state = Loop {
+            params: &PARAMS,
+            prompt_trie: None,
+            for_draft: vec![7, 8],
+            delta: vec![phrase(10)],
+            start: None,
+            early: None,
+            predrafted: None,
+            last_draft: Some(DraftShape {
+                gamma: 4,
+                lookahead: true,
+                stop_below: 0.0,
+            }),
+        };
+        let mut stats = SpecStats::default();
+        let round = Round::chain(5, vec![1, 2, 3]);
+        let request = request(&mut state, &stats, &round, true, 20).expect("overlap is on");
+        state.delta.push(phrase(30));
+        let pool = PhrasePool::new(PoolConfig {
+            phrase_len: 2,
+            per_key: 4,
+            max_phrases: 100,
+        });
+        let early = outcome.map(|tokens| {
+            let outcome = DraftOutcome {
+                tokens,
+                ..DraftOutcome::default()
+            };
+            (outcome, ServerTiming::default(), 0.01)
+        });
+        let used = settle(&mut state, &mut stats, &pool, &round, new, early, true);
+        (state, stats, used, request)
+    }
+
+    #[test]
+    fn the_early_call_sends_the_chain_as_committed_with_what_the_draft_lacks() {
+        let (_, _, _, request) = one_round(&[1, 2, 3, 4], None);
+        assert_eq!(request.new_committed, [7, 8, 1, 2, 3]);
+        assert_eq!(request.start, None);
+        assert_eq!(request.pool_delta, [phrase(10)]);
+        assert_eq!(request.length.tokens(), 5, "gamma, plus the bonus's token");
+    }
+
+    #[test]
+    fn work_the_target_went_along_with_is_the_next_chain() {
+        let (state, stats, used, _) = one_round(&[1, 2, 3, 4], Some(vec![4, 5, 6]));
+        assert!(used);
+        assert_eq!(state.predrafted, Some((vec![5, 6], vec![])));
+        assert_eq!((state.for_draft, state.start), (vec![4], None));
+        assert_eq!((stats.overlap_used, stats.overlap_discarded), (1, 0));
+    }
+
+    /// A call that ran, whose chain the target cut short: the committed tokens go again
+    /// from where the call began (18: the text's 20 less the 2 it sent before the chain).
+    #[test]
+    fn work_the_target_did_not_take_is_taken_back_from_where_the_call_began() {
+        for (new, outcome) in [(&[1, 9][..], vec![2, 3]), (&[1, 2, 3, 4], vec![6, 7])] {
+            let (state, stats, used, _) = one_round(new, Some(outcome));
+            assert!(!used);
+            let resent = [&[7, 8][..], new].concat();
+            assert_eq!((state.for_draft, state.start), (resent, Some(18)));
+            assert_eq!(state.predrafted, None);
+            assert_eq!(state.delta, [phrase(30)], "the call delivered phrase 10");
+            assert_eq!(stats.overlap_discarded, 1);
+            assert_eq!(stats.overlap_cancelled, 0);
+        }
+    }
+
+    /// A call stopped at the verdict may never have reached the draft: its phrases go
+    /// again, before the ones learnt since, and its tokens go from where it began.
+    #[test]
+    fn a_cancelled_call_is_sent_again_phrases_and_all() {
+        let (state, stats, used, _) = one_round(&[1, 9], None);
+        assert!(!used);
+        assert_eq!((state.for_draft, state.start), (vec![7, 8, 1, 9], Some(18)));
+        assert_eq!(state.delta, [phrase(10), phrase(30)]);
+        assert_eq!((stats.overlap_discarded, stats.overlap_cancelled), (1, 1));
+    }
+
+    #[test]
+    fn the_loop_waits_only_for_a_call_whose_chain_the_target_took_whole() {
+        let round = Round::chain(5, vec![1, 2, 3]);
+        assert!(may_use(&round, &[1, 2, 3, 4]));
+        assert!(may_use(&round, &[1, 2, 3, 4, 8]));
+        assert!(
+            !may_use(&round, &[1, 2, 3]),
+            "the draft's first token is past the end"
+        );
+        assert!(!may_use(&round, &[1, 2, 4]));
+        assert!(!may_use(&round, &[9]));
+    }
 
     #[test]
     fn the_early_call_drafts_what_fits_in_a_verify() {

@@ -299,7 +299,7 @@ pub(super) async fn timed_draft<D: DraftBackend>(
 ) -> Result<(Vec<u32>, f64)> {
     let request = DraftRequest {
         new_committed,
-        rewind: 0,
+        start: None,
         length: DraftLength::AtLeast(gamma),
         lookahead: None,
         pool_delta: Vec::new(),
