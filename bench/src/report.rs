@@ -36,6 +36,11 @@ pub struct Row {
     pub mismatched_prompts: u64,
     /// `auto`: tokens committed under each of its policies (`decoding::Policy::ALL` order).
     pub policy_tokens: [u64; 3],
+    /// Overlapped drafting: early calls whose work was used, taken back, and (of those)
+    /// stopped at the verdict.
+    pub overlap_used: u64,
+    pub overlap_discarded: u64,
+    pub overlap_cancelled: u64,
     /// Seconds of the model calls as a cost table prices them (`--cost-model`; 0 without).
     pub projected_s: f64,
     /// Filled in when the run ends.
@@ -90,6 +95,19 @@ impl Row {
         for (mine, theirs) in self.policy_tokens.iter_mut().zip(s.policy_tokens) {
             *mine += theirs;
         }
+        self.overlap_used += s.overlap_used;
+        self.overlap_discarded += s.overlap_discarded;
+        self.overlap_cancelled += s.overlap_cancelled;
+    }
+
+    /// "40 used, 12 taken back (9 stopped at the verdict)" for rows with overlapped calls.
+    fn overlap_calls(&self) -> Option<String> {
+        (self.overlap_used + self.overlap_discarded > 0).then(|| {
+            format!(
+                "{} used, {} taken back ({} stopped at the verdict)",
+                self.overlap_used, self.overlap_discarded, self.overlap_cancelled
+            )
+        })
     }
 
     /// "mixed 10 %, drafting 85 %, zero-cost 5 %" for rows that ran `auto`'s policies.
@@ -285,6 +303,15 @@ impl Report<'_> {
         if !shares.is_empty() {
             m.push_str("\nTokens committed under each of auto's policies:\n\n");
             m.push_str(&shares.concat());
+        }
+        let overlapped: Vec<String> = self
+            .rows
+            .iter()
+            .filter_map(|r| Some(format!("- {}: {}\n", r.name, r.overlap_calls()?)))
+            .collect();
+        if !overlapped.is_empty() {
+            m.push_str("\nDraft calls made while the target verified (overlap):\n\n");
+            m.push_str(&overlapped.concat());
         }
         m.push_str("\n![speedup over greedy](speedup.png)\n");
         m

@@ -92,11 +92,32 @@ pub async fn generate<T: TargetBackend, D: DraftBackend>(
     }
     let started = Instant::now();
     let mut stats = SpecStats::new(params.strategy);
-    let target_id = target
-        .open(prompt)
-        .instrument(tracing::debug_span!("prefill", tokens = prompt.len()))
-        .await?;
-    stats.prefill_s = started.elapsed().as_secs_f64();
+    let prefill = async {
+        let id = target
+            .open(prompt)
+            .instrument(tracing::debug_span!("prefill", tokens = prompt.len()))
+            .await;
+        (id, started.elapsed().as_secs_f64())
+    };
+    // Overlap: the draft's first call needs only the prompt, so it runs beside the prefill.
+    let ((target_id, prefill_s), first) = match draft.zip(overlap::first_shape(params)) {
+        Some((d, shape)) => {
+            let first = overlap::first_call(d, prompt, params, shape);
+            let (opened, first) = futures::future::join(prefill, first).await;
+            (opened, Some(first))
+        }
+        None => (prefill.await, None),
+    };
+    let target_id = match target_id {
+        Ok(id) => id,
+        Err(e) => {
+            if let (Some(d), Some(id)) = (draft, first.as_ref().and_then(|f| f.session())) {
+                let _ = d.close(id).await;
+            }
+            return Err(e);
+        }
+    };
+    stats.prefill_s = prefill_s;
     stats.calls.push(crate::stats::ModelCall::Prefill {
         rows: prompt.len().saturating_sub(1) as u32,
     });
@@ -106,18 +127,23 @@ pub async fn generate<T: TargetBackend, D: DraftBackend>(
         draft: None,
         spare: None,
     };
+    let mut predrafted = None;
     if params.strategy == Strategy::Auto {
         sessions.spare = draft;
     } else if params.strategy.needs_draft() {
-        match draft {
-            Some(d) => match d.open(prompt).await {
+        match (draft, first) {
+            (Some(d), Some(f)) => {
+                predrafted =
+                    overlap::take_first(f, d, &mut sessions, &mut stats, shared.pool, prompt);
+            }
+            (Some(d), None) => match d.open(prompt).await {
                 Ok(id) => {
                     stats.add_draft_open(prompt.len());
                     sessions.draft = Some((d, id));
                 }
                 Err(e) => stats.fall_back(format!("draft open failed: {e}")),
             },
-            None => stats.fall_back("no draft backend".to_string()),
+            (None, _) => stats.fall_back("no draft backend".to_string()),
         }
     }
     let mut done = Committed::default();
@@ -126,7 +152,7 @@ pub async fn generate<T: TargetBackend, D: DraftBackend>(
         &mut stats,
         shared,
         prompt,
-        params,
+        Loop::new(params, shared, prompt, predrafted),
         on_tokens,
         &mut done,
     )
@@ -178,15 +204,39 @@ pub(crate) struct Loop<'p> {
     pub last_draft: Option<crate::strategy::overlap::DraftShape>,
 }
 
+impl<'p> Loop<'p> {
+    /// A request's state before its first round; `predrafted` is the first round's chain
+    /// where it was drafted beside the prefill.
+    fn new(
+        params: &'p DecodeParams,
+        shared: Shared<'_>,
+        prompt: &[u32],
+        predrafted: Option<(Vec<u32>, Vec<f32>)>,
+    ) -> Self {
+        let use_trie = Rounds::uses_trie(params);
+        Self {
+            params,
+            prompt_trie: use_trie.then(|| PromptTrie::new(prompt, shared.trie.config())),
+            for_draft: Vec::new(),
+            delta: Vec::new(),
+            start: None,
+            early: None,
+            predrafted,
+            last_draft: None,
+        }
+    }
+}
+
 async fn commit_loop<T: TargetBackend, D: DraftBackend>(
     sessions: &mut OpenSessions<'_, T, D>,
     stats: &mut SpecStats,
     shared: Shared<'_>,
     prompt: &[u32],
-    params: &DecodeParams,
+    mut state: Loop<'_>,
     on_tokens: &mut TokenSink<'_>,
     done: &mut Committed,
 ) -> Result<FinishReason> {
+    let params = state.params;
     let max_pos = sessions.target.info().max_position;
     // The target's own limit on a tree (every strategy keeps its tree within `nodes`).
     let max_nodes = sessions
@@ -195,16 +245,6 @@ async fn commit_loop<T: TargetBackend, D: DraftBackend>(
         .unwrap_or(usize::MAX)
         .max(1);
     let use_trie = Rounds::uses_trie(params);
-    let mut state = Loop {
-        params,
-        prompt_trie: use_trie.then(|| PromptTrie::new(prompt, shared.trie.config())),
-        for_draft: Vec::new(),
-        delta: Vec::new(),
-        start: None,
-        early: None,
-        predrafted: None,
-        last_draft: None,
-    };
     if let Some(p) = &state.prompt_trie {
         stats.trie_prompt_nodes = p.len() as u64;
     }
@@ -246,7 +286,7 @@ async fn commit_loop<T: TargetBackend, D: DraftBackend>(
         // Overlap: the draft drafts the next round while the target verifies this one.
         let share_pool = sessions.draft.is_some_and(|(d, _)| d.wants_pool_delta());
         let mut early = sessions.draft.and_then(|(d, id)| {
-            let request = overlap::request(&mut state, stats, &round, share_pool, text.len())?;
+            let request = overlap::request(&mut state, &round, share_pool, text.len())?;
             let span = tracing::debug_span!(parent: &round_span, "overlapped draft");
             Some(Box::pin(async move {
                 let r = d.draft(id, request).instrument(span).await;

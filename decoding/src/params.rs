@@ -82,8 +82,9 @@ pub struct DecodeParams {
     pub logprobs: Option<usize>,
     /// Speculative and Ouroboros: while the target verifies a round's draft chain, the
     /// draft already drafts the next round from the chain's end, as if the target accepted
-    /// it all (PEARL's post-verify); that work is used when the target did, and taken back
-    /// (from the draft's `start`) when it did not, the early call stopped without waiting for it. Pays where draft and target run on separate
+    /// it all (PEARL's post-verify); that work is used when the target did, and stopped and
+    /// taken back (from the draft's `start`) when it did not. The first round's draft call
+    /// runs beside the target's prefill. Pays where draft and target run on separate
     /// hardware; the output is the same either way.
     pub overlap: bool,
 }

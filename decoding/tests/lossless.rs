@@ -1067,11 +1067,11 @@ fn overlapped_drafting_is_exact_and_its_work_is_used_or_taken_back() {
                         );
                         assert!(out.stats.draft_fallback.is_none(), "{name}");
                         // Speculative drafts its chain from the committed text however it
-                        // got there, so with the draft's bookkeeping right (used work,
-                        // rewinds) every round verifies the chain the serial loop verifies.
-                        // At gamma 1 the early call's length does not depend on timing (it
-                        // drafts as far as fits in a verify, at most gamma, plus one).
-                        if strategy == Strategy::Speculative && gamma == 1 {
+                        // got there, so with the draft's bookkeeping right (used work, work
+                        // taken back) every round verifies the chain the serial loop
+                        // verifies. (Without a stop floor: with one, the early call's floor
+                        // counts the bonus token's probability too, and may stop elsewhere.)
+                        if strategy == Strategy::Speculative && draft_stop == 0.0 {
                             let serial = DecodeParams {
                                 overlap: false,
                                 ..params.clone()
@@ -1279,4 +1279,166 @@ fn a_rejected_overlapped_call_is_stopped_not_waited_for() {
     eprintln!("overlapped calls cancelled: {cancelled}, used: {used}");
     assert!(cancelled > 100, "{cancelled}");
     assert!(used > 100, "{used}");
+}
+
+/// A target whose prefill waits for `gate` (or fails, with `fail_open`), and a draft that
+/// opens the gate once it has drafted, counting the sessions it opened and closed.
+struct GatedTarget {
+    inner: LocalTarget<MockModel>,
+    gate: Arc<std::sync::atomic::AtomicBool>,
+    fail_open: bool,
+}
+
+impl decoding::TargetBackend for GatedTarget {
+    fn info(&self) -> decoding::BackendInfo {
+        self.inner.info()
+    }
+
+    async fn open(&self, committed: &[u32]) -> decoding::Result<decoding::SessionId> {
+        while !self.gate.load(std::sync::atomic::Ordering::SeqCst) {
+            yield_now().await;
+        }
+        match self.fail_open {
+            true => Err(decoding::DecodingError::Unavailable(
+                "the target is down".into(),
+            )),
+            false => self.inner.open(committed).await,
+        }
+    }
+
+    async fn verify(
+        &self,
+        session: decoding::SessionId,
+        tree: &decoding::DraftTree,
+        sampling: &SamplingParams,
+        logprobs: Option<usize>,
+    ) -> decoding::Result<(decoding::VerifyOutcome, decoding::ServerTiming)> {
+        self.inner.verify(session, tree, sampling, logprobs).await
+    }
+
+    async fn close(&self, session: decoding::SessionId) -> decoding::Result<()> {
+        self.inner.close(session).await
+    }
+}
+
+struct GateOpeningDraft {
+    inner: LocalDraft<MockModel>,
+    gate: Arc<std::sync::atomic::AtomicBool>,
+    sessions: std::sync::atomic::AtomicI64,
+}
+
+impl decoding::DraftBackend for GateOpeningDraft {
+    fn info(&self) -> decoding::BackendInfo {
+        self.inner.info()
+    }
+
+    fn wants_pool_delta(&self) -> bool {
+        false
+    }
+
+    async fn open(&self, committed: &[u32]) -> decoding::Result<decoding::SessionId> {
+        self.sessions
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.open(committed).await
+    }
+
+    async fn draft(
+        &self,
+        session: decoding::SessionId,
+        request: decoding::DraftRequest,
+    ) -> decoding::Result<(decoding::DraftOutcome, decoding::ServerTiming)> {
+        let out = self.inner.draft(session, request).await;
+        self.gate.store(true, std::sync::atomic::Ordering::SeqCst);
+        out
+    }
+
+    async fn close(&self, session: decoding::SessionId) -> decoding::Result<()> {
+        self.sessions
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.close(session).await
+    }
+}
+
+/// With overlap the draft's first call (its prefill with it) runs beside the target's
+/// prefill: here the target's prefill cannot end before the draft has drafted, so a loop
+/// that opened the two one after the other would never end. The output stays exact, the
+/// first round verifies the chain drafted beside the prefill (speculative's rounds are the
+/// serial loop's at gamma 1), and when the target's prefill fails the draft's session is
+/// closed.
+#[test]
+fn the_first_draft_call_runs_beside_the_prefill() {
+    let target = target_model();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let t = target.clone();
+    std::thread::spawn(move || {
+        for (name, draft_model) in three_drafts(&t) {
+            for strategy in [Strategy::Speculative, Strategy::Ouroboros] {
+                for prompt in prompts() {
+                    let params = DecodeParams {
+                        strategy,
+                        max_new_tokens: 30,
+                        gamma: 1,
+                        topk: 2,
+                        overlap: true,
+                        ..DecodeParams::default()
+                    };
+                    let host = pool(params.lookahead.phrase_len());
+                    let want = plain_decode(&t, &prompt, 30, &SamplingParams::greedy());
+                    for fail_open in [false, true] {
+                        let gate = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                        let target = GatedTarget {
+                            inner: LocalTarget::new(t.clone()),
+                            gate: gate.clone(),
+                            fail_open,
+                        };
+                        let draft = GateOpeningDraft {
+                            inner: LocalDraft::new(draft_model.clone(), host.clone()),
+                            gate,
+                            sessions: Default::default(),
+                        };
+                        let shared = Shared {
+                            pool: &host,
+                            trie: &TrieCache::default(),
+                            tuner: None,
+                        };
+                        let sink = &mut |_: &[u32], _: &[TokenSource]| Flow::Continue;
+                        let out = block_on(generate(
+                            &target,
+                            Some(&draft),
+                            shared,
+                            &prompt,
+                            &params,
+                            sink,
+                        ));
+                        let open = draft.sessions.load(std::sync::atomic::Ordering::SeqCst);
+                        let what = format!("{name} {strategy:?} {prompt:?}");
+                        assert_eq!(open, 0, "{what}: draft sessions left open");
+                        if fail_open {
+                            assert!(out.is_err(), "{what}");
+                            continue;
+                        }
+                        let out = out.unwrap();
+                        assert_eq!(out.tokens, want, "{what}");
+                        assert!(out.stats.draft_fallback.is_none(), "{what}");
+                        if strategy == Strategy::Speculative {
+                            let serial = DecodeParams {
+                                overlap: false,
+                                ..params.clone()
+                            };
+                            let s = run(&t, &draft_model, &host, &prompt, &serial).stats;
+                            let o = &out.stats;
+                            assert_eq!(
+                                (o.drafted, o.accepted, o.target_forwards),
+                                (s.drafted, s.accepted, s.target_forwards),
+                                "{what}: rounds differ from the serial loop's"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the target's prefill waited for a draft call that came after it");
 }

@@ -132,3 +132,34 @@ async fn a_long_catch_up_goes_in_chunks_beside_other_sessions_steps() {
     );
     assert!(log.iter().all(|f| f.iter().sum::<usize>() <= 10), "{log:?}");
 }
+
+/// A call whose caller left (an overlapped draft call stopped at the target's verdict)
+/// ends at its next forward instead of drafting on, and the session's next call starts
+/// then, on the state the first call left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_whose_caller_left_ends_at_its_next_forward() {
+    let model = Arc::new(Gated::new());
+    let rt = runtime(&model, 64);
+    let p = prompt(6, 5);
+    let id = rt.open_session(&p).unwrap();
+    model.set_closed(true);
+    let rt_1 = rt.clone();
+    let mut first = Box::pin(async move { rt_1.draft_call(id, request(20)).await });
+    poll_once(&mut first).await;
+    forwards_started(&model, 1).await;
+    drop(first);
+    let rt_2 = rt.clone();
+    let again = DraftRequest {
+        start: Some(p.len()),
+        ..request(3)
+    };
+    let mut second = Box::pin(async move { rt_2.draft_call(id, again).await });
+    poll_once(&mut second).await;
+    model.set_closed(false);
+    let (got, _) = second.await.unwrap();
+    assert_eq!(got.tokens, alone(&model, &p, 3));
+    // The first call's prefill step, then the second call's three steps (a call drafts
+    // anew from the committed text): none of the first call's other 19.
+    let log = model.log();
+    assert_eq!(log, [vec![6], vec![1], vec![1], vec![1]], "{log:?}");
+}

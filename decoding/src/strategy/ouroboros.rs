@@ -10,12 +10,23 @@
 //!    own tokens, and n-grams of the committed text; a remote draft's replica gets them
 //!    with its next call.
 
+use super::overlap::DraftShape;
 use super::{Round, Verdict, call_draft, pool_phrases, trie};
 use crate::backend::{DraftBackend, TargetBackend};
 use crate::generate::{Loop, OpenSessions, Shared};
 use crate::params::DecodeParams;
 use crate::pool::{Ngram, PhrasePool, ngrams_of};
 use crate::stats::SpecStats;
+
+/// How step 1 asks the draft (before the budget caps `gamma`). Lookahead steps emit several
+/// tokens without one probability each: no stop floor.
+pub(crate) fn draft_shape(params: &DecodeParams) -> DraftShape {
+    DraftShape {
+        gamma: params.gamma,
+        lookahead: true,
+        stop_below: 0.0,
+    }
+}
 
 /// Steps 1 and 2: the draft's lookahead chain, pool phrases after its tip, trie
 /// continuations beside it, within `budget` tokens and `room` nodes.
@@ -31,12 +42,20 @@ pub(crate) async fn round<T: TargetBackend, D: DraftBackend>(
     let params = state.params;
     let drafted = match budget {
         0 => Vec::new(),
-        // Lookahead steps emit several tokens without one probability each: no stop floor.
         _ => {
-            let gamma = params.gamma.min(budget);
-            call_draft(sessions, stats, pool, state, gamma, true, 0.0)
-                .await
-                .0
+            let s = draft_shape(params);
+            let gamma = s.gamma.min(budget);
+            call_draft(
+                sessions,
+                stats,
+                pool,
+                state,
+                gamma,
+                s.lookahead,
+                s.stop_below,
+            )
+            .await
+            .0
         }
     };
     state.delta.clear();

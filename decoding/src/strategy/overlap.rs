@@ -15,17 +15,23 @@
 //! the draft keeps its cache where the two agree. The target decides every committed
 //! token either way, so the output is the same as without overlap.
 //!
-//! How far the early call drafts: as far as the draft gets while the target verifies (the
-//! request's mean verify time over its mean draft forward time, PEARL's speed ratio), at
-//! most the round's own length, plus the token the bonus takes. A call that runs past the
-//! verify delays the next round when the target accepted the chain.
+//! The early call drafts as the round's own call did (its `gamma`, plus the token the bonus
+//! takes): a call the verdict throws away is stopped there, so a long one costs little
+//! when it is wasted, and a chain as long as the serial loop's when it is used.
+//!
+//! The first round's draft call needs only the prompt: with overlap it runs beside the
+//! target's prefill ([`first_call`]), the draft's own prefill with it.
 
-use super::Round;
-use crate::backend::{DraftLength, DraftOutcome, DraftRequest, ServerTiming};
-use crate::generate::Loop;
-use crate::params::Strategy;
+use super::{Round, ouroboros, speculative};
+use crate::backend::{DraftBackend, DraftLength, DraftOutcome, DraftRequest, ServerTiming};
+use crate::backend::{SessionId, TargetBackend};
+use crate::error::Result;
+use crate::generate::{Loop, OpenSessions};
+use crate::params::{DecodeParams, Strategy};
 use crate::pool::{Ngram, PhrasePool};
 use crate::stats::SpecStats;
+use std::time::Instant;
+use tracing::Instrument;
 
 /// How the last draft call asked, for the overlapped call that repeats it.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -51,7 +57,6 @@ pub(crate) struct EarlyCall {
 /// `text_len` how many tokens are committed.
 pub(crate) fn request(
     state: &mut Loop<'_>,
-    stats: &SpecStats,
     round: &Round,
     share_pool: bool,
     text_len: usize,
@@ -64,7 +69,6 @@ pub(crate) fn request(
     if !state.params.overlap || !chains || round.drafted.is_empty() {
         return None;
     }
-    let tokens = fits_in_a_verify(stats).map_or(shape.gamma, |n| n.clamp(1, shape.gamma));
     let unseen = std::mem::take(&mut state.for_draft);
     let mut new_committed = unseen.clone();
     new_committed.extend_from_slice(&round.drafted);
@@ -82,23 +86,106 @@ pub(crate) fn request(
         new_committed,
         start: state.start.take(),
         // One more: the first is the bonus token when all goes well.
-        length: DraftLength::new(tokens + 1, shape.stop_below),
+        length: DraftLength::new(shape.gamma + 1, shape.stop_below),
         lookahead: shape.lookahead.then_some(state.params.lookahead),
         pool_delta,
         eos: state.params.eos.clone(),
     })
 }
 
-/// Draft forwards that fit in one verify, by the request's means so far (None before
-/// both were timed).
-fn fits_in_a_verify(stats: &SpecStats) -> Option<usize> {
-    if stats.target_forwards == 0 || stats.draft_forwards == 0 || stats.draft_s <= 0.0 {
-        return None;
+/// The first round's draft call, made beside the target's prefill: the draft's session
+/// opened on the prompt, and the call's outcome with its wall seconds where it opened.
+pub(crate) struct FirstCall {
+    session: Result<SessionId>,
+    drafted: Option<(Result<(DraftOutcome, ServerTiming)>, f64)>,
+    shape: DraftShape,
+}
+
+impl FirstCall {
+    /// The draft's session, where it opened.
+    pub(crate) fn session(&self) -> Option<SessionId> {
+        self.session.as_ref().ok().copied()
     }
-    let verify = stats.verify_s / stats.target_forwards as f64;
-    let forward = stats.draft_s / stats.draft_forwards as f64;
-    // (A hair added so that a ratio of 3 computed as 2.999... counts 3.)
-    Some((verify / forward + 1e-9).floor() as usize)
+}
+
+/// How the first round asks the draft, where its call goes beside the prefill (overlap,
+/// and a strategy whose rounds draft a chain).
+pub(crate) fn first_shape(params: &DecodeParams) -> Option<DraftShape> {
+    let shape = match params.strategy {
+        Strategy::Speculative => speculative::draft_shape(params),
+        Strategy::Ouroboros => ouroboros::draft_shape(params),
+        _ => return None,
+    };
+    // At most what may still be committed after the round's bonus token.
+    let gamma = shape.gamma.min(params.max_new_tokens.saturating_sub(1));
+    (params.overlap && gamma > 0).then_some(DraftShape { gamma, ..shape })
+}
+
+/// Opens the draft's session on `prompt` and drafts the first round's chain (`shape`).
+pub(crate) async fn first_call<D: DraftBackend>(
+    draft: &D,
+    prompt: &[u32],
+    params: &DecodeParams,
+    shape: DraftShape,
+) -> FirstCall {
+    let t0 = Instant::now();
+    let session = draft.open(prompt).await;
+    let drafted = match &session {
+        Ok(id) => {
+            let request = DraftRequest {
+                new_committed: Vec::new(),
+                start: None,
+                length: DraftLength::new(shape.gamma, shape.stop_below),
+                lookahead: shape.lookahead.then_some(params.lookahead),
+                pool_delta: Vec::new(),
+                eos: params.eos.clone(),
+            };
+            let span = tracing::debug_span!("draft beside the prefill", gamma = shape.gamma);
+            let r = draft.draft(*id, request).instrument(span).await;
+            Some((r, t0.elapsed().as_secs_f64()))
+        }
+        Err(_) => None,
+    };
+    FirstCall {
+        session,
+        drafted,
+        shape,
+    }
+}
+
+/// Takes the first call's session into `sessions` (or says in `stats` why the request
+/// goes on target-only) and returns its chain and confidence, for the first round.
+pub(crate) fn take_first<'d, T: TargetBackend, D: DraftBackend>(
+    first: FirstCall,
+    draft: &'d D,
+    sessions: &mut OpenSessions<'d, T, D>,
+    stats: &mut SpecStats,
+    pool: &PhrasePool,
+    prompt: &[u32],
+) -> Option<(Vec<u32>, Vec<f32>)> {
+    let id = match first.session {
+        Ok(id) => id,
+        Err(e) => {
+            stats.fall_back(format!("draft open failed: {e}"));
+            return None;
+        }
+    };
+    stats.add_draft_open(prompt.len());
+    sessions.draft = Some((draft, id));
+    match first.drafted? {
+        (Ok((o, timing)), wall) => {
+            stats.add_draft(&o, timing, wall);
+            if first.shape.lookahead && draft.wants_pool_delta() {
+                pool.insert_all(&o.harvested);
+            }
+            Some((o.tokens, o.confidence))
+        }
+        (Err(e), _) => {
+            stats.fall_back(format!("draft failed: {e}"));
+            sessions.draft = None;
+            None
+        }
+    }
 }
 
 /// Whether the early call beside `round` can still be of use once `new` (the round's
@@ -205,7 +292,7 @@ mod tests {
         };
         let mut stats = SpecStats::default();
         let round = Round::chain(5, vec![1, 2, 3]);
-        let request = request(&mut state, &stats, &round, true, 20).expect("overlap is on");
+        let request = request(&mut state, &round, true, 20).expect("overlap is on");
         state.delta.push(phrase(30));
         let pool = PhrasePool::new(PoolConfig {
             phrase_len: 2,
@@ -229,7 +316,11 @@ mod tests {
         assert_eq!(request.new_committed, [7, 8, 1, 2, 3]);
         assert_eq!(request.start, None);
         assert_eq!(request.pool_delta, [phrase(10)]);
-        assert_eq!(request.length.tokens(), 5, "gamma, plus the bonus's token");
+        assert_eq!(
+            request.length.tokens(),
+            5,
+            "the round's gamma, plus the bonus's token"
+        );
     }
 
     #[test]
@@ -279,19 +370,5 @@ mod tests {
         );
         assert!(!may_use(&round, &[1, 2, 4]));
         assert!(!may_use(&round, &[9]));
-    }
-
-    #[test]
-    fn the_early_call_drafts_what_fits_in_a_verify() {
-        let mut stats = SpecStats::default();
-        assert_eq!(fits_in_a_verify(&stats), None, "nothing timed yet");
-        // 4 verifies of 0.3 s, 10 draft forwards of 0.1 s: three fit in a verify.
-        (stats.target_forwards, stats.verify_s) = (4, 1.2);
-        assert_eq!(fits_in_a_verify(&stats), None, "the draft not timed yet");
-        (stats.draft_forwards, stats.draft_s) = (10, 1.0);
-        assert_eq!(fits_in_a_verify(&stats), Some(3));
-        // A draft slower than the target: none fits (the call still drafts one).
-        stats.draft_s = 20.0;
-        assert_eq!(fits_in_a_verify(&stats), Some(0));
     }
 }

@@ -2,11 +2,22 @@
 //! forward (stopping early once its own confidence falls below `draft_stop`), and the
 //! target verifies the chain in one forward.
 
+use super::overlap::DraftShape;
 use super::{Round, call_draft};
 use crate::backend::{DraftBackend, TargetBackend};
 use crate::generate::{Loop, OpenSessions};
+use crate::params::DecodeParams;
 use crate::pool::PhrasePool;
 use crate::stats::SpecStats;
+
+/// How a round asks the draft (before the budget caps `gamma`).
+pub(crate) fn draft_shape(params: &DecodeParams) -> DraftShape {
+    DraftShape {
+        gamma: params.gamma,
+        lookahead: false,
+        stop_below: params.draft_stop,
+    }
+}
 
 pub(crate) async fn round<T: TargetBackend, D: DraftBackend>(
     sessions: &mut OpenSessions<'_, T, D>,
@@ -19,10 +30,19 @@ pub(crate) async fn round<T: TargetBackend, D: DraftBackend>(
     let drafted = match budget {
         0 => Vec::new(),
         _ => {
-            let (gamma, stop) = (state.params.gamma.min(budget), state.params.draft_stop);
-            call_draft(sessions, stats, pool, state, gamma, false, stop)
-                .await
-                .0
+            let s = draft_shape(state.params);
+            let gamma = s.gamma.min(budget);
+            call_draft(
+                sessions,
+                stats,
+                pool,
+                state,
+                gamma,
+                s.lookahead,
+                s.stop_below,
+            )
+            .await
+            .0
         }
     };
     state.delta.clear();
