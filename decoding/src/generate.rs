@@ -201,7 +201,7 @@ pub(crate) struct Loop<'p> {
     /// ran (overlap).
     pub predrafted: Option<(Vec<u32>, Vec<f32>)>,
     /// How the last draft call asked.
-    pub last_draft: Option<crate::strategy::overlap::DraftShape>,
+    pub last_draft: Option<crate::strategy::DraftShape>,
 }
 
 impl<'p> Loop<'p> {

@@ -1100,17 +1100,44 @@ fn overlapped_drafting_is_exact_and_its_work_is_used_or_taken_back() {
     assert!(discarded > 200, "{discarded}");
 }
 
-/// A target whose verify lets other work run first (as a remote one does while its reply
-/// is on the way), so the overlapped draft call starts before the verdict.
-struct Yielding(LocalTarget<MockModel>);
+/// A target with the seams these tests need: a verify that lets other work run first (as
+/// a remote one does while its reply is on the way, so an overlapped draft call starts
+/// before the verdict), a prefill that waits for a gate, and a prefill that fails.
+struct TestTarget {
+    inner: LocalTarget<MockModel>,
+    yields: bool,
+    gate: Option<Arc<std::sync::atomic::AtomicBool>>,
+    fail_open: bool,
+}
 
-impl decoding::TargetBackend for Yielding {
+impl TestTarget {
+    fn new(model: &Arc<MockModel>) -> Self {
+        Self {
+            inner: LocalTarget::new(model.clone()),
+            yields: false,
+            gate: None,
+            fail_open: false,
+        }
+    }
+}
+
+impl decoding::TargetBackend for TestTarget {
     fn info(&self) -> decoding::BackendInfo {
-        self.0.info()
+        self.inner.info()
     }
 
     async fn open(&self, committed: &[u32]) -> decoding::Result<decoding::SessionId> {
-        self.0.open(committed).await
+        if let Some(gate) = &self.gate {
+            while !gate.load(std::sync::atomic::Ordering::SeqCst) {
+                yield_now().await;
+            }
+        }
+        match self.fail_open {
+            true => Err(decoding::DecodingError::Unavailable(
+                "the target is down".into(),
+            )),
+            false => self.inner.open(committed).await,
+        }
     }
 
     async fn verify(
@@ -1120,14 +1147,16 @@ impl decoding::TargetBackend for Yielding {
         sampling: &SamplingParams,
         logprobs: Option<usize>,
     ) -> decoding::Result<(decoding::VerifyOutcome, decoding::ServerTiming)> {
-        for _ in 0..3 {
-            yield_now().await;
+        if self.yields {
+            for _ in 0..3 {
+                yield_now().await;
+            }
         }
-        self.0.verify(session, tree, sampling, logprobs).await
+        self.inner.verify(session, tree, sampling, logprobs).await
     }
 
     async fn close(&self, session: decoding::SessionId) -> decoding::Result<()> {
-        self.0.close(session).await
+        self.inner.close(session).await
     }
 }
 
@@ -1197,16 +1226,36 @@ impl decoding::DraftBackend for DoomedCallsHang {
     }
 }
 
+/// Runs `f` on a thread of its own and returns what it returns; a panic in `f` is passed
+/// on, and `f` still running after `secs` seconds fails the test with `hang`.
+fn on_a_thread_within<R: Send + 'static>(
+    secs: u64,
+    hang: &str,
+    f: impl FnOnce() -> R + Send + 'static,
+) -> R {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let thread = std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(secs)) {
+        Ok(r) => r,
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => match thread.join() {
+            Err(panic) => std::panic::resume_unwind(panic),
+            Ok(()) => unreachable!("the thread sent nothing and did not panic"),
+        },
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("{hang}"),
+    }
+}
+
 /// Overlapped drafting stops an early call whose chain the target rejected instead of
 /// waiting for it, whether the call had started or not (here such calls never end): the
 /// output stays exact, and the next call takes the draft back to where the early call
 /// began (right whether or not it ran).
 #[test]
 fn a_rejected_overlapped_call_is_stopped_not_waited_for() {
-    let target = target_model();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let t = target.clone();
-    std::thread::spawn(move || {
+    let t = target_model();
+    let hang = "the loop waited for an overlapped call the verdict had made useless";
+    let (cancelled, used) = on_a_thread_within(60, hang, move || {
         let mut cancelled = 0;
         let mut used = 0;
         for (name, draft_model) in three_drafts(&t) {
@@ -1239,28 +1288,19 @@ fn a_rejected_overlapped_call_is_stopped_not_waited_for() {
                             replica,
                             held: Default::default(),
                         };
-                        let local = LocalTarget::new(t.clone());
-                        let yielding_target = Yielding(LocalTarget::new(t.clone()));
+                        let target = TestTarget {
+                            yields: yielding,
+                            ..TestTarget::new(&t)
+                        };
                         let shared = Shared {
                             pool: &host,
                             trie: &TrieCache::default(),
                             tuner: None,
                         };
                         let sink = &mut |_: &[u32], _: &[TokenSource]| Flow::Continue;
-                        let out = match yielding {
-                            true => block_on(generate(
-                                &yielding_target,
-                                Some(&d),
-                                shared,
-                                &prompt,
-                                &params,
-                                sink,
-                            )),
-                            false => {
-                                block_on(generate(&local, Some(&d), shared, &prompt, &params, sink))
-                            }
-                        }
-                        .unwrap();
+                        let out =
+                            block_on(generate(&target, Some(&d), shared, &prompt, &params, sink))
+                                .unwrap();
                         let what =
                             format!("{name} {strategy:?} yielding {yielding} replica {replica}");
                         assert_eq!(out.tokens, want, "{what}");
@@ -1271,56 +1311,14 @@ fn a_rejected_overlapped_call_is_stopped_not_waited_for() {
                 }
             }
         }
-        let _ = tx.send((cancelled, used));
+        (cancelled, used)
     });
-    let (cancelled, used) = rx
-        .recv_timeout(std::time::Duration::from_secs(60))
-        .expect("the loop waited for an overlapped call the verdict had made useless");
     eprintln!("overlapped calls cancelled: {cancelled}, used: {used}");
     assert!(cancelled > 100, "{cancelled}");
     assert!(used > 100, "{used}");
 }
 
-/// A target whose prefill waits for `gate` (or fails, with `fail_open`), and a draft that
-/// opens the gate once it has drafted, counting the sessions it opened and closed.
-struct GatedTarget {
-    inner: LocalTarget<MockModel>,
-    gate: Arc<std::sync::atomic::AtomicBool>,
-    fail_open: bool,
-}
-
-impl decoding::TargetBackend for GatedTarget {
-    fn info(&self) -> decoding::BackendInfo {
-        self.inner.info()
-    }
-
-    async fn open(&self, committed: &[u32]) -> decoding::Result<decoding::SessionId> {
-        while !self.gate.load(std::sync::atomic::Ordering::SeqCst) {
-            yield_now().await;
-        }
-        match self.fail_open {
-            true => Err(decoding::DecodingError::Unavailable(
-                "the target is down".into(),
-            )),
-            false => self.inner.open(committed).await,
-        }
-    }
-
-    async fn verify(
-        &self,
-        session: decoding::SessionId,
-        tree: &decoding::DraftTree,
-        sampling: &SamplingParams,
-        logprobs: Option<usize>,
-    ) -> decoding::Result<(decoding::VerifyOutcome, decoding::ServerTiming)> {
-        self.inner.verify(session, tree, sampling, logprobs).await
-    }
-
-    async fn close(&self, session: decoding::SessionId) -> decoding::Result<()> {
-        self.inner.close(session).await
-    }
-}
-
+/// A draft that opens `gate` once it has drafted, counting the sessions it has open.
 struct GateOpeningDraft {
     inner: LocalDraft<MockModel>,
     gate: Arc<std::sync::atomic::AtomicBool>,
@@ -1367,10 +1365,9 @@ impl decoding::DraftBackend for GateOpeningDraft {
 /// closed.
 #[test]
 fn the_first_draft_call_runs_beside_the_prefill() {
-    let target = target_model();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let t = target.clone();
-    std::thread::spawn(move || {
+    let t = target_model();
+    let hang = "the target's prefill waited for a draft call that came after it";
+    on_a_thread_within(60, hang, move || {
         for (name, draft_model) in three_drafts(&t) {
             for strategy in [Strategy::Speculative, Strategy::Ouroboros] {
                 for prompt in prompts() {
@@ -1386,10 +1383,10 @@ fn the_first_draft_call_runs_beside_the_prefill() {
                     let want = plain_decode(&t, &prompt, 30, &SamplingParams::greedy());
                     for fail_open in [false, true] {
                         let gate = Arc::new(std::sync::atomic::AtomicBool::new(false));
-                        let target = GatedTarget {
-                            inner: LocalTarget::new(t.clone()),
-                            gate: gate.clone(),
+                        let target = TestTarget {
+                            gate: Some(gate.clone()),
                             fail_open,
+                            ..TestTarget::new(&t)
                         };
                         let draft = GateOpeningDraft {
                             inner: LocalDraft::new(draft_model.clone(), host.clone()),
@@ -1437,8 +1434,5 @@ fn the_first_draft_call_runs_beside_the_prefill() {
                 }
             }
         }
-        let _ = tx.send(());
     });
-    rx.recv_timeout(std::time::Duration::from_secs(60))
-        .expect("the target's prefill waited for a draft call that came after it");
 }

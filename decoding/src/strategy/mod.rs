@@ -201,26 +201,44 @@ pub(crate) fn pool_phrases(
     found
 }
 
-/// One draft call: the committed tokens the draft has not seen, at most `gamma` tokens back
-/// (and their probabilities where `stop_below` asked for them). A failed draft is dropped
-/// for the rest of the request, which carries on target-only and says so in `stats`.
+/// How a draft call asks (the overlapped call repeats the last one's shape).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct DraftShape {
+    pub gamma: usize,
+    pub lookahead: bool,
+    pub stop_below: f32,
+}
+
+impl DraftShape {
+    /// At most `budget` tokens.
+    pub(crate) fn capped(self, budget: usize) -> Self {
+        Self {
+            gamma: self.gamma.min(budget),
+            ..self
+        }
+    }
+}
+
+/// One draft call asked as `shape` says: the committed tokens the draft has not seen, at
+/// most `shape.gamma` tokens back (and their probabilities where `stop_below` asked for
+/// them). A failed draft is dropped for the rest of the request, which carries on
+/// target-only and says so in `stats`.
 pub(crate) async fn call_draft<T: TargetBackend, D: DraftBackend>(
     sessions: &mut OpenSessions<'_, T, D>,
     stats: &mut SpecStats,
     pool: &PhrasePool,
     state: &mut Loop<'_>,
-    gamma: usize,
-    lookahead: bool,
-    stop_below: f32,
+    shape: DraftShape,
 ) -> (Vec<u32>, Vec<f32>) {
     let Some((d, id)) = sessions.draft else {
         return Default::default();
     };
-    state.last_draft = Some(overlap::DraftShape {
+    state.last_draft = Some(shape);
+    let DraftShape {
         gamma,
         lookahead,
         stop_below,
-    });
+    } = shape;
     // Drafted while the last verify ran (overlap), and the target went its way.
     if let Some((mut drafted, mut confidence)) = state.predrafted.take()
         && !drafted.is_empty()

@@ -10,8 +10,7 @@
 //!    own tokens, and n-grams of the committed text; a remote draft's replica gets them
 //!    with its next call.
 
-use super::overlap::DraftShape;
-use super::{Round, Verdict, call_draft, pool_phrases, trie};
+use super::{DraftShape, Round, Verdict, call_draft, pool_phrases, trie};
 use crate::backend::{DraftBackend, TargetBackend};
 use crate::generate::{Loop, OpenSessions, Shared};
 use crate::params::DecodeParams;
@@ -40,23 +39,10 @@ pub(crate) async fn round<T: TargetBackend, D: DraftBackend>(
     room: usize,
 ) -> Round {
     let params = state.params;
-    let drafted = match budget {
+    let shape = draft_shape(params).capped(budget);
+    let drafted = match shape.gamma {
         0 => Vec::new(),
-        _ => {
-            let s = draft_shape(params);
-            let gamma = s.gamma.min(budget);
-            call_draft(
-                sessions,
-                stats,
-                pool,
-                state,
-                gamma,
-                s.lookahead,
-                s.stop_below,
-            )
-            .await
-            .0
-        }
+        _ => call_draft(sessions, stats, pool, state, shape).await.0,
     };
     state.delta.clear();
     let root = *text.last().expect("the text is not empty");

@@ -22,7 +22,7 @@
 //! The first round's draft call needs only the prompt: with overlap it runs beside the
 //! target's prefill ([`first_call`]), the draft's own prefill with it.
 
-use super::{Round, ouroboros, speculative};
+use super::{DraftShape, Round, ouroboros, speculative};
 use crate::backend::{DraftBackend, DraftLength, DraftOutcome, DraftRequest, ServerTiming};
 use crate::backend::{SessionId, TargetBackend};
 use crate::error::Result;
@@ -32,14 +32,6 @@ use crate::pool::{Ngram, PhrasePool};
 use crate::stats::SpecStats;
 use std::time::Instant;
 use tracing::Instrument;
-
-/// How the last draft call asked, for the overlapped call that repeats it.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) struct DraftShape {
-    pub gamma: usize,
-    pub lookahead: bool,
-    pub stop_below: f32,
-}
 
 /// What an overlapped call sent, to send again when its work is not used.
 pub(crate) struct EarlyCall {
@@ -117,8 +109,8 @@ pub(crate) fn first_shape(params: &DecodeParams) -> Option<DraftShape> {
         _ => return None,
     };
     // At most what may still be committed after the round's bonus token.
-    let gamma = shape.gamma.min(params.max_new_tokens.saturating_sub(1));
-    (params.overlap && gamma > 0).then_some(DraftShape { gamma, ..shape })
+    let shape = shape.capped(params.max_new_tokens.saturating_sub(1));
+    (params.overlap && shape.gamma > 0).then_some(shape)
 }
 
 /// Opens the draft's session on `prompt` and drafts the first round's chain (`shape`).

@@ -2,8 +2,7 @@
 //! forward (stopping early once its own confidence falls below `draft_stop`), and the
 //! target verifies the chain in one forward.
 
-use super::overlap::DraftShape;
-use super::{Round, call_draft};
+use super::{DraftShape, Round, call_draft};
 use crate::backend::{DraftBackend, TargetBackend};
 use crate::generate::{Loop, OpenSessions};
 use crate::params::DecodeParams;
@@ -27,23 +26,10 @@ pub(crate) async fn round<T: TargetBackend, D: DraftBackend>(
     root: u32,
     budget: usize,
 ) -> Round {
-    let drafted = match budget {
+    let shape = draft_shape(state.params).capped(budget);
+    let drafted = match shape.gamma {
         0 => Vec::new(),
-        _ => {
-            let s = draft_shape(state.params);
-            let gamma = s.gamma.min(budget);
-            call_draft(
-                sessions,
-                stats,
-                pool,
-                state,
-                gamma,
-                s.lookahead,
-                s.stop_below,
-            )
-            .await
-            .0
-        }
+        _ => call_draft(sessions, stats, pool, state, shape).await.0,
     };
     state.delta.clear();
     Round::chain(root, drafted)

@@ -16,7 +16,7 @@ use crate::params::DecodeParams;
 use crate::pool::PhrasePool;
 use crate::stats::{ModelCall, SpecStats};
 use crate::strategy::ouroboros::PoolLearner;
-use crate::strategy::{Round, Verdict, call_draft, pool_phrases};
+use crate::strategy::{DraftShape, Round, Verdict, call_draft, pool_phrases};
 use crate::tree::DraftTree;
 use crate::trie::TrieDraft;
 use std::time::Instant;
@@ -439,8 +439,12 @@ async fn build<T: TargetBackend, D: DraftBackend>(
         let ask = if stop > 0.0 { gamma.max(g) } else { g };
         let t0 = Instant::now();
         let first_call = stats.calls.len();
-        (drafted, confidence) =
-            call_draft(sessions, stats, pool, state, ask, lookahead, stop).await;
+        let shape = DraftShape {
+            gamma: ask,
+            lookahead,
+            stop_below: stop,
+        };
+        (drafted, confidence) = call_draft(sessions, stats, pool, state, shape).await;
         let calls = &stats.calls[first_call..];
         draft_s = match tuner.clock() {
             Some(clock) => clock.seconds(calls, text.len()),
