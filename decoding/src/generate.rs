@@ -187,14 +187,15 @@ struct Committed {
 pub(crate) struct Loop<'p> {
     pub params: &'p DecodeParams,
     pub prompt_trie: Option<PromptTrie>,
-    /// Committed tokens the draft has not seen yet.
+    /// Committed tokens the draft has not seen yet (or may not have: see `draft_holds`).
     pub for_draft: Vec<u32>,
+    /// How many committed tokens the draft's session holds for certain: where its next
+    /// call's committed tokens begin (every call says so, as the protocol's `start`, so
+    /// that tokens sent ahead of the verdict, or a stopped call that reached the draft
+    /// late, are taken back there). With `for_draft` after them, the whole text.
+    pub draft_holds: usize,
     /// Phrases learnt since the last draft call, for a remote draft's pool replica.
     pub delta: Vec<Ngram>,
-    /// Where the draft's next call begins its committed tokens, when the draft was told of
-    /// tokens too early (overlap) and they are taken back: `for_draft` then holds every
-    /// committed token from there on.
-    pub start: Option<usize>,
     /// The overlapped draft call under way beside the verify, if any.
     pub early: Option<crate::strategy::overlap::EarlyCall>,
     /// The next round's draft chain (and its confidence), drafted while the last verify
@@ -218,8 +219,8 @@ impl<'p> Loop<'p> {
             params,
             prompt_trie: use_trie.then(|| PromptTrie::new(prompt, shared.trie.config())),
             for_draft: Vec::new(),
+            draft_holds: prompt.len(),
             delta: Vec::new(),
-            start: None,
             early: None,
             predrafted,
             last_draft: None,
@@ -286,7 +287,7 @@ async fn commit_loop<T: TargetBackend, D: DraftBackend>(
         // Overlap: the draft drafts the next round while the target verifies this one.
         let share_pool = sessions.draft.is_some_and(|(d, _)| d.wants_pool_delta());
         let mut early = sessions.draft.and_then(|(d, id)| {
-            let request = overlap::request(&mut state, &round, share_pool, text.len())?;
+            let request = overlap::request(&mut state, &round, share_pool)?;
             let span = tracing::debug_span!(parent: &round_span, "overlapped draft");
             Some(Box::pin(async move {
                 let r = d.draft(id, request).instrument(span).await;

@@ -248,8 +248,10 @@ pub(crate) async fn call_draft<T: TargetBackend, D: DraftBackend>(
         return (drafted, confidence);
     }
     let share_pool = lookahead && d.wants_pool_delta();
+    let start = state.draft_holds;
+    state.draft_holds += state.for_draft.len();
     let request = DraftRequest {
-        start: state.start.take(),
+        start: Some(start),
         new_committed: std::mem::take(&mut state.for_draft),
         length: DraftLength::new(gamma, stop_below),
         lookahead: lookahead.then_some(state.params.lookahead),

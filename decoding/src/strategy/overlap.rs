@@ -45,13 +45,11 @@ pub(crate) struct EarlyCall {
 }
 
 /// The draft call to run beside the verify of `round`, if overlap is on and the round
-/// has a draft chain; `share_pool` says whether the draft keeps a pool replica of its own,
-/// `text_len` how many tokens are committed.
+/// has a draft chain; `share_pool` says whether the draft keeps a pool replica of its own.
 pub(crate) fn request(
     state: &mut Loop<'_>,
     round: &Round,
     share_pool: bool,
-    text_len: usize,
 ) -> Option<DraftRequest> {
     let shape = state.last_draft?;
     let chains = matches!(
@@ -69,14 +67,15 @@ pub(crate) fn request(
         true => std::mem::take(&mut state.delta),
         false => Vec::new(),
     };
+    // The draft holds the chain for certain only once the target has taken it.
     state.early = Some(EarlyCall {
-        start: text_len - unseen.len(),
+        start: state.draft_holds,
         unseen,
         pool_delta: pool_delta.clone(),
     });
     Some(DraftRequest {
         new_committed,
-        start: state.start.take(),
+        start: Some(state.draft_holds),
         // One more: the first is the bonus token when all goes well.
         length: DraftLength::new(shape.gamma + 1, shape.stop_below),
         lookahead: shape.lookahead.then_some(state.params.lookahead),
@@ -221,6 +220,7 @@ pub(crate) fn settle(
                     tokens[beyond.len()..].to_vec(),
                     confidence.get(beyond.len()..).unwrap_or_default().to_vec(),
                 ));
+                state.draft_holds = call.start + call.unseen.len() + round.drafted.len();
                 state.for_draft = beyond.to_vec();
                 stats.overlap_used += 1;
                 return true;
@@ -233,7 +233,7 @@ pub(crate) fn settle(
             state.delta = delta;
         }
     }
-    state.start = Some(call.start);
+    state.draft_holds = call.start;
     state.for_draft = call.unseen;
     state.for_draft.extend_from_slice(new);
     state.predrafted = None;
@@ -272,8 +272,8 @@ mod tests {
             params: &PARAMS,
             prompt_trie: None,
             for_draft: vec![7, 8],
+            draft_holds: 18,
             delta: vec![phrase(10)],
-            start: None,
             early: None,
             predrafted: None,
             last_draft: Some(DraftShape {
@@ -284,7 +284,7 @@ mod tests {
         };
         let mut stats = SpecStats::default();
         let round = Round::chain(5, vec![1, 2, 3]);
-        let request = request(&mut state, &round, true, 20).expect("overlap is on");
+        let request = request(&mut state, &round, true).expect("overlap is on");
         state.delta.push(phrase(30));
         let pool = PhrasePool::new(PoolConfig {
             phrase_len: 2,
@@ -306,7 +306,11 @@ mod tests {
     fn the_early_call_sends_the_chain_as_committed_with_what_the_draft_lacks() {
         let (_, _, _, request) = one_round(&[1, 2, 3, 4], None);
         assert_eq!(request.new_committed, [7, 8, 1, 2, 3]);
-        assert_eq!(request.start, None);
+        assert_eq!(
+            request.start,
+            Some(18),
+            "where the draft's certain tokens end"
+        );
         assert_eq!(request.pool_delta, [phrase(10)]);
         assert_eq!(
             request.length.tokens(),
@@ -320,7 +324,8 @@ mod tests {
         let (state, stats, used, _) = one_round(&[1, 2, 3, 4], Some(vec![4, 5, 6]));
         assert!(used);
         assert_eq!(state.predrafted, Some((vec![5, 6], vec![])));
-        assert_eq!((state.for_draft, state.start), (vec![4], None));
+        // The draft holds the chain for certain now: 18 + 7 8 + 1 2 3.
+        assert_eq!((state.for_draft, state.draft_holds), (vec![4], 23));
         assert_eq!((stats.overlap_used, stats.overlap_discarded), (1, 0));
     }
 
@@ -332,7 +337,7 @@ mod tests {
             let (state, stats, used, _) = one_round(new, Some(outcome));
             assert!(!used);
             let resent = [&[7, 8][..], new].concat();
-            assert_eq!((state.for_draft, state.start), (resent, Some(18)));
+            assert_eq!((state.for_draft, state.draft_holds), (resent, 18));
             assert_eq!(state.predrafted, None);
             assert_eq!(state.delta, [phrase(30)], "the call delivered phrase 10");
             assert_eq!(stats.overlap_discarded, 1);
@@ -346,7 +351,7 @@ mod tests {
     fn a_cancelled_call_is_sent_again_phrases_and_all() {
         let (state, stats, used, _) = one_round(&[1, 9], None);
         assert!(!used);
-        assert_eq!((state.for_draft, state.start), (vec![7, 8, 1, 9], Some(18)));
+        assert_eq!((state.for_draft, state.draft_holds), (vec![7, 8, 1, 9], 18));
         assert_eq!(state.delta, [phrase(10), phrase(30)]);
         assert_eq!((stats.overlap_discarded, stats.overlap_cancelled), (1, 1));
     }

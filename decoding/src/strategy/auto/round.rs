@@ -423,6 +423,7 @@ async fn build<T: TargetBackend, D: DraftBackend>(
                     }
                     sessions.draft = Some((d, id));
                     state.for_draft.clear();
+                    state.draft_holds = text.len();
                 }
                 Err(e) => stats.fall_back(format!("draft open failed: {e}")),
             }
