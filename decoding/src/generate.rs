@@ -397,8 +397,7 @@ async fn commit_loop<T: TargetBackend, D: DraftBackend>(
             .transpose()
         {
             Err(e) => {
-                stats.fall_back(format!("draft failed: {e}"));
-                sessions.draft = None;
+                crate::strategy::drop_draft(sessions, stats, &e);
                 state.early = None;
             }
             Ok(early) => {

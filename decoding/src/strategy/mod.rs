@@ -20,10 +20,12 @@ pub(crate) mod overlap;
 pub mod speculative;
 pub mod trie;
 
-use crate::backend::{DraftBackend, DraftLength, DraftRequest, TargetBackend, VerifyOutcome};
+use crate::backend::{DraftBackend, DraftLength, DraftOutcome, DraftRequest, ServerTiming};
+use crate::backend::{TargetBackend, VerifyOutcome};
+use crate::error::DecodingError;
 use crate::generate::{Loop, OpenSessions, Shared};
 use crate::params::{DecodeParams, Strategy};
-use crate::pool::PhrasePool;
+use crate::pool::{Ngram, PhrasePool};
 use crate::stats::SpecStats;
 use crate::tree::DraftTree;
 use auto::Guess;
@@ -217,6 +219,52 @@ impl DraftShape {
             ..self
         }
     }
+
+    /// The request that asks as this shape does: `new_committed` from the session's
+    /// `start`-th committed token on, with `pool_delta` for the draft's pool replica.
+    pub(crate) fn request(
+        self,
+        params: &DecodeParams,
+        start: Option<usize>,
+        new_committed: Vec<u32>,
+        pool_delta: Vec<Ngram>,
+    ) -> DraftRequest {
+        DraftRequest {
+            new_committed,
+            start,
+            length: DraftLength::new(self.gamma, self.stop_below),
+            lookahead: self.lookahead.then_some(params.lookahead),
+            pool_delta,
+            eos: params.eos.clone(),
+        }
+    }
+}
+
+/// A draft call's outcome counted in `stats`; where the draft keeps a pool replica of its
+/// own (`replica`) and drafted with lookahead, the phrases its window harvested go to the
+/// caller's `pool` too.
+pub(crate) fn record_draft(
+    stats: &mut SpecStats,
+    pool: &PhrasePool,
+    (outcome, timing, wall): (&DraftOutcome, ServerTiming, f64),
+    lookahead: bool,
+    replica: bool,
+) {
+    stats.add_draft(outcome, timing, wall);
+    if lookahead && replica {
+        pool.insert_all(&outcome.harvested);
+    }
+}
+
+/// A failed draft is dropped for the rest of the request, which carries on target-only
+/// and says so in `stats`.
+pub(crate) fn drop_draft<T: TargetBackend, D: DraftBackend>(
+    sessions: &mut OpenSessions<'_, T, D>,
+    stats: &mut SpecStats,
+    e: &DecodingError,
+) {
+    stats.fall_back(format!("draft failed: {e}"));
+    sessions.draft = None;
 }
 
 /// One draft call asked as `shape` says: the committed tokens the draft has not seen, at
@@ -247,37 +295,28 @@ pub(crate) async fn call_draft<T: TargetBackend, D: DraftBackend>(
         confidence.truncate(drafted.len());
         return (drafted, confidence);
     }
-    let share_pool = lookahead && d.wants_pool_delta();
+    let replica = d.wants_pool_delta();
     let start = state.draft_holds;
     state.draft_holds += state.for_draft.len();
-    let request = DraftRequest {
-        start: Some(start),
-        new_committed: std::mem::take(&mut state.for_draft),
-        length: DraftLength::new(gamma, stop_below),
-        lookahead: lookahead.then_some(state.params.lookahead),
-        pool_delta: if share_pool {
-            std::mem::take(&mut state.delta)
-        } else {
-            Vec::new()
-        },
-        eos: state.params.eos.clone(),
+    let pool_delta = match lookahead && replica {
+        true => std::mem::take(&mut state.delta),
+        false => Vec::new(),
     };
+    let new_committed = std::mem::take(&mut state.for_draft);
+    let request = shape.request(state.params, Some(start), new_committed, pool_delta);
     let t0 = Instant::now();
     let span = tracing::debug_span!("draft", gamma, lookahead, stop_below);
     match d.draft(id, request).instrument(span).await {
         Ok((o, timing)) => {
-            stats.add_draft(&o, timing, t0.elapsed().as_secs_f64());
-            if share_pool {
-                pool.insert_all(&o.harvested);
-            }
+            let wall = t0.elapsed().as_secs_f64();
+            record_draft(stats, pool, (&o, timing, wall), lookahead, replica);
             let (mut drafted, mut confidence) = (o.tokens, o.confidence);
             drafted.truncate(gamma);
             confidence.truncate(drafted.len());
             (drafted, confidence)
         }
         Err(e) => {
-            stats.fall_back(format!("draft failed: {e}"));
-            sessions.draft = None;
+            drop_draft(sessions, stats, &e);
             Default::default()
         }
     }

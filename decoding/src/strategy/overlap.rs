@@ -22,8 +22,8 @@
 //! The first round's draft call needs only the prompt: with overlap it runs beside the
 //! target's prefill ([`first_call`]), the draft's own prefill with it.
 
-use super::{DraftShape, Round, ouroboros, speculative};
-use crate::backend::{DraftBackend, DraftLength, DraftOutcome, DraftRequest, ServerTiming};
+use super::{DraftShape, Round, drop_draft, ouroboros, record_draft, speculative};
+use crate::backend::{DraftBackend, DraftOutcome, DraftRequest, ServerTiming};
 use crate::backend::{SessionId, TargetBackend};
 use crate::error::Result;
 use crate::generate::{Loop, OpenSessions};
@@ -73,15 +73,13 @@ pub(crate) fn request(
         unseen,
         pool_delta: pool_delta.clone(),
     });
-    Some(DraftRequest {
-        new_committed,
-        start: Some(state.draft_holds),
-        // One more: the first is the bonus token when all goes well.
-        length: DraftLength::new(shape.gamma + 1, shape.stop_below),
-        lookahead: shape.lookahead.then_some(state.params.lookahead),
-        pool_delta,
-        eos: state.params.eos.clone(),
-    })
+    // One more token: the first is the bonus token when all goes well.
+    let shape = DraftShape {
+        gamma: shape.gamma + 1,
+        ..shape
+    };
+    let start = Some(state.draft_holds);
+    Some(shape.request(state.params, start, new_committed, pool_delta))
 }
 
 /// The first round's draft call, made beside the target's prefill: the draft's session
@@ -123,14 +121,7 @@ pub(crate) async fn first_call<D: DraftBackend>(
     let session = draft.open(prompt).await;
     let drafted = match &session {
         Ok(id) => {
-            let request = DraftRequest {
-                new_committed: Vec::new(),
-                start: None,
-                length: DraftLength::new(shape.gamma, shape.stop_below),
-                lookahead: shape.lookahead.then_some(params.lookahead),
-                pool_delta: Vec::new(),
-                eos: params.eos.clone(),
-            };
+            let request = shape.request(params, None, Vec::new(), Vec::new());
             let span = tracing::debug_span!("draft beside the prefill", gamma = shape.gamma);
             let r = draft.draft(*id, request).instrument(span).await;
             Some((r, t0.elapsed().as_secs_f64()))
@@ -165,15 +156,12 @@ pub(crate) fn take_first<'d, T: TargetBackend, D: DraftBackend>(
     sessions.draft = Some((draft, id));
     match first.drafted? {
         (Ok((o, timing)), wall) => {
-            stats.add_draft(&o, timing, wall);
-            if first.shape.lookahead && draft.wants_pool_delta() {
-                pool.insert_all(&o.harvested);
-            }
+            let (lookahead, replica) = (first.shape.lookahead, draft.wants_pool_delta());
+            record_draft(stats, pool, (&o, timing, wall), lookahead, replica);
             Some((o.tokens, o.confidence))
         }
         (Err(e), _) => {
-            stats.fall_back(format!("draft failed: {e}"));
-            sessions.draft = None;
+            drop_draft(sessions, stats, &e);
             None
         }
     }
@@ -206,10 +194,8 @@ pub(crate) fn settle(
     };
     match early {
         Some((outcome, timing, wall)) => {
-            stats.add_draft(&outcome, timing, wall);
-            if share_pool && state.last_draft.is_some_and(|s| s.lookahead) {
-                pool.insert_all(&outcome.harvested);
-            }
+            let lookahead = state.last_draft.is_some_and(|s| s.lookahead);
+            record_draft(stats, pool, (&outcome, timing, wall), lookahead, share_pool);
             let beyond = new.get(round.drafted.len()..).unwrap_or_default();
             if may_use(round, new) && outcome.tokens.starts_with(beyond) {
                 // The draft holds the chain as committed and `beyond` as its own first
