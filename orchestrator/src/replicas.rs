@@ -289,8 +289,8 @@ impl<B: Send + Sync + 'static> Replicas<B> {
         }
     }
 
-    /// The session's tokens from `start` on were sent ahead of the target's verdict and
-    /// are taken back (a draft's `start`); at least one token stays.
+    /// A draft call begins its committed tokens at `start`: any the session held from
+    /// there on (sent ahead of the target's verdict) are taken back; at least one stays.
     fn takes_back(&self, session: SessionId, start: usize) {
         if let Some(mut p) = self.inner.sessions.get_mut(&session) {
             p.tokens.truncate(start.max(1));
