@@ -9,6 +9,8 @@ use crate::lookahead::{Window, finish_step, plan_step};
 use crate::pool::PhrasePool;
 use crate::validate::{FieldError, check_tokens, check_vocab};
 use engine::{ForwardOutput, KvState, LanguageModel, OutputSpec, SeqInput};
+use std::collections::BTreeSet;
+use std::sync::Arc;
 
 /// The draft's per-session state: its own view of the text (committed tokens, then what
 /// it drafted), a KV cache over a prefix of it, and the lookahead window.
@@ -17,17 +19,22 @@ pub struct DraftSession<C> {
     seq: Vec<u32>,
     committed: usize,
     window: Option<Window>,
+    /// Tokens the text has held that a narrowed output head does not score.
+    beyond: BeyondHead,
 }
 
 impl<C: KvState> DraftSession<C> {
     pub fn open<M: LanguageModel<Cache = C>>(model: &M, committed: &[u32]) -> Result<Self> {
         check_tokens(committed, model.info().vocab_size)?;
+        let mut beyond = BeyondHead::new(model.info().head_vocab);
+        beyond.note(committed);
         // The prefill happens in the first draft step, together with the first window.
         Ok(Self {
             cache: model.new_cache(),
             seq: committed.to_vec(),
             committed: committed.len(),
             window: None,
+            beyond,
         })
     }
 
@@ -54,6 +61,7 @@ impl<C: KvState> DraftSession<C> {
             .count();
         self.seq.truncate(self.committed);
         self.seq.extend_from_slice(new_committed);
+        self.beyond.note(new_committed);
         self.committed = self.seq.len();
         let valid = (self.committed - new_committed.len() + same).min(self.seq.len() - 1);
         if self.cache.len() > valid {
@@ -163,6 +171,7 @@ impl<C: KvState> DraftSession<C> {
                 base,
                 windowed: false,
                 confidence: false,
+                also: None,
                 max_pos,
             }));
         }
@@ -192,6 +201,7 @@ impl<C: KvState> DraftSession<C> {
             base,
             windowed,
             confidence: call.stop_below.is_some(),
+            also: self.beyond.tokens(),
             max_pos,
         }))
     }
@@ -260,6 +270,39 @@ impl<C: KvState> DraftSession<C> {
     }
 }
 
+/// The tokens a session's text has held that its model's narrowed output head does not
+/// score (`engine::OutputSpec::also`): a head cut to the vocabulary's first tokens still
+/// proposes the prompt's rare identifiers and the chat template's markers.
+struct BeyondHead {
+    head_vocab: usize,
+    seen: BTreeSet<u32>,
+    /// `seen` as the forwards take it, made again when it grows.
+    tokens: Option<Arc<[u32]>>,
+}
+
+impl BeyondHead {
+    fn new(head_vocab: usize) -> Self {
+        Self {
+            head_vocab,
+            seen: BTreeSet::new(),
+            tokens: None,
+        }
+    }
+
+    fn note(&mut self, text: &[u32]) {
+        let before = self.seen.len();
+        self.seen
+            .extend(text.iter().filter(|&&t| t as usize >= self.head_vocab));
+        if self.seen.len() > before {
+            self.tokens = Some(self.seen.iter().copied().collect());
+        }
+    }
+
+    fn tokens(&self) -> Option<Arc<[u32]>> {
+        self.tokens.clone()
+    }
+}
+
 /// One draft call in progress ([`DraftSession::begin`]): what it asked for and what it
 /// has drafted so far.
 pub struct DraftCall {
@@ -282,6 +325,8 @@ pub struct DraftStep {
     /// The step carries the lookahead window.
     windowed: bool,
     confidence: bool,
+    /// Tokens beyond a narrowed head that the step's rows may also predict.
+    also: Option<Arc<[u32]>>,
     /// The model's context: emitting stops there.
     max_pos: usize,
 }
@@ -310,6 +355,7 @@ impl DraftStep {
                     rows: Some(plan.output_rows().collect()),
                     logits: false,
                     confidence: self.confidence,
+                    also: self.also.clone(),
                 },
             },
         }

@@ -4,6 +4,7 @@
 
 use crate::error::{EngineError, Result};
 use crate::mask::Visibility;
+use std::sync::Arc;
 
 /// Which rows of a forward to produce outputs for, and how much of each.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -15,6 +16,12 @@ pub struct OutputSpec {
     /// Also return each selected row's probability of its argmax token (a draft uses it
     /// to stop drafting where it is unsure).
     pub confidence: bool,
+    /// Tokens beyond a narrowed output head (`LoadOptions::head_vocab`) that these rows
+    /// may predict all the same, each scored against the full head's row for it: a draft
+    /// passes the tokens its text has held, so that a narrowed head still proposes the
+    /// prompt's rare identifiers. Tokens the head covers are ignored, and so is the list
+    /// where the head is whole.
+    pub also: Option<Arc<[u32]>>,
 }
 
 impl OutputSpec {
@@ -44,6 +51,12 @@ impl OutputSpec {
 
     pub fn with_confidence(mut self) -> Self {
         self.confidence = true;
+        self
+    }
+
+    /// See [`Self::also`].
+    pub fn also(mut self, tokens: Arc<[u32]>) -> Self {
+        self.also = Some(tokens);
         self
     }
 
@@ -110,6 +123,17 @@ impl<'a> SeqInput<'a> {
                 limit: max_position,
             });
         }
+        if let Some((i, t)) = self
+            .outputs
+            .also
+            .iter()
+            .flat_map(|a| a.iter().enumerate())
+            .find(|(_, t)| **t as usize >= vocab)
+        {
+            return Err(EngineError::invalid(format!(
+                "outputs.also[{i}] = {t} is outside the vocabulary of {vocab}"
+            )));
+        }
         self.visibility.validate(n)?;
         self.outputs.resolve(n)?;
         Ok(())
@@ -168,6 +192,9 @@ pub(crate) fn check_keep(len: usize, base: usize, rows: &[usize]) -> Result<()> 
 pub struct ModelInfo {
     pub name: String,
     pub vocab_size: usize,
+    /// Tokens the output head scores on its own: `vocab_size` unless the head was
+    /// narrowed at load (`LoadOptions::head_vocab`; see [`OutputSpec::also`]).
+    pub head_vocab: usize,
     pub max_position: usize,
     pub num_layers: usize,
 }

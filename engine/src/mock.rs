@@ -78,6 +78,7 @@ impl MockModel {
             info: ModelInfo {
                 name: format!("mock-v{vocab_size}"),
                 vocab_size,
+                head_vocab: vocab_size,
                 max_position,
                 num_layers: 1,
             },

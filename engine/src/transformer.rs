@@ -10,7 +10,7 @@ use crate::kquant_matmul::{self, KQuantMatrix};
 use crate::kv::KvCache;
 use crate::mask::Visibility;
 use crate::weights::{
-    RawWeight, Role, TensorSource, pad_for_tiles, requantize_padded, split_range,
+    RawWeight, Role, TILE_N, TensorSource, pad_for_tiles, requantize_padded, split_range,
 };
 use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{D, DType, Device, Module, Tensor};
@@ -244,6 +244,55 @@ struct Layer {
     down: Linear,
 }
 
+/// How the loader turns a file's weight into a matmul operand.
+#[derive(Debug, Clone, Copy)]
+struct Encoding {
+    requantize: Option<GgmlDType>,
+    f16_weights: bool,
+    dequantize_f16: bool,
+    /// Zero-pad Q8_0 widths for candle's fast kernels (`weights::pad_for_tiles`).
+    pad: bool,
+}
+
+impl Encoding {
+    fn matmul(&self, w: RawWeight, device: &Device) -> Result<(QMatMul, usize)> {
+        if let Some(dtype) = self.requantize {
+            return requantize_padded(&w, dtype, device);
+        }
+        let w = w.into_matmul(self.f16_weights, self.dequantize_f16)?;
+        if self.pad {
+            pad_for_tiles(w)
+        } else {
+            Ok((w, 0))
+        }
+    }
+}
+
+/// The whole output head behind a narrowed one, as the file has it (for tied embeddings,
+/// the embedding table itself, so no more memory), and how the loader would have
+/// encoded it: rows taken from it and encoded so score tokens exactly as the whole head
+/// loaded alike would.
+struct HeadRows {
+    full: RawWeight,
+    encoding: Encoding,
+    kquants: bool,
+}
+
+impl HeadRows {
+    /// `h @ rows(ids)^T`. The rows go in multiples of 16 (the last one repeated), as
+    /// candle's fast kernels need and a narrowed head has them, so that each token's score
+    /// comes out of the kernel the whole head runs.
+    fn score(&self, h: &Tensor, ids: &[u32]) -> Result<Tensor> {
+        let mut padded = ids.to_vec();
+        if let Some(&last) = ids.last() {
+            padded.resize(ids.len().next_multiple_of(TILE_N), last);
+        }
+        let rows = self.full.gather_rows(&padded)?;
+        let lin = Linear::new(self.encoding.matmul(rows, h.device())?, None, self.kquants)?;
+        Ok(lin.forward(h)?.narrow(D::Minus1, 0, ids.len())?)
+    }
+}
+
 /// Per-rank sizes after sharding.
 #[derive(Debug, Clone, Copy)]
 struct LocalDims {
@@ -260,6 +309,9 @@ pub struct Transformer {
     final_norm: Tensor,
     /// Only the rank that produces outputs holds the head.
     lm_head: Option<Linear>,
+    /// Every row of a narrowed head, for tokens beyond it that a forward asks about
+    /// (`OutputSpec::also`).
+    head_rows: Option<HeadRows>,
     cos: Tensor,
     sin: Tensor,
     info: ModelInfo,
@@ -331,13 +383,13 @@ impl Transformer {
         let row = |w: RawWeight, start: usize, len: usize| -> Result<RawWeight> {
             if sharded { w.cols(start, len) } else { Ok(w) }
         };
-        let matmul = |w: RawWeight| -> Result<(QMatMul, usize)> {
-            if let Some(dtype) = opts.requantize {
-                return requantize_padded(&w, dtype, device);
-            }
-            let w = w.into_matmul(opts.f16_weights, opts.dequantize_f16)?;
-            if pad { pad_for_tiles(w) } else { Ok((w, 0)) }
+        let encoding = Encoding {
+            requantize: opts.requantize,
+            f16_weights: opts.f16_weights,
+            dequantize_f16: opts.dequantize_f16,
+            pad,
         };
+        let matmul = |w: RawWeight| encoding.matmul(w, device);
         let embed_raw = get(source, Role::Embed, &[cfg.vocab_size, h])?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
@@ -376,6 +428,7 @@ impl Transformer {
             opts.progress.report(i + 1, cfg.num_layers + 1);
         }
         let final_norm = get(source, Role::FinalNorm, &[h])?.to_f32(device)?;
+        let mut head_rows = None;
         let lm_head = if shard.rank == 0 {
             let head = match source.get(Role::LmHead)? {
                 Some(w) => w.expect_dims(&source.describe(Role::LmHead), &[cfg.vocab_size, h])?,
@@ -388,7 +441,14 @@ impl Transformer {
                         cfg.vocab_size
                     )));
                 }
-                Some(n) if n < cfg.vocab_size => head.rows(0, n)?,
+                Some(n) if n < cfg.vocab_size => {
+                    head_rows = Some(HeadRows {
+                        full: head.clone(),
+                        encoding,
+                        kquants,
+                    });
+                    head.rows(0, n)?
+                }
                 _ => head,
             };
             Some(Linear::new(matmul(head)?, None, kquants)?)
@@ -404,6 +464,7 @@ impl Transformer {
         let info = ModelInfo {
             name: name.to_string(),
             vocab_size: cfg.vocab_size,
+            head_vocab: opts.head_vocab.unwrap_or(cfg.vocab_size),
             max_position: cfg.max_position,
             num_layers: cfg.num_layers,
         };
@@ -418,6 +479,7 @@ impl Transformer {
             layers,
             final_norm,
             lm_head,
+            head_rows,
             cos,
             sin,
             info,
@@ -598,8 +660,8 @@ impl Transformer {
         let h = hidden.index_select(&idx, 0)?;
         let h = candle_nn::ops::rms_norm(&h, &self.final_norm, self.cfg.rms_norm_eps as f32)?;
         let logits = head.forward(&h)?.to_dtype(DType::F32)?;
-        let argmax: Vec<u32> = logits.argmax_keepdim(D::Minus1)?.flatten_all()?.to_vec1()?;
-        let confidence: Option<Vec<f32>> = if inputs.iter().any(|i| i.outputs.confidence) {
+        let mut argmax: Vec<u32> = logits.argmax_keepdim(D::Minus1)?.flatten_all()?.to_vec1()?;
+        let mut confidence: Option<Vec<f32>> = if inputs.iter().any(|i| i.outputs.confidence) {
             // The argmax's probability is 1 / sum(exp(logit - max logit)).
             let top = logits.max_keepdim(D::Minus1)?;
             let mass = logits.broadcast_sub(&top)?.exp()?.sum_keepdim(D::Minus1)?;
@@ -608,9 +670,9 @@ impl Transformer {
             None
         };
         let want_logits = inputs.iter().any(|i| i.outputs.logits);
-        let all_logits: Option<Vec<Vec<f32>>> = if want_logits {
+        let mut all_logits: Option<Vec<Vec<f32>>> = if want_logits {
             let mut rows = logits.to_vec2::<f32>()?;
-            // A narrowed head never predicts the rest of the vocabulary.
+            // A narrowed head never predicts the rest of the vocabulary (but see below).
             for r in &mut rows {
                 r.resize(self.cfg.vocab_size, f32::NEG_INFINITY);
             }
@@ -618,6 +680,51 @@ impl Transformer {
         } else {
             None
         };
+        if let Some(full) = &self.head_rows {
+            // Tokens beyond the narrowed head that a sequence asked about, scored against
+            // their own rows of the full head and merged into its rows' outputs.
+            let narrow = logits.dim(D::Minus1)?;
+            let mut at = 0;
+            for (input, rows) in inputs.iter().zip(&per_seq) {
+                let m = rows.len();
+                let ids = beyond_head(input.outputs.also.as_deref(), narrow);
+                if m > 0 && !ids.is_empty() {
+                    let scores: Vec<Vec<f32>> = full
+                        .score(&h.narrow(0, at, m)?, &ids)?
+                        .to_dtype(DType::F32)?
+                        .to_vec2()?;
+                    let tops: Vec<f32> = logits
+                        .narrow(0, at, m)?
+                        .max_keepdim(D::Minus1)?
+                        .flatten_all()?
+                        .to_vec1()?;
+                    for (i, (row, top)) in scores.iter().zip(tops).enumerate() {
+                        let r = at + i;
+                        // On a tie the head's own (lower) token stays, as argmax does.
+                        let (best_at, best) = row.iter().enumerate().fold(
+                            (usize::MAX, f32::NEG_INFINITY),
+                            |acc, (j, &x)| if x > acc.1 { (j, x) } else { acc },
+                        );
+                        let new_top = top.max(best);
+                        if best > top {
+                            argmax[r] = ids[best_at];
+                        }
+                        if let Some(conf) = confidence.as_mut() {
+                            // 1 / conf is the head's mass relative to its own top.
+                            let mass = (top - new_top).exp() / conf[r]
+                                + row.iter().map(|&x| (x - new_top).exp()).sum::<f32>();
+                            conf[r] = mass.recip();
+                        }
+                        if let Some(all) = all_logits.as_mut() {
+                            for (&t, &x) in ids.iter().zip(row) {
+                                all[r][t as usize] = x;
+                            }
+                        }
+                    }
+                }
+                at += m;
+            }
+        }
         let mut at = 0;
         for (input, rows) in inputs.iter().zip(per_seq) {
             let m = rows.len();
@@ -637,6 +744,19 @@ impl Transformer {
         }
         Ok(results)
     }
+}
+
+/// The distinct tokens of `also` that a head of `narrow` tokens does not score, ascending.
+fn beyond_head(also: Option<&[u32]>, narrow: usize) -> Vec<u32> {
+    let mut ids: Vec<u32> = also
+        .unwrap_or_default()
+        .iter()
+        .copied()
+        .filter(|&t| t as usize >= narrow)
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
 }
 
 /// Masked attention of `n` new queries against a sequence's keys. Query heads are grouped

@@ -131,18 +131,18 @@ impl RawWeight {
     pub fn rows(&self, start: usize, len: usize) -> Result<Self> {
         match self {
             RawWeight::Dense(t) => Ok(RawWeight::Dense(t.narrow(0, start, len)?.contiguous()?)),
-            RawWeight::Quant(q) => {
-                let dims = q.shape().dims();
-                let cols: usize = dims[1..].iter().product();
-                let dtype = q.dtype();
-                let row_bytes = cols / dtype.block_size() * dtype.type_size();
-                let data = q.data()?;
-                let bytes = data[start * row_bytes..(start + len) * row_bytes].to_vec();
-                let mut shape = dims.to_vec();
-                shape[0] = len;
-                let storage = QStorage::from_data(Cow::Owned(bytes), &q.device(), dtype)?;
-                Ok(RawWeight::Quant(Arc::new(QTensor::new(storage, shape)?)))
+            RawWeight::Quant(q) => quant_rows(q, start..start + len),
+        }
+    }
+
+    /// The rows `ids` of a `(rows, cols)` weight, in that order.
+    pub fn gather_rows(&self, ids: &[u32]) -> Result<Self> {
+        match self {
+            RawWeight::Dense(t) => {
+                let idx = Tensor::new(ids, t.device())?;
+                Ok(RawWeight::Dense(t.index_select(&idx, 0)?))
             }
+            RawWeight::Quant(q) => quant_rows(q, ids.iter().map(|&i| i as usize)),
         }
     }
 
@@ -188,6 +188,27 @@ impl RawWeight {
             }
         }
     }
+}
+
+/// A quantized weight's rows (whole blocks each), copied in the order given.
+fn quant_rows(q: &QTensor, rows: impl ExactSizeIterator<Item = usize>) -> Result<RawWeight> {
+    let dims = q.shape().dims();
+    let cols: usize = dims[1..].iter().product();
+    let dtype = q.dtype();
+    let row_bytes = cols / dtype.block_size() * dtype.type_size();
+    let data = q.data()?;
+    let mut shape = dims.to_vec();
+    shape[0] = rows.len();
+    let mut bytes = Vec::with_capacity(shape[0] * row_bytes);
+    for r in rows {
+        let from = r * row_bytes;
+        let row = data.get(from..from + row_bytes).ok_or_else(|| {
+            EngineError::invalid(format!("row {r} is past the weight's {} rows", dims[0]))
+        })?;
+        bytes.extend_from_slice(row);
+    }
+    let storage = QStorage::from_data(Cow::Owned(bytes), &q.device(), dtype)?;
+    Ok(RawWeight::Quant(Arc::new(QTensor::new(storage, shape)?)))
 }
 
 /// candle has no fast CPU kernels for these block types; Q8_0 gives the same greedy
@@ -244,7 +265,7 @@ pub fn split_range(total: usize, world: usize, rank: usize) -> (usize, usize) {
 /// Width multiple that candle's repacked x86 kernels need (one Q8_K activation block).
 const TILE_K: usize = 256;
 /// Output rows per repacked tile.
-const TILE_N: usize = 16;
+pub(crate) const TILE_N: usize = 16;
 
 /// Zero columns appended to a Q8_0 `(out, in)` weight whose `in` is not a multiple of 256,
 /// so that it reaches candle's repacked VNNI kernels. candle takes any other width to its
