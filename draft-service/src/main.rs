@@ -51,8 +51,8 @@ struct Args {
     drain_timeout_s: u64,
     #[command(flatten)]
     tls: serving::tls::TlsArgs,
-    /// Predict only the first N vocabulary entries (a cheaper output head; the target
-    /// still checks every draft token). Leave unset on a service that hosts the target
+    /// Score only the first N vocabulary entries and the tokens each session's text has
+    /// held (a cheaper output head; the target still checks every draft token). Leave unset on a service that hosts the target
     /// for `--lookahead-endpoint`, whose tokens nobody checks.
     #[arg(long, env = "OURO_DRAFT_HEAD_VOCAB", value_parser = clap::value_parser!(u64).range(1..))]
     head_vocab: Option<u64>,

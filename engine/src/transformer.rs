@@ -55,9 +55,10 @@ pub struct LoadOptions {
     pub requantize: Option<GgmlDType>,
     /// Compute the output head over the first N vocabulary entries only: the head is a
     /// quarter of a small model's work per token, and Qwen/GPT-style vocabularies list
-    /// tokens in merge order, common ones first. Later tokens are never predicted (their
-    /// logits read -inf), so again only for a draft, whose tokens the target checks.
-    /// Keep it a multiple of 16, or candle takes another kernel for the head.
+    /// tokens in merge order, common ones first. Later tokens are predicted only where a
+    /// forward names them (`OutputSpec::also`; elsewhere their logits read -inf), so again
+    /// only for a draft, whose tokens the target checks. Keep it a multiple of 16, or
+    /// candle takes another kernel for the head.
     pub head_vocab: Option<usize>,
     /// Run Q4_K/Q6_K matrices on candle's kernels instead of ours (`kquant_matmul`);
     /// for comparing the two.
@@ -268,10 +269,10 @@ impl Encoding {
     }
 }
 
-/// The whole output head behind a narrowed one, as the file has it (for tied embeddings,
-/// the embedding table itself, so no more memory), and how the loader would have
-/// encoded it: rows taken from it and encoded so score tokens exactly as the whole head
-/// loaded alike would.
+/// The whole output head behind a narrowed one, as the file has it, and how the loader
+/// encodes matrices: rows taken from it and encoded alike score their tokens exactly as
+/// the whole head, loaded with the same options, would. With tied embeddings this is the
+/// embedding table itself (no more memory); otherwise the file's head stays in memory.
 struct HeadRows {
     full: RawWeight,
     encoding: Encoding,

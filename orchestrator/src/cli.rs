@@ -33,7 +33,8 @@ pub struct ModelArgs {
     /// deployment; about 3 GB for the 1.5B target).
     #[arg(long, env = "OURO_TARGET_F16")]
     pub target_f16: bool,
-    /// The draft predicts only the first N vocabulary entries (a cheaper output head;
+    /// The draft's output head scores only the first N vocabulary entries and the tokens
+    /// its session's text has held (a cheaper head; 32768 suits Qwen-style vocabularies;
     /// the target still checks every draft token, so the output does not change).
     #[arg(long, env = "OURO_DRAFT_HEAD_VOCAB", value_parser = clap::value_parser!(u64).range(1..))]
     pub draft_head_vocab: Option<u64>,
