@@ -203,6 +203,10 @@ pub(crate) struct Loop<'p> {
     pub predrafted: Option<(Vec<u32>, Vec<f32>)>,
     /// How the last draft call asked.
     pub last_draft: Option<crate::strategy::DraftShape>,
+    /// The next round verifies without a draft chain while the draft drafts beside it
+    /// (overlap, after an early call's work was thrown away): see
+    /// [`crate::strategy::overlap`].
+    pub step_beside_draft: bool,
 }
 
 impl<'p> Loop<'p> {
@@ -224,6 +228,7 @@ impl<'p> Loop<'p> {
             early: None,
             predrafted,
             last_draft: None,
+            step_beside_draft: false,
         }
     }
 }

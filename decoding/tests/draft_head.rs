@@ -1,8 +1,8 @@
 //! A draft with a narrowed output head (`LoadOptions::head_vocab`) still proposes the
 //! tokens its text has held beyond the head, scored exactly as the whole head scores them.
 
-use candle_core::{Device, Tensor};
 use candle_core::quantized::GgmlDType;
+use candle_core::{Device, Tensor};
 use decoding::{
     DraftBackend, DraftLength, DraftRequest, LocalDraft, LookaheadParams, PhrasePool, PoolConfig,
 };
@@ -37,7 +37,11 @@ fn models() -> (Arc<Transformer>, Arc<Transformer>) {
     (load(None), load(Some(48)))
 }
 
-fn drafts(model: &Arc<Transformer>, prompt: &[u32], lookahead: Option<LookaheadParams>) -> Vec<u32> {
+fn drafts(
+    model: &Arc<Transformer>,
+    prompt: &[u32],
+    lookahead: Option<LookaheadParams>,
+) -> Vec<u32> {
     let g = lookahead.map_or(2, |l| l.phrase_len());
     let pool = Arc::new(PhrasePool::new(PoolConfig {
         phrase_len: g,
@@ -90,7 +94,11 @@ fn a_narrow_draft_head_drafts_what_the_whole_head_drafts_over_the_tokens_its_tex
             want.iter().any(|&t| t >= 48),
             "{lookahead:?}: the whole head never drafted past token 48: {want:?}"
         );
-        assert_eq!(drafts(&narrow, &everything, lookahead), want, "{lookahead:?}");
+        assert_eq!(
+            drafts(&narrow, &everything, lookahead),
+            want,
+            "{lookahead:?}"
+        );
         // A text without such tokens leaves the narrowed head to its own.
         let own = drafts(&narrow, &plain, lookahead);
         assert!(own.iter().all(|&t| t < 48), "{lookahead:?}: {own:?}");

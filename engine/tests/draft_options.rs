@@ -167,7 +167,10 @@ fn tokens_named_beyond_a_narrow_head_are_scored_as_the_full_head_scores_them() {
         .with_confidence()
         .also(named.clone().into());
     let out = narrow
-        .forward(&mut narrow.new_cache(), SeqInput::chain(&tokens, &pos, spec))
+        .forward(
+            &mut narrow.new_cache(),
+            SeqInput::chain(&tokens, &pos, spec),
+        )
         .unwrap();
     let (logits, conf) = (out.logits.unwrap(), out.confidence.unwrap());
     let mut won = 0;
@@ -181,7 +184,10 @@ fn tokens_named_beyond_a_narrow_head_are_scored_as_the_full_head_scores_them() {
                 assert_eq!(l[t], f32::NEG_INFINITY, "row {row} token {t}");
             }
         }
-        let best = (0..96).filter(|&t| allowed(t)).max_by(|&i, &j| f[i].total_cmp(&f[j])).unwrap();
+        let best = (0..96)
+            .filter(|&t| allowed(t))
+            .max_by(|&i, &j| f[i].total_cmp(&f[j]))
+            .unwrap();
         assert_eq!(out.argmax[row] as usize, best, "row {row}");
         won += usize::from(best >= 48);
         let mass: f64 = (0..96)

@@ -295,6 +295,10 @@ pub(crate) async fn call_draft<T: TargetBackend, D: DraftBackend>(
         confidence.truncate(drafted.len());
         return (drafted, confidence);
     }
+    // Overlap after thrown-away work: this round's chain is drafted beside its verify.
+    if state.step_beside_draft {
+        return Default::default();
+    }
     let replica = d.wants_pool_delta();
     let start = state.draft_holds;
     state.draft_holds += state.for_draft.len();

@@ -19,6 +19,14 @@
 //! takes): a call the verdict throws away is stopped there, so a long one costs little
 //! when it is wasted, and a chain as long as the serial loop's when it is used.
 //!
+//! When an early call's work is thrown away, the next round does not wait for a fresh
+//! chain: it verifies without one (the root alone; for Ouroboros, with its pool and trie
+//! candidates), a plain step of the target, while the draft drafts from the text so far
+//! beside it, as an early call for a round whose chain is empty. The step commits the
+//! target's next token; when the draft's first token is that token, the rest of its call
+//! is the next round's chain. So the target takes a step where it would have idled while
+//! the draft drafted (PEARL's pre-verify, in its simplest form).
+//!
 //! The first round's draft call needs only the prompt: with overlap it runs beside the
 //! target's prefill ([`first_call`]), the draft's own prefill with it.
 
@@ -56,7 +64,8 @@ pub(crate) fn request(
         state.params.strategy,
         Strategy::Speculative | Strategy::Ouroboros
     );
-    if !state.params.overlap || !chains || round.drafted.is_empty() {
+    let step = std::mem::take(&mut state.step_beside_draft);
+    if !state.params.overlap || !chains || (round.drafted.is_empty() && !step) {
         return None;
     }
     let unseen = std::mem::take(&mut state.for_draft);
@@ -223,6 +232,7 @@ pub(crate) fn settle(
     state.for_draft = call.unseen;
     state.for_draft.extend_from_slice(new);
     state.predrafted = None;
+    state.step_beside_draft = true;
     stats.overlap_discarded += 1;
     false
 }
@@ -267,6 +277,7 @@ mod tests {
                 lookahead: true,
                 stop_below: 0.0,
             }),
+            step_beside_draft: false,
         };
         let mut stats = SpecStats::default();
         let round = Round::chain(5, vec![1, 2, 3]);
@@ -340,6 +351,51 @@ mod tests {
         assert_eq!((state.for_draft, state.draft_holds), (vec![7, 8, 1, 9], 18));
         assert_eq!(state.delta, [phrase(10), phrase(30)]);
         assert_eq!((stats.overlap_discarded, stats.overlap_cancelled), (1, 1));
+    }
+
+    /// After work thrown away the next round is a plain step with the draft's call
+    /// beside it: the call sends the committed tokens the draft lacks and nothing ahead of
+    /// the verdict; the step's token is then the first the draft must have drafted.
+    #[test]
+    fn after_work_thrown_away_the_draft_drafts_beside_a_plain_step() {
+        let (mut state, mut stats, _, _) = one_round(&[1, 9], None);
+        assert!(state.step_beside_draft);
+        let step = Round::chain(9, Vec::new());
+        let call = request(&mut state, &step, true).expect("a call beside the step");
+        assert!(!state.step_beside_draft, "one step per thrown-away call");
+        assert_eq!(call.new_committed, [7, 8, 1, 9]);
+        assert_eq!(call.start, Some(18));
+        assert!(
+            may_use(&step, &[4]),
+            "any committed token may be the draft's first"
+        );
+        let pool = PhrasePool::new(PoolConfig {
+            phrase_len: 3,
+            per_key: 4,
+            max_phrases: 100,
+        });
+        let drafted = Some((
+            DraftOutcome {
+                tokens: vec![4, 5, 6],
+                ..DraftOutcome::default()
+            },
+            ServerTiming::default(),
+            0.01,
+        ));
+        assert!(settle(
+            &mut state,
+            &mut stats,
+            &pool,
+            &step,
+            &[4],
+            drafted,
+            true
+        ));
+        assert_eq!(state.predrafted, Some((vec![5, 6], vec![])));
+        assert_eq!((state.for_draft, state.draft_holds), (vec![4], 22));
+        // Without thrown-away work, a round without a chain has no call beside it.
+        let (mut used, ..) = one_round(&[1, 2, 3, 4], Some(vec![4, 5, 6]));
+        assert!(request(&mut used, &step, true).is_none());
     }
 
     #[test]
