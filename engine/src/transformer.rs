@@ -702,12 +702,12 @@ impl Transformer {
                     for (i, (row, top)) in scores.iter().zip(tops).enumerate() {
                         let r = at + i;
                         // On a tie the head's own (lower) token stays, as argmax does.
-                        let (best_at, best) = row
-                            .iter()
-                            .enumerate()
-                            .fold((usize::MAX, f32::NEG_INFINITY), |acc, (j, &x)| {
+                        let (best_at, best) = row.iter().enumerate().fold(
+                            (usize::MAX, f32::NEG_INFINITY),
+                            |acc, (j, &x)| {
                                 if x > acc.1 { (j, x) } else { acc }
-                            });
+                            },
+                        );
                         let new_top = top.max(best);
                         if best > top {
                             argmax[r] = ids[best_at];

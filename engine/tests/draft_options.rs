@@ -145,62 +145,77 @@ fn confidence_is_the_argmax_probability() {
 /// head's over the head's tokens and those, while unnamed ones stay out.
 #[test]
 fn tokens_named_beyond_a_narrow_head_are_scored_as_the_full_head_scores_them() {
-    let (_, full) = run(&model(&LoadOptions::default()));
-    let narrow = model(&LoadOptions {
-        head_vocab: Some(48),
-        ..LoadOptions::default()
-    });
-    assert_eq!(narrow.info().head_vocab, 48);
-    let tokens: Vec<u32> = (0..12).map(|i| (i * 37 + 5) % 96).collect();
-    let pos: Vec<u32> = (0..12).collect();
-    // Beyond the head: each row's best token past 48 for some rows, so that the named
-    // tokens win there; repeats and tokens the head covers are allowed.
-    let mut named: Vec<u32> = full
-        .iter()
-        .step_by(3)
-        .map(|f| (48..96).max_by(|&i, &j| f[i].total_cmp(&f[j])).unwrap() as u32)
-        .collect();
-    named.extend([3, 95, 95]);
-    let set: std::collections::BTreeSet<u32> = named.iter().copied().filter(|&t| t >= 48).collect();
-    let spec = OutputSpec::all()
-        .with_logits()
-        .with_confidence()
-        .also(named.clone().into());
-    let out = narrow
-        .forward(
-            &mut narrow.new_cache(),
-            SeqInput::chain(&tokens, &pos, spec),
-        )
-        .unwrap();
-    let (logits, conf) = (out.logits.unwrap(), out.confidence.unwrap());
-    let mut won = 0;
-    for (row, f) in full.iter().enumerate() {
-        let l = &logits[row];
-        let allowed = |t: usize| t < 48 || set.contains(&(t as u32));
-        for t in 0..96 {
-            if allowed(t) {
-                assert_eq!(l[t], f[t], "row {row} token {t}");
-            } else {
-                assert_eq!(l[t], f32::NEG_INFINITY, "row {row} token {t}");
-            }
-        }
-        let best = (0..96)
-            .filter(|&t| allowed(t))
-            .max_by(|&i, &j| f[i].total_cmp(&f[j]))
+    // Also with the weights re-encoded at load: the named rows are encoded alike.
+    for requantize in [None, Some(GgmlDType::Q4K)] {
+        let (_, full) = run(&model(&LoadOptions {
+            requantize,
+            ..LoadOptions::default()
+        }));
+        let narrow = model(&LoadOptions {
+            head_vocab: Some(48),
+            requantize,
+            ..LoadOptions::default()
+        });
+        assert_eq!(narrow.info().head_vocab, 48);
+        let tokens: Vec<u32> = (0..12).map(|i| (i * 37 + 5) % 96).collect();
+        let pos: Vec<u32> = (0..12).collect();
+        // Beyond the head: each row's best token past 48 for some rows, so that the named
+        // tokens win there; repeats and tokens the head covers are allowed.
+        let mut named: Vec<u32> = full
+            .iter()
+            .step_by(3)
+            .map(|f| (48..96).max_by(|&i, &j| f[i].total_cmp(&f[j])).unwrap() as u32)
+            .collect();
+        named.extend([3, 95, 95]);
+        let set: std::collections::BTreeSet<u32> =
+            named.iter().copied().filter(|&t| t >= 48).collect();
+        let spec = OutputSpec::all()
+            .with_logits()
+            .with_confidence()
+            .also(named.clone().into());
+        let out = narrow
+            .forward(
+                &mut narrow.new_cache(),
+                SeqInput::chain(&tokens, &pos, spec),
+            )
             .unwrap();
-        assert_eq!(out.argmax[row] as usize, best, "row {row}");
-        won += usize::from(best >= 48);
-        let mass: f64 = (0..96)
-            .filter(|&t| allowed(t))
-            .map(|t| f64::from(f[t] - f[best]).exp())
-            .sum();
-        assert!((conf[row] - (1.0 / mass) as f32).abs() < 1e-4, "row {row}");
+        let (logits, conf) = (out.logits.unwrap(), out.confidence.unwrap());
+        let mut won = 0;
+        for (row, f) in full.iter().enumerate() {
+            let l = &logits[row];
+            let allowed = |t: usize| t < 48 || set.contains(&(t as u32));
+            for t in 0..96 {
+                if allowed(t) {
+                    assert_eq!(l[t], f[t], "{requantize:?} row {row} token {t}");
+                } else {
+                    assert_eq!(
+                        l[t],
+                        f32::NEG_INFINITY,
+                        "{requantize:?} row {row} token {t}"
+                    );
+                }
+            }
+            let best = (0..96)
+                .filter(|&t| allowed(t))
+                .max_by(|&i, &j| f[i].total_cmp(&f[j]))
+                .unwrap();
+            assert_eq!(out.argmax[row] as usize, best, "{requantize:?} row {row}");
+            won += usize::from(best >= 48);
+            let mass: f64 = (0..96)
+                .filter(|&t| allowed(t))
+                .map(|t| f64::from(f[t] - f[best]).exp())
+                .sum();
+            assert!(
+                (conf[row] - (1.0 / mass) as f32).abs() < 1e-4,
+                "{requantize:?} row {row}"
+            );
+        }
+        assert!(won > 0, "no named token beyond the head was ever the best");
+        // a token outside the vocabulary is refused, naming the field
+        let bad = OutputSpec::all().also(vec![96].into());
+        let err = narrow
+            .forward(&mut narrow.new_cache(), SeqInput::chain(&tokens, &pos, bad))
+            .unwrap_err();
+        assert!(err.to_string().contains("outputs.also[0]"), "{err}");
     }
-    assert!(won > 0, "no named token beyond the head was ever the best");
-    // a token outside the vocabulary is refused, naming the field
-    let bad = OutputSpec::all().also(vec![96].into());
-    let err = narrow
-        .forward(&mut narrow.new_cache(), SeqInput::chain(&tokens, &pos, bad))
-        .unwrap_err();
-    assert!(err.to_string().contains("outputs.also[0]"), "{err}");
 }
