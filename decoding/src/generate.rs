@@ -250,7 +250,8 @@ async fn commit_loop<T: TargetBackend, D: DraftBackend>(
         .max_tree_nodes()
         .unwrap_or(usize::MAX)
         .max(1);
-    let use_trie = Rounds::uses_trie(params);
+    // The loop's state holds the prompt's trie exactly when the strategy uses tries.
+    let use_trie = state.prompt_trie.is_some();
     if let Some(p) = &state.prompt_trie {
         stats.trie_prompt_nodes = p.len() as u64;
     }

@@ -31,6 +31,5 @@ pub(crate) async fn round<T: TargetBackend, D: DraftBackend>(
         0 => Vec::new(),
         _ => call_draft(sessions, stats, pool, state, shape).await.0,
     };
-    state.delta.clear();
     Round::chain(root, drafted)
 }
