@@ -35,6 +35,13 @@ impl<T: TargetBackend, D: DraftBackend> OpenSessions<'_, T, D> {
         self.draft.is_some() || self.spare.is_some()
     }
 
+    /// Whether the draft, open or still to be opened, keeps a pool replica of its own that
+    /// the calls' `pool_delta` keeps current.
+    pub fn draft_has_replica(&self) -> bool {
+        let draft = self.draft.map(|(d, _)| d).or(self.spare);
+        draft.is_some_and(|d| d.wants_pool_delta())
+    }
+
     async fn close(self) {
         // Closing is best effort: a failed close only leaves a session for the TTL.
         if let Err(e) = self.target.close(self.target_id).await {
@@ -411,7 +418,7 @@ async fn commit_loop<T: TargetBackend, D: DraftBackend>(
                 overlap::settle(&mut state, stats, p, &round, &new, early, share_pool);
             }
         }
-        rounds.committed(shared.pool, sessions, &mut state, stats, &text, before);
+        rounds.committed(shared.pool, stats, &text, before);
         done.sources.extend_from_slice(&new_sources);
         if on_tokens(&new, &new_sources) == Flow::Stop {
             return Ok(FinishReason::Stop);

@@ -1497,3 +1497,127 @@ fn the_first_draft_call_runs_beside_the_prefill() {
         }
     });
 }
+
+/// A draft with a pool replica of its own (as a remote draft keeps), recording every
+/// phrase the calls that reached it carried.
+struct RecordingReplica {
+    inner: LocalDraft<MockModel>,
+    received: std::sync::Mutex<std::collections::HashSet<(u32, Vec<u32>)>>,
+    /// The tokens the session held after the last call: the prompt, then what the calls
+    /// sent as committed.
+    held: std::sync::Mutex<usize>,
+}
+
+impl decoding::DraftBackend for RecordingReplica {
+    fn info(&self) -> decoding::BackendInfo {
+        self.inner.info()
+    }
+
+    fn wants_pool_delta(&self) -> bool {
+        true
+    }
+
+    async fn open(&self, committed: &[u32]) -> decoding::Result<decoding::SessionId> {
+        *self.held.lock().unwrap() = committed.len();
+        self.inner.open(committed).await
+    }
+
+    async fn draft(
+        &self,
+        session: decoding::SessionId,
+        request: decoding::DraftRequest,
+    ) -> decoding::Result<(decoding::DraftOutcome, decoding::ServerTiming)> {
+        {
+            let mut held = self.held.lock().unwrap();
+            *held = request.start.unwrap_or(*held) + request.new_committed.len();
+        }
+        let phrases = request.pool_delta.iter().map(|n| (n.key, n.phrase.clone()));
+        self.received.lock().unwrap().extend(phrases);
+        self.inner.draft(session, request).await
+    }
+
+    async fn close(&self, session: decoding::SessionId) -> decoding::Result<()> {
+        self.inner.close(session).await
+    }
+}
+
+/// Ouroboros and auto with a remote draft: what the orchestrator's pool learns from the
+/// prompt and the committed text reaches the draft's replica with a later call, with
+/// overlap or without, and whether the round's chain came from a call of its own, from
+/// work drafted beside the last verify, or from a call beside a plain step.
+#[test]
+fn a_draft_replica_learns_the_committed_text_with_and_without_overlap() {
+    let target = target_model();
+    let la = LookaheadParams {
+        level: 4,
+        window: 3,
+        guess: 3,
+    };
+    let g = la.phrase_len();
+    let (mut used, mut checked) = (0, 0);
+    let tuner = cheap_tuner();
+    for (name, draft_model) in three_drafts(&target) {
+        for (strategy, overlap) in [
+            (Strategy::Ouroboros, false),
+            (Strategy::Ouroboros, true),
+            (Strategy::Auto, false),
+        ] {
+            for prompt in prompts() {
+                let params = DecodeParams {
+                    strategy,
+                    max_new_tokens: 60,
+                    gamma: 3,
+                    lookahead: la,
+                    topk: 2,
+                    overlap,
+                    ..DecodeParams::default()
+                };
+                let host = pool(g);
+                let draft = RecordingReplica {
+                    inner: LocalDraft::new(draft_model.clone(), pool(g)),
+                    received: Default::default(),
+                    held: Default::default(),
+                };
+                let t = TestTarget {
+                    yields: true,
+                    ..TestTarget::new(&target)
+                };
+                let shared = Shared {
+                    pool: &host,
+                    trie: &TrieCache::default(),
+                    tuner: Some(&tuner),
+                };
+                let sink = &mut |_: &[u32], _: &[TokenSource]| Flow::Continue;
+                let out =
+                    block_on(generate(&t, Some(&draft), shared, &prompt, &params, sink)).unwrap();
+                let what = format!("{name} {strategy:?} overlap {overlap} prompt {prompt:?}");
+                assert_eq!(
+                    out.tokens,
+                    plain_decode(&target, &prompt, 60, &SamplingParams::greedy()),
+                    "{what}"
+                );
+                used += out.stats.overlap_used;
+                // What was learnt after the last call has no call to go with: without
+                // overlap, every call sends the whole committed text; with it, a call
+                // also sends the chain ahead of its verdict, so the last rounds go
+                // unchecked.
+                let end = match overlap {
+                    false => *draft.held.lock().unwrap(),
+                    true => prompt.len() + 50,
+                };
+                let text = [&prompt[..], &out.tokens[..]].concat();
+                let text = &text[..end];
+                checked += text.len().saturating_sub(g);
+                let received = draft.received.lock().unwrap();
+                for (i, n) in decoding::pool::ngrams_of(text, g).enumerate() {
+                    assert!(
+                        received.contains(&(n.key, n.phrase.clone())),
+                        "{what}: the n-gram at {i} of the committed text never reached the replica"
+                    );
+                }
+            }
+        }
+    }
+    assert!(used > 50, "overlapped calls used: {used}");
+    assert!(checked > 1500, "n-grams checked: {checked}");
+}

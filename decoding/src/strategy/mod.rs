@@ -137,6 +137,11 @@ impl<'a> Rounds<'a> {
         room: usize,
     ) -> Round {
         let root = *text.last().expect("the text is not empty");
+        // A remote draft's pool replica learns what this pool learnt, with the next call.
+        if let Some(l) = self.learner() {
+            let replica = sessions.draft_has_replica();
+            l.hand_over(replica.then_some(&mut state.delta));
+        }
         match self {
             Rounds::Greedy => greedy::round(root),
             Rounds::Speculative => {
@@ -153,6 +158,15 @@ impl<'a> Rounds<'a> {
         }
     }
 
+    /// What teaches the shared pool, where the strategy has one.
+    fn learner(&mut self) -> Option<&mut PoolLearner> {
+        match self {
+            Rounds::Ouroboros(l) => l.as_mut(),
+            Rounds::Auto(a) => a.learner.as_mut(),
+            _ => None,
+        }
+    }
+
     /// The target's verdict on `round`.
     pub fn learn(&mut self, pool: &PhrasePool, round: &Round, verdict: &Verdict<'_>) {
         match self {
@@ -163,23 +177,15 @@ impl<'a> Rounds<'a> {
     }
 
     /// `new` tokens were committed and `text` now ends with them (it held `before`).
-    pub fn committed<T: TargetBackend, D: DraftBackend>(
+    pub fn committed(
         &mut self,
         pool: &PhrasePool,
-        sessions: &OpenSessions<'_, T, D>,
-        state: &mut Loop<'_>,
         stats: &mut SpecStats,
         text: &[u32],
         before: usize,
     ) {
         match self {
-            Rounds::Ouroboros(Some(l)) => {
-                l.learn_from_commit(pool, text, before);
-                // A remote draft's pool replica learns what this pool learnt.
-                if sessions.draft.is_some_and(|(d, _)| d.wants_pool_delta()) {
-                    l.send_to_draft(&mut state.delta);
-                }
-            }
+            Rounds::Ouroboros(Some(l)) => l.learn_from_commit(pool, text, before),
             Rounds::Auto(a) => a.committed(pool, stats, text, before),
             _ => {}
         }
@@ -302,7 +308,7 @@ pub(crate) async fn call_draft<T: TargetBackend, D: DraftBackend>(
     let replica = d.wants_pool_delta();
     let start = state.draft_holds;
     state.draft_holds += state.for_draft.len();
-    let pool_delta = match lookahead && replica {
+    let pool_delta = match replica {
         true => std::mem::take(&mut state.delta),
         false => Vec::new(),
     };

@@ -16,6 +16,7 @@ use crate::generate::{Loop, OpenSessions, Shared};
 use crate::params::DecodeParams;
 use crate::pool::{Ngram, PhrasePool, ngrams_of};
 use crate::stats::SpecStats;
+use crate::validate::limits::MAX_POOL_DELTA;
 
 /// How step 1 asks the draft (before the budget caps `gamma`). Lookahead steps emit several
 /// tokens without one probability each: no stop floor.
@@ -44,7 +45,6 @@ pub(crate) async fn round<T: TargetBackend, D: DraftBackend>(
         0 => Vec::new(),
         _ => call_draft(sessions, stats, pool, state, shape).await.0,
     };
-    state.delta.clear();
     let root = *text.last().expect("the text is not empty");
     let mut round = Round::chain(root, drafted);
     let room_after = budget.saturating_sub(round.drafted.len());
@@ -67,7 +67,8 @@ pub(crate) struct PoolLearner {
     /// Phrase length of the pool.
     g: usize,
     harvest_committed: bool,
-    /// Phrases learnt since they last went to a remote draft.
+    /// Phrases learnt since the last round was built: handed to a remote draft's replica
+    /// then ([`Self::hand_over`]).
     learnt: Vec<Ngram>,
 }
 
@@ -95,14 +96,14 @@ impl PoolLearner {
     /// the walk reached.
     pub fn learn_from_verify(&mut self, pool: &PhrasePool, round: &Round, verdict: &Verdict<'_>) {
         let (v, on_chain, g) = (verdict.outcome, verdict.on_chain, self.g);
-        self.learnt.clear();
+        let mut learnt = Vec::new();
         if on_chain < round.drafted.len() {
             inspire_from_rejected_tail(
                 &round.drafted[on_chain..],
                 &round.chain[on_chain..],
                 &v.outputs,
                 g,
-                &mut self.learnt,
+                &mut learnt,
             );
         }
         // Phrases hanging from a node the walk reached were scored in the right context:
@@ -122,10 +123,10 @@ impl PoolLearner {
                 .collect();
             pool.replace_newest(round.key, &refined);
             let key = round.key;
-            self.learnt
-                .extend(refined.into_iter().map(|phrase| Ngram { key, phrase }));
+            learnt.extend(refined.into_iter().map(|phrase| Ngram { key, phrase }));
         }
-        pool.insert_all(&self.learnt);
+        pool.insert_all(&learnt);
+        self.learnt.append(&mut learnt);
     }
 
     /// The n-grams the newly committed tokens completed (`text` held `before` tokens).
@@ -139,9 +140,19 @@ impl PoolLearner {
         self.learnt.extend(grams);
     }
 
-    /// Hands what was learnt to the next draft call (a remote draft's pool replica).
-    pub fn send_to_draft(&mut self, delta: &mut Vec<Ngram>) {
+    /// Hands what was learnt since the last round (the prompt's n-grams before the first)
+    /// to `delta`, the phrases the next draft call carries to a remote draft's pool
+    /// replica; with no replica to feed (`None`: a local draft shares this pool) it is
+    /// let go. The oldest phrases give way where `delta` would outgrow what one call may
+    /// carry.
+    pub fn hand_over(&mut self, delta: Option<&mut Vec<Ngram>>) {
+        let Some(delta) = delta else {
+            self.learnt.clear();
+            return;
+        };
         delta.append(&mut self.learnt);
+        let over = delta.len().saturating_sub(MAX_POOL_DELTA);
+        delta.drain(..over);
     }
 }
 

@@ -71,7 +71,6 @@ pub(crate) fn request(
     let unseen = std::mem::take(&mut state.for_draft);
     let mut new_committed = unseen.clone();
     new_committed.extend_from_slice(&round.drafted);
-    let share_pool = shape.lookahead && share_pool;
     let pool_delta = match share_pool {
         true => std::mem::take(&mut state.delta),
         false => Vec::new(),

@@ -211,7 +211,7 @@ pub(crate) struct AutoRounds<'t> {
     segment: Option<Segment<'t>>,
     /// The last round's prediction and the time it spent opening the draft.
     predicted: Option<(Prediction, f64)>,
-    learner: Option<PoolLearner>,
+    pub(crate) learner: Option<PoolLearner>,
 }
 
 impl<'t> AutoRounds<'t> {
