@@ -1,6 +1,7 @@
 //! Engine benchmark on a real GGUF model (default: the 1.5B Qwen target):
 //! 1. one-token decode tokens/s, engine vs candle-transformers' quantized_qwen2, same run;
-//! 2. cost of a k-token verify forward relative to a 1-token forward (k = 1, 2, 4, 8, 16);
+//! 2. cost of a k-token verify forward relative to a 1-token forward (k = 1, 2, 4, 8, 16,
+//!    and 64: eight sessions' 8-node trees in one batch);
 //! 3. tensor-parallel decode, TP=1 vs TP=2.
 //!
 //!   cargo run --release -p engine --example bench_engine -- [MODEL.gguf] [--tokens N]
@@ -240,7 +241,7 @@ fn main() {
     println!(
         "\n## k-token verify forward at offset 64, relative to k=1 (median of 9, interleaved)"
     );
-    let ks = [1, 2, 4, 8, 16];
+    let ks = [1, 2, 4, 8, 16, 64];
     let t = verify_ms(&m, &ks, 9);
     for (k, ms) in ks.iter().zip(&t) {
         println!("k={k:2}: {ms:7.1} ms  {:.2}x", ms / t[0]);
