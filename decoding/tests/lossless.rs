@@ -1251,7 +1251,11 @@ struct DoomedCallsHang {
     inner: LocalDraft<MockModel>,
     truth: Vec<u32>,
     replica: bool,
+    /// The tokens the session holds: the prompt, then what the calls that reached it sent
+    /// as committed.
     held: std::sync::Mutex<usize>,
+    /// Every pool phrase the calls that reached the draft carried.
+    received: std::sync::Mutex<std::collections::HashSet<(u32, Vec<u32>)>>,
 }
 
 impl decoding::DraftBackend for DoomedCallsHang {
@@ -1282,6 +1286,8 @@ impl decoding::DraftBackend for DoomedCallsHang {
             return futures::future::pending().await;
         }
         *self.held.lock().unwrap() = end;
+        let phrases = request.pool_delta.iter().map(|n| (n.key, n.phrase.clone()));
+        self.received.lock().unwrap().extend(phrases);
         let out = self.inner.draft(session, request).await;
         if doomed {
             yield_now().await;
@@ -1356,6 +1362,7 @@ fn a_rejected_overlapped_call_is_stopped_not_waited_for() {
                             truth: [&prompt[..], &want[..]].concat(),
                             replica,
                             held: Default::default(),
+                            received: Default::default(),
                         };
                         let target = TestTarget {
                             yields: yielding,
@@ -1498,53 +1505,11 @@ fn the_first_draft_call_runs_beside_the_prefill() {
     });
 }
 
-/// A draft with a pool replica of its own (as a remote draft keeps), recording every
-/// phrase the calls that reached it carried.
-struct RecordingReplica {
-    inner: LocalDraft<MockModel>,
-    received: std::sync::Mutex<std::collections::HashSet<(u32, Vec<u32>)>>,
-    /// The tokens the session held after the last call: the prompt, then what the calls
-    /// sent as committed.
-    held: std::sync::Mutex<usize>,
-}
-
-impl decoding::DraftBackend for RecordingReplica {
-    fn info(&self) -> decoding::BackendInfo {
-        self.inner.info()
-    }
-
-    fn wants_pool_delta(&self) -> bool {
-        true
-    }
-
-    async fn open(&self, committed: &[u32]) -> decoding::Result<decoding::SessionId> {
-        *self.held.lock().unwrap() = committed.len();
-        self.inner.open(committed).await
-    }
-
-    async fn draft(
-        &self,
-        session: decoding::SessionId,
-        request: decoding::DraftRequest,
-    ) -> decoding::Result<(decoding::DraftOutcome, decoding::ServerTiming)> {
-        {
-            let mut held = self.held.lock().unwrap();
-            *held = request.start.unwrap_or(*held) + request.new_committed.len();
-        }
-        let phrases = request.pool_delta.iter().map(|n| (n.key, n.phrase.clone()));
-        self.received.lock().unwrap().extend(phrases);
-        self.inner.draft(session, request).await
-    }
-
-    async fn close(&self, session: decoding::SessionId) -> decoding::Result<()> {
-        self.inner.close(session).await
-    }
-}
-
 /// Ouroboros and auto with a remote draft: what the orchestrator's pool learns from the
 /// prompt and the committed text reaches the draft's replica with a later call, with
-/// overlap or without, and whether the round's chain came from a call of its own, from
-/// work drafted beside the last verify, or from a call beside a plain step.
+/// overlap or without, whether the round's chain came from a call of its own, from work
+/// drafted beside the last verify, or from a call beside a plain step, and when an
+/// overlapped call that carried phrases was stopped before it reached the draft.
 #[test]
 fn a_draft_replica_learns_the_committed_text_with_and_without_overlap() {
     let target = target_model();
@@ -1554,7 +1519,7 @@ fn a_draft_replica_learns_the_committed_text_with_and_without_overlap() {
         guess: 3,
     };
     let g = la.phrase_len();
-    let (mut used, mut checked) = (0, 0);
+    let (mut used, mut cancelled, mut checked) = (0, 0, 0);
     let tuner = cheap_tuner();
     for (name, draft_model) in three_drafts(&target) {
         for (strategy, overlap) in [
@@ -1573,10 +1538,15 @@ fn a_draft_replica_learns_the_committed_text_with_and_without_overlap() {
                     ..DecodeParams::default()
                 };
                 let host = pool(g);
-                let draft = RecordingReplica {
+                let want = plain_decode(&target, &prompt, 60, &SamplingParams::greedy());
+                // Overlapped calls whose chain the target rejects never reach it: their
+                // phrases must go again with a later call.
+                let draft = DoomedCallsHang {
                     inner: LocalDraft::new(draft_model.clone(), pool(g)),
-                    received: Default::default(),
+                    truth: [&prompt[..], &want[..]].concat(),
+                    replica: true,
                     held: Default::default(),
+                    received: Default::default(),
                 };
                 let t = TestTarget {
                     yields: true,
@@ -1591,20 +1561,14 @@ fn a_draft_replica_learns_the_committed_text_with_and_without_overlap() {
                 let out =
                     block_on(generate(&t, Some(&draft), shared, &prompt, &params, sink)).unwrap();
                 let what = format!("{name} {strategy:?} overlap {overlap} prompt {prompt:?}");
-                assert_eq!(
-                    out.tokens,
-                    plain_decode(&target, &prompt, 60, &SamplingParams::greedy()),
-                    "{what}"
-                );
+                assert_eq!(out.tokens, want, "{what}");
                 used += out.stats.overlap_used;
-                // What was learnt after the last call has no call to go with: without
-                // overlap, every call sends the whole committed text; with it, a call
-                // also sends the chain ahead of its verdict, so the last rounds go
-                // unchecked.
-                let end = match overlap {
-                    false => *draft.held.lock().unwrap(),
-                    true => prompt.len() + 50,
-                };
+                cancelled += out.stats.overlap_cancelled;
+                // What was learnt after the last call that reached the draft has no call
+                // to go with. Without overlap a call sends committed tokens only; with it,
+                // also the chain (at most `gamma` tokens) ahead of its verdict.
+                let ahead = if overlap { params.gamma } else { 0 };
+                let end = *draft.held.lock().unwrap() - ahead;
                 let text = [&prompt[..], &out.tokens[..]].concat();
                 let text = &text[..end];
                 checked += text.len().saturating_sub(g);
@@ -1618,6 +1582,8 @@ fn a_draft_replica_learns_the_committed_text_with_and_without_overlap() {
             }
         }
     }
+    eprintln!("overlapped calls used: {used}, stopped: {cancelled}; n-grams checked: {checked}");
     assert!(used > 50, "overlapped calls used: {used}");
+    assert!(cancelled > 20, "overlapped calls stopped: {cancelled}");
     assert!(checked > 1500, "n-grams checked: {checked}");
 }
