@@ -300,7 +300,7 @@ async fn commit_loop<T: TargetBackend, D: DraftBackend>(
         // Overlap: the draft drafts the next round while the target verifies this one.
         let share_pool = sessions.draft.is_some_and(|(d, _)| d.wants_pool_delta());
         let mut early = sessions.draft.and_then(|(d, id)| {
-            let request = overlap::request(&mut state, &round, share_pool)?;
+            let request = overlap::request(&mut state, &round, share_pool, remaining)?;
             let span = tracing::debug_span!(parent: &round_span, "overlapped draft");
             Some(Box::pin(async move {
                 let r = d.draft(id, request).instrument(span).await;
@@ -399,10 +399,13 @@ async fn commit_loop<T: TargetBackend, D: DraftBackend>(
         if use_trie {
             shared.trie.record(&done.tokens, recorded);
         }
-        // The early call: waited for if the target took the whole chain, else stopped.
+        // The early call: waited for if the target took the whole chain and the request
+        // goes on, else stopped.
         let early = match (early_done, early) {
             (Some(e), _) => Some(e),
-            (None, Some(call)) if overlap::may_use(&round, &new) => Some(call.await),
+            (None, Some(call)) if finish.is_none() && overlap::may_use(&round, &new) => {
+                Some(call.await)
+            }
             _ => None,
         };
         match early

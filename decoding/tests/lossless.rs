@@ -1587,3 +1587,107 @@ fn a_draft_replica_learns_the_committed_text_with_and_without_overlap() {
     assert!(cancelled > 20, "overlapped calls stopped: {cancelled}");
     assert!(checked > 1500, "n-grams checked: {checked}");
 }
+
+/// A draft whose calls hang once they reach `end` committed tokens: the calls sent beside
+/// the verify of a request's last round.
+struct HangsAtTheEnd {
+    inner: LocalDraft<MockModel>,
+    end: usize,
+    held: std::sync::Mutex<usize>,
+}
+
+impl decoding::DraftBackend for HangsAtTheEnd {
+    fn info(&self) -> decoding::BackendInfo {
+        self.inner.info()
+    }
+
+    fn wants_pool_delta(&self) -> bool {
+        false
+    }
+
+    async fn open(&self, committed: &[u32]) -> decoding::Result<decoding::SessionId> {
+        *self.held.lock().unwrap() = committed.len();
+        self.inner.open(committed).await
+    }
+
+    async fn draft(
+        &self,
+        session: decoding::SessionId,
+        request: decoding::DraftRequest,
+    ) -> decoding::Result<(decoding::DraftOutcome, decoding::ServerTiming)> {
+        let end = request.start.unwrap_or(*self.held.lock().unwrap()) + request.new_committed.len();
+        if end >= self.end {
+            return futures::future::pending().await;
+        }
+        *self.held.lock().unwrap() = end;
+        self.inner.draft(session, request).await
+    }
+
+    async fn close(&self, session: decoding::SessionId) -> decoding::Result<()> {
+        self.inner.close(session).await
+    }
+}
+
+/// With overlap, a request whose last round ends it (an EOS as the round's bonus token)
+/// returns without waiting for the draft's call beside that round, which can be of no use:
+/// here that call never ends.
+#[test]
+fn a_request_that_ends_does_not_wait_for_the_call_beside_its_last_verify() {
+    let t = target_model();
+    let hang = "the request waited for the draft's call beside its last round";
+    let ended = on_a_thread_within(60, hang, move || {
+        let mut ended = 0;
+        for strategy in [Strategy::Speculative, Strategy::Ouroboros] {
+            for prompt in prompts() {
+                let full = plain_decode(&t, &prompt, 50, &SamplingParams::greedy());
+                // A perfect draft of 4 without a stop floor, nothing beside its chain: every
+                // round commits 5 tokens, the bonus tokens at 4, 9, 14, ... Take the first
+                // whose token has not come before as the EOS.
+                let Some(p) = (4..full.len())
+                    .step_by(5)
+                    .find(|&p| !full[..p].contains(&full[p]))
+                else {
+                    continue;
+                };
+                let params = DecodeParams {
+                    strategy,
+                    max_new_tokens: 50,
+                    eos: vec![full[p]],
+                    gamma: 4,
+                    draft_stop: 0.0,
+                    topk: 0,
+                    trie_budget: 0,
+                    overlap: true,
+                    ..DecodeParams::default()
+                };
+                let host = pool(params.lookahead.phrase_len());
+                let draft = HangsAtTheEnd {
+                    inner: LocalDraft::new(t.clone(), host.clone()),
+                    end: prompt.len() + p,
+                    held: Default::default(),
+                };
+                let shared = Shared {
+                    pool: &host,
+                    trie: &TrieCache::default(),
+                    tuner: None,
+                };
+                let target = LocalTarget::new(t.clone());
+                let sink = &mut |_: &[u32], _: &[TokenSource]| Flow::Continue;
+                let out = block_on(generate(
+                    &target,
+                    Some(&draft),
+                    shared,
+                    &prompt,
+                    &params,
+                    sink,
+                ))
+                .unwrap();
+                assert_eq!(out.tokens, full[..=p], "{strategy:?} {prompt:?}");
+                assert_eq!(out.finish, FinishReason::Eos);
+                ended += 1;
+            }
+        }
+        ended
+    });
+    assert!(ended >= 4, "requests that ended on an EOS bonus: {ended}");
+}

@@ -54,10 +54,13 @@ pub(crate) struct EarlyCall {
 
 /// The draft call to run beside the verify of `round`, if overlap is on and the round
 /// has a draft chain; `share_pool` says whether the draft keeps a pool replica of its own.
+/// `remaining` tokens may still be committed before this round: the call drafts no more
+/// than the next round could verify, and none where this round may be the last.
 pub(crate) fn request(
     state: &mut Loop<'_>,
     round: &Round,
     share_pool: bool,
+    remaining: usize,
 ) -> Option<DraftRequest> {
     let shape = state.last_draft?;
     let chains = matches!(
@@ -66,6 +69,12 @@ pub(crate) fn request(
     );
     let step = std::mem::take(&mut state.step_beside_draft);
     if !state.params.overlap || !chains || (round.drafted.is_empty() && !step) {
+        return None;
+    }
+    // After this round's chain and bonus the next round's chain has room for `next`
+    // tokens (one more is its own bonus).
+    let next = remaining.saturating_sub(round.drafted.len() + 2);
+    if next == 0 {
         return None;
     }
     let unseen = std::mem::take(&mut state.for_draft);
@@ -83,7 +92,7 @@ pub(crate) fn request(
     });
     // One more token: the first is the bonus token when all goes well.
     let shape = DraftShape {
-        gamma: shape.gamma + 1,
+        gamma: shape.gamma.min(next) + 1,
         ..shape
     };
     let start = Some(state.draft_holds);
@@ -253,16 +262,16 @@ mod tests {
     /// has not seen (the text holds 20 tokens) and phrase 10 learnt for its replica; then
     /// the verdict `new` and the call's end (`None`: cancelled), with phrase 30 learnt in
     /// between. Returns the state after, whether the work was used, and the request.
+    static PARAMS: std::sync::LazyLock<DecodeParams> = std::sync::LazyLock::new(|| DecodeParams {
+        strategy: Strategy::Ouroboros,
+        overlap: true,
+        ..DecodeParams::default()
+    });
+
     fn one_round(
         new: &[u32],
         outcome: Option<Vec<u32>>,
     ) -> (Loop<'static>, SpecStats, bool, DraftRequest) {
-        static PARAMS: std::sync::LazyLock<DecodeParams> =
-            std::sync::LazyLock::new(|| DecodeParams {
-                strategy: Strategy::Ouroboros,
-                overlap: true,
-                ..DecodeParams::default()
-            });
         let mut state = Loop {
             params: &PARAMS,
             prompt_trie: None,
@@ -280,7 +289,7 @@ mod tests {
         };
         let mut stats = SpecStats::default();
         let round = Round::chain(5, vec![1, 2, 3]);
-        let request = request(&mut state, &round, true).expect("overlap is on");
+        let request = request(&mut state, &round, true, 100).expect("overlap is on");
         state.delta.push(phrase(30));
         let pool = PhrasePool::new(PoolConfig {
             phrase_len: 2,
@@ -360,7 +369,7 @@ mod tests {
         let (mut state, mut stats, _, _) = one_round(&[1, 9], None);
         assert!(state.step_beside_draft);
         let step = Round::chain(9, Vec::new());
-        let call = request(&mut state, &step, true).expect("a call beside the step");
+        let call = request(&mut state, &step, true, 100).expect("a call beside the step");
         assert!(!state.step_beside_draft, "one step per thrown-away call");
         assert_eq!(call.new_committed, [7, 8, 1, 9]);
         assert_eq!(call.start, Some(18));
@@ -394,7 +403,39 @@ mod tests {
         assert_eq!((state.for_draft, state.draft_holds), (vec![4], 22));
         // Without thrown-away work, a round without a chain has no call beside it.
         let (mut used, ..) = one_round(&[1, 2, 3, 4], Some(vec![4, 5, 6]));
-        assert!(request(&mut used, &step, true).is_none());
+        assert!(request(&mut used, &step, true, 100).is_none());
+    }
+
+    /// Near the token budget the call drafts only what the next round could verify, and
+    /// no call goes beside a round that may be the request's last.
+    #[test]
+    fn the_early_call_stays_within_the_token_budget() {
+        let state = || Loop {
+            params: &PARAMS,
+            prompt_trie: None,
+            for_draft: vec![7, 8],
+            draft_holds: 18,
+            delta: Vec::new(),
+            early: None,
+            predrafted: None,
+            last_draft: Some(DraftShape {
+                gamma: 4,
+                lookahead: true,
+                stop_below: 0.0,
+            }),
+            step_beside_draft: false,
+        };
+        let round = Round::chain(5, vec![1, 2, 3]);
+        let gamma =
+            |remaining| request(&mut state(), &round, true, remaining).map(|r| r.length.tokens());
+        // The chain (3), its bonus and 4 more tokens: a whole next chain, plus the bonus's
+        // stand-in.
+        assert_eq!(gamma(9), Some(5));
+        // Room for one more chain token after this round: the stand-in and that token.
+        assert_eq!(gamma(6), Some(2));
+        // This round's chain and bonus may end the request (or leave a plain step).
+        assert_eq!(gamma(5), None);
+        assert_eq!(gamma(4), None);
     }
 
     #[test]
