@@ -185,6 +185,26 @@ fn run_on(
     out
 }
 
+/// One request over `target` and `draft` with a fresh trie, `pool` shared, the output
+/// not streamed anywhere.
+fn generate_with(
+    target: &impl decoding::TargetBackend,
+    draft: &impl decoding::DraftBackend,
+    pool: &PhrasePool,
+    tuner: Option<&AutoTuner>,
+    prompt: &[u32],
+    params: &DecodeParams,
+) -> decoding::Result<decoding::Generation> {
+    let trie = TrieCache::default();
+    let shared = Shared {
+        pool,
+        trie: &trie,
+        tuner,
+    };
+    let sink = &mut |_: &[u32], _: &[TokenSource]| Flow::Continue;
+    block_on(generate(target, Some(draft), shared, prompt, params, sink))
+}
+
 /// Token sources agree with the statistics: the draft's tokens are the accepted chain,
 /// pool and trie tokens the accepted candidates, and the rest the target's own.
 fn check_sources(out: &decoding::Generation, strategy: Strategy) {
@@ -1258,6 +1278,18 @@ struct DoomedCallsHang {
     received: std::sync::Mutex<std::collections::HashSet<(u32, Vec<u32>)>>,
 }
 
+impl DoomedCallsHang {
+    fn new(inner: LocalDraft<MockModel>, truth: Vec<u32>, replica: bool) -> Self {
+        Self {
+            inner,
+            truth,
+            replica,
+            held: Default::default(),
+            received: Default::default(),
+        }
+    }
+}
+
 impl decoding::DraftBackend for DoomedCallsHang {
     fn info(&self) -> decoding::BackendInfo {
         self.inner.info()
@@ -1357,26 +1389,17 @@ fn a_rejected_overlapped_call_is_stopped_not_waited_for() {
                             true => pool(la.phrase_len()),
                             false => host.clone(),
                         };
-                        let d = DoomedCallsHang {
-                            inner: LocalDraft::new(draft_model.clone(), draft_pool),
-                            truth: [&prompt[..], &want[..]].concat(),
+                        let d = DoomedCallsHang::new(
+                            LocalDraft::new(draft_model.clone(), draft_pool),
+                            [&prompt[..], &want[..]].concat(),
                             replica,
-                            held: Default::default(),
-                            received: Default::default(),
-                        };
+                        );
                         let target = TestTarget {
                             yields: yielding,
                             ..TestTarget::new(&t)
                         };
-                        let shared = Shared {
-                            pool: &host,
-                            trie: &TrieCache::default(),
-                            tuner: None,
-                        };
-                        let sink = &mut |_: &[u32], _: &[TokenSource]| Flow::Continue;
                         let out =
-                            block_on(generate(&target, Some(&d), shared, &prompt, &params, sink))
-                                .unwrap();
+                            generate_with(&target, &d, &host, None, &prompt, &params).unwrap();
                         let what =
                             format!("{name} {strategy:?} yielding {yielding} replica {replica}");
                         assert_eq!(out.tokens, want, "{what}");
@@ -1541,25 +1564,16 @@ fn a_draft_replica_learns_the_committed_text_with_and_without_overlap() {
                 let want = plain_decode(&target, &prompt, 60, &SamplingParams::greedy());
                 // Overlapped calls whose chain the target rejects never reach it: their
                 // phrases must go again with a later call.
-                let draft = DoomedCallsHang {
-                    inner: LocalDraft::new(draft_model.clone(), pool(g)),
-                    truth: [&prompt[..], &want[..]].concat(),
-                    replica: true,
-                    held: Default::default(),
-                    received: Default::default(),
-                };
+                let draft = DoomedCallsHang::new(
+                    LocalDraft::new(draft_model.clone(), pool(g)),
+                    [&prompt[..], &want[..]].concat(),
+                    true,
+                );
                 let t = TestTarget {
                     yields: true,
                     ..TestTarget::new(&target)
                 };
-                let shared = Shared {
-                    pool: &host,
-                    trie: &TrieCache::default(),
-                    tuner: Some(&tuner),
-                };
-                let sink = &mut |_: &[u32], _: &[TokenSource]| Flow::Continue;
-                let out =
-                    block_on(generate(&t, Some(&draft), shared, &prompt, &params, sink)).unwrap();
+                let out = generate_with(&t, &draft, &host, Some(&tuner), &prompt, &params).unwrap();
                 let what = format!("{name} {strategy:?} overlap {overlap} prompt {prompt:?}");
                 assert_eq!(out.tokens, want, "{what}");
                 used += out.stats.overlap_used;
@@ -1586,46 +1600,6 @@ fn a_draft_replica_learns_the_committed_text_with_and_without_overlap() {
     assert!(used > 50, "overlapped calls used: {used}");
     assert!(cancelled > 20, "overlapped calls stopped: {cancelled}");
     assert!(checked > 1500, "n-grams checked: {checked}");
-}
-
-/// A draft whose calls hang once they reach `end` committed tokens: the calls sent beside
-/// the verify of a request's last round.
-struct HangsAtTheEnd {
-    inner: LocalDraft<MockModel>,
-    end: usize,
-    held: std::sync::Mutex<usize>,
-}
-
-impl decoding::DraftBackend for HangsAtTheEnd {
-    fn info(&self) -> decoding::BackendInfo {
-        self.inner.info()
-    }
-
-    fn wants_pool_delta(&self) -> bool {
-        false
-    }
-
-    async fn open(&self, committed: &[u32]) -> decoding::Result<decoding::SessionId> {
-        *self.held.lock().unwrap() = committed.len();
-        self.inner.open(committed).await
-    }
-
-    async fn draft(
-        &self,
-        session: decoding::SessionId,
-        request: decoding::DraftRequest,
-    ) -> decoding::Result<(decoding::DraftOutcome, decoding::ServerTiming)> {
-        let end = request.start.unwrap_or(*self.held.lock().unwrap()) + request.new_committed.len();
-        if end >= self.end {
-            return futures::future::pending().await;
-        }
-        *self.held.lock().unwrap() = end;
-        self.inner.draft(session, request).await
-    }
-
-    async fn close(&self, session: decoding::SessionId) -> decoding::Result<()> {
-        self.inner.close(session).await
-    }
 }
 
 /// With overlap, a request whose last round ends it (an EOS as the round's bonus token)
@@ -1661,27 +1635,16 @@ fn a_request_that_ends_does_not_wait_for_the_call_beside_its_last_verify() {
                     ..DecodeParams::default()
                 };
                 let host = pool(params.lookahead.phrase_len());
-                let draft = HangsAtTheEnd {
-                    inner: LocalDraft::new(t.clone(), host.clone()),
-                    end: prompt.len() + p,
-                    held: Default::default(),
-                };
-                let shared = Shared {
-                    pool: &host,
-                    trie: &TrieCache::default(),
-                    tuner: None,
-                };
+                // The call beside the last round sends its chain, which ends just before
+                // the EOS: a "truth" one token short of that makes it a call that never
+                // ends, and no other call reaches that far.
+                let draft = DoomedCallsHang::new(
+                    LocalDraft::new(t.clone(), host.clone()),
+                    [&prompt[..], &full[..p - 1]].concat(),
+                    true,
+                );
                 let target = LocalTarget::new(t.clone());
-                let sink = &mut |_: &[u32], _: &[TokenSource]| Flow::Continue;
-                let out = block_on(generate(
-                    &target,
-                    Some(&draft),
-                    shared,
-                    &prompt,
-                    &params,
-                    sink,
-                ))
-                .unwrap();
+                let out = generate_with(&target, &draft, &host, None, &prompt, &params).unwrap();
                 assert_eq!(out.tokens, full[..=p], "{strategy:?} {prompt:?}");
                 assert_eq!(out.finish, FinishReason::Eos);
                 ended += 1;

@@ -258,26 +258,21 @@ mod tests {
         }
     }
 
-    /// The early call of a round whose chain is 1 2 3, with committed tokens 7 8 the draft
-    /// has not seen (the text holds 20 tokens) and phrase 10 learnt for its replica; then
-    /// the verdict `new` and the call's end (`None`: cancelled), with phrase 30 learnt in
-    /// between. Returns the state after, whether the work was used, and the request.
     static PARAMS: std::sync::LazyLock<DecodeParams> = std::sync::LazyLock::new(|| DecodeParams {
         strategy: Strategy::Ouroboros,
         overlap: true,
         ..DecodeParams::default()
     });
 
-    fn one_round(
-        new: &[u32],
-        outcome: Option<Vec<u32>>,
-    ) -> (Loop<'static>, SpecStats, bool, DraftRequest) {
-        let mut state = Loop {
+    /// The loop before a round: committed tokens 7 8 the draft has not seen (the text
+    /// holds 20 tokens), the last call drafting 4 with lookahead, `delta` for the replica.
+    fn loop_before(delta: Vec<Ngram>) -> Loop<'static> {
+        Loop {
             params: &PARAMS,
             prompt_trie: None,
             for_draft: vec![7, 8],
             draft_holds: 18,
-            delta: vec![phrase(10)],
+            delta,
             early: None,
             predrafted: None,
             last_draft: Some(DraftShape {
@@ -286,7 +281,18 @@ mod tests {
                 stop_below: 0.0,
             }),
             step_beside_draft: false,
-        };
+        }
+    }
+
+    /// The early call of a round whose chain is 1 2 3, with committed tokens 7 8 the draft
+    /// has not seen (the text holds 20 tokens) and phrase 10 learnt for its replica; then
+    /// the verdict `new` and the call's end (`None`: cancelled), with phrase 30 learnt in
+    /// between. Returns the state after, whether the work was used, and the request.
+    fn one_round(
+        new: &[u32],
+        outcome: Option<Vec<u32>>,
+    ) -> (Loop<'static>, SpecStats, bool, DraftRequest) {
+        let mut state = loop_before(vec![phrase(10)]);
         let mut stats = SpecStats::default();
         let round = Round::chain(5, vec![1, 2, 3]);
         let request = request(&mut state, &round, true, 100).expect("overlap is on");
@@ -410,24 +416,11 @@ mod tests {
     /// no call goes beside a round that may be the request's last.
     #[test]
     fn the_early_call_stays_within_the_token_budget() {
-        let state = || Loop {
-            params: &PARAMS,
-            prompt_trie: None,
-            for_draft: vec![7, 8],
-            draft_holds: 18,
-            delta: Vec::new(),
-            early: None,
-            predrafted: None,
-            last_draft: Some(DraftShape {
-                gamma: 4,
-                lookahead: true,
-                stop_below: 0.0,
-            }),
-            step_beside_draft: false,
-        };
         let round = Round::chain(5, vec![1, 2, 3]);
-        let gamma =
-            |remaining| request(&mut state(), &round, true, remaining).map(|r| r.length.tokens());
+        let gamma = |remaining| {
+            let mut state = loop_before(Vec::new());
+            request(&mut state, &round, true, remaining).map(|r| r.length.tokens())
+        };
         // The chain (3), its bonus and 4 more tokens: a whole next chain, plus the bonus's
         // stand-in.
         assert_eq!(gamma(9), Some(5));
