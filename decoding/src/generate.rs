@@ -298,7 +298,7 @@ async fn commit_loop<T: TargetBackend, D: DraftBackend>(
             (r, t0.elapsed().as_secs_f64())
         };
         // Overlap: the draft drafts the next round while the target verifies this one.
-        let share_pool = sessions.draft.is_some_and(|(d, _)| d.wants_pool_delta());
+        let share_pool = sessions.draft_has_replica();
         let mut early = sessions.draft.and_then(|(d, id)| {
             let request = overlap::request(&mut state, &round, share_pool, remaining)?;
             let span = tracing::debug_span!(parent: &round_span, "overlapped draft");

@@ -1582,7 +1582,7 @@ fn a_draft_replica_learns_the_committed_text_with_and_without_overlap() {
                 // to go with. Without overlap a call sends committed tokens only; with it,
                 // also the chain (at most `gamma` tokens) ahead of its verdict.
                 let ahead = if overlap { params.gamma } else { 0 };
-                let end = *draft.held.lock().unwrap() - ahead;
+                let end = draft.held.lock().unwrap().saturating_sub(ahead);
                 let text = [&prompt[..], &out.tokens[..]].concat();
                 let text = &text[..end];
                 checked += text.len().saturating_sub(g);
