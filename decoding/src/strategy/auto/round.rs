@@ -184,11 +184,64 @@ struct Segment<'t> {
     policy: Policy,
     tokens: usize,
     scores: PolicyScores,
+    /// Under [`Policy::Drafting`], the tokens the target committed in this segment's
+    /// scored rounds, and the other policies' trees whose paths ran to the end of what was
+    /// committed when they were scored: how far such a tree would have got is settled by
+    /// the tokens committed after it.
+    committed: Vec<u32>,
+    unsettled: Vec<Unsettled>,
+}
+
+/// Another policy's tree from an earlier round, scored for its cost and waiting for the
+/// committed tokens that show how many it would have committed.
+struct Unsettled {
+    policy: Policy,
+    tree: DraftTree,
+    /// Where its round started in [`Segment::committed`].
+    from: usize,
+}
+
+impl Segment<'_> {
+    fn new<'t>(tuner: &'t AutoTuner, greedy: bool, policy: Policy) -> Segment<'t> {
+        Segment {
+            tuner,
+            greedy,
+            policy,
+            tokens: 0,
+            scores: PolicyScores::default(),
+            committed: Vec::new(),
+            unsettled: Vec::new(),
+        }
+    }
+
+    /// Scores `tree` of `policy`, verified in place of the round whose `committed` tokens
+    /// were just added, for `seconds`; its tokens are counted once its path stops short of
+    /// what the target committed, or at the segment's end (then, a lower bound).
+    fn score_tree(&mut self, policy: Policy, tree: DraftTree, committed: usize, seconds: f64) {
+        self.scores.seconds[policy.index()] += seconds;
+        let from = self.committed.len() - committed;
+        self.unsettled.push(Unsettled { policy, tree, from });
+        self.settle(false);
+    }
+
+    fn settle(&mut self, at_end: bool) {
+        let (text, scores) = (&self.committed, &mut self.scores);
+        self.unsettled.retain(|u| {
+            let known = &text[u.from..];
+            let (tokens, path) = would_commit(&u.tree, known);
+            let settled = at_end || path.len() < known.len();
+            if settled {
+                scores.tokens[u.policy.index()] += tokens as f64;
+            }
+            !settled
+        });
+    }
 }
 
 impl Drop for Segment<'_> {
     fn drop(&mut self) {
         if self.policy == Policy::Drafting {
+            self.settle(true);
             let s = &self.scores;
             let rate = |p| s.rate(p).unwrap_or(0.0);
             tracing::debug!(
@@ -196,6 +249,8 @@ impl Drop for Segment<'_> {
                 drafting = rate(Policy::Drafting),
                 mixed = rate(Policy::Mixed),
                 zero_cost = rate(Policy::ZeroCost),
+                seconds = ?s.seconds,
+                scored_tokens = ?s.tokens,
                 "auto segment scored (tokens/s)"
             );
             self.tuner.record_scores(self.greedy, s);
@@ -239,12 +294,12 @@ impl<'t> AutoRounds<'t> {
         let (tuner, greedy) = (self.tuner, self.greedy);
         let policy = self
             .segment
-            .get_or_insert_with(|| Segment {
-                tuner,
-                greedy,
-                policy: tuner.choose_policy(greedy, sessions.can_draft()),
-                tokens: 0,
-                scores: PolicyScores::default(),
+            .get_or_insert_with(|| {
+                Segment::new(
+                    tuner,
+                    greedy,
+                    tuner.choose_policy(greedy, sessions.can_draft()),
+                )
             })
             .policy;
         let (round, predicted, opening_s) = build(
@@ -509,10 +564,13 @@ async fn build<T: TargetBackend, D: DraftBackend>(
 }
 
 /// Scores a round of [`Policy::Drafting`] and the trees the other policies would have
-/// verified in its place against the `committed` tokens (accepted and the target's own).
-/// The verify took `verify_s` for `nodes` nodes; the others' verifies are priced by the
-/// cost profile under the current load (the time the session waits), scaled to that. The zero-cost guesses' outcome teaches their acceptance
-/// as if verified, where it is known (the path stopped short of the committed tokens).
+/// verified in its place against the `committed` tokens (accepted and the target's own),
+/// and, where such a tree matches all of them, against the tokens committed after (a
+/// zero-cost guess that copies a long stretch would have committed more than the drafted
+/// chain did). The verify took `verify_s` for `nodes` nodes; the others' verifies are
+/// priced by the cost profile under the current load (the time the session waits),
+/// scaled to that. The zero-cost guesses' outcome teaches their acceptance as if
+/// verified, where it is known (the path stopped short of the committed tokens).
 fn score_alternatives(
     tuner: &AutoTuner,
     seg: &mut Segment<'_>,
@@ -530,30 +588,73 @@ fn score_alternatives(
         committed.len(),
         alt.draft_s + verify_s + opening_s,
     );
-    let (zero_cost, path) = would_commit(&alt.zero_cost, committed);
-    seg.scores
-        .add(Policy::ZeroCost, zero_cost, verify(&alt.zero_cost));
+    seg.committed.extend_from_slice(committed);
+    let (_, path) = would_commit(&alt.zero_cost, committed);
     if !alt.zero_cost_verified && path.len() < committed.len() {
         tuner.learn(seg.greedy, &alt.zero_cost, &alt.zero_cost_guesses, &path);
     }
-    let (mixed, _) = would_commit(&alt.mixed, committed);
+    let zero_cost_s = verify(&alt.zero_cost);
+    seg.score_tree(
+        Policy::ZeroCost,
+        alt.zero_cost.clone(),
+        committed.len(),
+        zero_cost_s,
+    );
     let draft_s = match alt.mixed_drafts {
         true => alt.draft_s + opening_s,
         false => 0.0,
     };
-    seg.scores
-        .add(Policy::Mixed, mixed, draft_s + verify(&alt.mixed));
-    tracing::trace!(
-        drafting = committed.len(),
-        mixed,
-        zero_cost,
-        "policies scored"
-    );
+    let mixed_s = draft_s + verify(&alt.mixed);
+    seg.score_tree(Policy::Mixed, alt.mixed.clone(), committed.len(), mixed_s);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::strategy::auto::{CostProfile, DraftCost};
+
+    /// Another policy's tree that matches every token the drafted round committed is
+    /// followed along the tokens committed after it: a long zero-cost guess is credited
+    /// with all it would have committed, not cut to the drafted round's length; at the
+    /// segment's end what is still open counts as far as the tokens go.
+    #[test]
+    fn a_tree_that_outruns_the_drafted_round_is_followed_along_the_next_rounds() {
+        let draft = DraftCost {
+            per_call: 0.0,
+            per_token: 0.01,
+            catch_up: 0.001,
+        };
+        let tuner = AutoTuner::new(CostProfile::new(vec![(1, 0.02)], Some(draft)).unwrap());
+        let mut seg = Segment::new(&tuner, true, Policy::Drafting);
+        let mut long = DraftTree::new(0);
+        long.add_path(0, &[1, 2, 3, 4, 5, 6]);
+        let mut short = DraftTree::new(0);
+        short.add_path(0, &[1, 9]);
+        let zero_cost = |seg: &Segment<'_>| seg.scores.tokens[Policy::ZeroCost.index()];
+        let mixed = |seg: &Segment<'_>| seg.scores.tokens[Policy::Mixed.index()];
+
+        // The drafted round commits 1 2: the long guess matched both and waits.
+        seg.committed.extend_from_slice(&[1, 2]);
+        seg.score_tree(Policy::ZeroCost, long.clone(), 2, 0.5);
+        seg.score_tree(Policy::Mixed, short, 2, 0.25);
+        assert_eq!(zero_cost(&seg), 0.0);
+        assert_eq!(seg.scores.seconds[Policy::ZeroCost.index()], 0.5);
+        assert_eq!(mixed(&seg), 2.0, "matched 1, then the target's 2");
+
+        // The next commits 3 4 5 7: the long guess stops at 5, and the target's 7 follows.
+        seg.committed.extend_from_slice(&[3, 4, 5, 7]);
+        seg.score_tree(Policy::ZeroCost, DraftTree::new(2), 4, 0.5);
+        assert_eq!(zero_cost(&seg), 6.0 + 1.0, "1 2 3 4 5 and 7; then 3 alone");
+
+        // Still open at the end: counted as far as the committed tokens go.
+        seg.committed.push(1);
+        seg.score_tree(Policy::ZeroCost, long, 1, 0.5);
+        assert_eq!(zero_cost(&seg), 7.0);
+        seg.scores.add(Policy::Drafting, 7, 1.0);
+        drop(seg);
+        let rate = tuner.policy_rate(true, Policy::ZeroCost);
+        assert_eq!(rate, Some(8.0 / 1.5));
+    }
 
     /// Trie and copy guesses that run along the draft chain leave its nodes drafted: only
     /// the nodes they add are the trie's (every proposer is still remembered per node).
