@@ -89,8 +89,9 @@ impl AutoTuner {
             let now = std::time::Instant::now();
             let mut g = self.load.lock().unwrap_or_else(|e| e.into_inner());
             g.observe(seen, now);
-            // A forward that carried prefill chunks took longer than its tree rows say.
-            if timing.batch_prefill_rows == 0 {
+            // A forward that carried prefill chunks took longer than its tree rows say;
+            // and under a priced clock the table prices rows, not this machine's forwards.
+            if timing.batch_prefill_rows == 0 && self.clock.is_none() {
                 g.observe_forward(timing.batch_rows as f64, timing.forward, now);
             }
         }
@@ -513,6 +514,48 @@ mod tests {
             }),
         )
         .unwrap()
+    }
+
+    /// A clock that prices every call at nothing (only its presence matters here).
+    #[derive(Debug)]
+    struct FreeClock;
+
+    impl CallClock for FreeClock {
+        fn seconds(&self, _: &[crate::stats::ModelCall], _: usize) -> f64 {
+            0.0
+        }
+    }
+
+    /// Forwards alone of 1 to 8 rows took 20 ms + 3 ms a row, where the profile says
+    /// 10 ms + 3 ms: the wall clock's tuner prices a row at the measured share of a
+    /// forward (3 / 23 of the profile's 10 ms), the one planning with a priced clock
+    /// (another machine's table) keeps the table's rows.
+    #[test]
+    fn rows_are_priced_by_the_forwards_seen_unless_a_table_prices_them() {
+        let p = profile(
+            &[(1, 0.010), (16, 0.010 + 0.003 * 15.0)],
+            Some((0.0, 0.004)),
+        );
+        let serve = |t: &AutoTuner| {
+            for i in 0..40u32 {
+                let rows = 1 + i % 8;
+                let timing = crate::backend::ServerTiming {
+                    forward: 0.020 + 0.003 * f64::from(rows),
+                    batch_trees: 1,
+                    batch_rows: rows,
+                    open_sessions: 1,
+                    ..Default::default()
+                };
+                t.observe_load(&timing, rows as usize, 1);
+            }
+        };
+        let wall = AutoTuner::new(p.clone());
+        serve(&wall);
+        let measured = 0.010 + 2.0 * 0.003 / 0.023 * 0.010;
+        assert!((wall.pricing().verify(3) - measured).abs() < 1e-9);
+        let priced = AutoTuner::new(p.clone()).priced_by(std::sync::Arc::new(FreeClock));
+        serve(&priced);
+        assert!((priced.pricing().verify(3) - p.verify_cost(3)).abs() < 1e-12);
     }
 
     #[test]
