@@ -23,20 +23,20 @@
 //!
 //! Alone (`B` = 1, `R` = 0) both prices are the profile's own, its rows priced at the
 //! measured share where the forwards of late show it (the profile's shape, timed once at
-//! start-up on a VM whose speed drifts, put a row at half of what it cost). Decisions (which nodes to
-//! verify, whether and how far to draft) maximise tokens per priced second, which is the
-//! server's throughput, since extra tokens per forward are weighed against the forward's
-//! growth in all `B` sessions' time. Predictions that are checked against the round's
-//! wall time use the waiting time. The load comes back with every verify (the trees and
-//! rows of the forward that served it, and the sessions open at the target) and is kept
+//! start-up on a VM whose speed drifts, put a row at half of what it cost). Decisions
+//! (which nodes to verify, whether and how far to draft) maximise tokens per priced second,
+//! which is the server's throughput, since extra tokens per forward are weighed against the
+//! forward's growth in all `B` sessions' time. Predictions that are checked against the
+//! round's wall time use the waiting time. The load comes back with every verify (the trees
+//! and rows of the forward that served it, and the sessions open at the target) and is kept
 //! as a time-weighted average; `t` is what this session's verifies commit, as the other
 //! trees' own are not reported (other `auto` sessions commit alike; a plain session's 1
-//! makes the estimate err towards smaller trees under load). Without `t`, a forward
-//! full of trees that each commit two tokens was priced as if they committed one, and
-//! every session widened its tree where all of them together lost throughput. `B` is
-//! the larger of the trees in the forward and the sessions open, and every other open
-//! session is counted for at least one row: a session that is drafting, or still
-//! prefilling, is absent from this forward but shares the next ones.
+//! makes the estimate err towards smaller trees under load). Without `t`, a forward full of
+//! trees that each commit two tokens was priced as if they committed one, and every session
+//! widened its tree where all of them together lost throughput. `B` is the larger of the
+//! trees in the forward and the sessions open, and every other open session is counted for
+//! at least one row: a session that is drafting, or still prefilling, is absent from this
+//! forward but shares the next ones.
 
 use super::profile::CostProfile;
 use crate::backend::ServerTiming;
