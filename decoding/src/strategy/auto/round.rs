@@ -201,9 +201,9 @@ struct Unsettled {
     from: usize,
 }
 
-impl Segment<'_> {
-    fn new<'t>(tuner: &'t AutoTuner, greedy: bool, policy: Policy) -> Segment<'t> {
-        Segment {
+impl<'t> Segment<'t> {
+    fn new(tuner: &'t AutoTuner, greedy: bool, policy: Policy) -> Self {
+        Self {
             tuner,
             greedy,
             policy,
